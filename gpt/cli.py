@@ -1,0 +1,106 @@
+"""The `gpt` command line. The only module that imports typer.
+
+Each command parses its options, resolves the config and calls one function of the package.
+Every `GPTError` becomes a one-line `error: ...` on stderr and exit code 2 (a traceback only
+with `gpt --debug ...`).
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from gpt import __version__
+from gpt.config import RunConfig, load_config
+from gpt.errors import GPTError
+
+app = typer.Typer(
+    name="gpt",
+    help="Tokenize a corpus, train a GPT on it, sample from it.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+_state = {"debug": False}
+
+ConfigOption = Annotated[
+    Optional[Path],
+    typer.Option("--config", "-c", help="TOML run config (see configs/).", show_default=False),
+]
+SetOption = Annotated[
+    Optional[list[str]],
+    typer.Option(
+        "--set",
+        "-s",
+        help="Override one key: --set section.key=value (repeatable; wins over the file).",
+        show_default=False,
+    ),
+]
+
+
+def command(*args: Any, **kwargs: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Register a command whose GPTErrors end in one clean line and exit code 2."""
+
+    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(fn)
+        def wrapper(*a: Any, **kw: Any) -> Any:
+            try:
+                return fn(*a, **kw)
+            except GPTError as e:
+                if _state["debug"]:
+                    raise
+                typer.echo(f"error: {e}", err=True)
+                raise typer.Exit(2) from None
+
+        return app.command(*args, **kwargs)(wrapper)
+
+    return decorate
+
+
+def resolve_config(config: Path | None, overrides: list[str] | None) -> RunConfig:
+    """The run config of a command: defaults < --config file < --set flags."""
+    return load_config(config, overrides or [])
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"gpt {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
+    ] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False,
+) -> None:
+    _state["debug"] = debug
+
+
+@command()
+def info(config: ConfigOption = None, set_: SetOption = None) -> None:
+    """Show the resolved config, parameter count, FLOPs per token and memory estimate."""
+    from gpt.config import to_toml
+    from gpt.model import describe
+
+    cfg = resolve_config(config, set_)
+    typer.echo(to_toml(cfg).rstrip())
+    typer.echo("")
+    typer.echo(describe(cfg.model, cfg.data.tokenizer))
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app(prog_name="gpt")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,485 @@
+"""Run configuration: one dataclass per TOML section, loaded as defaults < TOML file < `--set`.
+
+Every key is declared once, with its type, default and help text (the README's config reference
+is generated from these declarations). Types and allowed values are checked by one generic
+routine driven by the annotations; each section adds only its cross-key checks. No torch here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+import re
+import sys
+import types
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+
+from gpt.errors import GPTError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10 only
+    import tomli as tomllib
+
+
+def _key(default: Any, help: str) -> Any:
+    """Declare a config key: its default and the help text shown in the README and errors."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+Norm = Literal["layernorm", "rmsnorm"]
+NormPosition = Literal["pre", "post"]
+MLPKind = Literal["standard", "swiglu", "geglu"]
+Activation = Literal["gelu", "gelu_tanh", "relu", "leaky_relu", "silu", "sigmoid", "tanh"]
+PosEmbedding = Literal["learned", "rope"]
+AttentionImpl = Literal["sdpa", "manual"]
+DType = Literal["auto", "float32", "bfloat16", "float16"]
+WandbMode = Literal["online", "offline", "disabled"]
+DecodeErrors = Literal["skip", "fail"]
+
+
+class _Section:
+    """Shared behaviour of the section dataclasses: type checks on construction."""
+
+    section: str = ""
+
+    def __post_init__(self) -> None:
+        hints = get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            value = _coerce(self.section, f.name, getattr(self, f.name), hints[f.name])
+            object.__setattr__(self, f.name, value)
+        self.check()
+
+    def check(self) -> None:
+        """Cross-key checks; overridden by sections that have any."""
+
+    def _fail(self, key: str, problem: str) -> None:
+        raise GPTError(f"[{self.section}] {key}: {problem}")
+
+    def _positive(self, *keys: str) -> None:
+        for key in keys:
+            value = getattr(self, key)
+            if value is not None and value <= 0:
+                self._fail(key, f"must be > 0, got {value!r}")
+
+    def _non_negative(self, *keys: str) -> None:
+        for key in keys:
+            value = getattr(self, key)
+            if value is not None and value < 0:
+                self._fail(key, f"must be >= 0, got {value!r}")
+
+
+@dataclass(frozen=True)
+class ModelConfig(_Section):
+    """The `[model]` section: the network's shape and which variant of each part to build."""
+
+    section = "model"
+
+    block_size: int = _key(1024, "maximum context length in tokens")
+    vocab_size: int | None = _key(
+        None, "vocabulary size; unset = the data's tokenizer (GPT-2: 50257 padded to 50304)"
+    )
+    n_layer: int = _key(12, "number of transformer blocks")
+    n_head: int = _key(12, "attention heads per block (query heads)")
+    n_embd: int = _key(768, "width of the residual stream")
+    n_kv_head: int | None = _key(
+        None, "key/value heads for grouped-query attention; unset = n_head (plain multi-head)"
+    )
+    dropout: float = _key(0.0, "dropout on embeddings, attention weights and residual outputs")
+    bias: bool = _key(True, "biases in linear layers and LayerNorm (GPT-2: true)")
+    norm: Norm = _key("layernorm", "normalisation layer")
+    norm_eps: float = _key(1e-5, "epsilon added inside the norm")
+    norm_position: NormPosition = _key(
+        "pre", "pre: x + f(norm(x)) with a final norm; post: norm(x + f(x)) (original Transformer)"
+    )
+    mlp: MLPKind = _key("standard", "standard: W2 act(W1 x); swiglu/geglu: W2 (act(W1 x) * W3 x)")
+    activation: Activation = _key("gelu", "activation of the standard MLP (gated MLPs fix theirs)")
+    mlp_hidden: int | None = _key(
+        None, "MLP hidden width; unset = 4*n_embd (standard) or 8/3*n_embd up to a multiple of 64"
+    )
+    pos_embedding: PosEmbedding = _key(
+        "learned", "learned absolute positions (GPT-2) or rotary embeddings (RoPE)"
+    )
+    rope_base: float = _key(10000.0, "RoPE frequency base (theta)")
+    tie_embeddings: bool = _key(True, "share one matrix between token embedding and LM head")
+    attention: AttentionImpl = _key(
+        "sdpa", "sdpa: F.scaled_dot_product_attention; manual: explicit masked softmax"
+    )
+    cross_attention: bool = _key(
+        False, "add a cross-attention sublayer to every block (keys/values from a context)"
+    )
+
+    def check(self) -> None:
+        self._positive("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "n_kv_head")
+        self._positive("norm_eps", "mlp_hidden", "rope_base")
+        if not 0.0 <= self.dropout < 1.0:
+            self._fail("dropout", f"must be in [0, 1), got {self.dropout!r}")
+        if self.n_embd % self.n_head:
+            self._fail(
+                "n_embd",
+                f"{self.n_embd} is not divisible by n_head = {self.n_head}; "
+                "choose n_embd as a multiple of n_head",
+            )
+        if self.n_head % self.kv_heads:
+            self._fail(
+                "n_kv_head",
+                f"n_head = {self.n_head} is not divisible by n_kv_head = {self.kv_heads}; "
+                "choose a divisor of n_head",
+            )
+        if self.pos_embedding == "rope" and self.head_dim % 2:
+            self._fail(
+                "pos_embedding",
+                f"rope needs an even head size, but n_embd / n_head = {self.head_dim}; "
+                "change n_embd or n_head, or use pos_embedding = \"learned\"",
+            )
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_head if self.n_kv_head is not None else self.n_head
+
+    @property
+    def hidden_dim(self) -> int:
+        """MLP hidden width: 4x for the standard MLP; ~2/3 of that for gated ones (same params)."""
+        if self.mlp_hidden is not None:
+            return self.mlp_hidden
+        if self.mlp == "standard":
+            return 4 * self.n_embd
+        return 64 * math.ceil(8 * self.n_embd / 3 / 64)
+
+
+@dataclass(frozen=True)
+class DataConfig(_Section):
+    """The `[data]` section: where the text comes from and how it becomes token files."""
+
+    section = "data"
+
+    source: str = _key(
+        "python-stdlib",
+        "text file, folder, glob, .jsonl/.json/.parquet/.csv, a saved dataset folder, "
+        "hf:NAME[:CONFIG], or python-stdlib (the interpreter's own library sources)",
+    )
+    data_dir: str | None = _key(None, "where train.bin/val.bin/meta.json go; unset = data/<source>")
+    tokenizer: str = _key("gpt2", "gpt2 (bundled BPE), char, or a tiktoken encoding name")
+    glob: str = _key("**/*.txt", "file pattern used when source is a folder")
+    text_column: str = _key("text", "column holding the text in tabular and HF datasets")
+    split: str = _key("train", "split of an HF dataset to read")
+    streaming: bool = _key(False, "stream an HF dataset instead of downloading it whole")
+    val_fraction: float = _key(0.1, "fraction of the text (or documents) held out for validation")
+    seed: int = _key(1337, "seed of the document-level train/val split")
+    num_proc: int | None = _key(None, "tokenizer worker threads/processes; unset = all cores")
+    decode_errors: DecodeErrors = _key("skip", "files that are not UTF-8: skip (and count) or fail")
+
+    def check(self) -> None:
+        self._positive("num_proc")
+        if not 0.0 < self.val_fraction < 1.0:
+            self._fail("val_fraction", f"must be in (0, 1), got {self.val_fraction!r}")
+        if not self.source.strip():
+            self._fail("source", "is empty; set it to a file, folder, hf:NAME or python-stdlib")
+
+    @property
+    def resolved_data_dir(self) -> Path:
+        """The data folder: `data_dir` when set, else `data/<source name>`."""
+        if self.data_dir is not None:
+            return Path(self.data_dir)
+        name = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(self.source.rstrip("/")).stem).strip("_.")
+        return Path("data") / (name or "corpus")
+
+
+@dataclass(frozen=True)
+class TrainConfig(_Section):
+    """The `[train]` section: optimisation, evaluation, checkpoints and the device."""
+
+    section = "train"
+
+    out_dir: str = _key("out", "run folder: checkpoints, metrics.jsonl")
+    init_from: str | None = _key(None, "start from another run's weights (finetuning): its out_dir")
+    batch_size: int = _key(12, "sequences per micro-batch (per GPU)")
+    grad_accum_steps: int = _key(1, "micro-batches per optimizer step, across all GPUs")
+    max_iters: int = _key(5000, "optimizer steps in the run")
+    learning_rate: float = _key(6e-4, "peak learning rate")
+    min_lr: float = _key(6e-5, "learning rate at the end of the cosine decay")
+    warmup_iters: int = _key(100, "linear warmup steps")
+    lr_decay_iters: int | None = _key(None, "steps of the cosine decay; unset = max_iters")
+    decay_lr: bool = _key(True, "warmup + cosine decay; false keeps learning_rate constant")
+    weight_decay: float = _key(0.1, "AdamW weight decay (matrices only)")
+    beta1: float = _key(0.9, "AdamW beta1")
+    beta2: float = _key(0.95, "AdamW beta2")
+    grad_clip: float = _key(1.0, "clip the gradient norm to this; 0 = off")
+    eval_interval: int = _key(250, "evaluate every this many steps")
+    eval_iters: int = _key(100, "batches per evaluation of each split")
+    log_interval: int = _key(10, "log the training loss every this many steps")
+    checkpoint_interval: int | None = _key(None, "save every this many steps; unset = eval_interval")
+    keep_last: int = _key(2, "how many recent checkpoints to keep (plus best)")
+    device: str = _key("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
+    dtype: DType = _key("auto", "auto: bfloat16 on capable GPUs, float16 on older, float32 on CPU")
+    compile: bool = _key(False, "wrap the model in torch.compile")
+    seed: int = _key(1337, "seed of initialisation, batches and dropout")
+    peak_flops: float | None = _key(None, "device peak FLOP/s for MFU; unset = built-in table")
+
+    def check(self) -> None:
+        self._positive("batch_size", "grad_accum_steps", "eval_interval", "eval_iters")
+        self._positive("log_interval", "checkpoint_interval", "keep_last", "peak_flops")
+        self._positive("lr_decay_iters")
+        self._non_negative("max_iters", "learning_rate", "min_lr", "warmup_iters")
+        self._non_negative("weight_decay", "grad_clip")
+        for key in ("beta1", "beta2"):
+            if not 0.0 <= getattr(self, key) < 1.0:
+                self._fail(key, f"must be in [0, 1), got {getattr(self, key)!r}")
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
+            self._fail("device", f"unknown device {self.device!r}; use auto, cpu, cuda, cuda:N or mps")
+
+
+@dataclass(frozen=True)
+class SampleConfig(_Section):
+    """The `[sample]` section: defaults of `gpt sample`, each overridable by its flag."""
+
+    section = "sample"
+
+    prompt: str = _key("", "text to continue; empty = start from the end-of-text token")
+    max_new_tokens: int = _key(256, "tokens to generate per sample")
+    temperature: float = _key(0.8, "softmax temperature; 0 = greedy (deterministic)")
+    top_k: int | None = _key(200, "sample among the k most likely tokens; unset = all")
+    top_p: float = _key(1.0, "nucleus sampling: smallest set with this much probability")
+    num_samples: int = _key(1, "samples generated together as one batch")
+    seed: int = _key(1337, "same seed, same text")
+    stop: list[str] = _key([], "strings that end a sample (the output stops before them)")
+
+    def check(self) -> None:
+        self._non_negative("max_new_tokens", "temperature")
+        self._positive("num_samples")
+        if self.top_k is not None and self.top_k < 1:
+            self._fail("top_k", f"must be >= 1, got {self.top_k!r}")
+        if not 0.0 < self.top_p <= 1.0:
+            self._fail("top_p", f"must be in (0, 1], got {self.top_p!r}")
+        if any(s == "" for s in self.stop):
+            self._fail("stop", "a stop string is empty; remove it or give some text")
+
+
+@dataclass(frozen=True)
+class LogConfig(_Section):
+    """The `[log]` section: experiment tracking."""
+
+    section = "log"
+
+    wandb: bool = _key(False, "log the config and every metrics line to Weights & Biases")
+    wandb_project: str = _key("gpt", "wandb project")
+    wandb_run_name: str | None = _key(None, "wandb run name; unset = wandb's choice")
+    wandb_mode: WandbMode = _key("online", "online, offline (sync later) or disabled")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """A whole run: one instance of each section. Components receive only their own section."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+SECTIONS: dict[str, type[_Section]] = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "train": TrainConfig,
+    "sample": SampleConfig,
+    "log": LogConfig,
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Type checking of one value against its annotation
+
+
+def _type_name(tp: Any) -> str:
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(
+        tp, "a list of strings"
+    )
+
+
+def _coerce(section: str, name: str, value: Any, tp: Any) -> Any:
+    """Check `value` against the annotation `tp`; return it (ints widened to float where due)."""
+    where = f"[{section}] {name}"
+    if get_origin(tp) in (Union, types.UnionType):
+        args = [a for a in get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        (tp,) = args
+    if get_origin(tp) is Literal:
+        allowed = get_args(tp)
+        if value not in allowed:
+            choices = ", ".join(f'"{a}"' for a in allowed)
+            hint = _did_you_mean(str(value), [str(a) for a in allowed])
+            raise GPTError(f"{where}: {value!r} is not allowed; choose one of {choices}{hint}")
+        return value
+    ok = {
+        bool: lambda v: isinstance(v, bool),
+        int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+        float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+        str: lambda v: isinstance(v, str),
+    }.get(tp, lambda v: isinstance(v, list) and all(isinstance(s, str) for s in v))
+    if not ok(value):
+        shown = "nothing" if value is None else f"{value!r} ({type(value).__name__})"
+        raise GPTError(f"{where} must be {_type_name(tp)}, got {shown}")
+    return float(value) if tp is float else value
+
+
+def _did_you_mean(word: str, options: list[str]) -> str:
+    close = difflib.get_close_matches(word, options, n=1, cutoff=0.6)
+    return f' (did you mean "{close[0]}"?)' if close else ""
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading: defaults < TOML file < --set overrides
+
+
+def _check_keys(section: str, values: dict[str, Any], origin: str) -> None:
+    cls = SECTIONS[section]
+    known = [f.name for f in dataclasses.fields(cls)]
+    for key in values:
+        if key not in known:
+            hint = _did_you_mean(key, known)
+            raise GPTError(
+                f"{origin}: unknown key {key!r} in [{section}]{hint}; "
+                f"known keys: {', '.join(known)}"
+            )
+
+
+def _check_section(name: str, origin: str) -> None:
+    if name not in SECTIONS:
+        hint = _did_you_mean(name, list(SECTIONS))
+        raise GPTError(
+            f"{origin}: unknown section [{name}]{hint}; sections are "
+            + ", ".join(f"[{s}]" for s in SECTIONS)
+        )
+
+
+def read_toml(path: str | Path) -> dict[str, dict[str, Any]]:
+    """Read a config file into {section: {key: value}}, checking section and key names."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise GPTError(f"config file {path} not found; pass an existing TOML file to --config") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise GPTError(f"cannot read config file {path}: {e}") from None
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise GPTError(f"{path}: malformed TOML: {e}") from None
+    for name, values in raw.items():
+        if not isinstance(values, dict):
+            raise GPTError(
+                f"{path}: key {name!r} is outside any section; put it under one of "
+                + ", ".join(f"[{s}]" for s in SECTIONS)
+            )
+        _check_section(name, str(path))
+        _check_keys(name, values, str(path))
+    return raw
+
+
+def parse_override(text: str) -> tuple[str, str, Any]:
+    """Parse one `--set section.key=value`; the value is read as TOML, else taken as a string."""
+    origin = f"--set {text}"
+    name, sep, raw = text.partition("=")
+    section, dot, key = name.strip().partition(".")
+    if not sep or not dot or not key:
+        raise GPTError(f"{origin}: expected section.key=value, for example --set train.max_iters=100")
+    _check_section(section, origin)
+    _check_keys(section, {key: None}, origin)
+    raw = raw.strip()
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return section, key, value
+
+
+def build(values: dict[str, dict[str, Any]]) -> RunConfig:
+    """Build a RunConfig from {section: {key: value}}, filling defaults and validating."""
+    for name, section in values.items():
+        _check_section(name, "config")
+        _check_keys(name, section, "config")
+    return RunConfig(**{name: cls(**values.get(name, {})) for name, cls in SECTIONS.items()})
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Resolve a run's config: dataclass defaults < TOML file at `path` < `overrides`."""
+    values: dict[str, dict[str, Any]] = read_toml(path) if path is not None else {}
+    for text in overrides or []:
+        section, key, value = parse_override(text)
+        values.setdefault(section, {})[key] = value
+    return build(values)
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing: the resolved config as a dict, JSON or TOML, readable back by build()/load_config()
+
+
+def to_dict(config: RunConfig) -> dict[str, dict[str, Any]]:
+    """The config as plain data; unset (None) keys are left out, as TOML has no null."""
+    return {
+        name: {k: v for k, v in dataclasses.asdict(getattr(config, name)).items() if v is not None}
+        for name in SECTIONS
+    }
+
+
+def from_dict(values: dict[str, dict[str, Any]]) -> RunConfig:
+    """Inverse of to_dict (checkpoints store the config as JSON)."""
+    return build(values)
+
+
+def to_json(config: RunConfig) -> str:
+    return json.dumps(to_dict(config), indent=2)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
+    return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+
+
+def to_toml(config: RunConfig) -> str:
+    """The config as a TOML document that load_config() reads back to an equal RunConfig."""
+    lines: list[str] = []
+    for name, values in to_dict(config).items():
+        lines.append(f"[{name}]")
+        lines += [f"{key} = {_toml_value(value)}" for key, value in values.items()]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def reference_markdown() -> str:
+    """The config reference table of README.md, generated from the declarations above."""
+    rows = ["| key | type | default | meaning |", "| --- | --- | --- | --- |"]
+    for name, cls in SECTIONS.items():
+        hints = get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            tp = hints[f.name]
+            args = [a for a in get_args(tp) if a is not type(None)] if get_origin(tp) in (
+                Union,
+                types.UnionType,
+            ) else [tp]
+            inner = args[0]
+            if get_origin(inner) is Literal:
+                type_text = " \\| ".join(f'"{a}"' for a in get_args(inner))
+            else:
+                type_text = getattr(inner, "__name__", str(inner)).replace("list", "list of str")
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            default_text = "unset" if default is None else f"`{_toml_value(default)}`"
+            rows.append(f"| `{name}.{f.name}` | {type_text} | {default_text} | {f.metadata['help']} |")
+    return "\n".join(rows)
