@@ -88,13 +88,39 @@ def _main(
 @command()
 def info(config: ConfigOption = None, set_: SetOption = None) -> None:
     """Show the resolved config, parameter count, FLOPs per token and memory estimate."""
+    import dataclasses
+
+    import torch
+
     from gpt.config import to_toml
-    from gpt.model import describe
+    from gpt.model import GPT
 
     cfg = resolve_config(config, set_)
+    model_cfg = cfg.model
+    note = ""
+    if model_cfg.vocab_size is None:  # what training will take from the tokenizer
+        vocab = 50304 if cfg.data.tokenizer == "gpt2" else None
+        if vocab is None:
+            raise GPTError(
+                f"[model] vocab_size depends on the {cfg.data.tokenizer!r} tokenizer's data; "
+                "set it with --set model.vocab_size=N to see the model's size"
+            )
+        model_cfg = dataclasses.replace(model_cfg, vocab_size=vocab)
+        note = " (vocab_size from the gpt2 tokenizer, padded to a multiple of 64)"
+    with torch.device("meta"):  # shapes only: no memory, instant even for large models
+        model = GPT(model_cfg)
+    n_params = model.num_params()
     typer.echo(to_toml(cfg).rstrip())
     typer.echo("")
-    typer.echo(describe(cfg.model, cfg.data.tokenizer))
+    typer.echo(f"parameters:        {n_params:,}{note}")
+    typer.echo(f"  non-embedding:   {model.num_params(exclude_embeddings=True):,}")
+    typer.echo(f"FLOPs per token:   {model.flops_per_token():,} (training, at block_size)")
+    gib = 2**30
+    typer.echo(
+        f"memory (float32):  weights {4 * n_params / gib:.2f} GiB + gradients "
+        f"{4 * n_params / gib:.2f} GiB + AdamW state {8 * n_params / gib:.2f} GiB "
+        f"= {16 * n_params / gib:.2f} GiB, before activations"
+    )
 
 
 def main() -> None:

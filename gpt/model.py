@@ -1,0 +1,309 @@
+"""A decoder-only GPT, readable in one sitting.
+
+Every part is selectable by `ModelConfig`: LayerNorm or RMSNorm, Pre-LN or Post-LN, a standard
+or gated (SwiGLU/GeGLU) MLP, learned or rotary positions, SDPA or explicit attention, grouped-query
+heads, optional cross-attention, tied or untied LM head. Parameter names follow GPT-2 / nanoGPT
+(`wte`, `wpe`, `h`, `ln_1`, `attn.c_attn`, `mlp.c_fc`, `ln_f`, `lm_head`) so weights map key for key.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from gpt.config import ModelConfig
+from gpt.errors import GPTError
+
+ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
+    "gelu": F.gelu,
+    "gelu_tanh": partial(F.gelu, approximate="tanh"),
+    "relu": F.relu,
+    "leaky_relu": F.leaky_relu,
+    "silu": F.silu,
+    "sigmoid": torch.sigmoid,
+    "tanh": torch.tanh,
+}
+GATED_ACTIVATION = {"swiglu": "silu", "geglu": "gelu"}
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with an optional bias (torch's has no bias=False before 2.1's `bias` flag)."""
+
+    def __init__(self, ndim: int, bias: bool, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(ndim))
+        self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, self.eps)
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm: x / sqrt(mean(x^2) + eps) * weight; no centring, no bias."""
+
+    def __init__(self, ndim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(ndim))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        x_float = x.float()  # the statistics in float32 even under autocast
+        normed = x_float * torch.rsqrt(x_float.pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.type_as(x) * self.weight
+
+
+def make_norm(config: ModelConfig) -> nn.Module:
+    if config.norm == "rmsnorm":
+        return RMSNorm(config.n_embd, config.norm_eps)
+    return LayerNorm(config.n_embd, config.bias, config.norm_eps)
+
+
+def rope_cache(seq_len: int, head_dim: int, base: float) -> tuple[Tensor, Tensor]:
+    """cos and sin tables of rotary embeddings, each (seq_len, head_dim // 2)."""
+    inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(seq_len, dtype=torch.float32), inv_freq)  # (T, hs/2)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate pairs (x[..., :hs/2], x[..., hs/2:]) of x (B, nh, T, hs) by position-dependent angles."""
+    x1, x2 = x.float().chunk(2, dim=-1)  # (B, nh, T, hs/2) each
+    rotated = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+    return rotated.type_as(x)
+
+
+class Attention(nn.Module):
+    """Multi-head attention with a fused QKV projection and optional grouped key/value heads.
+
+    Self-attention (context is None): queries, keys and values come from x, with a causal mask.
+    Cross-attention: queries from x, keys and values from `context`, no mask. Both use the same
+    fused weight: its first n_embd rows project queries, the rest keys and values.
+    """
+
+    def __init__(self, config: ModelConfig, causal: bool = True) -> None:
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.kv_heads, config.head_dim
+        self.q_dim = self.n_head * self.head_dim
+        self.kv_dim = self.n_kv_head * self.head_dim
+        self.c_attn = nn.Linear(config.n_embd, self.q_dim + 2 * self.kv_dim, bias=config.bias)
+        self.c_proj = nn.Linear(self.q_dim, config.n_embd, bias=config.bias)
+        self.attn_dropout = nn.Dropout(config.dropout)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.dropout = config.dropout
+        self.causal = causal
+        self.manual = config.attention == "manual"
+        self.rope = config.pos_embedding == "rope" and causal
+        if self.manual and causal:
+            mask = torch.ones(config.block_size, config.block_size, dtype=torch.bool).tril()
+            self.register_buffer("mask", mask, persistent=False)
+
+    def forward(
+        self, x: Tensor, context: Tensor | None = None, rope: tuple[Tensor, Tensor] | None = None
+    ) -> Tensor:
+        B, T, _ = x.shape  # batch, sequence length, n_embd
+        if context is None:
+            q, k, v = self.c_attn(x).split([self.q_dim, self.kv_dim, self.kv_dim], dim=-1)
+        else:
+            w_q, w_kv = self.c_attn.weight.split([self.q_dim, 2 * self.kv_dim], dim=0)
+            b_q, b_kv = (None, None) if self.c_attn.bias is None else self.c_attn.bias.split(
+                [self.q_dim, 2 * self.kv_dim]
+            )
+            q = F.linear(x, w_q, b_q)
+            k, v = F.linear(context, w_kv, b_kv).split([self.kv_dim, self.kv_dim], dim=-1)
+        S = k.size(1)  # key length: T for self-attention, the context's length for cross
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, S, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, S, hs)
+        v = v.view(B, S, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, S, hs)
+        if self.rope and rope is not None:
+            cos, sin = rope
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.n_kv_head != self.n_head:  # grouped-query: each kv head serves n_head/n_kv queries
+            repeats = self.n_head // self.n_kv_head
+            k = k.repeat_interleave(repeats, dim=1)  # (B, nh, S, hs)
+            v = v.repeat_interleave(repeats, dim=1)  # (B, nh, S, hs)
+        if self.manual:
+            y = self._manual_attention(q, k, v)
+        else:
+            y = F.scaled_dot_product_attention(
+                q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=self.causal
+            )
+        y = y.transpose(1, 2).contiguous().view(B, T, self.q_dim)  # (B, T, nh*hs)
+        return self.resid_dropout(self.c_proj(y))
+
+    def _manual_attention(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """softmax(QK^T / sqrt(hs) + causal mask) V, written out."""
+        T, S = q.size(-2), k.size(-2)
+        att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(self.head_dim))  # (B, nh, T, S)
+        if self.causal:
+            att = att.masked_fill(~self.mask[:T, :S], float("-inf"))
+        att = self.attn_dropout(F.softmax(att, dim=-1))
+        return att @ v  # (B, nh, T, hs)
+
+
+class MLP(nn.Module):
+    """Standard `W2 act(W1 x)` or gated `W2 (act(W1 x) * W3 x)` (SwiGLU: silu, GeGLU: gelu)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        hidden = config.hidden_dim
+        self.gated = config.mlp != "standard"
+        name = GATED_ACTIVATION[config.mlp] if self.gated else config.activation
+        self.act = ACTIVATIONS[name]
+        self.c_fc = nn.Linear(config.n_embd, hidden, bias=config.bias)  # W1
+        self.c_up = nn.Linear(config.n_embd, hidden, bias=config.bias) if self.gated else None  # W3
+        self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)  # W2
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.act(self.c_fc(x))  # (B, T, hidden)
+        if self.c_up is not None:
+            h = h * self.c_up(x)
+        return self.dropout(self.c_proj(h))
+
+
+class Block(nn.Module):
+    """One transformer block: attention, [cross-attention,] MLP, each inside a residual."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.pre_norm = config.norm_position == "pre"
+        self.ln_1 = make_norm(config)
+        self.attn = Attention(config, causal=True)
+        if config.cross_attention:
+            self.ln_cross = make_norm(config)
+            self.cross_attn = Attention(config, causal=False)
+        else:
+            self.cross_attn = None
+        self.ln_2 = make_norm(config)
+        self.mlp = MLP(config)
+
+    def _residual(self, x: Tensor, norm: nn.Module, f: Callable[[Tensor], Tensor]) -> Tensor:
+        """Pre-LN: x + f(norm(x)). Post-LN: norm(x + f(x))."""
+        return x + f(norm(x)) if self.pre_norm else norm(x + f(x))
+
+    def forward(
+        self, x: Tensor, context: Tensor | None = None, rope: tuple[Tensor, Tensor] | None = None
+    ) -> Tensor:
+        x = self._residual(x, self.ln_1, lambda h: self.attn(h, rope=rope))
+        if self.cross_attn is not None:
+            x = self._residual(x, self.ln_cross, lambda h: self.cross_attn(h, context=context))
+        return self._residual(x, self.ln_2, self.mlp)
+
+
+class GPT(nn.Module):
+    """The language model: embeddings, `n_layer` blocks, a final norm (Pre-LN) and the LM head."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        if config.vocab_size is None:
+            raise GPTError(
+                "[model] vocab_size is unset; set it, or let gpt train take it from the tokenizer"
+            )
+        self.config = config
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(config.vocab_size, config.n_embd),
+                drop=nn.Dropout(config.dropout),
+                h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            )
+        )
+        if config.pos_embedding == "learned":
+            self.transformer["wpe"] = nn.Embedding(config.block_size, config.n_embd)
+        else:
+            cos, sin = rope_cache(config.block_size, config.head_dim, config.rope_base)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        if config.norm_position == "pre":
+            self.transformer["ln_f"] = make_norm(config)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.transformer.wte.weight  # one Parameter, not a copy
+        self.apply(self._init_weights)
+        self.init_residual_projections()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """GPT-2 initialisation: every Linear and Embedding weight ~ N(0, 0.02), biases zero.
+
+        Norm weights start at one (their constructors). `init_residual_projections` then scales
+        the projections that write into the residual stream (attention and MLP `c_proj`) down to
+        N(0, 0.02 / sqrt(2 * n_layer)), so the stream's variance does not grow with depth.
+        """
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def init_residual_projections(self) -> None:
+        std = 0.02 / math.sqrt(2 * self.config.n_layer)
+        for name, param in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(param, mean=0.0, std=std)
+
+    def forward(
+        self, idx: Tensor, targets: Tensor | None = None, context: Tensor | None = None
+    ) -> tuple[Tensor, Tensor | None]:
+        """Logits (B, T, vocab) for every position of idx (B, T); loss if targets are given.
+
+        The loss is the mean cross-entropy over targets that are not -1. `context` (B, S, n_embd)
+        feeds the cross-attention sublayers of a model built with `cross_attention = true`.
+        """
+        B, T = idx.shape
+        if T > self.config.block_size:
+            raise GPTError(
+                f"sequence of {T} tokens is longer than block_size = {self.config.block_size}"
+            )
+        if self.config.cross_attention and context is None:
+            raise GPTError("this model has cross-attention blocks; pass context=(B, S, n_embd)")
+        x = self.transformer.wte(idx)  # (B, T, C)
+        rope = None
+        if "wpe" in self.transformer:
+            x = x + self.transformer.wpe(torch.arange(T, device=idx.device))  # (T, C) broadcast
+        else:
+            rope = (self.rope_cos[:T], self.rope_sin[:T])  # (T, hs/2) each
+        x = self.transformer.drop(x)
+        for block in self.transformer.h:
+            x = block(x, context=context, rope=rope)
+        if "ln_f" in self.transformer:
+            x = self.transformer.ln_f(x)
+        logits = self.lm_head(x)  # (B, T, vocab)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(
+                logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1
+            )
+        return logits, loss
+
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        """Parameters, each shared Parameter counted once; optionally without the embedding tables.
+
+        Excluding embeddings removes the token and position tables (and so a head tied to the
+        token table); an untied LM head is a separate matmul and stays counted.
+        """
+        total = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings:
+            total -= self.transformer.wte.weight.numel()
+            if "wpe" in self.transformer:
+                total -= self.transformer.wpe.weight.numel()
+        return total
+
+    def flops_per_token(self, seq_len: int | None = None) -> int:
+        """Training FLOPs per token: 6 per matmul weight (forward + backward) plus attention.
+
+        Matmul weights are the non-embedding parameters plus the LM head (tied or not); the
+        attention term (scores and weighted sum over `seq_len` keys) is 12 * n_layer * n_embd * T,
+        as in the PaLM paper's appendix B and nanoGPT's MFU estimate.
+        """
+        cfg = self.config
+        matmul_params = self.num_params(exclude_embeddings=True)
+        if cfg.tie_embeddings:  # the head's matmul is real work even though its weight is wte
+            matmul_params += self.lm_head.weight.numel()
+        attention = 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * (seq_len or cfg.block_size)
+        return 6 * matmul_params + attention
