@@ -1,0 +1,136 @@
+"""The config system: precedence, validation messages, round trips, and every shipped config."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+
+from gpt.config import (
+    SECTIONS,
+    ModelConfig,
+    RunConfig,
+    from_dict,
+    load_config,
+    reference_markdown,
+    to_json,
+    to_toml,
+)
+from gpt.errors import GPTError
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "configs").glob("*.toml"))
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "run.toml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_without_a_file() -> None:
+    cfg = load_config()
+    assert cfg == RunConfig()
+    assert cfg.model.n_layer == 12 and cfg.train.learning_rate == 6e-4
+
+
+def test_precedence_defaults_file_overrides(tmp_path: Path) -> None:
+    path = write(tmp_path, "[model]\nn_layer = 3\nn_head = 2\n[train]\nlearning_rate = 1e-3\n")
+    cfg = load_config(path, ["model.n_layer=5", "train.compile=true"])
+    assert cfg.model.n_layer == 5  # --set beats the file
+    assert cfg.model.n_head == 2  # the file beats the default
+    assert cfg.model.n_embd == 768  # the default where neither says
+    assert cfg.train.learning_rate == 1e-3 and cfg.train.compile is True
+    last_wins = load_config(path, ["model.n_layer=5", "model.n_layer=6"])
+    assert last_wins.model.n_layer == 6
+
+
+def test_override_values_parse_as_toml_then_string() -> None:
+    cfg = load_config(
+        None, ["data.source=notes/my file.txt", "train.out_dir=out", 'sample.stop=["\\n\\n", "END"]']
+    )
+    assert cfg.data.source == "notes/my file.txt"
+    assert cfg.train.out_dir == "out"
+    assert cfg.sample.stop == ["\n\n", "END"]
+    assert load_config(None, ["train.learning_rate=3"]).train.learning_rate == 3.0  # int widens
+
+
+@pytest.mark.parametrize(
+    "toml, overrides, message",
+    [
+        ("[modle]\nn_layer = 2\n", [], r'unknown section \[modle\] \(did you mean "model"\?\)'),
+        ("[model]\nn_layers = 2\n", [], r"unknown key 'n_layers' in \[model\] \(did you mean \"n_layer\"\?\)"),
+        ("n_layer = 2\n", [], r"outside any section; put it under one of \[model\]"),
+        ("[model]\nn_layer = \"four\"\n", [], r"\[model\] n_layer must be an integer, got 'four'"),
+        ("[model]\nbias = 1\n", [], r"\[model\] bias must be true or false"),
+        ("[train]\nlearning_rate = \"fast\"\n", [], r"learning_rate must be a number"),
+        ("[model]\nnorm = \"batchnorm\"\n", [], r'choose one of "layernorm", "rmsnorm"'),
+        ("[model]\nmlp = \"swiglu2\"\n", [], r'"standard", "swiglu", "geglu" \(did you mean "swiglu"\?\)'),
+        ("[model]\nactivation = \"elu\"\n", [], r'"gelu", "gelu_tanh", "relu", "leaky_relu", "silu", "sigmoid", "tanh"'),
+        ("[model]\nn_embd = 100\nn_head = 12\n", [], r"n_embd: 100 is not divisible by n_head = 12"),
+        ("[model]\nn_head = 12\nn_kv_head = 5\n", [], r"n_head = 12 is not divisible by n_kv_head = 5"),
+        ("[model]\nn_embd = 36\nn_head = 12\npos_embedding = \"rope\"\n", [], r"rope needs an even head size.*= 3"),
+        ("[model]\ndropout = 1.5\n", [], r"dropout: must be in \[0, 1\)"),
+        ("[model]\nn_layer = 0\n", [], r"n_layer: must be > 0"),
+        ("[model]\nn_layer = [1\n", [], r"run.toml: malformed TOML: Unclosed array"),
+        ("[model]\nn_layer = 1\nn_layer = 2\n", [], r"malformed TOML: .*\(at line 3, column"),
+        ("", ["model.n_layer"], r"expected section.key=value"),
+        ("", ["model.nlayer=3"], r"--set model.nlayer=3: unknown key 'nlayer'"),
+        ("", ["train.device=gpu"], r"unknown device 'gpu'; use auto, cpu, cuda, cuda:N or mps"),
+        ("", ["sample.top_p=0"], r"top_p: must be in \(0, 1\]"),
+        ("", ["sample.stop=['']"], r"a stop string is empty"),
+        ("", ["data.val_fraction=1.0"], r"val_fraction: must be in \(0, 1\)"),
+    ],
+)
+def test_config_errors_name_the_key_and_the_fix(
+    tmp_path: Path, toml: str, overrides: list[str], message: str
+) -> None:
+    path = write(tmp_path, toml)
+    with pytest.raises(GPTError, match=message) as info:
+        load_config(path, overrides)
+    assert "\n" not in str(info.value)
+
+
+def test_missing_config_file(tmp_path: Path) -> None:
+    with pytest.raises(GPTError, match=r"config file .*nope.toml not found"):
+        load_config(tmp_path / "nope.toml")
+
+
+def test_round_trip_json_and_toml(tmp_path: Path) -> None:
+    cfg = load_config(
+        None,
+        ["model.norm=rmsnorm", "model.n_kv_head=4", "sample.stop=['\\n\\ndef', 'é\"q']",
+         "train.min_lr=6e-05", "data.source=a b/c.txt", "sample.prompt='tab\\tand\\u007f'"],
+    )
+    assert from_dict(json.loads(to_json(cfg))) == cfg
+    path = tmp_path / "resolved.toml"
+    path.write_text(to_toml(cfg))
+    assert load_config(path) == cfg
+
+
+def test_derived_values() -> None:
+    cfg = ModelConfig(n_embd=96, n_head=6, mlp="swiglu")
+    assert cfg.head_dim == 16 and cfg.kv_heads == 6 and cfg.hidden_dim == 256
+    assert dataclasses.replace(cfg, n_kv_head=2).kv_heads == 2
+    assert load_config(None, ["data.source=corpus/notes.txt"]).data.resolved_data_dir == Path("data/notes")
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_every_shipped_config_loads(path: Path) -> None:
+    cfg = load_config(path)
+    assert isinstance(cfg, RunConfig)
+
+
+def test_shipped_configs_exist() -> None:
+    assert any(p.name == "default.toml" for p in CONFIGS)
+
+
+def test_readme_documents_every_key() -> None:
+    """The README's config reference is the generated table, so no key goes undocumented."""
+    readme = (ROOT / "README.md").read_text()
+    assert reference_markdown() in readme
+    for name, cls in SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            assert f"`{name}.{f.name}`" in readme

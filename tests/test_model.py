@@ -1,0 +1,351 @@
+"""The model's parts, each against an independent reference (torch.nn modules or naive math)."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gpt.config import ModelConfig
+from gpt.errors import GPTError
+from gpt.model import ACTIVATIONS, GPT, MLP, Attention, LayerNorm, RMSNorm, apply_rope, rope_cache
+
+TINY = dict(vocab_size=64, block_size=16, n_layer=2, n_head=4, n_embd=32)
+
+
+def tiny(**overrides: object) -> ModelConfig:
+    return ModelConfig(**{**TINY, **overrides})  # type: ignore[arg-type]
+
+
+VARIANTS = [
+    dict(norm=norm, norm_position=pos, mlp=mlp, pos_embedding=pe, attention=attn)
+    for norm, pos, mlp, pe, attn in itertools.product(
+        ["layernorm", "rmsnorm"], ["pre", "post"], ["standard", "swiglu", "geglu"],
+        ["learned", "rope"], ["sdpa", "manual"],
+    )
+]
+
+
+def _id(v: dict) -> str:
+    return "-".join(str(x) for x in v.values())
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=_id)
+def test_causality_every_variant(variant: dict) -> None:
+    """Changing tokens after position t leaves the logits at positions <= t unchanged."""
+    torch.manual_seed(0)
+    model = GPT(tiny(**variant)).eval()
+    idx = torch.randint(0, 64, (2, 16))
+    t = 7
+    changed = idx.clone()
+    changed[:, t + 1 :] = torch.randint(0, 64, (2, 16 - t - 1))
+    assert not torch.equal(changed, idx)
+    a, _ = model(idx)
+    b, _ = model(changed)
+    torch.testing.assert_close(a[:, : t + 1], b[:, : t + 1], rtol=0, atol=1e-6)
+    assert not torch.allclose(a[:, t + 1 :], b[:, t + 1 :])  # the future did change something
+
+
+@pytest.mark.parametrize("extra", [{}, {"n_kv_head": 2}, {"n_kv_head": 1, "pos_embedding": "rope"}])
+def test_sdpa_and_manual_attention_agree(extra: dict) -> None:
+    """Outputs and gradients of the two attention implementations match to 1e-5."""
+    torch.manual_seed(0)
+    sdpa = GPT(tiny(attention="sdpa", **extra))
+    manual = GPT(tiny(attention="manual", **extra))
+    manual.load_state_dict(sdpa.state_dict())
+    idx = torch.randint(0, 64, (3, 16))
+    out_s, loss_s = sdpa(idx, idx)
+    out_m, loss_m = manual(idx, idx)
+    torch.testing.assert_close(out_s, out_m, rtol=0, atol=1e-5)
+    loss_s.backward()
+    loss_m.backward()
+    for (name, p_s), p_m in zip(sdpa.named_parameters(), manual.parameters()):
+        torch.testing.assert_close(p_s.grad, p_m.grad, rtol=0, atol=1e-5, msg=name)
+
+
+def test_manual_attention_is_the_textbook_formula() -> None:
+    """softmax(QK^T/sqrt(d) + causal -inf mask) V, computed naively per head, equals the module."""
+    torch.manual_seed(0)
+    cfg = tiny(attention="manual", bias=False)
+    attn = Attention(cfg).eval()
+    x = torch.randn(2, 10, 32)
+    q, k, v = attn.c_attn(x).split(32, dim=-1)
+    heads = []
+    for h in range(4):
+        sl = slice(8 * h, 8 * (h + 1))
+        scores = q[..., sl] @ k[..., sl].transpose(-1, -2) / math.sqrt(8)
+        future = torch.triu(torch.ones(10, 10, dtype=torch.bool), diagonal=1)
+        weights = torch.softmax(scores.masked_fill(future, float("-inf")), dim=-1)
+        heads.append(weights @ v[..., sl])
+    expected = attn.c_proj(torch.cat(heads, dim=-1))
+    torch.testing.assert_close(attn(x), expected, rtol=0, atol=1e-6)
+
+
+def test_grouped_query_heads_share_keys_and_values() -> None:
+    """With n_kv_head=1 every query head reads the same K/V: equal to MHA with K/V copied."""
+    torch.manual_seed(0)
+    gqa = Attention(tiny(n_kv_head=1)).eval()
+    mha = Attention(tiny()).eval()
+    w_q, w_k, w_v = gqa.c_attn.weight.split([32, 8, 8])
+    b_q, b_k, b_v = gqa.c_attn.bias.split([32, 8, 8])
+    with torch.no_grad():
+        mha.c_attn.weight.copy_(torch.cat([w_q, w_k.repeat(4, 1), w_v.repeat(4, 1)]))
+        mha.c_attn.bias.copy_(torch.cat([b_q, b_k.repeat(4), b_v.repeat(4)]))
+        mha.c_proj.load_state_dict(gqa.c_proj.state_dict())
+    x = torch.randn(2, 9, 32)
+    assert gqa.c_attn.weight.shape == (48, 32)
+    torch.testing.assert_close(gqa(x), mha(x), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "manual"])
+def test_cross_attention_uses_context_not_future_tokens(attention: str) -> None:
+    torch.manual_seed(0)
+    model = GPT(tiny(cross_attention=True, attention=attention)).eval()
+    idx = torch.randint(0, 64, (2, 16))
+    context = torch.randn(2, 5, 32)
+    base, _ = model(idx, context=context)
+    other_context, _ = model(idx, context=torch.randn(2, 5, 32))
+    assert not torch.allclose(base, other_context, atol=1e-4)  # depends on the context
+    changed = idx.clone()
+    changed[:, 8:] = (changed[:, 8:] + 1) % 64
+    future, _ = model(changed, context=context)
+    torch.testing.assert_close(base[:, :8], future[:, :8], rtol=0, atol=1e-6)  # still causal
+    shorter, _ = model(idx, context=context[:, :3])  # any context length works
+    assert shorter.shape == base.shape
+
+
+def test_cross_attention_matches_naive_unmasked_attention() -> None:
+    """Queries from x, keys/values from the context through the same fused weight, no mask."""
+    torch.manual_seed(0)
+    attn = Attention(tiny(n_head=1), causal=False).eval()
+    x, ctx = torch.randn(1, 6, 32), torch.randn(1, 4, 32)
+    w_q, w_k, w_v = attn.c_attn.weight.split(32)
+    b_q, b_k, b_v = attn.c_attn.bias.split(32)
+    q, k, v = x @ w_q.T + b_q, ctx @ w_k.T + b_k, ctx @ w_v.T + b_v
+    expected = attn.c_proj(torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(32), dim=-1) @ v)
+    torch.testing.assert_close(attn(x, context=ctx), expected, rtol=0, atol=1e-6)
+
+
+def test_cross_attention_model_requires_context() -> None:
+    model = GPT(tiny(cross_attention=True))
+    with pytest.raises(GPTError, match="context"):
+        model(torch.zeros(1, 4, dtype=torch.long))
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_layernorm_matches_torch(bias: bool) -> None:
+    torch.manual_seed(0)
+    ours = LayerNorm(32, bias=bias, eps=1e-5)
+    ref = nn.LayerNorm(32, eps=1e-5, bias=bias)
+    with torch.no_grad():
+        ours.weight.normal_()
+        ref.weight.copy_(ours.weight)
+        if bias:
+            ours.bias.normal_()
+            ref.bias.copy_(ours.bias)
+    x = torch.randn(4, 7, 32) * 3 + 1
+    torch.testing.assert_close(ours(x), ref(x))
+    assert (ours.bias is None) == (not bias)
+
+
+def test_rmsnorm_matches_torch() -> None:
+    torch.manual_seed(0)
+    ours, ref = RMSNorm(32, eps=1e-6), nn.RMSNorm(32, eps=1e-6)
+    with torch.no_grad():
+        ours.weight.normal_()
+        ref.weight.copy_(ours.weight)
+    x = torch.randn(4, 7, 32) * 3 + 1
+    torch.testing.assert_close(ours(x), ref(x))
+
+
+@pytest.mark.parametrize(
+    "name, reference",
+    [
+        ("gelu", nn.GELU()),
+        ("gelu_tanh", nn.GELU(approximate="tanh")),
+        ("relu", nn.ReLU()),
+        ("leaky_relu", nn.LeakyReLU()),
+        ("silu", nn.SiLU()),
+        ("sigmoid", nn.Sigmoid()),
+        ("tanh", nn.Tanh()),
+    ],
+)
+def test_activations_match_torch_modules(name: str, reference: nn.Module) -> None:
+    x = torch.linspace(-6, 6, 101)
+    torch.testing.assert_close(ACTIVATIONS[name](x), reference(x))
+
+
+@pytest.mark.parametrize("activation", list(ACTIVATIONS))
+def test_standard_mlp_is_w2_act_w1(activation: str) -> None:
+    torch.manual_seed(0)
+    mlp = MLP(tiny(activation=activation)).eval()
+    x = torch.randn(2, 5, 32)
+    expected = mlp.c_proj(ACTIVATIONS[activation](mlp.c_fc(x)))
+    torch.testing.assert_close(mlp(x), expected)
+    assert mlp.c_fc.out_features == 128 and mlp.c_up is None
+
+
+@pytest.mark.parametrize("kind, act", [("swiglu", F.silu), ("geglu", F.gelu)])
+def test_gated_mlp_formula_and_width(kind: str, act) -> None:
+    torch.manual_seed(0)
+    mlp = MLP(tiny(mlp=kind, n_embd=96, n_head=4)).eval()
+    assert mlp.c_fc.out_features == 256  # 8/3 * 96 = 256, already a multiple of 64
+    assert MLP(tiny(mlp=kind)).c_fc.out_features == 128  # 8/3 * 32 = 85.3 -> 128
+    assert MLP(tiny(mlp=kind, mlp_hidden=40)).c_fc.out_features == 40
+    x = torch.randn(2, 5, 96)
+    w1, w3, w2 = mlp.c_fc.weight, mlp.c_up.weight, mlp.c_proj.weight
+    expected = (act(x @ w1.T + mlp.c_fc.bias) * (x @ w3.T + mlp.c_up.bias)) @ w2.T + mlp.c_proj.bias
+    torch.testing.assert_close(mlp(x), expected)
+
+
+def test_rope_rotates_pairs_and_keeps_relative_positions() -> None:
+    """q.k after RoPE depends only on the distance between positions, and norms are preserved."""
+    torch.manual_seed(0)
+    cos, sin = rope_cache(32, 8, 10000.0)
+    q, k = torch.randn(8), torch.randn(8)
+
+    def at(vec: torch.Tensor, pos: int) -> torch.Tensor:
+        return apply_rope(vec.view(1, 1, 1, 8), cos[pos : pos + 1], sin[pos : pos + 1]).view(8)
+
+    torch.testing.assert_close(at(q, 5).norm(), q.norm())
+    torch.testing.assert_close(at(q, 3) @ at(k, 1), at(q, 12) @ at(k, 10), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(at(q, 0), q)  # position 0 is the identity
+
+
+def test_pre_and_post_norm_placement() -> None:
+    """Pre-LN computes x + f(norm(x)) and has a final norm; Post-LN computes norm(x + f(x))."""
+    torch.manual_seed(0)
+    pre, post = GPT(tiny(norm_position="pre")), GPT(tiny(norm_position="post"))
+    assert "ln_f" in pre.transformer and "ln_f" not in post.transformer
+    x = torch.randn(1, 4, 32)
+    block = post.transformer.h[0].eval()
+    h = block.ln_1(x + block.attn(x))
+    expected = block.ln_2(h + block.mlp(h))
+    torch.testing.assert_close(block(x), expected)
+    block = pre.transformer.h[0].eval()
+    h = x + block.attn(block.ln_1(x))
+    torch.testing.assert_close(block(x), h + block.mlp(block.ln_2(h)))
+
+
+def test_weight_tying_is_one_parameter() -> None:
+    tied, untied = GPT(tiny(tie_embeddings=True)), GPT(tiny(tie_embeddings=False))
+    assert tied.lm_head.weight is tied.transformer.wte.weight
+    assert untied.lm_head.weight is not untied.transformer.wte.weight
+    table = 64 * 32
+    assert untied.num_params() - tied.num_params() == table  # the head is counted once when tied
+    loss = tied(torch.randint(0, 64, (1, 8)), torch.randint(0, 64, (1, 8)))[1]
+    loss.backward()  # the shared matrix gathers gradients from both uses
+    assert tied.transformer.wte.weight.grad is tied.lm_head.weight.grad
+
+
+def test_dropout_only_in_training() -> None:
+    torch.manual_seed(0)
+    model = GPT(tiny(dropout=0.2))
+    idx = torch.randint(0, 64, (2, 16))
+    model.train()
+    assert not torch.equal(model(idx)[0], model(idx)[0])
+    model.eval()
+    torch.testing.assert_close(model(idx)[0], model(idx)[0], rtol=0, atol=0)
+    no_dropout = GPT(tiny(dropout=0.0)).train()
+    torch.testing.assert_close(no_dropout(idx)[0], no_dropout(idx)[0], rtol=0, atol=0)
+
+
+def closed_form_params(cfg: ModelConfig) -> int:
+    """Parameter count from the architecture's formula, independent of the module tree."""
+    c, v, h, kv = cfg.n_embd, cfg.vocab_size, cfg.hidden_dim, cfg.kv_heads * cfg.head_dim
+    b = 1 if cfg.bias else 0
+    norm = c * (2 if cfg.norm == "layernorm" and cfg.bias else 1)
+    attn = c * (c + 2 * kv) + b * (c + 2 * kv) + c * c + b * c
+    n_mats = 3 if cfg.mlp != "standard" else 2
+    mlp = n_mats * c * h + b * ((n_mats - 1) * h + c)
+    block = attn + mlp + 2 * norm
+    if cfg.cross_attention:
+        block += attn + norm
+    total = v * c + cfg.n_layer * block
+    total += cfg.block_size * c if cfg.pos_embedding == "learned" else 0
+    total += norm if cfg.norm_position == "pre" else 0
+    total += 0 if cfg.tie_embeddings else v * c
+    return total
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        dict(bias=False, tie_embeddings=False),
+        dict(norm="rmsnorm", mlp="swiglu", pos_embedding="rope", n_kv_head=2),
+        dict(norm_position="post", mlp="geglu", cross_attention=True),
+    ],
+)
+def test_param_count_closed_form(overrides: dict) -> None:
+    cfg = tiny(**overrides)
+    assert GPT(cfg).num_params() == closed_form_params(cfg)
+
+
+def test_gpt2_124m_size_and_flops() -> None:
+    """The GPT-2 small shape gives the published 124M and nanoGPT's FLOPs-per-token formula."""
+    cfg = ModelConfig(vocab_size=50257)
+    with torch.device("meta"):
+        model = GPT(cfg)
+    assert model.num_params() == 124_439_808
+    non_embedding = 124_439_808 - 50257 * 768 - 1024 * 768
+    assert model.num_params(exclude_embeddings=True) == non_embedding
+    expected = 6 * (non_embedding + 50257 * 768) + 12 * 12 * 768 * 1024
+    assert model.flops_per_token() == expected
+
+
+def test_gpt2_initialisation() -> None:
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=512, block_size=64, n_layer=8, n_head=4, n_embd=256))
+    h = model.transformer.h[0]
+    assert abs(h.attn.c_attn.weight.std().item() - 0.02) < 0.002
+    residual_std = 0.02 / math.sqrt(2 * 8)
+    assert abs(h.attn.c_proj.weight.std().item() - residual_std) < 0.001
+    assert abs(h.mlp.c_proj.weight.std().item() - residual_std) < 0.001
+    assert torch.count_nonzero(h.attn.c_attn.bias) == 0
+    assert torch.equal(h.ln_1.weight, torch.ones(256))
+
+
+def test_loss_ignores_minus_one_targets() -> None:
+    torch.manual_seed(0)
+    model = GPT(tiny()).eval()
+    idx = torch.randint(0, 64, (2, 16))
+    targets = torch.randint(0, 64, (2, 16))
+    targets[:, :5] = -1
+    logits, loss = model(idx, targets)
+    expected = F.cross_entropy(logits[:, 5:].reshape(-1, 64), targets[:, 5:].reshape(-1))
+    torch.testing.assert_close(loss, expected)
+
+
+def test_too_long_sequence_is_a_clear_error() -> None:
+    with pytest.raises(GPTError, match="block_size"):
+        GPT(tiny())(torch.zeros(1, 17, dtype=torch.long))
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [
+        dict(norm="layernorm", activation="gelu_tanh", pos_embedding="learned", bias=True),
+        dict(norm="rmsnorm", mlp="swiglu", pos_embedding="rope", bias=False),
+    ],
+    ids=["gpt2", "rmsnorm-swiglu-rope"],
+)
+def test_tiny_model_overfits_one_sequence(variant: dict) -> None:
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=64, block_size=64, n_layer=2, n_head=4, n_embd=64, **variant)
+    model = GPT(cfg)
+    data = torch.randint(0, 64, (1, 65))
+    x, y = data[:, :-1], data[:, 1:]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    for _ in range(300):
+        _, loss = model(x, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if loss.item() < 0.05:
+            break
+    assert loss.item() < 0.05
