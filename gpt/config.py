@@ -218,7 +218,9 @@ class TrainConfig(_Section):
     eval_interval: int = _key(250, "evaluate every this many steps")
     eval_iters: int = _key(100, "batches per evaluation of each split")
     log_interval: int = _key(10, "log the training loss every this many steps")
-    checkpoint_interval: int | None = _key(None, "save every this many steps; unset = eval_interval")
+    checkpoint_interval: int | None = _key(
+        None, "save every this many steps; unset = eval_interval"
+    )
     keep_last: int = _key(2, "how many recent checkpoints to keep (plus best)")
     device: str = _key("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
     dtype: DType = _key("auto", "auto: bfloat16 on capable GPUs, float16 on older, float32 on CPU")
@@ -236,7 +238,9 @@ class TrainConfig(_Section):
             if not 0.0 <= getattr(self, key) < 1.0:
                 self._fail(key, f"must be in [0, 1), got {getattr(self, key)!r}")
         if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
-            self._fail("device", f"unknown device {self.device!r}; use auto, cpu, cuda, cuda:N or mps")
+            self._fail(
+                "device", f"unknown device {self.device!r}; use auto, cpu, cuda, cuda:N or mps"
+            )
 
 
 @dataclass(frozen=True)
@@ -370,7 +374,9 @@ def read_toml(path: str | Path) -> dict[str, dict[str, Any]]:
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise GPTError(f"config file {path} not found; pass an existing TOML file to --config") from None
+        raise GPTError(
+            f"config file {path} not found; pass an existing TOML file to --config"
+        ) from None
     except (OSError, UnicodeDecodeError) as e:
         raise GPTError(f"cannot read config file {path}: {e}") from None
     try:
@@ -394,7 +400,9 @@ def parse_override(text: str) -> tuple[str, str, Any]:
     name, sep, raw = text.partition("=")
     section, dot, key = name.strip().partition(".")
     if not sep or not dot or not key:
-        raise GPTError(f"{origin}: expected section.key=value, for example --set train.max_iters=100")
+        raise GPTError(
+            f"{origin}: expected section.key=value, for example --set train.max_iters=100"
+        )
     _check_section(section, origin)
     _check_keys(section, {key: None}, origin)
     raw = raw.strip()
@@ -481,5 +489,6 @@ def reference_markdown() -> str:
                 type_text = getattr(inner, "__name__", str(inner)).replace("list", "list of str")
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             default_text = "unset" if default is None else f"`{_toml_value(default)}`"
-            rows.append(f"| `{name}.{f.name}` | {type_text} | {default_text} | {f.metadata['help']} |")
+            help_text = f.metadata["help"]
+            rows.append(f"| `{name}.{f.name}` | {type_text} | {default_text} | {help_text} |")
     return "\n".join(rows)

@@ -3,7 +3,7 @@
 Every part is selectable by `ModelConfig`: LayerNorm or RMSNorm, Pre-LN or Post-LN, a standard
 or gated (SwiGLU/GeGLU) MLP, learned or rotary positions, SDPA or explicit attention, grouped-query
 heads, optional cross-attention, tied or untied LM head. Parameter names follow GPT-2 / nanoGPT
-(`wte`, `wpe`, `h`, `ln_1`, `attn.c_attn`, `mlp.c_fc`, `ln_f`, `lm_head`) so weights map key for key.
+(`wte`, `wpe`, `h`, `ln_1`, `attn.c_attn`, `mlp.c_fc`, `ln_f`, `lm_head`): weights map key for key.
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ def rope_cache(seq_len: int, head_dim: int, base: float) -> tuple[Tensor, Tensor
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate pairs (x[..., :hs/2], x[..., hs/2:]) of x (B, nh, T, hs) by position-dependent angles."""
+    """Rotate the pairs (x[..., i], x[..., i + hs/2]) of x (B, nh, T, hs) by per-position angles."""
     x1, x2 = x.float().chunk(2, dim=-1)  # (B, nh, T, hs/2) each
     rotated = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
     return rotated.type_as(x)

@@ -20,7 +20,8 @@ def main() -> None:
     if START not in text or END not in text:
         raise SystemExit(f"README.md lacks the markers {START} ... {END}")
     block = f"{START}\n{reference_markdown()}\n{END}"
-    readme.write_text(re.sub(re.escape(START) + ".*?" + re.escape(END), lambda _: block, text, flags=re.S))
+    pattern = re.escape(START) + ".*?" + re.escape(END)
+    readme.write_text(re.sub(pattern, lambda _: block, text, flags=re.S))
     print(f"updated {readme}")
 
 

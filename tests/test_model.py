@@ -63,7 +63,7 @@ def test_sdpa_and_manual_attention_agree(extra: dict) -> None:
     torch.testing.assert_close(out_s, out_m, rtol=0, atol=1e-5)
     loss_s.backward()
     loss_m.backward()
-    for (name, p_s), p_m in zip(sdpa.named_parameters(), manual.parameters()):
+    for (name, p_s), p_m in zip(sdpa.named_parameters(), manual.parameters(), strict=True):
         torch.testing.assert_close(p_s.grad, p_m.grad, rtol=0, atol=1e-5, msg=name)
 
 
