@@ -123,6 +123,19 @@ def info(config: ConfigOption = None, set_: SetOption = None) -> None:
     )
 
 
+@command()
+def prepare(
+    config: ConfigOption = None,
+    set_: SetOption = None,
+    force: Annotated[bool, typer.Option("--force", help="Rebuild even if already prepared.")] = False,
+) -> None:
+    """Tokenize [data] source into train.bin, val.bin and meta.json in [data] data_dir."""
+    from gpt.data import prepare as prepare_data
+
+    cfg = resolve_config(config, set_)
+    prepare_data(cfg.data, force=force, block_size=cfg.model.block_size)
+
+
 def main() -> None:
     """Console-script entry point."""
     app(prog_name="gpt")

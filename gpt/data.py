@@ -1,0 +1,564 @@
+"""Data: any text source -> token files (`train.bin`, `val.bin`, `meta.json`) -> training batches.
+
+`prepare` reads documents from a source (a text file, a folder or glob of files, tabular files
+or a saved dataset read with HF `datasets`, a hub dataset, or the interpreter's own standard
+library), splits them into train and validation, tokenizes them in parallel batches and streams
+the ids to disk, so memory stays bounded whatever the corpus size. Files are written under
+temporary names and renamed into place only when complete, `meta.json` last.
+
+`BatchSampler` draws random `block_size + 1` windows from a memmap with a seeded generator whose
+state is plain data, so a resumed run draws exactly the batches it would have drawn.
+"""
+
+from __future__ import annotations
+
+import glob as globlib
+import hashlib
+import json
+import os
+import random
+import sysconfig
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from gpt.config import DataConfig
+from gpt.errors import GPTError
+from gpt.tokenizer import CharTokenizer, Tokenizer, get_tokenizer, tokenizer_from_dict
+
+FORMAT_VERSION = 1
+SPLITS = ("train", "val")
+TABULAR = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+STDLIB_EXCLUDE = {"test", "tests", "idlelib", "site-packages", "__pycache__"}
+BATCH_CHARS = 4_000_000  # text per tokenizer call: big enough for threads, small for memory
+CHUNK_CHARS = 1_000_000  # pieces a single large text file is cut into (at line ends)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sources: each yields documents (str) and describes itself for the fingerprint
+
+
+@dataclass
+class Source:
+    """Documents of a corpus, re-readable (char vocabularies need a first pass)."""
+
+    description: str
+    documents: Callable[[], Iterator[str]]
+    identity: Any  # what the fingerprint hashes: paths with sizes and times, or a dataset name
+    count: int | None  # number of documents when known in advance
+    single_text: bool = False  # one running text, split by characters rather than documents
+    skipped: list[str] = field(default_factory=list)  # files skipped as not UTF-8
+
+
+def _read_text(path: Path, decode_errors: str, skipped: list[str]) -> str | None:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        if decode_errors == "fail":
+            raise GPTError(
+                f"{path} is not UTF-8 text; convert it, or set data.decode_errors=skip to skip it"
+            ) from None
+        if str(path) not in skipped:
+            skipped.append(str(path))
+        return None
+    except OSError as e:
+        raise GPTError(f"cannot read {path}: {e.strerror}") from None
+
+
+def _file_source(paths: list[Path], description: str, cfg: DataConfig) -> Source:
+    paths = sorted(paths)
+    skipped: list[str] = []
+
+    def documents() -> Iterator[str]:
+        for path in paths:
+            text = _read_text(path, cfg.decode_errors, skipped)
+            if text:
+                yield text
+
+    identity = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in paths]
+    return Source(description, documents, identity, len(paths), skipped=skipped)
+
+
+def _text_file_source(path: Path, cfg: DataConfig) -> Source:
+    """One text file is one running text, read in chunks cut at line ends."""
+    skipped: list[str] = []
+
+    def documents() -> Iterator[str]:
+        try:
+            with open(path, encoding="utf-8") as f:
+                carry = ""
+                while chunk := f.read(CHUNK_CHARS):
+                    chunk = carry + chunk
+                    cut = chunk.rfind("\n") + 1 or len(chunk)
+                    carry = chunk[cut:]
+                    yield chunk[:cut]
+                if carry:
+                    yield carry
+        except UnicodeDecodeError:
+            raise GPTError(f"{path} is not UTF-8 text; convert it to UTF-8") from None
+
+    stat = path.stat()
+    identity = [(str(path), stat.st_size, stat.st_mtime_ns)]
+    return Source(f"text file {path}", documents, identity, None, single_text=True, skipped=skipped)
+
+
+def _dataset_source(dataset: Any, description: str, identity: Any, cfg: DataConfig) -> Source:
+    """Rows of an HF `datasets` Dataset (or IterableDataset), the text in `text_column`."""
+    columns = getattr(dataset, "column_names", None)
+    if columns is not None and cfg.text_column not in columns:
+        raise GPTError(
+            f"{description} has no column {cfg.text_column!r}; its columns are "
+            f"{', '.join(map(str, columns))}: set data.text_column to one of them"
+        )
+
+    def documents() -> Iterator[str]:
+        for batch in dataset.iter(batch_size=1000):
+            if cfg.text_column not in batch:
+                raise GPTError(f"{description} has no column {cfg.text_column!r}; set data.text_column")
+            for text in batch[cfg.text_column]:
+                if text:
+                    yield str(text)
+
+    count = len(dataset) if hasattr(dataset, "__len__") else None
+    return Source(description, documents, identity, count)
+
+
+def stdlib_files() -> list[Path]:
+    """The running interpreter's standard-library .py files, without tests and idlelib."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    return [
+        p
+        for p in root.rglob("*.py")
+        if not STDLIB_EXCLUDE.intersection(p.relative_to(root).parts)
+    ]
+
+
+def open_source(cfg: DataConfig) -> Source:
+    """Interpret `[data] source` and return its documents."""
+    spec = cfg.source
+    if spec == "python-stdlib":
+        return _file_source(stdlib_files(), "the Python standard library", cfg)
+    if spec.startswith("hf:"):
+        return _hub_source(spec, cfg)
+    if any(ch in spec for ch in "*?["):
+        paths = [Path(p) for p in globlib.glob(spec, recursive=True) if Path(p).is_file()]
+        if not paths:
+            raise GPTError(f"[data] source: no files match {spec!r}; check the pattern")
+        return _many_files(paths, f"files matching {spec}", cfg)
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise GPTError(
+            f"[data] source: {spec} does not exist; give a text file, a folder, a glob, "
+            "hf:NAME or python-stdlib"
+        )
+    if path.is_dir():
+        if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
+            return _saved_dataset(path, cfg)
+        patterns = [g.strip() for g in cfg.glob.split(",") if g.strip()]
+        paths = sorted({p for g in patterns for p in path.glob(g) if p.is_file()})
+        if not paths:
+            raise GPTError(f"[data] source: no files in {path} match glob {cfg.glob!r}; set data.glob")
+        return _many_files(paths, f"folder {path}", cfg)
+    if path.suffix.lower() in TABULAR:
+        return _tabular([path], cfg)
+    return _text_file_source(path, cfg)
+
+
+def _many_files(paths: list[Path], description: str, cfg: DataConfig) -> Source:
+    tabular = [p for p in paths if p.suffix.lower() in TABULAR]
+    if tabular and len(tabular) == len(paths):
+        return _tabular(paths, cfg)
+    if len(paths) == 1:
+        return _text_file_source(paths[0], cfg)
+    return _file_source(paths, description, cfg)
+
+
+def _tabular(paths: list[Path], cfg: DataConfig) -> Source:
+    import datasets
+
+    builders = {TABULAR[p.suffix.lower()] for p in paths}
+    if len(builders) > 1:
+        raise GPTError("[data] source mixes file types; point it at one kind (jsonl, parquet or csv)")
+    description = f"{len(paths)} {builders.pop()} file(s)" if len(paths) > 1 else str(paths[0])
+    try:
+        ds = datasets.load_dataset(
+            TABULAR[paths[0].suffix.lower()], data_files=[str(p) for p in paths], split="train"
+        )
+    except Exception as e:
+        raise GPTError(f"cannot read {description}: {str(e).splitlines()[0][:200]}") from None
+    identity = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in paths]
+    return _dataset_source(ds, description, identity, cfg)
+
+
+def _saved_dataset(path: Path, cfg: DataConfig) -> Source:
+    import datasets
+
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except Exception as e:
+        raise GPTError(f"cannot load the saved dataset {path}: {str(e).splitlines()[0][:200]}") from None
+    if isinstance(ds, datasets.DatasetDict):
+        if cfg.split not in ds:
+            raise GPTError(f"{path} has splits {', '.join(ds)}; set data.split to one of them")
+        ds = ds[cfg.split]
+    identity = [(str(path), ds._fingerprint if hasattr(ds, "_fingerprint") else None)]
+    return _dataset_source(ds, f"saved dataset {path}", identity, cfg)
+
+
+def _hub_source(spec: str, cfg: DataConfig) -> Source:
+    import datasets
+
+    name, _, config_name = spec[3:].partition(":")
+    if not name:
+        raise GPTError("[data] source: hf: needs a dataset name, for example hf:roneneldan/TinyStories")
+    try:
+        ds = datasets.load_dataset(
+            name, config_name or None, split=cfg.split, streaming=cfg.streaming
+        )
+    except Exception as e:
+        first = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise GPTError(
+            f"cannot load hub dataset {name!r} (split {cfg.split!r}): {first}; check the name "
+            "and the network, or download it and point data.source at the local files"
+        ) from None
+    return _dataset_source(ds, f"hub dataset {name}", [spec, cfg.split], cfg)
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing token files
+
+
+class _TokenFile:
+    """Appends token ids to `<name>.tmp`, hashing as it goes; `commit` renames it into place."""
+
+    def __init__(self, path: Path, dtype: np.dtype) -> None:
+        self.path, self.tmp = path, path.with_name(path.name + ".tmp")
+        self.dtype = dtype
+        self.file = open(self.tmp, "wb")
+        self.sha = hashlib.sha256()
+        self.tokens = 0
+
+    def write(self, ids: np.ndarray) -> None:
+        data = ids.astype(self.dtype).tobytes()
+        self.file.write(data)
+        self.sha.update(data)
+        self.tokens += len(ids)
+
+    def close(self) -> None:
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+
+    def discard(self) -> None:
+        if not self.file.closed:
+            self.file.close()
+        self.tmp.unlink(missing_ok=True)
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """uint16 when every id fits, else uint32: never a silent overflow."""
+    return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
+
+
+def _fingerprint(cfg: DataConfig, source: Source) -> str:
+    settings = {
+        "version": FORMAT_VERSION,
+        "source": cfg.source,
+        "identity": source.identity,
+        "tokenizer": cfg.tokenizer,
+        "glob": cfg.glob,
+        "text_column": cfg.text_column,
+        "split": cfg.split,
+        "val_fraction": cfg.val_fraction,
+        "seed": cfg.seed,
+        "decode_errors": cfg.decode_errors,
+    }
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _is_val(index: int, val_set: set[int] | None, cfg: DataConfig) -> bool:
+    """Document-level split: an exact random subset when the count is known, else by hash."""
+    if val_set is not None:
+        return index in val_set
+    digest = hashlib.sha256(f"{cfg.seed}:{index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") / 2**64 < cfg.val_fraction
+
+
+def _split_pieces(source: Source, cfg: DataConfig) -> Iterator[tuple[str, str, bool]]:
+    """(split, text, ends_document) pieces in corpus order."""
+    if source.single_text:
+        total = sum(len(chunk) for chunk in source.documents())
+        n_train = int(total * (1 - cfg.val_fraction))  # first 90%: train, last 10%: val
+        seen = 0
+        for chunk in source.documents():
+            head = max(0, min(len(chunk), n_train - seen))
+            if head:
+                yield "train", chunk[:head], False
+            if head < len(chunk):
+                yield "val", chunk[head:], False
+            seen += len(chunk)
+        return
+    val_set = None
+    if source.count is not None and source.count > 1:
+        n_val = max(1, round(source.count * cfg.val_fraction))
+        val_set = set(random.Random(cfg.seed).sample(range(source.count), n_val))
+    for index, text in enumerate(source.documents()):
+        yield ("val" if _is_val(index, val_set, cfg) else "train"), text, True
+
+
+def _encode_stream(
+    pieces: Iterator[tuple[str, str, bool]],
+    tokenizer: Tokenizer,
+    writers: dict[str, _TokenFile],
+    threads: int,
+    bar: tqdm,
+) -> None:
+    """Tokenize pieces in batches of about BATCH_CHARS and append each to its split's file."""
+    batch: list[tuple[str, str, bool]] = []
+    size = 0
+
+    def flush() -> None:
+        nonlocal batch, size
+        if not batch:
+            return
+        if isinstance(tokenizer, CharTokenizer):
+            encoded = [tokenizer.encode_array(text) for _, text, _ in batch]
+        else:
+            encoded = [np.asarray(ids) for ids in tokenizer.encode_batch([t for _, t, _ in batch], threads)]
+        for (split, text, ends_document), ids in zip(batch, encoded, strict=True):
+            if ends_document:
+                ids = np.append(ids, tokenizer.eot_id)  # <|endoftext|> after every document
+            writers[split].write(ids)
+            bar.update(len(text.encode("utf-8")))
+        bar.set_postfix(tokens=f"{sum(w.tokens for w in writers.values()):,}")
+        batch, size = [], 0
+
+    for piece in pieces:
+        batch.append(piece)
+        size += len(piece[1])
+        if size >= BATCH_CHARS:
+            flush()
+    flush()
+
+
+def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def prepare(
+    cfg: DataConfig, force: bool = False, progress: bool = True, block_size: int = 0
+) -> dict[str, Any]:
+    """Tokenize `cfg.source` into `cfg.resolved_data_dir`; a no-op when already prepared.
+
+    A data folder prepared from other settings is left alone unless `force`. With `block_size`,
+    each split must hold at least `block_size + 1` tokens.
+    """
+    data_dir = cfg.resolved_data_dir
+    source = open_source(cfg)
+    fingerprint = _fingerprint(cfg, source)
+    meta_path = data_dir / "meta.json"
+    if meta_path.exists() and not force:
+        meta = load_meta(data_dir)
+        if meta.get("fingerprint") == fingerprint:
+            _check_split_sizes(meta, block_size, data_dir)
+            if progress:
+                print(f"{data_dir} is already prepared from these settings; nothing to do (--force rebuilds)")
+            return meta
+        what = "tokenizer " + repr(meta["tokenizer"]["name"])
+        raise GPTError(
+            f"{data_dir} holds data prepared from other settings ({what}, source "
+            f"{meta.get('source')!r}); rebuild it with gpt prepare --force, or set data.data_dir "
+            "to another folder"
+        )
+
+    tokenizer: Tokenizer
+    if cfg.tokenizer == "char":
+        tokenizer = CharTokenizer.from_texts(source.documents())
+    else:
+        tokenizer = get_tokenizer(cfg.tokenizer)
+    dtype = token_dtype(tokenizer.vocab_size)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    writers = {split: _TokenFile(data_dir / f"{split}.bin", dtype) for split in SPLITS}
+    threads = cfg.num_proc or os.cpu_count() or 1
+    bar = tqdm(
+        desc=f"tokenizing {source.description}", unit="B", unit_scale=True, disable=not progress
+    )
+    try:
+        _encode_stream(_split_pieces(source, cfg), tokenizer, writers, threads, bar)
+        for w in writers.values():
+            w.close()
+        if sum(w.tokens for w in writers.values()) == 0:
+            raise GPTError(f"[data] source: {source.description} holds no text; point it at a corpus")
+        counts = {split: writers[split].tokens for split in SPLITS}
+        _check_split_sizes({"tokens": counts}, block_size, data_dir)
+    except BaseException:
+        for w in writers.values():
+            w.discard()
+        raise
+    finally:
+        bar.close()
+
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "source": cfg.source,
+        "fingerprint": fingerprint,
+        "tokenizer": tokenizer.to_dict(),
+        "vocab_size": tokenizer.vocab_size,
+        "eot_id": tokenizer.eot_id,
+        "dtype": dtype.name,
+        "tokens": counts,
+        "sha256": {split: writers[split].sha.hexdigest() for split in SPLITS},
+        "skipped_files": len(source.skipped),
+    }
+    meta_path.unlink(missing_ok=True)  # a crash between the renames leaves "not prepared"
+    for w in writers.values():
+        os.replace(w.tmp, w.path)
+    _write_json_atomic(meta_path, meta)
+    if progress:
+        skipped = f", skipped {len(source.skipped)} non-UTF-8 file(s)" if source.skipped else ""
+        print(
+            f"wrote {data_dir}: train {counts['train']:,} tokens, val {counts['val']:,} tokens "
+            f"({dtype.name}, {cfg.tokenizer}){skipped}"
+        )
+    return meta
+
+
+def _check_split_sizes(meta: dict[str, Any], block_size: int, data_dir: Path) -> None:
+    for split in SPLITS:
+        n = meta["tokens"][split]
+        if n < block_size + 1:
+            raise GPTError(
+                f"{data_dir}: the {split} split has {n} tokens, fewer than block_size + 1 = "
+                f"{block_size + 1}; add text, lower model.block_size, or change data.val_fraction"
+            )
+
+
+def load_meta(data_dir: str | Path, verify_hash: bool = False) -> dict[str, Any]:
+    """Read meta.json and check the .bin files against it (sizes; sha256 with `verify_hash`)."""
+    data_dir = Path(data_dir)
+    meta_path = data_dir / "meta.json"
+    if not meta_path.exists():
+        raise GPTError(f"{data_dir} has no prepared data (no meta.json); run gpt prepare first")
+    try:
+        meta = json.loads(meta_path.read_text())
+        dtype = np.dtype(meta["dtype"])
+        tokens = {split: int(meta["tokens"][split]) for split in SPLITS}
+        meta["tokenizer"]["name"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise GPTError(f"{meta_path} is damaged ({e}); rebuild with gpt prepare --force") from None
+    for split in SPLITS:
+        path = data_dir / f"{split}.bin"
+        expected = tokens[split] * dtype.itemsize
+        actual = path.stat().st_size if path.exists() else None
+        if actual != expected:
+            found = "is missing" if actual is None else f"has {actual:,} bytes"
+            raise GPTError(
+                f"{path} {found} but meta.json says {tokens[split]:,} tokens ({expected:,} bytes): "
+                "truncated or corrupted; rebuild with gpt prepare --force"
+            )
+        if verify_hash:
+            digest = hashlib.sha256()
+            with open(path, "rb") as f:
+                while block := f.read(1 << 24):
+                    digest.update(block)
+            if digest.hexdigest() != meta["sha256"][split]:
+                raise GPTError(f"{path} does not match its sha256 in meta.json; rebuild with gpt prepare --force")
+    return meta
+
+
+def data_is_ready(cfg: DataConfig) -> bool:
+    """True when `cfg.resolved_data_dir` holds verified data prepared from these settings."""
+    try:
+        meta = load_meta(cfg.resolved_data_dir)
+        return meta["fingerprint"] == _fingerprint(cfg, open_source(cfg))
+    except GPTError:
+        return False
+
+
+def check_tokenizer(meta: dict[str, Any], expected: dict[str, Any], data_dir: str | Path) -> None:
+    """Refuse data tokenized differently from what the model was trained with."""
+    if meta["tokenizer"] != expected:
+        raise GPTError(
+            f"{data_dir} was prepared with the {meta['tokenizer']['name']!r} tokenizer but the "
+            f"model uses {expected.get('name')!r} (or another vocabulary); prepare the data with "
+            "the model's tokenizer (data.tokenizer, gpt prepare --force)"
+        )
+
+
+def load_tokenizer(data_dir: str | Path) -> Tokenizer:
+    """The tokenizer a prepared data folder was built with."""
+    return tokenizer_from_dict(load_meta(data_dir)["tokenizer"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Batches for training
+
+
+class BatchSampler:
+    """Random windows of block_size + 1 tokens from one split, reproducible and resumable.
+
+    Each (seed, rank, split) has its own generator stream; `state_dict()` is plain data
+    (JSON-able), and `load_state_dict` restores it exactly, so the next batches match.
+    """
+
+    def __init__(
+        self,
+        data_dir: str | Path,
+        split: str,
+        block_size: int,
+        batch_size: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        if split not in SPLITS:
+            raise GPTError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
+        meta = load_meta(data_dir)
+        self.data = np.memmap(Path(data_dir) / f"{split}.bin", dtype=meta["dtype"], mode="r")
+        if len(self.data) < block_size + 1:
+            raise GPTError(
+                f"{data_dir}: the {split} split has {len(self.data)} tokens, fewer than "
+                f"block_size + 1 = {block_size + 1}; add text or lower model.block_size"
+            )
+        self.block_size, self.batch_size = block_size, batch_size
+        self.rank, self.world_size = rank, world_size
+        self.device = torch.device(device)
+        self.generator = torch.Generator().manual_seed(self._stream_seed(seed, rank, split))
+        self._offsets = np.arange(block_size + 1)  # (T + 1,)
+
+    @staticmethod
+    def _stream_seed(seed: int, rank: int, split: str) -> int:
+        key = f"{seed}:{rank}:{split}".encode()
+        return int.from_bytes(hashlib.sha256(key).digest()[:8], "little") & (2**63 - 1)
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """x, y: (batch_size, block_size) int64, y being x shifted left by one token."""
+        starts = torch.randint(
+            len(self.data) - self.block_size, (self.batch_size,), generator=self.generator
+        )
+        windows = self.data[starts.numpy()[:, None] + self._offsets]  # (B, T + 1)
+        batch = torch.from_numpy(windows.astype(np.int64))
+        x, y = batch[:, :-1], batch[:, 1:]
+        if self.device.type == "cuda":  # page-locked host memory lets the copy overlap compute
+            return (
+                x.pin_memory().to(self.device, non_blocking=True),
+                y.pin_memory().to(self.device, non_blocking=True),
+            )
+        return x.contiguous().to(self.device), y.contiguous().to(self.device)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rank": self.rank, "generator": self.generator.get_state().tolist()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.generator.set_state(torch.tensor(state["generator"], dtype=torch.uint8))

@@ -1,0 +1,87 @@
+"""Tokenizers: GPT-2 ids equal tiktoken's published encoding, offline; char vocabularies."""
+
+from __future__ import annotations
+
+import pytest
+
+from gpt.errors import GPTError
+from gpt.tokenizer import (
+    CharTokenizer,
+    get_tokenizer,
+    padded_vocab_size,
+    tokenizer_from_dict,
+)
+
+TEXT = "Hello world! def f(x):\n    return x**2  # ünïcödé 日本語\n\n<|endoftext|>"
+# Ids published for tiktoken.get_encoding("gpt2") (its README's "hello world", tutorials, and the
+# well-known "Hello, do you like tea?" example with the special token allowed).
+PUBLISHED = {
+    "hello world": [31373, 995],
+    "Hello, world!": [15496, 11, 995, 0],
+    "hii there": [71, 4178, 612],
+}
+TEA = "Hello, do you like tea? <|endoftext|> In the sunlit terraces of someunknownPlace."
+TEA_IDS = [15496, 11, 466, 345, 588, 8887, 30, 220, 50256, 554, 262, 4252, 18250, 8812, 2114,
+           286, 617, 34680, 27271, 13]
+
+
+def test_gpt2_matches_published_ids_offline() -> None:
+    tok = get_tokenizer("gpt2")
+    for text, ids in PUBLISHED.items():
+        assert tok.encode(text) == ids
+    assert tok.encoding.encode(TEA, allowed_special={"<|endoftext|>"}) == TEA_IDS
+    assert (tok.vocab_size, tok.eot_id, tok.name) == (50257, 50256, "gpt2")
+
+
+def test_gpt2_text_never_forges_the_separator() -> None:
+    tok = get_tokenizer("gpt2")
+    ids = tok.encode(TEXT)
+    assert tok.eot_id not in ids and tok.decode(ids) == TEXT
+
+
+def test_gpt2_batch_encoding_equals_one_by_one() -> None:
+    tok = get_tokenizer("gpt2")
+    texts = [TEXT, "import os\n", "", "a" * 1000]
+    assert tok.encode_batch(texts, num_threads=2) == [tok.encode(t) for t in texts]
+
+
+def test_gpt2_round_trips_through_dict() -> None:
+    tok = tokenizer_from_dict(get_tokenizer("gpt2").to_dict())
+    assert tok.encode(TEA) == get_tokenizer("gpt2").encode(TEA)
+
+
+def test_char_round_trip_and_persistence() -> None:
+    tok = CharTokenizer.from_texts(["hello world", "dog"])
+    assert tok.chars == sorted(set("hello worlddog\n"))
+    assert tok.vocab_size == 10  # h e l o space w r d g and the newline
+    assert tok.decode(tok.encode("hello dog\nworld")) == "hello dog\nworld"
+    again = tokenizer_from_dict(tok.to_dict())
+    assert again.chars == tok.chars and again.encode("hello") == tok.encode("hello")
+    assert tok.eot_id == tok.chars.index("\n")
+
+
+def test_char_unknown_characters_are_named() -> None:
+    tok = CharTokenizer.from_texts(["abc"])
+    with pytest.raises(GPTError, match=r"2 character\(s\) not in the char vocabulary: 'x', 'é'"):
+        tok.encode("abcxé")
+
+
+def test_unknown_tokenizer_lists_choices() -> None:
+    with pytest.raises(GPTError, match=r"unknown tokenizer 'bpe'; choose one of gpt2, char"):
+        get_tokenizer("bpe")
+
+
+def test_unavailable_tiktoken_encoding_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    import tiktoken
+
+    def offline(name: str) -> None:
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(tiktoken, "get_encoding", offline)
+    with pytest.raises(GPTError, match=r"tokenizer 'cl100k_base' could not be loaded"):
+        get_tokenizer("cl100k_base")
+
+
+def test_padded_vocab_size() -> None:
+    assert padded_vocab_size(50257) == 50304
+    assert padded_vocab_size(64) == 64 and padded_vocab_size(65) == 128
