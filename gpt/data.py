@@ -119,7 +119,9 @@ def _dataset_source(dataset: Any, description: str, identity: Any, cfg: DataConf
     def documents() -> Iterator[str]:
         for batch in dataset.iter(batch_size=1000):
             if cfg.text_column not in batch:
-                raise GPTError(f"{description} has no column {cfg.text_column!r}; set data.text_column")
+                raise GPTError(
+                    f"{description} has no column {cfg.text_column!r}; set data.text_column"
+                )
             for text in batch[cfg.text_column]:
                 if text:
                     yield str(text)
@@ -162,7 +164,9 @@ def open_source(cfg: DataConfig) -> Source:
         patterns = [g.strip() for g in cfg.glob.split(",") if g.strip()]
         paths = sorted({p for g in patterns for p in path.glob(g) if p.is_file()})
         if not paths:
-            raise GPTError(f"[data] source: no files in {path} match glob {cfg.glob!r}; set data.glob")
+            raise GPTError(
+                f"[data] source: no files in {path} match glob {cfg.glob!r}; set data.glob"
+            )
         return _many_files(paths, f"folder {path}", cfg)
     if path.suffix.lower() in TABULAR:
         return _tabular([path], cfg)
@@ -183,7 +187,9 @@ def _tabular(paths: list[Path], cfg: DataConfig) -> Source:
 
     builders = {TABULAR[p.suffix.lower()] for p in paths}
     if len(builders) > 1:
-        raise GPTError("[data] source mixes file types; point it at one kind (jsonl, parquet or csv)")
+        raise GPTError(
+            "[data] source mixes file types; point it at one kind (jsonl, parquet or csv)"
+        )
     description = f"{len(paths)} {builders.pop()} file(s)" if len(paths) > 1 else str(paths[0])
     try:
         ds = datasets.load_dataset(
@@ -201,7 +207,8 @@ def _saved_dataset(path: Path, cfg: DataConfig) -> Source:
     try:
         ds = datasets.load_from_disk(str(path))
     except Exception as e:
-        raise GPTError(f"cannot load the saved dataset {path}: {str(e).splitlines()[0][:200]}") from None
+        first = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise GPTError(f"cannot load the saved dataset {path}: {first}") from None
     if isinstance(ds, datasets.DatasetDict):
         if cfg.split not in ds:
             raise GPTError(f"{path} has splits {', '.join(ds)}; set data.split to one of them")
@@ -215,7 +222,9 @@ def _hub_source(spec: str, cfg: DataConfig) -> Source:
 
     name, _, config_name = spec[3:].partition(":")
     if not name:
-        raise GPTError("[data] source: hf: needs a dataset name, for example hf:roneneldan/TinyStories")
+        raise GPTError(
+            "[data] source: hf: needs a dataset name, for example hf:roneneldan/TinyStories"
+        )
     try:
         ds = datasets.load_dataset(
             name, config_name or None, split=cfg.split, streaming=cfg.streaming
@@ -329,7 +338,8 @@ def _encode_stream(
         if isinstance(tokenizer, CharTokenizer):
             encoded = [tokenizer.encode_array(text) for _, text, _ in batch]
         else:
-            encoded = [np.asarray(ids) for ids in tokenizer.encode_batch([t for _, t, _ in batch], threads)]
+            texts = [text for _, text, _ in batch]
+            encoded = [np.asarray(ids) for ids in tokenizer.encode_batch(texts, threads)]
         for (split, text, ends_document), ids in zip(batch, encoded, strict=True):
             if ends_document:
                 ids = np.append(ids, tokenizer.eot_id)  # <|endoftext|> after every document
@@ -372,7 +382,8 @@ def prepare(
         if meta.get("fingerprint") == fingerprint:
             _check_split_sizes(meta, block_size, data_dir)
             if progress:
-                print(f"{data_dir} is already prepared from these settings; nothing to do (--force rebuilds)")
+                print(f"{data_dir} is already prepared from these settings; nothing to do "
+                      "(--force rebuilds)")
             return meta
         what = "tokenizer " + repr(meta["tokenizer"]["name"])
         raise GPTError(
@@ -398,7 +409,9 @@ def prepare(
         for w in writers.values():
             w.close()
         if sum(w.tokens for w in writers.values()) == 0:
-            raise GPTError(f"[data] source: {source.description} holds no text; point it at a corpus")
+            raise GPTError(
+                f"[data] source: {source.description} holds no text; point it at a corpus"
+            )
         counts = {split: writers[split].tokens for split in SPLITS}
         _check_split_sizes({"tokens": counts}, block_size, data_dir)
     except BaseException:
@@ -472,7 +485,10 @@ def load_meta(data_dir: str | Path, verify_hash: bool = False) -> dict[str, Any]
                 while block := f.read(1 << 24):
                     digest.update(block)
             if digest.hexdigest() != meta["sha256"][split]:
-                raise GPTError(f"{path} does not match its sha256 in meta.json; rebuild with gpt prepare --force")
+                raise GPTError(
+                    f"{path} does not match its sha256 in meta.json; "
+                    "rebuild with gpt prepare --force"
+                )
     return meta
 
 

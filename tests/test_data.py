@@ -1,0 +1,300 @@
+"""gpt prepare and the batch sampler, on tiny corpora made in tmp_path (no network)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import gpt.data as data
+from gpt.cli import app
+from gpt.config import DataConfig
+from gpt.data import BatchSampler, check_tokenizer, load_meta, prepare, token_dtype
+from gpt.errors import GPTError
+from gpt.tokenizer import get_tokenizer, tokenizer_from_dict
+
+runner = CliRunner()
+
+
+def cfg(tmp_path: Path, source: str | Path, **kw: object) -> DataConfig:
+    values = {"data_dir": str(tmp_path / "prepared"), **kw}
+    return DataConfig(source=str(source), **values)  # type: ignore[arg-type]
+
+
+def read_bin(data_dir: Path, split: str) -> np.ndarray:
+    meta = load_meta(data_dir)
+    return np.fromfile(data_dir / f"{split}.bin", dtype=meta["dtype"])
+
+
+def docs_folder(tmp_path: Path, n: int = 10) -> Path:
+    folder = tmp_path / "docs"
+    (folder / "sub").mkdir(parents=True)
+    for i in range(n):
+        (folder / ("sub" if i % 2 else "") / f"doc{i}.txt").write_text(f"document {i} " * (i + 1))
+    (folder / "ignored.bin").write_bytes(b"\x00\x01")
+    return folder
+
+
+def test_text_file_split_is_first_90_percent_of_characters(tmp_path: Path) -> None:
+    text = "".join(chr(97 + i % 26) for i in range(1000)) + "\n"
+    (tmp_path / "a.txt").write_text(text)
+    meta = prepare(cfg(tmp_path, tmp_path / "a.txt", tokenizer="char"), progress=False)
+    assert meta["tokens"] == {"train": 900, "val": 101}
+    tok = tokenizer_from_dict(meta["tokenizer"])
+    out = tmp_path / "prepared"
+    assert tok.decode(read_bin(out, "train").tolist()) == text[:900]
+    assert tok.decode(read_bin(out, "val").tolist()) == text[900:]
+    assert meta["dtype"] == "uint16" and meta["source"] == str(tmp_path / "a.txt")
+
+
+def test_large_text_file_is_chunked_without_losing_text(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(data, "CHUNK_CHARS", 50)
+    monkeypatch.setattr(data, "BATCH_CHARS", 120)
+    text = "".join(f"line {i} of the file\n" for i in range(200))
+    (tmp_path / "a.txt").write_text(text)
+    meta = prepare(cfg(tmp_path, tmp_path / "a.txt"), progress=False)
+    tok = get_tokenizer("gpt2")
+    decoded = tok.decode(read_bin(tmp_path / "prepared", "train").tolist() + read_bin(tmp_path / "prepared", "val").tolist())
+    assert decoded == text
+    assert meta["tokens"]["train"] > 8 * meta["tokens"]["val"]
+
+
+def test_folder_documents_split_exactly_by_seed(tmp_path: Path) -> None:
+    folder = docs_folder(tmp_path)
+    meta = prepare(cfg(tmp_path, folder, val_fraction=0.2, seed=3), progress=False)
+    tok = get_tokenizer("gpt2")
+    val = read_bin(tmp_path / "prepared", "val")
+    train = read_bin(tmp_path / "prepared", "train")
+    assert (val == tok.eot_id).sum() == 2 and (train == tok.eot_id).sum() == 8  # one eot per document
+    lengths = {i: len(tok.encode(f"document {i} " * (i + 1))) + 1 for i in range(10)}
+    assert meta["tokens"]["train"] + meta["tokens"]["val"] == sum(lengths.values())
+    again = prepare(cfg(tmp_path, folder, val_fraction=0.2, seed=3, data_dir=str(tmp_path / "b")), progress=False)
+    assert again["sha256"] == meta["sha256"]  # deterministic
+
+
+def test_glob_source_and_glob_filter(tmp_path: Path) -> None:
+    folder = docs_folder(tmp_path)
+    meta = prepare(cfg(tmp_path, f"{folder}/sub/*.txt", tokenizer="char"), progress=False)
+    assert sum(meta["tokens"].values()) == sum(len(f"document {i} " * (i + 1)) + 1 for i in range(1, 10, 2))
+    with pytest.raises(GPTError, match=r"no files in .* match glob '\*\*/\*.md'; set data.glob"):
+        prepare(cfg(tmp_path, folder, glob="**/*.md"), progress=False)
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "csv", "parquet", "saved"])
+def test_tabular_sources_read_the_text_column(tmp_path: Path, kind: str) -> None:
+    import datasets
+
+    rows = {"body": [f"row number {i} says hello" for i in range(12)], "id": list(range(12))}
+    ds = datasets.Dataset.from_dict(rows)
+    path = tmp_path / f"table.{kind}"
+    if kind == "jsonl":
+        ds.to_json(str(path))
+    elif kind == "csv":
+        ds.to_csv(str(path), index=False)
+    elif kind == "parquet":
+        ds.to_parquet(str(path))
+    else:
+        ds.save_to_disk(str(path))
+    meta = prepare(cfg(tmp_path, path, tokenizer="char", text_column="body"), progress=False)
+    assert sum(meta["tokens"].values()) == sum(len(t) + 1 for t in rows["body"])
+    with pytest.raises(GPTError, match=r"no column 'text'.*set data.text_column"):
+        prepare(cfg(tmp_path, path, tokenizer="char", data_dir=str(tmp_path / "other")), progress=False)
+
+
+def test_hub_source_goes_through_load_dataset(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import datasets
+
+    calls = []
+
+    def fake_load_dataset(name, config=None, split=None, streaming=False):
+        calls.append((name, config, split, streaming))
+        return datasets.Dataset.from_dict({"text": ["alpha beta", "gamma delta", "epsilon"]})
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    meta = prepare(cfg(tmp_path, "hf:someone/corpus:small", split="validation"), progress=False)
+    assert calls == [("someone/corpus", "small", "validation", False)]
+    assert sum(meta["tokens"].values()) == 3 + 3 + 2 + 3  # "alpha beta" etc. plus 3 eots
+
+
+def test_hub_source_offline_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import datasets
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("Couldn't reach the hub")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(GPTError, match=r"cannot load hub dataset 'x/y' .*Couldn't reach the hub"):
+        prepare(cfg(tmp_path, "hf:x/y"), progress=False)
+
+
+def test_python_stdlib_source(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    files = data.stdlib_files()
+    assert len(files) > 300
+    assert not any(part in ("test", "tests", "idlelib") for f in files for part in f.parts[-3:-1])
+    assert any(f.name == "os.py" for f in files)
+    monkeypatch.setattr(data, "stdlib_files", lambda: [f for f in files if f.name in ("os.py", "abc.py", "bisect.py")])
+    meta = prepare(cfg(tmp_path, "python-stdlib"), progress=False)
+    assert meta["tokens"]["train"] > 1000 and meta["tokens"]["val"] > 0
+
+
+def test_token_dtype_never_overflows(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert token_dtype(50257) == np.uint16 and token_dtype(65536) == np.uint16
+    assert token_dtype(65537) == np.uint32 and token_dtype(100277) == np.uint32
+
+    class Big:
+        name, vocab_size, eot_id = "big", 70000, 69999
+
+        def encode_batch(self, texts, num_threads=1):
+            return [[65535 + len(t), 3] for t in texts]
+
+        def to_dict(self):
+            return {"name": "big"}
+
+    monkeypatch.setattr(data, "get_tokenizer", lambda name: Big())
+    folder = docs_folder(tmp_path)
+    meta = prepare(cfg(tmp_path, folder), progress=False)
+    assert meta["dtype"] == "uint32"
+    ids = np.concatenate([read_bin(tmp_path / "prepared", s) for s in ("train", "val")])
+    assert ids.max() > 65535 and 69999 in ids
+
+
+def test_rerun_is_a_noop_and_force_rebuilds(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    folder = docs_folder(tmp_path)
+    prepare(cfg(tmp_path, folder), progress=False)
+    train = tmp_path / "prepared" / "train.bin"
+    stamp = train.stat().st_mtime_ns
+    prepare(cfg(tmp_path, folder), progress=True)
+    assert "already prepared" in capsys.readouterr().out
+    assert train.stat().st_mtime_ns == stamp
+    prepare(cfg(tmp_path, folder), force=True, progress=False)
+    assert train.stat().st_mtime_ns != stamp
+
+
+def test_other_settings_are_refused_and_data_kept(tmp_path: Path) -> None:
+    folder = docs_folder(tmp_path)
+    meta = prepare(cfg(tmp_path, folder), progress=False)
+    with pytest.raises(GPTError, match=r"prepared from other settings \(tokenizer 'gpt2'.*--force"):
+        prepare(cfg(tmp_path, folder, tokenizer="char"), progress=False)
+    assert load_meta(tmp_path / "prepared", verify_hash=True)["sha256"] == meta["sha256"]
+
+
+def test_truncated_and_corrupted_bins_are_detected(tmp_path: Path) -> None:
+    prepare(cfg(tmp_path, docs_folder(tmp_path)), progress=False)
+    out = tmp_path / "prepared"
+    raw = bytearray((out / "train.bin").read_bytes())
+    raw[0] ^= 0xFF
+    (out / "train.bin").write_bytes(raw)
+    load_meta(out)  # same size: the cheap check passes
+    with pytest.raises(GPTError, match=r"train.bin does not match its sha256"):
+        load_meta(out, verify_hash=True)
+    (out / "train.bin").write_bytes(raw[:-2])
+    with pytest.raises(GPTError, match=r"train.bin has .* bytes but meta.json says .* truncated or corrupted"):
+        load_meta(out)
+    (out / "train.bin").write_bytes(raw)
+    (out / "val.bin").unlink()
+    with pytest.raises(GPTError, match=r"val.bin is missing"):
+        load_meta(out)
+
+
+def test_interrupted_prepare_leaves_nothing_that_looks_finished(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def interrupted(pieces, tokenizer, writers, threads, bar):
+        writers["train"].write(np.arange(10))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(data, "_encode_stream", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(cfg(tmp_path, docs_folder(tmp_path)), progress=False)
+    assert list((tmp_path / "prepared").iterdir()) == []
+
+
+def test_too_little_text_for_block_size(tmp_path: Path) -> None:
+    (tmp_path / "a.txt").write_text("tiny text here\n")
+    with pytest.raises(GPTError, match=r"the val split has 2 tokens, fewer than block_size \+ 1 = 9"):
+        prepare(cfg(tmp_path, tmp_path / "a.txt", tokenizer="char"), progress=False, block_size=8)
+    assert not (tmp_path / "prepared" / "train.bin").exists()
+    assert list((tmp_path / "prepared").iterdir()) == []
+
+
+def test_bad_sources(tmp_path: Path) -> None:
+    with pytest.raises(GPTError, match=r"nope.txt does not exist; give a text file, a folder"):
+        prepare(cfg(tmp_path, tmp_path / "nope.txt"), progress=False)
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(GPTError, match=r"holds no text"):
+        prepare(cfg(tmp_path, tmp_path / "empty.txt"), progress=False)
+    with pytest.raises(GPTError, match=r"no files match"):
+        prepare(cfg(tmp_path, str(tmp_path / "*.nothing")), progress=False)
+    with pytest.raises(GPTError, match=r"unknown tokenizer 'bpe'"):
+        prepare(cfg(tmp_path, docs_folder(tmp_path), tokenizer="bpe"), progress=False)
+
+
+def test_non_utf8_files_skip_with_count_or_fail(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    folder = docs_folder(tmp_path)
+    (folder / "latin1.txt").write_bytes("caf\xe9 cr\xe8me".encode("latin-1"))
+    meta = prepare(cfg(tmp_path, folder), progress=True)
+    assert meta["skipped_files"] == 1
+    assert "skipped 1 non-UTF-8 file(s)" in capsys.readouterr().out
+    with pytest.raises(GPTError, match=r"latin1.txt is not UTF-8 text; .*data.decode_errors=skip"):
+        prepare(cfg(tmp_path, folder, decode_errors="fail", data_dir=str(tmp_path / "b")), progress=False)
+    assert not (tmp_path / "b" / "train.bin").exists()
+
+
+def test_tokenizer_mismatch_is_refused(tmp_path: Path) -> None:
+    meta = prepare(cfg(tmp_path, docs_folder(tmp_path), tokenizer="char"), progress=False)
+    check_tokenizer(meta, meta["tokenizer"], tmp_path)
+    with pytest.raises(GPTError, match=r"prepared with the 'char' tokenizer but the model uses 'gpt2'"):
+        check_tokenizer(meta, {"name": "gpt2"}, tmp_path)
+
+
+def test_sampler_batches_are_shifted_windows(tmp_path: Path) -> None:
+    (tmp_path / "a.txt").write_text("abcdefghijklmnopqrstuvwxyz" * 20)
+    prepare(cfg(tmp_path, tmp_path / "a.txt", tokenizer="char"), progress=False)
+    sampler = BatchSampler(tmp_path / "prepared", "train", block_size=8, batch_size=4, seed=1)
+    x, y = sampler.next_batch()
+    assert x.shape == y.shape == (4, 8) and x.dtype == torch.int64
+    assert torch.equal(x[:, 1:], y[:, :-1])
+    assert torch.all((y - x) % 26 == 1)  # consecutive letters: windows of the real text
+
+
+def test_sampler_state_round_trip_gives_the_same_next_batches(tmp_path: Path) -> None:
+    (tmp_path / "a.txt").write_text("".join(chr(33 + i % 90) for i in range(5000)))
+    prepare(cfg(tmp_path, tmp_path / "a.txt", tokenizer="char"), progress=False)
+    out = tmp_path / "prepared"
+    sampler = BatchSampler(out, "train", block_size=16, batch_size=4, seed=7)
+    sampler.next_batch()
+    state = json.loads(json.dumps(sampler.state_dict()))  # plain data, as checkpoints store it
+    expected = [sampler.next_batch() for _ in range(3)]
+    resumed = BatchSampler(out, "train", block_size=16, batch_size=4, seed=999)
+    resumed.load_state_dict(state)
+    for (x, y), (rx, ry) in zip(expected, [resumed.next_batch() for _ in range(3)], strict=True):
+        assert torch.equal(x, rx) and torch.equal(y, ry)
+    rank1 = BatchSampler(out, "train", block_size=16, batch_size=4, seed=7, rank=1, world_size=2)
+    rank0 = BatchSampler(out, "train", block_size=16, batch_size=4, seed=7, rank=0, world_size=2)
+    assert not torch.equal(rank0.next_batch()[0], rank1.next_batch()[0])
+
+
+def test_sampler_rejects_a_split_shorter_than_a_window(tmp_path: Path) -> None:
+    (tmp_path / "a.txt").write_text("x" * 100)
+    prepare(cfg(tmp_path, tmp_path / "a.txt", tokenizer="char"), progress=False)
+    with pytest.raises(GPTError, match=r"the val split has 10 tokens, fewer than block_size \+ 1 = 17"):
+        BatchSampler(tmp_path / "prepared", "val", block_size=16, batch_size=2, seed=0)
+
+
+def test_cli_prepare_and_its_errors(tmp_path: Path) -> None:
+    folder = docs_folder(tmp_path)
+    args = ["prepare", "--set", f"data.source={folder}", "--set", f"data.data_dir={tmp_path / 'd'}",
+            "--set", "model.block_size=4"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "d" / "meta.json").exists()
+    again = runner.invoke(app, args)
+    assert again.exit_code == 0 and "nothing to do" in again.output
+    bad = runner.invoke(app, ["prepare", "--set", f"data.source={tmp_path / 'missing'}"])
+    assert bad.exit_code == 2 and "does not exist" in bad.output and "Traceback" not in bad.output
+    other = runner.invoke(app, [*args, "--set", "data.tokenizer=char"])
+    assert other.exit_code == 2 and "--force" in other.output
+    forced = runner.invoke(app, [*args, "--set", "data.tokenizer=char", "--force"])
+    assert forced.exit_code == 0 and load_meta(tmp_path / "d")["tokenizer"]["name"] == "char"
