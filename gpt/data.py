@@ -18,7 +18,9 @@ import json
 import os
 import random
 import sysconfig
+from collections import deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,7 +37,7 @@ FORMAT_VERSION = 1
 SPLITS = ("train", "val")
 TABULAR = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 STDLIB_EXCLUDE = {"test", "tests", "idlelib", "site-packages", "__pycache__"}
-BATCH_CHARS = 4_000_000  # text per tokenizer call: big enough for threads, small for memory
+BATCH_CHARS = 2_000_000  # text per tokenizer call: big enough for threads, small for memory
 CHUNK_CHARS = 1_000_000  # pieces a single large text file is cut into (at line ends)
 
 
@@ -327,33 +329,46 @@ def _encode_stream(
     threads: int,
     bar: tqdm,
 ) -> None:
-    """Tokenize pieces in batches of about BATCH_CHARS and append each to its split's file."""
-    batch: list[tuple[str, str, bool]] = []
-    size = 0
+    """Tokenize pieces in batches of about BATCH_CHARS on `threads` worker threads.
 
-    def flush() -> None:
-        nonlocal batch, size
-        if not batch:
-            return
-        if isinstance(tokenizer, CharTokenizer):
-            encoded = [tokenizer.encode_array(text) for _, text, _ in batch]
-        else:
-            texts = [text for _, text, _ in batch]
-            encoded = [np.asarray(ids) for ids in tokenizer.encode_batch(texts, threads)]
+    Batches are written in corpus order; while workers encode (tiktoken releases the GIL), this
+    thread reads the next batch and writes finished ones, so reading, encoding and writing overlap.
+    At most `threads + 1` batches are in memory at once, whatever the corpus size.
+    """
+
+    def encode(batch: list[tuple[str, str, bool]]) -> list[np.ndarray]:
+        return [tokenizer.encode_array(text) for _, text, _ in batch]
+
+    def write(batch: list[tuple[str, str, bool]], encoded: list[np.ndarray]) -> None:
         for (split, text, ends_document), ids in zip(batch, encoded, strict=True):
-            if ends_document:
-                ids = np.append(ids, tokenizer.eot_id)  # <|endoftext|> after every document
             writers[split].write(ids)
+            if ends_document:
+                writers[split].write(np.array([tokenizer.eot_id]))  # separates documents
             bar.update(len(text.encode("utf-8")))
         bar.set_postfix(tokens=f"{sum(w.tokens for w in writers.values()):,}")
-        batch, size = [], 0
 
-    for piece in pieces:
-        batch.append(piece)
-        size += len(piece[1])
-        if size >= BATCH_CHARS:
-            flush()
-    flush()
+    in_flight: deque[tuple[list[tuple[str, str, bool]], Future[list[np.ndarray]]]] = deque()
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+
+        def submit(batch: list[tuple[str, str, bool]]) -> None:
+            in_flight.append((batch, pool.submit(encode, batch)))
+            while len(in_flight) > threads:
+                done_batch, future = in_flight.popleft()
+                write(done_batch, future.result())
+
+        batch: list[tuple[str, str, bool]] = []
+        size = 0
+        for piece in pieces:
+            batch.append(piece)
+            size += len(piece[1])
+            if size >= BATCH_CHARS:
+                submit(batch)
+                batch, size = [], 0
+        if batch:
+            submit(batch)
+        while in_flight:
+            done_batch, future = in_flight.popleft()
+            write(done_batch, future.result())
 
 
 def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:

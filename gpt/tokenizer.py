@@ -34,6 +34,8 @@ class Tokenizer(Protocol):
 
     def encode(self, text: str) -> list[int]: ...
 
+    def encode_array(self, text: str) -> np.ndarray: ...
+
     def encode_batch(
         self, texts: list[str], num_threads: int = ENCODE_THREADS
     ) -> list[list[int]]: ...
@@ -59,6 +61,12 @@ class TiktokenTokenizer:
     def encode_batch(self, texts: list[str], num_threads: int = ENCODE_THREADS) -> list[list[int]]:
         """Encode many texts in parallel threads (tiktoken releases the GIL while encoding)."""
         return self.encoding.encode_ordinary_batch(texts, num_threads=num_threads)
+
+    def encode_array(self, text: str) -> np.ndarray:
+        """Ids as an array straight from tiktoken's buffer (no Python ints); releases the GIL."""
+        if hasattr(self.encoding, "encode_to_numpy"):
+            return self.encoding.encode_to_numpy(text, allowed_special=set(), disallowed_special=())
+        return np.asarray(self.encoding.encode_ordinary(text), dtype=np.uint32)
 
     def decode(self, ids: Iterable[int]) -> str:
         return self.encoding.decode(list(ids))

@@ -148,8 +148,8 @@ def test_token_dtype_never_overflows(tmp_path: Path, monkeypatch: pytest.MonkeyP
     class Big:
         name, vocab_size, eot_id = "big", 70000, 69999
 
-        def encode_batch(self, texts, num_threads=1):
-            return [[65535 + len(t), 3] for t in texts]
+        def encode_array(self, text):
+            return np.array([65535 + len(text), 3])
 
         def to_dict(self):
             return {"name": "big"}

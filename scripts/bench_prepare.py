@@ -1,0 +1,110 @@
+"""Benchmark `gpt prepare`: throughput and peak memory against single-threaded tiktoken.
+
+Builds a corpus of the standard library's sources repeated `--copies` times (5 copies: about
+57 MB), then, in one process and alternating, times
+  - reference: tiktoken's `encode_ordinary` on every document, one thread;
+  - gpt prepare: the whole pipeline (read, split, batch-encode in threads, write, hash);
+and prints the medians and their ratio. Peak memory is measured in child processes that run
+`prepare` on 1x and on `--copies`x the corpus, to show it does not grow with the corpus.
+
+    python scripts/bench_prepare.py [--copies 5] [--runs 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from gpt.config import DataConfig
+from gpt.data import prepare, stdlib_files
+from gpt.tokenizer import get_tokenizer
+
+
+def build_corpus(root: Path, copies: int) -> tuple[Path, int]:
+    """A folder with `copies` copies of the stdlib's .py files renamed .txt; returns its bytes."""
+    files = stdlib_files()
+    total = 0
+    for c in range(copies):
+        for i, f in enumerate(files):
+            target = root / f"copy{c}" / f"{i:05d}_{f.stem}.txt"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(f, target)
+            total += target.stat().st_size
+    return root, total
+
+
+def reference_seconds(folder: Path) -> tuple[float, int]:
+    """Single-threaded tiktoken over every document (text already read, as prepare reads too)."""
+    enc = get_tokenizer("gpt2").encoding
+    start = time.perf_counter()
+    tokens = 0
+    for path in sorted(folder.rglob("*.txt")):
+        text = path.read_text(encoding="utf-8")
+        if text:  # prepare skips empty documents too
+            tokens += len(enc.encode_ordinary(text)) + 1
+    return time.perf_counter() - start, tokens
+
+
+def prepare_seconds(folder: Path, out: Path) -> tuple[float, int]:
+    cfg = DataConfig(source=str(folder), data_dir=str(out), glob="**/*.txt")
+    start = time.perf_counter()
+    meta = prepare(cfg, force=True, progress=False)
+    return time.perf_counter() - start, sum(meta["tokens"].values())
+
+
+def peak_rss_mb(folder: Path, out: Path) -> float:
+    """Peak resident memory of a fresh process that prepares `folder`."""
+    code = (
+        "import resource, sys\n"
+        "from gpt.config import DataConfig\nfrom gpt.data import prepare\n"
+        f"prepare(DataConfig(source={str(folder)!r}, data_dir={str(out)!r}), force=True, "
+        "progress=False)\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
+    )
+    cmd = [sys.executable, "-c", code]
+    result = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return int(result.stdout.strip().splitlines()[-1]) / 1024
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--copies", type=int, default=5)
+    parser.add_argument("--runs", type=int, default=5)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp_path = Path(tmp)
+        small, small_bytes = build_corpus(tmp_path / "small", 1)
+        big, big_bytes = build_corpus(tmp_path / "big", args.copies)
+        print(f"corpus: {big_bytes / 1e6:.1f} MB ({args.copies} copies of the stdlib sources)")
+        ref_times, ours_times = [], []
+        for _ in range(args.runs):
+            seconds, ref_tokens = reference_seconds(big)
+            ref_times.append(seconds)
+            seconds, our_tokens = prepare_seconds(big, tmp_path / "out")
+            ours_times.append(seconds)
+        assert ref_tokens == our_tokens, (ref_tokens, our_tokens)
+        ref, ours = statistics.median(ref_times), statistics.median(ours_times)
+        mb = big_bytes / 1e6
+        for label, seconds in (
+            ("tiktoken encode_ordinary, 1 thread", ref),
+            ("gpt prepare (read+encode+write)  ", ours),
+        ):
+            print(
+                f"{label}: {mb / seconds:6.1f} MB/s  {our_tokens / seconds / 1e6:5.2f} M tokens/s"
+                f"  (median of {args.runs}: {seconds:.2f} s)"
+            )
+        print(f"speed-up over the single-thread rate: {ref / ours:.2f}x")
+        rss_small = peak_rss_mb(small, tmp_path / "rss_small")
+        rss_big = peak_rss_mb(big, tmp_path / "rss_big")
+        print(f"peak memory of prepare: {rss_small:.0f} MB for {small_bytes / 1e6:.0f} MB of text, "
+              f"{rss_big:.0f} MB for {big_bytes / 1e6:.0f} MB of text")
+
+
+if __name__ == "__main__":
+    main()
