@@ -176,7 +176,7 @@ class DataConfig(_Section):
     streaming: bool = _key(False, "stream an HF dataset instead of downloading it whole")
     val_fraction: float = _key(0.1, "fraction of the text (or documents) held out for validation")
     seed: int = _key(1337, "seed of the document-level train/val split")
-    num_proc: int | None = _key(None, "tokenizer worker threads/processes; unset = all cores")
+    num_proc: int | None = _key(None, "tokenizer worker processes; unset = all cores")
     decode_errors: DecodeErrors = _key("skip", "files that are not UTF-8: skip (and count) or fail")
 
     def check(self) -> None:

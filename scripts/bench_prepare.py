@@ -58,18 +58,21 @@ def prepare_seconds(folder: Path, out: Path) -> tuple[float, int]:
     return time.perf_counter() - start, sum(meta["tokens"].values())
 
 
-def peak_rss_mb(folder: Path, out: Path) -> float:
-    """Peak resident memory of a fresh process that prepares `folder`."""
+def peak_rss_mb(folder: Path, out: Path) -> tuple[float, float]:
+    """Peak resident memory (MB) of a fresh process that prepares `folder`, and of its largest
+    worker process."""
     code = (
         "import resource, sys\n"
         "from gpt.config import DataConfig\nfrom gpt.data import prepare\n"
         f"prepare(DataConfig(source={str(folder)!r}, data_dir={str(out)!r}), force=True, "
         "progress=False)\n"
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,"
+        " resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n"
     )
     cmd = [sys.executable, "-c", code]
     result = subprocess.run(cmd, capture_output=True, text=True, check=True)
-    return int(result.stdout.strip().splitlines()[-1]) / 1024
+    main_kb, worker_kb = result.stdout.strip().splitlines()[-1].split()
+    return int(main_kb) / 1024, int(worker_kb) / 1024
 
 
 def main() -> None:
@@ -102,8 +105,9 @@ def main() -> None:
         print(f"speed-up over the single-thread rate: {ref / ours:.2f}x")
         rss_small = peak_rss_mb(small, tmp_path / "rss_small")
         rss_big = peak_rss_mb(big, tmp_path / "rss_big")
-        print(f"peak memory of prepare: {rss_small:.0f} MB for {small_bytes / 1e6:.0f} MB of text, "
-              f"{rss_big:.0f} MB for {big_bytes / 1e6:.0f} MB of text")
+        for text_bytes, (main_mb, worker_mb) in ((small_bytes, rss_small), (big_bytes, rss_big)):
+            print(f"peak memory for {text_bytes / 1e6:3.0f} MB of text: main process "
+                  f"{main_mb:.0f} MB, largest worker {worker_mb:.0f} MB")
 
 
 if __name__ == "__main__":

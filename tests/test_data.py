@@ -156,7 +156,7 @@ def test_token_dtype_never_overflows(tmp_path: Path, monkeypatch: pytest.MonkeyP
 
     monkeypatch.setattr(data, "get_tokenizer", lambda name: Big())
     folder = docs_folder(tmp_path)
-    meta = prepare(cfg(tmp_path, folder), progress=False)
+    meta = prepare(cfg(tmp_path, folder, num_proc=1), progress=False)  # Big lives in this process
     assert meta["dtype"] == "uint32"
     ids = np.concatenate([read_bin(tmp_path / "prepared", s) for s in ("train", "val")])
     assert ids.max() > 65535 and 69999 in ids
@@ -298,3 +298,27 @@ def test_cli_prepare_and_its_errors(tmp_path: Path) -> None:
     assert other.exit_code == 2 and "--force" in other.output
     forced = runner.invoke(app, [*args, "--set", "data.tokenizer=char", "--force"])
     assert forced.exit_code == 0 and load_meta(tmp_path / "d")["tokenizer"]["name"] == "char"
+
+
+def test_streaming_hub_source_splits_by_hash(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import datasets
+
+    texts = [f"story number {i}" for i in range(200)]
+
+    def fake_load_dataset(name, config=None, split=None, streaming=False):
+        assert streaming
+        return datasets.Dataset.from_dict({"text": texts}).to_iterable_dataset()
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    meta = prepare(cfg(tmp_path, "hf:someone/stories", streaming=True, tokenizer="char"), progress=False)
+    val_docs = (read_bin(tmp_path / "prepared", "val") == meta["eot_id"]).sum()
+    assert 5 <= val_docs <= 40  # about 10% of 200 documents, chosen without knowing the count
+    assert sum(meta["tokens"].values()) == sum(len(t) + 1 for t in texts)
+
+
+def test_worker_processes_give_the_same_tokens_as_one_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(data, "BATCH_CHARS", 100)  # many batches in flight
+    folder = docs_folder(tmp_path, n=30)
+    one = prepare(cfg(tmp_path, folder, num_proc=1, data_dir=str(tmp_path / "one")), progress=False)
+    two = prepare(cfg(tmp_path, folder, num_proc=2, data_dir=str(tmp_path / "two")), progress=False)
+    assert one["sha256"] == two["sha256"] and one["tokens"] == two["tokens"]
