@@ -170,7 +170,10 @@ class DataConfig(_Section):
     )
     data_dir: str | None = _key(None, "where train.bin/val.bin/meta.json go; unset = data/<source>")
     tokenizer: str = _key("gpt2", "gpt2 (bundled BPE), char, or a tiktoken encoding name")
-    glob: str = _key("**/*.txt", "file pattern used when source is a folder")
+    glob: str = _key(
+        "**/*.txt,**/*.md,**/*.rst,**/*.py",
+        "comma-separated file patterns used when source is a folder",
+    )
     text_column: str = _key("text", "column holding the text in tabular and HF datasets")
     split: str = _key("train", "split of an HF dataset to read")
     streaming: bool = _key(False, "stream an HF dataset instead of downloading it whole")
