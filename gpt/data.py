@@ -564,8 +564,10 @@ def load_tokenizer(data_dir: str | Path) -> Tokenizer:
 class BatchSampler:
     """Random windows of block_size + 1 tokens from one split, reproducible and resumable.
 
-    Each (seed, rank, split) has its own generator stream; `state_dict()` is plain data
-    (JSON-able), and `load_state_dict` restores it exactly, so the next batches match.
+    All ranks of a distributed run share one generator stream per (seed, split): each call draws
+    the start positions of `world_size` batches and rank r reads the r-th, so every rank sees
+    different data and N ranks see exactly the batches one process would see over N micro-steps.
+    `state_dict()` is plain data (JSON-able); `load_state_dict` restores the stream exactly.
     """
 
     def __init__(
@@ -591,19 +593,21 @@ class BatchSampler:
         self.block_size, self.batch_size = block_size, batch_size
         self.rank, self.world_size = rank, world_size
         self.device = torch.device(device)
-        self.generator = torch.Generator().manual_seed(self._stream_seed(seed, rank, split))
+        self.generator = torch.Generator().manual_seed(self._stream_seed(seed, split))
         self._offsets = np.arange(block_size + 1)  # (T + 1,)
 
     @staticmethod
-    def _stream_seed(seed: int, rank: int, split: str) -> int:
-        key = f"{seed}:{rank}:{split}".encode()
+    def _stream_seed(seed: int, split: str) -> int:
+        key = f"{seed}:{split}".encode()
         return int.from_bytes(hashlib.sha256(key).digest()[:8], "little") & (2**63 - 1)
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """x, y: (batch_size, block_size) int64, y being x shifted left by one token."""
         starts = torch.randint(
-            len(self.data) - self.block_size, (self.batch_size,), generator=self.generator
-        )
+            len(self.data) - self.block_size,
+            (self.world_size, self.batch_size),
+            generator=self.generator,
+        )[self.rank]  # (B,): this rank's row of the world's batches
         windows = self.data[starts.numpy()[:, None] + self._offsets]  # (B, T + 1)
         batch = torch.from_numpy(windows.astype(np.int64))
         x, y = batch[:, :-1], batch[:, 1:]
@@ -615,7 +619,7 @@ class BatchSampler:
         return x.contiguous().to(self.device), y.contiguous().to(self.device)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"rank": self.rank, "generator": self.generator.get_state().tolist()}
+        return {"generator": self.generator.get_state().tolist()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.generator.set_state(torch.tensor(state["generator"], dtype=torch.uint8))

@@ -271,9 +271,20 @@ def test_sampler_state_round_trip_gives_the_same_next_batches(tmp_path: Path) ->
     resumed.load_state_dict(state)
     for (x, y), (rx, ry) in zip(expected, [resumed.next_batch() for _ in range(3)], strict=True):
         assert torch.equal(x, rx) and torch.equal(y, ry)
-    rank1 = BatchSampler(out, "train", block_size=16, batch_size=4, seed=7, rank=1, world_size=2)
-    rank0 = BatchSampler(out, "train", block_size=16, batch_size=4, seed=7, rank=0, world_size=2)
-    assert not torch.equal(rank0.next_batch()[0], rank1.next_batch()[0])
+
+
+def test_ranks_split_the_single_process_stream(tmp_path: Path) -> None:
+    """Two ranks get different batches, together exactly those of one process's two calls."""
+    (tmp_path / "a.txt").write_text("".join(chr(33 + i % 90) for i in range(5000)))
+    prepare(cfg(tmp_path, tmp_path / "a.txt", tokenizer="char"), progress=False)
+    out = tmp_path / "prepared"
+    single = BatchSampler(out, "train", block_size=16, batch_size=4, seed=7)
+    ranks = [BatchSampler(out, "train", 16, 4, seed=7, rank=r, world_size=2) for r in (0, 1)]
+    for _ in range(3):
+        expected = [single.next_batch()[0], single.next_batch()[0]]
+        got = [sampler.next_batch()[0] for sampler in ranks]
+        assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+        assert not torch.equal(got[0], got[1])
 
 
 def test_sampler_rejects_a_split_shorter_than_a_window(tmp_path: Path) -> None:
