@@ -136,6 +136,26 @@ def prepare(
     prepare_data(cfg.data, force=force, block_size=cfg.model.block_size)
 
 
+@command()
+def train(
+    config: ConfigOption = None,
+    set_: SetOption = None,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            "--resume/--no-resume",
+            help="Continue from out_dir's latest checkpoint (default), or refuse to touch one.",
+        ),
+    ] = True,
+) -> None:
+    """Prepare the data if needed, then train, evaluate and checkpoint (torchrun for many GPUs)."""
+    from gpt.train import train as run_training
+
+    code = run_training(resolve_config(config, set_), resume=resume)
+    if code:
+        raise typer.Exit(code)
+
+
 def main() -> None:
     """Console-script entry point."""
     app(prog_name="gpt")

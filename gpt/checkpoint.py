@@ -1,0 +1,206 @@
+"""Checkpoints that survive a crash at any instant, loaded without executing pickled code.
+
+Layout of a run folder (`[train] out_dir`):
+
+    ckpt-0000600/            one checkpoint
+      model.safetensors      weights (a tied LM head is stored once, as the token embedding)
+      optimizer.pt           AdamW state; read back with torch.load(weights_only=True)
+      state.json             iteration, tokens, best val loss, wandb id, the resolved config,
+                             the tokenizer, data sampler and RNG states, GradScaler state, and
+                             the sha256 of the two files above
+    latest                   name of the newest checkpoint folder
+    best                     name of the checkpoint with the lowest val loss
+
+A checkpoint is written into a hidden temporary folder, every file flushed to disk, then renamed
+into place; the `latest` pointer is replaced atomically last. A crash at any point leaves the
+previous checkpoint and pointer intact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from gpt.config import RunConfig, from_dict
+from gpt.errors import GPTError
+from gpt.model import GPT
+
+CKPT_PATTERN = re.compile(r"^ckpt-(\d+)$")
+FILES = ("model.safetensors", "optimizer.pt")
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 24):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Replace `path` with `text` so that readers see the old or the new content, never a mix."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def model_state(model: GPT) -> dict[str, torch.Tensor]:
+    """Weights to save: a tied head is the embedding itself, so it is stored once."""
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    if model.config.tie_embeddings:
+        state.pop("lm_head.weight", None)
+    return state
+
+
+def save_checkpoint(
+    out_dir: Path,
+    iteration: int,
+    model: GPT,
+    optimizer_state: dict[str, Any],
+    state: dict[str, Any],
+    keep_last: int,
+    is_best: bool,
+) -> Path:
+    """Write checkpoint `ckpt-<iteration>` atomically, move `latest` (and `best`), prune old ones."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    name = f"ckpt-{iteration:07d}"
+    final = out_dir / name
+    tmp = out_dir / f".tmp-{name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_file(model_state(model), str(tmp / "model.safetensors"))
+    torch.save(optimizer_state, tmp / "optimizer.pt")
+    state = {**state, "iter": iteration, "sha256": {f: _sha256(tmp / f) for f in FILES}}
+    (tmp / "state.json").write_text(json.dumps(state, indent=1))
+    for f in (*FILES, "state.json"):
+        with open(tmp / f, "rb") as handle:
+            os.fsync(handle.fileno())
+    _fsync_dir(tmp)
+    if final.exists():  # a re-save of the same iteration (e.g. after a resume)
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    _fsync_dir(out_dir)
+    if is_best:
+        write_text_atomic(out_dir / "best", name + "\n")
+    write_text_atomic(out_dir / "latest", name + "\n")
+    _prune(out_dir, keep_last)
+    return final
+
+
+def _prune(out_dir: Path, keep_last: int) -> None:
+    """Delete all but the newest `keep_last` checkpoints, never the one `best` points to."""
+    best = _read_pointer(out_dir / "best")
+    for old in list_checkpoints(out_dir)[keep_last:]:
+        if old.name != best:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _read_pointer(path: Path) -> str | None:
+    try:
+        return path.read_text().strip() or None
+    except OSError:
+        return None
+
+
+def list_checkpoints(out_dir: Path) -> list[Path]:
+    """Checkpoint folders of a run, newest first."""
+    if not out_dir.is_dir():
+        return []
+    found = [p for p in out_dir.iterdir() if p.is_dir() and CKPT_PATTERN.match(p.name)]
+    return sorted(found, key=lambda p: int(CKPT_PATTERN.match(p.name).group(1)), reverse=True)
+
+
+def find_checkpoint(path: str | Path, which: str = "latest") -> Path:
+    """A checkpoint folder from a run's out_dir (its `latest` or `best`) or a checkpoint folder."""
+    path = Path(path)
+    if which not in ("latest", "best"):
+        raise GPTError(f"unknown checkpoint choice {which!r}; use latest or best")
+    if (path / "state.json").exists():
+        return path
+    if not path.exists():
+        raise GPTError(f"checkpoint path {path} does not exist; pass a run's out_dir or a ckpt-* folder")
+    name = _read_pointer(path / which)
+    if name is not None and (path / name / "state.json").exists():
+        return path / name
+    candidates = list_checkpoints(path)
+    if which == "latest" and candidates:
+        return candidates[0]
+    raise GPTError(f"no {which} checkpoint in {path}; train first (gpt train) or pass a ckpt-* folder")
+
+
+def read_state(ckpt: Path) -> dict[str, Any]:
+    """state.json of a checkpoint, with its files checked against their recorded sha256."""
+    state_path = ckpt / "state.json"
+    try:
+        state = json.loads(state_path.read_text())
+        recorded = state["sha256"]
+    except FileNotFoundError:
+        raise GPTError(f"{state_path} is missing: the checkpoint is incomplete") from None
+    except (ValueError, KeyError, TypeError):
+        raise GPTError(f"{state_path} is damaged (not the JSON a checkpoint writes)") from None
+    for f in FILES:
+        path = ckpt / f
+        if not path.exists():
+            raise GPTError(f"{path} is missing: the checkpoint is incomplete")
+        if _sha256(path) != recorded.get(f):
+            raise GPTError(f"{path} is damaged (its sha256 differs from state.json)")
+    return state
+
+
+def load_weights(ckpt: Path, model: GPT) -> None:
+    """Load model.safetensors into `model` (re-tying a tied head)."""
+    path = ckpt / "model.safetensors"
+    try:
+        weights = load_file(str(path))
+    except Exception as e:
+        raise GPTError(f"{path} is damaged ({str(e).splitlines()[0][:120]})") from None
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if model.config.tie_embeddings:
+        missing = [k for k in missing if k != "lm_head.weight"]
+    if missing or unexpected:
+        raise GPTError(
+            f"{path} does not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
+
+
+def load_optimizer_state(ckpt: Path) -> dict[str, Any]:
+    path = ckpt / "optimizer.pt"
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise GPTError(f"{path} is damaged ({str(e).splitlines()[0][:120]})") from None
+
+
+def load_model(
+    path: str | Path, device: str | torch.device = "cpu", which: str = "latest"
+) -> tuple[GPT, RunConfig, dict[str, Any]]:
+    """The model of a checkpoint (eval mode), its run config and its tokenizer record."""
+    ckpt = find_checkpoint(path, which)
+    state = read_state(ckpt)
+    try:
+        config = from_dict(state["config"])
+    except (GPTError, KeyError, TypeError) as e:
+        raise GPTError(f"{ckpt / 'state.json'} holds no usable config ({e})") from None
+    model = GPT(config.model)
+    load_weights(ckpt, model)
+    return model.to(device).eval(), config, state["tokenizer"]

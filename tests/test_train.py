@@ -1,0 +1,259 @@
+"""gpt train end to end on a tiny char-level model: logs, checkpoints, exact resume, signals."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from gpt.cli import app
+from gpt.config import TrainConfig, load_config
+from gpt.errors import GPTError
+from gpt.train import RunLock, lr_at, train
+
+runner = CliRunner()
+ROOT = Path(__file__).resolve().parents[1]
+
+TINY = """
+[model]
+n_layer = 2
+n_head = 2
+n_embd = 32
+block_size = 32
+dropout = 0.1
+
+[data]
+source = "corpus.txt"
+tokenizer = "char"
+
+[train]
+out_dir = "out"
+batch_size = 4
+max_iters = 30
+warmup_iters = 5
+learning_rate = 3e-3
+eval_interval = 10
+eval_iters = 2
+log_interval = 5
+checkpoint_interval = 10
+"""
+
+
+@pytest.fixture
+def run_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A folder with a small corpus and a tiny config; the tests run inside it."""
+    lines = [f"def function_{i}(x):\n    return x * {i} + {i % 7}\n\n" for i in range(400)]
+    (tmp_path / "corpus.txt").write_text("".join(lines))
+    (tmp_path / "tiny.toml").write_text(TINY)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def gpt_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "gpt", "train", "--config", "tiny.toml", *args]
+
+
+def test_train_logs_checkpoints_and_resumes(run_dir: Path) -> None:
+    code = train(load_config("tiny.toml"))
+    assert code == 0
+    out = run_dir / "out"
+    records = metrics(out)
+    assert {"iter", "elapsed_s", "tokens", "lr"} <= set(records[0])
+    train_lines = [r for r in records if "loss" in r]
+    eval_lines = [r for r in records if "val_loss" in r]
+    assert [r["iter"] for r in train_lines] == [5, 10, 15, 20, 25, 30]
+    assert [r["iter"] for r in eval_lines] == [0, 10, 20, 30]
+    assert all("tok_per_s" in r for r in train_lines)
+    assert train_lines[-1]["tokens"] == 30 * 4 * 32
+    assert eval_lines[-1]["val_loss"] < eval_lines[0]["val_loss"]  # it learns
+    assert sorted(p.name for p in out.glob("ckpt-*")) == ["ckpt-0000020", "ckpt-0000030"]  # keep_last 2
+    assert (out / "latest").read_text().strip() == "ckpt-0000030"
+    best = (out / "best").read_text().strip()
+    assert (out / best / "model.safetensors").exists()
+    state = json.loads((out / "ckpt-0000030" / "state.json").read_text())
+    assert state["iter"] == 30 and state["tokens"] == 30 * 4 * 32
+    assert state["config"]["model"]["vocab_size"] == 64  # the char vocabulary padded to 64
+    assert state["tokenizer"]["name"] == "char" and set(state["samplers"]) == {"train", "eval_train", "eval_val"}
+    # a longer max_iters continues the same run
+    assert train(load_config("tiny.toml", ["train.max_iters=40"])) == 0
+    assert [r["iter"] for r in metrics(out) if "loss" in r][-2:] == [35, 40]
+
+
+def test_resume_is_bitwise_exact(run_dir: Path) -> None:
+    """30 iterations straight equal 20 iterations, a stop, and 10 more, bit for bit."""
+    fixed = "train.lr_decay_iters=30"  # the schedule must not depend on where the first leg ends
+    assert train(load_config("tiny.toml", ["train.out_dir=straight", fixed])) == 0
+    assert train(load_config("tiny.toml", ["train.out_dir=split", "train.max_iters=20", fixed])) == 0
+    assert train(load_config("tiny.toml", ["train.out_dir=split", fixed])) == 0
+    a, b = metrics(run_dir / "straight"), metrics(run_dir / "split")
+    strip = lambda rs: [{k: v for k, v in r.items() if k not in ("elapsed_s", "tok_per_s")} for r in rs]  # noqa: E731
+    # the split run re-evaluates nothing; the 20-iteration run's final eval is the straight run's
+    assert strip(a) == strip(b)
+    wa = load_file(str(run_dir / "straight" / "ckpt-0000030" / "model.safetensors"))
+    wb = load_file(str(run_dir / "split" / "ckpt-0000030" / "model.safetensors"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_sigkill_and_resume_gives_the_uninterrupted_run(run_dir: Path) -> None:
+    settings = ["--set", "train.max_iters=400", "--set", "train.checkpoint_interval=7",
+                "--set", "train.eval_interval=50", "--set", "train.batch_size=16"]
+    subprocess.run(gpt_cmd(*settings, "--set", "train.out_dir=straight"), check=True, timeout=300,
+                   capture_output=True)
+    proc = subprocess.Popen(gpt_cmd(*settings, "--set", "train.out_dir=killed"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = run_dir / "killed" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if log.exists() and any(json.loads(line)["iter"] >= 60 for line in log.read_text().splitlines() if line.strip()):
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    latest = (run_dir / "killed" / "latest").read_text().strip()
+    assert latest != "ckpt-0000400", "the run finished before it could be killed"
+    subprocess.run(gpt_cmd(*settings, "--set", "train.out_dir=killed"), check=True, timeout=300,
+                   capture_output=True)
+    losses = lambda out: [(r["iter"], r.get("loss"), r.get("val_loss")) for r in metrics(out)]  # noqa: E731
+    assert losses(run_dir / "killed") == losses(run_dir / "straight")
+    wa = load_file(str(run_dir / "straight" / "ckpt-0000400" / "model.safetensors"))
+    wb = load_file(str(run_dir / "killed" / "ckpt-0000400" / "model.safetensors"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_sigterm_saves_and_exits_143(run_dir: Path) -> None:
+    proc = subprocess.Popen(gpt_cmd("--set", "train.max_iters=100000", "--set", "train.checkpoint_interval=100000"),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = run_dir / "out" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (log.exists() and len(log.read_text().splitlines()) > 3):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 143, output
+    latest = (run_dir / "out" / "latest").read_text().strip()
+    saved = json.loads((run_dir / "out" / latest / "state.json").read_text())["iter"]
+    assert 0 < saved < 100000 and f"stopped by signal after iteration {saved}" in output
+
+
+def test_corrupted_latest_falls_back_to_previous(run_dir: Path, capsys: pytest.CaptureFixture) -> None:
+    assert train(load_config("tiny.toml")) == 0
+    out = run_dir / "out"
+    weights = out / "ckpt-0000030" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    assert train(load_config("tiny.toml", ["train.max_iters=40"])) == 0
+    text = capsys.readouterr().out
+    assert "ckpt-0000030/model.safetensors is damaged" in text
+    assert "resuming from" in text and "ckpt-0000020" in text
+    assert (out / "latest").read_text().strip() == "ckpt-0000040"
+
+
+def test_second_trainer_on_the_same_out_dir_is_refused(run_dir: Path) -> None:
+    lock = RunLock(run_dir / "out")
+    try:
+        with pytest.raises(GPTError, match=rf"out is in use by another gpt train \(pid {os.getpid()}"):
+            train(load_config("tiny.toml"))
+    finally:
+        lock.release()
+    assert train(load_config("tiny.toml", ["train.max_iters=5"])) == 0  # free again
+
+
+def test_non_finite_loss_stops_before_the_step(run_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from gpt.model import GPT
+
+    forward = GPT.forward
+    calls = {"n": 0}
+
+    def poisoned(self, idx, targets=None, context=None):
+        logits, loss = forward(self, idx, targets, context)
+        if self.training:
+            calls["n"] += 1
+            if calls["n"] > 15:
+                loss = loss * float("nan")
+        return logits, loss
+
+    monkeypatch.setattr(GPT, "forward", poisoned)
+    with pytest.raises(GPTError, match=r"non-finite loss at iteration 16; .*last good checkpoint: .*ckpt-0000010"):
+        train(load_config("tiny.toml"))
+    weights = load_file(str(run_dir / "out" / "ckpt-0000010" / "model.safetensors"))
+    assert all(torch.isfinite(w).all() for w in weights.values())
+    assert not (run_dir / "out" / "ckpt-0000020").exists()
+
+
+def test_lr_schedule_values() -> None:
+    cfg = TrainConfig(learning_rate=1.0, min_lr=0.1, warmup_iters=9, max_iters=109)
+    assert lr_at(0, cfg) == pytest.approx(0.1)  # (0 + 1) / (9 + 1)
+    assert lr_at(8, cfg) == pytest.approx(0.9)
+    assert lr_at(9, cfg) == pytest.approx(1.0)  # cosine starts at the peak
+    assert lr_at(59, cfg) == pytest.approx(0.55)  # halfway: min + (max - min) / 2
+    assert lr_at(109, cfg) == pytest.approx(0.1) and lr_at(500, cfg) == pytest.approx(0.1)
+    constant = TrainConfig(learning_rate=0.3, decay_lr=False)
+    assert lr_at(0, constant) == lr_at(1000, constant) == 0.3
+
+
+def test_init_from_finetunes_from_another_run(run_dir: Path) -> None:
+    assert train(load_config("tiny.toml", ["train.out_dir=base", "train.max_iters=60"])) == 0
+    base_final = [r for r in metrics(run_dir / "base") if "val_loss" in r][-1]["val_loss"]
+    fresh = [r for r in metrics(run_dir / "base") if "val_loss" in r][0]["val_loss"]
+    assert train(load_config("tiny.toml", ["train.out_dir=tuned", "train.init_from=base",
+                                           "train.max_iters=10", "train.learning_rate=1e-4"])) == 0
+    start = [r for r in metrics(run_dir / "tuned") if "val_loss" in r][0]["val_loss"]
+    assert abs(start - base_final) < 0.3 * abs(fresh - base_final)  # starts where base ended
+    with pytest.raises(GPTError, match=r"trained with model.n_layer = 2, the config now says 3"):
+        train(load_config("tiny.toml", ["train.out_dir=other", "train.init_from=base", "model.n_layer=3"]))
+
+
+def test_wandb_offline_run_writes_history(run_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(run_dir))
+    cfg = load_config("tiny.toml", ["log.wandb=true", "log.wandb_mode=offline", "log.wandb_run_name=tiny"])
+    assert train(cfg) == 0
+    final_val = [r for r in metrics(run_dir / "out") if "val_loss" in r][-1]["val_loss"]
+    state = json.loads((run_dir / "out" / "ckpt-0000030" / "state.json").read_text())
+    runs = list((run_dir / "out" / "wandb").glob(f"offline-run-*-{state['wandb_id']}/run-*.wandb"))
+    assert len(runs) == 1, "no offline wandb run with the checkpoint's run id"
+    history = runs[0].read_bytes()  # protobuf records; values are stored as JSON text
+    assert b"val_loss" in history and json.dumps(final_val).encode() in history
+
+
+def test_cli_errors_and_refusals(run_dir: Path) -> None:
+    result = runner.invoke(app, ["train", "--config", "tiny.toml", "--set", "model.cross_attention=true"])
+    assert result.exit_code == 2 and "cross_attention" in result.output
+    assert runner.invoke(app, ["train", "--config", "tiny.toml", "--set", "train.max_iters=10"]).exit_code == 0
+    refused = runner.invoke(app, ["train", "--config", "tiny.toml", "--no-resume"])
+    assert refused.exit_code == 2 and "already holds checkpoints" in refused.output
+    changed = runner.invoke(app, ["train", "--config", "tiny.toml", "--set", "model.n_embd=64"])
+    assert changed.exit_code == 2 and "model.n_embd = 32" in changed.output
+    assert "Traceback" not in changed.output
+    bad_accum = runner.invoke(app, ["train", "--config", "tiny.toml", "--set", "train.dtype=float16"])
+    assert bad_accum.exit_code == 2 and "float16 needs a GPU" in bad_accum.output
+
+
+def test_two_process_gloo_matches_one_process(run_dir: Path) -> None:
+    common = ["--set", "train.max_iters=12", "--set", "train.grad_accum_steps=2",
+              "--set", "train.log_interval=1", "--set", "model.dropout=0.0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run(gpt_cmd(*common, "--set", "train.out_dir=one"), check=True, timeout=300,
+                   capture_output=True, env=env)
+    subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+         "-m", "gpt", "train", "--config", "tiny.toml", *common, "--set", "train.out_dir=two"],
+        check=True, timeout=300, capture_output=True, env=env,
+    )
+    one = [r["loss"] for r in metrics(run_dir / "one") if "loss" in r]
+    two = [r["loss"] for r in metrics(run_dir / "two") if "loss" in r]
+    assert len(one) == len(two) == 12
+    assert all(math.isclose(a, b, abs_tol=1e-5) for a, b in zip(one, two, strict=True))
