@@ -78,6 +78,29 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return rotated.type_as(x)
 
 
+class KVCache:
+    """Keys and values of one attention layer, preallocated for `max_len` positions.
+
+    Decoding writes the new positions in place and attends over the filled prefix, so each new
+    token costs one pass over the weights and no re-computation of earlier positions.
+    """
+
+    def __init__(
+        self, batch: int, n_kv_head: int, max_len: int, head_dim: int, device: torch.device,
+        dtype: torch.dtype,
+    ) -> None:
+        shape = (batch, n_kv_head, max_len, head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)  # (B, nkv, L, hs)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)  # (B, nkv, L, hs)
+
+    def update(self, start: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Store k, v (B, nkv, T, hs) at positions start..start+T; return all keys/values so far."""
+        end = start + k.size(2)
+        self.k[:, :, start:end] = k
+        self.v[:, :, start:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
 class Attention(nn.Module):
     """Multi-head attention with a fused QKV projection and optional grouped key/value heads.
 
@@ -104,8 +127,14 @@ class Attention(nn.Module):
             self.register_buffer("mask", mask, persistent=False)
 
     def forward(
-        self, x: Tensor, context: Tensor | None = None, rope: tuple[Tensor, Tensor] | None = None
+        self,
+        x: Tensor,
+        context: Tensor | None = None,
+        rope: tuple[Tensor, Tensor] | None = None,
+        cache: KVCache | None = None,
+        start: int = 0,
     ) -> Tensor:
+        """Attention of x (B, T, C); with `cache`, x holds positions start..start+T-1 only."""
         B, T, _ = x.shape  # batch, sequence length, n_embd
         if context is None:
             q, k, v = self.c_attn(x).split([self.q_dim, self.kv_dim, self.kv_dim], dim=-1)
@@ -123,12 +152,18 @@ class Attention(nn.Module):
         if self.rope and rope is not None:
             cos, sin = rope
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(start, k, v)  # (B, nkv, start+T, hs)
         if self.n_kv_head != self.n_head:  # grouped-query: each kv head serves n_head/n_kv queries
             repeats = self.n_head // self.n_kv_head
             k = k.repeat_interleave(repeats, dim=1)  # (B, nh, S, hs)
             v = v.repeat_interleave(repeats, dim=1)  # (B, nh, S, hs)
         if self.manual:
             y = self._manual_attention(q, k, v)
+        elif cache is not None and self.causal and start > 0:
+            # query i sits at position start + i and may see keys 0..start+i
+            visible = self.mask_for(T, k.size(-2), start, x.device)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=visible)
         else:
             y = F.scaled_dot_product_attention(
                 q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=self.causal
@@ -136,12 +171,19 @@ class Attention(nn.Module):
         y = y.transpose(1, 2).contiguous().view(B, T, self.q_dim)  # (B, T, nh*hs)
         return self.resid_dropout(self.c_proj(y))
 
+    @staticmethod
+    def mask_for(T: int, S: int, start: int, device: torch.device) -> Tensor:
+        """(T, S) bool: query i (at position start + i) sees keys 0..start + i."""
+        keys = torch.arange(S, device=device)
+        return keys[None, :] <= (start + torch.arange(T, device=device))[:, None]
+
     def _manual_attention(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """softmax(QK^T / sqrt(hs) + causal mask) V, written out."""
         T, S = q.size(-2), k.size(-2)
         att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(self.head_dim))  # (B, nh, T, S)
         if self.causal:
-            att = att.masked_fill(~self.mask[:T, :S], float("-inf"))
+            start = S - T  # queries are the last T positions (S - T > 0 when decoding)
+            att = att.masked_fill(~self.mask[start : start + T, :S], float("-inf"))
         att = self.attn_dropout(F.softmax(att, dim=-1))
         return att @ v  # (B, nh, T, hs)
 
@@ -188,9 +230,15 @@ class Block(nn.Module):
         return x + f(norm(x)) if self.pre_norm else norm(x + f(x))
 
     def forward(
-        self, x: Tensor, context: Tensor | None = None, rope: tuple[Tensor, Tensor] | None = None
+        self,
+        x: Tensor,
+        context: Tensor | None = None,
+        rope: tuple[Tensor, Tensor] | None = None,
+        cache: KVCache | None = None,
+        start: int = 0,
     ) -> Tensor:
-        x = self._residual(x, self.ln_1, lambda h: self.attn(h, rope=rope))
+        attend = lambda h: self.attn(h, rope=rope, cache=cache, start=start)  # noqa: E731
+        x = self._residual(x, self.ln_1, attend)
         if self.cross_attn is not None:
             x = self._residual(x, self.ln_cross, lambda h: self.cross_attn(h, context=context))
         return self._residual(x, self.ln_2, self.mlp)
@@ -248,29 +296,39 @@ class GPT(nn.Module):
                 nn.init.normal_(param, mean=0.0, std=std)
 
     def forward(
-        self, idx: Tensor, targets: Tensor | None = None, context: Tensor | None = None
+        self,
+        idx: Tensor,
+        targets: Tensor | None = None,
+        context: Tensor | None = None,
+        cache: list[KVCache] | None = None,
+        start: int = 0,
     ) -> tuple[Tensor, Tensor | None]:
         """Logits (B, T, vocab) for every position of idx (B, T); loss if targets are given.
 
         The loss is the mean cross-entropy over targets that are not -1. `context` (B, S, n_embd)
         feeds the cross-attention sublayers of a model built with `cross_attention = true`.
+        With `cache` (from `new_cache`), idx holds positions start..start+T-1 and the keys and
+        values of earlier positions come from the cache (incremental decoding).
         """
         B, T = idx.shape
-        if T > self.config.block_size:
+        if start + T > self.config.block_size:
             raise GPTError(
-                f"sequence of {T} tokens is longer than block_size = {self.config.block_size}"
+                f"sequence of {start + T} tokens is longer than block_size = "
+                f"{self.config.block_size}"
             )
         if self.config.cross_attention and context is None:
             raise GPTError("this model has cross-attention blocks; pass context=(B, S, n_embd)")
         x = self.transformer.wte(idx)  # (B, T, C)
         rope = None
         if "wpe" in self.transformer:
-            x = x + self.transformer.wpe(torch.arange(T, device=idx.device))  # (T, C) broadcast
+            positions = torch.arange(start, start + T, device=idx.device)
+            x = x + self.transformer.wpe(positions)  # (T, C) broadcast
         else:
-            rope = (self.rope_cos[:T], self.rope_sin[:T])  # (T, hs/2) each
+            rope = (self.rope_cos[start : start + T], self.rope_sin[start : start + T])  # (T, hs/2)
         x = self.transformer.drop(x)
-        for block in self.transformer.h:
-            x = block(x, context=context, rope=rope)
+        for i, block in enumerate(self.transformer.h):
+            layer_cache = cache[i] if cache is not None else None
+            x = block(x, context=context, rope=rope, cache=layer_cache, start=start)
         if "ln_f" in self.transformer:
             x = self.transformer.ln_f(x)
         logits = self.lm_head(x)  # (B, T, vocab)
@@ -280,6 +338,16 @@ class GPT(nn.Module):
                 logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1
             )
         return logits, loss
+
+    def new_cache(self, batch: int, max_len: int | None = None) -> list[KVCache]:
+        """An empty per-layer KV cache for `batch` sequences of up to `max_len` positions."""
+        cfg = self.config
+        weight = self.transformer.wte.weight
+        return [
+            KVCache(batch, cfg.kv_heads, max_len or cfg.block_size, cfg.head_dim,
+                    weight.device, weight.dtype)
+            for _ in range(cfg.n_layer)
+        ]
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
         """Parameters, each shared Parameter counted once; optionally without the embedding tables.

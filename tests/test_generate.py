@@ -1,0 +1,115 @@
+"""Sampling on ids: KV-cached decoding equals full recomputation; the sampling filters."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from gpt.config import ModelConfig
+from gpt.generate import filter_logits, generate, sample_next
+from gpt.model import GPT
+
+VARIANTS = [
+    dict(norm=n, norm_position=p, mlp=m, pos_embedding=pe, attention=a, n_kv_head=kv)
+    for n, p, m, pe, a, kv in itertools.product(
+        ["layernorm", "rmsnorm"], ["pre", "post"], ["standard", "swiglu"], ["learned", "rope"],
+        ["sdpa", "manual"], [None, 2],
+    )
+]
+
+
+def tiny(**kw: object) -> GPT:
+    torch.manual_seed(0)
+    cfg = dict(vocab_size=50, block_size=16, n_layer=2, n_head=4, n_embd=32)
+    return GPT(ModelConfig(**{**cfg, **kw})).eval()  # type: ignore[arg-type]
+
+
+def naive_greedy(model: GPT, prompt: torch.Tensor, steps: int) -> list[list[int]]:
+    """nanoGPT's loop: recompute the whole (cropped) context for every token."""
+    seq = prompt
+    for _ in range(steps):
+        logits, _ = model(seq[:, -model.config.block_size :])
+        seq = torch.cat([seq, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return seq[:, prompt.size(1) :].tolist()
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: "-".join(map(str, v.values())))
+def test_cached_logits_equal_uncached(variant: dict) -> None:
+    model = tiny(**variant)
+    idx = torch.randint(0, 50, (2, 16))
+    full, _ = model(idx)
+    cache = model.new_cache(2)
+    prefill, _ = model(idx[:, :6], cache=cache, start=0)
+    steps = [prefill]
+    for t in range(6, 16):
+        logits, _ = model(idx[:, t : t + 1], cache=cache, start=t)
+        steps.append(logits)
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=0, atol=1e-5)
+
+
+def test_chunked_prefill_after_cache() -> None:
+    """Several new positions at once against a cache (offset causal mask)."""
+    model = tiny(pos_embedding="rope")
+    idx = torch.randint(0, 50, (1, 16))
+    full, _ = model(idx)
+    cache = model.new_cache(1)
+    a, _ = model(idx[:, :5], cache=cache, start=0)
+    b, _ = model(idx[:, 5:12], cache=cache, start=5)
+    torch.testing.assert_close(torch.cat([a, b], dim=1), full[:, :12], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("pos_embedding", ["learned", "rope"])
+def test_greedy_equals_naive_loop_including_the_slide(pos_embedding: str) -> None:
+    model = tiny(pos_embedding=pos_embedding)
+    prompt = torch.randint(0, 50, (2, 5))
+    steps = 30  # well past block_size = 16: the context slides
+    ours = torch.stack(list(generate(model, prompt, steps, temperature=0)), dim=1).tolist()
+    assert ours == naive_greedy(model, prompt, steps)
+
+
+def test_long_prompt_is_cropped_to_block_size() -> None:
+    model = tiny()
+    prompt = torch.randint(0, 50, (1, 40))
+    ours = torch.stack(list(generate(model, prompt, 5, temperature=0)), dim=1).tolist()
+    assert ours == naive_greedy(model, prompt, 5)
+
+
+def test_same_seed_same_sample_and_max_new_tokens() -> None:
+    model = tiny()
+    prompt = torch.randint(0, 50, (3, 4))
+
+    def run(seed: int) -> list[list[int]]:
+        g = torch.Generator().manual_seed(seed)
+        out = list(generate(model, prompt, 12, temperature=1.0, top_k=10, generator=g))
+        return torch.stack(out, dim=1).tolist()
+
+    assert run(1) == run(1)
+    assert run(1) != run(2)
+    assert all(len(row) == 12 for row in run(1))
+    assert list(generate(model, prompt, 0)) == []
+
+
+def test_top_k_never_leaves_its_set() -> None:
+    logits = torch.tensor([[5.0, 4.0, 3.0, 2.0, 1.0, 0.0]]).repeat(4000, 1)
+    g = torch.Generator().manual_seed(0)
+    ids = sample_next(logits, 1.0, top_k=3, top_p=1.0, generator=g)
+    assert set(ids.tolist()) == {0, 1, 2}
+
+
+def test_top_p_keeps_the_smallest_nucleus() -> None:
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    logits = probs.log()
+    kept = torch.isfinite(filter_logits(logits, top_p=0.8))
+    assert kept.tolist() == [[True, True, False, False]]  # 0.5 + 0.3 reaches 0.8
+    assert torch.isfinite(filter_logits(logits, top_p=0.81)).tolist() == [[True, True, True, False]]
+    assert torch.isfinite(filter_logits(logits, top_p=0.1)).tolist() == [[True, False, False, False]]
+    g = torch.Generator().manual_seed(0)
+    ids = sample_next(logits.repeat(4000, 1), 1.0, None, 0.8, g)
+    assert set(ids.tolist()) == {0, 1}
+
+
+def test_temperature_zero_is_argmax() -> None:
+    logits = torch.tensor([[0.1, 3.0, 2.9], [5.0, 0.0, 0.0]])
+    assert sample_next(logits, 0.0, None, 1.0, None).tolist() == [1, 0]
