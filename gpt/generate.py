@@ -65,12 +65,13 @@ def generate(
     cache = model.new_cache(prompt.size(0))
     logits, _ = model(window, cache=cache, start=0)  # prefill
     for step in range(max_new_tokens):
-        if step > 0:
-            if window.size(1) < block_size:  # one new position against the cache
-                logits, _ = model(next_ids[:, None], cache=cache, start=window.size(1))
-                window = torch.cat([window, next_ids[:, None]], dim=1)
-            else:  # slide: the window drops its oldest token and is computed afresh
-                window = torch.cat([window[:, 1:], next_ids[:, None]], dim=1)
-                logits, _ = model(window, cache=cache, start=0)
         next_ids = sample_next(logits[:, -1], temperature, top_k, top_p, generator)  # (B,)
         yield next_ids
+        if step == max_new_tokens - 1:
+            break  # no forward pass for a token nobody will read
+        if window.size(1) < block_size:  # one new position against the cache
+            logits, _ = model(next_ids[:, None], cache=cache, start=window.size(1))
+            window = torch.cat([window, next_ids[:, None]], dim=1)
+        else:  # slide: the window drops its oldest token and is computed afresh
+            window = torch.cat([window[:, 1:], next_ids[:, None]], dim=1)
+            logits, _ = model(window, cache=cache, start=0)
