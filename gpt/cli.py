@@ -127,7 +127,9 @@ def info(config: ConfigOption = None, set_: SetOption = None) -> None:
 def prepare(
     config: ConfigOption = None,
     set_: SetOption = None,
-    force: Annotated[bool, typer.Option("--force", help="Rebuild even if already prepared.")] = False,
+    force: Annotated[
+        bool, typer.Option("--force", help="Rebuild even if already prepared.")
+    ] = False,
 ) -> None:
     """Tokenize [data] source into train.bin, val.bin and meta.json in [data] data_dir."""
     from gpt.data import prepare as prepare_data
@@ -154,6 +156,130 @@ def train(
     code = run_training(resolve_config(config, set_), resume=resume)
     if code:
         raise typer.Exit(code)
+
+
+CheckpointOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--checkpoint", help="A run's out_dir or one ckpt-* folder.", show_default=False
+    ),
+]
+WhichOption = Annotated[
+    str, typer.Option("--which", help="latest or best checkpoint of an out_dir.")
+]
+
+
+def _checkpoint_path(
+    checkpoint: Path | None, config: Path | None, overrides: list[str] | None
+) -> Path:
+    """--checkpoint, or the out_dir of --config."""
+    if checkpoint is not None and config is not None:
+        raise GPTError("give either --checkpoint or --config, not both")
+    if checkpoint is not None:
+        return checkpoint
+    if config is None:
+        raise GPTError(
+            "no model given: pass --checkpoint OUT_DIR (or --config FILE for its out_dir)"
+        )
+    return Path(resolve_config(config, overrides).train.out_dir)
+
+
+@command()
+def sample(
+    checkpoint: CheckpointOption = None,
+    config: ConfigOption = None,
+    set_: SetOption = None,
+    which: WhichOption = "latest",
+    prompt: Annotated[
+        str | None, typer.Option("--prompt", "-p", help="Text to continue; - reads stdin.")
+    ] = None,
+    prompt_file: Annotated[
+        Path | None, typer.Option("--prompt-file", help="Read the prompt from a file.")
+    ] = None,
+    max_new_tokens: Annotated[int | None, typer.Option("--max-new-tokens")] = None,
+    temperature: Annotated[float | None, typer.Option("--temperature", help="0 = greedy.")] = None,
+    top_k: Annotated[int | None, typer.Option("--top-k")] = None,
+    top_p: Annotated[float | None, typer.Option("--top-p")] = None,
+    num_samples: Annotated[int | None, typer.Option("--num-samples")] = None,
+    seed: Annotated[int | None, typer.Option("--seed")] = None,
+    stop: Annotated[
+        list[str] | None, typer.Option("--stop", help="End a sample before this text (repeatable).")
+    ] = None,
+    stream: Annotated[
+        bool | None, typer.Option("--stream/--no-stream", help="Print text as it is decoded.")
+    ] = None,
+    device: Annotated[str, typer.Option("--device")] = "auto",
+    dtype: Annotated[
+        str, typer.Option("--dtype", help="auto, float32, bfloat16, float16.")
+    ] = "auto",
+    compile_model: Annotated[
+        bool, typer.Option("--compile", help="torch.compile the model.")
+    ] = False,
+) -> None:
+    """Generate text from a trained checkpoint (model, tokenizer and defaults come from it)."""
+    import dataclasses
+
+    from gpt.config import SampleConfig
+    from gpt.sample import load_for_sampling, read_prompt, sample_text
+
+    path = _checkpoint_path(checkpoint, config, set_)
+    model, tokenizer, saved = load_for_sampling(path, which, device, dtype, compile_model)
+    defaults = resolve_config(config, set_).sample if config is not None else saved.sample
+    flags = dict(
+        max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+        num_samples=num_samples, seed=seed, stop=stop or None,
+    )
+    settings: SampleConfig = dataclasses.replace(
+        defaults, **{k: v for k, v in flags.items() if v is not None}
+    )
+    text = read_prompt(prompt, prompt_file, settings.prompt)
+    streaming = sys.stdout.isatty() if stream is None else stream
+    if streaming and settings.num_samples == 1:
+        typer.echo(text, nl=False)
+        sample_text(model, tokenizer, text, settings, on_text=lambda t: typer.echo(t, nl=False))
+        typer.echo("")
+        return
+    for i, generated in enumerate(sample_text(model, tokenizer, text, settings)):
+        if i:
+            typer.echo("\n" + "-" * 40)
+        typer.echo(text + generated)
+
+
+@command(name="eval")
+def eval_(
+    checkpoint: CheckpointOption = None,
+    config: ConfigOption = None,
+    set_: SetOption = None,
+    which: WhichOption = "latest",
+    split: Annotated[str, typer.Option("--split", help="val or train.")] = "val",
+    data: Annotated[
+        str | None, typer.Option("--data", help="Evaluate on this text file or source instead.")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+    device: Annotated[str, typer.Option("--device")] = "auto",
+) -> None:
+    """Loss, perplexity and bits per byte of a checkpoint over a whole split or a text."""
+    import json
+
+    from gpt.evaluate import evaluate, tokens_of_source, tokens_of_split
+    from gpt.sample import load_for_sampling
+
+    if split not in ("val", "train"):
+        raise GPTError(f"--split {split!r} is not val or train")
+    path = _checkpoint_path(checkpoint, config, set_)
+    model, tokenizer, saved = load_for_sampling(path, which, device, "float32", False)
+    if data is not None:
+        tokens = tokens_of_source(saved, data, tokenizer)
+    else:
+        tokens = tokens_of_split(saved, split, tokenizer.to_dict())
+    result = evaluate(model, tokens, tokenizer, progress=not as_json)
+    if as_json:
+        typer.echo(json.dumps(result))
+    else:
+        typer.echo(
+            f"loss {result['loss']:.4f}  perplexity {result['perplexity']:.3f}  "
+            f"bits/byte {result['bits_per_byte']:.4f}  ({result['tokens']:,} tokens)"
+        )
 
 
 def main() -> None:

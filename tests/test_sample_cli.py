@@ -1,0 +1,186 @@
+"""gpt sample and gpt eval through the command line, on a tiny trained checkpoint."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from gpt.checkpoint import load_model
+from gpt.cli import app
+from gpt.config import load_config
+from gpt.tokenizer import tokenizer_from_dict
+from gpt.train import train
+
+runner = CliRunner()
+
+CONFIG = """
+[model]
+n_layer = 2
+n_head = 2
+n_embd = 32
+block_size = 32
+
+[data]
+source = "corpus.txt"
+tokenizer = "char"
+
+[train]
+out_dir = "out"
+batch_size = 8
+max_iters = 60
+learning_rate = 3e-3
+eval_interval = 30
+eval_iters = 2
+log_interval = 30
+
+[sample]
+max_new_tokens = 40
+temperature = 0.0
+"""
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("run")
+    (root / "corpus.txt").write_text("".join(f"def f{i}(x):\n    return x + {i}\n\n" for i in range(300)))
+    (root / "tiny.toml").write_text(CONFIG)
+    cwd = Path.cwd()
+    try:
+        import os
+
+        os.chdir(root)
+        assert train(load_config("tiny.toml")) == 0
+    finally:
+        os.chdir(cwd)
+    return root
+
+
+def invoke(run: Path, *args: str):
+    import os
+
+    cwd = Path.cwd()
+    os.chdir(run)
+    try:
+        return runner.invoke(app, list(args))
+    finally:
+        os.chdir(cwd)
+
+
+def test_sample_greedy_is_deterministic_and_uses_config_defaults(run: Path) -> None:
+    a = invoke(run, "sample", "--checkpoint", "out", "--prompt", "def f1", "--no-stream")
+    b = invoke(run, "sample", "--config", "tiny.toml", "--prompt", "def f1", "--no-stream")
+    assert a.exit_code == 0, a.output
+    assert a.output == b.output and a.output.startswith("def f1")
+    assert len(a.output.rstrip("\n")) == len("def f1") + 40  # max_new_tokens from [sample]
+
+
+def test_sample_matches_greedy_ids(run: Path) -> None:
+    model, _, tok_state = load_model(run / "out")
+    tok = tokenizer_from_dict(tok_state)
+    seq = torch.tensor([tok.encode("def f2")])
+    for _ in range(10):
+        logits, _ = model(seq[:, -32:])
+        seq = torch.cat([seq, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    out = invoke(run, "sample", "--checkpoint", "out", "--prompt", "def f2", "--max-new-tokens", "10", "--no-stream")
+    assert out.output.rstrip("\n") == tok.decode(seq[0].tolist())
+
+
+def test_seed_controls_sampling_and_num_samples(run: Path) -> None:
+    args = ["sample", "--checkpoint", "out", "--prompt", "def", "--temperature", "1.0",
+            "--top-k", "5", "--no-stream", "--num-samples", "3"]
+    one = invoke(run, *args, "--seed", "3")
+    same = invoke(run, *args, "--seed", "3")
+    other = invoke(run, *args, "--seed", "4")
+    assert one.output == same.output and one.output != other.output
+    assert one.output.count("-" * 40) == 2
+
+
+def test_stop_cuts_before_the_string_and_stream_matches(run: Path) -> None:
+    full = invoke(run, "sample", "--checkpoint", "out", "--prompt", "def f3", "--no-stream").output
+    generated = full[len("def f3"):].rstrip("\n")
+    stop = generated[5:8]
+    assert stop and stop in generated
+    cut = invoke(run, "sample", "--checkpoint", "out", "--prompt", "def f3", "--stop", stop, "--no-stream")
+    assert cut.output == "def f3" + generated[: generated.index(stop)] + "\n"
+    streamed = invoke(run, "sample", "--checkpoint", "out", "--prompt", "def f3", "--stop", stop, "--stream")
+    assert streamed.output == cut.output
+
+
+def test_prompt_from_stdin_and_file(run: Path) -> None:
+    (run / "prompt.txt").write_text("def f4")
+    a = invoke(run, "sample", "--checkpoint", "out", "--prompt-file", "prompt.txt", "--no-stream").output
+    b = runner.invoke(app, ["sample", "--checkpoint", str(run / "out"), "--prompt", "-", "--no-stream"], input="def f4")
+    assert a == b.output and a.startswith("def f4")
+    empty = invoke(run, "sample", "--checkpoint", "out", "--prompt", "", "--no-stream")
+    assert empty.exit_code == 0 and len(empty.output.rstrip("\n")) >= 1
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--temperature", "-1"], "temperature: must be >= 0"),
+        (["--top-p", "0"], "top_p: must be in (0, 1]"),
+        (["--top-p", "1.5"], "top_p: must be in (0, 1]"),
+        (["--top-k", "0"], "top_k: must be >= 1"),
+        (["--max-new-tokens", "-1"], "max_new_tokens: must be >= 0"),
+        (["--num-samples", "0"], "num_samples: must be > 0"),
+        (["--stop", ""], "a stop string is empty"),
+        (["--prompt", "déf ☃"], "2 character(s) not in the char vocabulary: 'é', '☃'"),
+    ],
+)
+def test_sample_bad_input(run: Path, args: list[str], message: str) -> None:
+    result = invoke(run, "sample", "--checkpoint", "out", "--no-stream", *args)
+    assert result.exit_code == 2
+    assert message in result.output and "Traceback" not in result.output
+
+
+def test_missing_and_damaged_checkpoints(run: Path, tmp_path: Path) -> None:
+    missing = runner.invoke(app, ["sample", "--checkpoint", str(tmp_path / "nope"), "--prompt", "x"])
+    assert missing.exit_code == 2 and "does not exist" in missing.output
+    empty = runner.invoke(app, ["sample", "--checkpoint", str(tmp_path), "--prompt", "x"])
+    assert empty.exit_code == 2 and "no latest checkpoint" in empty.output
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(run / "out" / "ckpt-0000060", copy)
+    weights = copy / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-8] + b"\x00" * 8)
+    damaged = runner.invoke(app, ["sample", "--checkpoint", str(copy), "--prompt", "x"])
+    assert damaged.exit_code == 2 and "model.safetensors is damaged" in damaged.output
+    nothing = runner.invoke(app, ["sample", "--prompt", "x"])
+    assert nothing.exit_code == 2 and "--checkpoint" in nothing.output
+
+
+def test_eval_perplexity_equals_naive_loop(run: Path) -> None:
+    result = invoke(run, "eval", "--checkpoint", "out", "--json")
+    assert result.exit_code == 0, result.output
+    got = json.loads(result.output.strip().splitlines()[-1])
+    model, _, tok_state = load_model(run / "out")
+    tokens = np.fromfile(run / "data" / "corpus" / "val.bin", dtype=np.uint16).astype(np.int64)
+    nll, count = 0.0, 0
+    for start in range(0, len(tokens) - 32, 32):  # consecutive windows, one at a time
+        window = torch.from_numpy(tokens[start : start + 33])[None]
+        with torch.no_grad():
+            logits, _ = model(window[:, :-1])
+        nll += torch.nn.functional.cross_entropy(logits[0], window[0, 1:], reduction="sum").item()
+        count += 32
+    assert got["tokens"] == count
+    assert got["perplexity"] == pytest.approx(math.exp(nll / count), rel=1e-5)
+    assert got["bits_per_byte"] == pytest.approx(nll / count / math.log(2), rel=1e-5)  # 1 char = 1 byte
+
+
+def test_eval_on_other_text_and_errors(run: Path) -> None:
+    (run / "other.txt").write_text("def f7(x):\n    return x + 7\n\n" * 20)
+    result = invoke(run, "eval", "--checkpoint", "out", "--data", "other.txt")
+    assert result.exit_code == 0 and "perplexity" in result.output
+    bad = invoke(run, "eval", "--checkpoint", "out", "--split", "test")
+    assert bad.exit_code == 2 and "--split 'test' is not val or train" in bad.output
+    (run / "alien.txt").write_text("ω" * 100)
+    alien = invoke(run, "eval", "--checkpoint", "out", "--data", "alien.txt")
+    assert alien.exit_code == 2 and "'ω'" in alien.output
