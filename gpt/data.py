@@ -12,6 +12,7 @@ state is plain data, so a resumed run draws exactly the batches it would have dr
 
 from __future__ import annotations
 
+import dataclasses
 import glob as globlib
 import hashlib
 import json
@@ -150,6 +151,8 @@ def open_source(cfg: DataConfig) -> Source:
         return _file_source(stdlib_files(), "the Python standard library", cfg)
     if spec.startswith("hf:"):
         return _hub_source(spec, cfg)
+    if spec.startswith(("http://", "https://")):
+        return _url_source(spec, cfg)
     if any(ch in spec for ch in "*?["):
         paths = [Path(p) for p in globlib.glob(spec, recursive=True) if Path(p).is_file()]
         if not paths:
@@ -239,6 +242,24 @@ def _hub_source(spec: str, cfg: DataConfig) -> Source:
             "and the network, or download it and point data.source at the local files"
         ) from None
     return _dataset_source(ds, f"hub dataset {name}", [spec, cfg.split], cfg)
+
+
+def _url_source(url: str, cfg: DataConfig) -> Source:
+    """A text file at a URL (e.g. tiny Shakespeare), downloaded and cached by `datasets`."""
+    import datasets
+
+    try:
+        ds = datasets.load_dataset("text", data_files=url, sample_by="document", split="train")
+    except Exception as e:
+        first = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise GPTError(
+            f"cannot download {url}: {first}; check the network, or download the file and set "
+            "data.source to its path"
+        ) from None
+    text_cfg = dataclasses.replace(cfg, text_column="text")
+    source = _dataset_source(ds, f"text at {url}", [url], text_cfg)
+    source.single_text, source.count = True, None  # one running text: split by characters
+    return source
 
 
 # ---------------------------------------------------------------------------------------------

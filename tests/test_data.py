@@ -333,3 +333,29 @@ def test_worker_processes_give_the_same_tokens_as_one_process(tmp_path: Path, mo
     one = prepare(cfg(tmp_path, folder, num_proc=1, data_dir=str(tmp_path / "one")), progress=False)
     two = prepare(cfg(tmp_path, folder, num_proc=2, data_dir=str(tmp_path / "two")), progress=False)
     assert one["sha256"] == two["sha256"] and one["tokens"] == two["tokens"]
+
+
+def test_url_source_is_one_running_text(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import datasets
+
+    text = "First Citizen:\nBefore we proceed any further, hear me speak.\n" * 20
+
+    def fake_load_dataset(builder, data_files=None, sample_by=None, split=None):
+        assert (builder, sample_by, data_files) == ("text", "document", "https://example.org/input.txt")
+        return datasets.Dataset.from_dict({"text": [text]})
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    meta = prepare(cfg(tmp_path, "https://example.org/input.txt", tokenizer="char"), progress=False)
+    n_train = int(len(text) * 0.9)
+    assert meta["tokens"] == {"train": n_train, "val": len(text) - n_train}
+
+
+def test_url_offline_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import datasets
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("no route to host")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(GPTError, match=r"cannot download https://x.org/a.txt: no route to host; .*data.source"):
+        prepare(cfg(tmp_path, "https://x.org/a.txt"), progress=False)
