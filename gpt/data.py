@@ -428,12 +428,18 @@ def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
 
 
 def prepare(
-    cfg: DataConfig, force: bool = False, progress: bool = True, block_size: int = 0
+    cfg: DataConfig,
+    force: bool = False,
+    progress: bool = True,
+    block_size: int = 0,
+    vocabulary: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Tokenize `cfg.source` into `cfg.resolved_data_dir`; a no-op when already prepared.
 
     A data folder prepared from other settings is left alone unless `force`. With `block_size`,
-    each split must hold at least `block_size + 1` tokens.
+    each split must hold at least `block_size + 1` tokens. `vocabulary` (a char tokenizer's
+    record) fixes the char vocabulary instead of building it from the text: finetuning keeps the
+    base model's ids.
     """
     data_dir = cfg.resolved_data_dir
     source = open_source(cfg)
@@ -441,13 +447,16 @@ def prepare(
     meta_path = data_dir / "meta.json"
     if meta_path.exists() and not force:
         meta = load_meta(data_dir)
-        if meta.get("fingerprint") == fingerprint:
+        same_vocabulary = vocabulary is None or meta["tokenizer"] == vocabulary
+        if meta.get("fingerprint") == fingerprint and same_vocabulary:
             _check_split_sizes(meta, block_size, data_dir)
             if progress:
                 print(f"{data_dir} is already prepared from these settings; nothing to do "
                       "(--force rebuilds)")
             return meta
         what = "tokenizer " + repr(meta["tokenizer"]["name"])
+        if not same_vocabulary:
+            what = "a char vocabulary other than the base model's"
         raise GPTError(
             f"{data_dir} holds data prepared from other settings ({what}, source "
             f"{meta.get('source')!r}); rebuild it with gpt prepare --force, or set data.data_dir "
@@ -455,7 +464,9 @@ def prepare(
         )
 
     tokenizer: Tokenizer
-    if cfg.tokenizer == "char":
+    if cfg.tokenizer == "char" and vocabulary is not None:
+        tokenizer = tokenizer_from_dict(vocabulary)
+    elif cfg.tokenizer == "char":
         tokenizer = CharTokenizer.from_texts(source.documents())
     else:
         tokenizer = get_tokenizer(cfg.tokenizer)
@@ -552,15 +563,6 @@ def load_meta(data_dir: str | Path, verify_hash: bool = False) -> dict[str, Any]
                     "rebuild with gpt prepare --force"
                 )
     return meta
-
-
-def data_is_ready(cfg: DataConfig) -> bool:
-    """True when `cfg.resolved_data_dir` holds verified data prepared from these settings."""
-    try:
-        meta = load_meta(cfg.resolved_data_dir)
-        return meta["fingerprint"] == _fingerprint(cfg, open_source(cfg))
-    except GPTError:
-        return False
 
 
 def check_tokenizer(meta: dict[str, Any], expected: dict[str, Any], data_dir: str | Path) -> None:

@@ -227,7 +227,8 @@ def start_wandb(cfg: RunConfig, out_dir: Path, run_id: str | None) -> Any:
     try:
         return wandb.init(mode=cfg.log.wandb_mode, **kwargs)
     except Exception as e:  # no credentials, no network: keep the run, log locally
-        print(f"wandb {cfg.log.wandb_mode} failed ({str(e).splitlines()[0][:100]}); logging offline")
+        reason = str(e).splitlines()[0][:100] if str(e) else type(e).__name__
+        print(f"wandb {cfg.log.wandb_mode} failed ({reason}); logging offline")
         return wandb.init(mode="offline", **kwargs)
 
 
@@ -272,7 +273,9 @@ def _resolve_model_config(cfg: RunConfig, meta: dict[str, Any]) -> RunConfig:
     return dataclasses.replace(cfg, model=model_cfg)
 
 
-def _check_compatible(saved: RunConfig, cfg: RunConfig, tokenizer: dict, saved_tok: dict, where: Path) -> None:
+def _check_compatible(
+    saved: RunConfig, cfg: RunConfig, tokenizer: dict, saved_tok: dict, where: Path
+) -> None:
     """A checkpoint continues only with the same model shape and tokenizer."""
     ignore = {"dropout", "attention"}  # no effect on the weights' shapes
     for f in dataclasses.fields(saved.model):
@@ -328,8 +331,11 @@ def train(cfg: RunConfig, resume: bool = True) -> int:
 
     # data: prepared once (by rank 0), then every rank reads it
     data_dir = cfg.data.resolved_data_dir
+    vocabulary = None
+    if tcfg.init_from and cfg.data.tokenizer == "char":  # finetune with the base model's ids
+        vocabulary = ckpt.read_state(ckpt.find_checkpoint(tcfg.init_from))["tokenizer"]
     if world.main:
-        prepare(cfg.data, progress=True, block_size=cfg.model.block_size)
+        prepare(cfg.data, progress=True, block_size=cfg.model.block_size, vocabulary=vocabulary)
     if world.world_size > 1:
         dist.barrier()
     meta = load_meta(data_dir)
@@ -354,7 +360,9 @@ def _run(
     tcfg = cfg.train
     found = _load_resumable(out_dir, log) if ckpt.list_checkpoints(out_dir) else None
     if ckpt.list_checkpoints(out_dir) and found is None:
-        raise GPTError(f"every checkpoint in {out_dir} is damaged; remove them or use another out_dir")
+        raise GPTError(
+            f"every checkpoint in {out_dir} is damaged; remove them or use another out_dir"
+        )
     if found is not None and not resume:
         raise GPTError(
             f"{out_dir} already holds checkpoints ({found[0].name}); resume by dropping "
@@ -433,7 +441,9 @@ def _run(
 
     wandb_id = state.get("wandb_id")
     wandb_run = start_wandb(cfg, out_dir, wandb_id) if world.main else None
-    metrics = MetricsLog(out_dir / "metrics.jsonl", start_iter if found else None, wandb_run) if world.main else None
+    metrics = None
+    if world.main:
+        metrics = MetricsLog(out_dir / "metrics.jsonl", start_iter if found else None, wandb_run)
     if wandb_run is not None:
         wandb_id = wandb_run.id
     peak = peak_flops(tcfg, device)
@@ -500,7 +510,9 @@ def _run(
                     model.parameters(), tcfg.grad_clip if tcfg.grad_clip > 0 else float("inf")
                 )
                 loss_value = loss_sum.item()
-                if not math.isfinite(loss_value) or (not scaler.is_enabled() and not torch.isfinite(norm)):
+                # with a GradScaler, inf gradients are expected: it skips the step itself
+                bad_norm = not scaler.is_enabled() and not torch.isfinite(norm)
+                if not math.isfinite(loss_value) or bad_norm:
                     what = "loss" if not math.isfinite(loss_value) else "gradient norm"
                     good = last_ckpt or "none yet"
                     raise GPTError(

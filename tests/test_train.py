@@ -216,6 +216,20 @@ def test_init_from_finetunes_from_another_run(run_dir: Path) -> None:
         train(load_config("tiny.toml", ["train.out_dir=other", "train.init_from=base", "model.n_layer=3"]))
 
 
+def test_char_finetuning_keeps_the_base_vocabulary(run_dir: Path) -> None:
+    assert train(load_config("tiny.toml", ["train.out_dir=base", "train.max_iters=10"])) == 0
+    (run_dir / "mine.txt").write_text("def fun(x):\n    return x + 1\n\n" * 100)
+    tuned = ["train.out_dir=tuned", "train.init_from=base", "train.max_iters=5",
+             "data.source=mine.txt", "data.data_dir=data/mine"]
+    assert train(load_config("tiny.toml", tuned)) == 0
+    base_vocab = json.loads((run_dir / "base" / "ckpt-0000010" / "state.json").read_text())["tokenizer"]
+    assert json.loads((run_dir / "data" / "mine" / "meta.json").read_text())["tokenizer"] == base_vocab
+    (run_dir / "alien.txt").write_text("Ω" * 500)
+    alien = ["train.out_dir=alien", "train.init_from=base", "data.source=alien.txt", "data.data_dir=data/alien"]
+    with pytest.raises(GPTError, match=r"not in the char vocabulary: 'Ω'"):
+        train(load_config("tiny.toml", alien))
+
+
 def test_wandb_offline_run_writes_history(run_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(run_dir))
