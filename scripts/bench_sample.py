@@ -1,0 +1,122 @@
+"""Benchmark decoding speed on the CPU: gpt's KV-cached sampler vs HF generate vs no cache.
+
+A GPT-2-124M-shaped model (12 layers, 12 heads, 768 wide, block 1024, vocab 50257) with the same
+random weights in `gpt` and in `transformers.GPT2LMHeadModel` (copied through gpt/hf.py). Batch
+1, a 16-token prompt, top-k sampling; tokens/s are medians of several runs in this one process.
+The memory-bandwidth bound is the measured copy bandwidth divided by the bytes of weights read
+per token.
+
+    python scripts/bench_sample.py [--new-tokens 256] [--runs 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from gpt.config import ModelConfig
+from gpt.generate import generate
+from gpt.hf import to_hf_gpt2
+from gpt.model import GPT
+
+
+def bandwidth_gb_s() -> float:
+    """Read+write bandwidth of copying a 512 MB tensor (median of 5)."""
+    src = torch.ones(128 * 2**20, dtype=torch.float32)
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(5):
+        start = time.perf_counter()
+        dst.copy_(src)
+        times.append(time.perf_counter() - start)
+    return 2 * src.numel() * 4 / statistics.median(times) / 1e9
+
+
+def ours(model: GPT, prompt: torch.Tensor, n: int) -> float:
+    g = torch.Generator().manual_seed(0)
+    start = time.perf_counter()
+    for _ in generate(model, prompt, n, temperature=1.0, top_k=50, generator=g):
+        pass
+    return n * prompt.size(0) / (time.perf_counter() - start)
+
+
+@torch.inference_mode()
+def no_cache(model: GPT, prompt: torch.Tensor, n: int) -> float:
+    """nanoGPT's generate: the whole context is recomputed for every token."""
+    start = time.perf_counter()
+    seq = prompt
+    for _ in range(n):
+        logits, _ = model(seq[:, -model.config.block_size :])
+        probs = torch.softmax(logits[:, -1], dim=-1)
+        seq = torch.cat([seq, torch.multinomial(probs, 1)], dim=1)
+    return n / (time.perf_counter() - start)
+
+
+@torch.inference_mode()
+def hf(hf_model, prompt: torch.Tensor, n: int) -> float:
+    start = time.perf_counter()
+    hf_model.generate(
+        prompt, max_new_tokens=n, min_new_tokens=n, do_sample=True, top_k=50,
+        pad_token_id=0, attention_mask=torch.ones_like(prompt),
+    )
+    return n / (time.perf_counter() - start)
+
+
+def median_of(runs: int, fn, *args) -> float:
+    fn(*args[:-1], 8)  # warm-up
+    return statistics.median(fn(*args) for _ in range(runs))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--runs", type=int, default=3)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=50257, activation="gelu_tanh")).eval()
+    hf_model = to_hf_gpt2(model)
+    model_bf16 = GPT(model.config).eval()
+    model_bf16.load_state_dict(model.state_dict())
+    model_bf16 = model_bf16.to(torch.bfloat16)
+    prompt = torch.randint(0, 50257, (1, 16))
+    n = args.new_tokens
+
+    bw = bandwidth_gb_s()
+    weight_bytes = {dtype: model.num_params() * size for dtype, size in (("fp32", 4), ("bf16", 2))}
+    print(f"threads: {torch.get_num_threads()}, copy bandwidth: {bw:.1f} GB/s")
+    for dtype, size in weight_bytes.items():
+        bound = bw * 1e9 / size
+        print(f"bound ({dtype} weights, {size / 1e6:.0f} MB read per token): {bound:.1f} tok/s")
+    runs = args.runs
+    rows = [
+        ("HF transformers generate, fp32", median_of(runs, hf, hf_model, prompt, n)),
+        ("gpt sample path, fp32 (KV cache)", median_of(runs, ours, model, prompt, n)),
+        ("gpt sample path, bf16 weights", median_of(runs, ours, model_bf16, prompt, n)),
+        ("no cache (nanoGPT's loop), fp32", median_of(1, no_cache, model, prompt, min(n, 64))),
+    ]
+    reference = rows[0][1]
+    for label, rate in rows:
+        print(f"{label:45s} {rate:7.1f} tok/s  ({rate / reference:.2f}x HF)")
+    batch = prompt.repeat(8, 1)
+    print(f"gpt fp32, batch 8: {median_of(args.runs, ours, model, batch, n):.1f} tok/s in total")
+    long_prompt = torch.randint(0, 50257, (1, 512))
+    for label, m in (("fp32", model), ("bf16", model_bf16)):
+        times = []
+        for _ in range(args.runs):
+            start = time.perf_counter()
+            next(iter(generate(m, long_prompt, 1, temperature=0)))
+            times.append(time.perf_counter() - start)
+        print(f"time to first token, 512-token prompt, {label}: {statistics.median(times):.3f} s")
+    with torch.inference_mode():
+        a = model(prompt)[0].float()
+        b = model_bf16(prompt)[0].float()
+    agree = (a.argmax(-1) == b.argmax(-1)).float().mean().item()
+    diff = (a - b).abs().max().item()
+    print(f"bf16 vs fp32 logits: max abs diff {diff:.3f}, argmax agreement {agree:.2%}")
+
+
+if __name__ == "__main__":
+    main()
