@@ -81,7 +81,7 @@ def save_checkpoint(
     keep_last: int,
     is_best: bool,
 ) -> Path:
-    """Write checkpoint `ckpt-<iteration>` atomically, move `latest` (and `best`), prune old ones."""
+    """Write `ckpt-<iteration>` atomically, then move `latest` (and `best`) and prune."""
     out_dir.mkdir(parents=True, exist_ok=True)
     name = f"ckpt-{iteration:07d}"
     final = out_dir / name
@@ -138,14 +138,18 @@ def find_checkpoint(path: str | Path, which: str = "latest") -> Path:
     if (path / "state.json").exists():
         return path
     if not path.exists():
-        raise GPTError(f"checkpoint path {path} does not exist; pass a run's out_dir or a ckpt-* folder")
+        raise GPTError(
+            f"checkpoint path {path} does not exist; pass a run's out_dir or a ckpt-* folder"
+        )
     name = _read_pointer(path / which)
     if name is not None and (path / name / "state.json").exists():
         return path / name
     candidates = list_checkpoints(path)
     if which == "latest" and candidates:
         return candidates[0]
-    raise GPTError(f"no {which} checkpoint in {path}; train first (gpt train) or pass a ckpt-* folder")
+    raise GPTError(
+        f"no {which} checkpoint in {path}; train first (gpt train) or pass a ckpt-* folder"
+    )
 
 
 def read_state(ckpt: Path) -> dict[str, Any]:
