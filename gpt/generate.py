@@ -63,15 +63,15 @@ def generate(
     block_size = model.config.block_size
     window = prompt[:, -block_size:]  # (B, T) the context the model sees
     cache = model.new_cache(prompt.size(0))
-    logits, _ = model(window, cache=cache, start=0)  # prefill
+    logits, _ = model(window, cache=cache, start=0, last_only=True)  # prefill
     for step in range(max_new_tokens):
         next_ids = sample_next(logits[:, -1], temperature, top_k, top_p, generator)  # (B,)
         yield next_ids
         if step == max_new_tokens - 1:
             break  # no forward pass for a token nobody will read
         if window.size(1) < block_size:  # one new position against the cache
-            logits, _ = model(next_ids[:, None], cache=cache, start=window.size(1))
+            logits, _ = model(next_ids[:, None], cache=cache, start=window.size(1), last_only=True)
             window = torch.cat([window, next_ids[:, None]], dim=1)
         else:  # slide: the window drops its oldest token and is computed afresh
             window = torch.cat([window[:, 1:], next_ids[:, None]], dim=1)
-            logits, _ = model(window, cache=cache, start=0)
+            logits, _ = model(window, cache=cache, start=0, last_only=True)

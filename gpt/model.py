@@ -302,13 +302,15 @@ class GPT(nn.Module):
         context: Tensor | None = None,
         cache: list[KVCache] | None = None,
         start: int = 0,
+        last_only: bool = False,
     ) -> tuple[Tensor, Tensor | None]:
         """Logits (B, T, vocab) for every position of idx (B, T); loss if targets are given.
 
         The loss is the mean cross-entropy over targets that are not -1. `context` (B, S, n_embd)
         feeds the cross-attention sublayers of a model built with `cross_attention = true`.
         With `cache` (from `new_cache`), idx holds positions start..start+T-1 and the keys and
-        values of earlier positions come from the cache (incremental decoding).
+        values of earlier positions come from the cache (incremental decoding). `last_only`
+        computes the LM head for the last position only (B, 1, vocab): all sampling needs.
         """
         B, T = idx.shape
         if start + T > self.config.block_size:
@@ -331,6 +333,8 @@ class GPT(nn.Module):
             x = block(x, context=context, rope=rope, cache=layer_cache, start=start)
         if "ln_f" in self.transformer:
             x = self.transformer.ln_f(x)
+        if last_only:
+            x = x[:, -1:]  # (B, 1, C): the head is the largest matmul; skip unused positions
         logits = self.lm_head(x)  # (B, T, vocab)
         loss = None
         if targets is not None:

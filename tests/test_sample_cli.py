@@ -87,7 +87,8 @@ def test_sample_matches_greedy_ids(run: Path) -> None:
     for _ in range(10):
         logits, _ = model(seq[:, -32:])
         seq = torch.cat([seq, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
-    out = invoke(run, "sample", "--checkpoint", "out", "--prompt", "def f2", "--max-new-tokens", "10", "--no-stream")
+    out = invoke(run, "sample", "--checkpoint", "out", "--prompt", "def f2", "--max-new-tokens", "10",
+                 "--no-stream", "--dtype", "float32")
     assert out.output.rstrip("\n") == tok.decode(seq[0].tolist())
 
 
