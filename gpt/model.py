@@ -160,6 +160,8 @@ class Attention(nn.Module):
             v = v.repeat_interleave(repeats, dim=1)  # (B, nh, S, hs)
         if self.manual:
             y = self._manual_attention(q, k, v)
+        elif cache is not None and self.causal and start > 0 and T == 1:
+            y = F.scaled_dot_product_attention(q, k, v)  # one new query sees every cached key
         elif cache is not None and self.causal and start > 0:
             # query i sits at position start + i and may see keys 0..start+i
             visible = self.mask_for(T, k.size(-2), start, x.device)

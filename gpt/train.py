@@ -480,6 +480,9 @@ def _run(
             out_dir, iteration, model, optimizer.state_dict(), run_state, tcfg.keep_last, is_best
         )
 
+    if start_iter >= tcfg.max_iters:
+        log(f"{out_dir} is already at iteration {start_iter} of max_iters = {tcfg.max_iters}; "
+            "raise train.max_iters to train further")
     bar = tqdm(total=tcfg.max_iters, initial=start_iter, disable=not world.main, unit="it")
     model.train()
     exit_code = 0
@@ -535,7 +538,10 @@ def _run(
                     if peak:
                         values["mfu"] = flops_per_token * tok_per_s / world.world_size / peak
                     record(done, **values)
-                    bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{tok_per_s:,.0f}")
+                    postfix = {"loss": f"{loss_value:.4f}", "tok_s": f"{tok_per_s:,.0f}"}
+                    if "mfu" in values:
+                        postfix["mfu"] = f"{values['mfu']:.1%}"
+                    bar.set_postfix(postfix)
                     window_start, window_tokens = now, 0
                 is_best = False
                 if done % tcfg.eval_interval == 0 or done == tcfg.max_iters:

@@ -64,9 +64,15 @@ def hf(hf_model, prompt: torch.Tensor, n: int) -> float:
     return n / (time.perf_counter() - start)
 
 
-def median_of(runs: int, fn, *args) -> float:
-    fn(*args[:-1], 8)  # warm-up
-    return statistics.median(fn(*args) for _ in range(runs))
+def medians(runs: int, measurements: dict) -> dict[str, float]:
+    """Median tokens/s of each measurement, taking turns so that load drifts hit all alike."""
+    for fn, *fn_args in measurements.values():
+        fn(*fn_args[:-1], 8)  # warm-up
+    results: dict[str, list[float]] = {label: [] for label in measurements}
+    for _ in range(runs):
+        for label, (fn, *fn_args) in measurements.items():
+            results[label].append(fn(*fn_args))
+    return {label: statistics.median(values) for label, values in results.items()}
 
 
 def main() -> None:
@@ -89,18 +95,21 @@ def main() -> None:
     for dtype, size in weight_bytes.items():
         bound = bw * 1e9 / size
         print(f"bound ({dtype} weights, {size / 1e6:.0f} MB read per token): {bound:.1f} tok/s")
-    runs = args.runs
-    rows = [
-        ("HF transformers generate, fp32", median_of(runs, hf, hf_model, prompt, n)),
-        ("gpt sample path, fp32 (KV cache)", median_of(runs, ours, model, prompt, n)),
-        ("gpt sample path, bf16 weights", median_of(runs, ours, model_bf16, prompt, n)),
-        ("no cache (nanoGPT's loop), fp32", median_of(1, no_cache, model, prompt, min(n, 64))),
-    ]
-    reference = rows[0][1]
-    for label, rate in rows:
+    rates = medians(args.runs, {
+        "HF transformers generate, fp32": (hf, hf_model, prompt, n),
+        "gpt sample path, fp32 (KV cache)": (ours, model, prompt, n),
+        "gpt sample path, bf16 weights": (ours, model_bf16, prompt, n),
+    })
+    rates["no cache (nanoGPT's loop), fp32"] = no_cache(model, prompt, min(n, 64))
+    reference = rates["HF transformers generate, fp32"]
+    for label, rate in rates.items():
         print(f"{label:45s} {rate:7.1f} tok/s  ({rate / reference:.2f}x HF)")
     batch = prompt.repeat(8, 1)
-    print(f"gpt fp32, batch 8: {median_of(args.runs, ours, model, batch, n):.1f} tok/s in total")
+    batch_rates = medians(
+        args.runs, {"fp32": (ours, model, batch, n), "bf16": (ours, model_bf16, batch, n)}
+    )
+    for label, rate in batch_rates.items():
+        print(f"gpt {label}, batch 8: {rate:.1f} tok/s in total")
     long_prompt = torch.randint(0, 50257, (1, 512))
     for label, m in (("fp32", model), ("bf16", model_bf16)):
         times = []

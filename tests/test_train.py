@@ -59,6 +59,12 @@ def run_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path
 
 
+def load_model_flops(out: Path) -> int:
+    from gpt.checkpoint import load_model
+
+    return load_model(out)[0].flops_per_token()
+
+
 def metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
@@ -89,8 +95,11 @@ def test_train_logs_checkpoints_and_resumes(run_dir: Path) -> None:
     assert state["config"]["model"]["vocab_size"] == 64  # the char vocabulary padded to 64
     assert state["tokenizer"]["name"] == "char" and set(state["samplers"]) == {"train", "eval_train", "eval_val"}
     # a longer max_iters continues the same run
-    assert train(load_config("tiny.toml", ["train.max_iters=40"])) == 0
-    assert [r["iter"] for r in metrics(out) if "loss" in r][-2:] == [35, 40]
+    assert train(load_config("tiny.toml", ["train.max_iters=40", "train.peak_flops=1e12"])) == 0
+    resumed = [r for r in metrics(out) if "loss" in r]
+    assert [r["iter"] for r in resumed][-2:] == [35, 40]
+    flops = load_model_flops(out)
+    assert resumed[-1]["mfu"] == pytest.approx(flops * resumed[-1]["tok_per_s"] / 1e12)
 
 
 def test_resume_is_bitwise_exact(run_dir: Path) -> None:
