@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from gpt import checkpoint as ckpt
 from gpt.config import RunConfig, TrainConfig, from_dict, to_dict
-from gpt.data import BatchSampler, check_tokenizer, load_meta, prepare
+from gpt.data import BatchSampler, load_meta, prepare
 from gpt.errors import GPTError
 from gpt.model import GPT
 from gpt.tokenizer import padded_vocab_size
@@ -329,22 +329,21 @@ def train(cfg: RunConfig, resume: bool = True) -> int:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
 
-    # data: prepared once (by rank 0), then every rank reads it
-    data_dir = cfg.data.resolved_data_dir
-    vocabulary = None
-    if tcfg.init_from and cfg.data.tokenizer == "char":  # finetune with the base model's ids
-        vocabulary = ckpt.read_state(ckpt.find_checkpoint(tcfg.init_from))["tokenizer"]
-    if world.main:
-        prepare(cfg.data, progress=True, block_size=cfg.model.block_size, vocabulary=vocabulary)
-    if world.world_size > 1:
-        dist.barrier()
-    meta = load_meta(data_dir)
-    tokenizer = meta["tokenizer"]
-    cfg = _resolve_model_config(cfg, meta)
-
     out_dir = Path(tcfg.out_dir)
-    lock = RunLock(out_dir) if world.main else None
+    lock = RunLock(out_dir) if world.main else None  # before prepare: one run per out_dir
     try:
+        # data: prepared once (by rank 0), then every rank reads it
+        data_dir = cfg.data.resolved_data_dir
+        vocabulary = None
+        if tcfg.init_from and cfg.data.tokenizer == "char":  # finetune with the base model's ids
+            vocabulary = ckpt.read_state(ckpt.find_checkpoint(tcfg.init_from))["tokenizer"]
+        if world.main:
+            prepare(cfg.data, progress=True, block_size=cfg.model.block_size, vocabulary=vocabulary)
+        if world.world_size > 1:
+            dist.barrier()
+        meta = load_meta(data_dir)
+        cfg = _resolve_model_config(cfg, meta)
+        tokenizer = meta["tokenizer"]
         return _run(cfg, resume, device, dtype, world, accum, data_dir, tokenizer, out_dir, log)
     finally:
         if lock is not None:
@@ -358,8 +357,9 @@ def _run(
     accum: int, data_dir: Path, tokenizer: dict, out_dir: Path, log: Any,
 ) -> int:
     tcfg = cfg.train
-    found = _load_resumable(out_dir, log) if ckpt.list_checkpoints(out_dir) else None
-    if ckpt.list_checkpoints(out_dir) and found is None:
+    existing = ckpt.list_checkpoints(out_dir)
+    found = _load_resumable(out_dir, log) if existing else None
+    if existing and found is None:
         raise GPTError(
             f"every checkpoint in {out_dir} is damaged; remove them or use another out_dir"
         )
@@ -386,7 +386,6 @@ def _run(
         _check_compatible(saved, cfg, tokenizer, init_state["tokenizer"], source)
         ckpt.load_weights(source, model)
         log(f"initialised from {source} (finetuning)")
-    check_tokenizer(load_meta(data_dir), tokenizer, data_dir)
     model.to(device)
     optimizer = make_optimizer(model, tcfg, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
