@@ -30,7 +30,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from gpt.config import RunConfig, from_dict
-from gpt.errors import GPTError
+from gpt.errors import GPTError, first_line
 from gpt.model import GPT
 
 CKPT_PATTERN = re.compile(r"^ckpt-(\d+)$")
@@ -177,7 +177,7 @@ def load_weights(ckpt: Path, model: GPT) -> None:
     try:
         weights = load_file(str(path))
     except Exception as e:
-        raise GPTError(f"{path} is damaged ({str(e).splitlines()[0][:120]})") from None
+        raise GPTError(f"{path} is damaged ({first_line(e, 120)})") from None
     missing, unexpected = model.load_state_dict(weights, strict=False)
     if model.config.tie_embeddings:
         missing = [k for k in missing if k != "lm_head.weight"]
@@ -192,7 +192,7 @@ def load_optimizer_state(ckpt: Path) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise GPTError(f"{path} is damaged ({str(e).splitlines()[0][:120]})") from None
+        raise GPTError(f"{path} is damaged ({first_line(e, 120)})") from None
 
 
 def load_model(

@@ -32,7 +32,7 @@ import torch
 from tqdm import tqdm
 
 from gpt.config import DataConfig
-from gpt.errors import GPTError
+from gpt.errors import GPTError, first_line
 from gpt.tokenizer import CharTokenizer, Tokenizer, get_tokenizer, tokenizer_from_dict
 
 FORMAT_VERSION = 1
@@ -202,7 +202,7 @@ def _tabular(paths: list[Path], cfg: DataConfig) -> Source:
             TABULAR[paths[0].suffix.lower()], data_files=[str(p) for p in paths], split="train"
         )
     except Exception as e:
-        raise GPTError(f"cannot read {description}: {str(e).splitlines()[0][:200]}") from None
+        raise GPTError(f"cannot read {description}: {first_line(e)}") from None
     identity = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in paths]
     return _dataset_source(ds, description, identity, cfg)
 
@@ -213,7 +213,7 @@ def _saved_dataset(path: Path, cfg: DataConfig) -> Source:
     try:
         ds = datasets.load_from_disk(str(path))
     except Exception as e:
-        first = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        first = first_line(e)
         raise GPTError(f"cannot load the saved dataset {path}: {first}") from None
     if isinstance(ds, datasets.DatasetDict):
         if cfg.split not in ds:
@@ -236,7 +236,7 @@ def _hub_source(spec: str, cfg: DataConfig) -> Source:
             name, config_name or None, split=cfg.split, streaming=cfg.streaming
         )
     except Exception as e:
-        first = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        first = first_line(e)
         raise GPTError(
             f"cannot load hub dataset {name!r} (split {cfg.split!r}): {first}; check the name "
             "and the network, or download it and point data.source at the local files"
@@ -251,7 +251,7 @@ def _url_source(url: str, cfg: DataConfig) -> Source:
     try:
         ds = datasets.load_dataset("text", data_files=url, sample_by="document", split="train")
     except Exception as e:
-        first = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        first = first_line(e)
         raise GPTError(
             f"cannot download {url}: {first}; check the network, or download the file and set "
             "data.source to its path"

@@ -14,7 +14,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from gpt.errors import GPTError
+from gpt.errors import GPTError, first_line
 
 GPT2_VOCAB_FILE = Path(__file__).parent / "assets" / "gpt2.tiktoken"
 GPT2_VOCAB_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
@@ -166,7 +166,7 @@ def get_tokenizer(name: str) -> TiktokenTokenizer:
         try:
             tok = TiktokenTokenizer(name, tiktoken.get_encoding(name))
         except Exception as e:  # tiktoken downloads its files on first use
-            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            first = first_line(e)
             raise GPTError(
                 f"tokenizer {name!r} could not be loaded ({first[:120]}); it needs a download "
                 "on first use: connect once, or use tokenizer = \"gpt2\" (bundled) or \"char\""

@@ -30,7 +30,7 @@ from tqdm import tqdm
 from gpt import checkpoint as ckpt
 from gpt.config import RunConfig, TrainConfig, from_dict, to_dict
 from gpt.data import BatchSampler, load_meta, prepare
-from gpt.errors import GPTError
+from gpt.errors import GPTError, first_line
 from gpt.model import GPT
 from gpt.tokenizer import padded_vocab_size
 
@@ -227,7 +227,7 @@ def start_wandb(cfg: RunConfig, out_dir: Path, run_id: str | None) -> Any:
     try:
         return wandb.init(mode=cfg.log.wandb_mode, **kwargs)
     except Exception as e:  # no credentials, no network: keep the run, log locally
-        reason = str(e).splitlines()[0][:100] if str(e) else type(e).__name__
+        reason = first_line(e, 100)
         print(f"wandb {cfg.log.wandb_mode} failed ({reason}); logging offline")
         return wandb.init(mode="offline", **kwargs)
 
