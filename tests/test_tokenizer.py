@@ -13,7 +13,7 @@ from gpt.tokenizer import (
 )
 
 TEXT = "Hello world! def f(x):\n    return x**2  # ünïcödé 日本語\n\n<|endoftext|>"
-# Ids published for tiktoken.get_encoding("gpt2") (its README's "hello world", tutorials, and the
+# Ids published for tiktoken's "gpt2" encoding (its README's "hello world", tutorials, and the
 # well-known "Hello, do you like tea?" example with the special token allowed).
 PUBLISHED = {
     "hello world": [31373, 995],
