@@ -13,6 +13,7 @@ state is plain data, so a resumed run draws exactly the batches it would have dr
 from __future__ import annotations
 
 import dataclasses
+import functools
 import glob as globlib
 import hashlib
 import json
@@ -49,14 +50,31 @@ CHUNK_CHARS = 1_000_000  # pieces a single large text file is cut into (at line 
 
 @dataclass
 class Source:
-    """Documents of a corpus, re-readable (char vocabularies need a first pass)."""
+    """Documents of a corpus, re-readable (char vocabularies need a first pass).
+
+    Opening a source reads nothing: datasets are loaded on the first call to `documents` or
+    `count`, so deciding that a folder is already prepared needs neither the network nor a scan.
+    """
 
     description: str
-    documents: Callable[[], Iterator[str]]
+    rows: Callable[[], Iterator[str]]  # every document in order; "" for empty or skipped ones
     identity: Any  # what the fingerprint hashes: paths with sizes and times, or a dataset name
-    count: int | None  # number of documents when known in advance
+    count: Callable[[], int | None] = lambda: None  # number of documents when known in advance
     single_text: bool = False  # one running text, split by characters rather than documents
     skipped: list[str] = field(default_factory=list)  # files skipped as not UTF-8
+
+    def documents(self) -> Iterator[str]:
+        """The non-empty documents, in order."""
+        return (text for text in self.rows() if text)
+
+
+def _stat_identity(paths: list[Path]) -> list[tuple[str, int, int]]:
+    """Paths with sizes and modification times: a changed file changes the fingerprint."""
+    identity = []
+    for path in paths:
+        stat = path.stat()
+        identity.append((str(path), stat.st_size, stat.st_mtime_ns))
+    return identity
 
 
 def _read_text(path: Path, decode_errors: str, skipped: list[str]) -> str | None:
@@ -78,27 +96,44 @@ def _file_source(paths: list[Path], description: str, cfg: DataConfig) -> Source
     paths = sorted(paths)
     skipped: list[str] = []
 
-    def documents() -> Iterator[str]:
+    def rows() -> Iterator[str]:
         for path in paths:
-            text = _read_text(path, cfg.decode_errors, skipped)
-            if text:
-                yield text
+            yield _read_text(path, cfg.decode_errors, skipped) or ""
 
-    identity = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in paths]
-    return Source(description, documents, identity, len(paths), skipped=skipped)
+    return Source(
+        description, rows, _stat_identity(paths), lambda: len(paths), skipped=skipped
+    )
+
+
+def _chunk_end(text: str) -> int:
+    """Where to end a chunk of a running text so that its ids do not depend on the cut.
+
+    After a newline that has a non-space before it and a letter or digit after it, no piece of
+    the GPT-2 (or cl100k/o200k) split pattern spans the cut, so encoding the chunks one by one
+    gives exactly the ids of encoding the whole text. Failing that (a chunk of one long line,
+    or only indented lines), the last newline, else the whole chunk.
+    """
+    end = len(text) - 1  # the character after the cut must be in this chunk
+    for _ in range(10_000):
+        nl = text.rfind("\n", 0, end)
+        if nl <= 0:
+            break
+        if not text[nl - 1].isspace() and text[nl + 1].isalnum():
+            return nl + 1
+        end = nl
+    return text.rfind("\n") + 1 or len(text)
 
 
 def _text_file_source(path: Path, cfg: DataConfig) -> Source:
-    """One text file is one running text, read in chunks cut at line ends."""
-    skipped: list[str] = []
+    """One text file is one running text, read in chunks of about CHUNK_CHARS."""
 
-    def documents() -> Iterator[str]:
+    def rows() -> Iterator[str]:
         try:
             with open(path, encoding="utf-8") as f:
                 carry = ""
                 while chunk := f.read(CHUNK_CHARS):
                     chunk = carry + chunk
-                    cut = chunk.rfind("\n") + 1 or len(chunk)
+                    cut = _chunk_end(chunk)
                     carry = chunk[cut:]
                     yield chunk[:cut]
                 if carry:
@@ -106,32 +141,40 @@ def _text_file_source(path: Path, cfg: DataConfig) -> Source:
         except UnicodeDecodeError:
             raise GPTError(f"{path} is not UTF-8 text; convert it to UTF-8") from None
 
-    stat = path.stat()
-    identity = [(str(path), stat.st_size, stat.st_mtime_ns)]
-    return Source(f"text file {path}", documents, identity, None, single_text=True, skipped=skipped)
+    return Source(f"text file {path}", rows, _stat_identity([path]), single_text=True)
 
 
-def _dataset_source(dataset: Any, description: str, identity: Any, cfg: DataConfig) -> Source:
-    """Rows of an HF `datasets` Dataset (or IterableDataset), the text in `text_column`."""
-    columns = getattr(dataset, "column_names", None)
-    if columns is not None and cfg.text_column not in columns:
-        raise GPTError(
-            f"{description} has no column {cfg.text_column!r}; its columns are "
-            f"{', '.join(map(str, columns))}: set data.text_column to one of them"
-        )
+def _dataset_source(
+    load: Callable[[], Any], description: str, identity: Any, cfg: DataConfig
+) -> Source:
+    """Rows of an HF `datasets` Dataset (or IterableDataset) that `load` returns when first
+    needed, the text in `text_column`."""
 
-    def documents() -> Iterator[str]:
-        for batch in dataset.iter(batch_size=1000):
+    @functools.cache
+    def dataset() -> Any:
+        ds = load()
+        columns = getattr(ds, "column_names", None)
+        if columns is not None and cfg.text_column not in columns:
+            raise GPTError(
+                f"{description} has no column {cfg.text_column!r}; its columns are "
+                f"{', '.join(map(str, columns))}: set data.text_column to one of them"
+            )
+        return ds
+
+    def rows() -> Iterator[str]:
+        for batch in dataset().iter(batch_size=1000):
             if cfg.text_column not in batch:
                 raise GPTError(
                     f"{description} has no column {cfg.text_column!r}; set data.text_column"
                 )
             for text in batch[cfg.text_column]:
-                if text:
-                    yield str(text)
+                yield "" if text is None else str(text)
 
-    count = len(dataset) if hasattr(dataset, "__len__") else None
-    return Source(description, documents, identity, count)
+    def count() -> int | None:
+        ds = dataset()
+        return len(ds) if hasattr(ds, "__len__") else None  # streaming: unknown
+
+    return Source(description, rows, identity, count)
 
 
 def stdlib_files() -> list[Path]:
@@ -189,76 +232,91 @@ def _many_files(paths: list[Path], description: str, cfg: DataConfig) -> Source:
 
 
 def _tabular(paths: list[Path], cfg: DataConfig) -> Source:
-    import datasets
-
     builders = {TABULAR[p.suffix.lower()] for p in paths}
     if len(builders) > 1:
         raise GPTError(
             "[data] source mixes file types; point it at one kind (jsonl, parquet or csv)"
         )
-    description = f"{len(paths)} {builders.pop()} file(s)" if len(paths) > 1 else str(paths[0])
-    try:
-        ds = datasets.load_dataset(
-            TABULAR[paths[0].suffix.lower()], data_files=[str(p) for p in paths], split="train"
-        )
-    except Exception as e:
-        raise GPTError(f"cannot read {description}: {first_line(e)}") from None
-    identity = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in paths]
-    return _dataset_source(ds, description, identity, cfg)
+    builder = builders.pop()
+    description = f"{len(paths)} {builder} file(s)" if len(paths) > 1 else str(paths[0])
+
+    def load() -> Any:
+        import datasets
+
+        try:
+            return datasets.load_dataset(
+                builder, data_files=[str(p) for p in paths], split="train"
+            )
+        except Exception as e:
+            raise GPTError(f"cannot read {description}: {first_line(e)}") from None
+
+    return _dataset_source(load, description, _stat_identity(paths), cfg)
 
 
 def _saved_dataset(path: Path, cfg: DataConfig) -> Source:
-    import datasets
+    def load() -> Any:
+        import datasets
 
-    try:
-        ds = datasets.load_from_disk(str(path))
-    except Exception as e:
-        first = first_line(e)
-        raise GPTError(f"cannot load the saved dataset {path}: {first}") from None
-    if isinstance(ds, datasets.DatasetDict):
-        if cfg.split not in ds:
-            raise GPTError(f"{path} has splits {', '.join(ds)}; set data.split to one of them")
-        ds = ds[cfg.split]
-    identity = [(str(path), ds._fingerprint if hasattr(ds, "_fingerprint") else None)]
-    return _dataset_source(ds, f"saved dataset {path}", identity, cfg)
+        try:
+            ds = datasets.load_from_disk(str(path))
+        except Exception as e:
+            raise GPTError(f"cannot load the saved dataset {path}: {first_line(e)}") from None
+        if isinstance(ds, datasets.DatasetDict):
+            if cfg.split not in ds:
+                raise GPTError(
+                    f"{path} has splits {', '.join(ds)}; set data.split to one of them"
+                )
+            ds = ds[cfg.split]
+        return ds
+
+    files = sorted(p for p in path.rglob("*") if p.is_file())
+    return _dataset_source(load, f"saved dataset {path}", _stat_identity(files), cfg)
 
 
 def _hub_source(spec: str, cfg: DataConfig) -> Source:
-    import datasets
-
     name, _, config_name = spec[3:].partition(":")
     if not name:
         raise GPTError(
             "[data] source: hf: needs a dataset name, for example hf:roneneldan/TinyStories"
         )
-    try:
-        ds = datasets.load_dataset(
-            name, config_name or None, split=cfg.split, streaming=cfg.streaming
-        )
-    except Exception as e:
-        first = first_line(e)
-        raise GPTError(
-            f"cannot load hub dataset {name!r} (split {cfg.split!r}): {first}; check the name "
-            "and the network, or download it and point data.source at the local files"
-        ) from None
-    return _dataset_source(ds, f"hub dataset {name}", [spec, cfg.split], cfg)
+
+    def load() -> Any:
+        import datasets
+
+        try:
+            return datasets.load_dataset(
+                name, config_name or None, split=cfg.split, streaming=cfg.streaming
+            )
+        except Exception as e:
+            raise GPTError(
+                f"cannot load hub dataset {name!r} (split {cfg.split!r}): {first_line(e)}; "
+                "check the name and the network, or download it and point data.source at the "
+                "local files"
+            ) from None
+
+    return _dataset_source(load, f"hub dataset {name}", [spec, cfg.split], cfg)
 
 
 def _url_source(url: str, cfg: DataConfig) -> Source:
     """A text file at a URL (e.g. tiny Shakespeare), downloaded and cached by `datasets`."""
-    import datasets
 
-    try:
-        ds = datasets.load_dataset("text", data_files=url, sample_by="document", split="train")
-    except Exception as e:
-        first = first_line(e)
-        raise GPTError(
-            f"cannot download {url}: {first}; check the network, or download the file and set "
-            "data.source to its path"
-        ) from None
+    def load() -> Any:
+        import datasets
+
+        try:
+            return datasets.load_dataset(
+                "text", data_files=url, sample_by="document", split="train"
+            )
+        except Exception as e:
+            raise GPTError(
+                f"cannot download {url}: {first_line(e)}; check the network, or download the "
+                "file and set data.source to its path"
+            ) from None
+
     text_cfg = dataclasses.replace(cfg, text_column="text")
-    source = _dataset_source(ds, f"text at {url}", [url], text_cfg)
-    source.single_text, source.count = True, None  # one running text: split by characters
+    source = _dataset_source(load, f"text at {url}", [url], text_cfg)
+    source.single_text = True  # one running text: split by characters
+    source.count = lambda: None
     return source
 
 
@@ -298,11 +356,11 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
 
 
-def _fingerprint(cfg: DataConfig, source: Source) -> str:
-    settings = {
+def _settings(cfg: DataConfig) -> dict[str, Any]:
+    """The settings that decide the token files' contents (num_proc does not)."""
+    return {
         "version": FORMAT_VERSION,
         "source": cfg.source,
-        "identity": source.identity,
         "tokenizer": cfg.tokenizer,
         "glob": cfg.glob,
         "text_column": cfg.text_column,
@@ -311,7 +369,23 @@ def _fingerprint(cfg: DataConfig, source: Source) -> str:
         "seed": cfg.seed,
         "decode_errors": cfg.decode_errors,
     }
-    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _fingerprint(cfg: DataConfig, source: Source) -> str:
+    """A hash of the settings and of the source's identity (its files' sizes and times)."""
+    record = {**_settings(cfg), "identity": source.identity}
+    return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _what_changed(meta: dict[str, Any], cfg: DataConfig) -> str:
+    """The settings that differ from those `meta` was prepared with, for the refusal message."""
+    before = meta.get("settings")
+    if not isinstance(before, dict):  # prepared before meta.json recorded its settings
+        return f"tokenizer {meta['tokenizer']['name']!r}, source {meta.get('source')!r}"
+    now = json.loads(json.dumps(_settings(cfg)))  # as meta.json holds them
+    changed = [f"{key} {before.get(key)!r} -> {now[key]!r}" for key in now
+               if before.get(key) != now[key]]
+    return ", ".join(changed) or "the source's files changed since"
 
 
 def _is_val(index: int, val_set: set[int] | None, cfg: DataConfig) -> bool:
@@ -323,8 +397,14 @@ def _is_val(index: int, val_set: set[int] | None, cfg: DataConfig) -> bool:
 
 
 def _split_pieces(source: Source, cfg: DataConfig) -> Iterator[tuple[str, str, bool]]:
-    """(split, text, ends_document) pieces in corpus order."""
-    if source.single_text:
+    """(split, text, ends_document) pieces in corpus order.
+
+    A running text (or a corpus of one document) is split by characters, the first
+    1 - val_fraction to train; documents are split whole, each by its index among all of them
+    (empty and skipped ones included, so one unreadable file does not reshuffle the others).
+    """
+    count = source.count()
+    if source.single_text or count == 1:
         total = sum(len(chunk) for chunk in source.documents())
         n_train = int(total * (1 - cfg.val_fraction))  # first 90%: train, last 10%: val
         seen = 0
@@ -337,11 +417,12 @@ def _split_pieces(source: Source, cfg: DataConfig) -> Iterator[tuple[str, str, b
             seen += len(chunk)
         return
     val_set = None
-    if source.count is not None and source.count > 1:
-        n_val = max(1, round(source.count * cfg.val_fraction))
-        val_set = set(random.Random(cfg.seed).sample(range(source.count), n_val))
-    for index, text in enumerate(source.documents()):
-        yield ("val" if _is_val(index, val_set, cfg) else "train"), text, True
+    if count is not None and count > 1:
+        n_val = max(1, round(count * cfg.val_fraction))
+        val_set = set(random.Random(cfg.seed).sample(range(count), n_val))
+    for index, text in enumerate(source.rows()):
+        if text:
+            yield ("val" if _is_val(index, val_set, cfg) else "train"), text, True
 
 
 _worker_tokenizer: Tokenizer | None = None
@@ -429,12 +510,13 @@ def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
 
 def prepare(
     cfg: DataConfig,
+    block_size: int = 0,
     force: bool = False,
     progress: bool = True,
-    block_size: int = 0,
     vocabulary: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Tokenize `cfg.source` into `cfg.resolved_data_dir`; a no-op when already prepared.
+    """Tokenize `cfg.source` into `cfg.resolved_data_dir` and return its meta; a no-op when the
+    folder already holds intact data prepared from the same source and settings.
 
     A data folder prepared from other settings is left alone unless `force`. With `block_size`,
     each split must hold at least `block_size + 1` tokens. `vocabulary` (a char tokenizer's
@@ -454,13 +536,12 @@ def prepare(
                 print(f"{data_dir} is already prepared from these settings; nothing to do "
                       "(--force rebuilds)")
             return meta
-        what = "tokenizer " + repr(meta["tokenizer"]["name"])
+        what = _what_changed(meta, cfg)
         if not same_vocabulary:
             what = "a char vocabulary other than the base model's"
         raise GPTError(
-            f"{data_dir} holds data prepared from other settings ({what}, source "
-            f"{meta.get('source')!r}); rebuild it with gpt prepare --force, or set data.data_dir "
-            "to another folder"
+            f"{data_dir} holds data prepared from other settings ({what}); rebuild it with "
+            "gpt prepare --force, or set data.data_dir to another folder"
         )
 
     tokenizer: Tokenizer
@@ -498,6 +579,7 @@ def prepare(
         "format_version": FORMAT_VERSION,
         "source": cfg.source,
         "fingerprint": fingerprint,
+        "settings": _settings(cfg),
         "tokenizer": tokenizer.to_dict(),
         "vocab_size": tokenizer.vocab_size,
         "eot_id": tokenizer.eot_id,
@@ -517,6 +599,16 @@ def prepare(
             f"({dtype.name}, {cfg.tokenizer}){skipped}"
         )
     return meta
+
+
+def data_is_ready(cfg: DataConfig) -> bool:
+    """Whether `cfg`'s data folder holds intact data prepared from this source and these
+    settings (sizes checked, not hashes; hub datasets are not contacted)."""
+    try:
+        meta = load_meta(cfg.resolved_data_dir)
+        return meta.get("fingerprint") == _fingerprint(cfg, open_source(cfg))
+    except GPTError:
+        return False
 
 
 def _check_split_sizes(meta: dict[str, Any], block_size: int, data_dir: Path) -> None:

@@ -13,7 +13,14 @@ from typer.testing import CliRunner
 import gpt.data as data
 from gpt.cli import app
 from gpt.config import DataConfig
-from gpt.data import BatchSampler, check_tokenizer, load_meta, prepare, token_dtype
+from gpt.data import (
+    BatchSampler,
+    check_tokenizer,
+    data_is_ready,
+    load_meta,
+    prepare,
+    token_dtype,
+)
 from gpt.errors import GPTError
 from gpt.tokenizer import get_tokenizer, tokenizer_from_dict
 
@@ -359,3 +366,73 @@ def test_url_offline_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.Monkey
     monkeypatch.setattr(datasets, "load_dataset", offline)
     with pytest.raises(GPTError, match=r"cannot download https://x.org/a.txt: no route to host; .*data.source"):
         prepare(cfg(tmp_path, "https://x.org/a.txt"), progress=False)
+
+
+def test_text_file_chunks_encode_like_the_whole_split(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Chunks end where no BPE piece can span the cut, so ids equal encoding each split whole."""
+    monkeypatch.setattr(data, "CHUNK_CHARS", 40)
+    monkeypatch.setattr(data, "BATCH_CHARS", 100)
+    text = "".join(
+        f"def f{i}(x):\n" + "\n" * (i % 3) + f"    return x{'  ' * (i % 2)}\n\n\nclass C{i}:\n    pass\n"
+        for i in range(60)
+    )  # cut after any newline, this text encodes differently (e.g. "\n\n" is one GPT-2 token)
+    (tmp_path / "a.py").write_text(text)
+    meta = prepare(cfg(tmp_path, tmp_path / "a.py"), progress=False)
+    tok = get_tokenizer("gpt2")
+    n_train = int(len(text) * 0.9)
+    assert read_bin(tmp_path / "prepared", "train").tolist() == tok.encode(text[:n_train])
+    assert read_bin(tmp_path / "prepared", "val").tolist() == tok.encode(text[n_train:])
+    assert meta["tokens"]["val"] == len(tok.encode(text[n_train:]))
+
+
+def test_one_row_dataset_is_split_by_characters(tmp_path: Path) -> None:
+    import datasets
+
+    path = tmp_path / "one.jsonl"
+    datasets.Dataset.from_dict({"text": ["x" * 200]}).to_json(str(path))
+    meta = prepare(cfg(tmp_path, path, tokenizer="char"), progress=False)
+    assert meta["tokens"] == {"train": 180, "val": 20}
+
+
+def test_hub_rerun_is_a_noop_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Deciding that a hub dataset is already prepared must not need the network."""
+    import datasets
+
+    monkeypatch.setattr(
+        datasets, "load_dataset",
+        lambda *a, **k: datasets.Dataset.from_dict({"text": [f"doc {i}" for i in range(20)]}),
+    )
+    config = cfg(tmp_path, "hf:someone/corpus")
+    meta = prepare(config, progress=False)
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("Couldn't reach the hub")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    assert data_is_ready(config)
+    assert prepare(config, progress=False) == meta
+    with pytest.raises(GPTError, match=r"cannot load hub dataset"):
+        prepare(config, force=True, progress=False)
+    assert load_meta(tmp_path / "prepared", verify_hash=True) == meta  # a failed rebuild keeps the data
+
+
+def test_data_is_ready(tmp_path: Path) -> None:
+    folder = docs_folder(tmp_path)
+    config = cfg(tmp_path, folder)
+    assert not data_is_ready(config)
+    prepare(config, progress=False)
+    assert data_is_ready(config)
+    assert not data_is_ready(cfg(tmp_path, folder, tokenizer="char"))
+    assert not data_is_ready(cfg(tmp_path, tmp_path / "missing"))
+    (tmp_path / "prepared" / "val.bin").write_bytes(b"\x00")
+    assert not data_is_ready(config)
+
+
+def test_refusal_names_what_changed(tmp_path: Path) -> None:
+    (tmp_path / "a.txt").write_text("some text\n" * 50)
+    prepare(cfg(tmp_path, tmp_path / "a.txt"), progress=False)
+    with pytest.raises(GPTError, match=r"val_fraction 0.1 -> 0.2.*gpt prepare --force"):
+        prepare(cfg(tmp_path, tmp_path / "a.txt", val_fraction=0.2), progress=False)
+    (tmp_path / "a.txt").write_text("other text\n" * 50)
+    with pytest.raises(GPTError, match=r"the source's files changed.*gpt prepare --force"):
+        prepare(cfg(tmp_path, tmp_path / "a.txt"), progress=False)
