@@ -40,7 +40,9 @@ class Tokenizer(Protocol):
         self, texts: list[str], num_threads: int = ENCODE_THREADS
     ) -> list[list[int]]: ...
 
-    def decode(self, ids: Iterable[int]) -> str: ...
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text of `ids`; ids with no text (the padding of a model's vocabulary) are dropped."""
+        ...
 
     def to_dict(self) -> dict[str, Any]: ...
 
@@ -69,7 +71,19 @@ class TiktokenTokenizer:
         return np.asarray(self.encoding.encode_ordinary(text), dtype=np.uint32)
 
     def decode(self, ids: Iterable[int]) -> str:
-        return self.encoding.decode(list(ids))
+        """Text of `ids`; ids with no text (a model's vocabulary padding) decode to nothing."""
+        ids = list(ids)
+        try:
+            return self.encoding.decode(ids)
+        except (KeyError, OverflowError):
+            return self.encoding.decode([i for i in ids if self._has_text(i)])
+
+    def _has_text(self, token: int) -> bool:
+        try:
+            self.encoding.decode_single_token_bytes(token)
+            return True
+        except (KeyError, OverflowError):
+            return False
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name}
@@ -121,7 +135,8 @@ class CharTokenizer:
         return [self.encode(t) for t in texts]
 
     def decode(self, ids: Iterable[int]) -> str:
-        return "".join(self.chars[i] for i in ids)
+        """Text of `ids`; ids past the vocabulary (a model's padding) decode to nothing."""
+        return "".join(self.chars[i] for i in ids if 0 <= i < self.vocab_size)
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "chars": "".join(self.chars)}
