@@ -64,8 +64,21 @@ def write_text_atomic(path: Path, text: str) -> None:
     _fsync_dir(path.parent)
 
 
-def model_state(model: GPT) -> dict[str, torch.Tensor]:
+def unwrap(model: torch.nn.Module) -> GPT:
+    """The plain GPT inside torch.compile and DDP wrappers, whose keys carry `_orig_mod.` and
+    `module.` prefixes that a checkpoint must never hold."""
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            model = model.module
+        else:
+            return model  # type: ignore[return-value]
+
+
+def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Weights to save: a tied head is the embedding itself, so it is stored once."""
+    model = unwrap(model)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     if model.config.tie_embeddings:
         state.pop("lm_head.weight", None)
@@ -75,7 +88,7 @@ def model_state(model: GPT) -> dict[str, torch.Tensor]:
 def save_checkpoint(
     out_dir: Path,
     iteration: int,
-    model: GPT,
+    model: torch.nn.Module,
     optimizer_state: dict[str, Any],
     state: dict[str, Any],
     keep_last: int,
@@ -85,8 +98,9 @@ def save_checkpoint(
     out_dir.mkdir(parents=True, exist_ok=True)
     name = f"ckpt-{iteration:07d}"
     final = out_dir / name
+    for stale in out_dir.glob(".tmp-ckpt-*"):  # left by a crash; the run lock says none is live
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = out_dir / f".tmp-{name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     save_file(model_state(model), str(tmp / "model.safetensors"))
     torch.save(optimizer_state, tmp / "optimizer.pt")
@@ -171,8 +185,9 @@ def read_state(ckpt: Path) -> dict[str, Any]:
     return state
 
 
-def load_weights(ckpt: Path, model: GPT) -> None:
+def load_weights(ckpt: Path, model: torch.nn.Module) -> None:
     """Load model.safetensors into `model` (re-tying a tied head)."""
+    model = unwrap(model)
     path = ckpt / "model.safetensors"
     try:
         weights = load_file(str(path))

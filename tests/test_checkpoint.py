@@ -1,0 +1,160 @@
+"""Checkpoints: layout, pointers, pruning, crash safety, damage reports, no pickle execution."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from gpt import checkpoint as ckpt
+from gpt.config import ModelConfig, RunConfig, to_dict
+from gpt.errors import GPTError
+from gpt.model import GPT
+
+CONFIG = RunConfig(model=ModelConfig(n_layer=2, n_head=2, n_embd=16, block_size=8, vocab_size=64))
+TOKENIZER = {"name": "char", "chars": "abc\n"}
+
+
+def tiny_model(seed: int = 0) -> GPT:
+    torch.manual_seed(seed)
+    return GPT(CONFIG.model)
+
+
+def save(out: Path, iteration: int, model: torch.nn.Module, keep_last: int = 2,
+         is_best: bool = False) -> Path:
+    optimizer = torch.optim.AdamW(ckpt.unwrap(model).parameters(), lr=1e-3)
+    state = {"tokens": iteration * 10, "best_val_loss": None, "wandb_id": None,
+             "config": to_dict(CONFIG), "tokenizer": TOKENIZER}
+    return ckpt.save_checkpoint(out, iteration, model, optimizer.state_dict(), state,
+                                keep_last, is_best)
+
+
+def same_weights(a: GPT, b: GPT) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(),
+                                                 strict=True))
+
+
+def test_save_then_load_model_gives_the_same_weights(tmp_path: Path) -> None:
+    model = tiny_model()
+    folder = save(tmp_path, 7, model)
+    assert folder.name == "ckpt-0000007"
+    assert sorted(p.name for p in folder.iterdir()) == ["model.safetensors", "optimizer.pt",
+                                                        "state.json"]
+    assert (tmp_path / "latest").read_text().strip() == "ckpt-0000007"
+    loaded, config, tokenizer = ckpt.load_model(tmp_path)
+    assert config == CONFIG and tokenizer == TOKENIZER and not loaded.training
+    assert same_weights(model, loaded)
+    assert loaded.lm_head.weight is loaded.transformer.wte.weight  # still tied after loading
+    assert ckpt.find_checkpoint(folder) == folder  # a checkpoint folder is accepted as it is
+
+
+def test_compile_wrapper_prefix_never_reaches_the_file(tmp_path: Path) -> None:
+    model = tiny_model()
+    save(tmp_path, 1, torch.compile(model))  # lazy: nothing is compiled until called
+    from safetensors.torch import load_file
+
+    keys = load_file(str(tmp_path / "ckpt-0000001" / "model.safetensors"))
+    assert keys and not any(k.startswith("_orig_mod.") for k in keys)
+    assert "lm_head.weight" not in keys  # a tied head is stored once
+    assert same_weights(model, ckpt.load_model(tmp_path)[0])
+
+
+def test_keep_last_prunes_old_checkpoints_but_keeps_best(tmp_path: Path) -> None:
+    model = tiny_model()
+    for it in (10, 20, 30, 40):
+        save(tmp_path, it, model, keep_last=2, is_best=it == 10)
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == [
+        "ckpt-0000040", "ckpt-0000030", "ckpt-0000010"]
+    assert ckpt.find_checkpoint(tmp_path, "best").name == "ckpt-0000010"
+    assert ckpt.find_checkpoint(tmp_path, "latest").name == "ckpt-0000040"
+
+
+@pytest.mark.parametrize("failing", ["torch.save", "os.rename", "pointer"])
+def test_a_crash_while_saving_leaves_the_previous_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failing: str
+) -> None:
+    first = tiny_model(0)
+    save(tmp_path, 10, first)
+
+    def crash(*args: object, **kwargs: object) -> None:
+        raise OSError("simulated crash")
+
+    if failing == "torch.save":  # while the files are written
+        monkeypatch.setattr(ckpt.torch, "save", crash)
+    elif failing == "os.rename":  # just before the folder is moved into place
+        monkeypatch.setattr(ckpt.os, "rename", crash)
+    else:  # the folder is in place, the `latest` pointer not yet moved
+        monkeypatch.setattr(ckpt, "write_text_atomic", crash)
+    with pytest.raises(OSError, match="simulated crash"):
+        save(tmp_path, 20, tiny_model(1))
+    monkeypatch.undo()
+    assert (tmp_path / "latest").read_text().strip() == "ckpt-0000010"
+    if failing != "pointer":
+        assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["ckpt-0000010"]
+    assert same_weights(first, ckpt.load_model(tmp_path)[0])
+
+
+def test_find_checkpoint_errors_name_the_path_and_the_fix(tmp_path: Path) -> None:
+    with pytest.raises(GPTError, match=r"does not exist; pass a run's out_dir"):
+        ckpt.find_checkpoint(tmp_path / "nowhere")
+    with pytest.raises(GPTError, match=r"no latest checkpoint in .*; train first"):
+        ckpt.find_checkpoint(tmp_path)
+    save(tmp_path, 5, tiny_model())
+    with pytest.raises(GPTError, match=r"no best checkpoint"):
+        ckpt.find_checkpoint(tmp_path, "best")
+    with pytest.raises(GPTError, match=r"unknown checkpoint choice 'newest'"):
+        ckpt.find_checkpoint(tmp_path, "newest")
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        ("truncate-weights", r"model\.safetensors is damaged"),
+        ("flip-optimizer", r"optimizer\.pt is damaged"),
+        ("garble-state", r"state\.json is damaged"),
+        ("remove-weights", r"model\.safetensors is missing"),
+    ],
+)
+def test_damaged_checkpoint_is_an_error_naming_the_file(
+    tmp_path: Path, damage: str, message: str
+) -> None:
+    folder = save(tmp_path, 3, tiny_model())
+    if damage == "truncate-weights":
+        path = folder / "model.safetensors"
+        path.write_bytes(path.read_bytes()[:-50])
+    elif damage == "flip-optimizer":
+        path = folder / "optimizer.pt"
+        data = bytearray(path.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        path.write_bytes(bytes(data))
+    elif damage == "garble-state":
+        (folder / "state.json").write_text('{"iter": 3, "sha')
+    else:
+        (folder / "model.safetensors").unlink()
+    with pytest.raises(GPTError, match=message):
+        ckpt.load_model(tmp_path)
+
+
+def test_loading_never_executes_pickled_code(tmp_path: Path) -> None:
+    folder = save(tmp_path, 1, tiny_model())
+    marker = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self) -> tuple:
+            return (os.system, (f"touch {marker}",))
+
+    torch.save({"state": Exploit()}, folder / "optimizer.pt")  # a hostile optimizer file
+    with pytest.raises(GPTError, match=r"optimizer\.pt is damaged"):
+        ckpt.load_optimizer_state(folder)
+    assert not marker.exists()
+
+
+def test_pointer_to_a_missing_folder_falls_back_to_the_newest(tmp_path: Path) -> None:
+    save(tmp_path, 4, tiny_model())
+    (tmp_path / "latest").write_text("ckpt-0000099\n")
+    assert ckpt.find_checkpoint(tmp_path).name == "ckpt-0000004"
+    state = json.loads((tmp_path / "ckpt-0000004" / "state.json").read_text())
+    assert state["iter"] == 4 and set(state["sha256"]) == {"model.safetensors", "optimizer.pt"}
