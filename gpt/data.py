@@ -43,6 +43,8 @@ STDLIB_EXCLUDE = {"test", "tests", "idlelib", "site-packages", "__pycache__"}
 BATCH_CHARS = 2_000_000  # text per tokenizer call: big enough for threads, small for memory
 CHUNK_CHARS = 1_000_000  # pieces a single large text file is cut into (at line ends)
 
+Piece = tuple[str, str, bool]  # (split, text, ends_document): a unit of tokenizer work
+
 
 # ---------------------------------------------------------------------------------------------
 # Sources: each yields documents (str) and describes itself for the fingerprint
@@ -335,7 +337,7 @@ class _TokenFile:
         self.tokens = 0
 
     def write(self, ids: np.ndarray) -> None:
-        data = ids.astype(self.dtype).tobytes()
+        data = ids.astype(self.dtype, copy=False).tobytes()
         self.file.write(data)
         self.sha.update(data)
         self.tokens += len(ids)
@@ -396,7 +398,7 @@ def _is_val(index: int, val_set: set[int] | None, cfg: DataConfig) -> bool:
     return int.from_bytes(digest[:8], "little") / 2**64 < cfg.val_fraction
 
 
-def _split_pieces(source: Source, cfg: DataConfig) -> Iterator[tuple[str, str, bool]]:
+def _split_pieces(source: Source, cfg: DataConfig) -> Iterator[Piece]:
     """(split, text, ends_document) pieces in corpus order.
 
     A running text (or a corpus of one document) is split by characters, the first
@@ -425,32 +427,59 @@ def _split_pieces(source: Source, cfg: DataConfig) -> Iterator[tuple[str, str, b
             yield ("val" if _is_val(index, val_set, cfg) else "train"), text, True
 
 
-_worker_tokenizer: Tokenizer | None = None
+def _encode_batch(
+    batch: list[Piece], tokenizer: Tokenizer, dtype: np.dtype
+) -> tuple[dict[str, np.ndarray], int]:
+    """A batch's ids joined per split in corpus order, an eot after each document, already in
+    the files' dtype (so half the bytes travel back from a worker); and its UTF-8 size."""
+    parts: dict[str, list[np.ndarray]] = {split: [] for split in SPLITS}
+    eot = np.array([tokenizer.eot_id], dtype=dtype)
+    n_bytes = 0
+    for split, text, ends_document in batch:
+        ids = tokenizer.encode_array(text)
+        if len(ids) and (ids.min() < 0 or ids.max() >= tokenizer.vocab_size):
+            bad = int(ids.max() if ids.max() >= tokenizer.vocab_size else ids.min())
+            raise GPTError(
+                f"tokenizer {tokenizer.name!r} gave id {bad}, outside its vocabulary of "
+                f"{tokenizer.vocab_size}; check data.tokenizer"
+            )
+        parts[split].append(ids.astype(dtype, copy=False))
+        if ends_document:
+            parts[split].append(eot)  # separates documents
+        n_bytes += len(text.encode("utf-8"))
+    joined = {split: np.concatenate(p) if p else np.empty(0, dtype) for split, p in parts.items()}
+    return joined, n_bytes
 
 
-def _init_worker(tokenizer_state: dict[str, Any]) -> None:
-    global _worker_tokenizer
-    _worker_tokenizer = tokenizer_from_dict(tokenizer_state)
+_worker_state: tuple[Tokenizer, np.dtype] | None = None
 
 
-def _encode_texts(texts: list[str]) -> list[np.ndarray]:
+def _init_worker(tokenizer_state: dict[str, Any], dtype_name: str) -> None:
+    global _worker_state
+    _worker_state = (tokenizer_from_dict(tokenizer_state), np.dtype(dtype_name))
+
+
+def _encode_in_worker(batch: list[Piece]) -> tuple[dict[str, np.ndarray], int]:
     """Worker-process side of `_encode_stream`."""
-    assert _worker_tokenizer is not None
-    return [_worker_tokenizer.encode_array(text) for text in texts]
+    assert _worker_state is not None
+    return _encode_batch(batch, *_worker_state)
 
 
-def _worker_pool(workers: int, tokenizer: Tokenizer) -> ProcessPoolExecutor:
+def _worker_pool(workers: int, tokenizer: Tokenizer, dtype: np.dtype) -> ProcessPoolExecutor:
     """Processes rather than threads: tiktoken keeps the GIL for part of its work, so threads
     scale to ~1.4x on two cores where processes reach ~1.7x."""
     methods = multiprocessing.get_all_start_methods()
     context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
     return ProcessPoolExecutor(
-        workers, mp_context=context, initializer=_init_worker, initargs=(tokenizer.to_dict(),)
+        workers,
+        mp_context=context,
+        initializer=_init_worker,
+        initargs=(tokenizer.to_dict(), dtype.name),
     )
 
 
 def _encode_stream(
-    pieces: Iterator[tuple[str, str, bool]],
+    pieces: Iterator[Piece],
     tokenizer: Tokenizer,
     writers: dict[str, _TokenFile],
     workers: int,
@@ -462,17 +491,17 @@ def _encode_stream(
     batch and writes finished ones, so reading, encoding and writing overlap. At most
     `workers + 1` batches are in memory at once, whatever the corpus size.
     """
+    dtype = writers["train"].dtype
 
-    def write(batch: list[tuple[str, str, bool]], encoded: list[np.ndarray]) -> None:
-        for (split, text, ends_document), ids in zip(batch, encoded, strict=True):
-            writers[split].write(ids)
-            if ends_document:
-                writers[split].write(np.array([tokenizer.eot_id]))  # separates documents
-            bar.update(len(text.encode("utf-8")))
+    def write(encoded: tuple[dict[str, np.ndarray], int]) -> None:
+        ids, n_bytes = encoded
+        for split, split_ids in ids.items():
+            writers[split].write(split_ids)
+        bar.update(n_bytes)
         bar.set_postfix(tokens=f"{sum(w.tokens for w in writers.values()):,}")
 
-    def batches() -> Iterator[list[tuple[str, str, bool]]]:
-        batch: list[tuple[str, str, bool]] = []
+    def batches() -> Iterator[list[Piece]]:
+        batch: list[Piece] = []
         size = 0
         for piece in pieces:
             batch.append(piece)
@@ -485,18 +514,16 @@ def _encode_stream(
 
     if workers <= 1:
         for batch in batches():
-            write(batch, [tokenizer.encode_array(text) for _, text, _ in batch])
+            write(_encode_batch(batch, tokenizer, dtype))
         return
-    in_flight: deque[tuple[list[tuple[str, str, bool]], Future[list[np.ndarray]]]] = deque()
-    with _worker_pool(workers, tokenizer) as pool:
+    in_flight: deque[Future[tuple[dict[str, np.ndarray], int]]] = deque()
+    with _worker_pool(workers, tokenizer, dtype) as pool:
         for batch in batches():
-            in_flight.append((batch, pool.submit(_encode_texts, [text for _, text, _ in batch])))
+            in_flight.append(pool.submit(_encode_in_worker, batch))
             while len(in_flight) > workers:
-                done_batch, future = in_flight.popleft()
-                write(done_batch, future.result())
+                write(in_flight.popleft().result())
         while in_flight:
-            done_batch, future = in_flight.popleft()
-            write(done_batch, future.result())
+            write(in_flight.popleft().result())
 
 
 def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
