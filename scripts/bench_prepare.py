@@ -3,9 +3,11 @@
 Builds a corpus of the standard library's sources repeated `--copies` times (5 copies: about
 57 MB), then, in one process and alternating, times
   - reference: tiktoken's `encode_ordinary` on every document, one thread;
-  - gpt prepare: the whole pipeline (read, split, batch-encode in threads, write, hash);
+  - gpt prepare: the whole pipeline (read, split, encode in worker processes, write, hash);
 and prints the medians and their ratio. Peak memory is measured in child processes that run
 `prepare` on 1x and on `--copies`x the corpus, to show it does not grow with the corpus.
+A pure-Python busy loop run once alone and then twice in parallel processes shows how much of a
+second core the machine actually gave (on a shared host, less than 2x), to read the ratio by.
 
     python scripts/bench_prepare.py [--copies 5] [--runs 3]
 """
@@ -58,6 +60,27 @@ def prepare_seconds(folder: Path, out: Path) -> tuple[float, int]:
     return time.perf_counter() - start, sum(meta["tokens"].values())
 
 
+def _busy(n: int) -> int:
+    total = 0
+    for i in range(n):
+        total += i
+    return total
+
+
+def core_scaling(n: int = 10_000_000) -> float:
+    """Throughput of two busy processes over one: 2.0 when two cores are really free."""
+    import multiprocessing
+
+    start = time.perf_counter()
+    _busy(n)
+    alone = time.perf_counter() - start
+    with multiprocessing.get_context("fork").Pool(2) as pool:
+        start = time.perf_counter()
+        pool.map(_busy, [n, n])
+        together = time.perf_counter() - start
+    return 2 * alone / together
+
+
 def peak_rss_mb(folder: Path, out: Path) -> tuple[float, float]:
     """Peak resident memory (MB) of a fresh process that prepares `folder`, and of its largest
     worker process."""
@@ -85,8 +108,9 @@ def main() -> None:
         small, small_bytes = build_corpus(tmp_path / "small", 1)
         big, big_bytes = build_corpus(tmp_path / "big", args.copies)
         print(f"corpus: {big_bytes / 1e6:.1f} MB ({args.copies} copies of the stdlib sources)")
-        ref_times, ours_times = [], []
+        ref_times, ours_times, scaling = [], [], []
         for _ in range(args.runs):
+            scaling.append(core_scaling())
             seconds, ref_tokens = reference_seconds(big)
             ref_times.append(seconds)
             seconds, our_tokens = prepare_seconds(big, tmp_path / "out")
@@ -102,7 +126,8 @@ def main() -> None:
                 f"{label}: {mb / seconds:6.1f} MB/s  {our_tokens / seconds / 1e6:5.2f} M tokens/s"
                 f"  (median of {args.runs}: {seconds:.2f} s)"
             )
-        print(f"speed-up over the single-thread rate: {ref / ours:.2f}x")
+        print(f"speed-up over the single-thread rate: {ref / ours:.2f}x "
+              f"(two busy processes ran {statistics.median(scaling):.2f}x one)")
         rss_small = peak_rss_mb(small, tmp_path / "rss_small")
         rss_big = peak_rss_mb(big, tmp_path / "rss_big")
         for text_bytes, (main_mb, worker_mb) in ((small_bytes, rss_small), (big_bytes, rss_big)):
