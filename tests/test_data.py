@@ -436,3 +436,30 @@ def test_refusal_names_what_changed(tmp_path: Path) -> None:
     (tmp_path / "a.txt").write_text("other text\n" * 50)
     with pytest.raises(GPTError, match=r"the source's files changed.*gpt prepare --force"):
         prepare(cfg(tmp_path, tmp_path / "a.txt"), progress=False)
+
+
+def test_ids_outside_the_vocabulary_are_an_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    class Broken:
+        name, vocab_size, eot_id = "broken", 100, 99
+
+        def encode_array(self, text):
+            return np.array([1, 65536 + 5])  # would wrap to 5 in a uint16 file
+
+        def to_dict(self):
+            return {"name": "broken"}
+
+    monkeypatch.setattr(data, "get_tokenizer", lambda name: Broken())
+    with pytest.raises(GPTError, match=r"tokenizer 'broken' gave id 65541, outside its vocabulary of 100"):
+        prepare(cfg(tmp_path, docs_folder(tmp_path), num_proc=1), progress=False)
+    assert list((tmp_path / "prepared").iterdir()) == []
+
+
+def test_fixed_char_vocabulary_names_foreign_characters_from_a_worker(tmp_path: Path) -> None:
+    """Finetuning keeps the base model's characters; text with others fails, nothing written."""
+    folder = docs_folder(tmp_path)
+    vocabulary = {"name": "char", "chars": "\n documen0123456789"}
+    with pytest.raises(GPTError, match=r"1 character\(s\) not in the char vocabulary: 't'"):
+        prepare(cfg(tmp_path, folder, tokenizer="char", num_proc=2), progress=False, vocabulary=vocabulary)
+    assert list((tmp_path / "prepared").iterdir()) == []
+    meta = prepare(cfg(tmp_path, folder, tokenizer="char"), progress=False, vocabulary={**vocabulary, "chars": vocabulary["chars"] + "t"})
+    assert meta["vocab_size"] == 20
