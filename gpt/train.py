@@ -128,6 +128,15 @@ def rng_state() -> dict[str, Any]:
     return state
 
 
+def gather_rng_states(world: Dist) -> list[dict[str, Any]]:
+    """Every rank's RNG states, rank by rank (each rank draws its own dropout masks)."""
+    if world.world_size == 1:
+        return [rng_state()]
+    states: list[Any] = [None] * world.world_size
+    dist.all_gather_object(states, rng_state())
+    return states
+
+
 def set_rng_state(state: dict[str, Any]) -> None:
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
@@ -166,7 +175,10 @@ class RunLock:
 
 
 class StopFlag:
-    """SIGINT/SIGTERM set a flag; the loop finishes its step, saves and exits 130/143."""
+    """SIGINT/SIGTERM set a flag; the loop finishes its step, saves and exits 130/143.
+
+    A second signal quits at once (the last checkpoint on disk stays intact: saves are atomic).
+    """
 
     def __init__(self) -> None:
         self.signum: int | None = None
@@ -178,6 +190,8 @@ class StopFlag:
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is not None:
+            raise SystemExit(EXIT_CODES[signal.Signals(signum)])
         self.signum = signum
 
     def __exit__(self, *exc: object) -> None:
@@ -372,7 +386,9 @@ def _run(
     torch.manual_seed(tcfg.seed)
     random.seed(tcfg.seed)
     np.random.seed(tcfg.seed)
-    model = GPT(cfg.model)
+    model = GPT(cfg.model)  # the same initial weights on every rank
+    if world.world_size > 1:  # independent dropout masks per rank, as nanoGPT seeds them
+        torch.manual_seed(tcfg.seed + world.rank)
     state: dict[str, Any] = {}
     if found is not None:
         where, state = found
@@ -407,7 +423,8 @@ def _run(
     if found is not None:
         for name, sampler in samplers.items():
             sampler.load_state_dict(state["samplers"][name])
-        set_rng_state(state["rng"])
+        per_rank = state.get("rng_ranks") or [state["rng"]]
+        set_rng_state(per_rank[world.rank] if len(per_rank) == world.world_size else state["rng"])
         start_iter, tokens_seen = state["iter"], state["tokens"]
         best_val = state["best_val_loss"] if state["best_val_loss"] is not None else math.inf
 
@@ -463,7 +480,7 @@ def _run(
                 **values,
             })
 
-    def save(iteration: int, is_best: bool) -> Path:
+    def save(iteration: int, is_best: bool, rngs: list[dict[str, Any]]) -> Path:
         run_state = {
             "tokens": tokens_seen,
             "best_val_loss": best_val if math.isfinite(best_val) else None,
@@ -471,7 +488,8 @@ def _run(
             "config": to_dict(cfg),
             "tokenizer": tokenizer,
             "samplers": {name: s.state_dict() for name, s in samplers.items()},
-            "rng": rng_state(),
+            "rng": rngs[0],
+            "rng_ranks": rngs if len(rngs) > 1 else None,
             "scaler": scaler.state_dict() if scaler.is_enabled() else None,
             "elapsed_s": elapsed_before + time.perf_counter() - started,
         }
@@ -559,8 +577,9 @@ def _run(
                     dist.all_reduce(flag)
                     signal_seen = flag.item() > 0
                 if done % ckpt_interval == 0 or done == tcfg.max_iters or signal_seen:
+                    rngs = gather_rng_states(world)
                     if world.main:
-                        last_ckpt = save(done, is_best)
+                        last_ckpt = save(done, is_best, rngs)
                     if world.world_size > 1:
                         dist.barrier()
                 if signal_seen:

@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 from gpt.cli import app
 from gpt.config import TrainConfig, load_config
 from gpt.errors import GPTError
-from gpt.train import RunLock, lr_at, train
+from gpt.train import RunLock, StopFlag, lr_at, train
 
 runner = CliRunner()
 ROOT = Path(__file__).resolve().parents[1]
@@ -150,6 +150,9 @@ def test_sigterm_saves_and_exits_143(run_dir: Path) -> None:
     deadline = time.time() + 120
     while time.time() < deadline and not (log.exists() and len(log.read_text().splitlines()) > 3):
         time.sleep(0.05)
+    # a second trainer on the same out_dir is refused, naming the first
+    second = subprocess.run(gpt_cmd(), capture_output=True, text=True, timeout=120)
+    assert second.returncode == 2 and f"in use by another gpt train (pid {proc.pid}" in second.stderr
     proc.send_signal(signal.SIGTERM)
     output, _ = proc.communicate(timeout=60)
     assert proc.returncode == 143, output
@@ -200,6 +203,17 @@ def test_non_finite_loss_stops_before_the_step(run_dir: Path, monkeypatch: pytes
     weights = load_file(str(run_dir / "out" / "ckpt-0000010" / "model.safetensors"))
     assert all(torch.isfinite(w).all() for w in weights.values())
     assert not (run_dir / "out" / "ckpt-0000020").exists()
+
+
+def test_second_signal_quits_at_once() -> None:
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    with StopFlag() as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.signum == signal.SIGINT  # the first only asks the loop to stop
+        with pytest.raises(SystemExit) as exited:
+            os.kill(os.getpid(), signal.SIGTERM)
+    assert exited.value.code == 143
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
 
 
 def test_lr_schedule_values() -> None:
@@ -280,3 +294,25 @@ def test_two_process_gloo_matches_one_process(run_dir: Path) -> None:
     two = [r["loss"] for r in metrics(run_dir / "two") if "loss" in r]
     assert len(one) == len(two) == 12
     assert all(math.isclose(a, b, abs_tol=1e-5) for a, b in zip(one, two, strict=True))
+
+
+def torchrun(*args: str, port: int) -> None:
+    subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+         "-m", "gpt", "train", "--config", "tiny.toml", *args],
+        check=True, timeout=300, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+
+
+def test_two_process_resume_is_bitwise_exact(run_dir: Path) -> None:
+    """With dropout each rank draws its own masks, so each rank's RNG must come back on resume."""
+    common = ["--set", "train.grad_accum_steps=2", "--set", "train.log_interval=1",
+              "--set", "train.lr_decay_iters=8", "--set", "train.eval_interval=4"]
+    torchrun(*common, "--set", "train.max_iters=8", "--set", "train.out_dir=straight", port=29518)
+    torchrun(*common, "--set", "train.max_iters=4", "--set", "train.out_dir=split", port=29519)
+    torchrun(*common, "--set", "train.max_iters=8", "--set", "train.out_dir=split", port=29520)
+    losses = lambda out: [(r["iter"], r.get("loss"), r.get("val_loss")) for r in metrics(out)]  # noqa: E731
+    assert len(losses(run_dir / "straight")) == 8 + 3
+    assert losses(run_dir / "split") == losses(run_dir / "straight")
+    state = json.loads((run_dir / "split" / "ckpt-0000008" / "state.json").read_text())
+    assert len(state["rng_ranks"]) == 2 and state["rng_ranks"][0] != state["rng_ranks"][1]
