@@ -6,8 +6,8 @@ Layout of a run folder (`[train] out_dir`):
       model.safetensors      weights (a tied LM head is stored once, as the token embedding)
       optimizer.pt           AdamW state; read back with torch.load(weights_only=True)
       state.json             iteration, tokens, best val loss, wandb id, the resolved config,
-                             the tokenizer, data sampler and RNG states, GradScaler state, and
-                             the sha256 of the two files above
+                             the tokenizer, data sampler and RNG states (every DDP rank's),
+                             GradScaler state, and the sha256 of the two files above
     latest                   name of the newest checkpoint folder
     best                     name of the checkpoint with the lowest val loss
 
