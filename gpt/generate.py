@@ -13,21 +13,6 @@ from torch import Tensor
 from gpt.model import GPT
 
 
-def filter_logits(logits: Tensor, top_k: int | None = None, top_p: float = 1.0) -> Tensor:
-    """Set to -inf every logit (B, V) outside the top-k and outside the nucleus of mass top_p."""
-    if top_k is not None and top_k < logits.size(-1):
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        probs = torch.softmax(sorted_logits, dim=-1)
-        mass_before = probs.cumsum(dim=-1) - probs  # probability of the tokens ranked above
-        drop_sorted = mass_before >= top_p  # the first token is always kept
-        drop = drop_sorted.scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
-    return logits
-
-
 def sample_next(
     logits: Tensor,
     temperature: float,
@@ -35,12 +20,52 @@ def sample_next(
     top_p: float,
     generator: torch.Generator | None,
 ) -> Tensor:
-    """Next ids (B,) from the last position's logits (B, V); temperature 0 is greedy."""
+    """Next ids (B,) from the last position's logits (B, V); temperature 0 is greedy.
+
+    Draws among the candidates only (the top k, sorted, when top_k is set) with one uniform
+    number per row: `torch.multinomial` over a whole 50k vocabulary costs about 1 ms a token on
+    a CPU (a random number per entry), as much as a small model's forward pass.
+    """
     if temperature == 0:
         return logits.argmax(dim=-1)
-    logits = filter_logits(logits.float() / temperature, top_k, top_p)
-    probs = torch.softmax(logits, dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    logits = logits.float() / temperature
+    candidates = None  # (B, k) ids of `logits`' columns; None = the whole vocabulary
+    if top_k is not None and top_k < logits.size(-1):
+        logits, candidates = torch.topk(logits, top_k, dim=-1)  # (B, k), descending
+    if top_p < 1.0:  # the nucleus of the distribution left after top-k
+        total = torch.logsumexp(logits, dim=-1, keepdim=True)  # (B, 1)
+        if candidates is None:
+            logits, candidates = _head_holding(logits, total, top_p)
+        probs = (logits - total).exp()  # (B, k) each candidate's probability, descending
+        mass_before = probs.cumsum(dim=-1) - probs  # probability of the tokens ranked above
+        logits = logits.masked_fill(mass_before >= top_p, float("-inf"))  # keeps the first
+    choice = draw(torch.softmax(logits, dim=-1), generator)  # (B,)
+    return choice if candidates is None else candidates.gather(-1, choice[:, None]).squeeze(-1)
+
+
+def _head_holding(
+    logits: Tensor, total: Tensor, top_p: float, k: int = 256
+) -> tuple[Tensor, Tensor]:
+    """The most likely tokens (values, ids), descending, enough to hold a nucleus of mass top_p.
+
+    Usually the top 256 hold it, which spares sorting the whole vocabulary (5 ms on a CPU).
+    """
+    if k < logits.size(-1):
+        values, ids = torch.topk(logits, k, dim=-1)  # (B, k)
+        if bool(((values - total).exp().sum(dim=-1) >= top_p).all()):
+            return values, ids
+    return torch.sort(logits, dim=-1, descending=True)  # (B, V)
+
+
+def draw(probs: Tensor, generator: torch.Generator | None) -> Tensor:
+    """One index per row of probs (B, N), by inverting the cumulative distribution."""
+    cdf = probs.cumsum(dim=-1)  # (B, N)
+    u = torch.rand((probs.size(0), 1), generator=generator, device=probs.device)  # (B, 1)
+    choice = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)  # zero-width bins never hit
+    choice = choice.clamp_(max=probs.size(-1) - 1)  # u * total rounded up to the total
+    # that clamp could land on a zero-probability tail entry (~1e-7 of draws): take the mode
+    choice = torch.where(probs.gather(-1, choice) > 0, choice, probs.argmax(-1, keepdim=True))
+    return choice.squeeze(-1)
 
 
 @torch.inference_mode()
@@ -60,9 +85,12 @@ def generate(
     last block_size tokens (positions are absolute, so the window must be recomputed), which
     is exactly what a model that only saw block_size positions during training expects.
     """
+    if max_new_tokens == 0:
+        return
     block_size = model.config.block_size
     window = prompt[:, -block_size:]  # (B, T) the context the model sees
-    cache = model.new_cache(prompt.size(0))
+    # positions up to the last token fed in (the final one is not), or the whole sliding window
+    cache = model.new_cache(prompt.size(0), min(block_size, window.size(1) + max_new_tokens - 1))
     logits, _ = model(window, cache=cache, start=0, last_only=True)  # prefill
     for step in range(max_new_tokens):
         next_ids = sample_next(logits[:, -1], temperature, top_k, top_p, generator)  # (B,)

@@ -89,9 +89,9 @@ class KVCache:
         self, batch: int, n_kv_head: int, max_len: int, head_dim: int, device: torch.device,
         dtype: torch.dtype,
     ) -> None:
-        shape = (batch, n_kv_head, max_len, head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)  # (B, nkv, L, hs)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)  # (B, nkv, L, hs)
+        shape = (batch, n_kv_head, max_len, head_dim)  # unfilled positions are never read
+        self.k = torch.empty(shape, device=device, dtype=dtype)  # (B, nkv, L, hs)
+        self.v = torch.empty(shape, device=device, dtype=dtype)  # (B, nkv, L, hs)
 
     def update(self, start: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Store k, v (B, nkv, T, hs) at positions start..start+T; return all keys/values so far."""

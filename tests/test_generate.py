@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from gpt.config import ModelConfig
-from gpt.generate import filter_logits, generate, sample_next
+from gpt.generate import draw, generate, sample_next
 from gpt.model import GPT
 
 VARIANTS = [
@@ -98,16 +98,37 @@ def test_top_k_never_leaves_its_set() -> None:
     assert set(ids.tolist()) == {0, 1, 2}
 
 
-def test_top_p_keeps_the_smallest_nucleus() -> None:
-    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
-    logits = probs.log()
-    kept = torch.isfinite(filter_logits(logits, top_p=0.8))
-    assert kept.tolist() == [[True, True, False, False]]  # 0.5 + 0.3 reaches 0.8
-    assert torch.isfinite(filter_logits(logits, top_p=0.81)).tolist() == [[True, True, True, False]]
-    assert torch.isfinite(filter_logits(logits, top_p=0.1)).tolist() == [[True, False, False, False]]
+def sampled_set(logits: torch.Tensor, top_k: int | None, top_p: float) -> set[int]:
+    """The ids drawn in 4000 samples of one crafted distribution."""
     g = torch.Generator().manual_seed(0)
-    ids = sample_next(logits.repeat(4000, 1), 1.0, None, 0.8, g)
-    assert set(ids.tolist()) == {0, 1}
+    return set(sample_next(logits.repeat(4000, 1), 1.0, top_k, top_p, g).tolist())
+
+
+@pytest.mark.parametrize(
+    "top_p, kept", [(0.8, {0, 1}), (0.81, {0, 1, 2}), (0.1, {0}), (1.0, {0, 1, 2, 3})]
+)
+def test_top_p_keeps_the_smallest_nucleus(top_p: float, kept: set[int]) -> None:
+    logits = torch.tensor([[0.3, 0.05, 0.5, 0.15]]).log()[:, [2, 0, 3, 1]]  # 0.5, 0.3, 0.15, 0.05
+    assert sampled_set(logits, None, top_p) == kept  # 0.5 + 0.3 reaches 0.8
+
+
+def test_top_p_over_a_large_vocabulary_with_and_without_top_k() -> None:
+    """The nucleus found among the top 256 equals the one of the fully sorted vocabulary."""
+    logits = torch.full((1, 1000), -30.0)
+    logits[0, [7, 500, 999]] = torch.tensor([0.6, 0.3, 0.1]).log()
+    assert sampled_set(logits, None, 0.85) == {7, 500}
+    flat = torch.zeros(1, 1000)  # the nucleus holds 900 tokens: beyond the top 256
+    assert len(sampled_set(flat, None, 0.9)) > 256
+    logits[0, 500] = 0.4
+    assert sampled_set(logits, 2, 0.5) == {500}  # top-p within the renormalized top-k
+
+
+def test_draw_follows_the_distribution_and_skips_zeros() -> None:
+    probs = torch.tensor([[0.0, 0.5, 0.0, 0.3, 0.2, 0.0]]).repeat(20000, 1)
+    ids = draw(probs, torch.Generator().manual_seed(0))
+    freq = torch.bincount(ids, minlength=6) / 20000
+    torch.testing.assert_close(freq, probs[0], atol=0.015, rtol=0)
+    assert freq[[0, 2, 5]].sum() == 0
 
 
 def test_temperature_zero_is_argmax() -> None:
