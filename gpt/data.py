@@ -40,14 +40,14 @@ FORMAT_VERSION = 1
 SPLITS = ("train", "val")
 TABULAR = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 STDLIB_EXCLUDE = {"test", "tests", "idlelib", "site-packages", "__pycache__"}
-BATCH_CHARS = 2_000_000  # text per tokenizer call: big enough for threads, small for memory
+BATCH_CHARS = 2_000_000  # text per worker task: amortises the round trip, bounds memory
 CHUNK_CHARS = 1_000_000  # pieces a single large text file is cut into (at line ends)
 
 Piece = tuple[str, str, bool]  # (split, text, ends_document): a unit of tokenizer work
 
 
 # ---------------------------------------------------------------------------------------------
-# Sources: each yields documents (str) and describes itself for the fingerprint
+# Sources: each yields documents (str) and describes itself (cheaply) for the fingerprint
 
 
 @dataclass
