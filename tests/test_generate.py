@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 import itertools
 
 import pytest
 import torch
 
 from gpt.config import ModelConfig
-from gpt.generate import draw, generate, sample_next
+from gpt.generate import PackedLinear, draw, generate, pack_linears, sample_next
 from gpt.model import GPT
 
 VARIANTS = [
@@ -23,7 +24,11 @@ VARIANTS = [
 def tiny(**kw: object) -> GPT:
     torch.manual_seed(0)
     cfg = dict(vocab_size=50, block_size=16, n_layer=2, n_head=4, n_embd=32)
-    return GPT(ModelConfig(**{**cfg, **kw})).eval()  # type: ignore[arg-type]
+    model = GPT(ModelConfig(**{**cfg, **kw})).eval()  # type: ignore[arg-type]
+    with torch.no_grad():  # biases and norm weights away from their 0 / 1 init
+        for param in model.parameters():
+            param.add_(torch.randn_like(param) * 0.05)
+    return model
 
 
 def naive_greedy(model: GPT, prompt: torch.Tensor, steps: int) -> list[list[int]]:
@@ -35,18 +40,36 @@ def naive_greedy(model: GPT, prompt: torch.Tensor, steps: int) -> list[list[int]
     return seq[:, prompt.size(1) :].tolist()
 
 
-@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: "-".join(map(str, v.values())))
+CROSS = [dict(cross_attention=True, pos_embedding=pe, attention=a) for pe in ["learned", "rope"] for a in ["sdpa", "manual"]]
+
+
+@pytest.mark.parametrize("variant", VARIANTS + CROSS, ids=lambda v: "-".join(map(str, v.values())))
 def test_cached_logits_equal_uncached(variant: dict) -> None:
+    """Prefill 6 positions, then one at a time: the logits of a full pass, for the model as
+    trained and for its packed-weight copy that sampling uses."""
     model = tiny(**variant)
     idx = torch.randint(0, 50, (2, 16))
-    full, _ = model(idx)
-    cache = model.new_cache(2)
-    prefill, _ = model(idx[:, :6], cache=cache, start=0)
-    steps = [prefill]
-    for t in range(6, 16):
-        logits, _ = model(idx[:, t : t + 1], cache=cache, start=t)
-        steps.append(logits)
-    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=0, atol=1e-5)
+    context = torch.randn(2, 5, 32) if model.config.cross_attention else None
+    full, _ = model(idx, context=context)
+    packed = pack_linears(copy.deepcopy(model))
+    if torch.backends.mkldnn.is_available():
+        assert isinstance(packed.lm_head, PackedLinear)
+    for m in (model, packed):
+        cache = m.new_cache(2)
+        prefill, _ = m(idx[:, :6], context=context, cache=cache, start=0)
+        steps = [prefill]
+        for t in range(6, 16):
+            logits, _ = m(idx[:, t : t + 1], context=context, cache=cache, start=t)
+            steps.append(logits)
+        torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=0, atol=1e-5)
+
+
+def test_packed_bfloat16_matches_plain_bfloat16() -> None:
+    model = tiny().to(torch.bfloat16)
+    idx = torch.randint(0, 50, (2, 16))
+    plain, _ = model(idx)
+    packed, _ = pack_linears(copy.deepcopy(model))(idx)
+    torch.testing.assert_close(packed, plain, rtol=0, atol=0.02)
 
 
 def test_chunked_prefill_after_cache() -> None:
@@ -65,8 +88,11 @@ def test_greedy_equals_naive_loop_including_the_slide(pos_embedding: str) -> Non
     model = tiny(pos_embedding=pos_embedding)
     prompt = torch.randint(0, 50, (2, 5))
     steps = 30  # well past block_size = 16: the context slides
+    reference = naive_greedy(model, prompt, steps)
     ours = torch.stack(list(generate(model, prompt, steps, temperature=0)), dim=1).tolist()
-    assert ours == naive_greedy(model, prompt, steps)
+    assert ours == reference
+    packed = pack_linears(copy.deepcopy(model))
+    assert torch.stack(list(generate(packed, prompt, steps, temperature=0)), dim=1).tolist() == reference
 
 
 def test_long_prompt_is_cropped_to_block_size() -> None:
