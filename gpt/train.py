@@ -207,7 +207,7 @@ class MetricsLog:
         if resume_iter is not None and path.exists():  # drop lines after the checkpoint
             kept = [
                 line for line in path.read_text().splitlines()
-                if line.strip() and json.loads(line)["iter"] <= resume_iter
+                if (record := _parse_line(line)) is not None and record["iter"] <= resume_iter
             ]
             ckpt.write_text_atomic(path, "".join(line + "\n" for line in kept))
         elif resume_iter is None:
@@ -224,7 +224,19 @@ class MetricsLog:
     def close(self) -> None:
         self.file.close()
         if self.wandb_run is not None:
+            import wandb
+
             self.wandb_run.finish()
+            wandb.teardown()  # finish() may return before the history is on disk; this waits
+
+
+def _parse_line(line: str) -> dict[str, Any] | None:
+    """One metrics record, or None for a blank line or one a crash cut short."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) and "iter" in record else None
 
 
 def start_wandb(cfg: RunConfig, out_dir: Path, run_id: str | None) -> Any:
