@@ -196,21 +196,33 @@ def sample(
     prompt_file: Annotated[
         Path | None, typer.Option("--prompt-file", help="Read the prompt from a file.")
     ] = None,
-    max_new_tokens: Annotated[int | None, typer.Option("--max-new-tokens")] = None,
+    max_new_tokens: Annotated[
+        int | None, typer.Option("--max-new-tokens", help="Tokens to generate per sample.")
+    ] = None,
     temperature: Annotated[float | None, typer.Option("--temperature", help="0 = greedy.")] = None,
-    top_k: Annotated[int | None, typer.Option("--top-k")] = None,
-    top_p: Annotated[float | None, typer.Option("--top-p")] = None,
-    num_samples: Annotated[int | None, typer.Option("--num-samples")] = None,
-    seed: Annotated[int | None, typer.Option("--seed")] = None,
+    top_k: Annotated[
+        int | None, typer.Option("--top-k", help="Sample among the k most likely tokens.")
+    ] = None,
+    top_p: Annotated[
+        float | None,
+        typer.Option("--top-p", help="Nucleus: the fewest tokens holding this probability."),
+    ] = None,
+    num_samples: Annotated[
+        int | None, typer.Option("--num-samples", help="Samples generated as one batch.")
+    ] = None,
+    seed: Annotated[int | None, typer.Option("--seed", help="Same seed, same text.")] = None,
     stop: Annotated[
         list[str] | None, typer.Option("--stop", help="End a sample before this text (repeatable).")
     ] = None,
     stream: Annotated[
         bool | None, typer.Option("--stream/--no-stream", help="Print text as it is decoded.")
     ] = None,
-    device: Annotated[str, typer.Option("--device")] = "auto",
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N, mps.")] = "auto",
     dtype: Annotated[
-        str, typer.Option("--dtype", help="auto, float32, bfloat16, float16.")
+        str,
+        typer.Option(
+            "--dtype", help="auto (bfloat16 where computed natively), float32, bfloat16, float16."
+        ),
     ] = "auto",
     compile_model: Annotated[
         bool, typer.Option("--compile", help="torch.compile the model.")

@@ -37,7 +37,14 @@ def load_for_sampling(
     checkpoint: str | Path, which: str, device: str, dtype: str, compile_model: bool
 ) -> tuple[GPT, Tokenizer, RunConfig]:
     """Model (eval mode, on device, in dtype), tokenizer and run config from a checkpoint."""
-    torch_device = resolve_device(device)
+    try:
+        torch_device = resolve_device(device)
+    except RuntimeError:
+        raise GPTError(
+            f"--device {device!r} is not a device; use auto, cpu, cuda, cuda:N or mps"
+        ) from None
+    except GPTError:
+        raise GPTError(f"--device {device!r} is not available here; use auto or cpu") from None
     model, config, tokenizer_state = load_model(checkpoint, torch_device, which)
     if dtype == "auto":
         dtype = "bfloat16" if _fast_bfloat16(torch_device) else "float32"

@@ -12,6 +12,7 @@ per token.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -97,7 +98,8 @@ def main() -> None:
 
     bw = bandwidth_gb_s()
     bounds = {}
-    print(f"threads: {torch.get_num_threads()}, read bandwidth: {bw:.1f} GB/s")
+    print(f"threads: {torch.get_num_threads()}, read bandwidth: {bw:.1f} GB/s, "
+          f"load average before: {os.getloadavg()[0]:.2f}")
     for dtype, size in (("fp32", 4), ("bf16", 2)):
         weight_bytes = model.num_params() * size
         bounds[dtype] = bw * 1e9 / weight_bytes
@@ -135,6 +137,7 @@ def main() -> None:
     agree = (a.argmax(-1) == b.argmax(-1)).float().mean().item()
     diff = (a - b).abs().max().item()
     print(f"bf16 vs fp32 logits: max abs diff {diff:.3f}, argmax agreement {agree:.2%}")
+    print(f"load average after: {os.getloadavg()[0]:.2f} (other processes slow every row)")
 
 
 if __name__ == "__main__":

@@ -133,6 +133,8 @@ def test_prompt_from_stdin_and_file(run: Path) -> None:
         (["--num-samples", "0"], "num_samples: must be > 0"),
         (["--stop", ""], "a stop string is empty"),
         (["--prompt", "déf ☃"], "2 character(s) not in the char vocabulary: 'é', '☃'"),
+        (["--device", "foo"], "--device 'foo' is not a device; use auto, cpu"),
+        (["--dtype", "int4"], "--dtype 'int4' is not one of auto, float32"),
     ],
 )
 def test_sample_bad_input(run: Path, args: list[str], message: str) -> None:
