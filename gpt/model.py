@@ -153,7 +153,8 @@ class Attention(nn.Module):
             cos, sin = rope
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
-            k, v = cache.update(start, k, v)  # (B, nkv, start+T, hs)
+            k, v = cache.update(start, k, v)  # (B, nkv, start+T, hs), in the cache's dtype
+            q = q.to(k.dtype)  # a float32 cache under bfloat16 weights: attention in float32
         if self.n_kv_head != self.n_head:  # grouped-query: each kv head serves n_head/n_kv queries
             repeats = self.n_head // self.n_kv_head
             k = k.repeat_interleave(repeats, dim=1)  # (B, nh, S, hs)
@@ -170,7 +171,7 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(
                 q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=self.causal
             )
-        y = y.transpose(1, 2).contiguous().view(B, T, self.q_dim)  # (B, T, nh*hs)
+        y = y.transpose(1, 2).contiguous().view(B, T, self.q_dim).to(x.dtype)  # (B, T, nh*hs)
         return self.resid_dropout(self.c_proj(y))
 
     @staticmethod
@@ -345,13 +346,19 @@ class GPT(nn.Module):
             )
         return logits, loss
 
-    def new_cache(self, batch: int, max_len: int | None = None) -> list[KVCache]:
-        """An empty per-layer KV cache for `batch` sequences of up to `max_len` positions."""
+    def new_cache(
+        self, batch: int, max_len: int | None = None, dtype: torch.dtype | None = None
+    ) -> list[KVCache]:
+        """An empty per-layer KV cache for `batch` sequences of up to `max_len` positions.
+
+        `dtype` defaults to the weights'; attention then runs in the cache's dtype (float32
+        keys and values under bfloat16 weights: CPU attention kernels are far faster in float32).
+        """
         cfg = self.config
         weight = self.transformer.wte.weight
         return [
             KVCache(batch, cfg.kv_heads, max_len or cfg.block_size, cfg.head_dim,
-                    weight.device, weight.dtype)
+                    weight.device, dtype or weight.dtype)
             for _ in range(cfg.n_layer)
         ]
 

@@ -9,7 +9,14 @@ import pytest
 import torch
 
 from gpt.config import ModelConfig
-from gpt.generate import PackedLinear, draw, generate, pack_linears, sample_next
+from gpt.generate import (
+    PackedLinear,
+    cache_dtype,
+    draw,
+    generate,
+    pack_linears,
+    sample_next,
+)
 from gpt.model import GPT
 
 VARIANTS = [
@@ -70,6 +77,23 @@ def test_packed_bfloat16_matches_plain_bfloat16() -> None:
     plain, _ = model(idx)
     packed, _ = pack_linears(copy.deepcopy(model))(idx)
     torch.testing.assert_close(packed, plain, rtol=0, atol=0.02)
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "manual"])
+def test_float32_cache_under_bfloat16_weights(attention: str) -> None:
+    """A bfloat16 CPU model decodes against a float32 cache; its logits stay those of a full
+    bfloat16 pass, and sampling gives the same greedy ids as full recomputation."""
+    model = tiny(attention=attention, pos_embedding="rope").to(torch.bfloat16)
+    assert cache_dtype(model) == torch.float32
+    idx = torch.randint(0, 50, (2, 16))
+    full, _ = model(idx)
+    cache = model.new_cache(2, dtype=torch.float32)
+    assert cache[0].k.dtype == torch.float32
+    steps = [model(idx[:, :6], cache=cache, start=0)[0]]
+    steps += [model(idx[:, t : t + 1], cache=cache, start=t)[0] for t in range(6, 16)]
+    cached = torch.cat(steps, dim=1)
+    assert cached.dtype == torch.bfloat16
+    torch.testing.assert_close(cached.float(), full.float(), rtol=0, atol=0.05)
 
 
 def test_chunked_prefill_after_cache() -> None:
