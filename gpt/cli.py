@@ -268,7 +268,7 @@ def eval_(
         str | None, typer.Option("--data", help="Evaluate on this text file or source instead.")
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
-    device: Annotated[str, typer.Option("--device")] = "auto",
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N, mps.")] = "auto",
 ) -> None:
     """Loss, perplexity and bits per byte of a checkpoint over a whole split or a text."""
     import json
