@@ -132,8 +132,12 @@ def generate(
     top_k: int | None = None,
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
+    vocab_size: int | None = None,
 ) -> Iterator[Tensor]:
     """Yield the next token ids (B,) of prompt (B, T0), one step at a time.
+
+    `vocab_size` (the tokenizer's) keeps ids at or past it from ever being drawn: a model's
+    vocabulary is padded (to a multiple of 64) past its tokenizer's, and a padding id has no text.
 
     The prompt is prefilled in one pass; each later step runs one position against the KV cache.
     Once the text outgrows block_size, the context slides: each step rebuilds the cache from the
@@ -150,7 +154,8 @@ def generate(
     )
     logits, _ = model(window, cache=cache, start=0, last_only=True)  # prefill
     for step in range(max_new_tokens):
-        next_ids = sample_next(logits[:, -1], temperature, top_k, top_p, generator)  # (B,)
+        last = logits[:, -1, :vocab_size]  # (B, V) the tokenizer's ids only
+        next_ids = sample_next(last, temperature, top_k, top_p, generator)  # (B,)
         yield next_ids
         if step == max_new_tokens - 1:
             break  # no forward pass for a token nobody will read

@@ -89,7 +89,7 @@ def sample_text(
     hold = max((len(s) for s in settings.stop), default=1) - 1
     for step_ids in generate(
         model, batch, settings.max_new_tokens, settings.temperature, settings.top_k,
-        settings.top_p, generator,
+        settings.top_p, generator, vocab_size=tokenizer.vocab_size,
     ):
         for i, token in enumerate(step_ids.tolist()):
             if finished[i]:

@@ -8,7 +8,7 @@ import itertools
 import pytest
 import torch
 
-from gpt.config import ModelConfig
+from gpt.config import ModelConfig, SampleConfig
 from gpt.generate import (
     PackedLinear,
     cache_dtype,
@@ -18,6 +18,8 @@ from gpt.generate import (
     sample_next,
 )
 from gpt.model import GPT
+from gpt.sample import sample_text
+from gpt.tokenizer import CharTokenizer
 
 VARIANTS = [
     dict(norm=n, norm_position=p, mlp=m, pos_embedding=pe, attention=a, n_kv_head=kv)
@@ -139,6 +141,37 @@ def test_same_seed_same_sample_and_max_new_tokens() -> None:
     assert run(1) != run(2)
     assert all(len(row) == 12 for row in run(1))
     assert list(generate(model, prompt, 0)) == []
+
+
+@pytest.mark.parametrize("top_k", [None, 40])
+def test_padding_ids_past_the_tokenizer_are_never_drawn(top_k: int | None) -> None:
+    """A model's vocabulary padded past its tokenizer's: ids with no text must not be sampled."""
+    model = tiny(vocab_size=64, tie_embeddings=False)
+    with torch.no_grad():
+        model.lm_head.weight.zero_()  # every logit 0: a uniform draw over the 64 ids
+        model.lm_head.weight[50:, 0] = 5.0  # and more weight on the padding ids 50..63
+    prompt = torch.zeros(8, 1, dtype=torch.long)
+
+    def drawn(vocab_size: int | None) -> set[int]:
+        g = torch.Generator().manual_seed(0)
+        steps = generate(model, prompt, 10, top_k=top_k, generator=g, vocab_size=vocab_size)
+        return set(torch.stack(list(steps)).flatten().tolist())
+
+    assert max(drawn(None)) >= 50  # the check below could fail
+    assert max(drawn(50)) < 50
+    greedy = generate(model, prompt, 3, temperature=0, vocab_size=50)
+    assert max(torch.stack(list(greedy)).flatten().tolist()) < 50
+
+
+def test_sample_text_gives_one_character_per_token_with_a_padded_vocabulary() -> None:
+    """Through sample_text: a char model padded to 64 ids never spends a token on padding."""
+    model = tiny(vocab_size=64, tie_embeddings=False)
+    with torch.no_grad():
+        model.lm_head.weight.zero_()
+    tokenizer = CharTokenizer("abcdefghijklmnopqrstuvwxyz")  # 27 ids with the newline
+    settings = SampleConfig(max_new_tokens=40, temperature=1.0, top_k=None, num_samples=3)
+    for text in sample_text(model, tokenizer, "a", settings):
+        assert len(text) == 40
 
 
 def test_top_k_never_leaves_its_set() -> None:
