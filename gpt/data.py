@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 from gpt.config import DataConfig
 from gpt.errors import GPTError, first_line
+from gpt.lock import FolderLock
 from gpt.tokenizer import CharTokenizer, Tokenizer, get_tokenizer, tokenizer_from_dict
 
 FORMAT_VERSION = 1
@@ -550,27 +551,60 @@ def prepare(
     record) fixes the char vocabulary instead of building it from the text: finetuning keeps the
     base model's ids.
     """
-    data_dir = cfg.resolved_data_dir
     source = open_source(cfg)
     fingerprint = _fingerprint(cfg, source)
-    meta_path = data_dir / "meta.json"
-    if meta_path.exists() and not force:
-        meta = load_meta(data_dir)
-        same_vocabulary = vocabulary is None or meta["tokenizer"] == vocabulary
-        if meta.get("fingerprint") == fingerprint and same_vocabulary:
-            _check_split_sizes(meta, block_size, data_dir)
-            if progress:
-                print(f"{data_dir} is already prepared from these settings; nothing to do "
-                      "(--force rebuilds)")
-            return meta
-        what = _what_changed(meta, cfg)
-        if not same_vocabulary:
-            what = "a char vocabulary other than the base model's"
-        raise GPTError(
-            f"{data_dir} holds data prepared from other settings ({what}); rebuild it with "
-            "gpt prepare --force, or set data.data_dir to another folder"
+    data_dir = cfg.resolved_data_dir
+    # finished data is read without the lock (meta.json is written last), so a read-only
+    # folder of prepared data still works
+    existing = None if force else _existing_data(cfg, fingerprint, vocabulary, block_size, progress)
+    if existing is not None:
+        return existing
+    # one writer per folder: a second prepare (or gpt train) of the same folder waits, then
+    # finds the data ready instead of writing the same temporary files
+    with FolderLock(data_dir, "gpt prepare", "data.data_dir", name=".prepare.lock", wait=True):
+        existing = (
+            None if force else _existing_data(cfg, fingerprint, vocabulary, block_size, progress)
         )
+        if existing is not None:
+            return existing
+        return _tokenize(cfg, source, fingerprint, block_size, progress, vocabulary)
 
+
+def _existing_data(
+    cfg: DataConfig, fingerprint: str, vocabulary: dict[str, Any] | None, block_size: int,
+    progress: bool,
+) -> dict[str, Any] | None:
+    """The meta of data already prepared from these settings; None if there is none yet.
+
+    Data prepared from other settings is an error that names what changed.
+    """
+    data_dir = cfg.resolved_data_dir
+    if not (data_dir / "meta.json").exists():
+        return None
+    meta = load_meta(data_dir)
+    same_vocabulary = vocabulary is None or meta["tokenizer"] == vocabulary
+    if meta.get("fingerprint") == fingerprint and same_vocabulary:
+        _check_split_sizes(meta, block_size, data_dir)
+        if progress:
+            print(f"{data_dir} is already prepared from these settings; nothing to do "
+                  "(--force rebuilds)")
+        return meta
+    what = _what_changed(meta, cfg)
+    if not same_vocabulary:
+        what = "a char vocabulary other than the base model's"
+    raise GPTError(
+        f"{data_dir} holds data prepared from other settings ({what}); rebuild it with "
+        "gpt prepare --force, or set data.data_dir to another folder"
+    )
+
+
+def _tokenize(
+    cfg: DataConfig, source: Source, fingerprint: str, block_size: int, progress: bool,
+    vocabulary: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """Encode the source into data_dir's .bin files and meta.json (the caller holds the lock)."""
+    data_dir = cfg.resolved_data_dir
+    meta_path = data_dir / "meta.json"
     tokenizer: Tokenizer
     if cfg.tokenizer == "char" and vocabulary is not None:
         tokenizer = tokenizer_from_dict(vocabulary)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import json
 import math
 import os
@@ -31,6 +30,7 @@ from gpt import checkpoint as ckpt
 from gpt.config import RunConfig, TrainConfig, from_dict, to_dict
 from gpt.data import BatchSampler, load_meta, prepare
 from gpt.errors import GPTError, first_line
+from gpt.lock import FolderLock
 from gpt.model import GPT
 from gpt.tokenizer import padded_vocab_size
 
@@ -145,33 +145,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
-
-
-class RunLock:
-    """An exclusive lock on out_dir, released by the OS even if the process is killed."""
-
-    def __init__(self, out_dir: Path) -> None:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        self.path = out_dir / ".lock"
-        self.file = open(self.path, "a+")
-        try:
-            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self.file.seek(0)
-            owner = self.file.read().strip() or "another process"
-            self.file.close()
-            raise GPTError(
-                f"{out_dir} is in use by another gpt train ({owner}); wait for it to finish, "
-                "or set train.out_dir to another folder"
-            ) from None
-        self.file.seek(0)
-        self.file.truncate()
-        self.file.write(f"pid {os.getpid()} on {os.uname().nodename}")
-        self.file.flush()
-
-    def release(self) -> None:
-        fcntl.flock(self.file, fcntl.LOCK_UN)
-        self.file.close()
 
 
 class StopFlag:
@@ -356,7 +329,8 @@ def train(cfg: RunConfig, resume: bool = True) -> int:
         torch.backends.cudnn.allow_tf32 = True
 
     out_dir = Path(tcfg.out_dir)
-    lock = RunLock(out_dir) if world.main else None  # before prepare: one run per out_dir
+    # before prepare: one run per out_dir
+    lock = FolderLock(out_dir, "gpt train", "train.out_dir") if world.main else None
     try:
         # data: prepared once (by rank 0), then every rank reads it
         data_dir = cfg.data.resolved_data_dir

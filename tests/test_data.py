@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +24,7 @@ from gpt.data import (
     token_dtype,
 )
 from gpt.errors import GPTError
+from gpt.lock import FolderLock
 from gpt.tokenizer import get_tokenizer, tokenizer_from_dict
 
 runner = CliRunner()
@@ -35,6 +38,11 @@ def cfg(tmp_path: Path, source: str | Path, **kw: object) -> DataConfig:
 def read_bin(data_dir: Path, split: str) -> np.ndarray:
     meta = load_meta(data_dir)
     return np.fromfile(data_dir / f"{split}.bin", dtype=meta["dtype"])
+
+
+def leftovers(data_dir: Path) -> list[str]:
+    """What a failed prepare left in data_dir, besides its lock file (kept: see gpt/lock.py)."""
+    return sorted(p.name for p in data_dir.iterdir() if p.name != ".prepare.lock")
 
 
 def docs_folder(tmp_path: Path, n: int = 10) -> Path:
@@ -181,6 +189,52 @@ def test_rerun_is_a_noop_and_force_rebuilds(tmp_path: Path, capsys: pytest.Captu
     assert train.stat().st_mtime_ns != stamp
 
 
+def test_a_second_prepare_of_the_same_folder_waits_then_finds_it_ready(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """Two prepares of one data_dir (two runs started together) must not interleave writes."""
+    folder = docs_folder(tmp_path)
+    first = FolderLock(tmp_path / "prepared", "gpt prepare", "data.data_dir", name=".prepare.lock")
+    second = threading.Thread(target=prepare, args=(cfg(tmp_path, folder),))
+    second.start()
+    second.join(timeout=1.0)
+    assert second.is_alive()  # waiting for the first
+    assert not list((tmp_path / "prepared").glob("*.bin*"))  # and writing nothing meanwhile
+    source = data.open_source(cfg(tmp_path, folder))  # the first writes the data, then lets go
+    fingerprint = data._fingerprint(cfg(tmp_path, folder), source)
+    data._tokenize(cfg(tmp_path, folder), source, fingerprint, 0, False, None)
+    first.release()
+    second.join(timeout=60)
+    assert not second.is_alive()
+    captured = capsys.readouterr()
+    assert f"waiting for another gpt prepare (pid {os.getpid()}" in captured.err
+    assert "already prepared" in captured.out  # the second found the first's data
+    assert load_meta(tmp_path / "prepared", verify_hash=True)["tokens"]["train"] > 0
+
+
+def test_prepared_data_is_reused_without_writing_to_its_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A read-only folder of prepared data (a shared mount) needs no lock to be reused."""
+    folder = docs_folder(tmp_path)
+    meta = prepare(cfg(tmp_path, folder), progress=False)
+
+    def no_writes(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the lock was taken")
+
+    monkeypatch.setattr(data, "FolderLock", no_writes)
+    assert prepare(cfg(tmp_path, folder), progress=False) == meta
+
+
+def test_an_unwritable_data_dir_is_a_one_line_error(tmp_path: Path) -> None:
+    (tmp_path / "a_file").write_text("not a folder")
+    args = ["prepare", "--set", f"data.source={docs_folder(tmp_path)}",
+            "--set", f"data.data_dir={tmp_path / 'a_file' / 'data'}"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "cannot write" in result.output and "set data.data_dir to a folder you can write" in result.output
+
+
 def test_other_settings_are_refused_and_data_kept(tmp_path: Path) -> None:
     folder = docs_folder(tmp_path)
     meta = prepare(cfg(tmp_path, folder), progress=False)
@@ -215,7 +269,7 @@ def test_interrupted_prepare_leaves_nothing_that_looks_finished(tmp_path: Path, 
     monkeypatch.setattr(data, "_encode_stream", interrupted)
     with pytest.raises(KeyboardInterrupt):
         prepare(cfg(tmp_path, docs_folder(tmp_path)), progress=False)
-    assert list((tmp_path / "prepared").iterdir()) == []
+    assert leftovers(tmp_path / "prepared") == []
 
 
 def test_too_little_text_for_block_size(tmp_path: Path) -> None:
@@ -223,7 +277,7 @@ def test_too_little_text_for_block_size(tmp_path: Path) -> None:
     with pytest.raises(GPTError, match=r"the val split has 2 tokens, fewer than block_size \+ 1 = 9"):
         prepare(cfg(tmp_path, tmp_path / "a.txt", tokenizer="char"), progress=False, block_size=8)
     assert not (tmp_path / "prepared" / "train.bin").exists()
-    assert list((tmp_path / "prepared").iterdir()) == []
+    assert leftovers(tmp_path / "prepared") == []
 
 
 def test_bad_sources(tmp_path: Path) -> None:
@@ -451,7 +505,7 @@ def test_ids_outside_the_vocabulary_are_an_error(tmp_path: Path, monkeypatch: py
     monkeypatch.setattr(data, "get_tokenizer", lambda name: Broken())
     with pytest.raises(GPTError, match=r"tokenizer 'broken' gave id 65541, outside its vocabulary of 100"):
         prepare(cfg(tmp_path, docs_folder(tmp_path), num_proc=1), progress=False)
-    assert list((tmp_path / "prepared").iterdir()) == []
+    assert leftovers(tmp_path / "prepared") == []
 
 
 def test_fixed_char_vocabulary_names_foreign_characters_from_a_worker(tmp_path: Path) -> None:
@@ -460,6 +514,6 @@ def test_fixed_char_vocabulary_names_foreign_characters_from_a_worker(tmp_path: 
     vocabulary = {"name": "char", "chars": "\n documen0123456789"}
     with pytest.raises(GPTError, match=r"1 character\(s\) not in the char vocabulary: 't'"):
         prepare(cfg(tmp_path, folder, tokenizer="char", num_proc=2), progress=False, vocabulary=vocabulary)
-    assert list((tmp_path / "prepared").iterdir()) == []
+    assert leftovers(tmp_path / "prepared") == []
     meta = prepare(cfg(tmp_path, folder, tokenizer="char"), progress=False, vocabulary={**vocabulary, "chars": vocabulary["chars"] + "t"})
     assert meta["vocab_size"] == 20

@@ -20,7 +20,8 @@ from typer.testing import CliRunner
 from gpt.cli import app
 from gpt.config import TrainConfig, load_config
 from gpt.errors import GPTError
-from gpt.train import RunLock, StopFlag, lr_at, train
+from gpt.lock import FolderLock
+from gpt.train import StopFlag, lr_at, train
 
 runner = CliRunner()
 ROOT = Path(__file__).resolve().parents[1]
@@ -195,13 +196,19 @@ def test_corrupted_latest_falls_back_to_previous(run_dir: Path, capsys: pytest.C
 
 
 def test_second_trainer_on_the_same_out_dir_is_refused(run_dir: Path) -> None:
-    lock = RunLock(run_dir / "out")
+    lock = FolderLock(run_dir / "out", "gpt train", "train.out_dir")
     try:
         with pytest.raises(GPTError, match=rf"out is in use by another gpt train \(pid {os.getpid()}"):
             train(load_config("tiny.toml"))
     finally:
         lock.release()
     assert train(load_config("tiny.toml", ["train.max_iters=5"])) == 0  # free again
+
+
+def test_an_unwritable_out_dir_is_refused_before_any_work(run_dir: Path) -> None:
+    (run_dir / "a_file").write_text("not a folder")
+    with pytest.raises(GPTError, match=r"cannot write .*a_file/out .*set train.out_dir to a folder you can write"):
+        train(load_config("tiny.toml", ["train.out_dir=a_file/out"]))
 
 
 @pytest.mark.parametrize("what", ["loss", "gradient norm"])

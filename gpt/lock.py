@@ -1,0 +1,65 @@
+"""Exclusive folder locks: one training run per out_dir, one tokenizer writing a data_dir.
+
+An `flock` on a file inside the folder; the OS releases it when the process ends, however it
+ends, so a killed run never leaves a stale lock behind. The file names the holder (what it is,
+its pid and host) for the message the next process shows. It stays after release: deleting it
+would let a process waiting on the old file and a newcomer creating a new one both hold "the"
+lock.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import sys
+from pathlib import Path
+
+from gpt.errors import GPTError
+
+
+class FolderLock:
+    """Hold `folder/name` exclusively, as `what` (say "gpt train"), until `release()`.
+
+    `option` is the setting that names the folder, for the errors: a folder in use (with
+    `wait=False`) or one that cannot be written. `wait=True` says once on stderr whom it waits
+    for, then blocks until the holder is done.
+    """
+
+    def __init__(
+        self, folder: Path, what: str, option: str, name: str = ".lock", wait: bool = False
+    ) -> None:
+        self.path = folder / name
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            self.file = open(self.path, "a+")
+        except OSError as e:
+            raise GPTError(
+                f"cannot write {folder} ({e.strerror}); set {option} to a folder you can write"
+            ) from None
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.file.seek(0)
+            holder = self.file.read().strip() or what
+            if not wait:
+                self.file.close()
+                raise GPTError(
+                    f"{folder} is in use by another {holder}; wait for it to finish, or set "
+                    f"{option} to another folder"
+                ) from None
+            print(f"waiting for another {holder} to finish writing {folder}", file=sys.stderr)
+            fcntl.flock(self.file, fcntl.LOCK_EX)
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write(f"{what} (pid {os.getpid()} on {os.uname().nodename})")
+        self.file.flush()
+
+    def release(self) -> None:
+        fcntl.flock(self.file, fcntl.LOCK_UN)
+        self.file.close()
+
+    def __enter__(self) -> FolderLock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
