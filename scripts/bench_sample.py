@@ -19,21 +19,38 @@ import time
 import torch
 
 from gpt.config import ModelConfig
-from gpt.generate import generate, pack_linears
+from gpt.generate import PackedLinear, cache_dtype, generate, pack_linears
 from gpt.hf import to_hf_gpt2
 from gpt.model import GPT
 
 
 def bandwidth_gb_s() -> float:
-    """Read bandwidth: summing a 1 GB tensor, as decoding reads the weights. The fastest of 7
+    """Read bandwidth: summing a 1 GB tensor, as decoding reads the weights. The fastest of 3
     reads, so that a busy moment cannot lower the bound the sampler is measured against."""
     data = torch.ones(256 * 2**20, dtype=torch.float32)
     times = []
-    for _ in range(7):
+    for _ in range(3):
         start = time.perf_counter()
         data.sum()
         times.append(time.perf_counter() - start)
     return data.numel() * 4 / min(times) / 1e9
+
+
+@torch.inference_mode()
+def matmuls_alone(model: GPT, n: int) -> float:
+    """Tokens/s if a decode step were its matrix-vector products and nothing else.
+
+    Each Linear of the (packed) model, LM head included, in the order a step runs them, on a
+    fixed input: the ceiling any eager sampler built on these kernels can reach.
+    """
+    linears = [m for m in model.modules() if isinstance(m, PackedLinear)]
+    dtype = model.transformer.wte.weight.dtype
+    inputs = [torch.randn(1, 1, linear.in_features, dtype=dtype) for linear in linears]
+    start = time.perf_counter()
+    for _ in range(n):
+        for linear, x in zip(linears, inputs, strict=True):
+            linear(x)
+    return n / (time.perf_counter() - start)
 
 
 def ours(model: GPT, prompt: torch.Tensor, n: int) -> float:
@@ -66,15 +83,43 @@ def hf(hf_model, prompt: torch.Tensor, n: int) -> float:
     return n / (time.perf_counter() - start)
 
 
-def medians(runs: int, measurements: dict) -> dict[str, float]:
-    """Median tokens/s of each measurement, taking turns so that load drifts hit all alike."""
+@torch.inference_mode()
+def decode_step_ms(model: GPT, n: int, without_matmuls: bool = False) -> float:
+    """Median ms of a decode step (one token against a 16-token cache that grows to 16 + n).
+
+    `without_matmuls` makes every Linear return zeros of its output's shape: what is left is
+    the rest of the step (attention, norms, adds, cache writes, Python).
+    """
+    forward = PackedLinear.forward
+    if without_matmuls:
+        PackedLinear.forward = lambda self, x: x.new_zeros(*x.shape[:-1], self.out_features)
+    try:
+        cache = model.new_cache(1, 16 + n, cache_dtype(model))
+        model(torch.zeros(1, 16, dtype=torch.long), cache=cache, start=0, last_only=True)
+        token = torch.zeros(1, 1, dtype=torch.long)
+        times = []
+        for i in range(n):
+            start = time.perf_counter()
+            model(token, cache=cache, start=16 + i, last_only=True)
+            times.append(time.perf_counter() - start)
+    finally:
+        PackedLinear.forward = forward
+    return statistics.median(times) * 1e3
+
+
+def rounds(runs: int, measurements: dict) -> dict[str, list[float]]:
+    """Each measurement `runs` times, taking turns so that load drifts hit all alike."""
     for fn, *fn_args in measurements.values():
         fn(*fn_args[:-1], 8)  # warm-up
     results: dict[str, list[float]] = {label: [] for label in measurements}
     for _ in range(runs):
         for label, (fn, *fn_args) in measurements.items():
             results[label].append(fn(*fn_args))
-    return {label: statistics.median(values) for label, values in results.items()}
+    return results
+
+
+def medians(runs: int, measurements: dict) -> dict[str, float]:
+    return {label: statistics.median(v) for label, v in rounds(runs, measurements).items()}
 
 
 def main() -> None:
@@ -96,27 +141,42 @@ def main() -> None:
     prompt = torch.randint(0, 50257, (1, 16))
     n = args.new_tokens
 
-    bw = bandwidth_gb_s()
-    bounds = {}
-    print(f"threads: {torch.get_num_threads()}, read bandwidth: {bw:.1f} GB/s, "
-          f"load average before: {os.getloadavg()[0]:.2f}")
-    for dtype, size in (("fp32", 4), ("bf16", 2)):
-        weight_bytes = model.num_params() * size
-        bounds[dtype] = bw * 1e9 / weight_bytes
-        print(f"bound ({dtype}, {weight_bytes / 1e6:.0f} MB read per token): "
-              f"{bounds[dtype]:.1f} tok/s")
-    rates = medians(args.runs, {
+    print(f"threads: {torch.get_num_threads()}, load average before: {os.getloadavg()[0]:.2f}")
+    weight_bytes = {"fp32": model.num_params() * 4, "bf16": model.num_params() * 2}
+    # the bandwidth is measured in every round, next to the runs it bounds: on a shared host
+    # it moves by tens of percent from one minute to the next
+    results = rounds(args.runs, {
+        "read bandwidth, GB/s": (lambda _: bandwidth_gb_s(), None),
         "HF transformers generate, fp32": (hf, hf_model, prompt, n),
         "gpt sample path, fp32": (ours, model_fp32, prompt, n),
         "gpt sample path, bf16": (ours, model_bf16, prompt, n),
         "gpt, fp32, unpacked Linear": (ours, model, prompt, n),
+        "bf16 matmuls alone (no sampler)": (matmuls_alone, model_bf16, n),
     })
-    rates["no cache (nanoGPT's loop), fp32"] = no_cache(model, prompt, min(n, 64))
-    reference = rates["HF transformers generate, fp32"]
-    for label, rate in rates.items():
-        bound = bounds["bf16" if "bf16" in label else "fp32"]
+    bandwidth = results.pop("read bandwidth, GB/s")
+    print(f"read bandwidth per round: {', '.join(f'{bw:.1f}' for bw in bandwidth)} GB/s")
+    for dtype, size in weight_bytes.items():
+        bounds = [bw * 1e9 / size for bw in bandwidth]
+        print(f"bound ({dtype}, {size / 1e6:.0f} MB read per token): "
+              f"{statistics.median(bounds):.1f} tok/s (median of rounds)")
+    results["no cache (nanoGPT's loop), fp32"] = [no_cache(model, prompt, min(n, 64))]
+    reference = statistics.median(results["HF transformers generate, fp32"])
+    for label, rates in results.items():
+        size = weight_bytes["bf16" if "bf16" in label else "fp32"]
+        # each round's rate against the bound measured in that round (no cache: the first)
+        of_bound = statistics.median(
+            rate / (bw * 1e9 / size) for rate, bw in zip(rates, bandwidth, strict=False)
+        )
+        rate = statistics.median(rates)
         print(f"{label:35s} {rate:7.1f} tok/s  {rate / reference:5.2f}x HF  "
-              f"{rate / bound:4.0%} of the bound")
+              f"{of_bound:4.0%} of the bound")
+    steps = rounds(args.runs, {
+        "whole": (decode_step_ms, model_bf16, n),
+        "without matmuls": (lambda m, k: decode_step_ms(m, k, without_matmuls=True), model_bf16, n),
+    })
+    whole, rest = (statistics.median(v) for v in steps.values())
+    print(f"bf16 decode step: {whole:.2f} ms; without its matmuls (Linear layers return zeros): "
+          f"{rest:.2f} ms ({rest / whole:.0%})")
     batch = prompt.repeat(8, 1)
     batch_rates = medians(
         args.runs, {"fp32": (ours, model_fp32, batch, n), "bf16": (ours, model_bf16, batch, n)}
