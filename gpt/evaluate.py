@@ -1,8 +1,8 @@
 """`gpt eval`: loss, perplexity and bits per byte of a checkpoint over a whole split or a text.
 
-Deterministic: consecutive, non-overlapping windows of block_size targets cover every token once
-(each window's first token is predicted from the previous window's last), unlike the random
-batches training evaluates on.
+Deterministic: consecutive, non-overlapping windows of block_size targets (the last one shorter)
+cover every token but the first once (each window's first token is predicted from the previous
+window's last), unlike the random batches training evaluates on.
 """
 
 from __future__ import annotations
@@ -45,21 +45,33 @@ def tokens_of_source(config: RunConfig, source: str, tokenizer: Tokenizer) -> np
     return np.concatenate(pieces)
 
 
+LOGITS_BYTES = 2**28  # float32 logits held at once: batches shrink for large vocabularies
+
+
 @torch.inference_mode()
 def evaluate(
     model: GPT, tokens: np.ndarray, tokenizer: Tokenizer, batch_size: int = 8, progress: bool = True
 ) -> dict[str, float]:
-    """Mean loss, perplexity and bits per byte over all of `tokens`."""
+    """Mean loss, perplexity and bits per byte over all of `tokens`.
+
+    Up to `batch_size` windows run together, fewer when their logits would pass LOGITS_BYTES
+    (one window of GPT-2's 50k vocabulary at block 1024 is 206 MB).
+    """
     T = model.config.block_size
-    n_windows = (len(tokens) - 1) // T
-    if n_windows == 0:
-        raise GPTError(f"{len(tokens)} tokens are too few to evaluate with block_size = {T}")
+    n_targets = len(tokens) - 1
+    if n_targets < 1:
+        raise GPTError(f"{len(tokens)} token(s) are too few to evaluate; give at least 2")
+    starts = range(0, n_targets, T)
+    full = [s for s in starts if s + T <= n_targets]
+    per_batch = max(1, min(batch_size, LOGITS_BYTES // (T * model.config.vocab_size * 4)))
+    batches = [full[i : i + per_batch] for i in range(0, len(full), per_batch)]
+    if starts[-1] + T > n_targets:
+        batches.append([starts[-1]])  # the shorter last window, alone
     device = next(model.parameters()).device
     total_nll, total_tokens, total_bytes = 0.0, 0, 0
-    for first in tqdm(range(0, n_windows, batch_size), disable=not progress, unit="batch"):
-        rows = range(first, min(first + batch_size, n_windows))
-        windows = np.stack([tokens[r * T : r * T + T + 1] for r in rows]).astype(np.int64)
-        batch = torch.from_numpy(windows).to(device)  # (B, T + 1)
+    for rows in tqdm(batches, disable=not progress, unit="batch"):
+        windows = np.stack([tokens[s : s + T + 1] for s in rows]).astype(np.int64)
+        batch = torch.from_numpy(windows).to(device)  # (B, T + 1), or (1, shorter) for the last
         logits, _ = model(batch[:, :-1])
         nll = torch.nn.functional.cross_entropy(
             logits.float().reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1), reduction="sum"

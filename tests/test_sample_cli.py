@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 from gpt.checkpoint import load_model
 from gpt.cli import app
 from gpt.config import load_config
+from gpt.errors import GPTError
 from gpt.tokenizer import tokenizer_from_dict
 from gpt.train import train
 
@@ -167,15 +168,35 @@ def test_eval_perplexity_equals_naive_loop(run: Path) -> None:
     model, _, tok_state = load_model(run / "out")
     tokens = np.fromfile(run / "data" / "corpus" / "val.bin", dtype=np.uint16).astype(np.int64)
     nll, count = 0.0, 0
-    for start in range(0, len(tokens) - 32, 32):  # consecutive windows, one at a time
-        window = torch.from_numpy(tokens[start : start + 33])[None]
+    for start in range(0, len(tokens) - 1, 32):  # consecutive windows, one at a time
+        window = torch.from_numpy(tokens[start : start + 33])[None]  # the last one shorter
         with torch.no_grad():
             logits, _ = model(window[:, :-1])
         nll += torch.nn.functional.cross_entropy(logits[0], window[0, 1:], reduction="sum").item()
-        count += 32
-    assert got["tokens"] == count
+        count += window.size(1) - 1
+    assert (len(tokens) - 1) % 32 != 0  # so the shorter last window is covered
+    assert got["tokens"] == count == len(tokens) - 1
     assert got["perplexity"] == pytest.approx(math.exp(nll / count), rel=1e-5)
     assert got["bits_per_byte"] == pytest.approx(nll / count / math.log(2), rel=1e-5)  # 1 char = 1 byte
+
+
+def test_eval_batches_shrink_for_large_logits_without_changing_the_result(
+    run: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import gpt.evaluate as evaluate_module
+
+    model, _, tok_state = load_model(run / "out")
+    tokenizer = tokenizer_from_dict(tok_state)
+    tokens = np.fromfile(run / "data" / "corpus" / "val.bin", dtype=np.uint16).astype(np.int64)
+    batched = evaluate_module.evaluate(model, tokens, tokenizer, progress=False)
+    monkeypatch.setattr(evaluate_module, "LOGITS_BYTES", 1)  # one window at a time
+    single = evaluate_module.evaluate(model, tokens, tokenizer, progress=False)
+    assert single["tokens"] == batched["tokens"] and single["bytes"] == batched["bytes"]
+    assert single["loss"] == pytest.approx(batched["loss"], rel=1e-6)
+    short = evaluate_module.evaluate(model, tokens[:5], tokenizer, progress=False)
+    assert short["tokens"] == 4  # fewer than block_size tokens: one short window
+    with pytest.raises(GPTError, match="too few to evaluate; give at least 2"):
+        evaluate_module.evaluate(model, tokens[:1], tokenizer, progress=False)
 
 
 def test_eval_on_other_text_and_errors(run: Path) -> None:
