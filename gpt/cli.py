@@ -17,7 +17,7 @@ import typer
 
 from gpt import __version__
 from gpt.config import RunConfig, load_config
-from gpt.errors import GPTError
+from gpt.errors import GPTError, compile_errors
 
 app = typer.Typer(
     name="gpt",
@@ -235,26 +235,32 @@ def sample(
     from gpt.sample import load_for_sampling, read_prompt, sample_text
 
     path = _checkpoint_path(checkpoint, config, set_)
+    flags = {
+        k: v
+        for k, v in dict(
+            max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+            num_samples=num_samples, seed=seed, stop=stop or None,
+        ).items()
+        if v is not None
+    }
+    dataclasses.replace(SampleConfig(), **flags)  # bad flags fail before a large model loads
     model, tokenizer, saved = load_for_sampling(path, which, device, dtype, compile_model)
     defaults = resolve_config(config, set_).sample if config is not None else saved.sample
-    flags = dict(
-        max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-        num_samples=num_samples, seed=seed, stop=stop or None,
-    )
-    settings: SampleConfig = dataclasses.replace(
-        defaults, **{k: v for k, v in flags.items() if v is not None}
-    )
+    settings: SampleConfig = dataclasses.replace(defaults, **flags)
     text = read_prompt(prompt, prompt_file, settings.prompt)
     streaming = sys.stdout.isatty() if stream is None else stream
-    if streaming and settings.num_samples == 1:
-        typer.echo(text, nl=False)
-        sample_text(model, tokenizer, text, settings, on_text=lambda t: typer.echo(t, nl=False))
-        typer.echo("")
-        return
-    for i, generated in enumerate(sample_text(model, tokenizer, text, settings)):
-        if i:
-            typer.echo("\n" + "-" * 40)
-        typer.echo(text + generated)
+    with compile_errors("--compile"):
+        if streaming and settings.num_samples == 1:
+            typer.echo(text, nl=False)
+            sample_text(
+                model, tokenizer, text, settings, on_text=lambda t: typer.echo(t, nl=False)
+            )
+            typer.echo("")
+            return
+        for i, generated in enumerate(sample_text(model, tokenizer, text, settings)):
+            if i:
+                typer.echo("\n" + "-" * 40)
+            typer.echo(text + generated)
 
 
 @command(name="eval")

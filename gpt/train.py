@@ -29,7 +29,7 @@ from tqdm import tqdm
 from gpt import checkpoint as ckpt
 from gpt.config import RunConfig, TrainConfig, from_dict, to_dict
 from gpt.data import BatchSampler, load_meta, prepare
-from gpt.errors import GPTError, first_line
+from gpt.errors import GPTError, compile_errors, first_line
 from gpt.lock import FolderLock
 from gpt.model import GPT
 from gpt.tokenizer import padded_vocab_size
@@ -344,7 +344,8 @@ def train(cfg: RunConfig, resume: bool = True) -> int:
         meta = load_meta(data_dir)
         cfg = _resolve_model_config(cfg, meta)
         tokenizer = meta["tokenizer"]
-        return _run(cfg, resume, device, dtype, world, accum, data_dir, tokenizer, out_dir, log)
+        with compile_errors("train.compile = true") if tcfg.compile else contextlib.nullcontext():
+            return _run(cfg, resume, device, dtype, world, accum, data_dir, tokenizer, out_dir, log)
     finally:
         if lock is not None:
             lock.release()

@@ -144,6 +144,46 @@ def test_sample_bad_input(run: Path, args: list[str], message: str) -> None:
     assert message in result.output and "Traceback" not in result.output
 
 
+def test_bad_flags_fail_before_the_model_loads(run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import gpt.sample
+
+    def no_load(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the checkpoint was loaded")
+
+    monkeypatch.setattr(gpt.sample, "load_for_sampling", no_load)
+    result = invoke(run, "sample", "--checkpoint", "out", "--top-k", "0")
+    assert result.exit_code == 2 and "top_k: must be >= 1" in result.output
+
+
+def test_compile_failure_is_one_line(run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch.compile fails at the first call (no C++ compiler, say), deep inside generation."""
+    from torch._dynamo.exc import TorchDynamoException
+
+    class FailsToCompile:
+        def __init__(self, model: torch.nn.Module) -> None:
+            self.model = model
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(self.model, name)
+
+        def __call__(self, *args: object, **kwargs: object) -> None:
+            raise TorchDynamoException("no working C++ compiler found\nmore lines")
+
+    monkeypatch.setattr(torch, "compile", lambda model, **kwargs: FailsToCompile(model))
+    result = invoke(run, "sample", "--checkpoint", "out", "--compile", "--no-stream")
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "torch.compile failed (no working C++ compiler found); run without --compile" in result.output
+
+
+def test_compiled_sampling_gives_the_eager_text(run: Path) -> None:
+    args = ["sample", "--checkpoint", "out", "--prompt", "def f1", "--dtype", "float32",
+            "--temperature", "0", "--max-new-tokens", "24", "--no-stream"]
+    eager = invoke(run, *args)
+    compiled = invoke(run, *args, "--compile")
+    assert compiled.exit_code == 0, compiled.output
+    assert compiled.output == eager.output
+
+
 def test_missing_and_damaged_checkpoints(run: Path, tmp_path: Path) -> None:
     missing = runner.invoke(app, ["sample", "--checkpoint", str(tmp_path / "nope"), "--prompt", "x"])
     assert missing.exit_code == 2 and "does not exist" in missing.output

@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
+from gpt.checkpoint import load_model
 from gpt.cli import app
 from gpt.config import TrainConfig, load_config
 from gpt.errors import GPTError
@@ -203,6 +204,30 @@ def test_second_trainer_on_the_same_out_dir_is_refused(run_dir: Path) -> None:
     finally:
         lock.release()
     assert train(load_config("tiny.toml", ["train.max_iters=5"])) == 0  # free again
+
+
+def test_compiled_training_matches_eager_and_saves_plain_keys(run_dir: Path) -> None:
+    settings = ["train.max_iters=6", "model.dropout=0.0", "train.eval_interval=6",
+                "train.checkpoint_interval=6"]
+    assert train(load_config("tiny.toml", [*settings, "train.out_dir=eager"])) == 0
+    assert train(load_config("tiny.toml", [*settings, "train.out_dir=compiled", "train.compile=true"])) == 0
+    eager = [json.loads(line) for line in (run_dir / "eager" / "metrics.jsonl").read_text().splitlines()]
+    compiled = [json.loads(line) for line in (run_dir / "compiled" / "metrics.jsonl").read_text().splitlines()]
+    losses = [(e["loss"], c["loss"]) for e, c in zip(eager, compiled, strict=True) if "loss" in e]
+    assert losses and all(c == pytest.approx(e, rel=1e-4) for e, c in losses)
+    model, _, _ = load_model(run_dir / "compiled")  # plain keys: loads into an uncompiled GPT
+    assert isinstance(model, torch.nn.Module)
+
+
+def test_compile_failure_is_one_line(run_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from torch._dynamo.exc import TorchDynamoException
+
+    def fails(*args: object, **kwargs: object) -> None:
+        raise TorchDynamoException("no working C++ compiler found")
+
+    monkeypatch.setattr(torch, "compile", lambda model, **kwargs: fails)
+    with pytest.raises(GPTError, match=r"torch.compile failed \(no working C\+\+ compiler found\); run without train.compile = true"):
+        train(load_config("tiny.toml", ["train.compile=true"]))
 
 
 def test_an_unwritable_out_dir_is_refused_before_any_work(run_dir: Path) -> None:
