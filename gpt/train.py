@@ -332,6 +332,11 @@ def train(cfg: RunConfig, resume: bool = True) -> int:
     # before prepare: one run per out_dir
     lock = FolderLock(out_dir, "gpt train", "train.out_dir") if world.main else None
     try:
+        if not resume and (existing := ckpt.list_checkpoints(out_dir)):  # before tokenizing
+            raise GPTError(
+                f"{out_dir} already holds checkpoints ({existing[0].name}); resume by dropping "
+                "--no-resume, or set train.out_dir to a new folder"
+            )
         # data: prepared once (by rank 0), then every rank reads it
         data_dir = cfg.data.resolved_data_dir
         vocabulary = None
@@ -363,11 +368,6 @@ def _run(
     if existing and found is None:
         raise GPTError(
             f"every checkpoint in {out_dir} is damaged; remove them or use another out_dir"
-        )
-    if found is not None and not resume:
-        raise GPTError(
-            f"{out_dir} already holds checkpoints ({found[0].name}); resume by dropping "
-            "--no-resume, or set train.out_dir to a new folder"
         )
 
     torch.manual_seed(tcfg.seed)

@@ -339,12 +339,14 @@ def test_wandb_offline_run_writes_history(run_dir: Path, monkeypatch: pytest.Mon
     assert any(json.dumps(final_val).encode() in run.read_bytes() for run in runs)
 
 
-def test_cli_errors_and_refusals(run_dir: Path) -> None:
+def test_cli_errors_and_refusals(run_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     result = runner.invoke(app, ["train", "--config", "tiny.toml", "--set", "model.cross_attention=true"])
     assert result.exit_code == 2 and "cross_attention" in result.output
     assert runner.invoke(app, ["train", "--config", "tiny.toml", "--set", "train.max_iters=10"]).exit_code == 0
-    refused = runner.invoke(app, ["train", "--config", "tiny.toml", "--no-resume"])
-    assert refused.exit_code == 2 and "already holds checkpoints" in refused.output
+    with monkeypatch.context() as patched:  # refused before the data is looked at
+        patched.setattr("gpt.train.prepare", lambda *a, **k: pytest.fail("prepare ran"))
+        refused = runner.invoke(app, ["train", "--config", "tiny.toml", "--no-resume"])
+    assert refused.exit_code == 2 and "already holds checkpoints (ckpt-0000010)" in refused.output
     changed = runner.invoke(app, ["train", "--config", "tiny.toml", "--set", "model.n_embd=64"])
     assert changed.exit_code == 2 and "model.n_embd = 32" in changed.output
     assert "Traceback" not in changed.output
