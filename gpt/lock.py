@@ -9,6 +9,7 @@ lock.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import sys
@@ -39,23 +40,31 @@ class FolderLock:
         try:
             fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            self.file.seek(0)
-            holder = self.file.read().strip() or what
-            if not wait:
-                self.file.close()
-                raise GPTError(
-                    f"{folder} is in use by another {holder}; wait for it to finish, or set "
-                    f"{option} to another folder"
-                ) from None
-            print(f"waiting for another {holder} to finish writing {folder}", file=sys.stderr)
-            fcntl.flock(self.file, fcntl.LOCK_EX)
+            self._wait_or_refuse(folder, what, option, wait)
+        except OSError as e:  # a filesystem without flock (some network mounts): go on unlocked
+            print(f"note: {folder} cannot be locked ({e.strerror}); nothing stops a second "
+                  f"process from writing it at the same time", file=sys.stderr)
         self.file.seek(0)
         self.file.truncate()
         self.file.write(f"{what} (pid {os.getpid()} on {os.uname().nodename})")
         self.file.flush()
 
+    def _wait_or_refuse(self, folder: Path, what: str, option: str, wait: bool) -> None:
+        """The lock is held elsewhere: name the holder, then wait for it or refuse."""
+        self.file.seek(0)
+        holder = self.file.read().strip() or what
+        if not wait:
+            self.file.close()
+            raise GPTError(
+                f"{folder} is in use by another {holder}; wait for it to finish, or set "
+                f"{option} to another folder"
+            )
+        print(f"waiting for another {holder} to finish writing {folder}", file=sys.stderr)
+        fcntl.flock(self.file, fcntl.LOCK_EX)
+
     def release(self) -> None:
-        fcntl.flock(self.file, fcntl.LOCK_UN)
+        with contextlib.suppress(OSError):  # never locked, on a filesystem without flock
+            fcntl.flock(self.file, fcntl.LOCK_UN)
         self.file.close()
 
     def __enter__(self) -> FolderLock:
