@@ -119,6 +119,7 @@ def rounds(runs: int, measurements: dict) -> dict[str, list[float]]:
 
 
 def medians(runs: int, measurements: dict) -> dict[str, float]:
+    """The median of each measurement's rounds."""
     return {label: statistics.median(v) for label, v in rounds(runs, measurements).items()}
 
 
