@@ -556,30 +556,28 @@ def prepare(
     data_dir = cfg.resolved_data_dir
     # finished data is read without the lock (meta.json is written last), so a read-only
     # folder of prepared data still works
-    existing = None if force else _existing_data(cfg, fingerprint, vocabulary, block_size, progress)
-    if existing is not None:
+    checked = (cfg, fingerprint, vocabulary, block_size, force, progress)
+    if (existing := _existing_data(*checked)) is not None:
         return existing
     # one writer per folder: a second prepare (or gpt train) of the same folder waits, then
     # finds the data ready instead of writing the same temporary files
     with FolderLock(data_dir, "gpt prepare", "data.data_dir", name=".prepare.lock", wait=True):
-        existing = (
-            None if force else _existing_data(cfg, fingerprint, vocabulary, block_size, progress)
-        )
-        if existing is not None:
+        if (existing := _existing_data(*checked)) is not None:
             return existing
         return _tokenize(cfg, source, fingerprint, block_size, progress, vocabulary)
 
 
 def _existing_data(
     cfg: DataConfig, fingerprint: str, vocabulary: dict[str, Any] | None, block_size: int,
-    progress: bool,
+    force: bool, progress: bool,
 ) -> dict[str, Any] | None:
-    """The meta of data already prepared from these settings; None if there is none yet.
+    """The meta of data already prepared from these settings; None if there is none yet (or
+    `force` rebuilds it).
 
     Data prepared from other settings is an error that names what changed.
     """
     data_dir = cfg.resolved_data_dir
-    if not (data_dir / "meta.json").exists():
+    if force or not (data_dir / "meta.json").exists():
         return None
     meta = load_meta(data_dir)
     same_vocabulary = vocabulary is None or meta["tokenizer"] == vocabulary
