@@ -23,6 +23,7 @@ import json
 import os
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -210,16 +211,34 @@ def load_optimizer_state(ckpt: Path) -> dict[str, Any]:
         raise GPTError(f"{path} is damaged ({first_line(e, 120)})") from None
 
 
-def load_model(
-    path: str | Path, device: str | torch.device = "cpu", which: str = "latest"
-) -> tuple[GPT, RunConfig, dict[str, Any]]:
-    """The model of a checkpoint (eval mode), its run config and its tokenizer record."""
-    ckpt = find_checkpoint(path, which)
-    state = read_state(ckpt)
-    try:
-        config = from_dict(state["config"])
-    except (GPTError, KeyError, TypeError) as e:
-        raise GPTError(f"{ckpt / 'state.json'} holds no usable config ({e})") from None
-    model = GPT(config.model)
-    load_weights(ckpt, model)
-    return model.to(device).eval(), config, state["tokenizer"]
+@dataclass(frozen=True)
+class Checkpoint:
+    """One checkpoint folder with its state.json, read and checked against its hashes once."""
+
+    path: Path
+    state: dict[str, Any]
+
+    @classmethod
+    def open(cls, path: str | Path, which: str = "latest") -> Checkpoint:
+        """The checkpoint at `path`: a ckpt-* folder, or a run's out_dir (its latest or best)."""
+        found = find_checkpoint(path, which)
+        return cls(found, read_state(found))
+
+    @property
+    def config(self) -> RunConfig:
+        """The run config the checkpoint was trained with."""
+        try:
+            return from_dict(self.state["config"])
+        except (GPTError, KeyError, TypeError) as e:
+            raise GPTError(f"{self.path / 'state.json'} holds no usable config ({e})") from None
+
+    @property
+    def tokenizer(self) -> dict[str, Any]:
+        """The tokenizer record (rebuilt with `tokenizer.tokenizer_from_dict`)."""
+        return self.state["tokenizer"]
+
+    def load_model(self, device: str | torch.device = "cpu") -> GPT:
+        """The trained model, in eval mode, on `device`."""
+        model = GPT(self.config.model)
+        load_weights(self.path, model)
+        return model.to(device).eval()

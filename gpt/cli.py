@@ -64,11 +64,6 @@ def command(*args: Any, **kwargs: Any) -> Callable[[Callable[..., Any]], Callabl
     return decorate
 
 
-def resolve_config(config: Path | None, overrides: list[str] | None) -> RunConfig:
-    """The run config of a command: defaults < --config file < --set flags."""
-    return load_config(config, overrides or [])
-
-
 def _version(value: bool) -> None:
     if value:
         typer.echo(f"gpt {__version__}")
@@ -95,18 +90,13 @@ def info(config: ConfigOption = None, set_: SetOption = None) -> None:
     from gpt.config import to_toml
     from gpt.model import GPT
 
-    cfg = resolve_config(config, set_)
+    cfg = load_config(config, set_)
     model_cfg = cfg.model
     note = ""
     if model_cfg.vocab_size is None:  # what training will take from the tokenizer
-        vocab = 50304 if cfg.data.tokenizer == "gpt2" else None
-        if vocab is None:
-            raise GPTError(
-                f"[model] vocab_size depends on the {cfg.data.tokenizer!r} tokenizer's data; "
-                "set it with --set model.vocab_size=N to see the model's size"
-            )
-        model_cfg = dataclasses.replace(model_cfg, vocab_size=vocab)
-        note = " (vocab_size from the gpt2 tokenizer, padded to a multiple of 64)"
+        model_cfg = dataclasses.replace(model_cfg, vocab_size=_tokenizer_vocab(cfg))
+        note = (f" (vocab_size {model_cfg.vocab_size} from the {cfg.data.tokenizer} tokenizer, "
+                f"padded to {model_cfg.padded_vocab_size})")
     with torch.device("meta"):  # shapes only: no memory, instant even for large models
         model = GPT(model_cfg)
     n_params = model.num_params()
@@ -123,6 +113,22 @@ def info(config: ConfigOption = None, set_: SetOption = None) -> None:
     )
 
 
+def _tokenizer_vocab(cfg: RunConfig) -> int:
+    """The vocabulary `gpt train` would take: a named tokenizer's, or prepared char data's."""
+    from gpt.data import load_meta
+    from gpt.tokenizer import get_tokenizer
+
+    if cfg.data.tokenizer != "char":
+        return get_tokenizer(cfg.data.tokenizer).vocab_size
+    try:
+        return load_meta(cfg.data.resolved_data_dir)["vocab_size"]
+    except GPTError:
+        raise GPTError(
+            "[model] vocab_size depends on the char tokenizer's data, which is not prepared yet; "
+            "run gpt prepare first, or set it with --set model.vocab_size=N"
+        ) from None
+
+
 @command()
 def prepare(
     config: ConfigOption = None,
@@ -134,7 +140,7 @@ def prepare(
     """Tokenize [data] source into train.bin, val.bin and meta.json in [data] data_dir."""
     from gpt.data import prepare as prepare_data
 
-    cfg = resolve_config(config, set_)
+    cfg = load_config(config, set_)
     prepare_data(cfg.data, force=force, block_size=cfg.model.block_size)
 
 
@@ -153,7 +159,7 @@ def train(
     """Prepare the data if needed, then train, evaluate and checkpoint (torchrun for many GPUs)."""
     from gpt.train import train as run_training
 
-    code = run_training(resolve_config(config, set_), resume=resume)
+    code = run_training(load_config(config, set_), resume=resume)
     if code:
         raise typer.Exit(code)
 
@@ -181,7 +187,7 @@ def _checkpoint_path(
         raise GPTError(
             "no model given: pass --checkpoint OUT_DIR (or --config FILE for its out_dir)"
         )
-    return Path(resolve_config(config, overrides).train.out_dir)
+    return Path(load_config(config, overrides).train.out_dir)
 
 
 @command()
@@ -231,7 +237,8 @@ def sample(
     """Generate text from a trained checkpoint (model, tokenizer and defaults come from it)."""
     import dataclasses
 
-    from gpt.config import SampleConfig
+    from gpt.checkpoint import Checkpoint
+    from gpt.config import SampleConfig, layer_on_checkpoint
     from gpt.sample import load_for_sampling, read_prompt, sample_text
 
     path = _checkpoint_path(checkpoint, config, set_)
@@ -244,9 +251,11 @@ def sample(
         if v is not None
     }
     dataclasses.replace(SampleConfig(), **flags)  # bad flags fail before a large model loads
-    model, tokenizer, saved = load_for_sampling(path, which, device, dtype, compile_model)
-    defaults = resolve_config(config, set_).sample if config is not None else saved.sample
-    settings: SampleConfig = dataclasses.replace(defaults, **flags)
+    found = Checkpoint.open(path, which)
+    applies = ("sample",) if checkpoint is not None else ("sample", "train.out_dir")
+    cfg = layer_on_checkpoint(found.config, config, set_, applies, "gpt sample")
+    settings: SampleConfig = dataclasses.replace(cfg.sample, **flags)
+    model, tokenizer = load_for_sampling(found, device, dtype, compile_model)
     text = read_prompt(prompt, prompt_file, settings.prompt)
     streaming = sys.stdout.isatty() if stream is None else stream
     with compile_errors("--compile"):
@@ -279,17 +288,21 @@ def eval_(
     """Loss, perplexity and bits per byte of a checkpoint over a whole split or a text."""
     import json
 
+    from gpt.checkpoint import Checkpoint
+    from gpt.config import layer_on_checkpoint
     from gpt.evaluate import evaluate, tokens_of_source, tokens_of_split
     from gpt.sample import load_for_sampling
 
     if split not in ("val", "train"):
         raise GPTError(f"--split {split!r} is not val or train")
-    path = _checkpoint_path(checkpoint, config, set_)
-    model, tokenizer, saved = load_for_sampling(path, which, device, "float32", False)
+    found = Checkpoint.open(_checkpoint_path(checkpoint, config, set_), which)
+    applies = ("data",) if checkpoint is not None else ("data", "train.out_dir")
+    cfg = layer_on_checkpoint(found.config, config, set_, applies, "gpt eval")
+    model, tokenizer = load_for_sampling(found, device, "float32", False)
     if data is not None:
-        tokens = tokens_of_source(saved, data, tokenizer)
+        tokens = tokens_of_source(cfg, data, tokenizer)
     else:
-        tokens = tokens_of_split(saved, split, tokenizer.to_dict())
+        tokens = tokens_of_split(cfg, split, found.tokenizer)
     result = evaluate(model, tokens, tokenizer, progress=not as_json)
     if as_json:
         typer.echo(json.dumps(result))

@@ -33,6 +33,14 @@ def _key(default: Any, help: str) -> Any:
     return field(default=default, metadata={"help": help})
 
 
+VOCAB_MULTIPLE = 64
+
+
+def pad_vocab(n: int, multiple: int = VOCAB_MULTIPLE) -> int:
+    """Round a vocabulary up to a multiple of 64: nanoGPT's 50304 for GPT-2's 50257."""
+    return -(-n // multiple) * multiple
+
+
 Norm = Literal["layernorm", "rmsnorm"]
 NormPosition = Literal["pre", "post"]
 MLPKind = Literal["standard", "swiglu", "geglu"]
@@ -55,9 +63,15 @@ class _Section:
             value = _coerce(self.section, f.name, getattr(self, f.name), hints[f.name])
             object.__setattr__(self, f.name, value)
         self.check()
+        for key, value in self.derived().items():  # frozen: set once, here
+            object.__setattr__(self, key, value)
 
     def check(self) -> None:
         """Cross-key checks; overridden by sections that have any."""
+
+    def derived(self) -> dict[str, Any]:
+        """Unset keys whose value follows from others; overridden by sections that have any."""
+        return {}
 
     def _fail(self, key: str, problem: str) -> None:
         raise GPTError(f"[{self.section}] {key}: {problem}")
@@ -83,7 +97,12 @@ class ModelConfig(_Section):
 
     block_size: int = _key(1024, "maximum context length in tokens")
     vocab_size: int | None = _key(
-        None, "vocabulary size; unset = the data's tokenizer (GPT-2: 50257 padded to 50304)"
+        None, "token ids the tokenizer produces; unset = the data's tokenizer (GPT-2: 50257)"
+    )
+    padded_vocab_size: int | None = _key(
+        None,
+        "rows of the embedding and LM head; unset = vocab_size rounded up to a multiple of "
+        f"{VOCAB_MULTIPLE} (faster matmuls; GPT-2: 50304). Padding ids are never sampled",
     )
     n_layer: int = _key(12, "number of transformer blocks")
     n_head: int = _key(12, "attention heads per block (query heads)")
@@ -116,7 +135,16 @@ class ModelConfig(_Section):
     )
 
     def check(self) -> None:
-        self._positive("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "n_kv_head")
+        self._positive("block_size", "vocab_size", "padded_vocab_size", "n_layer", "n_head")
+        self._positive("n_embd", "n_kv_head")
+        if None not in (self.vocab_size, self.padded_vocab_size) and (
+            self.padded_vocab_size < self.vocab_size  # type: ignore[operator]
+        ):
+            self._fail(
+                "padded_vocab_size",
+                f"{self.padded_vocab_size} is smaller than vocab_size = {self.vocab_size}; "
+                "raise it or leave it unset",
+            )
         self._positive("norm_eps", "mlp_hidden", "rope_base")
         if not 0.0 <= self.dropout < 1.0:
             self._fail("dropout", f"must be in [0, 1), got {self.dropout!r}")
@@ -138,6 +166,11 @@ class ModelConfig(_Section):
                 f"rope needs an even head size, but n_embd / n_head = {self.head_dim}; "
                 "change n_embd or n_head, or use pos_embedding = \"learned\"",
             )
+
+    def derived(self) -> dict[str, Any]:
+        if self.padded_vocab_size is None and self.vocab_size is not None:
+            return {"padded_vocab_size": pad_vocab(self.vocab_size)}
+        return {}
 
     @property
     def head_dim(self) -> int:
@@ -416,25 +449,66 @@ def parse_override(text: str) -> tuple[str, str, Any]:
     return section, key, value
 
 
-def build(values: dict[str, dict[str, Any]]) -> RunConfig:
-    """Build a RunConfig from {section: {key: value}}, filling defaults and validating."""
-    for name, section in values.items():
-        _check_section(name, "config")
-        _check_keys(name, section, "config")
-    return RunConfig(**{name: cls(**values.get(name, {})) for name, cls in SECTIONS.items()})
-
-
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
     """Resolve a run's config: dataclass defaults < TOML file at `path` < `overrides`."""
     values: dict[str, dict[str, Any]] = read_toml(path) if path is not None else {}
     for text in overrides or []:
         section, key, value = parse_override(text)
         values.setdefault(section, {})[key] = value
-    return build(values)
+    return from_dict(values)
+
+
+# Keys of [model] that do not change what a trained model computes at inference.
+INFERENCE_NEUTRAL = ("dropout",)
+
+
+def layer_on_checkpoint(
+    saved: RunConfig,
+    path: str | Path | None,
+    overrides: list[str] | None,
+    applies: tuple[str, ...],
+    command: str,
+) -> RunConfig:
+    """The config of a command that runs a trained model: built-in defaults < the checkpoint's
+    saved config < the TOML file at `path` < `overrides`.
+
+    The model is the checkpoint's, so a [model] key of the file that contradicts it is an
+    error; so is an override outside `applies` (section names like "sample", or single keys
+    like "train.out_dir"): it would otherwise be silently ignored.
+    """
+    file_values = read_toml(path) if path is not None else {}
+    contradicted = [
+        f"model.{key} = {value!r} (the checkpoint has {getattr(saved.model, key)!r})"
+        for key, value in file_values.get("model", {}).items()
+        if key not in INFERENCE_NEUTRAL
+        and getattr(dataclasses.replace(saved.model, **{key: value}), key)
+        != getattr(saved.model, key)
+    ]
+    if contradicted:
+        raise GPTError(
+            f"{path} sets {', '.join(contradicted)}, but {command} runs the checkpoint's model; "
+            "remove the key, or pass the config the run was trained with"
+        )
+    values = {name: section for name, section in file_values.items() if name != "model"}
+    for text in overrides or []:
+        section, key, value = parse_override(text)
+        if section not in applies and f"{section}.{key}" not in applies:
+            raise GPTError(
+                f"--set {text}: {command} cannot apply {section}.{key}; it takes "
+                + ", ".join(f"[{a}] keys" if "." not in a else a for a in applies)
+            )
+        values.setdefault(section, {})[key] = value
+    return dataclasses.replace(
+        saved,
+        **{
+            name: dataclasses.replace(getattr(saved, name), **section)
+            for name, section in values.items()
+        },
+    )
 
 
 # ---------------------------------------------------------------------------------------------
-# Writing: the resolved config as a dict, JSON or TOML, readable back by build()/load_config()
+# Writing: the resolved config as a dict, JSON or TOML, readable back by from_dict()/load_config()
 
 
 def to_dict(config: RunConfig) -> dict[str, dict[str, Any]]:
@@ -446,8 +520,12 @@ def to_dict(config: RunConfig) -> dict[str, dict[str, Any]]:
 
 
 def from_dict(values: dict[str, dict[str, Any]]) -> RunConfig:
-    """Inverse of to_dict (checkpoints store the config as JSON)."""
-    return build(values)
+    """A RunConfig from {section: {key: value}} (to_dict's output, a TOML file's contents),
+    filling defaults and validating."""
+    for name, section in values.items():
+        _check_section(name, "config")
+        _check_keys(name, section, "config")
+    return RunConfig(**{name: cls(**values.get(name, {})) for name, cls in SECTIONS.items()})
 
 
 def to_json(config: RunConfig) -> str:

@@ -63,7 +63,7 @@ def evaluate(
         raise GPTError(f"{len(tokens)} token(s) are too few to evaluate; give at least 2")
     starts = range(0, n_targets, T)
     full = [s for s in starts if s + T <= n_targets]
-    per_batch = max(1, min(batch_size, LOGITS_BYTES // (T * model.config.vocab_size * 4)))
+    per_batch = max(1, min(batch_size, LOGITS_BYTES // (T * model.config.padded_vocab_size * 4)))
     batches = [full[i : i + per_batch] for i in range(0, len(full), per_batch)]
     if starts[-1] + T > n_targets:
         batches.append([starts[-1]])  # the shorter last window, alone

@@ -8,59 +8,16 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from gpt.model import GPT
-
-
-class PackedLinear(nn.Module):
-    """A Linear whose weight oneDNN has reordered once, at load, into its blocked layout.
-
-    A plain `F.linear` on the CPU repacks its weight on every call; decoding a token is one
-    matrix-vector product per weight, so that repacking costs as much again as the product
-    (a GPT-2-124M decode step on 2 cores: 15.5 -> 7.1 ms in bfloat16, 33 -> 14 ms in float32).
-    Inference only: the packed weight has no gradient and is not in the state dict.
-    """
-
-    def __init__(self, linear: nn.Linear) -> None:
-        super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), 1)
-        self.bias = None if linear.bias is None else linear.bias.detach()
-
-    def forward(self, x: Tensor) -> Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
-
-
-def pack_linears(model: GPT) -> GPT:
-    """Swap, in place, the Linear layers of a float32/bfloat16 CPU model for `PackedLinear`s.
-
-    A no-op elsewhere (GPU, no oneDNN, float16). Cross-attention keeps its Linear: it splits
-    the fused weight at run time. The tied LM head gets its own packed copy of `wte`.
-    """
-    weight = model.transformer.wte.weight
-    usable = (
-        weight.device.type == "cpu"
-        and weight.dtype in (torch.float32, torch.bfloat16)
-        and torch.backends.mkldnn.is_available()
-    )
-    if not usable:
-        return model
-    for name, module in list(model.named_modules()):
-        if name.endswith("cross_attn"):
-            continue
-        for child_name, child in list(module.named_children()):
-            if isinstance(child, nn.Linear):
-                setattr(module, child_name, PackedLinear(child))
-    return model
 
 
 def cache_dtype(model: GPT) -> torch.dtype:
     """float32 keys and values for a bfloat16 model on the CPU, else the weights' dtype.
 
-    CPU attention in bfloat16 is slow and grows with the context (a GPT-2-124M-shaped layer,
-    one query over 270 keys: 290 us in bfloat16, 20 us in float32): it cost a quarter of each
-    decode step. The cache is small next to the weights, so float32 there costs little memory.
+    CPU attention in bfloat16 is many times slower than in float32 and grows with the context;
+    the cache is small next to the weights, so float32 there costs little memory.
     """
     weight = model.transformer.wte.weight
     if weight.device.type == "cpu" and weight.dtype == torch.bfloat16:
@@ -78,8 +35,8 @@ def sample_next(
     """Next ids (B,) from the last position's logits (B, V); temperature 0 is greedy.
 
     Draws among the candidates only (the top k, sorted, when top_k is set) with one uniform
-    number per row: `torch.multinomial` over a whole 50k vocabulary costs about 1 ms a token on
-    a CPU (a random number per entry), as much as a small model's forward pass.
+    number per row: `torch.multinomial` over a whole 50k vocabulary draws a random number per
+    entry, which on a CPU costs as much as a small model's forward pass.
     """
     if temperature == 0:
         return logits.argmax(dim=-1)
@@ -103,7 +60,7 @@ def _head_holding(
 ) -> tuple[Tensor, Tensor]:
     """The most likely tokens (values, ids), descending, enough to hold a nucleus of mass top_p.
 
-    Usually the top 256 hold it, which spares sorting the whole vocabulary (5 ms on a CPU).
+    Usually the top 256 hold it, which spares sorting the whole vocabulary.
     """
     if k < logits.size(-1):
         values, ids = torch.topk(logits, k, dim=-1)  # (B, k)
@@ -132,12 +89,11 @@ def generate(
     top_k: int | None = None,
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
-    vocab_size: int | None = None,
 ) -> Iterator[Tensor]:
     """Yield the next token ids (B,) of prompt (B, T0), one step at a time.
 
-    `vocab_size` (the tokenizer's) keeps ids at or past it from ever being drawn: a model's
-    vocabulary is padded (to a multiple of 64) past its tokenizer's, and a padding id has no text.
+    Only the tokenizer's ids (`config.vocab_size`) are ever drawn: the rows the model is padded
+    with (`config.padded_vocab_size`) have no text.
 
     The prompt is prefilled in one pass; each later step runs one position against the KV cache.
     Once the text outgrows block_size, the context slides: each step rebuilds the cache from the
@@ -146,7 +102,7 @@ def generate(
     """
     if max_new_tokens == 0:
         return
-    block_size = model.config.block_size
+    block_size, vocab_size = model.config.block_size, model.config.vocab_size
     window = prompt[:, -block_size:]  # (B, T) the context the model sees
     # positions up to the last token fed in (the final one is not), or the whole sliding window
     cache = model.new_cache(

@@ -46,6 +46,7 @@ def model_config_from_gpt2(hf_config: GPT2Config) -> ModelConfig:
     return ModelConfig(
         block_size=hf_config.n_positions,
         vocab_size=hf_config.vocab_size,
+        padded_vocab_size=hf_config.vocab_size,
         n_layer=hf_config.n_layer,
         n_head=hf_config.n_head,
         n_embd=hf_config.n_embd,
@@ -61,7 +62,7 @@ def gpt2_config(config: ModelConfig) -> GPT2Config:
 
     check_gpt2_compatible(config)
     return GPT2Config(
-        vocab_size=config.vocab_size,
+        vocab_size=config.padded_vocab_size,
         n_positions=config.block_size,
         n_embd=config.n_embd,
         n_layer=config.n_layer,

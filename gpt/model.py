@@ -31,19 +31,6 @@ ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
 GATED_ACTIVATION = {"swiglu": "silu", "geglu": "gelu"}
 
 
-class LayerNorm(nn.Module):
-    """LayerNorm with an optional bias (torch's has no bias=False before 2.1's `bias` flag)."""
-
-    def __init__(self, ndim: int, bias: bool, eps: float) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(ndim))
-        self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
-        self.eps = eps
-
-    def forward(self, x: Tensor) -> Tensor:
-        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, self.eps)
-
-
 class RMSNorm(nn.Module):
     """Root-mean-square norm: x / sqrt(mean(x^2) + eps) * weight; no centring, no bias."""
 
@@ -61,7 +48,7 @@ class RMSNorm(nn.Module):
 def make_norm(config: ModelConfig) -> nn.Module:
     if config.norm == "rmsnorm":
         return RMSNorm(config.n_embd, config.norm_eps)
-    return LayerNorm(config.n_embd, config.bias, config.norm_eps)
+    return nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias)
 
 
 def rope_cache(seq_len: int, head_dim: int, base: float) -> tuple[Tensor, Tensor]:
@@ -252,14 +239,14 @@ class GPT(nn.Module):
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        if config.vocab_size is None:
+        if config.padded_vocab_size is None:
             raise GPTError(
                 "[model] vocab_size is unset; set it, or let gpt train take it from the tokenizer"
             )
         self.config = config
         self.transformer = nn.ModuleDict(
             dict(
-                wte=nn.Embedding(config.vocab_size, config.n_embd),
+                wte=nn.Embedding(config.padded_vocab_size, config.n_embd),
                 drop=nn.Dropout(config.dropout),
                 h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
             )
@@ -272,7 +259,7 @@ class GPT(nn.Module):
             self.register_buffer("rope_sin", sin, persistent=False)
         if config.norm_position == "pre":
             self.transformer["ln_f"] = make_norm(config)
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.transformer.wte.weight  # one Parameter, not a copy
         self.apply(self._init_weights)

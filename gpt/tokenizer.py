@@ -198,7 +198,3 @@ def tokenizer_from_dict(d: dict[str, Any]) -> Tokenizer:
         return CharTokenizer(d.get("chars", ""))
     return get_tokenizer(d["name"])
 
-
-def padded_vocab_size(n: int, multiple: int = 64) -> int:
-    """Round a vocabulary up to a multiple of 64 (faster matmuls; nanoGPT's 50304 for GPT-2)."""
-    return -(-n // multiple) * multiple

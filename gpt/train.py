@@ -1,4 +1,4 @@
-"""The training loop: AdamW, warmup + cosine schedule, evaluation, logging, checkpoints, signals.
+"""Training: a run's state, its setup (fresh or resumed), one optimizer step, and the loop.
 
 `train(config)` runs in one process or, under torchrun, in each DDP rank. Everything a run needs
 to continue exactly (weights, optimizer, RNGs, data streams, counters) goes into checkpoints, so a
@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 import os
 import random
 import signal
 import time
-import uuid
-from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,31 +25,20 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from gpt import checkpoint as ckpt
-from gpt.config import RunConfig, TrainConfig, from_dict, to_dict
+from gpt.checkpoint import Checkpoint
+from gpt.config import ModelConfig, RunConfig, TrainConfig, to_dict
 from gpt.data import BatchSampler, load_meta, prepare
-from gpt.errors import GPTError, compile_errors, first_line
+from gpt.device import resolve_device, resolve_dtype
+from gpt.errors import GPTError, compile_errors
 from gpt.lock import FolderLock
+from gpt.metrics import MetricsLog, Throughput, peak_flops, start_wandb
 from gpt.model import GPT
-from gpt.tokenizer import padded_vocab_size
 
-# Dense bf16/fp16 tensor-core peaks (FLOP/s) for MFU; `[train] peak_flops` overrides.
-PEAK_FLOPS = {
-    "H200": 989e12,
-    "H100": 989e12,
-    "A100": 312e12,
-    "A10": 125e12,
-    "L40": 181e12,
-    "L4": 121e12,
-    "V100": 125e12,
-    "RTX 4090": 165e12,
-    "RTX 3090": 71e12,
-    "T4": 65e12,
-}
 EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
 
 # ---------------------------------------------------------------------------------------------
-# Pieces
+# Optimisation
 
 
 def lr_at(iteration: int, cfg: TrainConfig) -> float:
@@ -79,40 +66,38 @@ def make_optimizer(model: GPT, cfg: TrainConfig, device: torch.device) -> torch.
     return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), **fused)
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise GPTError(f"[train] device = {name!r} but no CUDA GPU is available; use auto or cpu")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise GPTError(f"[train] device = {name!r} but MPS is not available; use auto or cpu")
-    return device
+# ---------------------------------------------------------------------------------------------
+# Processes, random number generators, signals
 
 
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """auto: bfloat16 on GPUs that have it, float16 on older GPUs, float32 elsewhere."""
-    if name == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
-    dtype = getattr(torch, name)
-    if dtype == torch.float16 and device.type == "cpu":
-        raise GPTError("[train] dtype = float16 needs a GPU; use bfloat16 or float32 on the CPU")
-    return dtype
+@dataclass
+class Dist:
+    """This process's place in a torchrun launch (one process: rank 0 of 1)."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def print0(self, *args: Any) -> None:
+        """Print from rank 0 only, so N processes say things once."""
+        if self.main:
+            print(*args)
 
 
-def peak_flops(cfg: TrainConfig, device: torch.device) -> float | None:
-    if cfg.peak_flops is not None:
-        return cfg.peak_flops
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((flops for key, flops in PEAK_FLOPS.items() if key in name), None)
+def setup_distributed(device: torch.device) -> Dist:
+    """DDP under torchrun (RANK/WORLD_SIZE set): NCCL on CUDA, gloo on CPU."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return Dist()
+    world = Dist(
+        int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ["WORLD_SIZE"])
+    )
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return world
 
 
 def rng_state() -> dict[str, Any]:
@@ -128,15 +113,6 @@ def rng_state() -> dict[str, Any]:
     return state
 
 
-def gather_rng_states(world: Dist) -> list[dict[str, Any]]:
-    """Every rank's RNG states, rank by rank (each rank draws its own dropout masks)."""
-    if world.world_size == 1:
-        return [rng_state()]
-    states: list[Any] = [None] * world.world_size
-    dist.all_gather_object(states, rng_state())
-    return states
-
-
 def set_rng_state(state: dict[str, Any]) -> None:
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
@@ -145,6 +121,15 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
+
+
+def gather_rng_states(world: Dist) -> list[dict[str, Any]]:
+    """Every rank's RNG states, rank by rank (each rank draws its own dropout masks)."""
+    if world.world_size == 1:
+        return [rng_state()]
+    states: list[Any] = [None] * world.world_size
+    dist.all_gather_object(states, rng_state())
+    return states
 
 
 class StopFlag:
@@ -171,136 +156,375 @@ class StopFlag:
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
 
-
-class MetricsLog:
-    """metrics.jsonl (floats in full precision), the tqdm bar's postfix, and wandb."""
-
-    def __init__(self, path: Path, resume_iter: int | None, wandb_run: Any) -> None:
-        self.path = path
-        if resume_iter is not None and path.exists():  # drop lines after the checkpoint
-            kept = [
-                line for line in path.read_text().splitlines()
-                if (record := _parse_line(line)) is not None and record["iter"] <= resume_iter
-            ]
-            ckpt.write_text_atomic(path, "".join(line + "\n" for line in kept))
-        elif resume_iter is None:
-            path.unlink(missing_ok=True)
-        self.file = open(path, "a")
-        self.wandb_run = wandb_run
-
-    def write(self, record: dict[str, Any]) -> None:
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
-        if self.wandb_run is not None:
-            self.wandb_run.log(record, step=record["iter"])
-
-    def close(self) -> None:
-        self.file.close()
-        if self.wandb_run is not None:
-            import wandb
-
-            self.wandb_run.finish()
-            wandb.teardown()  # finish() may return before the history is on disk; this waits
-
-
-def _parse_line(line: str) -> dict[str, Any] | None:
-    """One metrics record, or None for a blank line or one a crash cut short."""
-    try:
-        record = json.loads(line)
-    except ValueError:
-        return None
-    return record if isinstance(record, dict) and "iter" in record else None
-
-
-def start_wandb(cfg: RunConfig, out_dir: Path, run_id: str | None) -> Any:
-    """A wandb run (resumed by id), falling back to offline mode without credentials."""
-    if not cfg.log.wandb or cfg.log.wandb_mode == "disabled":
-        return None
-    import wandb
-
-    run_id = run_id or uuid.uuid4().hex[:8]
-    kwargs = dict(
-        project=cfg.log.wandb_project, name=cfg.log.wandb_run_name, id=run_id, resume="allow",
-        config=to_dict(cfg), dir=str(out_dir),
-    )
-    try:
-        return wandb.init(mode=cfg.log.wandb_mode, **kwargs)
-    except Exception as e:  # no credentials, no network: keep the run, log locally
-        reason = first_line(e, 100)
-        print(f"wandb {cfg.log.wandb_mode} failed ({reason}); logging offline")
-        return wandb.init(mode="offline", **kwargs)
+    def seen(self, world: Dist, device: torch.device) -> bool:
+        """Whether any rank was signalled, so every rank stops after the same step."""
+        if world.world_size == 1:
+            return self.signum is not None
+        flag = torch.tensor([1.0 if self.signum is not None else 0.0], device=device)
+        dist.all_reduce(flag)
+        return flag.item() > 0
 
 
 # ---------------------------------------------------------------------------------------------
-# The run
+# The run's state and setup
 
 
-@dataclasses.dataclass
-class Dist:
-    rank: int = 0
-    local_rank: int = 0
-    world_size: int = 1
+@dataclass
+class TrainState:
+    """The counters of a run, saved in every checkpoint's state.json and restored on resume."""
+
+    iteration: int = 0
+    tokens_seen: int = 0
+    best_val_loss: float = math.inf
+    elapsed_s: float = 0.0  # wall time of the run's earlier legs, up to `since`
+    wandb_id: str | None = None
+    rng_ranks: list[dict[str, Any]] = field(default_factory=list)  # at the last save, per rank
+    since: float = field(default_factory=time.perf_counter, repr=False, compare=False)
+
+    def elapsed(self) -> float:
+        """Wall time of the whole run so far, across resumes."""
+        return self.elapsed_s + time.perf_counter() - self.since
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "iter": self.iteration,
+            "tokens": self.tokens_seen,
+            "best_val_loss": self.best_val_loss if math.isfinite(self.best_val_loss) else None,
+            "elapsed_s": self.elapsed(),
+            "wandb_id": self.wandb_id,
+            "rng": self.rng_ranks[0] if self.rng_ranks else None,
+            "rng_ranks": self.rng_ranks if len(self.rng_ranks) > 1 else None,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.iteration, self.tokens_seen = state["iter"], state["tokens"]
+        best = state["best_val_loss"]
+        self.best_val_loss = math.inf if best is None else best
+        self.elapsed_s, self.since = state.get("elapsed_s", 0.0), time.perf_counter()
+        self.wandb_id = state.get("wandb_id")
+        self.rng_ranks = state.get("rng_ranks") or [state["rng"]]
+
+    def restore_rng(self, world: Dist) -> None:
+        """This rank's RNGs as saved (rank 0's when the world size changed)."""
+        same_world = len(self.rng_ranks) == world.world_size
+        set_rng_state(self.rng_ranks[world.rank] if same_world else self.rng_ranks[0])
+
+
+@dataclass
+class Run:
+    """Everything a training run works with, built fresh or resumed by `setup_run`."""
+
+    cfg: RunConfig  # with the model's vocabulary filled in from the data
+    world: Dist
+    device: torch.device
+    autocast: contextlib.AbstractContextManager[Any]  # reentrant: torch.autocast or a no-op
+    model: GPT  # the plain model: checkpoints, evaluation, clipping
+    trained: torch.nn.Module  # what the step calls: the model, compiled and/or DDP-wrapped
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    samplers: dict[str, BatchSampler]  # train, and the two evaluation streams
+    tokenizer: dict[str, Any]
+    state: TrainState
+    metrics: MetricsLog | None  # rank 0 only
+    last_checkpoint: Path | None  # the newest checkpoint on disk, for messages
 
     @property
-    def main(self) -> bool:
-        return self.rank == 0
+    def tokens_per_iter(self) -> int:
+        tcfg = self.cfg.train
+        return tcfg.batch_size * self.cfg.model.block_size * tcfg.grad_accum_steps
+
+    def record(self, **values: Any) -> None:
+        """One metrics line at the current iteration (rank 0)."""
+        if self.metrics is not None:
+            self.metrics.write({
+                "iter": self.state.iteration,
+                "elapsed_s": self.state.elapsed(),
+                "tokens": self.state.tokens_seen,
+                "lr": lr_at(max(self.state.iteration - 1, 0), self.cfg.train),  # the last step's
+                **values,
+            })
 
 
-def setup_distributed(device: torch.device) -> Dist:
-    """DDP under torchrun (RANK/WORLD_SIZE set): NCCL on CUDA, gloo on CPU."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return Dist()
-    info = Dist(
-        int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ["WORLD_SIZE"])
+def setup_run(
+    cfg: RunConfig, resume: bool, world: Dist, device: torch.device, dtype: torch.dtype
+) -> Run:
+    """Build a run, or resume the one in out_dir. Each checkpoint involved is read once."""
+    tcfg = cfg.train
+    resumed = _resume_point(Path(tcfg.out_dir), resume, world)
+    base = None  # init_from: its weights start a new run; a char finetune keeps its vocabulary
+    if tcfg.init_from and (resumed is None or cfg.data.tokenizer == "char"):
+        base = Checkpoint.open(tcfg.init_from)
+    meta = _prepared_data(cfg, world, base)
+    cfg = dataclasses.replace(cfg, model=_fit_vocabulary(cfg.model, meta["vocab_size"]))
+    start = resumed or base
+    if start is not None:
+        _check_compatible(start, cfg, meta["tokenizer"])
+
+    torch.manual_seed(tcfg.seed)
+    random.seed(tcfg.seed)
+    np.random.seed(tcfg.seed)
+    model = GPT(cfg.model)  # the same initial weights on every rank
+    if world.world_size > 1:  # independent dropout masks per rank, as nanoGPT seeds them
+        torch.manual_seed(tcfg.seed + world.rank)
+    if start is not None:
+        ckpt.load_weights(start.path, model)
+        world.print0(f"resuming from {start.path} (iteration {start.state['iter']})"
+                     if resumed else f"initialised from {start.path} (finetuning)")
+    model.to(device)
+    data_dir = cfg.data.resolved_data_dir
+    samplers = {
+        name: BatchSampler(data_dir, split, cfg.model.block_size, tcfg.batch_size, seed,
+                           world.rank, world.world_size, device)
+        for name, split, seed in (
+            ("train", "train", tcfg.seed),
+            ("eval_train", "train", tcfg.seed + 1),
+            ("eval_val", "val", tcfg.seed + 1),
+        )
+    }
+    run = Run(
+        cfg=cfg, world=world, device=device,
+        autocast=(torch.autocast(device.type, dtype=dtype) if dtype != torch.float32
+                  else contextlib.nullcontext()),
+        model=model, trained=_wrap(model, tcfg.compile, world, device),
+        optimizer=make_optimizer(model, tcfg, device),
+        scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
+        samplers=samplers, tokenizer=meta["tokenizer"], state=TrainState(), metrics=None,
+        last_checkpoint=resumed.path if resumed else None,
     )
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return info
+    if resumed is not None:
+        _restore(run, resumed)
+    if world.main:
+        wandb_run = start_wandb(cfg, Path(tcfg.out_dir), run.state.wandb_id)
+        run.state.wandb_id = wandb_run.id if wandb_run is not None else run.state.wandb_id
+        resume_iter = run.state.iteration if resumed else None
+        run.metrics = MetricsLog(Path(tcfg.out_dir) / "metrics.jsonl", resume_iter, wandb_run)
+    return run
 
 
-def _resolve_model_config(cfg: RunConfig, meta: dict[str, Any]) -> RunConfig:
-    """Fill `vocab_size` from the data's tokenizer (padded to a multiple of 64) and check it."""
-    vocab = meta["vocab_size"]
-    model_cfg = cfg.model
-    if model_cfg.vocab_size is None:
-        model_cfg = dataclasses.replace(model_cfg, vocab_size=padded_vocab_size(vocab))
-    elif model_cfg.vocab_size < vocab:
+def _resume_point(out_dir: Path, resume: bool, world: Dist) -> Checkpoint | None:
+    """The newest checkpoint of out_dir that loads (a damaged one is reported and skipped)."""
+    existing = ckpt.list_checkpoints(out_dir)
+    if existing and not resume:
         raise GPTError(
-            f"[model] vocab_size = {model_cfg.vocab_size} is smaller than the tokenizer's "
-            f"{vocab}; raise it or leave it unset"
+            f"{out_dir} already holds checkpoints ({existing[0].name}); resume by dropping "
+            "--no-resume, or set train.out_dir to a new folder"
         )
-    return dataclasses.replace(cfg, model=model_cfg)
-
-
-def _check_compatible(
-    saved: RunConfig, cfg: RunConfig, tokenizer: dict, saved_tok: dict, where: Path
-) -> None:
-    """A checkpoint continues only with the same model shape and tokenizer."""
-    ignore = {"dropout", "attention"}  # no effect on the weights' shapes
-    for f in dataclasses.fields(saved.model):
-        if f.name in ignore:
-            continue
-        old, new = getattr(saved.model, f.name), getattr(cfg.model, f.name)
-        if old != new:
-            raise GPTError(
-                f"{where} was trained with model.{f.name} = {old!r}, the config now says {new!r}; "
-                f"set it back, or use another train.out_dir (or init_from to finetune)"
-            )
-    if saved_tok != tokenizer:
-        raise GPTError(
-            f"{where} was trained with the {saved_tok.get('name')!r} tokenizer but the data uses "
-            f"{tokenizer.get('name')!r}; point data at the same tokenizer or use another out_dir"
-        )
-
-
-def _load_resumable(out_dir: Path, log: Any) -> tuple[Path, dict[str, Any]] | None:
-    """The newest checkpoint that loads; a damaged one is reported and skipped."""
-    for candidate in ckpt.list_checkpoints(out_dir):
+    for candidate in existing:
         try:
-            return candidate, ckpt.read_state(candidate)
+            return Checkpoint(candidate, ckpt.read_state(candidate))
         except GPTError as e:
-            log(f"warning: {e}; trying the previous checkpoint")
+            world.print0(f"warning: {e}; trying the previous checkpoint")
+    if existing:
+        raise GPTError(
+            f"every checkpoint in {out_dir} is damaged; remove them or use another out_dir"
+        )
     return None
+
+
+def _prepared_data(cfg: RunConfig, world: Dist, base: Checkpoint | None) -> dict[str, Any]:
+    """The data's meta: prepared once by rank 0 while the others wait, then read by every rank.
+
+    A char-level finetune tokenizes with the base model's vocabulary, so its ids mean the same.
+    """
+    vocabulary = base.tokenizer if base is not None and cfg.data.tokenizer == "char" else None
+    if world.main:
+        prepare(cfg.data, progress=True, block_size=cfg.model.block_size, vocabulary=vocabulary)
+    if world.world_size > 1:
+        dist.barrier()
+    return load_meta(cfg.data.resolved_data_dir)
+
+
+def _fit_vocabulary(model: ModelConfig, tokenizer_vocab: int) -> ModelConfig:
+    """The model config with `vocab_size` taken from the tokenizer when unset (padding follows)."""
+    if model.vocab_size is None:
+        return dataclasses.replace(model, vocab_size=tokenizer_vocab)
+    if model.vocab_size < tokenizer_vocab:
+        raise GPTError(
+            f"[model] vocab_size = {model.vocab_size} is smaller than the tokenizer's "
+            f"{tokenizer_vocab}; raise it or leave it unset"
+        )
+    return model
+
+
+def _check_compatible(start: Checkpoint, cfg: RunConfig, tokenizer: dict[str, Any]) -> None:
+    """A checkpoint continues only with the same model shape and tokenizer."""
+    saved = start.config.model
+    ignore = {"dropout", "attention"}  # no effect on the weights' shapes
+    for f in dataclasses.fields(saved):
+        old, new = getattr(saved, f.name), getattr(cfg.model, f.name)
+        if f.name not in ignore and old != new:
+            raise GPTError(
+                f"{start.path} was trained with model.{f.name} = {old!r}, the config now says "
+                f"{new!r}; set it back, or use another train.out_dir (or init_from to finetune)"
+            )
+    if start.tokenizer != tokenizer:
+        raise GPTError(
+            f"{start.path} was trained with the {start.tokenizer.get('name')!r} tokenizer but the "
+            f"data uses {tokenizer.get('name')!r}; point data at the same tokenizer or use "
+            "another out_dir"
+        )
+
+
+def _wrap(model: GPT, compile_model: bool, world: Dist, device: torch.device) -> torch.nn.Module:
+    """The module the training step calls: compiled when asked, DDP-wrapped under torchrun."""
+    trained: torch.nn.Module = torch.compile(model) if compile_model else model
+    if world.world_size > 1:
+        trained = DDP(trained, device_ids=[world.local_rank] if device.type == "cuda" else None)
+    return trained
+
+
+def _restore(run: Run, resumed: Checkpoint) -> None:
+    """Optimizer, scaler, data streams, counters and RNGs as the checkpoint left them."""
+    run.optimizer.load_state_dict(ckpt.load_optimizer_state(resumed.path))
+    if resumed.state.get("scaler"):
+        run.scaler.load_state_dict(resumed.state["scaler"])
+    for name, sampler in run.samplers.items():
+        sampler.load_state_dict(resumed.state["samplers"][name])
+    run.state.load_state_dict(resumed.state)
+    run.state.restore_rng(run.world)
+
+
+def save(run: Run, is_best: bool) -> None:
+    """A checkpoint of the run at its current iteration (written by rank 0; every rank joins)."""
+    rng_ranks = gather_rng_states(run.world)  # a collective: every rank calls it
+    if run.world.main:
+        run.state.rng_ranks = rng_ranks
+        state = {
+            **run.state.state_dict(),
+            "config": to_dict(run.cfg),
+            "tokenizer": run.tokenizer,
+            "samplers": {name: s.state_dict() for name, s in run.samplers.items()},
+            "scaler": run.scaler.state_dict() if run.scaler.is_enabled() else None,
+        }
+        run.last_checkpoint = ckpt.save_checkpoint(
+            Path(run.cfg.train.out_dir), run.state.iteration, run.model,
+            run.optimizer.state_dict(), state, run.cfg.train.keep_last, is_best,
+        )
+    if run.world.world_size > 1:
+        dist.barrier()
+
+
+# ---------------------------------------------------------------------------------------------
+# One step, the loss estimate, the loop
+
+
+def train_step(run: Run) -> float:
+    """One optimizer step: micro-batches (gradients synced on the last), clipping, a refusal of
+    non-finite values before they reach the weights. Returns the step's mean loss."""
+    tcfg, world = run.cfg.train, run.world
+    accum = tcfg.grad_accum_steps // world.world_size
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr_at(run.state.iteration, tcfg)
+    loss_sum = torch.zeros((), device=run.device)
+    for micro in range(accum):
+        x, y = run.samplers["train"].next_batch()  # (B, T) each
+        sync = world.world_size == 1 or micro == accum - 1
+        with (contextlib.nullcontext() if sync else run.trained.no_sync()), run.autocast:
+            _, loss = run.trained(x, y)
+            loss = loss / accum
+        run.scaler.scale(loss).backward()
+        loss_sum += loss.detach().float()
+    if world.world_size > 1:
+        dist.all_reduce(loss_sum)
+        loss_sum /= world.world_size
+    run.scaler.unscale_(run.optimizer)
+    max_norm = tcfg.grad_clip if tcfg.grad_clip > 0 else float("inf")
+    norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), max_norm)
+    loss_value = loss_sum.item()
+    # with a GradScaler, inf gradients are expected: it skips the step itself
+    bad_norm = not run.scaler.is_enabled() and not torch.isfinite(norm)
+    if not math.isfinite(loss_value) or bad_norm:
+        what = "loss" if not math.isfinite(loss_value) else "gradient norm"
+        raise GPTError(
+            f"non-finite {what} at iteration {run.state.iteration + 1}; stopped before the "
+            f"optimizer step; last good checkpoint: {run.last_checkpoint or 'none yet'}; lower "
+            "train.learning_rate or check the data"
+        )
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.state.iteration += 1
+    run.state.tokens_seen += run.tokens_per_iter
+    return loss_value
+
+
+@torch.no_grad()
+def estimate_loss(run: Run) -> dict[str, float]:
+    """Mean loss over eval_iters random batches of each split (all ranks): cheap and noisy,
+    for watching a run; `gpt eval` measures a whole split exactly."""
+    run.model.eval()
+    losses = {}
+    for sampler, key in (("eval_train", "train_loss"), ("eval_val", "val_loss")):
+        total = torch.zeros((), device=run.device)
+        for _ in range(run.cfg.train.eval_iters):
+            x, y = run.samplers[sampler].next_batch()
+            with run.autocast:
+                _, loss = run.model(x, y)
+            total += loss.float()
+        if run.world.world_size > 1:
+            dist.all_reduce(total)
+        losses[key] = (total / (run.cfg.train.eval_iters * run.world.world_size)).item()
+    run.model.train()
+    return losses
+
+
+def fit(run: Run) -> int:
+    """Train to max_iters: step, log, evaluate, checkpoint, and stop cleanly on a signal.
+
+    Returns the exit code: 0, or 130/143 after SIGINT/SIGTERM (with a checkpoint saved).
+    """
+    tcfg, state, world = run.cfg.train, run.state, run.world
+    if state.iteration >= tcfg.max_iters:
+        world.print0(f"{tcfg.out_dir} is already at iteration {state.iteration} of max_iters = "
+                     f"{tcfg.max_iters}; raise train.max_iters to train further")
+    checkpoint_interval = tcfg.checkpoint_interval or tcfg.eval_interval
+    throughput = Throughput(
+        run.model.flops_per_token(), world.world_size, peak_flops(tcfg, run.device)
+    )
+    bar = tqdm(total=tcfg.max_iters, initial=state.iteration, disable=not world.main, unit="it")
+    run.model.train()
+    try:
+        if state.iteration == 0 and run.last_checkpoint is None:
+            run.record(**estimate_loss(run))
+        with StopFlag() as stop:
+            while state.iteration < tcfg.max_iters:
+                loss = train_step(run)
+                throughput.add(run.tokens_per_iter)
+                bar.update(1)
+                done, last = state.iteration, state.iteration == tcfg.max_iters
+                if done % tcfg.log_interval == 0 or last:
+                    values = {"loss": loss, **throughput.read()}
+                    run.record(**values)
+                    bar.set_postfix(_postfix(values))
+                is_best = False
+                if done % tcfg.eval_interval == 0 or last:
+                    losses = estimate_loss(run)
+                    run.record(**losses)
+                    if world.main:
+                        bar.write(f"iter {done}: train loss {losses['train_loss']:.4f}, "
+                                  f"val loss {losses['val_loss']:.4f}")
+                    is_best = losses["val_loss"] < state.best_val_loss
+                    state.best_val_loss = min(state.best_val_loss, losses["val_loss"])
+                stopping = stop.seen(world, run.device)
+                if done % checkpoint_interval == 0 or last or stopping:
+                    save(run, is_best)
+                if stopping:
+                    world.print0(f"stopped by signal after iteration {done}; "
+                                 f"saved {run.last_checkpoint}")
+                    return EXIT_CODES.get(stop.signum or signal.SIGTERM, 143)
+    finally:
+        bar.close()
+        if run.metrics is not None:
+            run.metrics.close()
+    return 0
+
+
+def _postfix(values: dict[str, float]) -> dict[str, str]:
+    """The progress bar's loss, tokens/s and MFU."""
+    postfix = {"loss": f"{values['loss']:.4f}", "tok_s": f"{values['tok_per_s']:,.0f}"}
+    if "mfu" in values:
+        postfix["mfu"] = f"{values['mfu']:.1%}"
+    return postfix
 
 
 def train(cfg: RunConfig, resume: bool = True) -> int:
@@ -311,278 +535,27 @@ def train(cfg: RunConfig, resume: bool = True) -> int:
             "[model] cross_attention = true needs a context sequence, which gpt train has no "
             "source for; train decoder-only models (cross_attention = false)"
         )
-    device = resolve_device(tcfg.device)
+    device = resolve_device(tcfg.device, "[train] device")
     world = setup_distributed(device)
     if world.world_size > 1 and device.type == "cuda":
         device = torch.device("cuda", world.local_rank)
         torch.cuda.set_device(device)
-    log = print if world.main else (lambda *a, **k: None)
     if tcfg.grad_accum_steps % world.world_size:
         raise GPTError(
             f"[train] grad_accum_steps = {tcfg.grad_accum_steps} is not divisible by the "
             f"{world.world_size} processes; make it a multiple of the process count"
         )
-    accum = tcfg.grad_accum_steps // world.world_size
-    dtype = resolve_dtype(tcfg.dtype, device)
+    dtype = resolve_dtype(tcfg.dtype, device, "[train] dtype")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-
-    out_dir = Path(tcfg.out_dir)
-    # before prepare: one run per out_dir
-    lock = FolderLock(out_dir, "gpt train", "train.out_dir") if world.main else None
+    # one run per out_dir, taken before any data work
+    lock = FolderLock(Path(tcfg.out_dir), "gpt train", "train.out_dir") if world.main else None
     try:
-        if not resume and (existing := ckpt.list_checkpoints(out_dir)):  # before tokenizing
-            raise GPTError(
-                f"{out_dir} already holds checkpoints ({existing[0].name}); resume by dropping "
-                "--no-resume, or set train.out_dir to a new folder"
-            )
-        # data: prepared once (by rank 0), then every rank reads it
-        data_dir = cfg.data.resolved_data_dir
-        vocabulary = None
-        if tcfg.init_from and cfg.data.tokenizer == "char":  # finetune with the base model's ids
-            vocabulary = ckpt.read_state(ckpt.find_checkpoint(tcfg.init_from))["tokenizer"]
-        if world.main:
-            prepare(cfg.data, progress=True, block_size=cfg.model.block_size, vocabulary=vocabulary)
-        if world.world_size > 1:
-            dist.barrier()
-        meta = load_meta(data_dir)
-        cfg = _resolve_model_config(cfg, meta)
-        tokenizer = meta["tokenizer"]
         with compile_errors("train.compile = true") if tcfg.compile else contextlib.nullcontext():
-            return _run(cfg, resume, device, dtype, world, accum, data_dir, tokenizer, out_dir, log)
+            return fit(setup_run(cfg, resume, world, device, dtype))
     finally:
         if lock is not None:
             lock.release()
         if world.world_size > 1 and dist.is_initialized():
             dist.destroy_process_group()
-
-
-def _run(
-    cfg: RunConfig, resume: bool, device: torch.device, dtype: torch.dtype, world: Dist,
-    accum: int, data_dir: Path, tokenizer: dict, out_dir: Path, log: Any,
-) -> int:
-    tcfg = cfg.train
-    existing = ckpt.list_checkpoints(out_dir)
-    found = _load_resumable(out_dir, log) if existing else None
-    if existing and found is None:
-        raise GPTError(
-            f"every checkpoint in {out_dir} is damaged; remove them or use another out_dir"
-        )
-
-    torch.manual_seed(tcfg.seed)
-    random.seed(tcfg.seed)
-    np.random.seed(tcfg.seed)
-    model = GPT(cfg.model)  # the same initial weights on every rank
-    if world.world_size > 1:  # independent dropout masks per rank, as nanoGPT seeds them
-        torch.manual_seed(tcfg.seed + world.rank)
-    state: dict[str, Any] = {}
-    if found is not None:
-        where, state = found
-        _check_compatible(from_dict(state["config"]), cfg, tokenizer, state["tokenizer"], where)
-        ckpt.load_weights(where, model)
-        log(f"resuming from {where} (iteration {state['iter']})")
-    elif tcfg.init_from:
-        source = ckpt.find_checkpoint(tcfg.init_from)
-        init_state = ckpt.read_state(source)
-        saved = from_dict(init_state["config"])
-        _check_compatible(saved, cfg, tokenizer, init_state["tokenizer"], source)
-        ckpt.load_weights(source, model)
-        log(f"initialised from {source} (finetuning)")
-    model.to(device)
-    optimizer = make_optimizer(model, tcfg, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    if found is not None:
-        optimizer.load_state_dict(ckpt.load_optimizer_state(found[0]))
-        if state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-
-    samplers = {
-        name: BatchSampler(data_dir, split, cfg.model.block_size, tcfg.batch_size, seed,
-                           world.rank, world.world_size, device)
-        for name, split, seed in (
-            ("train", "train", tcfg.seed),
-            ("eval_train", "train", tcfg.seed + 1),
-            ("eval_val", "val", tcfg.seed + 1),
-        )
-    }
-    start_iter, tokens_seen, best_val = 0, 0, math.inf
-    if found is not None:
-        for name, sampler in samplers.items():
-            sampler.load_state_dict(state["samplers"][name])
-        per_rank = state.get("rng_ranks") or [state["rng"]]
-        set_rng_state(per_rank[world.rank] if len(per_rank) == world.world_size else state["rng"])
-        start_iter, tokens_seen = state["iter"], state["tokens"]
-        best_val = state["best_val_loss"] if state["best_val_loss"] is not None else math.inf
-
-    trained: torch.nn.Module = model
-    if tcfg.compile:
-        trained = torch.compile(model)
-    if world.world_size > 1:
-        trained = DDP(trained, device_ids=[world.local_rank] if device.type == "cuda" else None)
-    autocast = (
-        torch.autocast(device.type, dtype=dtype) if dtype != torch.float32
-        else contextlib.nullcontext()
-    )
-
-    def evaluate() -> dict[str, float]:
-        model.eval()
-        losses = {}
-        with torch.no_grad():
-            for name, key in (("eval_train", "train_loss"), ("eval_val", "val_loss")):
-                total = torch.zeros((), device=device)
-                for _ in range(tcfg.eval_iters):
-                    x, y = samplers[name].next_batch()
-                    with autocast:
-                        _, loss = model(x, y)
-                    total += loss.float()
-                if world.world_size > 1:
-                    dist.all_reduce(total)
-                losses[key] = (total / (tcfg.eval_iters * world.world_size)).item()
-        model.train()
-        return losses
-
-    wandb_id = state.get("wandb_id")
-    wandb_run = start_wandb(cfg, out_dir, wandb_id) if world.main else None
-    metrics = None
-    if world.main:
-        metrics = MetricsLog(out_dir / "metrics.jsonl", start_iter if found else None, wandb_run)
-    if wandb_run is not None:
-        wandb_id = wandb_run.id
-    peak = peak_flops(tcfg, device)
-    flops_per_token = model.flops_per_token()
-    tokens_per_iter = tcfg.batch_size * cfg.model.block_size * tcfg.grad_accum_steps
-    ckpt_interval = tcfg.checkpoint_interval or tcfg.eval_interval
-    last_ckpt = found[0] if found else None
-    started = time.perf_counter()
-    elapsed_before = state.get("elapsed_s", 0.0)
-
-    def record(iteration: int, **values: Any) -> None:
-        if metrics is not None:
-            metrics.write({
-                "iter": iteration,
-                "elapsed_s": elapsed_before + time.perf_counter() - started,
-                "tokens": tokens_seen,
-                "lr": lr_at(max(iteration - 1, 0), tcfg),  # the rate the last step used
-                **values,
-            })
-
-    def save(iteration: int, is_best: bool, rngs: list[dict[str, Any]]) -> Path:
-        run_state = {
-            "tokens": tokens_seen,
-            "best_val_loss": best_val if math.isfinite(best_val) else None,
-            "wandb_id": wandb_id,
-            "config": to_dict(cfg),
-            "tokenizer": tokenizer,
-            "samplers": {name: s.state_dict() for name, s in samplers.items()},
-            "rng": rngs[0],
-            "rng_ranks": rngs if len(rngs) > 1 else None,
-            "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-            "elapsed_s": elapsed_before + time.perf_counter() - started,
-        }
-        return ckpt.save_checkpoint(
-            out_dir, iteration, model, optimizer.state_dict(), run_state, tcfg.keep_last, is_best
-        )
-
-    if start_iter >= tcfg.max_iters:
-        log(f"{out_dir} is already at iteration {start_iter} of max_iters = {tcfg.max_iters}; "
-            "raise train.max_iters to train further")
-    bar = tqdm(total=tcfg.max_iters, initial=start_iter, disable=not world.main, unit="it")
-    model.train()
-    exit_code = 0
-    window_start, window_tokens = time.perf_counter(), 0
-    try:
-        if start_iter == 0 and found is None:
-            losses = evaluate()
-            record(0, **losses)
-        with StopFlag() as stop:
-            for iteration in range(start_iter, tcfg.max_iters):
-                lr = lr_at(iteration, tcfg)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                loss_sum = torch.zeros((), device=device)
-                for micro in range(accum):
-                    x, y = samplers["train"].next_batch()
-                    sync = world.world_size == 1 or micro == accum - 1
-                    with (contextlib.nullcontext() if sync else trained.no_sync()), autocast:
-                        _, loss = trained(x, y)
-                        loss = loss / accum
-                    scaler.scale(loss).backward()
-                    loss_sum += loss.detach().float()
-                if world.world_size > 1:
-                    dist.all_reduce(loss_sum)
-                    loss_sum /= world.world_size
-                scaler.unscale_(optimizer)
-                norm = torch.nn.utils.clip_grad_norm_(
-                    model.parameters(), tcfg.grad_clip if tcfg.grad_clip > 0 else float("inf")
-                )
-                loss_value = loss_sum.item()
-                # with a GradScaler, inf gradients are expected: it skips the step itself
-                bad_norm = not scaler.is_enabled() and not torch.isfinite(norm)
-                if not math.isfinite(loss_value) or bad_norm:
-                    what = "loss" if not math.isfinite(loss_value) else "gradient norm"
-                    good = last_ckpt or "none yet"
-                    raise GPTError(
-                        f"non-finite {what} at iteration {iteration + 1}; stopped before the "
-                        f"optimizer step; last good checkpoint: {good}; lower train.learning_rate "
-                        "or check the data"
-                    )
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-                tokens_seen += tokens_per_iter
-                window_tokens += tokens_per_iter
-                done = iteration + 1
-                bar.update(1)
-
-                if done % tcfg.log_interval == 0 or done == tcfg.max_iters:
-                    now = time.perf_counter()
-                    tok_per_s = window_tokens / max(now - window_start, 1e-9)
-                    values: dict[str, Any] = {"loss": loss_value, "tok_per_s": tok_per_s}
-                    if peak:
-                        values["mfu"] = flops_per_token * tok_per_s / world.world_size / peak
-                    record(done, **values)
-                    postfix = {"loss": f"{loss_value:.4f}", "tok_s": f"{tok_per_s:,.0f}"}
-                    if "mfu" in values:
-                        postfix["mfu"] = f"{values['mfu']:.1%}"
-                    bar.set_postfix(postfix)
-                    window_start, window_tokens = now, 0
-                is_best = False
-                if done % tcfg.eval_interval == 0 or done == tcfg.max_iters:
-                    losses = evaluate()
-                    record(done, **losses)
-                    if world.main:
-                        bar.write(
-                            f"iter {done}: train loss {losses['train_loss']:.4f}, "
-                            f"val loss {losses['val_loss']:.4f}"
-                        )
-                    if losses["val_loss"] < best_val:
-                        best_val, is_best = losses["val_loss"], True
-                signal_seen = stop.signum is not None
-                if world.world_size > 1:  # every rank stops at the same step
-                    flag = torch.tensor([1.0 if signal_seen else 0.0], device=device)
-                    dist.all_reduce(flag)
-                    signal_seen = flag.item() > 0
-                if done % ckpt_interval == 0 or done == tcfg.max_iters or signal_seen:
-                    rngs = gather_rng_states(world)
-                    if world.main:
-                        last_ckpt = save(done, is_best, rngs)
-                    if world.world_size > 1:
-                        dist.barrier()
-                if signal_seen:
-                    exit_code = EXIT_CODES.get(stop.signum or signal.SIGTERM, 143)
-                    log(f"stopped by signal after iteration {done}; saved {last_ckpt}")
-                    break
-    finally:
-        bar.close()
-        if metrics is not None:
-            metrics.close()
-    return exit_code
-
-
-def iterate_metrics(out_dir: str | Path) -> Iterator[dict[str, Any]]:
-    """The records of a run's metrics.jsonl."""
-    with open(Path(out_dir) / "metrics.jsonl") as f:
-        for line in f:
-            if line.strip():
-                yield json.loads(line)

@@ -44,8 +44,9 @@ def test_save_then_load_model_gives_the_same_weights(tmp_path: Path) -> None:
     assert sorted(p.name for p in folder.iterdir()) == ["model.safetensors", "optimizer.pt",
                                                         "state.json"]
     assert (tmp_path / "latest").read_text().strip() == "ckpt-0000007"
-    loaded, config, tokenizer = ckpt.load_model(tmp_path)
-    assert config == CONFIG and tokenizer == TOKENIZER and not loaded.training
+    found = ckpt.Checkpoint.open(tmp_path)
+    loaded = found.load_model()
+    assert found.config == CONFIG and found.tokenizer == TOKENIZER and not loaded.training
     assert same_weights(model, loaded)
     assert loaded.lm_head.weight is loaded.transformer.wte.weight  # still tied after loading
     assert ckpt.find_checkpoint(folder) == folder  # a checkpoint folder is accepted as it is
@@ -59,7 +60,7 @@ def test_compile_wrapper_prefix_never_reaches_the_file(tmp_path: Path) -> None:
     keys = load_file(str(tmp_path / "ckpt-0000001" / "model.safetensors"))
     assert keys and not any(k.startswith("_orig_mod.") for k in keys)
     assert "lm_head.weight" not in keys  # a tied head is stored once
-    assert same_weights(model, ckpt.load_model(tmp_path)[0])
+    assert same_weights(model, ckpt.Checkpoint.open(tmp_path).load_model())
 
 
 def test_keep_last_prunes_old_checkpoints_but_keeps_best(tmp_path: Path) -> None:
@@ -94,7 +95,7 @@ def test_a_crash_while_saving_leaves_the_previous_checkpoint(
     assert (tmp_path / "latest").read_text().strip() == "ckpt-0000010"
     if failing != "pointer":
         assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["ckpt-0000010"]
-    assert same_weights(first, ckpt.load_model(tmp_path)[0])
+    assert same_weights(first, ckpt.Checkpoint.open(tmp_path).load_model())
     save(tmp_path, 30, first)  # the next save clears what the crash left behind
     assert not list(tmp_path.glob(".tmp-*"))
 
@@ -137,7 +138,7 @@ def test_damaged_checkpoint_is_an_error_naming_the_file(
     else:
         (folder / "model.safetensors").unlink()
     with pytest.raises(GPTError, match=message):
-        ckpt.load_model(tmp_path)
+        ckpt.Checkpoint.open(tmp_path).load_model()
 
 
 def test_loading_never_executes_pickled_code(tmp_path: Path) -> None:

@@ -36,17 +36,28 @@ def test_info_reports_size_flops_and_memory() -> None:
     )
     assert result.exit_code == 0, result.output
     assert "n_layer = 2" in result.output
-    # 2 blocks of width 128 (12 * 128^2 + 13 * 128 each with biases) + 1000*128 + 128*128 + ln_f
+    # 2 blocks of width 128 (12 * 128^2 + 13 * 128 each with biases) + the 1000 ids padded to
+    # 1024 rows * 128 + 128 positions * 128 + ln_f
     blocks = 2 * (12 * 128 * 128 + 13 * 128)
-    total = blocks + 1000 * 128 + 128 * 128 + 2 * 128
+    total = blocks + 1024 * 128 + 128 * 128 + 2 * 128
     assert f"parameters:        {total:,}" in result.output
     assert "FLOPs per token" in result.output and "AdamW state" in result.output
 
 
-def test_info_gpt2_default_is_124m() -> None:
-    result = runner.invoke(app, ["info", "--set", "model.vocab_size=50257"])
+def test_info_gpt2_shape_is_124m() -> None:
+    result = runner.invoke(
+        app, ["info", "--set", "model.vocab_size=50257", "--set", "model.padded_vocab_size=50257"]
+    )
     assert result.exit_code == 0, result.output
     assert "parameters:        124,439,808" in result.output
+
+
+def test_info_takes_the_vocabulary_from_the_tokenizer() -> None:
+    """Unset vocab_size: the gpt2 tokenizer's 50257 ids, padded to 50304 rows (nanoGPT's)."""
+    result = runner.invoke(app, ["info"])
+    assert result.exit_code == 0, result.output
+    assert "vocab_size 50257 from the gpt2 tokenizer, padded to 50304" in result.output
+    assert f"parameters:        {124_439_808 + 47 * 768:,}" in result.output
 
 
 @pytest.mark.parametrize(

@@ -12,7 +12,7 @@ from torch import nn
 
 from gpt.config import ModelConfig
 from gpt.errors import GPTError
-from gpt.model import ACTIVATIONS, GPT, MLP, Attention, LayerNorm, RMSNorm, apply_rope, rope_cache
+from gpt.model import ACTIVATIONS, GPT, MLP, Attention, RMSNorm, apply_rope, make_norm, rope_cache
 
 TINY = dict(vocab_size=64, block_size=16, n_layer=2, n_head=4, n_embd=32)
 
@@ -137,19 +137,20 @@ def test_cross_attention_model_requires_context() -> None:
 
 
 @pytest.mark.parametrize("bias", [True, False])
-def test_layernorm_matches_torch(bias: bool) -> None:
+def test_layernorm_is_the_textbook_formula(bias: bool) -> None:
+    """(x - mean) / sqrt(var + eps) * weight (+ bias), with no bias parameter when bias=False."""
     torch.manual_seed(0)
-    ours = LayerNorm(32, bias=bias, eps=1e-5)
-    ref = nn.LayerNorm(32, eps=1e-5, bias=bias)
+    norm = make_norm(tiny(bias=bias, norm_eps=1e-5))
     with torch.no_grad():
-        ours.weight.normal_()
-        ref.weight.copy_(ours.weight)
+        norm.weight.normal_()
         if bias:
-            ours.bias.normal_()
-            ref.bias.copy_(ours.bias)
+            norm.bias.normal_()
     x = torch.randn(4, 7, 32) * 3 + 1
-    torch.testing.assert_close(ours(x), ref(x))
-    assert (ours.bias is None) == (not bias)
+    mean, var = x.mean(-1, keepdim=True), x.var(-1, keepdim=True, unbiased=False)
+    expected = (x - mean) / torch.sqrt(var + 1e-5) * norm.weight + (norm.bias if bias else 0)
+    torch.testing.assert_close(norm(x), expected)
+    assert (norm.bias is None) == (not bias)
+    assert sorted(dict(norm.named_parameters())) == (["bias", "weight"] if bias else ["weight"])
 
 
 def test_rmsnorm_matches_torch() -> None:
@@ -286,9 +287,22 @@ def test_param_count_closed_form(overrides: dict) -> None:
     assert GPT(cfg).num_params() == closed_form_params(cfg)
 
 
+def test_vocabulary_is_padded_to_a_multiple_of_64_unless_set() -> None:
+    assert ModelConfig(vocab_size=50257).padded_vocab_size == 50304
+    assert ModelConfig(vocab_size=64).padded_vocab_size == 64
+    assert ModelConfig(vocab_size=65).padded_vocab_size == 128
+    assert ModelConfig(vocab_size=65, padded_vocab_size=65).padded_vocab_size == 65
+    assert ModelConfig().padded_vocab_size is None
+    with pytest.raises(GPTError, match="padded_vocab_size: 60 is smaller than vocab_size = 65"):
+        ModelConfig(vocab_size=65, padded_vocab_size=60)
+    model = GPT(tiny(vocab_size=50))
+    assert model.lm_head.weight.shape[0] == 64 and model.transformer.wte.weight.shape[0] == 64
+
+
 def test_gpt2_124m_size_and_flops() -> None:
-    """The GPT-2 small shape gives the published 124M and nanoGPT's FLOPs-per-token formula."""
-    cfg = ModelConfig(vocab_size=50257)
+    """The GPT-2 small shape (its vocabulary unpadded) gives the published 124M and nanoGPT's
+    FLOPs-per-token formula."""
+    cfg = ModelConfig(vocab_size=50257, padded_vocab_size=50257)
     with torch.device("meta"):
         model = GPT(cfg)
     assert model.num_params() == 124_439_808

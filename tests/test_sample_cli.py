@@ -11,7 +11,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from gpt.checkpoint import load_model
+from gpt.checkpoint import Checkpoint
 from gpt.cli import app
 from gpt.config import load_config
 from gpt.errors import GPTError
@@ -82,12 +82,13 @@ def test_sample_greedy_is_deterministic_and_uses_config_defaults(run: Path) -> N
 
 
 def test_sample_matches_greedy_ids(run: Path) -> None:
-    model, _, tok_state = load_model(run / "out")
-    tok = tokenizer_from_dict(tok_state)
+    found = Checkpoint.open(run / "out")
+    model, tok = found.load_model(), tokenizer_from_dict(found.tokenizer)
     seq = torch.tensor([tok.encode("def f2")])
     for _ in range(10):
         logits, _ = model(seq[:, -32:])
-        seq = torch.cat([seq, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+        next_id = logits[:, -1, : model.config.vocab_size].argmax(-1, keepdim=True)
+        seq = torch.cat([seq, next_id], dim=1)
     out = invoke(run, "sample", "--checkpoint", "out", "--prompt", "def f2", "--max-new-tokens", "10",
                  "--no-stream", "--dtype", "float32")
     assert out.output.rstrip("\n") == tok.decode(seq[0].tolist())
@@ -205,7 +206,7 @@ def test_eval_perplexity_equals_naive_loop(run: Path) -> None:
     result = invoke(run, "eval", "--checkpoint", "out", "--json")
     assert result.exit_code == 0, result.output
     got = json.loads(result.output.strip().splitlines()[-1])
-    model, _, tok_state = load_model(run / "out")
+    model = Checkpoint.open(run / "out").load_model()
     tokens = np.fromfile(run / "data" / "corpus" / "val.bin", dtype=np.uint16).astype(np.int64)
     nll, count = 0.0, 0
     for start in range(0, len(tokens) - 1, 32):  # consecutive windows, one at a time
@@ -225,8 +226,8 @@ def test_eval_batches_shrink_for_large_logits_without_changing_the_result(
 ) -> None:
     import gpt.evaluate as evaluate_module
 
-    model, _, tok_state = load_model(run / "out")
-    tokenizer = tokenizer_from_dict(tok_state)
+    found = Checkpoint.open(run / "out")
+    model, tokenizer = found.load_model(), tokenizer_from_dict(found.tokenizer)
     tokens = np.fromfile(run / "data" / "corpus" / "val.bin", dtype=np.uint16).astype(np.int64)
     batched = evaluate_module.evaluate(model, tokens, tokenizer, progress=False)
     monkeypatch.setattr(evaluate_module, "LOGITS_BYTES", 1)  # one window at a time

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
+from gpt.config import pad_vocab
 from gpt.errors import GPTError
 from gpt.tokenizer import (
     CharTokenizer,
     get_tokenizer,
-    padded_vocab_size,
     tokenizer_from_dict,
 )
 
@@ -82,16 +82,11 @@ def test_unavailable_tiktoken_encoding_is_a_clear_error(monkeypatch: pytest.Monk
         get_tokenizer("cl100k_base")
 
 
-def test_padded_vocab_size() -> None:
-    assert padded_vocab_size(50257) == 50304
-    assert padded_vocab_size(64) == 64 and padded_vocab_size(65) == 128
-
-
 @pytest.mark.parametrize("make", [lambda: get_tokenizer("gpt2"), lambda: CharTokenizer("ab")])
 def test_padding_ids_decode_to_nothing(make) -> None:
     """A model's vocabulary is padded to a multiple of 64; an untrained model may sample the
     padding ids, which have no text."""
     tok = make()
     ids = tok.encode("ab")
-    padded = padded_vocab_size(tok.vocab_size)
+    padded = pad_vocab(tok.vocab_size)
     assert tok.decode([*ids, padded - 1, tok.vocab_size, *ids]) == "abab"

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from gpt.checkpoint import load_model
+from gpt.checkpoint import Checkpoint
 from gpt.cli import app
 from gpt.config import TrainConfig, load_config
 from gpt.errors import GPTError
@@ -76,9 +76,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # the same for the subprocesses
 
 
 def load_model_flops(out: Path) -> int:
-    from gpt.checkpoint import load_model
-
-    return load_model(out)[0].flops_per_token()
+    return Checkpoint.open(out).load_model().flops_per_token()
 
 
 def metrics(out: Path) -> list[dict]:
@@ -108,7 +106,8 @@ def test_train_logs_checkpoints_and_resumes(run_dir: Path) -> None:
     assert (out / best / "model.safetensors").exists()
     state = json.loads((out / "ckpt-0000030" / "state.json").read_text())
     assert state["iter"] == 30 and state["tokens"] == 30 * 4 * 32
-    assert state["config"]["model"]["vocab_size"] == 64  # the char vocabulary padded to 64
+    model_cfg = state["config"]["model"]
+    assert (model_cfg["vocab_size"], model_cfg["padded_vocab_size"]) == (29, 64)  # char ids, padded
     assert state["tokenizer"]["name"] == "char" and set(state["samplers"]) == {"train", "eval_train", "eval_val"}
     # a longer max_iters continues the same run
     assert train(load_config("tiny.toml", ["train.max_iters=40", "train.peak_flops=1e12"])) == 0
@@ -215,7 +214,7 @@ def test_compiled_training_matches_eager_and_saves_plain_keys(run_dir: Path) -> 
     compiled = [json.loads(line) for line in (run_dir / "compiled" / "metrics.jsonl").read_text().splitlines()]
     losses = [(e["loss"], c["loss"]) for e, c in zip(eager, compiled, strict=True) if "loss" in e]
     assert losses and all(c == pytest.approx(e, rel=1e-4) for e, c in losses)
-    model, _, _ = load_model(run_dir / "compiled")  # plain keys: loads into an uncompiled GPT
+    model = Checkpoint.open(run_dir / "compiled").load_model()  # plain keys: loads into an uncompiled GPT
     assert isinstance(model, torch.nn.Module)
 
 

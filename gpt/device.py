@@ -1,0 +1,63 @@
+"""Where and in what precision to run: the device and dtype rules of training and sampling.
+
+Both commands take `auto` or a name; the rules (what auto picks, what a CPU refuses) live here
+once, and each caller passes the option's name so the error says what to change.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from gpt.errors import GPTError
+from gpt.onednn import bfloat16_is_native
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEVICE_CHOICES = "auto, cpu, cuda, cuda:N or mps"
+
+
+def resolve_device(name: str, option: str) -> torch.device:
+    """`auto` picks cuda, then mps, then cpu; a named device must exist here."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if mps_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise GPTError(f"{option} {name!r} is not a device; use {DEVICE_CHOICES}") from None
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise GPTError(f"{option} {name!r} is not supported; use {DEVICE_CHOICES}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise GPTError(f"{option} {name!r}: no CUDA GPU is available here; use auto or cpu")
+    if device.type == "mps" and not mps_available():
+        raise GPTError(f"{option} {name!r}: MPS is not available here; use auto or cpu")
+    return device
+
+
+def mps_available() -> bool:
+    backend = getattr(torch.backends, "mps", None)
+    return bool(backend is not None and backend.is_available())
+
+
+def resolve_dtype(
+    name: str, device: torch.device, option: str, inference: bool = False
+) -> torch.dtype:
+    """The compute dtype for `name` on `device`.
+
+    auto: bfloat16 on GPUs that have it, float16 on older GPUs. On other devices float32 for
+    training; for inference bfloat16 where the CPU computes it natively, since decoding is
+    bound by the bytes of weights read per token and bfloat16 halves them.
+    """
+    if name == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        if inference and device.type == "cpu" and bfloat16_is_native():
+            return torch.bfloat16
+        return torch.float32
+    if name not in DTYPES:
+        raise GPTError(f"{option} {name!r} is not one of auto, {', '.join(DTYPES)}")
+    if name == "float16" and device.type == "cpu":
+        raise GPTError(f"{option} float16 needs a GPU; use bfloat16 or float32 on the CPU")
+    return DTYPES[name]
