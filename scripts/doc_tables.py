@@ -30,16 +30,27 @@ def markers(name: str) -> tuple[str, str]:
     return f"<!-- {name}:start -->", f"<!-- {name}:end -->"
 
 
-def write_block(doc: Path, name: str, markdown: str) -> None:
-    """Replace block `name` of the Markdown file `doc` with `markdown`; a missing marker exits
-    with a one-line message naming it."""
+def marker_problem(doc: Path, name: str) -> str | None:
+    """Why block `name` of `doc` cannot be written (unreadable, markers missing, repeated or out
+    of order), or None when it can."""
     start, end = markers(name)
     try:
         text = doc.read_text(encoding="utf-8")
     except OSError as e:
-        raise SystemExit(f"cannot read {doc}: {e}") from None
+        return f"cannot read {doc}: {e}"
     if text.count(start) != 1 or text.count(end) != 1 or text.index(start) > text.index(end):
-        raise SystemExit(f"{doc} needs exactly one {start} followed by one {end}")
+        return f"{doc} needs exactly one {start} followed by one {end}"
+    return None
+
+
+def write_block(doc: Path, name: str, markdown: str) -> None:
+    """Replace block `name` of the Markdown file `doc` with `markdown`; a file without the
+    block's markers exits with a one-line message naming them."""
+    problem = marker_problem(doc, name)
+    if problem is not None:
+        raise SystemExit(problem)
+    start, end = markers(name)
+    text = doc.read_text(encoding="utf-8")
     block = f"{start}\n{markdown.strip()}\n{end}"
     pattern = re.escape(start) + ".*?" + re.escape(end)
     doc.write_text(re.sub(pattern, lambda _: block, text, flags=re.S), encoding="utf-8")
@@ -78,13 +89,9 @@ def docs_target(
     if not args.write_docs:
         return None
     doc = args.docs if args.docs is not None else PERFORMANCE_MD
-    start, end = markers(name)
-    try:
-        text = doc.read_text(encoding="utf-8")
-    except OSError as e:
-        parser.error(f"cannot read {doc}: {e}")
-    if start not in text or end not in text:
-        parser.error(f"{doc} lacks the markers {start} ... {end}")
+    problem = marker_problem(doc, name)
+    if problem is not None:
+        parser.error(problem)
     return doc
 
 

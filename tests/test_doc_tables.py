@@ -45,3 +45,12 @@ def test_markdown_table_escapes_pipes() -> None:
     assert doc_tables.markdown_table(["a", "b"], [["x|y", "1"]]) == (
         "| a | b |\n| --- | --- |\n| x\\|y | 1 |"
     )
+
+
+@pytest.mark.parametrize("name", ["bench-prepare", "bench-train", "bench-sample"])
+def test_performance_page_holds_each_benchmark_block(name: str) -> None:
+    assert doc_tables.marker_problem(ROOT / "docs" / "performance.md", name) is None
+
+
+def test_config_page_holds_the_reference_block() -> None:
+    assert doc_tables.marker_problem(ROOT / "docs" / "config.md", "config-reference") is None
