@@ -1,15 +1,16 @@
 """Benchmark `gpt prepare`: throughput and peak memory against single-threaded tiktoken.
 
-Builds a corpus of the standard library's sources repeated `--copies` times (5 copies: about
-57 MB), then, in one process and alternating, times
+Builds a corpus of the standard library's sources repeated `--copies` times, then, in one
+process and alternating, times
   - reference: tiktoken's `encode_ordinary` on every document, one thread;
   - gpt prepare: the whole pipeline (read, split, encode in worker processes, write, hash);
 and prints the medians and their ratio. Peak memory is measured in child processes that run
 `prepare` on 1x and on `--copies`x the corpus, to show it does not grow with the corpus.
 A pure-Python busy loop run once alone and then twice in parallel processes shows how much of a
 second core the machine actually gave (on a shared host, less than 2x), to read the ratio by.
+`--write-docs` puts the table into docs/performance.md (or `--docs PATH`).
 
-    python scripts/bench_prepare.py [--copies 5] [--runs 3]
+    python scripts/bench_prepare.py [--copies 5] [--runs 5] [--write-docs [--docs PATH]]
 """
 
 from __future__ import annotations
@@ -22,6 +23,15 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from doc_tables import (
+    add_doc_options,
+    docs_target,
+    host_markdown,
+    load_average,
+    markdown_table,
+    write_block,
+)
 
 from gpt.config import DataConfig
 from gpt.data import prepare, stdlib_files
@@ -102,7 +112,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--copies", type=int, default=5)
     parser.add_argument("--runs", type=int, default=5)
+    add_doc_options(parser)
     args = parser.parse_args()
+    doc = docs_target(parser, args, "bench-prepare")
+    load_before = load_average()
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)
         small, small_bytes = build_corpus(tmp_path / "small", 1)
@@ -118,6 +131,7 @@ def main() -> None:
         assert ref_tokens == our_tokens, (ref_tokens, our_tokens)
         ref, ours = statistics.median(ref_times), statistics.median(ours_times)
         mb = big_bytes / 1e6
+        rows = []
         for label, seconds in (
             ("tiktoken encode_ordinary, 1 thread", ref),
             ("gpt prepare (read+encode+write)  ", ours),
@@ -126,13 +140,38 @@ def main() -> None:
                 f"{label}: {mb / seconds:6.1f} MB/s  {our_tokens / seconds / 1e6:5.2f} M tokens/s"
                 f"  (median of {args.runs}: {seconds:.2f} s)"
             )
+            rows.append([
+                f"{mb / seconds:.1f}", f"{our_tokens / seconds / 1e6:.2f}", f"{seconds:.2f}",
+                f"{ref / seconds:.2f}x",
+            ])
+        core_ratio = statistics.median(scaling)
         print(f"speed-up over the single-thread rate: {ref / ours:.2f}x "
-              f"(two busy processes ran {statistics.median(scaling):.2f}x one)")
+              f"(two busy processes ran {core_ratio:.2f}x one)")
         rss_small = peak_rss_mb(small, tmp_path / "rss_small")
         rss_big = peak_rss_mb(big, tmp_path / "rss_big")
+        memory_rows = []
         for text_bytes, (main_mb, worker_mb) in ((small_bytes, rss_small), (big_bytes, rss_big)):
             print(f"peak memory for {text_bytes / 1e6:3.0f} MB of text: main process "
                   f"{main_mb:.0f} MB, largest worker {worker_mb:.0f} MB")
+            memory_rows.append(
+                [f"{text_bytes / 1e6:.1f}", f"{main_mb:.0f}", f"{worker_mb:.0f}"]
+            )
+    if doc is not None:
+        speed = markdown_table(
+            ["run", "MB/s", "M tokens/s", "median seconds", "vs reference"],
+            [["tiktoken `encode_ordinary`, one thread (reference)", *rows[0]],
+             ["`gpt prepare` (read, split, encode, write, hash)", *rows[1]]],
+        )
+        memory = markdown_table(
+            ["MB of text", "peak MB, main process", "peak MB, largest worker"], memory_rows
+        )
+        host = host_markdown(load_before, [
+            f"corpus: {mb:.1f} MB, {args.copies}x the standard library's sources, "
+            f"GPT-2 BPE, {our_tokens:,} tokens; medians of {args.runs} alternating runs",
+            f"two busy processes ran {core_ratio:.2f}x one (2.00: two cores were free)",
+        ])
+        write_block(doc, "bench-prepare", f"{speed}\n\n{memory}\n\n{host}")
+        print(f"wrote the table into {doc}")
 
 
 if __name__ == "__main__":

@@ -4,9 +4,9 @@ A GPT-2-124M-shaped model (12 layers, 12 heads, 768 wide, block 1024, vocab 5025
 random weights in `gpt` and in `transformers.GPT2LMHeadModel` (copied through gpt/hf.py). Batch
 1, a 16-token prompt, top-k sampling; tokens/s are medians of several runs in this one process.
 The memory-bandwidth bound is the measured read bandwidth divided by the bytes of weights read
-per token.
+per token. `--write-docs` puts the table into docs/performance.md (or `--docs PATH`).
 
-    python scripts/bench_sample.py [--new-tokens 256] [--runs 3]
+    python scripts/bench_sample.py [--new-tokens 256] [--runs 3] [--write-docs [--docs PATH]]
 """
 
 from __future__ import annotations
@@ -17,6 +17,14 @@ import statistics
 import time
 
 import torch
+from doc_tables import (
+    add_doc_options,
+    docs_target,
+    host_markdown,
+    load_average,
+    markdown_table,
+    write_block,
+)
 
 from gpt.config import ModelConfig
 from gpt.generate import PackedLinear, cache_dtype, generate, pack_linears
@@ -127,7 +135,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--runs", type=int, default=3)
+    add_doc_options(parser)
     args = parser.parse_args()
+    doc = docs_target(parser, args, "bench-sample")
+    load_before = load_average()
     torch.manual_seed(0)
     model = GPT(ModelConfig(vocab_size=50257, activation="gelu_tanh")).eval()
     hf_model = to_hf_gpt2(model)
@@ -156,12 +167,16 @@ def main() -> None:
     })
     bandwidth = results.pop("read bandwidth, GB/s")
     print(f"read bandwidth per round: {', '.join(f'{bw:.1f}' for bw in bandwidth)} GB/s")
+    notes = [f"read bandwidth per round: {', '.join(f'{bw:.1f}' for bw in bandwidth)} GB/s"]
     for dtype, size in weight_bytes.items():
         bounds = [bw * 1e9 / size for bw in bandwidth]
         print(f"bound ({dtype}, {size / 1e6:.0f} MB read per token): "
               f"{statistics.median(bounds):.1f} tok/s (median of rounds)")
+        notes.append(f"bound ({dtype}, {size / 1e6:.0f} MB of weights read per token): "
+                     f"{statistics.median(bounds):.1f} tokens/s (median of rounds)")
     results["no cache (nanoGPT's loop), fp32"] = [no_cache(model, prompt, min(n, 64))]
     reference = statistics.median(results["HF transformers generate, fp32"])
+    rows = []
     for label, rates in results.items():
         size = weight_bytes["bf16" if "bf16" in label else "fp32"]
         # each round's rate against the bound measured in that round (no cache: the first)
@@ -171,6 +186,8 @@ def main() -> None:
         rate = statistics.median(rates)
         print(f"{label:35s} {rate:7.1f} tok/s  {rate / reference:5.2f}x HF  "
               f"{of_bound:4.0%} of the bound")
+        name = f"{label} (reference)" if label.startswith("HF") else label
+        rows.append([name, f"{rate:.1f}", f"{rate / reference:.2f}x", f"{of_bound:.0%}"])
     steps = rounds(args.runs, {
         "whole": (decode_step_ms, model_bf16, n),
         "without matmuls": (lambda m, k: decode_step_ms(m, k, without_matmuls=True), model_bf16, n),
@@ -178,12 +195,15 @@ def main() -> None:
     whole, rest = (statistics.median(v) for v in steps.values())
     print(f"bf16 decode step: {whole:.2f} ms; without its matmuls (Linear layers return zeros): "
           f"{rest:.2f} ms ({rest / whole:.0%})")
+    more = [["bf16 decode step, whole / Linear layers returning zeros",
+             f"{whole:.2f} ms / {rest:.2f} ms ({rest / whole:.0%})"]]
     batch = prompt.repeat(8, 1)
     batch_rates = medians(
         args.runs, {"fp32": (ours, model_fp32, batch, n), "bf16": (ours, model_bf16, batch, n)}
     )
     for label, rate in batch_rates.items():
         print(f"gpt {label}, batch 8: {rate:.1f} tok/s in total")
+        more.append([f"gpt sample path, {label}, batch 8", f"{rate:.1f} tokens/s in total"])
     long_prompt = torch.randint(0, 50257, (1, 512))
     for label, m in (("fp32", model_fp32), ("bf16", model_bf16)):
         times = []
@@ -192,6 +212,8 @@ def main() -> None:
             next(iter(generate(m, long_prompt, 1, temperature=0)))
             times.append(time.perf_counter() - start)
         print(f"time to first token, 512-token prompt, {label}: {statistics.median(times):.3f} s")
+        more.append([f"time to first token, 512-token prompt, {label}",
+                     f"{statistics.median(times):.3f} s"])
     with torch.inference_mode():
         a = model(long_prompt[:, :128])[0].float()
         b = model_bf16(long_prompt[:, :128])[0].float()
@@ -202,10 +224,22 @@ def main() -> None:
     ).sum(-1).mean().item()  # KL(fp32 || bf16) per position, in nats
     top_a, top_b = a.topk(50, dim=-1).indices, b.topk(50, dim=-1).indices  # (1, 128, 50)
     overlap = (top_a[..., :, None] == top_b[..., None, :]).any(-1).float().mean().item()
-    print(f"bf16 vs fp32 logits (random weights, whose logits are nearly flat: std "
-          f"{a.std().item():.2f}): max abs diff {diff:.3f}, KL {kl:.1e} nats per token, "
-          f"top-50 sets {overlap:.1%} shared, argmax agreement {agree:.2%}")
+    closeness = (f"bf16 vs fp32 logits (random weights, whose logits are nearly flat: std "
+                 f"{a.std().item():.2f}): max abs diff {diff:.3f}, KL {kl:.1e} nats per token, "
+                 f"top-50 sets {overlap:.1%} shared, argmax agreement {agree:.2%}")
+    print(closeness)
     print(f"load average after: {os.getloadavg()[0]:.2f} (other processes slow every row)")
+    if doc is not None:
+        table = markdown_table(["decoding path", "tokens/s", "vs HF", "of the bound"], rows)
+        table += "\n\n" + markdown_table(["measurement", "median"], more)
+        host = host_markdown(load_before, [
+            "model: GPT-2-124M shape, random weights; batch 1 unless stated, a 16-token prompt, "
+            f"{n} new tokens (no cache: {min(n, 64)}), top-k 50; medians of {args.runs} rounds",
+            *notes,
+            closeness,
+        ])
+        write_block(doc, "bench-sample", f"{table}\n\n{host}")
+        print(f"wrote the table into {doc}")
 
 
 if __name__ == "__main__":

@@ -4,8 +4,10 @@ The trainer's tokens/s come from its own metrics.jsonl (the logged windows after
 the reference is the loop nanoGPT's train.py runs (random memmap windows, forward, backward,
 clip, AdamW step) on the same GPT, config and data, with nothing else. Their ratio is what the
 trainer's own bookkeeping (logging, sampler state, signal checks, progress bar) costs.
+`--write-docs` puts the table into docs/performance.md (or `--docs PATH`).
 
     python scripts/bench_train.py [--config configs/default.toml] [--iters 60] [--repeats 3]
+        [--write-docs [--docs PATH]]
 """
 
 from __future__ import annotations
@@ -20,6 +22,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from doc_tables import (
+    add_doc_options,
+    docs_target,
+    host_markdown,
+    load_average,
+    markdown_table,
+    write_block,
+)
 
 from gpt.config import load_config
 from gpt.data import load_meta, prepare
@@ -68,7 +78,10 @@ def main() -> None:
     parser.add_argument("--config", default="configs/default.toml")
     parser.add_argument("--iters", type=int, default=60)
     parser.add_argument("--repeats", type=int, default=3)
+    add_doc_options(parser)
     args = parser.parse_args()
+    doc = docs_target(parser, args, "bench-train")
+    load_before = load_average()
     base = load_config(args.config, ["train.device=cpu", "train.compile=false"])
     meta = prepare(base.data, progress=False, block_size=base.model.block_size)
     if base.model.vocab_size is None:
@@ -92,6 +105,20 @@ def main() -> None:
     print(f"plain reference loop: {f:9,.0f} tokens/s  ({f * flops / 1e9:.1f} GFLOP/s achieved)")
     print(f"gpt train:            {o:9,.0f} tokens/s  ({o * flops / 1e9:.1f} GFLOP/s achieved)")
     print(f"ratio gpt train / reference: {o / f:.3f} (medians of {args.repeats} alternating runs)")
+    if doc is not None:
+        table = markdown_table(
+            ["loop", "tokens/s", "achieved GFLOP/s", "vs reference"],
+            [[label, f"{rate:,.0f}", f"{rate * flops / 1e9:.1f}", f"{rate / f:.3f}"]
+             for label, rate in (("plain loop (reference)", f), ("`gpt train`", o))],
+        )
+        b, t = base.train.batch_size * base.train.grad_accum_steps, base.model.block_size
+        host = host_markdown(load_before, [
+            f"model: `{args.config}`, {model.num_params():,} parameters, "
+            f"{flops / 1e6:.1f} MFLOP per token; {b} x {t} tokens per step on the CPU",
+            f"medians of {args.repeats} alternating runs of {args.iters} steps each",
+        ])
+        write_block(doc, "bench-train", f"{table}\n\n{host}")
+        print(f"wrote the table into {doc}")
 
 
 if __name__ == "__main__":

@@ -1,28 +1,21 @@
-"""Regenerate the config reference table in README.md from the declarations in gpt/config.py.
+"""Regenerate the config reference table in docs/config.md from the declarations in gpt/config.py.
 
 Run after adding or changing a key: `python scripts/config_reference.py`. A test fails while
-README.md and the declarations disagree.
+docs/config.md and the declarations disagree.
 """
 
 from __future__ import annotations
 
-import re
-from pathlib import Path
+from doc_tables import ROOT, write_block
 
 from gpt.config import reference_markdown
 
-START, END = "<!-- config-reference:start -->", "<!-- config-reference:end -->"
+CONFIG_MD = ROOT / "docs" / "config.md"
 
 
 def main() -> None:
-    readme = Path(__file__).resolve().parents[1] / "README.md"
-    text = readme.read_text()
-    if START not in text or END not in text:
-        raise SystemExit(f"README.md lacks the markers {START} ... {END}")
-    block = f"{START}\n{reference_markdown()}\n{END}"
-    pattern = re.escape(START) + ".*?" + re.escape(END)
-    readme.write_text(re.sub(pattern, lambda _: block, text, flags=re.S))
-    print(f"updated {readme}")
+    write_block(CONFIG_MD, "config-reference", reference_markdown())
+    print(f"updated {CONFIG_MD}")
 
 
 if __name__ == "__main__":
