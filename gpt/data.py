@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 from gpt.config import DataConfig
 from gpt.errors import GPTError, first_line
+from gpt.fileio import sha256_file, write_json_atomic
 from gpt.lock import FolderLock
 from gpt.tokenizer import CharTokenizer, Tokenizer, get_tokenizer, tokenizer_from_dict
 
@@ -527,15 +528,6 @@ def _encode_stream(
             write(in_flight.popleft().result())
 
 
-def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def prepare(
     cfg: DataConfig,
     block_size: int = 0,
@@ -650,7 +642,7 @@ def _tokenize(
     meta_path.unlink(missing_ok=True)  # a crash between the renames leaves "not prepared"
     for w in writers.values():
         os.replace(w.tmp, w.path)
-    _write_json_atomic(meta_path, meta)
+    write_json_atomic(meta_path, meta)
     if progress:
         skipped = f", skipped {len(source.skipped)} non-UTF-8 file(s)" if source.skipped else ""
         print(
@@ -704,11 +696,7 @@ def load_meta(data_dir: str | Path, verify_hash: bool = False) -> dict[str, Any]
                 "truncated or corrupted; rebuild with gpt prepare --force"
             )
         if verify_hash:
-            digest = hashlib.sha256()
-            with open(path, "rb") as f:
-                while block := f.read(1 << 24):
-                    digest.update(block)
-            if digest.hexdigest() != meta["sha256"][split]:
+            if sha256_file(path) != meta["sha256"][split]:
                 raise GPTError(
                     f"{path} does not match its sha256 in meta.json; "
                     "rebuild with gpt prepare --force"

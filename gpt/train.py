@@ -30,6 +30,7 @@ from gpt import checkpoint as ckpt
 from gpt.config import RunConfig, TrainConfig, from_dict, to_dict
 from gpt.data import BatchSampler, load_meta, prepare
 from gpt.errors import GPTError, compile_errors, first_line
+from gpt.fileio import write_atomic
 from gpt.lock import FolderLock
 from gpt.model import GPT
 from gpt.tokenizer import padded_vocab_size
@@ -182,7 +183,7 @@ class MetricsLog:
                 line for line in path.read_text().splitlines()
                 if (record := _parse_line(line)) is not None and record["iter"] <= resume_iter
             ]
-            ckpt.write_text_atomic(path, "".join(line + "\n" for line in kept))
+            write_atomic(path, "".join(line + "\n" for line in kept))
         elif resume_iter is None:
             path.unlink(missing_ok=True)
         self.file = open(path, "a")
