@@ -132,7 +132,7 @@ def prepare(
     ] = False,
 ) -> None:
     """Tokenize [data] source into train.bin, val.bin and meta.json in [data] data_dir."""
-    from gpt.data import prepare as prepare_data
+    from gpt.data.prepare import prepare as prepare_data
 
     cfg = resolve_config(config, set_)
     prepare_data(cfg.data, force=force, block_size=cfg.model.block_size)

@@ -28,7 +28,8 @@ from tqdm import tqdm
 
 from gpt import checkpoint as ckpt
 from gpt.config import RunConfig, TrainConfig, from_dict, to_dict
-from gpt.data import BatchSampler, load_meta, prepare
+from gpt.data.prepare import prepare
+from gpt.data.prepared import BatchSampler, PreparedData
 from gpt.errors import GPTError, compile_errors, first_line
 from gpt.fileio import write_atomic
 from gpt.lock import FolderLock
@@ -347,7 +348,7 @@ def train(cfg: RunConfig, resume: bool = True) -> int:
             prepare(cfg.data, progress=True, block_size=cfg.model.block_size, vocabulary=vocabulary)
         if world.world_size > 1:
             dist.barrier()
-        meta = load_meta(data_dir)
+        meta = PreparedData(data_dir).meta
         cfg = _resolve_model_config(cfg, meta)
         tokenizer = meta["tokenizer"]
         with compile_errors("train.compile = true") if tcfg.compile else contextlib.nullcontext():

@@ -24,7 +24,8 @@ import time
 from pathlib import Path
 
 from gpt.config import DataConfig
-from gpt.data import prepare, stdlib_files
+from gpt.data.prepare import prepare
+from gpt.data.sources import stdlib_files
 from gpt.tokenizer import get_tokenizer
 
 
@@ -86,7 +87,7 @@ def peak_rss_mb(folder: Path, out: Path) -> tuple[float, float]:
     worker process."""
     code = (
         "import resource, sys\n"
-        "from gpt.config import DataConfig\nfrom gpt.data import prepare\n"
+        "from gpt.config import DataConfig\nfrom gpt.data.prepare import prepare\n"
         f"prepare(DataConfig(source={str(folder)!r}, data_dir={str(out)!r}), force=True, "
         "progress=False)\n"
         "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,"

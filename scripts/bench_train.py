@@ -22,7 +22,8 @@ import numpy as np
 import torch
 
 from gpt.config import load_config
-from gpt.data import load_meta, prepare
+from gpt.data.prepare import prepare
+from gpt.data.prepared import PreparedData
 from gpt.model import GPT
 from gpt.tokenizer import padded_vocab_size
 from gpt.train import make_optimizer, train
@@ -30,8 +31,7 @@ from gpt.train import make_optimizer, train
 
 def reference_tok_per_s(cfg, data_dir: Path, iters: int) -> float:
     """A straightforward training loop; tokens/s over its last iters - 5 steps."""
-    meta = load_meta(data_dir)
-    data = np.memmap(data_dir / "train.bin", dtype=meta["dtype"], mode="r")
+    data = PreparedData(data_dir).tokens("train")
     torch.manual_seed(cfg.train.seed)
     model = GPT(cfg.model)
     optimizer = make_optimizer(model, cfg.train, torch.device("cpu"))
