@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,8 @@ import torch
 from gpt.data.prepared import BatchSampler, PreparedData, PreparedDataWriter, token_dtype
 from gpt.errors import GPTError
 from gpt.tokenizer import CharTokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def write_data(data_dir: Path, train: str, val: str) -> CharTokenizer:
@@ -129,3 +132,19 @@ def test_sampler_rejects_a_split_shorter_than_a_window(tmp_path: Path) -> None:
     write_data(tmp_path, "x" * 90, "x" * 10)
     with pytest.raises(GPTError, match=r"the val split has 10 tokens, fewer than block_size \+ 1 = 17"):
         BatchSampler(tmp_path, "val", block_size=16, batch_size=2, seed=0)
+
+
+def test_only_the_format_module_names_or_maps_token_files() -> None:
+    """One owner of the on-disk format: no other module builds a token file's or meta.json's
+    name, or maps a file of ids itself (prose such as "train.bin, val.bin" in help is fine)."""
+    owner = ROOT / "gpt" / "data" / "prepared.py"
+    pattern = re.compile(r"""\.bin["']|meta\.json["']|np\.memmap|np\.fromfile""")
+    assert pattern.search(owner.read_text())  # the pattern finds what the owner does
+    offenders = [
+        f"{path.relative_to(ROOT)}:{number}: {line.strip()}"
+        for path in sorted([*ROOT.glob("gpt/**/*.py"), *ROOT.glob("scripts/*.py")])
+        if path != owner
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if pattern.search(line)
+    ]
+    assert offenders == []
