@@ -18,7 +18,6 @@ previous checkpoint and pointer intact.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -32,37 +31,11 @@ from safetensors.torch import load_file, save_file
 
 from gpt.config import RunConfig, from_dict
 from gpt.errors import GPTError, first_line
+from gpt.fileio import fsync_dir, sha256_file, write_atomic
 from gpt.model import GPT
 
 CKPT_PATTERN = re.compile(r"^ckpt-(\d+)$")
 FILES = ("model.safetensors", "optimizer.pt")
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 24):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Replace `path` with `text` so that readers see the old or the new content, never a mix."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 def unwrap(model: torch.nn.Module) -> GPT:
@@ -105,19 +78,19 @@ def save_checkpoint(
     tmp.mkdir()
     save_file(model_state(model), str(tmp / "model.safetensors"))
     torch.save(optimizer_state, tmp / "optimizer.pt")
-    state = {**state, "iter": iteration, "sha256": {f: _sha256(tmp / f) for f in FILES}}
+    state = {**state, "iter": iteration, "sha256": {f: sha256_file(tmp / f) for f in FILES}}
     (tmp / "state.json").write_text(json.dumps(state, indent=1))
     for f in (*FILES, "state.json"):
         with open(tmp / f, "rb") as handle:
             os.fsync(handle.fileno())
-    _fsync_dir(tmp)
+    fsync_dir(tmp)
     if final.exists():  # a re-save of the same iteration (e.g. after a resume)
         shutil.rmtree(final)
     os.rename(tmp, final)
-    _fsync_dir(out_dir)
+    fsync_dir(out_dir)
     if is_best:
-        write_text_atomic(out_dir / "best", name + "\n")
-    write_text_atomic(out_dir / "latest", name + "\n")
+        write_atomic(out_dir / "best", name + "\n")
+    write_atomic(out_dir / "latest", name + "\n")
     _prune(out_dir, keep_last)
     return final
 
@@ -181,7 +154,7 @@ def read_state(ckpt: Path) -> dict[str, Any]:
         path = ckpt / f
         if not path.exists():
             raise GPTError(f"{path} is missing: the checkpoint is incomplete")
-        if _sha256(path) != recorded.get(f):
+        if sha256_file(path) != recorded.get(f):
             raise GPTError(f"{path} is damaged (its sha256 differs from state.json)")
     return state
 

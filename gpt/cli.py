@@ -115,13 +115,13 @@ def info(config: ConfigOption = None, set_: SetOption = None) -> None:
 
 def _tokenizer_vocab(cfg: RunConfig) -> int:
     """The vocabulary `gpt train` would take: a named tokenizer's, or prepared char data's."""
-    from gpt.data import load_meta
+    from gpt.data.prepared import PreparedData
     from gpt.tokenizer import get_tokenizer
 
     if cfg.data.tokenizer != "char":
         return get_tokenizer(cfg.data.tokenizer).vocab_size
     try:
-        return load_meta(cfg.data.resolved_data_dir)["vocab_size"]
+        return PreparedData(cfg.data.resolved_data_dir).vocab_size
     except GPTError:
         raise GPTError(
             "[model] vocab_size depends on the char tokenizer's data, which is not prepared yet; "
@@ -138,7 +138,7 @@ def prepare(
     ] = False,
 ) -> None:
     """Tokenize [data] source into train.bin, val.bin and meta.json in [data] data_dir."""
-    from gpt.data import prepare as prepare_data
+    from gpt.data.prepare import prepare as prepare_data
 
     cfg = load_config(config, set_)
     prepare_data(cfg.data, force=force, block_size=cfg.model.block_size)

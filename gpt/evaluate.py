@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -17,7 +16,8 @@ import torch
 from tqdm import tqdm
 
 from gpt.config import RunConfig
-from gpt.data import check_tokenizer, load_meta, open_source
+from gpt.data.prepared import PreparedData
+from gpt.data.sources import open_source
 from gpt.errors import GPTError
 from gpt.model import GPT
 from gpt.tokenizer import Tokenizer
@@ -25,10 +25,9 @@ from gpt.tokenizer import Tokenizer
 
 def tokens_of_split(config: RunConfig, split: str, tokenizer: dict[str, Any]) -> np.ndarray:
     """The prepared split the checkpoint was trained on."""
-    data_dir = config.data.resolved_data_dir
-    meta = load_meta(data_dir)
-    check_tokenizer(meta, tokenizer, data_dir)
-    return np.memmap(Path(data_dir) / f"{split}.bin", dtype=meta["dtype"], mode="r")
+    data = PreparedData(config.data.resolved_data_dir)
+    data.check_tokenizer(tokenizer)
+    return data.tokens(split)
 
 
 def tokens_of_source(config: RunConfig, source: str, tokenizer: Tokenizer) -> np.ndarray:

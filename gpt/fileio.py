@@ -1,5 +1,52 @@
-"""Placeholder until the fileio module lands: atomic writes."""
+"""Files that survive a crash: atomic replacement, flushed folders, and hashes to check them."""
 
 from __future__ import annotations
 
-from gpt.checkpoint import write_text_atomic as write_atomic  # noqa: F401
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+
+def fsync_dir(path: Path) -> None:
+    """Flush a folder's entries, so that a rename or a new file in it survives a power loss."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, content: str | bytes) -> None:
+    """Replace `path` with `content` so that readers see the old or the new content, never a mix.
+
+    The content goes to a temporary file in the same folder, flushed to disk, renamed over `path`,
+    and the folder flushed; a failure on the way removes the temporary file and keeps the old one.
+    """
+    data = content.encode("utf-8") if isinstance(content, str) else content
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """`write_atomic` of `data` as indented JSON."""
+    write_atomic(path, json.dumps(data, indent=2))
+
+
+def sha256_file(path: Path) -> str:
+    """The hex sha256 of a file, read in blocks so that memory stays small whatever its size."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 24):
+            digest.update(block)
+    return digest.hexdigest()

@@ -27,7 +27,8 @@ from tqdm import tqdm
 from gpt import checkpoint as ckpt
 from gpt.checkpoint import Checkpoint
 from gpt.config import ModelConfig, RunConfig, TrainConfig, to_dict
-from gpt.data import BatchSampler, load_meta, prepare
+from gpt.data.prepare import prepare
+from gpt.data.prepared import BatchSampler, PreparedData
 from gpt.device import resolve_device, resolve_dtype
 from gpt.errors import GPTError, compile_errors
 from gpt.lock import FolderLock
@@ -254,11 +255,11 @@ def setup_run(
     base = None  # init_from: its weights start a new run; a char finetune keeps its vocabulary
     if tcfg.init_from and (resumed is None or cfg.data.tokenizer == "char"):
         base = Checkpoint.open(tcfg.init_from)
-    meta = _prepared_data(cfg, world, base)
-    cfg = dataclasses.replace(cfg, model=_fit_vocabulary(cfg.model, meta["vocab_size"]))
+    data = _prepared_data(cfg, world, base)
+    cfg = dataclasses.replace(cfg, model=_fit_vocabulary(cfg.model, data.vocab_size))
     start = resumed or base
     if start is not None:
-        _check_compatible(start, cfg, meta["tokenizer"])
+        _check_compatible(start, cfg, data.tokenizer)
 
     torch.manual_seed(tcfg.seed)
     random.seed(tcfg.seed)
@@ -288,7 +289,7 @@ def setup_run(
         model=model, trained=_wrap(model, tcfg.compile, world, device),
         optimizer=make_optimizer(model, tcfg, device),
         scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
-        samplers=samplers, tokenizer=meta["tokenizer"], state=TrainState(), metrics=None,
+        samplers=samplers, tokenizer=data.tokenizer, state=TrainState(), metrics=None,
         last_checkpoint=resumed.path if resumed else None,
     )
     if resumed is not None:
@@ -321,8 +322,8 @@ def _resume_point(out_dir: Path, resume: bool, world: Dist) -> Checkpoint | None
     return None
 
 
-def _prepared_data(cfg: RunConfig, world: Dist, base: Checkpoint | None) -> dict[str, Any]:
-    """The data's meta: prepared once by rank 0 while the others wait, then read by every rank.
+def _prepared_data(cfg: RunConfig, world: Dist, base: Checkpoint | None) -> PreparedData:
+    """The run's data: prepared once by rank 0 while the others wait, then opened by every rank.
 
     A char-level finetune tokenizes with the base model's vocabulary, so its ids mean the same.
     """
@@ -331,7 +332,7 @@ def _prepared_data(cfg: RunConfig, world: Dist, base: Checkpoint | None) -> dict
         prepare(cfg.data, progress=True, block_size=cfg.model.block_size, vocabulary=vocabulary)
     if world.world_size > 1:
         dist.barrier()
-    return load_meta(cfg.data.resolved_data_dir)
+    return PreparedData(cfg.data.resolved_data_dir)
 
 
 def _fit_vocabulary(model: ModelConfig, tokenizer_vocab: int) -> ModelConfig:

@@ -34,7 +34,8 @@ from doc_tables import (
 )
 
 from gpt.config import DataConfig
-from gpt.data import prepare, stdlib_files
+from gpt.data.prepare import prepare
+from gpt.data.sources import stdlib_files
 from gpt.tokenizer import get_tokenizer
 
 
@@ -96,7 +97,7 @@ def peak_rss_mb(folder: Path, out: Path) -> tuple[float, float]:
     worker process."""
     code = (
         "import resource, sys\n"
-        "from gpt.config import DataConfig\nfrom gpt.data import prepare\n"
+        "from gpt.config import DataConfig\nfrom gpt.data.prepare import prepare\n"
         f"prepare(DataConfig(source={str(folder)!r}, data_dir={str(out)!r}), force=True, "
         "progress=False)\n"
         "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,"

@@ -27,9 +27,10 @@ from doc_tables import (
 )
 
 from gpt.config import ModelConfig
-from gpt.generate import PackedLinear, cache_dtype, generate, pack_linears
+from gpt.generate import cache_dtype, generate
 from gpt.hf import to_hf_gpt2
 from gpt.model import GPT
+from gpt.onednn import PackedLinear, pack_linears
 
 
 def bandwidth_gb_s() -> float:
@@ -140,7 +141,8 @@ def main() -> None:
     doc = docs_target(parser, args, "bench-sample")
     load_before = load_average()
     torch.manual_seed(0)
-    model = GPT(ModelConfig(vocab_size=50257, activation="gelu_tanh")).eval()
+    gpt2 = ModelConfig(vocab_size=50257, padded_vocab_size=50257, activation="gelu_tanh")
+    model = GPT(gpt2).eval()  # GPT-2 124M's shape, HF's unpadded vocabulary
     hf_model = to_hf_gpt2(model)
 
     def sampling_copy(dtype: torch.dtype) -> GPT:

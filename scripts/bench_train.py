@@ -32,16 +32,15 @@ from doc_tables import (
 )
 
 from gpt.config import load_config
-from gpt.data import load_meta, prepare
+from gpt.data.prepare import prepare
+from gpt.data.prepared import PreparedData
 from gpt.model import GPT
-from gpt.tokenizer import padded_vocab_size
 from gpt.train import make_optimizer, train
 
 
 def reference_tok_per_s(cfg, data_dir: Path, iters: int) -> float:
     """A straightforward training loop; tokens/s over its last iters - 5 steps."""
-    meta = load_meta(data_dir)
-    data = np.memmap(data_dir / "train.bin", dtype=meta["dtype"], mode="r")
+    data = PreparedData(data_dir).tokens("train")
     torch.manual_seed(cfg.train.seed)
     model = GPT(cfg.model)
     optimizer = make_optimizer(model, cfg.train, torch.device("cpu"))
@@ -85,8 +84,8 @@ def main() -> None:
     base = load_config(args.config, ["train.device=cpu", "train.compile=false"])
     meta = prepare(base.data, progress=False, block_size=base.model.block_size)
     if base.model.vocab_size is None:
-        vocab = padded_vocab_size(meta["vocab_size"])
-        base = dataclasses.replace(base, model=dataclasses.replace(base.model, vocab_size=vocab))
+        model = dataclasses.replace(base.model, vocab_size=meta["vocab_size"])  # padding follows
+        base = dataclasses.replace(base, model=model)
     with tempfile.TemporaryDirectory() as tmp:
         ours, ref = [], []
         for r in range(args.repeats):

@@ -88,7 +88,7 @@ def test_a_crash_while_saving_leaves_the_previous_checkpoint(
     elif failing == "os.rename":  # just before the folder is moved into place
         monkeypatch.setattr(ckpt.os, "rename", crash)
     else:  # the folder is in place, the `latest` pointer not yet moved
-        monkeypatch.setattr(ckpt, "write_text_atomic", crash)
+        monkeypatch.setattr(ckpt, "write_atomic", crash)
     with pytest.raises(OSError, match="simulated crash"):
         save(tmp_path, 20, tiny_model(1))
     monkeypatch.undo()

@@ -1,0 +1,333 @@
+"""The prepare pipeline: a source's documents -> train/val pieces -> tokens, written atomically.
+
+`prepare` splits the documents into train and validation, tokenizes them in batches on worker
+processes and streams the ids to a `PreparedDataWriter`, so memory stays bounded whatever the
+corpus size. A fingerprint of the settings and of the source's identity decides whether a folder
+already holds this data; a lock in the folder keeps a second prepare from writing it at once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing
+import os
+import random
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from gpt.config import DataConfig
+from gpt.data.prepared import (
+    FORMAT_VERSION,
+    SPLITS,
+    PreparedData,
+    PreparedDataWriter,
+    has_prepared_data,
+)
+from gpt.data.sources import Source, open_source
+from gpt.errors import GPTError
+from gpt.lock import FolderLock
+from gpt.tokenizer import CharTokenizer, Tokenizer, get_tokenizer, tokenizer_from_dict
+
+BATCH_CHARS = 2_000_000  # text per worker task: amortises the round trip, bounds memory
+
+Piece = tuple[str, str, bool]  # (split, text, ends_document): a unit of tokenizer work
+
+
+def _settings(cfg: DataConfig) -> dict[str, Any]:
+    """The settings that decide the token files' contents (num_proc does not)."""
+    return {
+        "version": FORMAT_VERSION,
+        "source": cfg.source,
+        "tokenizer": cfg.tokenizer,
+        "glob": cfg.glob,
+        "text_column": cfg.text_column,
+        "split": cfg.split,
+        "val_fraction": cfg.val_fraction,
+        "seed": cfg.seed,
+        "decode_errors": cfg.decode_errors,
+    }
+
+
+def _fingerprint(cfg: DataConfig, source: Source) -> str:
+    """A hash of the settings and of the source's identity (its files' sizes and times)."""
+    record = {**_settings(cfg), "identity": source.identity}
+    return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _what_changed(meta: dict[str, Any], cfg: DataConfig) -> str:
+    """The settings that differ from those `meta` was prepared with, for the refusal message."""
+    before = meta.get("settings")
+    if not isinstance(before, dict):  # prepared before meta.json recorded its settings
+        return f"tokenizer {meta['tokenizer']['name']!r}, source {meta.get('source')!r}"
+    now = json.loads(json.dumps(_settings(cfg)))  # as meta.json holds them
+    changed = [f"{key} {before.get(key)!r} -> {now[key]!r}" for key in now
+               if before.get(key) != now[key]]
+    return ", ".join(changed) or "the source's files changed since"
+
+
+def _is_val(index: int, val_set: set[int] | None, cfg: DataConfig) -> bool:
+    """Document-level split: an exact random subset when the count is known, else by hash."""
+    if val_set is not None:
+        return index in val_set
+    digest = hashlib.sha256(f"{cfg.seed}:{index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") / 2**64 < cfg.val_fraction
+
+
+def _split_pieces(source: Source, cfg: DataConfig) -> Iterator[Piece]:
+    """(split, text, ends_document) pieces in corpus order.
+
+    A running text (or a corpus of one document) is split by characters, the first
+    1 - val_fraction to train; documents are split whole, each by its index among all of them
+    (empty and skipped ones included, so one unreadable file does not reshuffle the others).
+    """
+    count = None if source.single_text else source.count()  # a URL's text is not loaded twice
+    if source.single_text or count == 1:
+        total = sum(len(chunk) for chunk in source.documents())
+        n_train = int(total * (1 - cfg.val_fraction))  # first 90%: train, last 10%: val
+        seen = 0
+        for chunk in source.documents():
+            head = max(0, min(len(chunk), n_train - seen))
+            if head:
+                yield "train", chunk[:head], False
+            if head < len(chunk):
+                yield "val", chunk[head:], False
+            seen += len(chunk)
+        return
+    val_set = None
+    if count is not None and count > 1:
+        n_val = max(1, round(count * cfg.val_fraction))
+        val_set = set(random.Random(cfg.seed).sample(range(count), n_val))
+    for index, text in enumerate(source.rows()):
+        if text:
+            yield ("val" if _is_val(index, val_set, cfg) else "train"), text, True
+
+
+def _encode_batch(
+    batch: list[Piece], tokenizer: Tokenizer, dtype: np.dtype
+) -> tuple[dict[str, np.ndarray], int]:
+    """A batch's ids joined per split in corpus order, an eot after each document, already in
+    the files' dtype (so half the bytes travel back from a worker); and its UTF-8 size."""
+    parts: dict[str, list[np.ndarray]] = {split: [] for split in SPLITS}
+    eot = np.array([tokenizer.eot_id], dtype=dtype)
+    n_bytes = 0
+    for split, text, ends_document in batch:
+        ids = tokenizer.encode_array(text)
+        if len(ids) and (ids.min() < 0 or ids.max() >= tokenizer.vocab_size):
+            bad = int(ids.max() if ids.max() >= tokenizer.vocab_size else ids.min())
+            raise GPTError(
+                f"tokenizer {tokenizer.name!r} gave id {bad}, outside its vocabulary of "
+                f"{tokenizer.vocab_size}; check data.tokenizer"
+            )
+        parts[split].append(ids.astype(dtype, copy=False))
+        if ends_document:
+            parts[split].append(eot)  # separates documents
+        n_bytes += len(text.encode("utf-8"))
+    joined = {split: np.concatenate(p) if p else np.empty(0, dtype) for split, p in parts.items()}
+    return joined, n_bytes
+
+
+_worker_state: tuple[Tokenizer, np.dtype] | None = None
+
+
+def _init_worker(tokenizer_state: dict[str, Any], dtype_name: str) -> None:
+    global _worker_state
+    _worker_state = (tokenizer_from_dict(tokenizer_state), np.dtype(dtype_name))
+
+
+def _encode_in_worker(batch: list[Piece]) -> tuple[dict[str, np.ndarray], int]:
+    """Worker-process side of `_encode_stream`."""
+    assert _worker_state is not None
+    return _encode_batch(batch, *_worker_state)
+
+
+def _worker_pool(workers: int, tokenizer: Tokenizer, dtype: np.dtype) -> ProcessPoolExecutor:
+    """Processes rather than threads: tiktoken keeps the GIL for part of its work, so threads
+    leave part of every extra core idle where processes use all of it."""
+    methods = multiprocessing.get_all_start_methods()
+    context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+    return ProcessPoolExecutor(
+        workers,
+        mp_context=context,
+        initializer=_init_worker,
+        initargs=(tokenizer.to_dict(), dtype.name),
+    )
+
+
+def _encode_stream(
+    pieces: Iterator[Piece],
+    tokenizer: Tokenizer,
+    writer: PreparedDataWriter,
+    workers: int,
+    bar: tqdm,
+) -> None:
+    """Tokenize pieces in batches of about BATCH_CHARS on `workers` processes.
+
+    Batches are written in corpus order; while workers encode, this process reads the next
+    batch and writes finished ones, so reading, encoding and writing overlap. At most
+    `workers + 1` batches are in memory at once, whatever the corpus size.
+    """
+    dtype = writer.dtype
+
+    def write(encoded: tuple[dict[str, np.ndarray], int]) -> None:
+        ids, n_bytes = encoded
+        for split, split_ids in ids.items():
+            writer.write(split, split_ids)
+        bar.update(n_bytes)
+        bar.set_postfix(tokens=f"{sum(writer.tokens.values()):,}")
+
+    def batches() -> Iterator[list[Piece]]:
+        batch: list[Piece] = []
+        size = 0
+        for piece in pieces:
+            batch.append(piece)
+            size += len(piece[1])
+            if size >= BATCH_CHARS:
+                yield batch
+                batch, size = [], 0
+        if batch:
+            yield batch
+
+    if workers <= 1:
+        for batch in batches():
+            write(_encode_batch(batch, tokenizer, dtype))
+        return
+    in_flight: deque[Future[tuple[dict[str, np.ndarray], int]]] = deque()
+    with _worker_pool(workers, tokenizer, dtype) as pool:
+        for batch in batches():
+            in_flight.append(pool.submit(_encode_in_worker, batch))
+            while len(in_flight) > workers:
+                write(in_flight.popleft().result())
+        while in_flight:
+            write(in_flight.popleft().result())
+
+
+def prepare(
+    cfg: DataConfig,
+    block_size: int = 0,
+    force: bool = False,
+    progress: bool = True,
+    vocabulary: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Tokenize `cfg.source` into `cfg.resolved_data_dir` and return its meta; a no-op when the
+    folder already holds intact data prepared from the same source and settings.
+
+    A data folder prepared from other settings is left alone unless `force`. With `block_size`,
+    each split must hold at least `block_size + 1` tokens. `vocabulary` (a char tokenizer's
+    record) fixes the char vocabulary instead of building it from the text: finetuning keeps the
+    base model's ids.
+    """
+    source = open_source(cfg)
+    fingerprint = _fingerprint(cfg, source)
+    data_dir = cfg.resolved_data_dir
+    # finished data is read without the lock (meta.json is written last), so a read-only
+    # folder of prepared data still works
+    checked = (cfg, fingerprint, vocabulary, block_size, force, progress)
+    if (existing := _existing_data(*checked)) is not None:
+        return existing
+    # one writer per folder: a second prepare (or gpt train) of the same folder waits, then
+    # finds the data ready instead of writing the same temporary files
+    with FolderLock(data_dir, "gpt prepare", "data.data_dir", name=".prepare.lock", wait=True):
+        if (existing := _existing_data(*checked)) is not None:
+            return existing
+        return _tokenize(cfg, source, fingerprint, block_size, progress, vocabulary)
+
+
+def _existing_data(
+    cfg: DataConfig, fingerprint: str, vocabulary: dict[str, Any] | None, block_size: int,
+    force: bool, progress: bool,
+) -> dict[str, Any] | None:
+    """The meta of data already prepared from these settings; None if there is none yet (or
+    `force` rebuilds it).
+
+    Data prepared from other settings is an error that names what changed.
+    """
+    data_dir = cfg.resolved_data_dir
+    if force or not has_prepared_data(data_dir):
+        return None
+    meta = PreparedData(data_dir).meta
+    same_vocabulary = vocabulary is None or meta["tokenizer"] == vocabulary
+    if meta.get("fingerprint") == fingerprint and same_vocabulary:
+        _check_split_sizes(meta["tokens"], block_size, data_dir)
+        if progress:
+            print(f"{data_dir} is already prepared from these settings; nothing to do "
+                  "(--force rebuilds)")
+        return meta
+    what = _what_changed(meta, cfg)
+    if not same_vocabulary:
+        what = "a char vocabulary other than the base model's"
+    raise GPTError(
+        f"{data_dir} holds data prepared from other settings ({what}); rebuild it with "
+        "gpt prepare --force, or set data.data_dir to another folder"
+    )
+
+
+def _tokenize(
+    cfg: DataConfig, source: Source, fingerprint: str, block_size: int, progress: bool,
+    vocabulary: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """Encode the source into data_dir's token files and meta.json (the caller holds the lock)."""
+    data_dir = cfg.resolved_data_dir
+    tokenizer: Tokenizer
+    if cfg.tokenizer == "char" and vocabulary is not None:
+        tokenizer = tokenizer_from_dict(vocabulary)
+    elif cfg.tokenizer == "char":
+        tokenizer = CharTokenizer.from_texts(source.documents())
+    else:
+        tokenizer = get_tokenizer(cfg.tokenizer)
+    workers = cfg.num_proc or os.cpu_count() or 1
+    bar = tqdm(
+        desc=f"tokenizing {source.description}", unit="B", unit_scale=True, disable=not progress
+    )
+    try:
+        with PreparedDataWriter(data_dir, tokenizer) as writer:
+            _encode_stream(_split_pieces(source, cfg), tokenizer, writer, workers, bar)
+            counts = writer.tokens
+            if sum(counts.values()) == 0:
+                raise GPTError(
+                    f"[data] source: {source.description} holds no text; point it at a corpus"
+                )
+            _check_split_sizes(counts, block_size, data_dir)
+            meta = writer.commit({
+                "source": cfg.source,
+                "fingerprint": fingerprint,
+                "settings": _settings(cfg),
+                "skipped_files": len(source.skipped),
+            })
+    finally:
+        bar.close()
+    if progress:
+        skipped = f", skipped {len(source.skipped)} non-UTF-8 file(s)" if source.skipped else ""
+        print(
+            f"wrote {data_dir}: train {counts['train']:,} tokens, val {counts['val']:,} tokens "
+            f"({meta['dtype']}, {cfg.tokenizer}){skipped}"
+        )
+    return meta
+
+
+def data_is_ready(cfg: DataConfig) -> bool:
+    """Whether `cfg`'s data folder holds intact data prepared from this source and these
+    settings (sizes checked, not hashes; hub datasets are not contacted)."""
+    try:
+        meta = PreparedData(cfg.resolved_data_dir).meta
+        return meta.get("fingerprint") == _fingerprint(cfg, open_source(cfg))
+    except GPTError:
+        return False
+
+
+def _check_split_sizes(counts: dict[str, int], block_size: int, data_dir: Path) -> None:
+    for split in SPLITS:
+        n = counts[split]
+        if n < block_size + 1:
+            raise GPTError(
+                f"{data_dir}: the {split} split has {n} tokens, fewer than block_size + 1 = "
+                f"{block_size + 1}; add text, lower model.block_size, or change data.val_fraction"
+            )
+
+

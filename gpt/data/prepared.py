@@ -1,0 +1,258 @@
+"""The prepared-data format: the one module that knows how a data folder is laid out on disk.
+
+    meta.json     format version, tokenizer record, vocab size, eot id, dtype, token counts and
+                  sha256 per split, plus what `prepare` records of the source and settings
+    train.bin     the train split's token ids, flat, in `dtype` (uint16, or uint32 for vocabularies
+    val.bin       over 65,536 ids); documents separated by the eot id
+
+`PreparedDataWriter` writes a folder: token files under temporary names, renamed into place on
+`commit`, meta.json last, so a folder with a meta.json is complete. `PreparedData` opens one,
+checked against its meta.json, and hands out read-only memmaps; `BatchSampler` draws training
+batches from them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from gpt.errors import GPTError
+from gpt.fileio import sha256_file, write_json_atomic
+from gpt.tokenizer import Tokenizer
+
+FORMAT_VERSION = 1
+SPLITS = ("train", "val")
+META_FILE = "meta.json"
+
+
+def _token_path(data_dir: Path, split: str) -> Path:
+    return data_dir / f"{split}.bin"
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """uint16 when every id fits, else uint32: never a silent overflow."""
+    return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
+
+
+def has_prepared_data(data_dir: str | Path) -> bool:
+    """Whether a prepare finished in `data_dir` (meta.json is written last), intact or not."""
+    return (Path(data_dir) / META_FILE).exists()
+
+
+class PreparedData:
+    """A prepared data folder, checked on opening: meta.json readable, every split's file the size
+    meta.json says (and, with `verify_hash`, the sha256 it says)."""
+
+    def __init__(self, data_dir: str | Path, verify_hash: bool = False) -> None:
+        self.data_dir = Path(data_dir)
+        meta_path = self.data_dir / META_FILE
+        if not meta_path.exists():
+            raise GPTError(
+                f"{self.data_dir} has no prepared data (no meta.json); run gpt prepare first"
+            )
+        try:
+            self.meta: dict[str, Any] = json.loads(meta_path.read_text())
+            self.dtype = np.dtype(self.meta["dtype"])
+            self._counts = {split: int(self.meta["tokens"][split]) for split in SPLITS}
+            int(self.meta["vocab_size"])
+            self.meta["tokenizer"]["name"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise GPTError(
+                f"{meta_path} is damaged ({e}); rebuild with gpt prepare --force"
+            ) from None
+        for split in SPLITS:
+            self._check_file(split, self._counts[split], verify_hash)
+
+    def _check_file(self, split: str, count: int, verify_hash: bool) -> None:
+        path = _token_path(self.data_dir, split)
+        expected = count * self.dtype.itemsize
+        actual = path.stat().st_size if path.exists() else None
+        if actual != expected:
+            found = "is missing" if actual is None else f"has {actual:,} bytes"
+            raise GPTError(
+                f"{path} {found} but meta.json says {count:,} tokens ({expected:,} bytes): "
+                "truncated or corrupted; rebuild with gpt prepare --force"
+            )
+        if verify_hash and sha256_file(path) != self.meta["sha256"][split]:
+            raise GPTError(
+                f"{path} does not match its sha256 in meta.json; rebuild with gpt prepare --force"
+            )
+
+    @property
+    def tokenizer(self) -> dict[str, Any]:
+        """The record of the tokenizer the data was built with (`tokenizer_from_dict` reads it)."""
+        return self.meta["tokenizer"]
+
+    @property
+    def vocab_size(self) -> int:
+        """The tokenizer's vocabulary size, before the model pads it."""
+        return int(self.meta["vocab_size"])
+
+    def tokens(self, split: str) -> np.ndarray:
+        """A split's token ids as a read-only memmap: nothing is read until it is indexed."""
+        if split not in SPLITS:
+            raise GPTError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
+        if self._counts[split] == 0:  # a file of no bytes cannot be mapped
+            return np.empty(0, dtype=self.dtype)
+        return np.memmap(_token_path(self.data_dir, split), dtype=self.dtype, mode="r")
+
+    def check_tokenizer(self, expected: dict[str, Any]) -> None:
+        """Refuse data tokenized differently from what the model was trained with."""
+        if self.tokenizer != expected:
+            raise GPTError(
+                f"{self.data_dir} was prepared with the {self.tokenizer['name']!r} tokenizer but "
+                f"the model uses {expected.get('name')!r} (or another vocabulary); prepare the "
+                "data with the model's tokenizer (data.tokenizer, gpt prepare --force)"
+            )
+
+
+class _TokenFile:
+    """Appends token ids to `<name>.tmp`, hashing as it goes."""
+
+    def __init__(self, path: Path, dtype: np.dtype) -> None:
+        self.path, self.tmp = path, path.with_name(path.name + ".tmp")
+        self.dtype = dtype
+        self.file = open(self.tmp, "wb")
+        self.sha = hashlib.sha256()
+        self.tokens = 0
+
+    def write(self, ids: np.ndarray) -> None:
+        data = ids.astype(self.dtype, copy=False).tobytes()
+        self.file.write(data)
+        self.sha.update(data)
+        self.tokens += len(ids)
+
+    def close(self) -> None:
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+
+    def discard(self) -> None:
+        if not self.file.closed:
+            self.file.close()
+        self.tmp.unlink(missing_ok=True)
+
+
+class PreparedDataWriter:
+    """Writes a data folder for `tokenizer`; used as a context manager, it removes everything it
+    wrote unless `commit` was reached, so an error or an interrupt leaves nothing that looks
+    finished."""
+
+    def __init__(self, data_dir: Path, tokenizer: Tokenizer) -> None:
+        self.data_dir = data_dir
+        self.tokenizer = tokenizer
+        self.dtype = token_dtype(tokenizer.vocab_size)
+        data_dir.mkdir(parents=True, exist_ok=True)
+        self._files = {s: _TokenFile(_token_path(data_dir, s), self.dtype) for s in SPLITS}
+        self._committed = False
+
+    def write(self, split: str, ids: np.ndarray) -> None:
+        """Append ids (already checked to fit `dtype`) to a split."""
+        self._files[split].write(ids)
+
+    @property
+    def tokens(self) -> dict[str, int]:
+        """Tokens written so far, per split."""
+        return {split: f.tokens for split, f in self._files.items()}
+
+    def commit(self, info: dict[str, Any]) -> dict[str, Any]:
+        """Move the token files into place, then write meta.json (with `info`, what the caller
+        records of how the data was made) last; returns the meta."""
+        for f in self._files.values():
+            f.close()
+        meta = {
+            "format_version": FORMAT_VERSION,
+            **info,
+            "tokenizer": self.tokenizer.to_dict(),
+            "vocab_size": self.tokenizer.vocab_size,
+            "eot_id": self.tokenizer.eot_id,
+            "dtype": self.dtype.name,
+            "tokens": self.tokens,
+            "sha256": {split: f.sha.hexdigest() for split, f in self._files.items()},
+        }
+        meta_path = self.data_dir / META_FILE
+        meta_path.unlink(missing_ok=True)  # a crash between the renames leaves "not prepared"
+        for f in self._files.values():
+            os.replace(f.tmp, f.path)
+        write_json_atomic(meta_path, meta)  # flushes the folder, the renames with it
+        self._committed = True
+        return meta
+
+    def discard(self) -> None:
+        """Remove the temporary token files."""
+        for f in self._files.values():
+            f.discard()
+
+    def __enter__(self) -> PreparedDataWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if not self._committed:
+            self.discard()
+
+
+class BatchSampler:
+    """Random windows of block_size + 1 tokens from one split, reproducible and resumable.
+
+    All ranks of a distributed run share one generator stream per (seed, split): each call draws
+    the start positions of `world_size` batches and rank r reads the r-th, so every rank sees
+    different data and N ranks see exactly the batches one process would see over N micro-steps.
+    `state_dict()` is plain data (JSON-able); `load_state_dict` restores the stream exactly.
+    """
+
+    def __init__(
+        self,
+        data_dir: str | Path,
+        split: str,
+        block_size: int,
+        batch_size: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        self.data = PreparedData(data_dir).tokens(split)
+        if len(self.data) < block_size + 1:
+            raise GPTError(
+                f"{data_dir}: the {split} split has {len(self.data)} tokens, fewer than "
+                f"block_size + 1 = {block_size + 1}; add text or lower model.block_size"
+            )
+        self.block_size, self.batch_size = block_size, batch_size
+        self.rank, self.world_size = rank, world_size
+        self.device = torch.device(device)
+        self.generator = torch.Generator().manual_seed(self._stream_seed(seed, split))
+        self._offsets = np.arange(block_size + 1)  # (T + 1,)
+
+    @staticmethod
+    def _stream_seed(seed: int, split: str) -> int:
+        key = f"{seed}:{split}".encode()
+        return int.from_bytes(hashlib.sha256(key).digest()[:8], "little") & (2**63 - 1)
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """x, y: (batch_size, block_size) int64, y being x shifted left by one token."""
+        starts = torch.randint(
+            len(self.data) - self.block_size,
+            (self.world_size, self.batch_size),
+            generator=self.generator,
+        )[self.rank]  # (B,): this rank's row of the world's batches
+        windows = self.data[starts.numpy()[:, None] + self._offsets]  # (B, T + 1)
+        batch = torch.from_numpy(windows.astype(np.int64))
+        x, y = batch[:, :-1], batch[:, 1:]
+        if self.device.type == "cuda":  # page-locked host memory lets the copy overlap compute
+            return (
+                x.pin_memory().to(self.device, non_blocking=True),
+                y.pin_memory().to(self.device, non_blocking=True),
+            )
+        return x.contiguous().to(self.device), y.contiguous().to(self.device)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"generator": self.generator.get_state().tolist()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.generator.set_state(torch.tensor(state["generator"], dtype=torch.uint8))

@@ -1,0 +1,376 @@
+"""gpt prepare on tiny corpora made in tmp_path (no network): splits, reruns, the lock, errors."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+import gpt.data.prepare as prepare_module
+import gpt.data.sources as sources
+from gpt.cli import app
+from gpt.config import DataConfig
+from gpt.data.prepare import data_is_ready, prepare
+from gpt.data.prepared import PreparedData
+from gpt.errors import GPTError
+from gpt.lock import FolderLock
+from gpt.tokenizer import get_tokenizer, tokenizer_from_dict
+
+runner = CliRunner()
+
+
+def cfg(tmp_path: Path, source: str | Path, **kw: object) -> DataConfig:
+    values = {"data_dir": str(tmp_path / "prepared"), **kw}
+    return DataConfig(source=str(source), **values)  # type: ignore[arg-type]
+
+
+def read_split(data_dir: Path, split: str) -> np.ndarray:
+    return np.array(PreparedData(data_dir).tokens(split))
+
+
+def leftovers(data_dir: Path) -> list[str]:
+    """What a failed prepare left in data_dir, besides its lock file (kept: see gpt/lock.py)."""
+    return sorted(p.name for p in data_dir.iterdir() if p.name != ".prepare.lock")
+
+
+def docs_folder(tmp_path: Path, n: int = 10) -> Path:
+    folder = tmp_path / "docs"
+    (folder / "sub").mkdir(parents=True)
+    for i in range(n):
+        (folder / ("sub" if i % 2 else "") / f"doc{i}.txt").write_text(f"document {i} " * (i + 1))
+    (folder / "ignored.bin").write_bytes(b"\x00\x01")
+    return folder
+
+
+def test_text_file_split_is_first_90_percent_of_characters(tmp_path: Path) -> None:
+    text = "".join(chr(97 + i % 26) for i in range(1000)) + "\n"
+    (tmp_path / "a.txt").write_text(text)
+    meta = prepare(cfg(tmp_path, tmp_path / "a.txt", tokenizer="char"), progress=False)
+    assert meta["tokens"] == {"train": 900, "val": 101}
+    tok = tokenizer_from_dict(meta["tokenizer"])
+    out = tmp_path / "prepared"
+    assert tok.decode(read_split(out, "train").tolist()) == text[:900]
+    assert tok.decode(read_split(out, "val").tolist()) == text[900:]
+    assert meta["dtype"] == "uint16" and meta["source"] == str(tmp_path / "a.txt")
+
+
+def test_large_text_file_is_chunked_without_losing_text(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sources, "CHUNK_CHARS", 50)
+    monkeypatch.setattr(prepare_module, "BATCH_CHARS", 120)
+    text = "".join(f"line {i} of the file\n" for i in range(200))
+    (tmp_path / "a.txt").write_text(text)
+    meta = prepare(cfg(tmp_path, tmp_path / "a.txt"), progress=False)
+    tok = get_tokenizer("gpt2")
+    decoded = tok.decode(read_split(tmp_path / "prepared", "train").tolist() + read_split(tmp_path / "prepared", "val").tolist())
+    assert decoded == text
+    assert meta["tokens"]["train"] > 8 * meta["tokens"]["val"]
+
+
+def test_text_file_chunks_encode_like_the_whole_split(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Chunks end where no BPE piece can span the cut, so ids equal encoding each split whole."""
+    monkeypatch.setattr(sources, "CHUNK_CHARS", 40)
+    monkeypatch.setattr(prepare_module, "BATCH_CHARS", 100)
+    text = "".join(
+        f"def f{i}(x):\n" + "\n" * (i % 3) + f"    return x{'  ' * (i % 2)}\n\n\nclass C{i}:\n    pass\n"
+        for i in range(60)
+    )  # cut after any newline, this text encodes differently (e.g. "\n\n" is one GPT-2 token)
+    (tmp_path / "a.py").write_text(text)
+    meta = prepare(cfg(tmp_path, tmp_path / "a.py"), progress=False)
+    tok = get_tokenizer("gpt2")
+    n_train = int(len(text) * 0.9)
+    assert read_split(tmp_path / "prepared", "train").tolist() == tok.encode(text[:n_train])
+    assert read_split(tmp_path / "prepared", "val").tolist() == tok.encode(text[n_train:])
+    assert meta["tokens"]["val"] == len(tok.encode(text[n_train:]))
+
+
+def test_folder_documents_split_exactly_by_seed(tmp_path: Path) -> None:
+    folder = docs_folder(tmp_path)
+    meta = prepare(cfg(tmp_path, folder, val_fraction=0.2, seed=3), progress=False)
+    tok = get_tokenizer("gpt2")
+    val = read_split(tmp_path / "prepared", "val")
+    train = read_split(tmp_path / "prepared", "train")
+    assert (val == tok.eot_id).sum() == 2 and (train == tok.eot_id).sum() == 8  # one eot per document
+    lengths = {i: len(tok.encode(f"document {i} " * (i + 1))) + 1 for i in range(10)}
+    assert meta["tokens"]["train"] + meta["tokens"]["val"] == sum(lengths.values())
+    again = prepare(cfg(tmp_path, folder, val_fraction=0.2, seed=3, data_dir=str(tmp_path / "b")), progress=False)
+    assert again["sha256"] == meta["sha256"]  # deterministic
+
+
+def test_tabular_rows_are_documents(tmp_path: Path) -> None:
+    import datasets
+
+    texts = [f"row number {i} says hello" for i in range(12)]
+    datasets.Dataset.from_dict({"body": texts}).to_json(str(tmp_path / "table.jsonl"))
+    meta = prepare(cfg(tmp_path, tmp_path / "table.jsonl", tokenizer="char", text_column="body"), progress=False)
+    assert sum(meta["tokens"].values()) == sum(len(t) + 1 for t in texts)  # an eot after each
+
+
+def test_one_row_dataset_is_split_by_characters(tmp_path: Path) -> None:
+    import datasets
+
+    path = tmp_path / "one.jsonl"
+    datasets.Dataset.from_dict({"text": ["x" * 200]}).to_json(str(path))
+    meta = prepare(cfg(tmp_path, path, tokenizer="char"), progress=False)
+    assert meta["tokens"] == {"train": 180, "val": 20}
+
+
+def test_streaming_hub_source_splits_by_hash(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import datasets
+
+    texts = [f"story number {i}" for i in range(200)]
+
+    def fake_load_dataset(name, config=None, split=None, streaming=False):
+        assert streaming
+        return datasets.Dataset.from_dict({"text": texts}).to_iterable_dataset()
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    meta = prepare(cfg(tmp_path, "hf:someone/stories", streaming=True, tokenizer="char"), progress=False)
+    val_docs = (read_split(tmp_path / "prepared", "val") == meta["eot_id"]).sum()
+    assert 5 <= val_docs <= 40  # about 10% of 200 documents, chosen without knowing the count
+    assert sum(meta["tokens"].values()) == sum(len(t) + 1 for t in texts)
+
+
+def test_python_stdlib_source_prepares(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    files = [f for f in sources.stdlib_files() if f.name in ("os.py", "abc.py", "bisect.py")]
+    monkeypatch.setattr(sources, "stdlib_files", lambda: files)
+    meta = prepare(cfg(tmp_path, "python-stdlib"), progress=False)
+    assert meta["tokens"]["train"] > 1000 and meta["tokens"]["val"] > 0
+
+
+def test_large_vocabularies_are_written_as_uint32(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    class Big:
+        name, vocab_size, eot_id = "big", 70000, 69999
+
+        def encode_array(self, text):
+            return np.array([65535 + len(text), 3])
+
+        def to_dict(self):
+            return {"name": "big"}
+
+    monkeypatch.setattr(prepare_module, "get_tokenizer", lambda name: Big())
+    folder = docs_folder(tmp_path)
+    meta = prepare(cfg(tmp_path, folder, num_proc=1), progress=False)  # Big lives in this process
+    assert meta["dtype"] == "uint32"
+    ids = np.concatenate([read_split(tmp_path / "prepared", s) for s in ("train", "val")])
+    assert ids.max() > 65535 and 69999 in ids
+
+
+def test_worker_processes_give_the_same_tokens_as_one_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(prepare_module, "BATCH_CHARS", 100)  # many batches in flight
+    folder = docs_folder(tmp_path, n=30)
+    one = prepare(cfg(tmp_path, folder, num_proc=1, data_dir=str(tmp_path / "one")), progress=False)
+    two = prepare(cfg(tmp_path, folder, num_proc=2, data_dir=str(tmp_path / "two")), progress=False)
+    assert one["sha256"] == two["sha256"] and one["tokens"] == two["tokens"]
+
+
+def test_rerun_is_a_noop_and_force_rebuilds(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    folder = docs_folder(tmp_path)
+    prepare(cfg(tmp_path, folder), progress=False)
+    train = tmp_path / "prepared" / "train.bin"
+    stamp = train.stat().st_mtime_ns
+    prepare(cfg(tmp_path, folder), progress=True)
+    assert "already prepared" in capsys.readouterr().out
+    assert train.stat().st_mtime_ns == stamp
+    prepare(cfg(tmp_path, folder), force=True, progress=False)
+    assert train.stat().st_mtime_ns != stamp
+
+
+def test_a_second_prepare_of_the_same_folder_waits_then_finds_it_ready(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """Two prepares of one data_dir (two runs started together) must not interleave writes."""
+    folder = docs_folder(tmp_path)
+    first = FolderLock(tmp_path / "prepared", "gpt prepare", "data.data_dir", name=".prepare.lock")
+    second = threading.Thread(target=prepare, args=(cfg(tmp_path, folder),))
+    second.start()
+    second.join(timeout=1.0)
+    assert second.is_alive()  # waiting for the first
+    assert leftovers(tmp_path / "prepared") == []  # and writing nothing meanwhile
+    # the first writes the data (here: prepared elsewhere from the same settings), then lets go
+    prepare(cfg(tmp_path, folder, data_dir=str(tmp_path / "elsewhere")), progress=False)
+    shutil.copytree(tmp_path / "elsewhere", tmp_path / "prepared", dirs_exist_ok=True,
+                    ignore=shutil.ignore_patterns(".prepare.lock"))
+    first.release()
+    second.join(timeout=60)
+    assert not second.is_alive()
+    captured = capsys.readouterr()
+    assert f"waiting for another gpt prepare (pid {os.getpid()}" in captured.err
+    assert "already prepared" in captured.out  # the second found the first's data
+    assert PreparedData(tmp_path / "prepared", verify_hash=True).meta["tokens"]["train"] > 0
+
+
+def test_prepared_data_is_reused_without_writing_to_its_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A read-only folder of prepared data (a shared mount) needs no lock to be reused."""
+    folder = docs_folder(tmp_path)
+    meta = prepare(cfg(tmp_path, folder), progress=False)
+
+    def no_writes(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the lock was taken")
+
+    monkeypatch.setattr(prepare_module, "FolderLock", no_writes)
+    assert prepare(cfg(tmp_path, folder), progress=False) == meta
+
+
+def test_an_unwritable_data_dir_is_a_one_line_error(tmp_path: Path) -> None:
+    (tmp_path / "a_file").write_text("not a folder")
+    args = ["prepare", "--set", f"data.source={docs_folder(tmp_path)}",
+            "--set", f"data.data_dir={tmp_path / 'a_file' / 'data'}"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "cannot write" in result.output and "set data.data_dir to a folder you can write" in result.output
+
+
+def test_other_settings_are_refused_and_data_kept(tmp_path: Path) -> None:
+    folder = docs_folder(tmp_path)
+    meta = prepare(cfg(tmp_path, folder), progress=False)
+    with pytest.raises(GPTError, match=r"prepared from other settings \(tokenizer 'gpt2'.*--force"):
+        prepare(cfg(tmp_path, folder, tokenizer="char"), progress=False)
+    assert PreparedData(tmp_path / "prepared", verify_hash=True).meta["sha256"] == meta["sha256"]
+
+
+def test_refusal_names_what_changed(tmp_path: Path) -> None:
+    (tmp_path / "a.txt").write_text("some text\n" * 50)
+    prepare(cfg(tmp_path, tmp_path / "a.txt"), progress=False)
+    with pytest.raises(GPTError, match=r"val_fraction 0.1 -> 0.2.*gpt prepare --force"):
+        prepare(cfg(tmp_path, tmp_path / "a.txt", val_fraction=0.2), progress=False)
+    (tmp_path / "a.txt").write_text("other text\n" * 50)
+    with pytest.raises(GPTError, match=r"the source's files changed.*gpt prepare --force"):
+        prepare(cfg(tmp_path, tmp_path / "a.txt"), progress=False)
+
+
+def test_interrupted_prepare_leaves_nothing_that_looks_finished(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    gpt2 = get_tokenizer("gpt2")
+    calls, files_at_the_interrupt = [], []
+
+    class InterruptedAfterOneBatch:
+        name, vocab_size, eot_id = gpt2.name, gpt2.vocab_size, gpt2.eot_id
+
+        def encode_array(self, text):
+            calls.append(text)
+            if len(calls) > 1:  # the first batch is written: Ctrl-C
+                files_at_the_interrupt.extend(leftovers(tmp_path / "prepared"))
+                raise KeyboardInterrupt
+            return gpt2.encode_array(text)
+
+        def to_dict(self):
+            return gpt2.to_dict()
+
+    monkeypatch.setattr(prepare_module, "BATCH_CHARS", 1)  # one document per batch
+    monkeypatch.setattr(prepare_module, "get_tokenizer", lambda name: InterruptedAfterOneBatch())
+    with pytest.raises(KeyboardInterrupt):
+        prepare(cfg(tmp_path, docs_folder(tmp_path), num_proc=1), progress=False)
+    assert files_at_the_interrupt != []  # the token files were being written
+    assert leftovers(tmp_path / "prepared") == []
+
+
+def test_too_little_text_for_block_size(tmp_path: Path) -> None:
+    (tmp_path / "a.txt").write_text("tiny text here\n")
+    with pytest.raises(GPTError, match=r"the val split has 2 tokens, fewer than block_size \+ 1 = 9"):
+        prepare(cfg(tmp_path, tmp_path / "a.txt", tokenizer="char"), progress=False, block_size=8)
+    assert not (tmp_path / "prepared" / "train.bin").exists()
+    assert leftovers(tmp_path / "prepared") == []
+
+
+def test_empty_source_and_unknown_tokenizer_are_errors(tmp_path: Path) -> None:
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(GPTError, match=r"holds no text"):
+        prepare(cfg(tmp_path, tmp_path / "empty.txt"), progress=False)
+    assert leftovers(tmp_path / "prepared") == []
+    with pytest.raises(GPTError, match=r"unknown tokenizer 'bpe'"):
+        prepare(cfg(tmp_path, docs_folder(tmp_path), tokenizer="bpe"), progress=False)
+
+
+def test_non_utf8_files_skip_with_count_or_fail(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    folder = docs_folder(tmp_path)
+    (folder / "latin1.txt").write_bytes("caf\xe9 cr\xe8me".encode("latin-1"))
+    meta = prepare(cfg(tmp_path, folder), progress=True)
+    assert meta["skipped_files"] == 1
+    assert "skipped 1 non-UTF-8 file(s)" in capsys.readouterr().out
+    with pytest.raises(GPTError, match=r"latin1.txt is not UTF-8 text; .*data.decode_errors=skip"):
+        prepare(cfg(tmp_path, folder, decode_errors="fail", data_dir=str(tmp_path / "b")), progress=False)
+    assert not (tmp_path / "b" / "train.bin").exists()
+
+
+def test_ids_outside_the_vocabulary_are_an_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    class Broken:
+        name, vocab_size, eot_id = "broken", 100, 99
+
+        def encode_array(self, text):
+            return np.array([1, 65536 + 5])  # would wrap to 5 in a uint16 file
+
+        def to_dict(self):
+            return {"name": "broken"}
+
+    monkeypatch.setattr(prepare_module, "get_tokenizer", lambda name: Broken())
+    with pytest.raises(GPTError, match=r"tokenizer 'broken' gave id 65541, outside its vocabulary of 100"):
+        prepare(cfg(tmp_path, docs_folder(tmp_path), num_proc=1), progress=False)
+    assert leftovers(tmp_path / "prepared") == []
+
+
+def test_fixed_char_vocabulary_names_foreign_characters_from_a_worker(tmp_path: Path) -> None:
+    """Finetuning keeps the base model's characters; text with others fails, nothing written."""
+    folder = docs_folder(tmp_path)
+    vocabulary = {"name": "char", "chars": "\n documen0123456789"}
+    with pytest.raises(GPTError, match=r"1 character\(s\) not in the char vocabulary: 't'"):
+        prepare(cfg(tmp_path, folder, tokenizer="char", num_proc=2), progress=False, vocabulary=vocabulary)
+    assert leftovers(tmp_path / "prepared") == []
+    meta = prepare(cfg(tmp_path, folder, tokenizer="char"), progress=False, vocabulary={**vocabulary, "chars": vocabulary["chars"] + "t"})
+    assert meta["vocab_size"] == 20
+
+
+def test_hub_rerun_is_a_noop_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Deciding that a hub dataset is already prepared must not need the network."""
+    import datasets
+
+    monkeypatch.setattr(
+        datasets, "load_dataset",
+        lambda *a, **k: datasets.Dataset.from_dict({"text": [f"doc {i}" for i in range(20)]}),
+    )
+    config = cfg(tmp_path, "hf:someone/corpus")
+    meta = prepare(config, progress=False)
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("Couldn't reach the hub")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    assert data_is_ready(config)
+    assert prepare(config, progress=False) == meta
+    with pytest.raises(GPTError, match=r"cannot load hub dataset"):
+        prepare(config, force=True, progress=False)
+    assert PreparedData(tmp_path / "prepared", verify_hash=True).meta == meta  # a failed rebuild keeps the data
+
+
+def test_data_is_ready(tmp_path: Path) -> None:
+    folder = docs_folder(tmp_path)
+    config = cfg(tmp_path, folder)
+    assert not data_is_ready(config)
+    prepare(config, progress=False)
+    assert data_is_ready(config)
+    assert not data_is_ready(cfg(tmp_path, folder, tokenizer="char"))
+    assert not data_is_ready(cfg(tmp_path, tmp_path / "missing"))
+    (tmp_path / "prepared" / "val.bin").write_bytes(b"\x00")
+    assert not data_is_ready(config)
+
+
+def test_cli_prepare_and_its_errors(tmp_path: Path) -> None:
+    folder = docs_folder(tmp_path)
+    args = ["prepare", "--set", f"data.source={folder}", "--set", f"data.data_dir={tmp_path / 'd'}",
+            "--set", "model.block_size=4"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "d" / "meta.json").exists()
+    again = runner.invoke(app, args)
+    assert again.exit_code == 0 and "nothing to do" in again.output
+    bad = runner.invoke(app, ["prepare", "--set", f"data.source={tmp_path / 'missing'}"])
+    assert bad.exit_code == 2 and "does not exist" in bad.output and "Traceback" not in bad.output
+    other = runner.invoke(app, [*args, "--set", "data.tokenizer=char"])
+    assert other.exit_code == 2 and "--force" in other.output
+    forced = runner.invoke(app, [*args, "--set", "data.tokenizer=char", "--force"])
+    assert forced.exit_code == 0 and PreparedData(tmp_path / "d").tokenizer["name"] == "char"
