@@ -77,6 +77,7 @@ class MetricsLog:
             write_atomic(path, "".join(line + "\n" for line in kept))
         elif resume_iter is None:
             path.unlink(missing_ok=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
         self.file = open(path, "a")
         self.wandb_run = wandb_run
 

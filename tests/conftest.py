@@ -1,6 +1,14 @@
-"""Test-wide settings: no network, no tracking service, deterministic CPU threads."""
+"""Test-wide settings (no network, no tracking service) and the shared tiny model config."""
+
+from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from gpt.config import ModelConfig
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
@@ -8,3 +16,68 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+TINY_MODEL = dict(vocab_size=64, block_size=16, n_layer=2, n_head=4, n_embd=32)
+
+
+@pytest.fixture
+def tiny_config() -> Callable[..., ModelConfig]:
+    """ModelConfig of a tiny model (2 layers, 4 heads, width 32, 16 positions, 64 ids), with
+    any key overridden: `tiny_config(norm="rmsnorm")`."""
+
+    def make(**overrides: object) -> ModelConfig:
+        return ModelConfig(**{**TINY_MODEL, **overrides})  # type: ignore[arg-type]
+
+    return make
+
+
+# A whole run on a tiny char-level model: trains, evaluates and checkpoints in about a second.
+TINY_RUN = """
+[model]
+n_layer = 2
+n_head = 2
+n_embd = 32
+block_size = 32
+dropout = 0.1
+
+[data]
+source = "corpus.txt"
+tokenizer = "char"
+
+[train]
+out_dir = "out"
+batch_size = 4
+max_iters = 30
+warmup_iters = 5
+learning_rate = 3e-3
+eval_interval = 10
+eval_iters = 2
+log_interval = 5
+checkpoint_interval = 10
+"""
+
+
+@pytest.fixture(scope="session")
+def write_tiny_run() -> Callable[..., Path]:
+    """Write `corpus.txt` (the given text, or a small Python-like corpus) and `tiny.toml` (the
+    tiny run, plus `extra` TOML) into a folder."""
+
+    def write(folder: Path, corpus: str | None = None, extra: str = "") -> Path:
+        if corpus is None:
+            corpus = "".join(
+                f"def function_{i}(x):\n    return x * {i} + {i % 7}\n\n" for i in range(400)
+            )
+        (folder / "corpus.txt").write_text(corpus)
+        (folder / "tiny.toml").write_text(TINY_RUN + extra)
+        return folder
+
+    return write
+
+
+@pytest.fixture
+def tiny_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, write_tiny_run: Callable[..., Path]
+) -> Path:
+    """A folder holding the tiny run's corpus and config; the test runs inside it."""
+    monkeypatch.chdir(tmp_path)
+    return write_tiny_run(tmp_path)

@@ -16,10 +16,19 @@ ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()
 
 
-def test_help_lists_commands() -> None:
+def test_help_lists_every_command() -> None:
     result = runner.invoke(app, ["--help"])
     assert result.exit_code == 0
-    assert "info" in result.output
+    listed = {line.split()[0] for line in result.output.splitlines() if line.startswith("  ")}
+    registered = {c.name or c.callback.__name__ for c in app.registered_commands}
+    assert registered == {"info", "prepare", "train", "sample", "eval"}
+    assert registered <= listed
+
+
+@pytest.mark.parametrize("command", ["info", "prepare", "train", "sample", "eval"])
+def test_every_command_has_help(command: str) -> None:
+    result = runner.invoke(app, [command, "--help"])
+    assert result.exit_code == 0 and "--config" in result.output
 
 
 def test_version() -> None:
@@ -87,6 +96,7 @@ def test_malformed_toml_names_file_and_line(tmp_path: Path) -> None:
     assert f"{path}: malformed TOML" in result.output and "line 3" in result.output
 
 
+@pytest.mark.slow
 def test_debug_shows_the_traceback() -> None:
     result = subprocess.run(
         [sys.executable, "-m", "gpt", "--debug", "info", "--set", "model.n_head=5"],
@@ -96,6 +106,7 @@ def test_debug_shows_the_traceback() -> None:
     assert "Traceback" in result.stderr and "GPTError" in result.stderr
 
 
+@pytest.mark.slow
 def test_python_dash_m_gpt_runs_without_traceback() -> None:
     result = subprocess.run(
         [sys.executable, "-m", "gpt", "info", "--set", "model.n_head=5"],

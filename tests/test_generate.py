@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -24,14 +25,20 @@ VARIANTS = [
 ]
 
 
-def tiny(**kw: object) -> GPT:
-    torch.manual_seed(0)
-    cfg = dict(vocab_size=50, block_size=16, n_layer=2, n_head=4, n_embd=32)
-    model = GPT(ModelConfig(**{**cfg, **kw})).eval()  # type: ignore[arg-type]
-    with torch.no_grad():  # biases and norm weights away from their 0 / 1 init
-        for param in model.parameters():
-            param.add_(torch.randn_like(param) * 0.05)
-    return model
+@pytest.fixture
+def tiny(tiny_config: Callable[..., ModelConfig]) -> Callable[..., GPT]:
+    """A tiny model with 50 token ids (padded to 64 rows), its biases and norm weights moved
+    away from their 0 / 1 init so that every parameter matters."""
+
+    def make(**overrides: object) -> GPT:
+        torch.manual_seed(0)
+        model = GPT(tiny_config(**{"vocab_size": 50, **overrides})).eval()
+        with torch.no_grad():
+            for param in model.parameters():
+                param.add_(torch.randn_like(param) * 0.05)
+        return model
+
+    return make
 
 
 def naive_greedy(model: GPT, prompt: torch.Tensor, steps: int) -> list[list[int]]:
@@ -49,7 +56,7 @@ CROSS = [dict(cross_attention=True, pos_embedding=pe, attention=a) for pe in ["l
 
 
 @pytest.mark.parametrize("variant", VARIANTS + CROSS, ids=lambda v: "-".join(map(str, v.values())))
-def test_cached_logits_equal_uncached(variant: dict) -> None:
+def test_cached_logits_equal_uncached(variant: dict, tiny: Callable[..., GPT]) -> None:
     """Prefill 6 positions, then one at a time: the logits of a full pass, for the model as
     trained and for its packed-weight copy that sampling uses."""
     model = tiny(**variant)
@@ -69,7 +76,7 @@ def test_cached_logits_equal_uncached(variant: dict) -> None:
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "manual"])
-def test_float32_cache_under_bfloat16_weights(attention: str) -> None:
+def test_float32_cache_under_bfloat16_weights(attention: str, tiny: Callable[..., GPT]) -> None:
     """A bfloat16 CPU model decodes against a float32 cache; its logits stay those of a full
     bfloat16 pass, and sampling gives the same greedy ids as full recomputation."""
     model = tiny(attention=attention, pos_embedding="rope").to(torch.bfloat16)
@@ -85,7 +92,7 @@ def test_float32_cache_under_bfloat16_weights(attention: str) -> None:
     torch.testing.assert_close(cached.float(), full.float(), rtol=0, atol=0.05)
 
 
-def test_chunked_prefill_after_cache() -> None:
+def test_chunked_prefill_after_cache(tiny: Callable[..., GPT]) -> None:
     """Several new positions at once against a cache (offset causal mask)."""
     model = tiny(pos_embedding="rope")
     idx = torch.randint(0, 50, (1, 16))
@@ -97,7 +104,7 @@ def test_chunked_prefill_after_cache() -> None:
 
 
 @pytest.mark.parametrize("pos_embedding", ["learned", "rope"])
-def test_greedy_equals_naive_loop_including_the_slide(pos_embedding: str) -> None:
+def test_greedy_equals_naive_loop_including_the_slide(pos_embedding: str, tiny: Callable[..., GPT]) -> None:
     model = tiny(pos_embedding=pos_embedding)
     prompt = torch.randint(0, 50, (2, 5))
     steps = 30  # well past block_size = 16: the context slides
@@ -108,14 +115,14 @@ def test_greedy_equals_naive_loop_including_the_slide(pos_embedding: str) -> Non
     assert torch.stack(list(generate(packed, prompt, steps, temperature=0)), dim=1).tolist() == reference
 
 
-def test_long_prompt_is_cropped_to_block_size() -> None:
+def test_long_prompt_is_cropped_to_block_size(tiny: Callable[..., GPT]) -> None:
     model = tiny()
     prompt = torch.randint(0, 50, (1, 40))
     ours = torch.stack(list(generate(model, prompt, 5, temperature=0)), dim=1).tolist()
     assert ours == naive_greedy(model, prompt, 5)
 
 
-def test_same_seed_same_sample_and_max_new_tokens() -> None:
+def test_same_seed_same_sample_and_max_new_tokens(tiny: Callable[..., GPT]) -> None:
     model = tiny()
     prompt = torch.randint(0, 50, (3, 4))
 
@@ -131,7 +138,7 @@ def test_same_seed_same_sample_and_max_new_tokens() -> None:
 
 
 @pytest.mark.parametrize("top_k", [None, 40])
-def test_padding_ids_past_the_tokenizer_are_never_drawn(top_k: int | None) -> None:
+def test_padding_ids_past_the_tokenizer_are_never_drawn(top_k: int | None, tiny: Callable[..., GPT]) -> None:
     """A model's vocabulary padded past its tokenizer's: ids with no text must not be sampled."""
     unpadded = tiny(vocab_size=64, tie_embeddings=False)  # all 64 rows are real ids
     with torch.no_grad():
@@ -152,7 +159,7 @@ def test_padding_ids_past_the_tokenizer_are_never_drawn(top_k: int | None) -> No
     assert max(drawn(padded, temperature=0)) < 50
 
 
-def test_sample_text_gives_one_character_per_token_with_a_padded_vocabulary() -> None:
+def test_sample_text_gives_one_character_per_token_with_a_padded_vocabulary(tiny: Callable[..., GPT]) -> None:
     """Through sample_text: a char model padded to 64 ids never spends a token on padding."""
     model = tiny(vocab_size=27, tie_embeddings=False)
     with torch.no_grad():

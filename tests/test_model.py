@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -13,13 +14,6 @@ from torch import nn
 from gpt.config import ModelConfig
 from gpt.errors import GPTError
 from gpt.model import ACTIVATIONS, GPT, MLP, Attention, RMSNorm, apply_rope, make_norm, rope_cache
-
-TINY = dict(vocab_size=64, block_size=16, n_layer=2, n_head=4, n_embd=32)
-
-
-def tiny(**overrides: object) -> ModelConfig:
-    return ModelConfig(**{**TINY, **overrides})  # type: ignore[arg-type]
-
 
 VARIANTS = [
     dict(norm=norm, norm_position=pos, mlp=mlp, pos_embedding=pe, attention=attn)
@@ -35,10 +29,10 @@ def _id(v: dict) -> str:
 
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=_id)
-def test_causality_every_variant(variant: dict) -> None:
+def test_causality_every_variant(variant: dict, tiny_config: Callable[..., ModelConfig]) -> None:
     """Changing tokens after position t leaves the logits at positions <= t unchanged."""
     torch.manual_seed(0)
-    model = GPT(tiny(**variant)).eval()
+    model = GPT(tiny_config(**variant)).eval()
     idx = torch.randint(0, 64, (2, 16))
     t = 7
     changed = idx.clone()
@@ -51,11 +45,11 @@ def test_causality_every_variant(variant: dict) -> None:
 
 
 @pytest.mark.parametrize("extra", [{}, {"n_kv_head": 2}, {"n_kv_head": 1, "pos_embedding": "rope"}])
-def test_sdpa_and_manual_attention_agree(extra: dict) -> None:
+def test_sdpa_and_manual_attention_agree(extra: dict, tiny_config: Callable[..., ModelConfig]) -> None:
     """Outputs and gradients of the two attention implementations match to 1e-5."""
     torch.manual_seed(0)
-    sdpa = GPT(tiny(attention="sdpa", **extra))
-    manual = GPT(tiny(attention="manual", **extra))
+    sdpa = GPT(tiny_config(attention="sdpa", **extra))
+    manual = GPT(tiny_config(attention="manual", **extra))
     manual.load_state_dict(sdpa.state_dict())
     idx = torch.randint(0, 64, (3, 16))
     out_s, loss_s = sdpa(idx, idx)
@@ -67,10 +61,10 @@ def test_sdpa_and_manual_attention_agree(extra: dict) -> None:
         torch.testing.assert_close(p_s.grad, p_m.grad, rtol=0, atol=1e-5, msg=name)
 
 
-def test_manual_attention_is_the_textbook_formula() -> None:
+def test_manual_attention_is_the_textbook_formula(tiny_config: Callable[..., ModelConfig]) -> None:
     """softmax(QK^T/sqrt(d) + causal -inf mask) V, computed naively per head, equals the module."""
     torch.manual_seed(0)
-    cfg = tiny(attention="manual", bias=False)
+    cfg = tiny_config(attention="manual", bias=False)
     attn = Attention(cfg).eval()
     x = torch.randn(2, 10, 32)
     q, k, v = attn.c_attn(x).split(32, dim=-1)
@@ -85,11 +79,11 @@ def test_manual_attention_is_the_textbook_formula() -> None:
     torch.testing.assert_close(attn(x), expected, rtol=0, atol=1e-6)
 
 
-def test_grouped_query_heads_share_keys_and_values() -> None:
+def test_grouped_query_heads_share_keys_and_values(tiny_config: Callable[..., ModelConfig]) -> None:
     """With n_kv_head=1 every query head reads the same K/V: equal to MHA with K/V copied."""
     torch.manual_seed(0)
-    gqa = Attention(tiny(n_kv_head=1)).eval()
-    mha = Attention(tiny()).eval()
+    gqa = Attention(tiny_config(n_kv_head=1)).eval()
+    mha = Attention(tiny_config()).eval()
     w_q, w_k, w_v = gqa.c_attn.weight.split([32, 8, 8])
     b_q, b_k, b_v = gqa.c_attn.bias.split([32, 8, 8])
     with torch.no_grad():
@@ -102,9 +96,9 @@ def test_grouped_query_heads_share_keys_and_values() -> None:
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "manual"])
-def test_cross_attention_uses_context_not_future_tokens(attention: str) -> None:
+def test_cross_attention_uses_context_not_future_tokens(attention: str, tiny_config: Callable[..., ModelConfig]) -> None:
     torch.manual_seed(0)
-    model = GPT(tiny(cross_attention=True, attention=attention)).eval()
+    model = GPT(tiny_config(cross_attention=True, attention=attention)).eval()
     idx = torch.randint(0, 64, (2, 16))
     context = torch.randn(2, 5, 32)
     base, _ = model(idx, context=context)
@@ -118,10 +112,10 @@ def test_cross_attention_uses_context_not_future_tokens(attention: str) -> None:
     assert shorter.shape == base.shape
 
 
-def test_cross_attention_matches_naive_unmasked_attention() -> None:
+def test_cross_attention_matches_naive_unmasked_attention(tiny_config: Callable[..., ModelConfig]) -> None:
     """Queries from x, keys/values from the context through the same fused weight, no mask."""
     torch.manual_seed(0)
-    attn = Attention(tiny(n_head=1), causal=False).eval()
+    attn = Attention(tiny_config(n_head=1), causal=False).eval()
     x, ctx = torch.randn(1, 6, 32), torch.randn(1, 4, 32)
     w_q, w_k, w_v = attn.c_attn.weight.split(32)
     b_q, b_k, b_v = attn.c_attn.bias.split(32)
@@ -130,17 +124,17 @@ def test_cross_attention_matches_naive_unmasked_attention() -> None:
     torch.testing.assert_close(attn(x, context=ctx), expected, rtol=0, atol=1e-6)
 
 
-def test_cross_attention_model_requires_context() -> None:
-    model = GPT(tiny(cross_attention=True))
+def test_cross_attention_model_requires_context(tiny_config: Callable[..., ModelConfig]) -> None:
+    model = GPT(tiny_config(cross_attention=True))
     with pytest.raises(GPTError, match="context"):
         model(torch.zeros(1, 4, dtype=torch.long))
 
 
 @pytest.mark.parametrize("bias", [True, False])
-def test_layernorm_is_the_textbook_formula(bias: bool) -> None:
+def test_layernorm_is_the_textbook_formula(bias: bool, tiny_config: Callable[..., ModelConfig]) -> None:
     """(x - mean) / sqrt(var + eps) * weight (+ bias), with no bias parameter when bias=False."""
     torch.manual_seed(0)
-    norm = make_norm(tiny(bias=bias, norm_eps=1e-5))
+    norm = make_norm(tiny_config(bias=bias, norm_eps=1e-5))
     with torch.no_grad():
         norm.weight.normal_()
         if bias:
@@ -181,9 +175,9 @@ def test_activations_match_torch_modules(name: str, reference: nn.Module) -> Non
 
 
 @pytest.mark.parametrize("activation", list(ACTIVATIONS))
-def test_standard_mlp_is_w2_act_w1(activation: str) -> None:
+def test_standard_mlp_is_w2_act_w1(activation: str, tiny_config: Callable[..., ModelConfig]) -> None:
     torch.manual_seed(0)
-    mlp = MLP(tiny(activation=activation)).eval()
+    mlp = MLP(tiny_config(activation=activation)).eval()
     x = torch.randn(2, 5, 32)
     expected = mlp.c_proj(ACTIVATIONS[activation](mlp.c_fc(x)))
     torch.testing.assert_close(mlp(x), expected)
@@ -191,12 +185,12 @@ def test_standard_mlp_is_w2_act_w1(activation: str) -> None:
 
 
 @pytest.mark.parametrize("kind, act", [("swiglu", F.silu), ("geglu", F.gelu)])
-def test_gated_mlp_formula_and_width(kind: str, act) -> None:
+def test_gated_mlp_formula_and_width(kind: str, act, tiny_config: Callable[..., ModelConfig]) -> None:
     torch.manual_seed(0)
-    mlp = MLP(tiny(mlp=kind, n_embd=96, n_head=4)).eval()
+    mlp = MLP(tiny_config(mlp=kind, n_embd=96, n_head=4)).eval()
     assert mlp.c_fc.out_features == 256  # 8/3 * 96 = 256, already a multiple of 64
-    assert MLP(tiny(mlp=kind)).c_fc.out_features == 128  # 8/3 * 32 = 85.3 -> 128
-    assert MLP(tiny(mlp=kind, mlp_hidden=40)).c_fc.out_features == 40
+    assert MLP(tiny_config(mlp=kind)).c_fc.out_features == 128  # 8/3 * 32 = 85.3 -> 128
+    assert MLP(tiny_config(mlp=kind, mlp_hidden=40)).c_fc.out_features == 40
     x = torch.randn(2, 5, 96)
     w1, w3, w2 = mlp.c_fc.weight, mlp.c_up.weight, mlp.c_proj.weight
     expected = (act(x @ w1.T + mlp.c_fc.bias) * (x @ w3.T + mlp.c_up.bias)) @ w2.T + mlp.c_proj.bias
@@ -217,10 +211,10 @@ def test_rope_rotates_pairs_and_keeps_relative_positions() -> None:
     torch.testing.assert_close(at(q, 0), q)  # position 0 is the identity
 
 
-def test_pre_and_post_norm_placement() -> None:
+def test_pre_and_post_norm_placement(tiny_config: Callable[..., ModelConfig]) -> None:
     """Pre-LN computes x + f(norm(x)) and has a final norm; Post-LN computes norm(x + f(x))."""
     torch.manual_seed(0)
-    pre, post = GPT(tiny(norm_position="pre")), GPT(tiny(norm_position="post"))
+    pre, post = GPT(tiny_config(norm_position="pre")), GPT(tiny_config(norm_position="post"))
     assert "ln_f" in pre.transformer and "ln_f" not in post.transformer
     x = torch.randn(1, 4, 32)
     block = post.transformer.h[0].eval()
@@ -232,8 +226,8 @@ def test_pre_and_post_norm_placement() -> None:
     torch.testing.assert_close(block(x), h + block.mlp(block.ln_2(h)))
 
 
-def test_weight_tying_is_one_parameter() -> None:
-    tied, untied = GPT(tiny(tie_embeddings=True)), GPT(tiny(tie_embeddings=False))
+def test_weight_tying_is_one_parameter(tiny_config: Callable[..., ModelConfig]) -> None:
+    tied, untied = GPT(tiny_config(tie_embeddings=True)), GPT(tiny_config(tie_embeddings=False))
     assert tied.lm_head.weight is tied.transformer.wte.weight
     assert untied.lm_head.weight is not untied.transformer.wte.weight
     table = 64 * 32
@@ -243,15 +237,15 @@ def test_weight_tying_is_one_parameter() -> None:
     assert tied.transformer.wte.weight.grad is tied.lm_head.weight.grad
 
 
-def test_dropout_only_in_training() -> None:
+def test_dropout_only_in_training(tiny_config: Callable[..., ModelConfig]) -> None:
     torch.manual_seed(0)
-    model = GPT(tiny(dropout=0.2))
+    model = GPT(tiny_config(dropout=0.2))
     idx = torch.randint(0, 64, (2, 16))
     model.train()
     assert not torch.equal(model(idx)[0], model(idx)[0])
     model.eval()
     torch.testing.assert_close(model(idx)[0], model(idx)[0], rtol=0, atol=0)
-    no_dropout = GPT(tiny(dropout=0.0)).train()
+    no_dropout = GPT(tiny_config(dropout=0.0)).train()
     torch.testing.assert_close(no_dropout(idx)[0], no_dropout(idx)[0], rtol=0, atol=0)
 
 
@@ -282,12 +276,12 @@ def closed_form_params(cfg: ModelConfig) -> int:
         dict(norm_position="post", mlp="geglu", cross_attention=True),
     ],
 )
-def test_param_count_closed_form(overrides: dict) -> None:
-    cfg = tiny(**overrides)
+def test_param_count_closed_form(overrides: dict, tiny_config: Callable[..., ModelConfig]) -> None:
+    cfg = tiny_config(**overrides)
     assert GPT(cfg).num_params() == closed_form_params(cfg)
 
 
-def test_vocabulary_is_padded_to_a_multiple_of_64_unless_set() -> None:
+def test_vocabulary_is_padded_to_a_multiple_of_64_unless_set(tiny_config: Callable[..., ModelConfig]) -> None:
     assert ModelConfig(vocab_size=50257).padded_vocab_size == 50304
     assert ModelConfig(vocab_size=64).padded_vocab_size == 64
     assert ModelConfig(vocab_size=65).padded_vocab_size == 128
@@ -295,7 +289,7 @@ def test_vocabulary_is_padded_to_a_multiple_of_64_unless_set() -> None:
     assert ModelConfig().padded_vocab_size is None
     with pytest.raises(GPTError, match="padded_vocab_size: 60 is smaller than vocab_size = 65"):
         ModelConfig(vocab_size=65, padded_vocab_size=60)
-    model = GPT(tiny(vocab_size=50))
+    model = GPT(tiny_config(vocab_size=50))
     assert model.lm_head.weight.shape[0] == 64 and model.transformer.wte.weight.shape[0] == 64
 
 
@@ -324,9 +318,9 @@ def test_gpt2_initialisation() -> None:
     assert torch.equal(h.ln_1.weight, torch.ones(256))
 
 
-def test_loss_ignores_minus_one_targets() -> None:
+def test_loss_ignores_minus_one_targets(tiny_config: Callable[..., ModelConfig]) -> None:
     torch.manual_seed(0)
-    model = GPT(tiny()).eval()
+    model = GPT(tiny_config()).eval()
     idx = torch.randint(0, 64, (2, 16))
     targets = torch.randint(0, 64, (2, 16))
     targets[:, :5] = -1
@@ -335,9 +329,9 @@ def test_loss_ignores_minus_one_targets() -> None:
     torch.testing.assert_close(loss, expected)
 
 
-def test_too_long_sequence_is_a_clear_error() -> None:
+def test_too_long_sequence_is_a_clear_error(tiny_config: Callable[..., ModelConfig]) -> None:
     with pytest.raises(GPTError, match="block_size"):
-        GPT(tiny())(torch.zeros(1, 17, dtype=torch.long))
+        GPT(tiny_config())(torch.zeros(1, 17, dtype=torch.long))
 
 
 @pytest.mark.parametrize(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -13,18 +14,15 @@ from gpt.model import GPT
 from gpt.onednn import PackedLinear, pack_linears, packing_works
 
 
-def tiny(dtype: torch.dtype) -> GPT:
-    torch.manual_seed(0)
-    config = ModelConfig(vocab_size=50, block_size=16, n_layer=2, n_head=4, n_embd=32)
-    return GPT(config).eval().to(dtype)
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_packed_model_matches_the_plain_model(dtype: torch.dtype) -> None:
+def test_packed_model_matches_the_plain_model(
+    dtype: torch.dtype, tiny_config: Callable[..., ModelConfig]
+) -> None:
     if not packing_works(dtype):
         pytest.skip(f"oneDNN cannot pack {dtype} weights on this CPU or torch release")
-    model = tiny(dtype)
-    idx = torch.randint(0, 50, (2, 16))
+    torch.manual_seed(0)
+    model = GPT(tiny_config()).eval().to(dtype)
+    idx = torch.randint(0, 64, (2, 16))
     packed = pack_linears(copy.deepcopy(model))
     assert isinstance(packed.lm_head, PackedLinear)
     atol = 1e-5 if dtype == torch.float32 else 0.02
@@ -33,12 +31,13 @@ def test_packed_model_matches_the_plain_model(dtype: torch.dtype) -> None:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_without_the_private_ops_the_model_keeps_plain_linears(
-    dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+    dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch, tiny_config: Callable[..., ModelConfig]
 ) -> None:
     """A torch release without the ops (or a CPU they refuse) costs speed, not correctness."""
     monkeypatch.setattr(gpt.onednn, "packing_works", lambda dtype: False)
-    model = tiny(dtype)
-    idx = torch.randint(0, 50, (2, 16))
+    torch.manual_seed(0)
+    model = GPT(tiny_config()).eval().to(dtype)
+    idx = torch.randint(0, 64, (2, 16))
     expected = model(idx)[0]
     fallback = pack_linears(model)
     assert not any(isinstance(m, PackedLinear) for m in fallback.modules())

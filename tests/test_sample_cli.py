@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -20,51 +21,30 @@ from gpt.train import train
 
 runner = CliRunner()
 
-CONFIG = """
-[model]
-n_layer = 2
-n_head = 2
-n_embd = 32
-block_size = 32
-
-[data]
-source = "corpus.txt"
-tokenizer = "char"
-
-[train]
-out_dir = "out"
-batch_size = 8
-max_iters = 60
-learning_rate = 3e-3
-eval_interval = 30
-eval_iters = 2
-log_interval = 30
-
+SAMPLE = """
 [sample]
 max_new_tokens = 40
 temperature = 0.0
 """
+CORPUS = "".join(f"def f{i}(x):\n    return x + {i}\n\n" for i in range(300))
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("run")
-    (root / "corpus.txt").write_text("".join(f"def f{i}(x):\n    return x + {i}\n\n" for i in range(300)))
-    (root / "tiny.toml").write_text(CONFIG)
+def run(tmp_path_factory: pytest.TempPathFactory, write_tiny_run) -> Path:
+    """The tiny run trained once (60 steps, no dropout) for every test of this module."""
+    root = write_tiny_run(tmp_path_factory.mktemp("run"), CORPUS, SAMPLE)
+    longer = ["train.batch_size=8", "train.max_iters=60", "train.eval_interval=30",
+              "train.checkpoint_interval=30", "train.log_interval=30", "model.dropout=0.0"]
     cwd = Path.cwd()
     try:
-        import os
-
         os.chdir(root)
-        assert train(load_config("tiny.toml")) == 0
+        assert train(load_config("tiny.toml", longer)) == 0
     finally:
         os.chdir(cwd)
     return root
 
 
 def invoke(run: Path, *args: str):
-    import os
-
     cwd = Path.cwd()
     os.chdir(run)
     try:
@@ -176,6 +156,7 @@ def test_compile_failure_is_one_line(run: Path, monkeypatch: pytest.MonkeyPatch)
     assert "torch.compile failed (no working C++ compiler found); run without --compile" in result.output
 
 
+@pytest.mark.slow
 def test_compiled_sampling_gives_the_eager_text(run: Path) -> None:
     args = ["sample", "--checkpoint", "out", "--prompt", "def f1", "--dtype", "float32",
             "--temperature", "0", "--max-new-tokens", "24", "--no-stream"]
@@ -249,3 +230,65 @@ def test_eval_on_other_text_and_errors(run: Path) -> None:
     (run / "alien.txt").write_text("ω" * 100)
     alien = invoke(run, "eval", "--checkpoint", "out", "--data", "alien.txt")
     assert alien.exit_code == 2 and "'ω'" in alien.output
+
+
+def generated_length(result) -> int:
+    assert result.exit_code == 0, result.output
+    return len(result.output.rstrip("\n")) - len("def f1")
+
+
+def test_each_config_layer_wins_over_the_one_before(run: Path) -> None:
+    """defaults < the checkpoint's saved config < --config < --set < flags, for sample and eval."""
+    sample = ["sample", "--prompt", "def f1", "--no-stream"]
+    config = (run / "tiny.toml").read_text()
+    (run / "longer.toml").write_text(config.replace("max_new_tokens = 40", "max_new_tokens = 25"))
+    saved = invoke(run, *sample, "--checkpoint", "out")
+    assert generated_length(saved) == 40  # the checkpoint's [sample], not the default 256
+    from_file = invoke(run, *sample, "--config", "longer.toml")
+    assert generated_length(from_file) == 25
+    from_set = invoke(run, *sample, "--config", "longer.toml", "--set", "sample.max_new_tokens=12")
+    assert generated_length(from_set) == 12
+    on_checkpoint = invoke(run, *sample, "--checkpoint", "out", "--set", "sample.max_new_tokens=7")
+    assert generated_length(on_checkpoint) == 7  # --set applies without --config too
+    flag = invoke(run, *sample, "--checkpoint", "out", "--set", "sample.max_new_tokens=7",
+                  "--max-new-tokens", "3")
+    assert generated_length(flag) == 3
+    # --set sample.temperature on a checkpoint: sampling is no longer greedy, so seeds differ
+    warm = [*sample, "--checkpoint", "out", "--set", "sample.temperature=2.0"]
+    assert invoke(run, *warm, "--seed", "1").output != invoke(run, *warm, "--seed", "2").output
+
+
+def test_eval_takes_data_overrides(run: Path, tmp_path: Path) -> None:
+    missing = tmp_path / "nowhere"
+    result = invoke(run, "eval", "--checkpoint", "out", "--set", f"data.data_dir={missing}")
+    assert result.exit_code == 2 and f"{missing} has no prepared data" in result.output
+
+
+@pytest.mark.parametrize(
+    "command, args, message",
+    [
+        ("sample", ["--set", "model.n_layer=4"], "gpt sample cannot apply model.n_layer; it takes [sample] keys"),
+        ("sample", ["--set", "train.max_iters=4"], "gpt sample cannot apply train.max_iters"),
+        ("sample", ["--set", "data.source=x.txt"], "gpt sample cannot apply data.source"),
+        ("eval", ["--set", "sample.top_k=4"], "gpt eval cannot apply sample.top_k; it takes [data] keys"),
+        ("eval", ["--set", "model.n_embd=64"], "gpt eval cannot apply model.n_embd"),
+    ],
+)
+def test_an_override_that_cannot_apply_is_an_error(
+    run: Path, command: str, args: list[str], message: str
+) -> None:
+    result = invoke(run, command, "--checkpoint", "out", *args)
+    assert result.exit_code == 2 and message in result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+def test_a_config_file_contradicting_the_checkpoint_model_is_an_error(run: Path) -> None:
+    config = (run / "tiny.toml").read_text()
+    (run / "wider.toml").write_text(config.replace("n_embd = 32", "n_embd = 64"))
+    result = invoke(run, "sample", "--config", "wider.toml", "--set", "train.out_dir=out")
+    assert result.exit_code == 2
+    assert "wider.toml sets model.n_embd = 64 (the checkpoint has 32)" in result.output
+    (run / "dropout.toml").write_text(config.replace("dropout = 0.1", "dropout = 0.3"))
+    same_weights = invoke(run, "sample", "--config", "dropout.toml", "--prompt", "def f1",
+                          "--no-stream")
+    assert same_weights.exit_code == 0, same_weights.output  # dropout is off when sampling

@@ -20,47 +20,23 @@ from typer.testing import CliRunner
 from gpt.checkpoint import Checkpoint
 from gpt.cli import app
 from gpt.config import TrainConfig, load_config
+from gpt.data.prepared import BatchSampler
 from gpt.errors import GPTError
 from gpt.lock import FolderLock
-from gpt.train import StopFlag, lr_at, train
+from gpt.model import GPT
+from gpt.train import (
+    Dist,
+    StopFlag,
+    TrainState,
+    lr_at,
+    make_optimizer,
+    setup_run,
+    train,
+    train_step,
+)
 
 runner = CliRunner()
 ROOT = Path(__file__).resolve().parents[1]
-
-TINY = """
-[model]
-n_layer = 2
-n_head = 2
-n_embd = 32
-block_size = 32
-dropout = 0.1
-
-[data]
-source = "corpus.txt"
-tokenizer = "char"
-
-[train]
-out_dir = "out"
-batch_size = 4
-max_iters = 30
-warmup_iters = 5
-learning_rate = 3e-3
-eval_interval = 10
-eval_iters = 2
-log_interval = 5
-checkpoint_interval = 10
-"""
-
-
-@pytest.fixture
-def run_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A folder with a small corpus and a tiny config; the tests run inside it."""
-    lines = [f"def function_{i}(x):\n    return x * {i} + {i % 7}\n\n" for i in range(400)]
-    (tmp_path / "corpus.txt").write_text("".join(lines))
-    (tmp_path / "tiny.toml").write_text(TINY)
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
-
 
 @pytest.fixture(autouse=True)
 def one_thread() -> Iterator[None]:
@@ -87,10 +63,10 @@ def gpt_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "gpt", "train", "--config", "tiny.toml", *args]
 
 
-def test_train_logs_checkpoints_and_resumes(run_dir: Path) -> None:
+def test_train_logs_checkpoints_and_resumes(tiny_run: Path) -> None:
     code = train(load_config("tiny.toml"))
     assert code == 0
-    out = run_dir / "out"
+    out = tiny_run / "out"
     records = metrics(out)
     assert {"iter", "elapsed_s", "tokens", "lr"} <= set(records[0])
     train_lines = [r for r in records if "loss" in r]
@@ -117,22 +93,23 @@ def test_train_logs_checkpoints_and_resumes(run_dir: Path) -> None:
     assert resumed[-1]["mfu"] == pytest.approx(flops * resumed[-1]["tok_per_s"] / 1e12)
 
 
-def test_resume_is_bitwise_exact(run_dir: Path) -> None:
+def test_resume_is_bitwise_exact(tiny_run: Path) -> None:
     """30 iterations straight equal 20 iterations, a stop, and 10 more, bit for bit."""
     fixed = "train.lr_decay_iters=30"  # the schedule must not depend on where the first leg ends
     assert train(load_config("tiny.toml", ["train.out_dir=straight", fixed])) == 0
     assert train(load_config("tiny.toml", ["train.out_dir=split", "train.max_iters=20", fixed])) == 0
     assert train(load_config("tiny.toml", ["train.out_dir=split", fixed])) == 0
-    a, b = metrics(run_dir / "straight"), metrics(run_dir / "split")
+    a, b = metrics(tiny_run / "straight"), metrics(tiny_run / "split")
     strip = lambda rs: [{k: v for k, v in r.items() if k not in ("elapsed_s", "tok_per_s")} for r in rs]  # noqa: E731
     # the split run re-evaluates nothing; the 20-iteration run's final eval is the straight run's
     assert strip(a) == strip(b)
-    wa = load_file(str(run_dir / "straight" / "ckpt-0000030" / "model.safetensors"))
-    wb = load_file(str(run_dir / "split" / "ckpt-0000030" / "model.safetensors"))
+    wa = load_file(str(tiny_run / "straight" / "ckpt-0000030" / "model.safetensors"))
+    wb = load_file(str(tiny_run / "split" / "ckpt-0000030" / "model.safetensors"))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-def test_sigkill_and_resume_gives_the_uninterrupted_run(run_dir: Path) -> None:
+@pytest.mark.slow
+def test_sigkill_and_resume_gives_the_uninterrupted_run(tiny_run: Path) -> None:
     """Killed mid-run (no chance to save) and resumed: bitwise the run never interrupted.
 
     The killed run is given far more steps than it can finish before the kill, and the resume
@@ -145,7 +122,7 @@ def test_sigkill_and_resume_gives_the_uninterrupted_run(run_dir: Path) -> None:
                    check=True, timeout=300, capture_output=True, env=ENV)
     proc = subprocess.Popen(gpt_cmd(*settings, "--set", "train.max_iters=1000000", "--set", "train.out_dir=killed"),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
-    log = run_dir / "killed" / "metrics.jsonl"
+    log = tiny_run / "killed" / "metrics.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
         if log.exists() and any(json.loads(line)["iter"] >= 40 for line in log.read_text().splitlines() if line.endswith("}")):
@@ -159,16 +136,17 @@ def test_sigkill_and_resume_gives_the_uninterrupted_run(run_dir: Path) -> None:
     subprocess.run(gpt_cmd(*settings, "--set", "train.max_iters=100", "--set", "train.out_dir=killed"),
                    check=True, timeout=300, capture_output=True, env=ENV)
     losses = lambda out: [(r["iter"], r.get("loss"), r.get("val_loss")) for r in metrics(out)]  # noqa: E731
-    assert losses(run_dir / "killed") == losses(run_dir / "straight")
-    wa = load_file(str(run_dir / "straight" / "ckpt-0000100" / "model.safetensors"))
-    wb = load_file(str(run_dir / "killed" / "ckpt-0000100" / "model.safetensors"))
+    assert losses(tiny_run / "killed") == losses(tiny_run / "straight")
+    wa = load_file(str(tiny_run / "straight" / "ckpt-0000100" / "model.safetensors"))
+    wb = load_file(str(tiny_run / "killed" / "ckpt-0000100" / "model.safetensors"))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-def test_sigterm_saves_and_exits_143(run_dir: Path) -> None:
+@pytest.mark.slow
+def test_sigterm_saves_and_exits_143(tiny_run: Path) -> None:
     proc = subprocess.Popen(gpt_cmd("--set", "train.max_iters=100000", "--set", "train.checkpoint_interval=100000"),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)
-    log = run_dir / "out" / "metrics.jsonl"
+    log = tiny_run / "out" / "metrics.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline and not (log.exists() and len(log.read_text().splitlines()) > 3):
         time.sleep(0.05)
@@ -178,14 +156,14 @@ def test_sigterm_saves_and_exits_143(run_dir: Path) -> None:
     proc.send_signal(signal.SIGTERM)
     output, _ = proc.communicate(timeout=60)
     assert proc.returncode == 143, output
-    latest = (run_dir / "out" / "latest").read_text().strip()
-    saved = json.loads((run_dir / "out" / latest / "state.json").read_text())["iter"]
+    latest = (tiny_run / "out" / "latest").read_text().strip()
+    saved = json.loads((tiny_run / "out" / latest / "state.json").read_text())["iter"]
     assert 0 < saved < 100000 and f"stopped by signal after iteration {saved}" in output
 
 
-def test_corrupted_latest_falls_back_to_previous(run_dir: Path, capsys: pytest.CaptureFixture) -> None:
+def test_corrupted_latest_falls_back_to_previous(tiny_run: Path, capsys: pytest.CaptureFixture) -> None:
     assert train(load_config("tiny.toml")) == 0
-    out = run_dir / "out"
+    out = tiny_run / "out"
     weights = out / "ckpt-0000030" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-100])
     assert train(load_config("tiny.toml", ["train.max_iters=40"])) == 0
@@ -195,8 +173,8 @@ def test_corrupted_latest_falls_back_to_previous(run_dir: Path, capsys: pytest.C
     assert (out / "latest").read_text().strip() == "ckpt-0000040"
 
 
-def test_second_trainer_on_the_same_out_dir_is_refused(run_dir: Path) -> None:
-    lock = FolderLock(run_dir / "out", "gpt train", "train.out_dir")
+def test_second_trainer_on_the_same_out_dir_is_refused(tiny_run: Path) -> None:
+    lock = FolderLock(tiny_run / "out", "gpt train", "train.out_dir")
     try:
         with pytest.raises(GPTError, match=rf"out is in use by another gpt train \(pid {os.getpid()}"):
             train(load_config("tiny.toml"))
@@ -205,20 +183,21 @@ def test_second_trainer_on_the_same_out_dir_is_refused(run_dir: Path) -> None:
     assert train(load_config("tiny.toml", ["train.max_iters=5"])) == 0  # free again
 
 
-def test_compiled_training_matches_eager_and_saves_plain_keys(run_dir: Path) -> None:
+@pytest.mark.slow
+def test_compiled_training_matches_eager_and_saves_plain_keys(tiny_run: Path) -> None:
     settings = ["train.max_iters=6", "model.dropout=0.0", "train.eval_interval=6",
                 "train.checkpoint_interval=6"]
     assert train(load_config("tiny.toml", [*settings, "train.out_dir=eager"])) == 0
     assert train(load_config("tiny.toml", [*settings, "train.out_dir=compiled", "train.compile=true"])) == 0
-    eager = [json.loads(line) for line in (run_dir / "eager" / "metrics.jsonl").read_text().splitlines()]
-    compiled = [json.loads(line) for line in (run_dir / "compiled" / "metrics.jsonl").read_text().splitlines()]
+    eager = [json.loads(line) for line in (tiny_run / "eager" / "metrics.jsonl").read_text().splitlines()]
+    compiled = [json.loads(line) for line in (tiny_run / "compiled" / "metrics.jsonl").read_text().splitlines()]
     losses = [(e["loss"], c["loss"]) for e, c in zip(eager, compiled, strict=True) if "loss" in e]
     assert losses and all(c == pytest.approx(e, rel=1e-4) for e, c in losses)
-    model = Checkpoint.open(run_dir / "compiled").load_model()  # plain keys: loads into an uncompiled GPT
+    model = Checkpoint.open(tiny_run / "compiled").load_model()  # plain keys: loads into an uncompiled GPT
     assert isinstance(model, torch.nn.Module)
 
 
-def test_compile_failure_is_one_line(run_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_compile_failure_is_one_line(tiny_run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from torch._dynamo.exc import TorchDynamoException
 
     def fails(*args: object, **kwargs: object) -> None:
@@ -229,16 +208,14 @@ def test_compile_failure_is_one_line(run_dir: Path, monkeypatch: pytest.MonkeyPa
         train(load_config("tiny.toml", ["train.compile=true"]))
 
 
-def test_an_unwritable_out_dir_is_refused_before_any_work(run_dir: Path) -> None:
-    (run_dir / "a_file").write_text("not a folder")
+def test_an_unwritable_out_dir_is_refused_before_any_work(tiny_run: Path) -> None:
+    (tiny_run / "a_file").write_text("not a folder")
     with pytest.raises(GPTError, match=r"cannot write .*a_file/out .*set train.out_dir to a folder you can write"):
         train(load_config("tiny.toml", ["train.out_dir=a_file/out"]))
 
 
 @pytest.mark.parametrize("what", ["loss", "gradient norm"])
-def test_non_finite_stops_before_the_step(run_dir: Path, monkeypatch: pytest.MonkeyPatch, what: str) -> None:
-    from gpt.model import GPT
-
+def test_non_finite_stops_before_the_step(tiny_run: Path, monkeypatch: pytest.MonkeyPatch, what: str) -> None:
     forward = GPT.forward
     calls = {"n": 0}
 
@@ -255,18 +232,64 @@ def test_non_finite_stops_before_the_step(run_dir: Path, monkeypatch: pytest.Mon
     monkeypatch.setattr(GPT, "forward", poisoned)
     with pytest.raises(GPTError, match=rf"non-finite {what} at iteration 16; .*last good checkpoint: .*ckpt-0000010"):
         train(load_config("tiny.toml"))
-    weights = load_file(str(run_dir / "out" / "ckpt-0000010" / "model.safetensors"))
+    weights = load_file(str(tiny_run / "out" / "ckpt-0000010" / "model.safetensors"))
     assert all(torch.isfinite(w).all() for w in weights.values())
-    assert not (run_dir / "out" / "ckpt-0000020").exists()
+    assert not (tiny_run / "out" / "ckpt-0000020").exists()
 
 
-def test_bfloat16_autocast_on_the_cpu(run_dir: Path) -> None:
+def test_bfloat16_autocast_on_the_cpu(tiny_run: Path) -> None:
     assert train(load_config("tiny.toml", ["train.dtype=bfloat16", "train.max_iters=10"])) == 0
-    records = metrics(run_dir / "out")
+    records = metrics(tiny_run / "out")
     assert all(math.isfinite(r.get("loss", 0.0)) for r in records)
     assert records[-1]["val_loss"] < records[0]["val_loss"]
-    weights = load_file(str(run_dir / "out" / "ckpt-0000010" / "model.safetensors"))
+    weights = load_file(str(tiny_run / "out" / "ckpt-0000010" / "model.safetensors"))
     assert {w.dtype for w in weights.values()} == {torch.float32}  # autocast: fp32 master weights
+
+
+def test_train_step_is_one_adamw_step_on_the_accumulated_gradient(tiny_run: Path) -> None:
+    """train_step against the same step written out by hand: two micro-batches of the same
+    stream, their mean loss, clipping, AdamW at the scheduled rate."""
+    cfg = load_config("tiny.toml", ["train.grad_accum_steps=2", "model.dropout=0.0"])
+    run = setup_run(cfg, True, Dist(), torch.device("cpu"), torch.float32)
+    try:
+        reference = GPT(run.cfg.model)
+        reference.load_state_dict(run.model.state_dict())
+        optimizer = make_optimizer(reference, cfg.train, torch.device("cpu"))
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(0, cfg.train)
+        batches = BatchSampler(cfg.data.resolved_data_dir, "train", 32, 4, seed=0)
+        batches.load_state_dict(run.samplers["train"].state_dict())  # the same stream
+        losses = []
+        for _ in range(2):
+            _, loss = reference(*batches.next_batch())
+            (loss / 2).backward()
+            losses.append(loss.item())
+        torch.nn.utils.clip_grad_norm_(reference.parameters(), cfg.train.grad_clip)
+        optimizer.step()
+
+        assert train_step(run) == pytest.approx(sum(losses) / 2, rel=1e-6)
+        assert (run.state.iteration, run.state.tokens_seen) == (1, 2 * 4 * 32)
+        for ours, theirs in zip(run.model.parameters(), reference.parameters(), strict=True):
+            torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+            assert ours.grad is None  # gradients cleared for the next step
+    finally:
+        run.metrics.close()
+
+
+def test_train_state_round_trips_through_its_state_dict() -> None:
+    state = TrainState(iteration=7, tokens_seen=896, wandb_id="abc", rng_ranks=[{"torch": [1]}])
+    saved = state.state_dict()
+    assert saved["best_val_loss"] is None  # no evaluation yet: JSON has no infinity
+    assert saved["iter"] == 7 and saved["rng"] == {"torch": [1]} and saved["rng_ranks"] is None
+    restored = TrainState()
+    restored.load_state_dict(json.loads(json.dumps(saved)))
+    assert (restored.iteration, restored.tokens_seen, restored.wandb_id) == (7, 896, "abc")
+    assert restored.best_val_loss == math.inf and restored.rng_ranks == [{"torch": [1]}]
+    assert restored.elapsed() >= saved["elapsed_s"]  # time keeps adding up across resumes
+    restored.best_val_loss, restored.rng_ranks = 1.5, [{"torch": [1]}, {"torch": [2]}]
+    again = TrainState()
+    again.load_state_dict(restored.state_dict())
+    assert again.best_val_loss == 1.5 and again.rng_ranks == restored.rng_ranks
 
 
 def test_second_signal_quits_at_once() -> None:
@@ -291,54 +314,55 @@ def test_lr_schedule_values() -> None:
     assert lr_at(0, constant) == lr_at(1000, constant) == 0.3
 
 
-def test_init_from_finetunes_from_another_run(run_dir: Path) -> None:
+def test_init_from_finetunes_from_another_run(tiny_run: Path) -> None:
     assert train(load_config("tiny.toml", ["train.out_dir=base", "train.max_iters=60"])) == 0
-    base_final = [r for r in metrics(run_dir / "base") if "val_loss" in r][-1]["val_loss"]
-    fresh = [r for r in metrics(run_dir / "base") if "val_loss" in r][0]["val_loss"]
+    base_final = [r for r in metrics(tiny_run / "base") if "val_loss" in r][-1]["val_loss"]
+    fresh = [r for r in metrics(tiny_run / "base") if "val_loss" in r][0]["val_loss"]
     assert train(load_config("tiny.toml", ["train.out_dir=tuned", "train.init_from=base",
                                            "train.max_iters=10", "train.learning_rate=1e-4"])) == 0
-    start = [r for r in metrics(run_dir / "tuned") if "val_loss" in r][0]["val_loss"]
+    start = [r for r in metrics(tiny_run / "tuned") if "val_loss" in r][0]["val_loss"]
     assert abs(start - base_final) < 0.3 * abs(fresh - base_final)  # starts where base ended
     with pytest.raises(GPTError, match=r"trained with model.n_layer = 2, the config now says 3"):
         train(load_config("tiny.toml", ["train.out_dir=other", "train.init_from=base", "model.n_layer=3"]))
 
 
-def test_char_finetuning_keeps_the_base_vocabulary(run_dir: Path) -> None:
+def test_char_finetuning_keeps_the_base_vocabulary(tiny_run: Path) -> None:
     assert train(load_config("tiny.toml", ["train.out_dir=base", "train.max_iters=10"])) == 0
-    (run_dir / "mine.txt").write_text("def fun(x):\n    return x + 1\n\n" * 100)
+    (tiny_run / "mine.txt").write_text("def fun(x):\n    return x + 1\n\n" * 100)
     tuned = ["train.out_dir=tuned", "train.init_from=base", "train.max_iters=5",
              "data.source=mine.txt", "data.data_dir=data/mine"]
     assert train(load_config("tiny.toml", tuned)) == 0
-    base_vocab = json.loads((run_dir / "base" / "ckpt-0000010" / "state.json").read_text())["tokenizer"]
-    assert json.loads((run_dir / "data" / "mine" / "meta.json").read_text())["tokenizer"] == base_vocab
-    (run_dir / "alien.txt").write_text("Ω" * 500)
+    base_vocab = json.loads((tiny_run / "base" / "ckpt-0000010" / "state.json").read_text())["tokenizer"]
+    assert json.loads((tiny_run / "data" / "mine" / "meta.json").read_text())["tokenizer"] == base_vocab
+    (tiny_run / "alien.txt").write_text("Ω" * 500)
     alien = ["train.out_dir=alien", "train.init_from=base", "data.source=alien.txt", "data.data_dir=data/alien"]
     with pytest.raises(GPTError, match=r"not in the char vocabulary: 'Ω'"):
         train(load_config("tiny.toml", alien))
 
 
-def test_wandb_offline_run_writes_history(run_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.slow
+def test_wandb_offline_run_writes_history(tiny_run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_DIR", str(run_dir))
+    monkeypatch.setenv("WANDB_DIR", str(tiny_run))
     cfg = load_config("tiny.toml", ["log.wandb=true", "log.wandb_mode=offline", "log.wandb_run_name=tiny"])
     assert train(cfg) == 0
-    final_val = [r for r in metrics(run_dir / "out") if "val_loss" in r][-1]["val_loss"]
-    state = json.loads((run_dir / "out" / "ckpt-0000030" / "state.json").read_text())
-    runs = list((run_dir / "out" / "wandb").glob(f"offline-run-*-{state['wandb_id']}/run-*.wandb"))
+    final_val = [r for r in metrics(tiny_run / "out") if "val_loss" in r][-1]["val_loss"]
+    state = json.loads((tiny_run / "out" / "ckpt-0000030" / "state.json").read_text())
+    runs = list((tiny_run / "out" / "wandb").glob(f"offline-run-*-{state['wandb_id']}/run-*.wandb"))
     assert len(runs) == 1, "no offline wandb run with the checkpoint's run id"
     history = runs[0].read_bytes()  # protobuf records; values are stored as JSON text
     assert b"val_loss" in history and json.dumps(final_val).encode() in history
     # a resumed run continues the same wandb run
     assert train(load_config("tiny.toml", ["log.wandb=true", "log.wandb_mode=offline", "train.max_iters=40"])) == 0
-    resumed = json.loads((run_dir / "out" / "ckpt-0000040" / "state.json").read_text())
+    resumed = json.loads((tiny_run / "out" / "ckpt-0000040" / "state.json").read_text())
     assert resumed["wandb_id"] == state["wandb_id"]
-    final_val = [r for r in metrics(run_dir / "out") if "val_loss" in r][-1]["val_loss"]
+    final_val = [r for r in metrics(tiny_run / "out") if "val_loss" in r][-1]["val_loss"]
     # (a run started in the same second as the last gets a "-1" suffix on its folder)
-    runs = (run_dir / "out" / "wandb").glob(f"offline-run-*-{state['wandb_id']}*/run-*.wandb")
+    runs = (tiny_run / "out" / "wandb").glob(f"offline-run-*-{state['wandb_id']}*/run-*.wandb")
     assert any(json.dumps(final_val).encode() in run.read_bytes() for run in runs)
 
 
-def test_cli_errors_and_refusals(run_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cli_errors_and_refusals(tiny_run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     result = runner.invoke(app, ["train", "--config", "tiny.toml", "--set", "model.cross_attention=true"])
     assert result.exit_code == 2 and "cross_attention" in result.output
     assert runner.invoke(app, ["train", "--config", "tiny.toml", "--set", "train.max_iters=10"]).exit_code == 0
@@ -353,7 +377,8 @@ def test_cli_errors_and_refusals(run_dir: Path, monkeypatch: pytest.MonkeyPatch)
     assert bad_accum.exit_code == 2 and "float16 needs a GPU" in bad_accum.output
 
 
-def test_two_process_gloo_matches_one_process(run_dir: Path) -> None:
+@pytest.mark.slow
+def test_two_process_gloo_matches_one_process(tiny_run: Path) -> None:
     common = ["--set", "train.max_iters=12", "--set", "train.grad_accum_steps=2",
               "--set", "train.log_interval=1", "--set", "model.dropout=0.0"]
     subprocess.run(gpt_cmd(*common, "--set", "train.out_dir=one"), check=True, timeout=300,
@@ -363,8 +388,8 @@ def test_two_process_gloo_matches_one_process(run_dir: Path) -> None:
          "-m", "gpt", "train", "--config", "tiny.toml", *common, "--set", "train.out_dir=two"],
         check=True, timeout=300, capture_output=True, env=ENV,
     )
-    one = [r["loss"] for r in metrics(run_dir / "one") if "loss" in r]
-    two = [r["loss"] for r in metrics(run_dir / "two") if "loss" in r]
+    one = [r["loss"] for r in metrics(tiny_run / "one") if "loss" in r]
+    two = [r["loss"] for r in metrics(tiny_run / "two") if "loss" in r]
     assert len(one) == len(two) == 12
     assert all(math.isclose(a, b, abs_tol=1e-5) for a, b in zip(one, two, strict=True))
 
@@ -378,7 +403,8 @@ def torchrun(*args: str) -> None:
     )
 
 
-def test_two_process_resume_is_bitwise_exact(run_dir: Path) -> None:
+@pytest.mark.slow
+def test_two_process_resume_is_bitwise_exact(tiny_run: Path) -> None:
     """With dropout each rank draws its own masks, so each rank's RNG must come back on resume."""
     common = ["--set", "train.grad_accum_steps=2", "--set", "train.log_interval=1",
               "--set", "train.lr_decay_iters=8", "--set", "train.eval_interval=4"]
@@ -386,7 +412,7 @@ def test_two_process_resume_is_bitwise_exact(run_dir: Path) -> None:
     torchrun(*common, "--set", "train.max_iters=4", "--set", "train.out_dir=split")
     torchrun(*common, "--set", "train.max_iters=8", "--set", "train.out_dir=split")
     losses = lambda out: [(r["iter"], r.get("loss"), r.get("val_loss")) for r in metrics(out)]  # noqa: E731
-    assert len(losses(run_dir / "straight")) == 8 + 3
-    assert losses(run_dir / "split") == losses(run_dir / "straight")
-    state = json.loads((run_dir / "split" / "ckpt-0000008" / "state.json").read_text())
+    assert len(losses(tiny_run / "straight")) == 8 + 3
+    assert losses(tiny_run / "split") == losses(tiny_run / "straight")
+    state = json.loads((tiny_run / "split" / "ckpt-0000008" / "state.json").read_text())
     assert len(state["rng_ranks"]) == 2 and state["rng_ranks"][0] != state["rng_ranks"][1]
