@@ -24,14 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from doc_tables import (
-    add_doc_options,
-    docs_target,
-    host_markdown,
-    load_average,
-    markdown_table,
-    write_block,
-)
+import doc_tables as docs
 
 from gpt.config import DataConfig
 from gpt.data.prepare import prepare
@@ -113,10 +106,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--copies", type=int, default=5)
     parser.add_argument("--runs", type=int, default=5)
-    add_doc_options(parser)
+    docs.add_doc_options(parser)
     args = parser.parse_args()
-    doc = docs_target(parser, args, "bench-prepare")
-    load_before = load_average()
+    doc = docs.docs_target(parser, args, "bench-prepare")
+    load_before = docs.load_average()
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)
         small, small_bytes = build_corpus(tmp_path / "small", 1)
@@ -157,22 +150,19 @@ def main() -> None:
             memory_rows.append(
                 [f"{text_bytes / 1e6:.1f}", f"{main_mb:.0f}", f"{worker_mb:.0f}"]
             )
-    if doc is not None:
-        speed = markdown_table(
-            ["run", "MB/s", "M tokens/s", "median seconds", "vs reference"],
-            [["tiktoken `encode_ordinary`, one thread (reference)", *rows[0]],
-             ["`gpt prepare` (read, split, encode, write, hash)", *rows[1]]],
-        )
-        memory = markdown_table(
-            ["MB of text", "peak MB, main process", "peak MB, largest worker"], memory_rows
-        )
-        host = host_markdown(load_before, [
-            f"corpus: {mb:.1f} MB, {args.copies}x the standard library's sources, "
-            f"GPT-2 BPE, {our_tokens:,} tokens; medians of {args.runs} alternating runs",
-            f"two busy processes ran {core_ratio:.2f}x one (2.00: two cores were free)",
-        ])
-        write_block(doc, "bench-prepare", f"{speed}\n\n{memory}\n\n{host}")
-        print(f"wrote the table into {doc}")
+    speed = docs.markdown_table(
+        ["run", "MB/s", "M tokens/s", "median seconds", "vs reference"],
+        [["tiktoken `encode_ordinary`, one thread (reference)", *rows[0]],
+         ["`gpt prepare` (read, split, encode, write, hash)", *rows[1]]],
+    )
+    memory = docs.markdown_table(
+        ["MB of text", "peak MB, main process", "peak MB, largest worker"], memory_rows
+    )
+    docs.publish(doc, "bench-prepare", [speed, memory], load_before, [
+        f"corpus: {mb:.1f} MB, {args.copies}x the standard library's sources, "
+        f"GPT-2 BPE, {our_tokens:,} tokens; medians of {args.runs} alternating runs",
+        f"two busy processes ran {core_ratio:.2f}x one (2.00: two cores were free)",
+    ])
 
 
 if __name__ == "__main__":

@@ -16,15 +16,8 @@ import os
 import statistics
 import time
 
+import doc_tables as docs
 import torch
-from doc_tables import (
-    add_doc_options,
-    docs_target,
-    host_markdown,
-    load_average,
-    markdown_table,
-    write_block,
-)
 
 from gpt.config import ModelConfig
 from gpt.generate import cache_dtype, generate
@@ -136,10 +129,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--runs", type=int, default=3)
-    add_doc_options(parser)
+    docs.add_doc_options(parser)
     args = parser.parse_args()
-    doc = docs_target(parser, args, "bench-sample")
-    load_before = load_average()
+    doc = docs.docs_target(parser, args, "bench-sample")
+    load_before = docs.load_average()
     torch.manual_seed(0)
     gpt2 = ModelConfig(vocab_size=50257, padded_vocab_size=50257, activation="gelu_tanh")
     model = GPT(gpt2).eval()  # GPT-2 124M's shape, HF's unpadded vocabulary
@@ -231,17 +224,14 @@ def main() -> None:
                  f"top-50 sets {overlap:.1%} shared, argmax agreement {agree:.2%}")
     print(closeness)
     print(f"load average after: {os.getloadavg()[0]:.2f} (other processes slow every row)")
-    if doc is not None:
-        table = markdown_table(["decoding path", "tokens/s", "vs HF", "of the bound"], rows)
-        table += "\n\n" + markdown_table(["measurement", "median"], more)
-        host = host_markdown(load_before, [
-            "model: GPT-2-124M shape, random weights; batch 1 unless stated, a 16-token prompt, "
-            f"{n} new tokens (no cache: {min(n, 64)}), top-k 50; medians of {args.runs} rounds",
-            *notes,
-            closeness,
-        ])
-        write_block(doc, "bench-sample", f"{table}\n\n{host}")
-        print(f"wrote the table into {doc}")
+    tables = [docs.markdown_table(["decoding path", "tokens/s", "vs HF", "of the bound"], rows),
+              docs.markdown_table(["measurement", "median"], more)]
+    docs.publish(doc, "bench-sample", tables, load_before, [
+        "model: GPT-2-124M shape, random weights; batch 1 unless stated, a 16-token prompt, "
+        f"{n} new tokens (no cache: {min(n, 64)}), top-k 50; medians of {args.runs} rounds",
+        *notes,
+        closeness,
+    ])
 
 
 if __name__ == "__main__":

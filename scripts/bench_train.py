@@ -20,16 +20,9 @@ import tempfile
 import time
 from pathlib import Path
 
+import doc_tables as docs
 import numpy as np
 import torch
-from doc_tables import (
-    add_doc_options,
-    docs_target,
-    host_markdown,
-    load_average,
-    markdown_table,
-    write_block,
-)
 
 from gpt.config import load_config
 from gpt.data.prepare import prepare
@@ -77,10 +70,10 @@ def main() -> None:
     parser.add_argument("--config", default="configs/default.toml")
     parser.add_argument("--iters", type=int, default=60)
     parser.add_argument("--repeats", type=int, default=3)
-    add_doc_options(parser)
+    docs.add_doc_options(parser)
     args = parser.parse_args()
-    doc = docs_target(parser, args, "bench-train")
-    load_before = load_average()
+    doc = docs.docs_target(parser, args, "bench-train")
+    load_before = docs.load_average()
     base = load_config(args.config, ["train.device=cpu", "train.compile=false"])
     meta = prepare(base.data, progress=False, block_size=base.model.block_size)
     if base.model.vocab_size is None:
@@ -104,20 +97,17 @@ def main() -> None:
     print(f"plain reference loop: {f:9,.0f} tokens/s  ({f * flops / 1e9:.1f} GFLOP/s achieved)")
     print(f"gpt train:            {o:9,.0f} tokens/s  ({o * flops / 1e9:.1f} GFLOP/s achieved)")
     print(f"ratio gpt train / reference: {o / f:.3f} (medians of {args.repeats} alternating runs)")
-    if doc is not None:
-        table = markdown_table(
-            ["loop", "tokens/s", "achieved GFLOP/s", "vs reference"],
-            [[label, f"{rate:,.0f}", f"{rate * flops / 1e9:.1f}", f"{rate / f:.3f}"]
-             for label, rate in (("plain loop (reference)", f), ("`gpt train`", o))],
-        )
-        b, t = base.train.batch_size * base.train.grad_accum_steps, base.model.block_size
-        host = host_markdown(load_before, [
-            f"model: `{args.config}`, {model.num_params():,} parameters, "
-            f"{flops / 1e6:.1f} MFLOP per token; {b} x {t} tokens per step on the CPU",
-            f"medians of {args.repeats} alternating runs of {args.iters} steps each",
-        ])
-        write_block(doc, "bench-train", f"{table}\n\n{host}")
-        print(f"wrote the table into {doc}")
+    table = docs.markdown_table(
+        ["loop", "tokens/s", "achieved GFLOP/s", "vs reference"],
+        [[label, f"{rate:,.0f}", f"{rate * flops / 1e9:.1f}", f"{rate / f:.3f}"]
+         for label, rate in (("plain loop (reference)", f), ("`gpt train`", o))],
+    )
+    b, t = base.train.batch_size * base.train.grad_accum_steps, base.model.block_size
+    docs.publish(doc, "bench-train", [table], load_before, [
+        f"model: `{args.config}`, {model.num_params():,} parameters, "
+        f"{flops / 1e6:.1f} MFLOP per token; {b} x {t} tokens per step on the CPU",
+        f"medians of {args.repeats} alternating runs of {args.iters} steps each",
+    ])
 
 
 if __name__ == "__main__":

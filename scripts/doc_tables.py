@@ -145,3 +145,12 @@ def host_markdown(load_before: float, notes: list[str] | None = None) -> str:
         f"- command: `{shlex.join(['python', *sys.argv])}`",
     ]
     return "\n".join(lines)
+
+
+def publish(doc: Path | None, name: str, tables: list[str], load_before: float,
+            notes: list[str]) -> None:
+    """Write `tables` and the host's description into block `name` of `doc` (None: nothing)."""
+    if doc is None:
+        return
+    write_block(doc, name, "\n\n".join([*tables, host_markdown(load_before, notes)]))
+    print(f"wrote the table into {doc}")

@@ -81,3 +81,20 @@ def tiny_run(
     """A folder holding the tiny run's corpus and config; the test runs inside it."""
     monkeypatch.chdir(tmp_path)
     return write_tiny_run(tmp_path)
+
+
+@pytest.fixture
+def docs_folder(tmp_path: Path) -> Callable[..., Path]:
+    """Make `tmp_path/docs`: n small text files, every other one in a subfolder, and one binary
+    file that the default globs leave out."""
+
+    def make(n: int = 10) -> Path:
+        folder = tmp_path / "docs"
+        (folder / "sub").mkdir(parents=True)
+        for i in range(n):
+            text = f"document {i} " * (i + 1)
+            (folder / ("sub" if i % 2 else "") / f"doc{i}.txt").write_text(text)
+        (folder / "ignored.bin").write_bytes(b"\x00\x01")
+        return folder
+
+    return make

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -36,15 +37,6 @@ def read_split(data_dir: Path, split: str) -> np.ndarray:
 def leftovers(data_dir: Path) -> list[str]:
     """What a failed prepare left in data_dir, besides its lock file (kept: see gpt/lock.py)."""
     return sorted(p.name for p in data_dir.iterdir() if p.name != ".prepare.lock")
-
-
-def docs_folder(tmp_path: Path, n: int = 10) -> Path:
-    folder = tmp_path / "docs"
-    (folder / "sub").mkdir(parents=True)
-    for i in range(n):
-        (folder / ("sub" if i % 2 else "") / f"doc{i}.txt").write_text(f"document {i} " * (i + 1))
-    (folder / "ignored.bin").write_bytes(b"\x00\x01")
-    return folder
 
 
 def test_text_file_split_is_first_90_percent_of_characters(tmp_path: Path) -> None:
@@ -88,8 +80,8 @@ def test_text_file_chunks_encode_like_the_whole_split(tmp_path: Path, monkeypatc
     assert meta["tokens"]["val"] == len(tok.encode(text[n_train:]))
 
 
-def test_folder_documents_split_exactly_by_seed(tmp_path: Path) -> None:
-    folder = docs_folder(tmp_path)
+def test_folder_documents_split_exactly_by_seed(tmp_path: Path, docs_folder: Callable[..., Path]) -> None:
+    folder = docs_folder()
     meta = prepare(cfg(tmp_path, folder, val_fraction=0.2, seed=3), progress=False)
     tok = get_tokenizer("gpt2")
     val = read_split(tmp_path / "prepared", "val")
@@ -142,7 +134,7 @@ def test_python_stdlib_source_prepares(tmp_path: Path, monkeypatch: pytest.Monke
     assert meta["tokens"]["train"] > 1000 and meta["tokens"]["val"] > 0
 
 
-def test_large_vocabularies_are_written_as_uint32(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_large_vocabularies_are_written_as_uint32(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, docs_folder: Callable[..., Path]) -> None:
     class Big:
         name, vocab_size, eot_id = "big", 70000, 69999
 
@@ -153,23 +145,23 @@ def test_large_vocabularies_are_written_as_uint32(tmp_path: Path, monkeypatch: p
             return {"name": "big"}
 
     monkeypatch.setattr(prepare_module, "get_tokenizer", lambda name: Big())
-    folder = docs_folder(tmp_path)
+    folder = docs_folder()
     meta = prepare(cfg(tmp_path, folder, num_proc=1), progress=False)  # Big lives in this process
     assert meta["dtype"] == "uint32"
     ids = np.concatenate([read_split(tmp_path / "prepared", s) for s in ("train", "val")])
     assert ids.max() > 65535 and 69999 in ids
 
 
-def test_worker_processes_give_the_same_tokens_as_one_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_worker_processes_give_the_same_tokens_as_one_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, docs_folder: Callable[..., Path]) -> None:
     monkeypatch.setattr(prepare_module, "BATCH_CHARS", 100)  # many batches in flight
-    folder = docs_folder(tmp_path, n=30)
+    folder = docs_folder(n=30)
     one = prepare(cfg(tmp_path, folder, num_proc=1, data_dir=str(tmp_path / "one")), progress=False)
     two = prepare(cfg(tmp_path, folder, num_proc=2, data_dir=str(tmp_path / "two")), progress=False)
     assert one["sha256"] == two["sha256"] and one["tokens"] == two["tokens"]
 
 
-def test_rerun_is_a_noop_and_force_rebuilds(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    folder = docs_folder(tmp_path)
+def test_rerun_is_a_noop_and_force_rebuilds(tmp_path: Path, capsys: pytest.CaptureFixture, docs_folder: Callable[..., Path]) -> None:
+    folder = docs_folder()
     prepare(cfg(tmp_path, folder), progress=False)
     train = tmp_path / "prepared" / "train.bin"
     stamp = train.stat().st_mtime_ns
@@ -180,11 +172,9 @@ def test_rerun_is_a_noop_and_force_rebuilds(tmp_path: Path, capsys: pytest.Captu
     assert train.stat().st_mtime_ns != stamp
 
 
-def test_a_second_prepare_of_the_same_folder_waits_then_finds_it_ready(
-    tmp_path: Path, capsys: pytest.CaptureFixture
-) -> None:
+def test_a_second_prepare_of_the_same_folder_waits_then_finds_it_ready(tmp_path: Path, capsys: pytest.CaptureFixture, docs_folder: Callable[..., Path]) -> None:
     """Two prepares of one data_dir (two runs started together) must not interleave writes."""
-    folder = docs_folder(tmp_path)
+    folder = docs_folder()
     first = FolderLock(tmp_path / "prepared", "gpt prepare", "data.data_dir", name=".prepare.lock")
     second = threading.Thread(target=prepare, args=(cfg(tmp_path, folder),))
     second.start()
@@ -204,11 +194,9 @@ def test_a_second_prepare_of_the_same_folder_waits_then_finds_it_ready(
     assert PreparedData(tmp_path / "prepared", verify_hash=True).meta["tokens"]["train"] > 0
 
 
-def test_prepared_data_is_reused_without_writing_to_its_folder(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_prepared_data_is_reused_without_writing_to_its_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, docs_folder: Callable[..., Path]) -> None:
     """A read-only folder of prepared data (a shared mount) needs no lock to be reused."""
-    folder = docs_folder(tmp_path)
+    folder = docs_folder()
     meta = prepare(cfg(tmp_path, folder), progress=False)
 
     def no_writes(*args: object, **kwargs: object) -> None:
@@ -218,17 +206,17 @@ def test_prepared_data_is_reused_without_writing_to_its_folder(
     assert prepare(cfg(tmp_path, folder), progress=False) == meta
 
 
-def test_an_unwritable_data_dir_is_a_one_line_error(tmp_path: Path) -> None:
+def test_an_unwritable_data_dir_is_a_one_line_error(tmp_path: Path, docs_folder: Callable[..., Path]) -> None:
     (tmp_path / "a_file").write_text("not a folder")
-    args = ["prepare", "--set", f"data.source={docs_folder(tmp_path)}",
+    args = ["prepare", "--set", f"data.source={docs_folder()}",
             "--set", f"data.data_dir={tmp_path / 'a_file' / 'data'}"]
     result = runner.invoke(app, args)
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert "cannot write" in result.output and "set data.data_dir to a folder you can write" in result.output
 
 
-def test_other_settings_are_refused_and_data_kept(tmp_path: Path) -> None:
-    folder = docs_folder(tmp_path)
+def test_other_settings_are_refused_and_data_kept(tmp_path: Path, docs_folder: Callable[..., Path]) -> None:
+    folder = docs_folder()
     meta = prepare(cfg(tmp_path, folder), progress=False)
     with pytest.raises(GPTError, match=r"prepared from other settings \(tokenizer 'gpt2'.*--force"):
         prepare(cfg(tmp_path, folder, tokenizer="char"), progress=False)
@@ -245,7 +233,7 @@ def test_refusal_names_what_changed(tmp_path: Path) -> None:
         prepare(cfg(tmp_path, tmp_path / "a.txt"), progress=False)
 
 
-def test_interrupted_prepare_leaves_nothing_that_looks_finished(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_interrupted_prepare_leaves_nothing_that_looks_finished(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, docs_folder: Callable[..., Path]) -> None:
     gpt2 = get_tokenizer("gpt2")
     calls, files_at_the_interrupt = [], []
 
@@ -265,7 +253,7 @@ def test_interrupted_prepare_leaves_nothing_that_looks_finished(tmp_path: Path, 
     monkeypatch.setattr(prepare_module, "BATCH_CHARS", 1)  # one document per batch
     monkeypatch.setattr(prepare_module, "get_tokenizer", lambda name: InterruptedAfterOneBatch())
     with pytest.raises(KeyboardInterrupt):
-        prepare(cfg(tmp_path, docs_folder(tmp_path), num_proc=1), progress=False)
+        prepare(cfg(tmp_path, docs_folder(), num_proc=1), progress=False)
     assert files_at_the_interrupt != []  # the token files were being written
     assert leftovers(tmp_path / "prepared") == []
 
@@ -278,17 +266,17 @@ def test_too_little_text_for_block_size(tmp_path: Path) -> None:
     assert leftovers(tmp_path / "prepared") == []
 
 
-def test_empty_source_and_unknown_tokenizer_are_errors(tmp_path: Path) -> None:
+def test_empty_source_and_unknown_tokenizer_are_errors(tmp_path: Path, docs_folder: Callable[..., Path]) -> None:
     (tmp_path / "empty.txt").write_text("")
     with pytest.raises(GPTError, match=r"holds no text"):
         prepare(cfg(tmp_path, tmp_path / "empty.txt"), progress=False)
     assert leftovers(tmp_path / "prepared") == []
     with pytest.raises(GPTError, match=r"unknown tokenizer 'bpe'"):
-        prepare(cfg(tmp_path, docs_folder(tmp_path), tokenizer="bpe"), progress=False)
+        prepare(cfg(tmp_path, docs_folder(), tokenizer="bpe"), progress=False)
 
 
-def test_non_utf8_files_skip_with_count_or_fail(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    folder = docs_folder(tmp_path)
+def test_non_utf8_files_skip_with_count_or_fail(tmp_path: Path, capsys: pytest.CaptureFixture, docs_folder: Callable[..., Path]) -> None:
+    folder = docs_folder()
     (folder / "latin1.txt").write_bytes("caf\xe9 cr\xe8me".encode("latin-1"))
     meta = prepare(cfg(tmp_path, folder), progress=True)
     assert meta["skipped_files"] == 1
@@ -298,7 +286,7 @@ def test_non_utf8_files_skip_with_count_or_fail(tmp_path: Path, capsys: pytest.C
     assert not (tmp_path / "b" / "train.bin").exists()
 
 
-def test_ids_outside_the_vocabulary_are_an_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_ids_outside_the_vocabulary_are_an_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, docs_folder: Callable[..., Path]) -> None:
     class Broken:
         name, vocab_size, eot_id = "broken", 100, 99
 
@@ -310,13 +298,13 @@ def test_ids_outside_the_vocabulary_are_an_error(tmp_path: Path, monkeypatch: py
 
     monkeypatch.setattr(prepare_module, "get_tokenizer", lambda name: Broken())
     with pytest.raises(GPTError, match=r"tokenizer 'broken' gave id 65541, outside its vocabulary of 100"):
-        prepare(cfg(tmp_path, docs_folder(tmp_path), num_proc=1), progress=False)
+        prepare(cfg(tmp_path, docs_folder(), num_proc=1), progress=False)
     assert leftovers(tmp_path / "prepared") == []
 
 
-def test_fixed_char_vocabulary_names_foreign_characters_from_a_worker(tmp_path: Path) -> None:
+def test_fixed_char_vocabulary_names_foreign_characters_from_a_worker(tmp_path: Path, docs_folder: Callable[..., Path]) -> None:
     """Finetuning keeps the base model's characters; text with others fails, nothing written."""
-    folder = docs_folder(tmp_path)
+    folder = docs_folder()
     vocabulary = {"name": "char", "chars": "\n documen0123456789"}
     with pytest.raises(GPTError, match=r"1 character\(s\) not in the char vocabulary: 't'"):
         prepare(cfg(tmp_path, folder, tokenizer="char", num_proc=2), progress=False, vocabulary=vocabulary)
@@ -347,8 +335,8 @@ def test_hub_rerun_is_a_noop_offline(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert PreparedData(tmp_path / "prepared", verify_hash=True).meta == meta  # a failed rebuild keeps the data
 
 
-def test_data_is_ready(tmp_path: Path) -> None:
-    folder = docs_folder(tmp_path)
+def test_data_is_ready(tmp_path: Path, docs_folder: Callable[..., Path]) -> None:
+    folder = docs_folder()
     config = cfg(tmp_path, folder)
     assert not data_is_ready(config)
     prepare(config, progress=False)
@@ -359,8 +347,8 @@ def test_data_is_ready(tmp_path: Path) -> None:
     assert not data_is_ready(config)
 
 
-def test_cli_prepare_and_its_errors(tmp_path: Path) -> None:
-    folder = docs_folder(tmp_path)
+def test_cli_prepare_and_its_errors(tmp_path: Path, docs_folder: Callable[..., Path]) -> None:
+    folder = docs_folder()
     args = ["prepare", "--set", f"data.source={folder}", "--set", f"data.data_dir={tmp_path / 'd'}",
             "--set", "model.block_size=4"]
     result = runner.invoke(app, args)

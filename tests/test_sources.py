@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -18,24 +19,15 @@ def cfg(tmp_path: Path, source: str | Path, **kw: object) -> DataConfig:
     return DataConfig(source=str(source), **values)  # type: ignore[arg-type]
 
 
-def docs_folder(tmp_path: Path, n: int = 10) -> Path:
-    folder = tmp_path / "docs"
-    (folder / "sub").mkdir(parents=True)
-    for i in range(n):
-        (folder / ("sub" if i % 2 else "") / f"doc{i}.txt").write_text(f"document {i} " * (i + 1))
-    (folder / "ignored.bin").write_bytes(b"\x00\x01")
-    return folder
-
-
-def test_folder_is_one_document_per_file_in_path_order(tmp_path: Path) -> None:
-    folder = docs_folder(tmp_path, n=3)
+def test_folder_is_one_document_per_file_in_path_order(tmp_path: Path, docs_folder: Callable[..., Path]) -> None:
+    folder = docs_folder(n=3)
     source = open_source(cfg(tmp_path, folder))
     assert source.count() == 3 and not source.single_text
     assert list(source.documents()) == ["document 0 ", "document 2 " * 3, "document 1 " * 2]
 
 
-def test_glob_source_and_glob_filter(tmp_path: Path) -> None:
-    folder = docs_folder(tmp_path)
+def test_glob_source_and_glob_filter(tmp_path: Path, docs_folder: Callable[..., Path]) -> None:
+    folder = docs_folder()
     found = open_source(cfg(tmp_path, f"{folder}/sub/*.txt"))
     assert list(found.documents()) == [f"document {i} " * (i + 1) for i in range(1, 10, 2)]
     with pytest.raises(GPTError, match=r"no files in .* match glob '\*\*/\*.md'; set data.glob"):
@@ -156,8 +148,8 @@ def test_bad_sources(tmp_path: Path) -> None:
         open_source(cfg(tmp_path, str(tmp_path / "[ab].*")))
 
 
-def test_non_utf8_files_are_skipped_and_named_or_refused(tmp_path: Path) -> None:
-    folder = docs_folder(tmp_path, n=2)
+def test_non_utf8_files_are_skipped_and_named_or_refused(tmp_path: Path, docs_folder: Callable[..., Path]) -> None:
+    folder = docs_folder(n=2)
     (folder / "latin1.txt").write_bytes("caf\xe9 cr\xe8me".encode("latin-1"))
     source = open_source(cfg(tmp_path, folder))
     assert list(source.rows()) == ["document 0 ", "", "document 1 " * 2]  # the index is kept
