@@ -7,11 +7,14 @@ with `gpt --debug ...`).
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import logging
 import sys
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TextIO
 
 import typer
 
@@ -255,21 +258,47 @@ def sample(
     applies = ("sample",) if checkpoint is not None else ("sample", "train.out_dir")
     cfg = layer_on_checkpoint(found.config, config, set_, applies, "gpt sample")
     settings: SampleConfig = dataclasses.replace(cfg.sample, **flags)
-    model, tokenizer = load_for_sampling(found, device, dtype, compile_model)
     text = read_prompt(prompt, prompt_file, settings.prompt)
-    streaming = sys.stdout.isatty() if stream is None else stream
-    with compile_errors("--compile"):
-        if streaming and settings.num_samples == 1:
-            typer.echo(text, nl=False)
-            sample_text(
-                model, tokenizer, text, settings, on_text=lambda t: typer.echo(t, nl=False)
-            )
-            typer.echo("")
+    streaming = (sys.stdout.isatty() if stream is None else stream) and settings.num_samples == 1
+    if not streaming and settings.max_new_tokens > MAX_HELD_TOKENS:
+        raise GPTError(
+            f"--max-new-tokens {settings.max_new_tokens:,} without streaming holds all the text "
+            f"until the end; stream it (--stream, one sample) or ask for at most "
+            f"{MAX_HELD_TOKENS:,}"
+        )
+    with _stdout_for_text_only() as out, compile_errors("--compile"):
+        model, tokenizer = load_for_sampling(found, device, dtype, compile_model)
+        if streaming:
+            typer.echo(text, nl=False, file=out)
+            sample_text(model, tokenizer, text, settings,
+                        on_text=lambda t: typer.echo(t, nl=False, file=out))
+            typer.echo("", file=out)
             return
         for i, generated in enumerate(sample_text(model, tokenizer, text, settings)):
             if i:
-                typer.echo("\n" + "-" * 40)
-            typer.echo(text + generated)
+                typer.echo("\n" + "-" * 40, file=out)
+            typer.echo(text + generated, file=out)
+
+
+MAX_HELD_TOKENS = 100_000  # per sample, when the text is printed only at the end
+
+
+@contextlib.contextmanager
+def _stdout_for_text_only() -> Iterator[TextIO]:
+    """The real stdout, for the command's own output; meanwhile whatever libraries print goes to
+    stderr, and their warnings and log records are silenced unless --debug."""
+    out = sys.stdout
+    with contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings():
+        if _state["debug"]:
+            yield out
+            return
+        warnings.simplefilter("ignore")
+        previous = logging.root.manager.disable
+        logging.disable(logging.WARNING)
+        try:
+            yield out
+        finally:
+            logging.disable(previous)
 
 
 @command(name="eval")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from gpt.errors import GPTError
-from gpt.onednn import bfloat16_is_native
+from gpt.onednn import bfloat16_is_native, packing_works
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEVICE_CHOICES = "auto, cpu, cuda, cuda:N or mps"
@@ -53,7 +53,7 @@ def resolve_dtype(
     if name == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        if inference and device.type == "cpu" and bfloat16_is_native():
+        if inference and device.type == "cpu" and fast_cpu_bfloat16():
             return torch.bfloat16
         return torch.float32
     if name not in DTYPES:
@@ -61,3 +61,9 @@ def resolve_dtype(
     if name == "float16" and device.type == "cpu":
         raise GPTError(f"{option} float16 needs a GPU; use bfloat16 or float32 on the CPU")
     return DTYPES[name]
+
+
+def fast_cpu_bfloat16() -> bool:
+    """bfloat16 decoding is only faster where the CPU computes it natively and its weights can
+    be packed; elsewhere (AVX2-only CPUs, say) bfloat16 runs emulated, slower than float32."""
+    return bfloat16_is_native() and packing_works(torch.bfloat16)

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
 
-from gpt.config import ModelConfig  # noqa: E402
+from gpt.config import ModelConfig, load_config  # noqa: E402
 from gpt.errors import GPTError  # noqa: E402
-from gpt.hf import from_hf_gpt2, to_hf_gpt2  # noqa: E402
+from gpt.hf import check_gpt2_compatible, from_hf_gpt2, to_hf_gpt2  # noqa: E402
 from gpt.model import GPT  # noqa: E402
 
 
@@ -54,3 +56,12 @@ def test_export_refuses_non_gpt2_variants() -> None:
                             norm="rmsnorm"))
     with pytest.raises(GPTError, match="norm"):
         to_hf_gpt2(model)
+
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.toml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_every_shipped_config_trains_a_model_that_exports(path: Path) -> None:
+    """Each shipped config is GPT-2-shaped, so what it trains can be handed to HF."""
+    check_gpt2_compatible(load_config(path).model)

@@ -292,3 +292,38 @@ def test_a_config_file_contradicting_the_checkpoint_model_is_an_error(run: Path)
     same_weights = invoke(run, "sample", "--config", "dropout.toml", "--prompt", "def f1",
                           "--no-stream")
     assert same_weights.exit_code == 0, same_weights.output  # dropout is off when sampling
+
+
+def test_stdout_holds_the_text_alone(run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A library that prints, warns or logs while the model loads (torch.compile on a machine
+    without CUDA logs a line, say) never reaches the text on stdout."""
+    import logging
+    import warnings
+
+    import gpt.sample
+
+    args = ["sample", "--checkpoint", "out", "--prompt", "def f1", "--no-stream"]
+    clean = invoke(run, *args)
+    pack = gpt.sample.pack_linears
+
+    def noisy(model):
+        print("a library's chatter")
+        warnings.warn("a library's warning", UserWarning, stacklevel=1)
+        logging.getLogger("torch.utils.cpp_extension").warning("No CUDA runtime is found")
+        return pack(model)
+
+    monkeypatch.setattr(gpt.sample, "pack_linears", noisy)
+    result = invoke(run, *args)
+    assert result.exit_code == 0 and result.stdout == clean.stdout
+    assert clean.stdout.startswith("def f1") and "chatter" in result.stderr
+    assert "warning" not in result.stderr and "CUDA" not in result.stderr  # quiet by default
+    assert invoke(run, "--debug", *args).stdout == clean.stdout  # --debug lets them through
+
+
+def test_huge_max_new_tokens_must_stream(run: Path) -> None:
+    huge = "1000000000000000000000000000000"
+    held = invoke(run, "sample", "--checkpoint", "out", "--max-new-tokens", huge, "--no-stream")
+    assert held.exit_code == 2 and "stream it (--stream, one sample) or ask for at most" in held.output
+    batch = invoke(run, "sample", "--checkpoint", "out", "--max-new-tokens", huge, "--stream",
+                   "--num-samples", "2")
+    assert batch.exit_code == 2 and "without streaming" in batch.output
