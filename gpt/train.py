@@ -12,6 +12,7 @@ import dataclasses
 import math
 import os
 import random
+import shutil
 import signal
 import time
 from dataclasses import dataclass, field
@@ -487,6 +488,7 @@ def fit(run: Run) -> int:
     try:
         if state.iteration == 0 and run.last_checkpoint is None:
             run.record(**estimate_loss(run))
+            bar.unpause()  # the bar's rate and ETA count training steps only
         with StopFlag() as stop:
             while state.iteration < tcfg.max_iters:
                 loss = train_step(run)
@@ -501,9 +503,11 @@ def fit(run: Run) -> int:
                 if done % tcfg.eval_interval == 0 or last:
                     losses = estimate_loss(run)
                     run.record(**losses)
+                    if last:
+                        bar.close()  # its final state printed once, then the last losses
                     if world.main:
-                        bar.write(f"iter {done}: train loss {losses['train_loss']:.4f}, "
-                                  f"val loss {losses['val_loss']:.4f}")
+                        tqdm.write(f"iter {done}: train loss {losses['train_loss']:.4f}, "
+                                   f"val loss {losses['val_loss']:.4f}")
                     is_best = losses["val_loss"] < state.best_val_loss
                     state.best_val_loss = min(state.best_val_loss, losses["val_loss"])
                 stopping = stop.seen(world, run.device)
@@ -551,12 +555,16 @@ def train(cfg: RunConfig, resume: bool = True) -> int:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     # one run per out_dir, taken before any data work
-    lock = FolderLock(Path(tcfg.out_dir), "gpt train", "train.out_dir") if world.main else None
+    out_dir = Path(tcfg.out_dir)
+    created = not out_dir.exists()
+    lock = FolderLock(out_dir, "gpt train", "train.out_dir") if world.main else None
     try:
         with compile_errors("train.compile = true") if tcfg.compile else contextlib.nullcontext():
             return fit(setup_run(cfg, resume, world, device, dtype))
     finally:
         if lock is not None:
             lock.release()
+            if created and [p.name for p in out_dir.iterdir()] == [lock.path.name]:
+                shutil.rmtree(out_dir, ignore_errors=True)  # a run that failed before any output
         if world.world_size > 1 and dist.is_initialized():
             dist.destroy_process_group()

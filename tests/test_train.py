@@ -377,6 +377,17 @@ def test_cli_errors_and_refusals(tiny_run: Path, monkeypatch: pytest.MonkeyPatch
     assert bad_accum.exit_code == 2 and "float16 needs a GPU" in bad_accum.output
 
 
+def test_a_run_that_fails_before_any_output_leaves_no_out_dir(tiny_run: Path) -> None:
+    result = runner.invoke(app, ["train", "--config", "tiny.toml", "--set", "train.out_dir=fresh",
+                                 "--set", "model.block_size=100000"])  # more than the data holds
+    assert result.exit_code == 2 and "fewer than block_size + 1" in result.output
+    assert not (tiny_run / "fresh").exists()
+    (tiny_run / "kept").mkdir()  # a folder the user made stays, even if the run fails
+    runner.invoke(app, ["train", "--config", "tiny.toml", "--set", "train.out_dir=kept",
+                        "--set", "model.block_size=100000"])
+    assert (tiny_run / "kept").is_dir()
+
+
 @pytest.mark.slow
 def test_two_process_gloo_matches_one_process(tiny_run: Path) -> None:
     common = ["--set", "train.max_iters=12", "--set", "train.grad_accum_steps=2",
