@@ -19,6 +19,7 @@ from gpt.config import (
     to_toml,
 )
 from gpt.errors import GPTError
+from gpt.hf import check_gpt2_compatible
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.toml"))
@@ -121,6 +122,12 @@ def test_derived_values() -> None:
 def test_every_shipped_config_loads(path: Path) -> None:
     cfg = load_config(path)
     assert isinstance(cfg, RunConfig)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_every_shipped_config_trains_a_model_that_exports(path: Path) -> None:
+    """Each shipped config is GPT-2-shaped, so what it trains can be handed to HF."""
+    check_gpt2_compatible(load_config(path).model)
 
 
 def test_shipped_configs_exist() -> None:

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
+if not transformers.is_torch_available():  # a transformers release needing a newer torch
+    pytest.skip(f"transformers {transformers.__version__} does not support torch "
+                f"{torch.__version__}", allow_module_level=True)
 
-from gpt.config import ModelConfig, load_config  # noqa: E402
+from gpt.config import ModelConfig  # noqa: E402
 from gpt.errors import GPTError  # noqa: E402
-from gpt.hf import check_gpt2_compatible, from_hf_gpt2, to_hf_gpt2  # noqa: E402
+from gpt.hf import from_hf_gpt2, to_hf_gpt2  # noqa: E402
 from gpt.model import GPT  # noqa: E402
 
 
@@ -57,11 +58,3 @@ def test_export_refuses_non_gpt2_variants() -> None:
     with pytest.raises(GPTError, match="norm"):
         to_hf_gpt2(model)
 
-
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.toml"))
-
-
-@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
-def test_every_shipped_config_trains_a_model_that_exports(path: Path) -> None:
-    """Each shipped config is GPT-2-shaped, so what it trains can be handed to HF."""
-    check_gpt2_compatible(load_config(path).model)

@@ -163,7 +163,7 @@ def test_compiled_sampling_gives_the_eager_text(run: Path) -> None:
     eager = invoke(run, *args)
     compiled = invoke(run, *args, "--compile")
     assert compiled.exit_code == 0, compiled.output
-    assert compiled.output == eager.output
+    assert compiled.stdout == eager.stdout  # what torch.compile prints goes to stderr
 
 
 def test_missing_and_damaged_checkpoints(run: Path, tmp_path: Path) -> None:
