@@ -4,7 +4,9 @@ Layout of a run folder (`[train] out_dir`):
 
     ckpt-0000600/            one checkpoint
       model.safetensors      weights (a tied LM head is stored once, as the token embedding)
-      optimizer.pt           AdamW state; read back with torch.load(weights_only=True)
+      optimizer.pt           AdamW state; read back with torch.load(weights_only=True); only
+                             resuming needs it, so a weights-only checkpoint (optimizer.pt
+                             deleted to save space) still samples, evaluates and finetunes
       state.json             iteration, tokens, best val loss, wandb id, the resolved config,
                              the tokenizer, data sampler and RNG states (every DDP rank's),
                              GradScaler state, and the sha256 of the two files above
@@ -35,7 +37,8 @@ from gpt.fileio import fsync_dir, sha256_file, write_atomic
 from gpt.model import GPT
 
 CKPT_PATTERN = re.compile(r"^ckpt-(\d+)$")
-FILES = ("model.safetensors", "optimizer.pt")
+FILES = ("model.safetensors", "optimizer.pt")  # hashed in state.json
+OPTIMIZER = "optimizer.pt"  # the one file a checkpoint may lack: inference needs only the weights
 
 
 def unwrap(model: torch.nn.Module) -> GPT:
@@ -141,7 +144,11 @@ def find_checkpoint(path: str | Path, which: str = "latest") -> Path:
 
 
 def read_state(ckpt: Path) -> dict[str, Any]:
-    """state.json of a checkpoint, with its files checked against their recorded sha256."""
+    """state.json of a checkpoint, with every file present checked against its recorded sha256.
+
+    optimizer.pt may be absent (a weights-only checkpoint): resuming, the only reader that
+    needs it, checks `Checkpoint.has_optimizer` itself.
+    """
     state_path = ckpt / "state.json"
     try:
         state = json.loads(state_path.read_text())
@@ -153,6 +160,8 @@ def read_state(ckpt: Path) -> dict[str, Any]:
     for f in FILES:
         path = ckpt / f
         if not path.exists():
+            if f == OPTIMIZER:
+                continue
             raise GPTError(f"{path} is missing: the checkpoint is incomplete")
         if sha256_file(path) != recorded.get(f):
             raise GPTError(f"{path} is damaged (its sha256 differs from state.json)")
@@ -177,9 +186,12 @@ def load_weights(ckpt: Path, model: torch.nn.Module) -> None:
 
 
 def load_optimizer_state(ckpt: Path) -> dict[str, Any]:
-    path = ckpt / "optimizer.pt"
+    """The AdamW state saved with the weights, loaded without executing pickled code."""
+    path = ckpt / OPTIMIZER
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise GPTError(f"{path} is missing: the checkpoint holds weights only") from None
     except Exception as e:
         raise GPTError(f"{path} is damaged ({first_line(e, 120)})") from None
 
@@ -204,6 +216,11 @@ class Checkpoint:
             return from_dict(self.state["config"])
         except (GPTError, KeyError, TypeError) as e:
             raise GPTError(f"{self.path / 'state.json'} holds no usable config ({e})") from None
+
+    @property
+    def has_optimizer(self) -> bool:
+        """Whether the AdamW state is there to resume training (inference does without it)."""
+        return (self.path / OPTIMIZER).exists()
 
     @property
     def tokenizer(self) -> dict[str, Any]:

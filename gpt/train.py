@@ -303,7 +303,11 @@ def setup_run(
 
 
 def _resume_point(out_dir: Path, resume: bool, world: Dist) -> Checkpoint | None:
-    """The newest checkpoint of out_dir that loads (a damaged one is reported and skipped)."""
+    """The newest checkpoint of out_dir that loads (a damaged one is reported and skipped).
+
+    A weights-only one (optimizer.pt deleted) is refused rather than skipped: falling back past
+    it would silently throw away the training it holds.
+    """
     existing = ckpt.list_checkpoints(out_dir)
     if existing and not resume:
         raise GPTError(
@@ -312,9 +316,17 @@ def _resume_point(out_dir: Path, resume: bool, world: Dist) -> Checkpoint | None
         )
     for candidate in existing:
         try:
-            return Checkpoint(candidate, ckpt.read_state(candidate))
+            found = Checkpoint(candidate, ckpt.read_state(candidate))
         except GPTError as e:
             world.print0(f"warning: {e}; trying the previous checkpoint")
+            continue
+        if not found.has_optimizer:
+            raise GPTError(
+                f"{candidate / ckpt.OPTIMIZER} is missing, so training cannot resume from it; "
+                f"set train.out_dir to a new folder, with train.init_from = \"{candidate}\" "
+                "to finetune from its weights"
+            )
+        return found
     if existing:
         raise GPTError(
             f"every checkpoint in {out_dir} is damaged; remove them or use another out_dir"

@@ -119,6 +119,7 @@ def test_find_checkpoint_errors_name_the_path_and_the_fix(tmp_path: Path) -> Non
         ("flip-optimizer", r"optimizer\.pt is damaged"),
         ("garble-state", r"state\.json is damaged"),
         ("remove-weights", r"model\.safetensors is missing"),
+        ("remove-state", r"state\.json is missing"),
     ],
 )
 def test_damaged_checkpoint_is_an_error_naming_the_file(
@@ -135,10 +136,29 @@ def test_damaged_checkpoint_is_an_error_naming_the_file(
         path.write_bytes(bytes(data))
     elif damage == "garble-state":
         (folder / "state.json").write_text('{"iter": 3, "sha')
-    else:
+    elif damage == "remove-weights":
         (folder / "model.safetensors").unlink()
+    else:
+        (folder / "state.json").unlink()
     with pytest.raises(GPTError, match=message):
         ckpt.Checkpoint.open(tmp_path).load_model()
+
+
+def test_a_weights_only_checkpoint_loads_for_inference(tmp_path: Path) -> None:
+    """Users delete optimizer.pt to save space: the weights still load, checked as before."""
+    model = tiny_model()
+    folder = save(tmp_path, 3, model)
+    assert ckpt.Checkpoint.open(folder).has_optimizer
+    (folder / "optimizer.pt").unlink()
+    found = ckpt.Checkpoint.open(tmp_path)
+    assert not found.has_optimizer
+    assert same_weights(model, found.load_model())
+    with pytest.raises(GPTError, match=r"optimizer\.pt is missing: the checkpoint holds weights"):
+        ckpt.load_optimizer_state(folder)
+    weights = folder / "model.safetensors"  # the files still there are still checked
+    weights.write_bytes(weights.read_bytes()[:-50])
+    with pytest.raises(GPTError, match=r"model\.safetensors is damaged"):
+        ckpt.Checkpoint.open(tmp_path)
 
 
 def test_loading_never_executes_pickled_code(tmp_path: Path) -> None:

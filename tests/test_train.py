@@ -173,6 +173,28 @@ def test_corrupted_latest_falls_back_to_previous(tiny_run: Path, capsys: pytest.
     assert (out / "latest").read_text().strip() == "ckpt-0000040"
 
 
+def test_resuming_a_weights_only_checkpoint_is_refused_and_init_from_takes_it(
+    tiny_run: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without optimizer.pt a run cannot continue exactly: one line naming the file and the way
+    out (a new out_dir, finetuning from the weights), before any data work, and nothing moved."""
+    assert train(load_config("tiny.toml", ["train.max_iters=20"])) == 0
+    out = tiny_run / "out"
+    (out / "ckpt-0000020" / "optimizer.pt").unlink()
+    before = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
+    with monkeypatch.context() as patched:
+        patched.setattr("gpt.train.prepare", lambda *a, **k: pytest.fail("prepare ran"))
+        result = runner.invoke(app, ["train", "--config", "tiny.toml", "--set", "train.max_iters=30"])
+    assert result.exit_code == 2, result.output
+    assert result.output.count("\n") == 1 and "Traceback" not in result.output
+    assert "ckpt-0000020/optimizer.pt is missing, so training cannot resume" in result.output
+    assert "train.out_dir to a new folder" in result.output and "train.init_from" in result.output
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == before
+    tuned = ["train.out_dir=tuned", f"train.init_from={out / 'ckpt-0000020'}", "train.max_iters=5"]
+    assert train(load_config("tiny.toml", tuned)) == 0
+    assert (tiny_run / "tuned" / "ckpt-0000005" / "optimizer.pt").exists()
+
+
 def test_second_trainer_on_the_same_out_dir_is_refused(tiny_run: Path) -> None:
     lock = FolderLock(tiny_run / "out", "gpt train", "train.out_dir")
     try:
