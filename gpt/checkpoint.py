@@ -24,6 +24,7 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -70,8 +71,13 @@ def save_checkpoint(
     state: dict[str, Any],
     keep_last: int,
     is_best: bool,
+    damaged: Collection[str] = (),
 ) -> Path:
-    """Write `ckpt-<iteration>` atomically, then move `latest` (and `best`) and prune."""
+    """Write `ckpt-<iteration>` atomically, then move `latest` (and `best`) and prune.
+
+    `damaged` names the checkpoints that resume skipped as damaged, which pruning never keeps
+    in place of good ones.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     name = f"ckpt-{iteration:07d}"
     final = out_dir / name
@@ -94,15 +100,29 @@ def save_checkpoint(
     if is_best:
         write_atomic(out_dir / "best", name + "\n")
     write_atomic(out_dir / "latest", name + "\n")
-    _prune(out_dir, keep_last)
+    _prune(out_dir, final, keep_last, damaged)
     return final
 
 
-def _prune(out_dir: Path, keep_last: int) -> None:
-    """Delete all but the newest `keep_last` checkpoints, never the one `best` points to."""
+def _prune(out_dir: Path, saved: Path, keep_last: int, damaged: Collection[str]) -> None:
+    """Keep the newest `keep_last` good checkpoints up to `saved` (the one just written), and
+    `best`; delete the others, so that a damaged checkpoint never stands in for a good one.
+
+    - Checkpoints newer than `saved` are left from a run that went further before its newest
+      checkpoints were damaged: this run resumed from an older one and is re-doing those steps.
+      They neither count nor go (the run overwrites them when it gets there; resume skips them).
+    - `damaged` ones older than `saved` can never be resumed from (a newer good one exists), so
+      they do not count towards `keep_last` and go.
+    - `saved` and the checkpoint `best` names are never deleted.
+    """
     best = _read_pointer(out_dir / "best")
-    for old in list_checkpoints(out_dir)[keep_last:]:
-        if old.name != best:
+    kept = 0
+    for old in list_checkpoints(out_dir):
+        if _iteration(old) > _iteration(saved):
+            continue
+        if old == saved or (old.name not in damaged and kept < keep_last):
+            kept += 1
+        elif old.name != best:
             shutil.rmtree(old, ignore_errors=True)
 
 
@@ -113,12 +133,19 @@ def _read_pointer(path: Path) -> str | None:
         return None
 
 
+def _iteration(ckpt: Path) -> int:
+    """The iteration in a `ckpt-<iteration>` folder's name."""
+    match = CKPT_PATTERN.match(ckpt.name)
+    assert match is not None, ckpt
+    return int(match.group(1))
+
+
 def list_checkpoints(out_dir: Path) -> list[Path]:
     """Checkpoint folders of a run, newest first."""
     if not out_dir.is_dir():
         return []
     found = [p for p in out_dir.iterdir() if p.is_dir() and CKPT_PATTERN.match(p.name)]
-    return sorted(found, key=lambda p: int(CKPT_PATTERN.match(p.name).group(1)), reverse=True)
+    return sorted(found, key=_iteration, reverse=True)
 
 
 def find_checkpoint(path: str | Path, which: str = "latest") -> Path:

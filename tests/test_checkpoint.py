@@ -73,6 +73,33 @@ def test_keep_last_prunes_old_checkpoints_but_keeps_best(tmp_path: Path) -> None
     assert ckpt.find_checkpoint(tmp_path, "latest").name == "ckpt-0000040"
 
 
+def names(out: Path) -> list[str]:
+    return [p.name.removeprefix("ckpt-").lstrip("0") for p in ckpt.list_checkpoints(out)]
+
+
+def test_pruning_leaves_newer_checkpoints_and_never_keeps_damaged_ones(tmp_path: Path) -> None:
+    """After a fallback the run saves below checkpoints from a damaged future: those neither
+    count nor go, and the ones resume skipped as damaged never take a good one's place."""
+    model = tiny_model()
+    for it in (10, 20, 30):
+        save(tmp_path, it, model, keep_last=3)
+    save(tmp_path, 15, model, keep_last=2)  # resumed from 10; 20 and 30 are newer
+    assert names(tmp_path) == ["30", "20", "15", "10"]
+    damaged = {"ckpt-0000020", "ckpt-0000030"}
+    ckpt.save_checkpoint(tmp_path, 25, model, {}, {}, 2, False, damaged)
+    assert names(tmp_path) == ["30", "25", "15"]  # 20 is older than 25 and damaged: it goes
+    ckpt.save_checkpoint(tmp_path, 30, model, {}, {}, 2, False, damaged)  # rewritten: good
+    assert names(tmp_path) == ["30", "25"]
+
+
+def test_pruning_never_deletes_the_best_even_damaged(tmp_path: Path) -> None:
+    model = tiny_model()
+    save(tmp_path, 10, model, keep_last=2, is_best=True)
+    save(tmp_path, 20, model, keep_last=2)
+    ckpt.save_checkpoint(tmp_path, 30, model, {}, {}, 1, False, {"ckpt-0000010"})
+    assert names(tmp_path) == ["30", "10"]
+
+
 @pytest.mark.parametrize("failing", ["torch.save", "os.rename", "pointer"])
 def test_a_crash_while_saving_leaves_the_previous_checkpoint(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failing: str

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -171,6 +172,35 @@ def test_corrupted_latest_falls_back_to_previous(tiny_run: Path, capsys: pytest.
     assert "ckpt-0000030/model.safetensors is damaged" in text
     assert "resuming from" in text and "ckpt-0000020" in text
     assert (out / "latest").read_text().strip() == "ckpt-0000040"
+
+
+def test_pruning_after_a_fallback_keeps_the_good_checkpoints(
+    tiny_run: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """The latest checkpoint damaged, the run resumes from the one before and saves below it:
+    keep_last = 2 keeps two good checkpoints, never the damaged one in place of a good one."""
+    assert train(load_config("tiny.toml")) == 0  # ckpt 20 and 30 (keep_last = 2)
+    out = tiny_run / "out"
+    weights = out / "ckpt-0000030" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+
+    def good() -> list[str]:
+        names = []
+        for folder in sorted(out.glob("ckpt-*")):
+            with contextlib.suppress(GPTError):
+                names.append(Checkpoint.open(folder).path.name)
+        return names
+
+    # resumes from 20 and saves at 25: the damaged 30 is neither kept as one of two nor deleted
+    assert train(load_config("tiny.toml", ["train.max_iters=25", "train.checkpoint_interval=5"])) == 0
+    assert "resuming from" in capsys.readouterr().out
+    assert good() == ["ckpt-0000020", "ckpt-0000025"]
+    assert (out / "ckpt-0000030").exists()
+    # resumes from 25, saves at 28 and 35 (the interval changed): 30 is passed, never rewritten
+    assert train(load_config("tiny.toml", ["train.max_iters=35", "train.checkpoint_interval=7"])) == 0
+    assert good() == ["ckpt-0000028", "ckpt-0000035"]
+    best = (out / "best").read_text().strip()
+    assert {p.name for p in out.glob("ckpt-*")} - {best} <= {"ckpt-0000028", "ckpt-0000035"}
 
 
 def test_resuming_a_weights_only_checkpoint_is_refused_and_init_from_takes_it(
