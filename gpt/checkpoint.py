@@ -34,7 +34,7 @@ from safetensors.torch import load_file, save_file
 
 from gpt.config import RunConfig, from_dict
 from gpt.errors import GPTError, first_line
-from gpt.fileio import fsync_dir, sha256_file, write_atomic
+from gpt.fileio import fsync_dir, new_file_mode, sha256_file, write_atomic
 from gpt.model import GPT
 
 CKPT_PATTERN = re.compile(r"^ckpt-(\d+)$")
@@ -86,6 +86,7 @@ def save_checkpoint(
     tmp = out_dir / f".tmp-{name}-{os.getpid()}"
     tmp.mkdir()
     save_file(model_state(model), str(tmp / "model.safetensors"))
+    os.chmod(tmp / "model.safetensors", new_file_mode())  # safetensors leaves it 0o600
     torch.save(optimizer_state, tmp / "optimizer.pt")
     state = {**state, "iter": iteration, "sha256": {f: sha256_file(tmp / f) for f in FILES}}
     (tmp / "state.json").write_text(json.dumps(state, indent=1))

@@ -52,6 +52,20 @@ def test_save_then_load_model_gives_the_same_weights(tmp_path: Path) -> None:
     assert ckpt.find_checkpoint(folder) == folder  # a checkpoint folder is accepted as it is
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_checkpoint_files_get_the_permissions_of_other_files(tmp_path: Path, umask: int) -> None:
+    """safetensors writes 0o600; every file of a checkpoint gets what open() gives (the umask)."""
+    previous = os.umask(umask)
+    try:
+        folder = save(tmp_path, 1, tiny_model())
+    finally:
+        os.umask(previous)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (*folder.iterdir(), tmp_path / "latest")}
+    assert modes == dict.fromkeys(
+        ["model.safetensors", "optimizer.pt", "state.json", "latest"], 0o666 & ~umask
+    )
+
+
 def test_compile_wrapper_prefix_never_reaches_the_file(tmp_path: Path) -> None:
     model = tiny_model()
     save(tmp_path, 1, torch.compile(model))  # lazy: nothing is compiled until called
