@@ -4,7 +4,9 @@ Layout of a run folder (`[train] out_dir`):
 
     ckpt-0000600/            one checkpoint
       model.safetensors      weights (a tied LM head is stored once, as the token embedding)
-      optimizer.pt           AdamW state; read back with torch.load(weights_only=True)
+      optimizer.pt           AdamW state; read back with torch.load(weights_only=True); only
+                             resuming needs it, so a weights-only checkpoint (optimizer.pt
+                             deleted to save space) still samples, evaluates and finetunes
       state.json             iteration, tokens, best val loss, wandb id, the resolved config,
                              the tokenizer, data sampler and RNG states (every DDP rank's),
                              GradScaler state, and the sha256 of the two files above
@@ -22,6 +24,7 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,11 +34,12 @@ from safetensors.torch import load_file, save_file
 
 from gpt.config import RunConfig, from_dict
 from gpt.errors import GPTError, first_line
-from gpt.fileio import fsync_dir, sha256_file, write_atomic
+from gpt.fileio import fsync_dir, new_file_mode, sha256_file, write_atomic
 from gpt.model import GPT
 
 CKPT_PATTERN = re.compile(r"^ckpt-(\d+)$")
-FILES = ("model.safetensors", "optimizer.pt")
+FILES = ("model.safetensors", "optimizer.pt")  # hashed in state.json
+OPTIMIZER = "optimizer.pt"  # the one file a checkpoint may lack: inference needs only the weights
 
 
 def unwrap(model: torch.nn.Module) -> GPT:
@@ -67,8 +71,13 @@ def save_checkpoint(
     state: dict[str, Any],
     keep_last: int,
     is_best: bool,
+    damaged: Collection[str] = (),
 ) -> Path:
-    """Write `ckpt-<iteration>` atomically, then move `latest` (and `best`) and prune."""
+    """Write `ckpt-<iteration>` atomically, then move `latest` (and `best`) and prune.
+
+    `damaged` names the checkpoints that resume skipped as damaged, which pruning never keeps
+    in place of good ones.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     name = f"ckpt-{iteration:07d}"
     final = out_dir / name
@@ -77,6 +86,7 @@ def save_checkpoint(
     tmp = out_dir / f".tmp-{name}-{os.getpid()}"
     tmp.mkdir()
     save_file(model_state(model), str(tmp / "model.safetensors"))
+    os.chmod(tmp / "model.safetensors", new_file_mode())  # safetensors leaves it 0o600
     torch.save(optimizer_state, tmp / "optimizer.pt")
     state = {**state, "iter": iteration, "sha256": {f: sha256_file(tmp / f) for f in FILES}}
     (tmp / "state.json").write_text(json.dumps(state, indent=1))
@@ -91,15 +101,29 @@ def save_checkpoint(
     if is_best:
         write_atomic(out_dir / "best", name + "\n")
     write_atomic(out_dir / "latest", name + "\n")
-    _prune(out_dir, keep_last)
+    _prune(out_dir, final, keep_last, damaged)
     return final
 
 
-def _prune(out_dir: Path, keep_last: int) -> None:
-    """Delete all but the newest `keep_last` checkpoints, never the one `best` points to."""
+def _prune(out_dir: Path, saved: Path, keep_last: int, damaged: Collection[str]) -> None:
+    """Keep the newest `keep_last` good checkpoints up to `saved` (the one just written), and
+    `best`; delete the others, so that a damaged checkpoint never stands in for a good one.
+
+    - Checkpoints newer than `saved` are left from a run that went further before its newest
+      checkpoints were damaged: this run resumed from an older one and is re-doing those steps.
+      They neither count nor go (the run overwrites them when it gets there; resume skips them).
+    - `damaged` ones older than `saved` can never be resumed from (a newer good one exists), so
+      they do not count towards `keep_last` and go.
+    - `saved` and the checkpoint `best` names are never deleted.
+    """
     best = _read_pointer(out_dir / "best")
-    for old in list_checkpoints(out_dir)[keep_last:]:
-        if old.name != best:
+    kept = 0
+    for old in list_checkpoints(out_dir):
+        if _iteration(old) > _iteration(saved):
+            continue
+        if old == saved or (old.name not in damaged and kept < keep_last):
+            kept += 1
+        elif old.name != best:
             shutil.rmtree(old, ignore_errors=True)
 
 
@@ -110,12 +134,19 @@ def _read_pointer(path: Path) -> str | None:
         return None
 
 
+def _iteration(ckpt: Path) -> int:
+    """The iteration in a `ckpt-<iteration>` folder's name."""
+    match = CKPT_PATTERN.match(ckpt.name)
+    assert match is not None, ckpt
+    return int(match.group(1))
+
+
 def list_checkpoints(out_dir: Path) -> list[Path]:
     """Checkpoint folders of a run, newest first."""
     if not out_dir.is_dir():
         return []
     found = [p for p in out_dir.iterdir() if p.is_dir() and CKPT_PATTERN.match(p.name)]
-    return sorted(found, key=lambda p: int(CKPT_PATTERN.match(p.name).group(1)), reverse=True)
+    return sorted(found, key=_iteration, reverse=True)
 
 
 def find_checkpoint(path: str | Path, which: str = "latest") -> Path:
@@ -141,7 +172,11 @@ def find_checkpoint(path: str | Path, which: str = "latest") -> Path:
 
 
 def read_state(ckpt: Path) -> dict[str, Any]:
-    """state.json of a checkpoint, with its files checked against their recorded sha256."""
+    """state.json of a checkpoint, with every file present checked against its recorded sha256.
+
+    optimizer.pt may be absent (a weights-only checkpoint): resuming, the only reader that
+    needs it, checks `Checkpoint.has_optimizer` itself.
+    """
     state_path = ckpt / "state.json"
     try:
         state = json.loads(state_path.read_text())
@@ -153,6 +188,8 @@ def read_state(ckpt: Path) -> dict[str, Any]:
     for f in FILES:
         path = ckpt / f
         if not path.exists():
+            if f == OPTIMIZER:
+                continue
             raise GPTError(f"{path} is missing: the checkpoint is incomplete")
         if sha256_file(path) != recorded.get(f):
             raise GPTError(f"{path} is damaged (its sha256 differs from state.json)")
@@ -177,9 +214,12 @@ def load_weights(ckpt: Path, model: torch.nn.Module) -> None:
 
 
 def load_optimizer_state(ckpt: Path) -> dict[str, Any]:
-    path = ckpt / "optimizer.pt"
+    """The AdamW state saved with the weights, loaded without executing pickled code."""
+    path = ckpt / OPTIMIZER
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise GPTError(f"{path} is missing: the checkpoint holds weights only") from None
     except Exception as e:
         raise GPTError(f"{path} is damaged ({first_line(e, 120)})") from None
 
@@ -204,6 +244,11 @@ class Checkpoint:
             return from_dict(self.state["config"])
         except (GPTError, KeyError, TypeError) as e:
             raise GPTError(f"{self.path / 'state.json'} holds no usable config ({e})") from None
+
+    @property
+    def has_optimizer(self) -> bool:
+        """Whether the AdamW state is there to resume training (inference does without it)."""
+        return (self.path / OPTIMIZER).exists()
 
     @property
     def tokenizer(self) -> dict[str, Any]:

@@ -84,7 +84,24 @@ def _main(
 
 
 @command()
-def info(config: ConfigOption = None, set_: SetOption = None) -> None:
+def info(
+    config: ConfigOption = None,
+    set_: SetOption = None,
+    checkpoint: Annotated[
+        Path | None,
+        typer.Option(
+            "--checkpoint",
+            help="Describe a trained model instead: a run's out_dir or one ckpt-* folder.",
+            show_default=False,
+        ),
+    ] = None,
+    which: Annotated[
+        str | None,
+        typer.Option(
+            "--which", help="With --checkpoint: latest (default) or best.", show_default=False
+        ),
+    ] = None,
+) -> None:
     """Show the resolved config, parameter count, FLOPs per token and memory estimate."""
     import dataclasses
 
@@ -93,7 +110,7 @@ def info(config: ConfigOption = None, set_: SetOption = None) -> None:
     from gpt.config import to_toml
     from gpt.model import GPT
 
-    cfg = load_config(config, set_)
+    cfg = _info_config(config, set_, checkpoint, which)
     model_cfg = cfg.model
     note = ""
     if model_cfg.vocab_size is None:  # what training will take from the tokenizer
@@ -108,12 +125,39 @@ def info(config: ConfigOption = None, set_: SetOption = None) -> None:
     typer.echo(f"parameters:        {n_params:,}{note}")
     typer.echo(f"  non-embedding:   {model.num_params(exclude_embeddings=True):,}")
     typer.echo(f"FLOPs per token:   {model.flops_per_token():,} (training, at block_size)")
-    gib = 2**30
     typer.echo(
-        f"memory (float32):  weights {4 * n_params / gib:.2f} GiB + gradients "
-        f"{4 * n_params / gib:.2f} GiB + AdamW state {8 * n_params / gib:.2f} GiB "
-        f"= {16 * n_params / gib:.2f} GiB, before activations"
+        f"memory (float32):  weights {_bytes(4 * n_params)} + gradients {_bytes(4 * n_params)} "
+        f"+ AdamW state {_bytes(8 * n_params)} = {_bytes(16 * n_params)}, before activations"
     )
+
+
+def _info_config(
+    config: Path | None, overrides: list[str] | None, checkpoint: Path | None, which: str | None
+) -> RunConfig:
+    """The config `gpt info` describes: --config and --set, or a checkpoint's, as trained."""
+    if checkpoint is None:
+        if which is not None:
+            raise GPTError("--which picks one checkpoint of an out_dir; give --checkpoint with it")
+        return load_config(config, overrides)
+    if config is not None:
+        raise GPTError("give either --checkpoint or --config, not both")
+    if overrides:
+        raise GPTError(
+            "--set does not apply to --checkpoint, which describes the model as trained; drop "
+            "--set, or size a changed model with --config and --set"
+        )
+    from gpt.checkpoint import Checkpoint
+
+    return Checkpoint.open(checkpoint, which or "latest").config
+
+
+def _bytes(n: float) -> str:
+    """A byte count in the largest binary unit that keeps it at 1 or more, to about three
+    figures: a tiny model's weights read "59.9 KiB", not "0.00 GiB"."""
+    units = (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10))
+    unit, scale = next(((u, s) for u, s in units if n >= s), ("B", 1))
+    value = n / scale
+    return f"{value:.{2 if value < 10 else 1 if value < 100 else 0}f} {unit}"
 
 
 def _tokenizer_vocab(cfg: RunConfig) -> int:

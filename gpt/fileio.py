@@ -18,6 +18,27 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+PROC_STATUS = Path("/proc/self/status")  # Linux: holds the process's umask (since 4.7)
+
+
+def new_file_mode() -> int:
+    """The permissions `open()` gives a new file: 0o666 less the umask. For files that a library
+    writes more narrowly (safetensors: 0o600, through a private temporary file).
+
+    Read from /proc where it can be, because elsewhere reading the umask means setting it and
+    back, which for an instant applies to files that other threads create.
+    """
+    try:
+        for line in PROC_STATUS.read_text().splitlines():
+            if line.startswith("Umask:"):
+                return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    umask = os.umask(0o077)  # the narrowest, should another thread create a file meanwhile
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def write_atomic(path: Path, content: str | bytes) -> None:
     """Replace `path` with `content` so that readers see the old or the new content, never a mix.
 

@@ -229,6 +229,8 @@ class Run:
     state: TrainState
     metrics: MetricsLog | None  # rank 0 only
     last_checkpoint: Path | None  # the newest checkpoint on disk, for messages
+    # checkpoints newer than the resumed one that failed their check: never kept as good ones
+    damaged_checkpoints: set[str] = field(default_factory=set)
 
     @property
     def tokens_per_iter(self) -> int:
@@ -252,7 +254,7 @@ def setup_run(
 ) -> Run:
     """Build a run, or resume the one in out_dir. Each checkpoint involved is read once."""
     tcfg = cfg.train
-    resumed = _resume_point(Path(tcfg.out_dir), resume, world)
+    resumed, damaged = _resume_point(Path(tcfg.out_dir), resume, world)
     base = None  # init_from: its weights start a new run; a char finetune keeps its vocabulary
     if tcfg.init_from and (resumed is None or cfg.data.tokenizer == "char"):
         base = Checkpoint.open(tcfg.init_from)
@@ -291,7 +293,7 @@ def setup_run(
         optimizer=make_optimizer(model, tcfg, device),
         scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
         samplers=samplers, tokenizer=data.tokenizer, state=TrainState(), metrics=None,
-        last_checkpoint=resumed.path if resumed else None,
+        last_checkpoint=resumed.path if resumed else None, damaged_checkpoints=damaged,
     )
     if resumed is not None:
         _restore(run, resumed)
@@ -303,24 +305,41 @@ def setup_run(
     return run
 
 
-def _resume_point(out_dir: Path, resume: bool, world: Dist) -> Checkpoint | None:
-    """The newest checkpoint of out_dir that loads (a damaged one is reported and skipped)."""
+def _resume_point(
+    out_dir: Path, resume: bool, world: Dist
+) -> tuple[Checkpoint | None, set[str]]:
+    """The newest checkpoint of out_dir that loads, and the names of the newer, damaged ones
+    that were reported and skipped.
+
+    A weights-only one (optimizer.pt deleted) is refused rather than skipped: falling back past
+    it would silently throw away the training it holds.
+    """
     existing = ckpt.list_checkpoints(out_dir)
     if existing and not resume:
         raise GPTError(
             f"{out_dir} already holds checkpoints ({existing[0].name}); resume by dropping "
             "--no-resume, or set train.out_dir to a new folder"
         )
+    damaged: set[str] = set()
     for candidate in existing:
         try:
-            return Checkpoint(candidate, ckpt.read_state(candidate))
+            found = Checkpoint(candidate, ckpt.read_state(candidate))
         except GPTError as e:
             world.print0(f"warning: {e}; trying the previous checkpoint")
+            damaged.add(candidate.name)
+            continue
+        if not found.has_optimizer:
+            raise GPTError(
+                f"{candidate / ckpt.OPTIMIZER} is missing, so training cannot resume from it; "
+                f"set train.out_dir to a new folder, with train.init_from = \"{candidate}\" "
+                "to finetune from its weights"
+            )
+        return found, damaged
     if existing:
         raise GPTError(
             f"every checkpoint in {out_dir} is damaged; remove them or use another out_dir"
         )
-    return None
+    return None, damaged
 
 
 def _prepared_data(cfg: RunConfig, world: Dist, base: Checkpoint | None) -> PreparedData:
@@ -401,7 +420,9 @@ def save(run: Run, is_best: bool) -> None:
         run.last_checkpoint = ckpt.save_checkpoint(
             Path(run.cfg.train.out_dir), run.state.iteration, run.model,
             run.optimizer.state_dict(), state, run.cfg.train.keep_last, is_best,
+            run.damaged_checkpoints,
         )
+        run.damaged_checkpoints.discard(run.last_checkpoint.name)  # overwritten: good now
     if run.world.world_size > 1:
         dist.barrier()
 

@@ -52,6 +52,20 @@ def test_save_then_load_model_gives_the_same_weights(tmp_path: Path) -> None:
     assert ckpt.find_checkpoint(folder) == folder  # a checkpoint folder is accepted as it is
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_checkpoint_files_get_the_permissions_of_other_files(tmp_path: Path, umask: int) -> None:
+    """safetensors writes 0o600; every file of a checkpoint gets what open() gives (the umask)."""
+    previous = os.umask(umask)
+    try:
+        folder = save(tmp_path, 1, tiny_model())
+    finally:
+        os.umask(previous)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (*folder.iterdir(), tmp_path / "latest")}
+    assert modes == dict.fromkeys(
+        ["model.safetensors", "optimizer.pt", "state.json", "latest"], 0o666 & ~umask
+    )
+
+
 def test_compile_wrapper_prefix_never_reaches_the_file(tmp_path: Path) -> None:
     model = tiny_model()
     save(tmp_path, 1, torch.compile(model))  # lazy: nothing is compiled until called
@@ -71,6 +85,33 @@ def test_keep_last_prunes_old_checkpoints_but_keeps_best(tmp_path: Path) -> None
         "ckpt-0000040", "ckpt-0000030", "ckpt-0000010"]
     assert ckpt.find_checkpoint(tmp_path, "best").name == "ckpt-0000010"
     assert ckpt.find_checkpoint(tmp_path, "latest").name == "ckpt-0000040"
+
+
+def names(out: Path) -> list[str]:
+    return [p.name.removeprefix("ckpt-").lstrip("0") for p in ckpt.list_checkpoints(out)]
+
+
+def test_pruning_leaves_newer_checkpoints_and_never_keeps_damaged_ones(tmp_path: Path) -> None:
+    """After a fallback the run saves below checkpoints from a damaged future: those neither
+    count nor go, and the ones resume skipped as damaged never take a good one's place."""
+    model = tiny_model()
+    for it in (10, 20, 30):
+        save(tmp_path, it, model, keep_last=3)
+    save(tmp_path, 15, model, keep_last=2)  # resumed from 10; 20 and 30 are newer
+    assert names(tmp_path) == ["30", "20", "15", "10"]
+    damaged = {"ckpt-0000020", "ckpt-0000030"}
+    ckpt.save_checkpoint(tmp_path, 25, model, {}, {}, 2, False, damaged)
+    assert names(tmp_path) == ["30", "25", "15"]  # 20 is older than 25 and damaged: it goes
+    ckpt.save_checkpoint(tmp_path, 30, model, {}, {}, 2, False, damaged)  # rewritten: good
+    assert names(tmp_path) == ["30", "25"]
+
+
+def test_pruning_never_deletes_the_best_even_damaged(tmp_path: Path) -> None:
+    model = tiny_model()
+    save(tmp_path, 10, model, keep_last=2, is_best=True)
+    save(tmp_path, 20, model, keep_last=2)
+    ckpt.save_checkpoint(tmp_path, 30, model, {}, {}, 1, False, {"ckpt-0000010"})
+    assert names(tmp_path) == ["30", "10"]
 
 
 @pytest.mark.parametrize("failing", ["torch.save", "os.rename", "pointer"])
@@ -119,6 +160,7 @@ def test_find_checkpoint_errors_name_the_path_and_the_fix(tmp_path: Path) -> Non
         ("flip-optimizer", r"optimizer\.pt is damaged"),
         ("garble-state", r"state\.json is damaged"),
         ("remove-weights", r"model\.safetensors is missing"),
+        ("remove-state", r"state\.json is missing"),
     ],
 )
 def test_damaged_checkpoint_is_an_error_naming_the_file(
@@ -135,10 +177,29 @@ def test_damaged_checkpoint_is_an_error_naming_the_file(
         path.write_bytes(bytes(data))
     elif damage == "garble-state":
         (folder / "state.json").write_text('{"iter": 3, "sha')
-    else:
+    elif damage == "remove-weights":
         (folder / "model.safetensors").unlink()
+    else:
+        (folder / "state.json").unlink()
     with pytest.raises(GPTError, match=message):
         ckpt.Checkpoint.open(tmp_path).load_model()
+
+
+def test_a_weights_only_checkpoint_loads_for_inference(tmp_path: Path) -> None:
+    """Users delete optimizer.pt to save space: the weights still load, checked as before."""
+    model = tiny_model()
+    folder = save(tmp_path, 3, model)
+    assert ckpt.Checkpoint.open(folder).has_optimizer
+    (folder / "optimizer.pt").unlink()
+    found = ckpt.Checkpoint.open(tmp_path)
+    assert not found.has_optimizer
+    assert same_weights(model, found.load_model())
+    with pytest.raises(GPTError, match=r"optimizer\.pt is missing: the checkpoint holds weights"):
+        ckpt.load_optimizer_state(folder)
+    weights = folder / "model.safetensors"  # the files still there are still checked
+    weights.write_bytes(weights.read_bytes()[:-50])
+    with pytest.raises(GPTError, match=r"model\.safetensors is damaged"):
+        ckpt.Checkpoint.open(tmp_path)
 
 
 def test_loading_never_executes_pickled_code(tmp_path: Path) -> None:

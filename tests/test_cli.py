@@ -10,7 +10,9 @@ import pytest
 from typer.testing import CliRunner
 
 from gpt import __version__
-from gpt.cli import app
+from gpt import checkpoint as ckpt
+from gpt.cli import _bytes, app
+from gpt.config import ModelConfig, RunConfig, to_dict, to_toml
 
 ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()
@@ -67,6 +69,81 @@ def test_info_takes_the_vocabulary_from_the_tokenizer() -> None:
     assert result.exit_code == 0, result.output
     assert "vocab_size 50257 from the gpt2 tokenizer, padded to 50304" in result.output
     assert f"parameters:        {124_439_808 + 47 * 768:,}" in result.output
+
+
+@pytest.mark.parametrize(
+    ("n_bytes", "text"),
+    [(500, "500 B"), (1024, "1.00 KiB"), (61_312, "59.9 KiB"), (1.5 * 2**20, "1.50 MiB"),
+     (497_759_232, "475 MiB"), (2**30, "1.00 GiB"), (1_991_036_928, "1.85 GiB")],
+)
+def test_byte_counts_read_in_a_unit_that_shows_them(n_bytes: float, text: str) -> None:
+    assert _bytes(n_bytes) == text
+
+
+def test_info_memory_of_a_tiny_model_is_not_zero() -> None:
+    """15,328 parameters: 4 bytes each for weights and gradients, 8 for AdamW's two moments."""
+    tiny = ["model.n_layer=1", "model.n_head=2", "model.n_embd=32", "model.block_size=16",
+            "model.vocab_size=64"]
+    result = runner.invoke(app, ["info", *[a for k in tiny for a in ("--set", k)]])
+    assert result.exit_code == 0, result.output
+    assert "parameters:        15,328" in result.output
+    assert ("weights 59.9 KiB + gradients 59.9 KiB + AdamW state 120 KiB = 240 KiB"
+            in result.output)
+    assert "0.00 GiB" not in result.output
+
+
+def save_run(out: Path, iteration: int, cfg: RunConfig, is_best: bool = False) -> Path:
+    """A checkpoint of an untrained model with `cfg` as its saved config."""
+    import torch
+
+    from gpt.model import GPT
+
+    model = GPT(cfg.model)
+    optimizer = torch.optim.AdamW(model.parameters())
+    state = {"tokens": 0, "best_val_loss": None, "config": to_dict(cfg),
+             "tokenizer": {"name": "char", "chars": "ab"}}
+    return ckpt.save_checkpoint(out, iteration, model, optimizer.state_dict(), state, 2, is_best)
+
+
+def test_info_describes_a_checkpoint_as_its_config_would(tmp_path: Path) -> None:
+    small = RunConfig(model=ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=16,
+                                        vocab_size=64))
+    wide = RunConfig(model=ModelConfig(n_layer=1, n_head=2, n_embd=64, block_size=16,
+                                       vocab_size=64))
+    save_run(tmp_path / "out", 10, small, is_best=True)
+    save_run(tmp_path / "out", 20, wide)
+    for cfg, which in ((wide, []), (wide, ["--which", "latest"]), (small, ["--which", "best"])):
+        (tmp_path / "saved.toml").write_text(to_toml(cfg))
+        expected = runner.invoke(app, ["info", "--config", str(tmp_path / "saved.toml")])
+        result = runner.invoke(app, ["info", "--checkpoint", str(tmp_path / "out"), *which])
+        assert result.exit_code == 0, result.output
+        assert result.output == expected.output
+        assert f"n_embd = {cfg.model.n_embd}" in result.output
+    (tmp_path / "out" / "ckpt-0000020" / "optimizer.pt").unlink()  # weights only: still read
+    one = runner.invoke(app, ["info", "--checkpoint", str(tmp_path / "out" / "ckpt-0000020")])
+    assert one.exit_code == 0 and "n_embd = 64" in one.output
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--checkpoint", "out", "--config", "x.toml"], "give either --checkpoint or --config"),
+        (["--checkpoint", "out", "--set", "model.n_layer=3"], "--set does not apply to --checkpoint"),
+        (["--which", "best"], "--which picks one checkpoint of an out_dir; give --checkpoint"),
+        (["--checkpoint", "out", "--which", "best"], "no best checkpoint in out"),
+        (["--checkpoint", "out", "--which", "newest"], "unknown checkpoint choice 'newest'"),
+        (["--checkpoint", "nowhere"], "checkpoint path nowhere does not exist"),
+    ],
+)
+def test_info_checkpoint_errors_are_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, args: list[str], message: str
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    save_run(tmp_path / "out", 10, RunConfig(model=ModelConfig(
+        n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=64)))
+    result = runner.invoke(app, ["info", *args])
+    assert result.exit_code == 2
+    assert message in result.output and len(result.output.strip().splitlines()) == 1
 
 
 @pytest.mark.parametrize(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -47,3 +48,20 @@ def test_sha256_file_equals_hashlib_of_the_bytes(tmp_path: Path, size: int) -> N
     raw = (bytes(range(251)) * (size // 251 + 1))[:size]
     (tmp_path / "blob").write_bytes(raw)
     assert fileio.sha256_file(tmp_path / "blob") == hashlib.sha256(raw).hexdigest()
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027, 0o002])
+@pytest.mark.parametrize("proc", [True, False], ids=["proc", "no-proc"])
+def test_new_file_mode_is_what_open_gives(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, umask: int, proc: bool
+) -> None:
+    if not proc:  # another OS: no /proc/self/status
+        monkeypatch.setattr(fileio, "PROC_STATUS", tmp_path / "no-such-file")
+    previous = os.umask(umask)
+    try:
+        (tmp_path / "opened").touch()
+        assert fileio.new_file_mode() == 0o666 & ~umask
+        assert os.umask(umask) == umask  # the umask is left as it was
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "opened").stat().st_mode & 0o777 == 0o666 & ~umask

@@ -183,6 +183,31 @@ def test_missing_and_damaged_checkpoints(run: Path, tmp_path: Path) -> None:
     assert nothing.exit_code == 2 and "--checkpoint" in nothing.output
 
 
+def test_sample_and_eval_take_a_weights_only_checkpoint(run: Path, tmp_path: Path) -> None:
+    """Without optimizer.pt (deleted to save space) the same text and loss; a present file is
+    still checked, and the weights and state.json are still required."""
+    import shutil
+
+    copy = tmp_path / "weights-only"
+    shutil.copytree(run / "out" / "ckpt-0000060", copy)
+    (copy / "optimizer.pt").unlink()
+    for command in (["sample", "--prompt", "def f1", "--no-stream"], ["eval", "--json"]):
+        full = invoke(run, *command, "--checkpoint", str(run / "out" / "ckpt-0000060"))
+        light = invoke(run, *command, "--checkpoint", str(copy))
+        assert light.exit_code == 0, light.output
+        assert light.output == full.output
+    (copy / "optimizer.pt").write_bytes(b"not the saved optimizer")
+    damaged = invoke(run, "eval", "--checkpoint", str(copy))
+    assert damaged.exit_code == 2 and "optimizer.pt is damaged" in damaged.output
+    for required in ("model.safetensors", "state.json"):
+        out = shutil.copytree(run / "out", tmp_path / f"without-{required}")
+        (out / "ckpt-0000060" / "optimizer.pt").unlink()
+        (out / "ckpt-0000060" / required).unlink()
+        missing = invoke(run, "sample", "--checkpoint", str(out), "--prompt", "x")
+        assert missing.exit_code == 2, missing.output
+        assert f"ckpt-0000060/{required} is missing" in missing.output
+
+
 def test_eval_perplexity_equals_naive_loop(run: Path) -> None:
     result = invoke(run, "eval", "--checkpoint", "out", "--json")
     assert result.exit_code == 0, result.output

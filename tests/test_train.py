@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -171,6 +172,57 @@ def test_corrupted_latest_falls_back_to_previous(tiny_run: Path, capsys: pytest.
     assert "ckpt-0000030/model.safetensors is damaged" in text
     assert "resuming from" in text and "ckpt-0000020" in text
     assert (out / "latest").read_text().strip() == "ckpt-0000040"
+
+
+def test_pruning_after_a_fallback_keeps_the_good_checkpoints(
+    tiny_run: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """The latest checkpoint damaged, the run resumes from the one before and saves below it:
+    keep_last = 2 keeps two good checkpoints, never the damaged one in place of a good one."""
+    assert train(load_config("tiny.toml")) == 0  # ckpt 20 and 30 (keep_last = 2)
+    out = tiny_run / "out"
+    weights = out / "ckpt-0000030" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+
+    def good() -> list[str]:
+        names = []
+        for folder in sorted(out.glob("ckpt-*")):
+            with contextlib.suppress(GPTError):
+                names.append(Checkpoint.open(folder).path.name)
+        return names
+
+    # resumes from 20 and saves at 25: the damaged 30 is neither kept as one of two nor deleted
+    assert train(load_config("tiny.toml", ["train.max_iters=25", "train.checkpoint_interval=5"])) == 0
+    assert "resuming from" in capsys.readouterr().out
+    assert good() == ["ckpt-0000020", "ckpt-0000025"]
+    assert (out / "ckpt-0000030").exists()
+    # resumes from 25, saves at 28 and 35 (the interval changed): 30 is passed, never rewritten
+    assert train(load_config("tiny.toml", ["train.max_iters=35", "train.checkpoint_interval=7"])) == 0
+    assert good() == ["ckpt-0000028", "ckpt-0000035"]
+    best = (out / "best").read_text().strip()
+    assert {p.name for p in out.glob("ckpt-*")} - {best} <= {"ckpt-0000028", "ckpt-0000035"}
+
+
+def test_resuming_a_weights_only_checkpoint_is_refused_and_init_from_takes_it(
+    tiny_run: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without optimizer.pt a run cannot continue exactly: one line naming the file and the way
+    out (a new out_dir, finetuning from the weights), before any data work, and nothing moved."""
+    assert train(load_config("tiny.toml", ["train.max_iters=20"])) == 0
+    out = tiny_run / "out"
+    (out / "ckpt-0000020" / "optimizer.pt").unlink()
+    before = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
+    with monkeypatch.context() as patched:
+        patched.setattr("gpt.train.prepare", lambda *a, **k: pytest.fail("prepare ran"))
+        result = runner.invoke(app, ["train", "--config", "tiny.toml", "--set", "train.max_iters=30"])
+    assert result.exit_code == 2, result.output
+    assert result.output.count("\n") == 1 and "Traceback" not in result.output
+    assert "ckpt-0000020/optimizer.pt is missing, so training cannot resume" in result.output
+    assert "train.out_dir to a new folder" in result.output and "train.init_from" in result.output
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == before
+    tuned = ["train.out_dir=tuned", f"train.init_from={out / 'ckpt-0000020'}", "train.max_iters=5"]
+    assert train(load_config("tiny.toml", tuned)) == 0
+    assert (tiny_run / "tuned" / "ckpt-0000005" / "optimizer.pt").exists()
 
 
 def test_second_trainer_on_the_same_out_dir_is_refused(tiny_run: Path) -> None:
