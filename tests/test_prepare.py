@@ -35,7 +35,10 @@ def read_split(data_dir: Path, split: str) -> np.ndarray:
 
 
 def leftovers(data_dir: Path) -> list[str]:
-    """What a failed prepare left in data_dir, besides its lock file (kept: see gpt/lock.py)."""
+    """What a failed prepare left in data_dir besides the lock file of a process that holds it
+    (none when it removed the folder it made)."""
+    if not data_dir.exists():
+        return []
     return sorted(p.name for p in data_dir.iterdir() if p.name != ".prepare.lock")
 
 
@@ -256,6 +259,37 @@ def test_interrupted_prepare_leaves_nothing_that_looks_finished(tmp_path: Path, 
         prepare(cfg(tmp_path, docs_folder(), num_proc=1), progress=False)
     assert files_at_the_interrupt != []  # the token files were being written
     assert leftovers(tmp_path / "prepared") == []
+
+
+class Interrupt:
+    """A tokenizer interrupted (Ctrl-C) at its first text."""
+
+    name, vocab_size, eot_id = "gpt2", 50257, 50256
+
+    def encode_array(self, text: str) -> np.ndarray:
+        raise KeyboardInterrupt
+
+    def to_dict(self) -> dict[str, str]:
+        return {"name": "gpt2"}
+
+
+@pytest.mark.parametrize("failure", ["empty source", "block_size", "interrupt"])
+def test_a_failed_prepare_leaves_no_folder_it_created(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failure: str) -> None:
+    (tmp_path / "a.txt").write_text("" if failure == "empty source" else "some text\n" * 20)
+    monkeypatch.setattr(prepare_module, "get_tokenizer", lambda name: Interrupt() if failure == "interrupt" else get_tokenizer(name))
+    config = cfg(tmp_path, tmp_path / "a.txt", data_dir=str(tmp_path / "data" / "a"), num_proc=1)
+    with pytest.raises((GPTError, KeyboardInterrupt)):
+        prepare(config, block_size=1000 if failure == "block_size" else 0, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt"]  # no data/, no data/a/
+
+
+def test_a_failed_prepare_leaves_a_folder_that_existed_as_it_was(tmp_path: Path) -> None:
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.md").write_text("the user's own file")
+    with pytest.raises(GPTError, match="holds no text"):
+        prepare(cfg(tmp_path, tmp_path / "empty.txt", data_dir=str(tmp_path / "mine")), progress=False)
+    assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == ["notes.md"]
 
 
 def test_too_little_text_for_block_size(tmp_path: Path) -> None:

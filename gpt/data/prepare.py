@@ -231,12 +231,40 @@ def prepare(
     checked = (cfg, fingerprint, vocabulary, block_size, force, progress)
     if (existing := _existing_data(*checked)) is not None:
         return existing
+    created = _missing_folders(data_dir)
     # one writer per folder: a second prepare (or gpt train) of the same folder waits, then
     # finds the data ready instead of writing the same temporary files
-    with FolderLock(data_dir, "gpt prepare", "data.data_dir", name=".prepare.lock", wait=True):
-        if (existing := _existing_data(*checked)) is not None:
-            return existing
-        return _tokenize(cfg, source, fingerprint, block_size, progress, vocabulary)
+    with FolderLock(
+        data_dir, "gpt prepare", "data.data_dir", name=".prepare.lock", wait=True
+    ) as lock:
+        try:
+            if (existing := _existing_data(*checked)) is not None:
+                return existing
+            return _tokenize(cfg, source, fingerprint, block_size, progress, vocabulary)
+        except BaseException:
+            _remove_unused(lock, created)
+            raise
+
+
+def _missing_folders(folder: Path) -> list[Path]:
+    """`folder` and those of its parents that do not exist yet, innermost first."""
+    missing = []
+    while not folder.exists() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    return missing
+
+
+def _remove_unused(lock: FolderLock, created: list[Path]) -> None:
+    """After a failed prepare, still holding the lock: remove the lock file, then the folders
+    this prepare created where they are empty, so that a failure leaves the folder as it was,
+    or none (a process waiting on the removed lock file locks a new one: see gpt/lock.py)."""
+    try:
+        lock.path.unlink()
+        for folder in created:
+            folder.rmdir()  # stops at the first that is not empty
+    except OSError:
+        pass
 
 
 def _existing_data(
