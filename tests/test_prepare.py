@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import threading
 from collections.abc import Callable
@@ -83,17 +84,72 @@ def test_text_file_chunks_encode_like_the_whole_split(tmp_path: Path, monkeypatc
     assert meta["tokens"]["val"] == len(tok.encode(text[n_train:]))
 
 
-def test_folder_documents_split_exactly_by_seed(tmp_path: Path, docs_folder: Callable[..., Path]) -> None:
+def test_folder_documents_split_whole_by_seed(tmp_path: Path, capsys: pytest.CaptureFixture, docs_folder: Callable[..., Path]) -> None:
     folder = docs_folder()
     meta = prepare(cfg(tmp_path, folder, val_fraction=0.2, seed=3), progress=False)
     tok = get_tokenizer("gpt2")
     val = read_split(tmp_path / "prepared", "val")
     train = read_split(tmp_path / "prepared", "train")
-    assert (val == tok.eot_id).sum() == 2 and (train == tok.eot_id).sum() == 8  # one eot per document
+    assert (val == tok.eot_id).sum() + (train == tok.eot_id).sum() == 10  # one eot per document
     lengths = {i: len(tok.encode(f"document {i} " * (i + 1))) + 1 for i in range(10)}
     assert meta["tokens"]["train"] + meta["tokens"]["val"] == sum(lengths.values())
+    assert 0.15 <= meta["tokens"]["val"] / sum(lengths.values()) <= 0.25  # sizes 1 to 10: near 0.2
+    assert "warning" not in capsys.readouterr().err
     again = prepare(cfg(tmp_path, folder, val_fraction=0.2, seed=3, data_dir=str(tmp_path / "b")), progress=False)
     assert again["sha256"] == meta["sha256"]  # deterministic
+
+
+@pytest.mark.parametrize("seed", [1337, 3, 11])
+def test_equal_documents_keep_the_seeded_random_choice(tmp_path: Path, seed: int) -> None:
+    """Where the random choice holds about val_fraction of the text, it stays as it always was."""
+    (tmp_path / "docs").mkdir()
+    texts = [f"document {i} says hello\n" * 5 for i in range(10)]
+    for i, text in enumerate(texts):
+        (tmp_path / "docs" / f"doc{i}.txt").write_text(text)
+    meta = prepare(cfg(tmp_path, tmp_path / "docs", tokenizer="char", val_fraction=0.2, seed=seed), progress=False)
+    tok = tokenizer_from_dict(meta["tokenizer"])
+    expected = sorted(random.Random(seed).sample(range(10), 2))  # round(10 * 0.2) files by seed
+    assert tok.decode(read_split(tmp_path / "prepared", "val").tolist()) == "".join(texts[i] + "\n" for i in expected)
+
+
+@pytest.mark.parametrize("seed", [1337, 0, 1])  # each of the three files was once the one chosen
+def test_few_unequal_files_split_by_their_sizes(tmp_path: Path, capsys: pytest.CaptureFixture, seed: int) -> None:
+    """0.3 MB of text, a binary file (skipped) and 3 MB: one file of three was drawn, and with the
+    default seed the 3 MB one, so validation held 91% of the tokens."""
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    (folder / "a.txt").write_text("a short play in verse\n" * 15_000)  # 0.3 MB
+    (folder / "b.txt").write_bytes(bytes(range(256)) * 1200)  # 0.3 MB, not UTF-8
+    (folder / "c.txt").write_text("the collected works, in prose\n" * 100_000)  # 3 MB
+    meta = prepare(cfg(tmp_path, folder, tokenizer="char", seed=seed, num_proc=1), progress=False)
+    share = meta["tokens"]["val"] / sum(meta["tokens"].values())
+    assert 0.08 <= share <= 0.1  # the 0.3 MB file: as near to val_fraction 0.1 as whole files get
+    assert meta["skipped_files"] == 1 and "warning" not in capsys.readouterr().err
+
+
+def test_a_split_far_from_val_fraction_is_a_warning(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Two files of one size cannot be split 90/10 by whole documents: say so, with the share."""
+    (tmp_path / "docs").mkdir()
+    for name in ("a", "b"):
+        (tmp_path / "docs" / f"{name}.txt").write_text(f"file {name} holds this line\n" * 50)
+    meta = prepare(cfg(tmp_path, tmp_path / "docs", tokenizer="char"), progress=False)
+    assert meta["tokens"]["val"] == meta["tokens"]["train"]
+    err = capsys.readouterr().err
+    assert "warning: the validation split holds 50.0% of the text where val_fraction asks for 10.0%: " \
+           "2 documents are too few or too unequal in size to split closer" in err
+
+
+def test_rows_of_unknown_size_split_at_random_with_a_warning_when_far_off(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A dataset's row sizes are not known before reading: the seeded random rows stay, and a
+    share far from val_fraction, measured while writing, is a warning."""
+    import datasets
+
+    texts = ["a long row " * 500] + [f"short row {i}" for i in range(9)]
+    datasets.Dataset.from_dict({"text": texts}).to_json(str(tmp_path / "rows.jsonl"))
+    seed = next(s for s in range(100) if random.Random(s).sample(range(10), 1) == [0])  # the long row
+    meta = prepare(cfg(tmp_path, tmp_path / "rows.jsonl", tokenizer="char", seed=seed), progress=False)
+    assert meta["tokens"]["val"] == len(texts[0]) + 1
+    assert "warning: the validation split holds 98." in capsys.readouterr().err
 
 
 def test_tabular_rows_are_documents(tmp_path: Path) -> None:

@@ -62,6 +62,11 @@ class Source:
         """The number of documents when known in advance, for an exact validation split."""
         return None
 
+    def sizes(self) -> list[int] | None:
+        """Each document's size in bytes where it is known without reading the corpus (so the
+        validation split can hold its share of the text); None where it is not."""
+        return None
+
     def documents(self) -> Iterator[str]:
         """The non-empty documents, in order."""
         return (text for text in self.rows() if text)
@@ -92,6 +97,9 @@ class FileSource(Source):
     def count(self) -> int | None:
         return len(self.paths)
 
+    def sizes(self) -> list[int] | None:
+        return [_text_size(path) for path in self.paths]
+
     def _read(self, path: Path) -> str | None:
         try:
             return path.read_text(encoding="utf-8")
@@ -106,6 +114,21 @@ class FileSource(Source):
             return None
         except OSError as e:
             raise GPTError(f"cannot read {path}: {e.strerror}") from None
+
+
+def _text_size(path: Path) -> int:
+    """A file's size in bytes, or 0 when its first 8 KB are not UTF-8 (it will be skipped, so
+    it holds no text): a stat and one small read, not the whole file."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8192)
+            size = os.fstat(f.fileno()).st_size
+        codecs.getincrementaldecoder("utf-8")().decode(head)  # a character cut at the end is fine
+    except UnicodeDecodeError:
+        return 0
+    except OSError:
+        return 0  # reading it for the text says what is wrong
+    return size
 
 
 def _chunk_end(text: str) -> int:
