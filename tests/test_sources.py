@@ -170,6 +170,8 @@ def test_url_source_is_one_running_text_downloaded_once(tmp_path: Path, monkeypa
     assert requested == ["/input.txt", "/input.txt"]  # one download per cache folder, no more
     [cached] = (data / "downloads").iterdir()
     assert cached.name.startswith("input-") and cached.read_text() == SHAKESPEARE
+    (tmp_path / "plain").write_text("")
+    assert cached.stat().st_mode == (tmp_path / "plain").stat().st_mode  # readable as any file
     no_name_lookups(monkeypatch)
     monkeypatch.setattr(sources, "_fetch", lambda *args: pytest.fail("downloaded again"))
     again = prepare(cfg(tmp_path, url, tokenizer="char", data_dir=str(data / "char")), force=True, progress=False)

@@ -21,7 +21,7 @@ import socket
 import ssl
 import sys
 import sysconfig
-import tempfile
+import threading
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -31,6 +31,7 @@ from typing import Any, BinaryIO
 
 from gpt.config import DataConfig
 from gpt.errors import GPTError, first_line
+from gpt.fileio import fsync_dir
 
 TABULAR = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 STDLIB_EXCLUDE = {"test", "tests", "idlelib", "site-packages", "__pycache__"}
@@ -217,9 +218,10 @@ def download_text(url: str, path: Path) -> None:
     """
     folder = path.parent
     made = not folder.exists()
+    part = path.with_name(f".{path.name}.part-{os.getpid()}-{threading.get_ident()}")
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        fd, part = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".part")
+        out = open(part, "wb")
     except OSError as e:
         raise GPTError(
             f"cannot write {folder} ({e.strerror}), where downloads are kept beside the data "
@@ -227,17 +229,18 @@ def download_text(url: str, path: Path) -> None:
         ) from None
     print(f"downloading {url} to {path}", file=sys.stderr)
     try:
-        with os.fdopen(fd, "wb") as out:
+        with out:
             _fetch(url, out)
             out.flush()
             os.fsync(out.fileno())
         os.replace(part, path)
     except BaseException:
-        Path(part).unlink(missing_ok=True)
+        part.unlink(missing_ok=True)
         if made:
             with contextlib.suppress(OSError):
                 folder.rmdir()
         raise
+    fsync_dir(folder)
 
 
 def _fetch(url: str, out: BinaryIO) -> None:
