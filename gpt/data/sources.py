@@ -125,10 +125,8 @@ def _text_size(path: Path) -> int:
             head = f.read(8192)
             size = os.fstat(f.fileno()).st_size
         codecs.getincrementaldecoder("utf-8")().decode(head)  # a character cut at the end is fine
-    except UnicodeDecodeError:
+    except (UnicodeDecodeError, OSError):  # reading it for the text says what is wrong, if fatal
         return 0
-    except OSError:
-        return 0  # reading it for the text says what is wrong
     return size
 
 
