@@ -201,7 +201,9 @@ class DataConfig(_Section):
         "text file, folder, glob, .jsonl/.json/.parquet/.csv, a saved dataset folder, "
         "hf:NAME[:CONFIG], or python-stdlib (the interpreter's own library sources)",
     )
-    data_dir: str | None = _key(None, "where train.bin/val.bin/meta.json go; unset = data/<source>")
+    data_dir: str | None = _key(
+        None, "where train.bin/val.bin/meta.json go; unset = data/<source>-<tokenizer>"
+    )
     tokenizer: str = _key("gpt2", "gpt2 (bundled BPE), char, or a tiktoken encoding name")
     glob: str = _key(
         "**/*.txt,**/*.md,**/*.rst,**/*.py",
@@ -224,11 +226,16 @@ class DataConfig(_Section):
 
     @property
     def resolved_data_dir(self) -> Path:
-        """The data folder: `data_dir` when set, else `data/<source name>`."""
+        """The data folder: `data_dir` when set, else `data/<source name>-<tokenizer>`, so that
+        one source prepared with two tokenizers lands in two folders."""
         if self.data_dir is not None:
             return Path(self.data_dir)
-        name = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(self.source.rstrip("/")).stem).strip("_.")
-        return Path("data") / (name or "corpus")
+
+        def clean(text: str) -> str:
+            return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_.")
+
+        name = clean(Path(self.source.rstrip("/")).stem) or "corpus"
+        return Path("data") / f"{name}-{clean(self.tokenizer) or 'tokens'}"
 
 
 @dataclass(frozen=True)

@@ -2,9 +2,10 @@
 
 An `flock` on a file inside the folder; the OS releases it when the process ends, however it
 ends, so a killed run never leaves a stale lock behind. The file names the holder (what it is,
-its pid and host) for the message the next process shows. It stays after release: deleting it
-would let a process waiting on the old file and a newcomer creating a new one both hold "the"
-lock.
+its pid and host) for the message the next process shows. It stays after release, except where
+a holder removes the folder it created (a prepare that failed): a process that was waiting on
+the removed file then sees that the file it locked is gone and locks the new one, so it and a
+newcomer never both hold "the" lock.
 """
 
 from __future__ import annotations
@@ -30,20 +31,25 @@ class FolderLock:
         self, folder: Path, what: str, option: str, name: str = ".lock", wait: bool = False
     ) -> None:
         self.path = folder / name
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            self.file = open(self.path, "a+")
-        except OSError as e:
-            raise GPTError(
-                f"cannot write {folder} ({e.strerror}); set {option} to a folder you can write"
-            ) from None
-        try:
-            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self._wait_or_refuse(folder, what, option, wait)
-        except OSError as e:  # a filesystem without flock (some network mounts): go on unlocked
-            print(f"note: {folder} cannot be locked ({e.strerror}); nothing stops a second "
-                  f"process from writing it at the same time", file=sys.stderr)
+        while True:
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+                self.file = open(self.path, "a+")
+            except OSError as e:
+                raise GPTError(
+                    f"cannot write {folder} ({e.strerror}); set {option} to a folder you can write"
+                ) from None
+            try:
+                fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                self._wait_or_refuse(folder, what, option, wait)
+            except OSError as e:  # a filesystem without flock (some network mounts): go on unlocked
+                print(f"note: {folder} cannot be locked ({e.strerror}); nothing stops a second "
+                      f"process from writing it at the same time", file=sys.stderr)
+                break
+            if self._still_in_place():
+                break
+            self.file.close()  # its holder removed it while we waited: lock the new file
         self.file.seek(0)
         self.file.truncate()
         self.file.write(f"{what} (pid {os.getpid()} on {os.uname().nodename})")
@@ -61,6 +67,13 @@ class FolderLock:
             )
         print(f"waiting for another {holder} to finish writing {folder}", file=sys.stderr)
         fcntl.flock(self.file, fcntl.LOCK_EX)
+
+    def _still_in_place(self) -> bool:
+        """Whether the file this process locked is still the one at `path`."""
+        try:
+            return os.path.samestat(os.fstat(self.file.fileno()), os.stat(self.path))
+        except FileNotFoundError:
+            return False
 
     def release(self) -> None:
         with contextlib.suppress(OSError):  # never locked, on a filesystem without flock

@@ -115,7 +115,18 @@ def test_derived_values() -> None:
     cfg = ModelConfig(n_embd=96, n_head=6, mlp="swiglu")
     assert cfg.head_dim == 16 and cfg.kv_heads == 6 and cfg.hidden_dim == 256
     assert dataclasses.replace(cfg, n_kv_head=2).kv_heads == 2
-    assert load_config(None, ["data.source=corpus/notes.txt"]).data.resolved_data_dir == Path("data/notes")
+
+
+@pytest.mark.parametrize(("settings", "folder"), [
+    (["data.source=corpus/notes.txt"], "data/notes-gpt2"),
+    (["data.source=corpus/notes.txt", "data.tokenizer=char"], "data/notes-char"),
+    (["data.source=python-stdlib", "data.tokenizer=char"], "data/python-stdlib-char"),
+    (["data.source=hf:someone/stories:small", "data.tokenizer=cl100k_base"], "data/stories_small-cl100k_base"),
+    (["data.source=corpus/notes.txt", "data.data_dir=mine"], "mine"),
+])
+def test_default_data_dir_names_source_and_tokenizer(settings: list[str], folder: str) -> None:
+    """Two tokenizers on one source get two folders, so comparing them needs no --force."""
+    assert load_config(None, settings).data.resolved_data_dir == Path(folder)
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])

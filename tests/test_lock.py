@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import errno
 import os
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -40,3 +42,26 @@ def test_filesystem_without_flock_goes_on_unlocked(
     lock = FolderLock(tmp_path / "run", "gpt train", "train.out_dir")
     lock.release()
     assert "cannot be locked" in capsys.readouterr().err
+
+
+def test_a_waiter_whose_lock_file_is_removed_locks_the_new_one(tmp_path: Path) -> None:
+    """A holder that removes the folder it made (a failed prepare) must not let the process that
+    waited on the old file and a newcomer on a new file both hold the lock."""
+    folder = tmp_path / "data"
+    first = FolderLock(folder, "gpt prepare", "data.data_dir")
+    waiter: list[FolderLock] = []
+    thread = threading.Thread(
+        target=lambda: waiter.append(FolderLock(folder, "gpt prepare", "data.data_dir", wait=True))
+    )
+    thread.start()
+    time.sleep(0.5)  # the waiter blocks on the first's file
+    first.path.unlink()
+    folder.rmdir()
+    newcomer = FolderLock(folder, "gpt prepare", "data.data_dir")  # a new file, free
+    first.release()
+    thread.join(timeout=1.0)
+    assert thread.is_alive()  # the old file is gone: the waiter now waits for the newcomer
+    newcomer.release()
+    thread.join(timeout=30)
+    assert not thread.is_alive() and waiter[0]._still_in_place()
+    waiter[0].release()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import threading
 from collections.abc import Callable
@@ -35,7 +36,10 @@ def read_split(data_dir: Path, split: str) -> np.ndarray:
 
 
 def leftovers(data_dir: Path) -> list[str]:
-    """What a failed prepare left in data_dir, besides its lock file (kept: see gpt/lock.py)."""
+    """What a failed prepare left in data_dir besides the lock file of a process that holds it
+    (none when it removed the folder it made)."""
+    if not data_dir.exists():
+        return []
     return sorted(p.name for p in data_dir.iterdir() if p.name != ".prepare.lock")
 
 
@@ -80,17 +84,72 @@ def test_text_file_chunks_encode_like_the_whole_split(tmp_path: Path, monkeypatc
     assert meta["tokens"]["val"] == len(tok.encode(text[n_train:]))
 
 
-def test_folder_documents_split_exactly_by_seed(tmp_path: Path, docs_folder: Callable[..., Path]) -> None:
+def test_folder_documents_split_whole_by_seed(tmp_path: Path, capsys: pytest.CaptureFixture, docs_folder: Callable[..., Path]) -> None:
     folder = docs_folder()
     meta = prepare(cfg(tmp_path, folder, val_fraction=0.2, seed=3), progress=False)
     tok = get_tokenizer("gpt2")
     val = read_split(tmp_path / "prepared", "val")
     train = read_split(tmp_path / "prepared", "train")
-    assert (val == tok.eot_id).sum() == 2 and (train == tok.eot_id).sum() == 8  # one eot per document
+    assert (val == tok.eot_id).sum() + (train == tok.eot_id).sum() == 10  # one eot per document
     lengths = {i: len(tok.encode(f"document {i} " * (i + 1))) + 1 for i in range(10)}
     assert meta["tokens"]["train"] + meta["tokens"]["val"] == sum(lengths.values())
+    assert 0.15 <= meta["tokens"]["val"] / sum(lengths.values()) <= 0.25  # sizes 1 to 10: near 0.2
+    assert "warning" not in capsys.readouterr().err
     again = prepare(cfg(tmp_path, folder, val_fraction=0.2, seed=3, data_dir=str(tmp_path / "b")), progress=False)
     assert again["sha256"] == meta["sha256"]  # deterministic
+
+
+@pytest.mark.parametrize("seed", [1337, 3, 11])
+def test_equal_documents_keep_the_seeded_random_choice(tmp_path: Path, seed: int) -> None:
+    """Where the random choice holds about val_fraction of the text, it stays as it always was."""
+    (tmp_path / "docs").mkdir()
+    texts = [f"document {i} says hello\n" * 5 for i in range(10)]
+    for i, text in enumerate(texts):
+        (tmp_path / "docs" / f"doc{i}.txt").write_text(text)
+    meta = prepare(cfg(tmp_path, tmp_path / "docs", tokenizer="char", val_fraction=0.2, seed=seed), progress=False)
+    tok = tokenizer_from_dict(meta["tokenizer"])
+    expected = sorted(random.Random(seed).sample(range(10), 2))  # round(10 * 0.2) files by seed
+    assert tok.decode(read_split(tmp_path / "prepared", "val").tolist()) == "".join(texts[i] + "\n" for i in expected)
+
+
+@pytest.mark.parametrize("seed", [1337, 0, 1])  # each of the three files was once the one chosen
+def test_few_unequal_files_split_by_their_sizes(tmp_path: Path, capsys: pytest.CaptureFixture, seed: int) -> None:
+    """0.3 MB of text, a binary file (skipped) and 3 MB: one file of three was drawn, and with the
+    default seed the 3 MB one, so validation held 91% of the tokens."""
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    (folder / "a.txt").write_text("a short play in verse\n" * 15_000)  # 0.3 MB
+    (folder / "b.txt").write_bytes(bytes(range(256)) * 1200)  # 0.3 MB, not UTF-8
+    (folder / "c.txt").write_text("the collected works, in prose\n" * 100_000)  # 3 MB
+    meta = prepare(cfg(tmp_path, folder, tokenizer="char", seed=seed, num_proc=1), progress=False)
+    share = meta["tokens"]["val"] / sum(meta["tokens"].values())
+    assert 0.08 <= share <= 0.1  # the 0.3 MB file: as near to val_fraction 0.1 as whole files get
+    assert meta["skipped_files"] == 1 and "warning" not in capsys.readouterr().err
+
+
+def test_a_split_far_from_val_fraction_is_a_warning(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Two files of one size cannot be split 90/10 by whole documents: say so, with the share."""
+    (tmp_path / "docs").mkdir()
+    for name in ("a", "b"):
+        (tmp_path / "docs" / f"{name}.txt").write_text(f"file {name} holds this line\n" * 50)
+    meta = prepare(cfg(tmp_path, tmp_path / "docs", tokenizer="char"), progress=False)
+    assert meta["tokens"]["val"] == meta["tokens"]["train"]
+    err = capsys.readouterr().err
+    assert "warning: the validation split holds 50.0% of the text where val_fraction asks for 10.0%: " \
+           "2 documents are too few or too unequal in size to split closer" in err
+
+
+def test_rows_of_unknown_size_split_at_random_with_a_warning_when_far_off(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A dataset's row sizes are not known before reading: the seeded random rows stay, and a
+    share far from val_fraction, measured while writing, is a warning."""
+    import datasets
+
+    texts = ["a long row " * 500] + [f"short row {i}" for i in range(9)]
+    datasets.Dataset.from_dict({"text": texts}).to_json(str(tmp_path / "rows.jsonl"))
+    seed = next(s for s in range(100) if random.Random(s).sample(range(10), 1) == [0])  # the long row
+    meta = prepare(cfg(tmp_path, tmp_path / "rows.jsonl", tokenizer="char", seed=seed), progress=False)
+    assert meta["tokens"]["val"] == len(texts[0]) + 1
+    assert "warning: the validation split holds 98." in capsys.readouterr().err
 
 
 def test_tabular_rows_are_documents(tmp_path: Path) -> None:
@@ -256,6 +315,37 @@ def test_interrupted_prepare_leaves_nothing_that_looks_finished(tmp_path: Path, 
         prepare(cfg(tmp_path, docs_folder(), num_proc=1), progress=False)
     assert files_at_the_interrupt != []  # the token files were being written
     assert leftovers(tmp_path / "prepared") == []
+
+
+class Interrupt:
+    """A tokenizer interrupted (Ctrl-C) at its first text."""
+
+    name, vocab_size, eot_id = "gpt2", 50257, 50256
+
+    def encode_array(self, text: str) -> np.ndarray:
+        raise KeyboardInterrupt
+
+    def to_dict(self) -> dict[str, str]:
+        return {"name": "gpt2"}
+
+
+@pytest.mark.parametrize("failure", ["empty source", "block_size", "interrupt"])
+def test_a_failed_prepare_leaves_no_folder_it_created(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failure: str) -> None:
+    (tmp_path / "a.txt").write_text("" if failure == "empty source" else "some text\n" * 20)
+    monkeypatch.setattr(prepare_module, "get_tokenizer", lambda name: Interrupt() if failure == "interrupt" else get_tokenizer(name))
+    config = cfg(tmp_path, tmp_path / "a.txt", data_dir=str(tmp_path / "data" / "a"), num_proc=1)
+    with pytest.raises((GPTError, KeyboardInterrupt)):
+        prepare(config, block_size=1000 if failure == "block_size" else 0, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt"]  # no data/, no data/a/
+
+
+def test_a_failed_prepare_leaves_a_folder_that_existed_as_it_was(tmp_path: Path) -> None:
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.md").write_text("the user's own file")
+    with pytest.raises(GPTError, match="holds no text"):
+        prepare(cfg(tmp_path, tmp_path / "empty.txt", data_dir=str(tmp_path / "mine")), progress=False)
+    assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == ["notes.md"]
 
 
 def test_too_little_text_for_block_size(tmp_path: Path) -> None:

@@ -213,7 +213,7 @@ def test_eval_perplexity_equals_naive_loop(run: Path) -> None:
     assert result.exit_code == 0, result.output
     got = json.loads(result.output.strip().splitlines()[-1])
     model = Checkpoint.open(run / "out").load_model()
-    tokens = np.fromfile(run / "data" / "corpus" / "val.bin", dtype=np.uint16).astype(np.int64)
+    tokens = np.fromfile(run / "data" / "corpus-char" / "val.bin", dtype=np.uint16).astype(np.int64)
     nll, count = 0.0, 0
     for start in range(0, len(tokens) - 1, 32):  # consecutive windows, one at a time
         window = torch.from_numpy(tokens[start : start + 33])[None]  # the last one shorter
@@ -234,7 +234,7 @@ def test_eval_batches_shrink_for_large_logits_without_changing_the_result(
 
     found = Checkpoint.open(run / "out")
     model, tokenizer = found.load_model(), tokenizer_from_dict(found.tokenizer)
-    tokens = np.fromfile(run / "data" / "corpus" / "val.bin", dtype=np.uint16).astype(np.int64)
+    tokens = np.fromfile(run / "data" / "corpus-char" / "val.bin", dtype=np.uint16).astype(np.int64)
     batched = evaluate_module.evaluate(model, tokens, tokenizer, progress=False)
     monkeypatch.setattr(evaluate_module, "LOGITS_BYTES", 1)  # one window at a time
     single = evaluate_module.evaluate(model, tokens, tokenizer, progress=False)

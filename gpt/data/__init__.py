@@ -2,7 +2,8 @@
 
 - `gpt.data.sources`: what text to read. `open_source(cfg)` interprets `[data] source` (a text
   file, a folder or glob of files, tabular files or a saved `datasets` folder, `hf:NAME` on the
-  hub, an http(s) URL, `python-stdlib`) and returns a `Source` of documents, reading nothing yet.
+  hub, an http(s) URL, downloaded once, `python-stdlib`) and returns a `Source` of documents,
+  reading nothing yet.
 - `gpt.data.prepare`: the pipeline. `prepare(cfg)` splits a source into train and validation,
   tokenizes it on worker processes and writes the result atomically, under a lock, unless the
   folder already holds data prepared from the same source and settings.

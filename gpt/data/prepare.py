@@ -13,6 +13,7 @@ import json
 import multiprocessing
 import os
 import random
+import sys
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -36,6 +37,8 @@ from gpt.lock import FolderLock
 from gpt.tokenizer import CharTokenizer, Tokenizer, get_tokenizer, tokenizer_from_dict
 
 BATCH_CHARS = 2_000_000  # text per worker task: amortises the round trip, bounds memory
+NEAR = 1.25  # a random choice of validation documents within this factor of val_fraction is kept
+FAR = 2.0  # a validation share of the text further off than this factor is warned about
 
 Piece = tuple[str, str, bool]  # (split, text, ends_document): a unit of tokenizer work
 
@@ -80,12 +83,65 @@ def _is_val(index: int, val_set: set[int] | None, cfg: DataConfig) -> bool:
     return int.from_bytes(digest[:8], "little") / 2**64 < cfg.val_fraction
 
 
+def _choose_val(count: int, sizes: list[int] | None, cfg: DataConfig) -> set[int]:
+    """The indices of the validation documents, chosen by `cfg.seed`.
+
+    First round(count * val_fraction) of them (at least one) at random. Where the documents'
+    sizes are known and those hold a share of the bytes outside a factor NEAR of val_fraction
+    (a 3 MB file among 0.3 MB ones), documents are instead taken in a seeded random order
+    whenever one brings the validation bytes closer to val_fraction of the total.
+    """
+    n_val = max(1, round(count * cfg.val_fraction))
+    chosen = set(random.Random(cfg.seed).sample(range(count), n_val))
+    total = sum(sizes) if sizes is not None else 0
+    if sizes is None or total == 0:
+        return chosen
+    share = sum(sizes[i] for i in chosen) / total
+    if cfg.val_fraction / NEAR <= share <= cfg.val_fraction * NEAR:
+        return chosen
+    order = list(range(count))
+    random.Random(cfg.seed).shuffle(order)
+    with_text = [i for i in order if sizes[i]]
+    if len(with_text) < 2:
+        return chosen
+    target = cfg.val_fraction * total
+    val: set[int] = set()
+    held = 0
+    for i in with_text:
+        closer = abs(held + sizes[i] - target) < abs(held - target)
+        if closer and len(val) + 1 < len(with_text):  # train keeps a document with text
+            val.add(i)
+            held += sizes[i]
+    if not val:  # each document alone is over twice the target: the smallest is closest
+        val.add(min(with_text, key=lambda i: sizes[i]))
+    return val
+
+
+def _warn_if_uneven(chars: dict[str, int], documents: int, cfg: DataConfig) -> None:
+    """Say on stderr when a document-level split put a share of the text in validation far
+    from val_fraction (few documents of unequal sizes), rather than train on it unnoticed."""
+    total = chars["train"] + chars["val"]
+    if total == 0:
+        return
+    share = chars["val"] / total
+    if cfg.val_fraction / FAR <= share <= cfg.val_fraction * FAR:
+        return
+    print(
+        f"warning: the validation split holds {share:.1%} of the text where val_fraction asks "
+        f"for {cfg.val_fraction:.1%}: {documents} documents are too few or too unequal in size "
+        "to split closer; add documents, or join them into one text file (split by characters)",
+        file=sys.stderr,
+    )
+
+
 def _split_pieces(source: Source, cfg: DataConfig) -> Iterator[Piece]:
     """(split, text, ends_document) pieces in corpus order.
 
     A running text (or a corpus of one document) is split by characters, the first
     1 - val_fraction to train; documents are split whole, each by its index among all of them
-    (empty and skipped ones included, so one unreadable file does not reshuffle the others).
+    (empty and skipped ones included, so one unreadable file does not reshuffle the others),
+    as `_choose_val` says when their count is known, else by a seeded hash of the index. The
+    characters of each split are counted as they go, for `_warn_if_uneven`.
     """
     count = None if source.single_text else source.count()  # a URL's text is not loaded twice
     if source.single_text or count == 1:
@@ -100,13 +156,16 @@ def _split_pieces(source: Source, cfg: DataConfig) -> Iterator[Piece]:
                 yield "val", chunk[head:], False
             seen += len(chunk)
         return
-    val_set = None
-    if count is not None and count > 1:
-        n_val = max(1, round(count * cfg.val_fraction))
-        val_set = set(random.Random(cfg.seed).sample(range(count), n_val))
+    val_set = _choose_val(count, source.sizes(), cfg) if count is not None and count > 1 else None
+    chars = dict.fromkeys(SPLITS, 0)
+    documents = 0
     for index, text in enumerate(source.rows()):
         if text:
-            yield ("val" if _is_val(index, val_set, cfg) else "train"), text, True
+            split = "val" if _is_val(index, val_set, cfg) else "train"
+            chars[split] += len(text)
+            documents += 1
+            yield split, text, True
+    _warn_if_uneven(chars, documents, cfg)
 
 
 def _encode_batch(
@@ -231,12 +290,40 @@ def prepare(
     checked = (cfg, fingerprint, vocabulary, block_size, force, progress)
     if (existing := _existing_data(*checked)) is not None:
         return existing
+    created = _missing_folders(data_dir)
     # one writer per folder: a second prepare (or gpt train) of the same folder waits, then
     # finds the data ready instead of writing the same temporary files
-    with FolderLock(data_dir, "gpt prepare", "data.data_dir", name=".prepare.lock", wait=True):
-        if (existing := _existing_data(*checked)) is not None:
-            return existing
-        return _tokenize(cfg, source, fingerprint, block_size, progress, vocabulary)
+    with FolderLock(
+        data_dir, "gpt prepare", "data.data_dir", name=".prepare.lock", wait=True
+    ) as lock:
+        try:
+            if (existing := _existing_data(*checked)) is not None:
+                return existing
+            return _tokenize(cfg, source, fingerprint, block_size, progress, vocabulary)
+        except BaseException:
+            _remove_unused(lock, created)
+            raise
+
+
+def _missing_folders(folder: Path) -> list[Path]:
+    """`folder` and those of its parents that do not exist yet, innermost first."""
+    missing = []
+    while not folder.exists() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    return missing
+
+
+def _remove_unused(lock: FolderLock, created: list[Path]) -> None:
+    """After a failed prepare, still holding the lock: remove the lock file, then the folders
+    this prepare created where they are empty, so that a failure leaves the folder as it was,
+    or none (a process waiting on the removed lock file locks a new one: see gpt/lock.py)."""
+    try:
+        lock.path.unlink()
+        for folder in created:
+            folder.rmdir()  # stops at the first that is not empty
+    except OSError:
+        pass
 
 
 def _existing_data(

@@ -2,25 +2,43 @@
 
 `open_source` interprets `[data] source`: a text file (one running text), a folder or glob of
 text files (one document each), tabular files (.jsonl/.json/.parquet/.csv) or a saved dataset
-read with HF `datasets`, `hf:NAME[:CONFIG]` on the hub, an http(s) URL of a text file, or
-`python-stdlib`, the running interpreter's standard library.
+read with HF `datasets`, `hf:NAME[:CONFIG]` on the hub, an http(s) URL of a text file
+(downloaded once with the standard library into a `downloads` folder beside the data folder),
+or `python-stdlib`, the running interpreter's standard library.
 """
 
 from __future__ import annotations
 
+import codecs
+import contextlib
 import functools
 import glob as globlib
+import hashlib
+import http.client
+import os
+import re
+import socket
+import ssl
+import sys
 import sysconfig
+import threading
+import urllib.error
+import urllib.parse
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from gpt.config import DataConfig
 from gpt.errors import GPTError, first_line
+from gpt.fileio import fsync_dir
 
 TABULAR = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 STDLIB_EXCLUDE = {"test", "tests", "idlelib", "site-packages", "__pycache__"}
 CHUNK_CHARS = 1_000_000  # pieces a single large text file is cut into (at line ends)
+DOWNLOADS = "downloads"  # the folder beside the data folder where URL sources are kept
+DOWNLOAD_TIMEOUT = 60.0  # seconds a connection may stay silent before a download gives up
+DOWNLOAD_CHUNK = 1 << 20  # bytes read from the network at a time
 
 
 class Source:
@@ -43,6 +61,11 @@ class Source:
 
     def count(self) -> int | None:
         """The number of documents when known in advance, for an exact validation split."""
+        return None
+
+    def sizes(self) -> list[int] | None:
+        """Each document's size in bytes where it is known without reading the corpus (so the
+        validation split can hold its share of the text); None where it is not."""
         return None
 
     def documents(self) -> Iterator[str]:
@@ -75,6 +98,9 @@ class FileSource(Source):
     def count(self) -> int | None:
         return len(self.paths)
 
+    def sizes(self) -> list[int] | None:
+        return [_text_size(path) for path in self.paths]
+
     def _read(self, path: Path) -> str | None:
         try:
             return path.read_text(encoding="utf-8")
@@ -89,6 +115,19 @@ class FileSource(Source):
             return None
         except OSError as e:
             raise GPTError(f"cannot read {path}: {e.strerror}") from None
+
+
+def _text_size(path: Path) -> int:
+    """A file's size in bytes, or 0 when its first 8 KB are not UTF-8 (it will be skipped, so
+    it holds no text): a stat and one small read, not the whole file."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8192)
+            size = os.fstat(f.fileno()).st_size
+        codecs.getincrementaldecoder("utf-8")().decode(head)  # a character cut at the end is fine
+    except (UnicodeDecodeError, OSError):  # reading it for the text says what is wrong, if fatal
+        return 0
+    return size
 
 
 def _chunk_end(text: str) -> int:
@@ -110,9 +149,25 @@ def _chunk_end(text: str) -> int:
     return text.rfind("\n") + 1 or len(text)
 
 
+def _text_chunks(path: Path) -> Iterator[str]:
+    """A text file in chunks of about CHUNK_CHARS cut by `_chunk_end`: bounded memory."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            carry = ""
+            while chunk := f.read(CHUNK_CHARS):
+                chunk = carry + chunk
+                cut = _chunk_end(chunk)
+                carry = chunk[cut:]
+                yield chunk[:cut]
+            if carry:
+                yield carry
+    except UnicodeDecodeError:
+        raise GPTError(f"{path} is not UTF-8 text; convert it to UTF-8") from None
+
+
 class TextFileSource(Source):
-    """One text file is one running text, read in chunks of about CHUNK_CHARS so that memory
-    stays bounded whatever its size."""
+    """One text file is one running text, read in chunks so that memory stays bounded whatever
+    its size."""
 
     single_text = True
 
@@ -121,37 +176,160 @@ class TextFileSource(Source):
         self.path = path
 
     def rows(self) -> Iterator[str]:
-        try:
-            with open(self.path, encoding="utf-8") as f:
-                carry = ""
-                while chunk := f.read(CHUNK_CHARS):
-                    chunk = carry + chunk
-                    cut = _chunk_end(chunk)
-                    carry = chunk[cut:]
-                    yield chunk[:cut]
-                if carry:
-                    yield carry
-        except UnicodeDecodeError:
-            raise GPTError(f"{self.path} is not UTF-8 text; convert it to UTF-8") from None
+        return _text_chunks(self.path)
+
+
+class UrlSource(Source):
+    """A text file at an http(s) URL (e.g. tiny Shakespeare): one running text, downloaded on
+    first read into `cache_dir` and read from there ever after, offline included.
+
+    The fingerprint is the URL, so deciding that a folder is already prepared makes no request.
+    """
+
+    single_text = True
+
+    def __init__(self, url: str, cache_dir: Path) -> None:
+        super().__init__(f"text at {url}", [url])
+        self.url = url
+        self.path = cache_dir / _download_name(url)
+
+    def rows(self) -> Iterator[str]:
+        if not self.path.exists():
+            download_text(self.url, self.path)
+        yield from _text_chunks(self.path)
+
+
+def _download_name(url: str) -> str:
+    """The cached file's name: the URL's file name (`input.txt`) with a hash of the whole URL, so
+    that two URLs ending in the same name are kept apart."""
+    name = Path(urllib.parse.urlsplit(url).path).name
+    stem, suffix = os.path.splitext(re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_."))
+    digest = hashlib.sha256(url.encode()).hexdigest()[:12]
+    return f"{stem or 'download'}-{digest}{suffix or '.txt'}"
+
+
+def download_text(url: str, path: Path) -> None:
+    """Download `url` to `path` with the standard library, checking that it is UTF-8 text.
+
+    The body streams to a temporary file beside `path`, renamed into place once complete, so an
+    interrupted or refused download leaves no file (and no folder it made).
+    """
+    folder = path.parent
+    made = not folder.exists()
+    part = path.with_name(f".{path.name}.part-{os.getpid()}-{threading.get_ident()}")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        out = open(part, "wb")
+    except OSError as e:
+        raise GPTError(
+            f"cannot write {folder} ({e.strerror}), where downloads are kept beside the data "
+            "folder; set data.data_dir to a folder whose parent you can write"
+        ) from None
+    print(f"downloading {url} to {path}", file=sys.stderr)
+    try:
+        with out:
+            _fetch(url, out)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(part, path)
+    except BaseException:
+        part.unlink(missing_ok=True)
+        if made:
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
+    fsync_dir(folder)
+
+
+def _fetch(url: str, out: BinaryIO) -> None:
+    """Copy the body of `url` into `out`; a failure is a GPTError saying what failed."""
+    try:
+        response = urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT)
+    except urllib.error.HTTPError as e:
+        raise GPTError(
+            f"cannot download {url}: the server answered HTTP {e.code} {e.reason}; check the "
+            f"URL, {GET_IT_YOURSELF}"
+        ) from None
+    except urllib.error.URLError as e:  # its reason: a socket error, or words about the URL
+        if isinstance(e.reason, OSError):
+            raise _network_error(url, e.reason) from None
+        raise GPTError(f"cannot download {url}: {e.reason}; check the URL") from None
+    except (http.client.HTTPException, ValueError) as e:  # a malformed URL or answer
+        raise GPTError(f"cannot download {url}: {first_line(e)}; check the URL") from None
+    except OSError as e:  # a timeout while waiting for the answer
+        raise _network_error(url, e) from None
+    with response:
+        kind = response.headers.get_content_type()
+        if kind == "text/html":
+            raise GPTError(
+                f"cannot use {url}: it is an HTML page, not a plain text file; give the URL of "
+                "the raw text (on GitHub: the Raw button), or set data.source to a local file"
+            )
+        expected = response.headers.get("Content-Length")
+        decoder = codecs.getincrementaldecoder("utf-8")()
+        received = 0
+        while True:
+            try:
+                chunk = response.read(DOWNLOAD_CHUNK)
+            except (http.client.HTTPException, OSError) as e:
+                raise _broken_off(url, first_line(e)) from None
+            try:
+                decoder.decode(chunk, final=not chunk)
+            except UnicodeDecodeError:
+                raise GPTError(
+                    f"cannot use {url}: it is not UTF-8 text (Content-Type {kind}); give the URL "
+                    "of a plain text file, or set data.source to a local file"
+                ) from None
+            if not chunk:
+                break
+            out.write(chunk)
+            received += len(chunk)
+    if expected is not None and expected.isdigit() and int(expected) != received:
+        raise _broken_off(url, f"{received:,} of {int(expected):,} bytes received")
+
+
+GET_IT_YOURSELF = "or download the file and set data.source to its path"
+
+
+def _network_error(url: str, error: OSError) -> GPTError:
+    """A socket error in words: "cannot reach" (offline?) only where the network failed, not
+    for a certificate the system does not trust."""
+    host = urllib.parse.urlsplit(url).hostname or url
+    if isinstance(error, ssl.SSLError):  # an OSError too
+        return GPTError(
+            f"cannot download {url}: the secure connection to {host} failed "
+            f"({error.reason or error}); check the URL and the system's certificates, "
+            f"{GET_IT_YOURSELF}"
+        )
+    if isinstance(error, socket.gaierror):
+        why = f"its name does not resolve: {error.strerror}"
+    else:
+        why = error.strerror or first_line(error)
+    return GPTError(
+        f"cannot download {url}: cannot reach {host} ({why}); check the network (offline?), "
+        f"{GET_IT_YOURSELF}"
+    )
+
+
+def _broken_off(url: str, why: str) -> GPTError:
+    return GPTError(
+        f"cannot download {url}: the transfer broke off ({why}); check the network and run "
+        f"again, {GET_IT_YOURSELF}"
+    )
 
 
 class DatasetSource(Source):
     """Rows of an HF `datasets` Dataset (or IterableDataset), the text in `text_column`.
 
     `load` returns the dataset and runs when it is first needed; the kinds of dataset source
-    (tabular files, a saved dataset, the hub, a URL) differ only by it.
+    (tabular files, a saved dataset, the hub) differ only by it.
     """
 
     def __init__(
-        self,
-        load: Callable[[], Any],
-        description: str,
-        identity: Any,
-        text_column: str,
-        single_text: bool = False,
+        self, load: Callable[[], Any], description: str, identity: Any, text_column: str
     ) -> None:
         super().__init__(description, identity)
-        self.load, self.text_column, self.single_text = load, text_column, single_text
+        self.load, self.text_column = load, text_column
 
     @functools.cached_property
     def dataset(self) -> Any:
@@ -197,7 +375,7 @@ def open_source(cfg: DataConfig) -> Source:
     if spec.startswith("hf:"):
         return _hub_source(spec, cfg)
     if spec.startswith(("http://", "https://")):
-        return _url_source(spec)
+        return UrlSource(spec, cfg.resolved_data_dir.parent / DOWNLOADS)
     if any(ch in spec for ch in "*?["):
         paths = [Path(p) for p in globlib.glob(spec, recursive=True) if Path(p).is_file()]
         if not paths:
@@ -298,22 +476,3 @@ def _hub_source(spec: str, cfg: DataConfig) -> DatasetSource:
 
     return DatasetSource(load, f"hub dataset {name}", [spec, cfg.split], cfg.text_column)
 
-
-def _url_source(url: str) -> DatasetSource:
-    """A text file at a URL (e.g. tiny Shakespeare), downloaded and cached by `datasets`: one
-    running text, split by characters."""
-
-    def load() -> Any:
-        import datasets
-
-        try:
-            return datasets.load_dataset(
-                "text", data_files=url, sample_by="document", split="train"
-            )
-        except Exception as e:
-            raise GPTError(
-                f"cannot download {url}: {first_line(e)}; check the network, or download the "
-                "file and set data.source to its path"
-            ) from None
-
-    return DatasetSource(load, f"text at {url}", [url], "text", single_text=True)
