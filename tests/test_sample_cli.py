@@ -352,3 +352,25 @@ def test_huge_max_new_tokens_must_stream(run: Path) -> None:
     batch = invoke(run, "sample", "--checkpoint", "out", "--max-new-tokens", huge, "--stream",
                    "--num-samples", "2")
     assert batch.exit_code == 2 and "without streaming" in batch.output
+
+
+def test_bfloat16_without_packing_samples_through_plain_linears(
+    run: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A CPU whose oneDNN refuses bfloat16 packing (AVX2 only) samples in bfloat16 all the same."""
+    import gpt.onednn
+
+    monkeypatch.setattr(gpt.onednn, "packing_works", lambda dtype: False)
+    result = invoke(run, "sample", "--checkpoint", "out", "--prompt", "def f1", "--dtype",
+                    "bfloat16", "--no-stream")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith("def f1") and len(result.stdout) > len("def f1") + 10
+
+
+def test_info_reads_a_char_vocabulary_from_prepared_data(run: Path, tmp_path: Path) -> None:
+    result = invoke(run, "info", "--config", "tiny.toml")
+    assert result.exit_code == 0, result.output
+    vocab = Checkpoint.open(run / "out").config.model.vocab_size
+    assert f"vocab_size {vocab} from the char tokenizer, padded to 64" in result.output
+    elsewhere = invoke(run, "info", "--config", "tiny.toml", "--set", f"data.data_dir={tmp_path}")
+    assert elsewhere.exit_code == 2 and "run gpt prepare first" in elsewhere.output

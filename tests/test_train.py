@@ -479,3 +479,28 @@ def test_two_process_resume_is_bitwise_exact(tiny_run: Path) -> None:
     assert losses(tiny_run / "split") == losses(tiny_run / "straight")
     state = json.loads((tiny_run / "split" / "ckpt-0000008" / "state.json").read_text())
     assert len(state["rng_ranks"]) == 2 and state["rng_ranks"][0] != state["rng_ranks"][1]
+
+
+def test_progress_bar_times_the_steps_and_ends_before_the_last_losses(
+    tiny_run: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import gpt.train
+
+    estimate, calls = gpt.train.estimate_loss, []
+
+    def slow_first_estimate(run):  # the step-0 evaluation of a large model takes a while
+        calls.append(1)
+        if len(calls) == 1:
+            time.sleep(1.5)
+        return estimate(run)
+
+    monkeypatch.setattr(gpt.train, "estimate_loss", slow_first_estimate)
+    result = runner.invoke(app, ["train", "--config", "tiny.toml"])
+    assert result.exit_code == 0, result.output
+    frames = result.stderr.replace("\r", "\n").splitlines()
+    finals = [f for f in frames if "30/30 [" in f]
+    assert finals and all("[00:00<" in f for f in finals)  # 1.5 s of evaluation not counted
+    assert result.stdout.count("iter 30:") == 1
+    lines = result.output.replace("\r", "\n").splitlines()
+    last_bar = max(i for i, line in enumerate(lines) if "30/30" in line)
+    assert last_bar < next(i for i, line in enumerate(lines) if line.startswith("iter 30:"))
