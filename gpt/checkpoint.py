@@ -36,10 +36,11 @@ from gpt.config import RunConfig, from_dict
 from gpt.errors import GPTError, first_line
 from gpt.fileio import fsync_dir, new_file_mode, sha256_file, write_atomic
 from gpt.model import GPT
+from gpt.tokenizer import tokenizer_from_dict
 
 CKPT_PATTERN = re.compile(r"^ckpt-(\d+)$")
-FILES = ("model.safetensors", "optimizer.pt")  # hashed in state.json
 OPTIMIZER = "optimizer.pt"  # the one file a checkpoint may lack: inference needs only the weights
+FILES = ("model.safetensors", OPTIMIZER)  # hashed in state.json
 
 
 def unwrap(model: torch.nn.Module) -> GPT:
@@ -87,7 +88,7 @@ def save_checkpoint(
     tmp.mkdir()
     save_file(model_state(model), str(tmp / "model.safetensors"))
     os.chmod(tmp / "model.safetensors", new_file_mode())  # safetensors leaves it 0o600
-    torch.save(optimizer_state, tmp / "optimizer.pt")
+    torch.save(optimizer_state, tmp / OPTIMIZER)
     state = {**state, "iter": iteration, "sha256": {f: sha256_file(tmp / f) for f in FILES}}
     (tmp / "state.json").write_text(json.dumps(state, indent=1))
     for f in (*FILES, "state.json"):
@@ -241,7 +242,14 @@ class Checkpoint:
     def config(self) -> RunConfig:
         """The run config the checkpoint was trained with."""
         try:
-            return from_dict(self.state["config"])
+            values = self.state["config"]
+            model = values.get("model", {})
+            if "vocab_size" in model and "padded_vocab_size" not in model:
+                # saved before the two sizes were told apart: vocab_size was the padded one
+                real = tokenizer_from_dict(self.tokenizer).vocab_size
+                model = {**model, "vocab_size": real, "padded_vocab_size": model["vocab_size"]}
+                values = {**values, "model": model}
+            return from_dict(values)
         except (GPTError, KeyError, TypeError) as e:
             raise GPTError(f"{self.path / 'state.json'} holds no usable config ({e})") from None
 

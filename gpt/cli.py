@@ -286,7 +286,7 @@ def sample(
 
     from gpt.checkpoint import Checkpoint
     from gpt.config import SampleConfig, layer_on_checkpoint
-    from gpt.sample import load_for_sampling, read_prompt, sample_text
+    from gpt.sample import load_for_inference, read_prompt, sample_text
 
     path = _checkpoint_path(checkpoint, config, set_)
     flags = {
@@ -311,7 +311,7 @@ def sample(
             f"{MAX_HELD_TOKENS:,}"
         )
     with _stdout_for_text_only() as out, compile_errors("--compile"):
-        model, tokenizer = load_for_sampling(found, device, dtype, compile_model)
+        model, tokenizer = load_for_inference(found, device, dtype, compile_model)
         if streaming:
             typer.echo(text, nl=False, file=out)
             sample_text(model, tokenizer, text, settings,
@@ -364,14 +364,14 @@ def eval_(
     from gpt.checkpoint import Checkpoint
     from gpt.config import layer_on_checkpoint
     from gpt.evaluate import evaluate, tokens_of_source, tokens_of_split
-    from gpt.sample import load_for_sampling
+    from gpt.sample import load_for_inference
 
     if split not in ("val", "train"):
         raise GPTError(f"--split {split!r} is not val or train")
     found = Checkpoint.open(_checkpoint_path(checkpoint, config, set_), which)
     applies = ("data",) if checkpoint is not None else ("data", "train.out_dir")
     cfg = layer_on_checkpoint(found.config, config, set_, applies, "gpt eval")
-    model, tokenizer = load_for_sampling(found, device, "float32", False)
+    model, tokenizer = load_for_inference(found, device, "float32", False)
     if data is not None:
         tokens = tokens_of_source(cfg, data, tokenizer)
     else:

@@ -1,6 +1,6 @@
 """Run configuration: one dataclass per TOML section, loaded as defaults < TOML file < `--set`.
 
-Every key is declared once, with its type, default and help text (the README's config reference
+Every key is declared once, with its type, default and help text (docs/config.md's reference table
 is generated from these declarations). Types and allowed values are checked by one generic
 routine driven by the annotations; each section adds only its cross-key checks. No torch here.
 """
@@ -27,7 +27,7 @@ else:  # pragma: no cover - exercised on Python 3.10 only
 
 
 def _key(default: Any, help: str) -> Any:
-    """Declare a config key: its default and the help text shown in the README and errors."""
+    """Declare a config key: its default and the help text shown in docs/config.md and errors."""
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata={"help": help})
     return field(default=default, metadata={"help": help})
@@ -137,6 +137,8 @@ class ModelConfig(_Section):
     def check(self) -> None:
         self._positive("block_size", "vocab_size", "padded_vocab_size", "n_layer", "n_head")
         self._positive("n_embd", "n_kv_head")
+        if self.padded_vocab_size is not None and self.vocab_size is None:
+            self._fail("padded_vocab_size", "is set but vocab_size is not; set vocab_size too")
         if None not in (self.vocab_size, self.padded_vocab_size) and (
             self.padded_vocab_size < self.vocab_size  # type: ignore[operator]
         ):
@@ -466,7 +468,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 # Keys of [model] that do not change what a trained model computes at inference.
-INFERENCE_NEUTRAL = ("dropout",)
+INFERENCE_NEUTRAL = ("dropout", "attention")  # same weights, same outputs
 
 
 def layer_on_checkpoint(
@@ -560,7 +562,7 @@ def to_toml(config: RunConfig) -> str:
 
 
 def reference_markdown() -> str:
-    """The config reference table of README.md, generated from the declarations above."""
+    """The config reference table of docs/config.md, generated from the declarations above."""
     rows = ["| key | type | default | meaning |", "| --- | --- | --- | --- |"]
     for name, cls in SECTIONS.items():
         hints = get_type_hints(cls)

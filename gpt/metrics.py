@@ -6,9 +6,11 @@ resume, the lines past the checkpoint are dropped so the file reads as one unint
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +54,15 @@ class Throughput:
 
     def add(self, tokens: int) -> None:
         self.tokens += tokens
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Leave the time spent inside (evaluation, checkpoints) out of the rate."""
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.started += time.perf_counter() - started
 
     def read(self) -> dict[str, float]:
         """{"tok_per_s"} (all ranks together) and {"mfu"} (per GPU) when the peak is known."""

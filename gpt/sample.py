@@ -22,7 +22,7 @@ from gpt.onednn import pack_linears
 from gpt.tokenizer import Tokenizer, tokenizer_from_dict
 
 
-def load_for_sampling(
+def load_for_inference(
     checkpoint: Checkpoint, device: str, dtype: str, compile_model: bool
 ) -> tuple[GPT, Tokenizer]:
     """The checkpoint's model (eval mode, on device, in dtype) and tokenizer.

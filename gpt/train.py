@@ -255,10 +255,10 @@ def setup_run(
     """Build a run, or resume the one in out_dir. Each checkpoint involved is read once."""
     tcfg = cfg.train
     resumed, damaged = _resume_point(Path(tcfg.out_dir), resume, world)
-    base = None  # init_from: its weights start a new run; a char finetune keeps its vocabulary
-    if tcfg.init_from and (resumed is None or cfg.data.tokenizer == "char"):
-        base = Checkpoint.open(tcfg.init_from)
-    data = _prepared_data(cfg, world, base)
+    base = Checkpoint.open(tcfg.init_from) if tcfg.init_from and resumed is None else None
+    # a char finetune keeps the base model's vocabulary (a resumed one holds it too)
+    finetuned = (resumed or base) if tcfg.init_from else None
+    data = _prepared_data(cfg, world, finetuned)
     cfg = dataclasses.replace(cfg, model=_fit_vocabulary(cfg.model, data.vocab_size))
     start = resumed or base
     if start is not None:
@@ -345,7 +345,7 @@ def _resume_point(
 def _prepared_data(cfg: RunConfig, world: Dist, base: Checkpoint | None) -> PreparedData:
     """The run's data: prepared once by rank 0 while the others wait, then opened by every rank.
 
-    A char-level finetune tokenizes with the base model's vocabulary, so its ids mean the same.
+    A char-level finetune tokenizes with its `base` model's vocabulary, so its ids mean the same.
     """
     vocabulary = base.tokenizer if base is not None and cfg.data.tokenizer == "char" else None
     if world.main:
@@ -508,7 +508,8 @@ def fit(run: Run) -> int:
     run.model.train()
     try:
         if state.iteration == 0 and run.last_checkpoint is None:
-            run.record(**estimate_loss(run))
+            with throughput.paused():
+                run.record(**estimate_loss(run))
             bar.unpause()  # the bar's rate and ETA count training steps only
         with StopFlag() as stop:
             while state.iteration < tcfg.max_iters:
@@ -522,7 +523,8 @@ def fit(run: Run) -> int:
                     bar.set_postfix(_postfix(values))
                 is_best = False
                 if done % tcfg.eval_interval == 0 or last:
-                    losses = estimate_loss(run)
+                    with throughput.paused():
+                        losses = estimate_loss(run)
                     run.record(**losses)
                     if last:
                         bar.close()  # its final state printed once, then the last losses
@@ -533,7 +535,8 @@ def fit(run: Run) -> int:
                     state.best_val_loss = min(state.best_val_loss, losses["val_loss"])
                 stopping = stop.seen(world, run.device)
                 if done % checkpoint_interval == 0 or last or stopping:
-                    save(run, is_best)
+                    with throughput.paused():
+                        save(run, is_best)
                 if stopping:
                     world.print0(f"stopped by signal after iteration {done}; "
                                  f"saved {run.last_checkpoint}")
@@ -584,8 +587,8 @@ def train(cfg: RunConfig, resume: bool = True) -> int:
             return fit(setup_run(cfg, resume, world, device, dtype))
     finally:
         if lock is not None:
-            lock.release()
             if created and [p.name for p in out_dir.iterdir()] == [lock.path.name]:
                 shutil.rmtree(out_dir, ignore_errors=True)  # a run that failed before any output
+            lock.release()  # after: no second run can take the folder while it is removed
         if world.world_size > 1 and dist.is_initialized():
             dist.destroy_process_group()

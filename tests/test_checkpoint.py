@@ -222,3 +222,15 @@ def test_pointer_to_a_missing_folder_falls_back_to_the_newest(tmp_path: Path) ->
     assert ckpt.find_checkpoint(tmp_path).name == "ckpt-0000004"
     state = json.loads((tmp_path / "ckpt-0000004" / "state.json").read_text())
     assert state["iter"] == 4 and set(state["sha256"]) == {"model.safetensors", "optimizer.pt"}
+
+
+def test_a_checkpoint_from_before_padded_vocab_size_reads_both_sizes(tmp_path: Path) -> None:
+    """Older checkpoints saved the padded size as vocab_size; the tokenizer gives the real one."""
+    model = tiny_model()
+    folder = save(tmp_path, 3, model)
+    state = json.loads((folder / "state.json").read_text())
+    state["config"]["model"].pop("padded_vocab_size")  # as written before the split
+    (folder / "state.json").write_text(json.dumps(state))
+    found = ckpt.Checkpoint.open(tmp_path)
+    assert (found.config.model.vocab_size, found.config.model.padded_vocab_size) == (4, 64)
+    assert same_weights(model, found.load_model())  # "abc\n": 4 ids in 64 rows

@@ -357,3 +357,8 @@ def test_tiny_model_overfits_one_sequence(variant: dict) -> None:
         if loss.item() < 0.05:
             break
     assert loss.item() < 0.05
+
+
+def test_padded_vocab_size_needs_vocab_size() -> None:
+    with pytest.raises(GPTError, match="padded_vocab_size: is set but vocab_size is not"):
+        ModelConfig(padded_vocab_size=64)

@@ -17,7 +17,7 @@ import gpt.data.prepare as prepare_module
 import gpt.data.sources as sources
 from gpt.cli import app
 from gpt.config import DataConfig
-from gpt.data.prepare import data_is_ready, prepare
+from gpt.data.prepare import prepare
 from gpt.data.prepared import PreparedData
 from gpt.errors import GPTError
 from gpt.lock import FolderLock
@@ -418,23 +418,10 @@ def test_hub_rerun_is_a_noop_offline(tmp_path: Path, monkeypatch: pytest.MonkeyP
         raise ConnectionError("Couldn't reach the hub")
 
     monkeypatch.setattr(datasets, "load_dataset", offline)
-    assert data_is_ready(config)
     assert prepare(config, progress=False) == meta
     with pytest.raises(GPTError, match=r"cannot load hub dataset"):
         prepare(config, force=True, progress=False)
     assert PreparedData(tmp_path / "prepared", verify_hash=True).meta == meta  # a failed rebuild keeps the data
-
-
-def test_data_is_ready(tmp_path: Path, docs_folder: Callable[..., Path]) -> None:
-    folder = docs_folder()
-    config = cfg(tmp_path, folder)
-    assert not data_is_ready(config)
-    prepare(config, progress=False)
-    assert data_is_ready(config)
-    assert not data_is_ready(cfg(tmp_path, folder, tokenizer="char"))
-    assert not data_is_ready(cfg(tmp_path, tmp_path / "missing"))
-    (tmp_path / "prepared" / "val.bin").write_bytes(b"\x00")
-    assert not data_is_ready(config)
 
 
 def test_cli_prepare_and_its_errors(tmp_path: Path, docs_folder: Callable[..., Path]) -> None:

@@ -131,7 +131,7 @@ def test_bad_flags_fail_before_the_model_loads(run: Path, monkeypatch: pytest.Mo
     def no_load(*args: object, **kwargs: object) -> None:
         raise AssertionError("the checkpoint was loaded")
 
-    monkeypatch.setattr(gpt.sample, "load_for_sampling", no_load)
+    monkeypatch.setattr(gpt.sample, "load_for_inference", no_load)
     result = invoke(run, "sample", "--checkpoint", "out", "--top-k", "0")
     assert result.exit_code == 2 and "top_k: must be >= 1" in result.output
 

@@ -398,16 +398,6 @@ def _tokenize(
     return meta
 
 
-def data_is_ready(cfg: DataConfig) -> bool:
-    """Whether `cfg`'s data folder holds intact data prepared from this source and these
-    settings (sizes checked, not hashes; hub datasets are not contacted)."""
-    try:
-        meta = PreparedData(cfg.resolved_data_dir).meta
-        return meta.get("fingerprint") == _fingerprint(cfg, open_source(cfg))
-    except GPTError:
-        return False
-
-
 def _check_split_sizes(counts: dict[str, int], block_size: int, data_dir: Path) -> None:
     for split in SPLITS:
         n = counts[split]

@@ -26,7 +26,7 @@ from gpt.errors import GPTError
 from gpt.fileio import sha256_file, write_json_atomic
 from gpt.tokenizer import Tokenizer
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: a folder's documents are split by their sizes, not their count
 SPLITS = ("train", "val")
 META_FILE = "meta.json"
 
