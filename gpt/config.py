@@ -467,8 +467,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return from_dict(values)
 
 
-# Keys of [model] that do not change what a trained model computes at inference.
-INFERENCE_NEUTRAL = ("dropout", "attention")  # same weights, same outputs
+# Keys of [model] that say how the network runs, not what its weights are: a checkpoint
+# continues, and is sampled, with other values of these.
+RUNTIME_MODEL_KEYS = ("dropout", "attention")
 
 
 def layer_on_checkpoint(
@@ -489,7 +490,7 @@ def layer_on_checkpoint(
     contradicted = [
         f"model.{key} = {value!r} (the checkpoint has {getattr(saved.model, key)!r})"
         for key, value in file_values.get("model", {}).items()
-        if key not in INFERENCE_NEUTRAL
+        if key not in RUNTIME_MODEL_KEYS
         and getattr(dataclasses.replace(saved.model, **{key: value}), key)
         != getattr(saved.model, key)
     ]

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from gpt import checkpoint as ckpt
 from gpt.checkpoint import Checkpoint
-from gpt.config import ModelConfig, RunConfig, TrainConfig, to_dict
+from gpt.config import RUNTIME_MODEL_KEYS, ModelConfig, RunConfig, TrainConfig, to_dict
 from gpt.data.prepare import prepare
 from gpt.data.prepared import BatchSampler, PreparedData
 from gpt.device import resolve_device, resolve_dtype
@@ -370,10 +370,9 @@ def _fit_vocabulary(model: ModelConfig, tokenizer_vocab: int) -> ModelConfig:
 def _check_compatible(start: Checkpoint, cfg: RunConfig, tokenizer: dict[str, Any]) -> None:
     """A checkpoint continues only with the same model shape and tokenizer."""
     saved = start.config.model
-    ignore = {"dropout", "attention"}  # no effect on the weights' shapes
     for f in dataclasses.fields(saved):
         old, new = getattr(saved, f.name), getattr(cfg.model, f.name)
-        if f.name not in ignore and old != new:
+        if f.name not in RUNTIME_MODEL_KEYS and old != new:
             raise GPTError(
                 f"{start.path} was trained with model.{f.name} = {old!r}, the config now says "
                 f"{new!r}; set it back, or use another train.out_dir (or init_from to finetune)"
