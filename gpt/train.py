@@ -275,9 +275,8 @@ def setup_run(
         world.print0(f"resuming from {start.path} (iteration {start.state['iter']})"
                      if resumed else f"initialised from {start.path} (finetuning)")
     model.to(device)
-    data_dir = cfg.data.resolved_data_dir
     samplers = {
-        name: BatchSampler(data_dir, split, cfg.model.block_size, tcfg.batch_size, seed,
+        name: BatchSampler(data, split, cfg.model.block_size, tcfg.batch_size, seed,
                            world.rank, world.world_size, device)
         for name, split, seed in (
             ("train", "train", tcfg.seed),

@@ -208,7 +208,7 @@ class BatchSampler:
 
     def __init__(
         self,
-        data_dir: str | Path,
+        data: PreparedData | str | Path,
         split: str,
         block_size: int,
         batch_size: int,
@@ -217,10 +217,11 @@ class BatchSampler:
         world_size: int = 1,
         device: str | torch.device = "cpu",
     ) -> None:
-        self.data = PreparedData(data_dir).tokens(split)
+        prepared = data if isinstance(data, PreparedData) else PreparedData(data)  # opened once
+        self.data = prepared.tokens(split)
         if len(self.data) < block_size + 1:
             raise GPTError(
-                f"{data_dir}: the {split} split has {len(self.data)} tokens, fewer than "
+                f"{prepared.data_dir}: the {split} split has {len(self.data)} tokens, fewer than "
                 f"block_size + 1 = {block_size + 1}; add text or lower model.block_size"
             )
         self.block_size, self.batch_size = block_size, batch_size
