@@ -440,30 +440,40 @@ def test_a_run_that_fails_before_any_output_leaves_no_out_dir(tiny_run: Path) ->
     assert (tiny_run / "kept").is_dir()
 
 
+# gloo's TCP transport now and then drops a connection between two processes on a loaded host
+# (a known flake of gloo itself); a launch that fails that way is tried once more, which resumes
+# exactly where it stopped. Any other failure fails the test with the launch's own error output.
+TRANSPORT_FLAKES = ("Connection closed by peer", "Connection reset by peer", "Broken pipe",
+                    "Address already in use")
+
+
+def torchrun(*args: str) -> None:
+    """`gpt train` in two gloo processes on a free port (--standalone), so parallel test runs
+    never collide."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc_per_node=2", "-m", "gpt", "train", "--config", "tiny.toml", *args]
+    for attempt in (1, 2):
+        done = subprocess.run(command, timeout=300, capture_output=True, text=True, env=ENV)
+        if done.returncode == 0:
+            return
+        if attempt == 2 or not any(flake in done.stderr for flake in TRANSPORT_FLAKES):
+            raise AssertionError(f"torchrun exited {done.returncode}:\n{done.stderr[-4000:]}")
+
+
+def losses_by_iteration(out: Path) -> dict[int, float]:
+    return {r["iter"]: r["loss"] for r in metrics(out) if "loss" in r}
+
+
 @pytest.mark.slow
 def test_two_process_gloo_matches_one_process(tiny_run: Path) -> None:
     common = ["--set", "train.max_iters=12", "--set", "train.grad_accum_steps=2",
               "--set", "train.log_interval=1", "--set", "model.dropout=0.0"]
     subprocess.run(gpt_cmd(*common, "--set", "train.out_dir=one"), check=True, timeout=300,
                    capture_output=True, env=ENV)
-    subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         "-m", "gpt", "train", "--config", "tiny.toml", *common, "--set", "train.out_dir=two"],
-        check=True, timeout=300, capture_output=True, env=ENV,
-    )
-    one = [r["loss"] for r in metrics(tiny_run / "one") if "loss" in r]
-    two = [r["loss"] for r in metrics(tiny_run / "two") if "loss" in r]
-    assert len(one) == len(two) == 12
-    assert all(math.isclose(a, b, abs_tol=1e-5) for a, b in zip(one, two, strict=True))
-
-
-def torchrun(*args: str) -> None:
-    """Two gloo processes on a free port (--standalone), so parallel test runs never collide."""
-    subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         "-m", "gpt", "train", "--config", "tiny.toml", *args],
-        check=True, timeout=300, capture_output=True, env=ENV,
-    )
+    torchrun(*common, "--set", "train.out_dir=two")
+    one, two = losses_by_iteration(tiny_run / "one"), losses_by_iteration(tiny_run / "two")
+    assert sorted(one) == sorted(two) == list(range(1, 13))
+    assert all(math.isclose(one[i], two[i], abs_tol=1e-5) for i in one)
 
 
 @pytest.mark.slow
