@@ -102,7 +102,8 @@ def info(
         ),
     ] = None,
 ) -> None:
-    """Show the resolved config, parameter count, FLOPs per token and memory estimate."""
+    """Show the resolved config, parameter count, FLOPs per token, memory estimate and the
+    device's peak FLOP/s (MFU's denominator)."""
     import dataclasses
 
     import torch
@@ -129,6 +130,7 @@ def info(
         f"memory (float32):  weights {_bytes(4 * n_params)} + gradients {_bytes(4 * n_params)} "
         f"+ AdamW state {_bytes(8 * n_params)} = {_bytes(16 * n_params)}, before activations"
     )
+    typer.echo(f"device peak:       {_peak(cfg)}")
 
 
 def _info_config(
@@ -156,6 +158,32 @@ def _bytes(n: float) -> str:
     figures: a tiny model's weights read "59.9 KiB", not "0.00 GiB"."""
     units = (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10))
     unit, scale = next(((u, s) for u, s in units if n >= s), ("B", 1))
+    value = n / scale
+    return f"{value:.{2 if value < 10 else 1 if value < 100 else 0}f} {unit}"
+
+
+def _peak(cfg: RunConfig) -> str:
+    """The peak FLOP/s that training's MFU divides by, on [train] device in [train] dtype: a
+    CPU's is measured once and cached (gpt/peak.py), a GPU's comes from a table."""
+    from gpt.device import resolve_device, resolve_dtype
+    from gpt.metrics import describe_peak
+
+    if cfg.train.peak_flops is None:
+        try:
+            device = resolve_device(cfg.train.device, "[train] device")
+            dtype = resolve_dtype(cfg.train.dtype, device, "[train] dtype")
+        except GPTError as e:
+            return f"unknown here ({e})"
+        flops, source = describe_peak(cfg.train, device, dtype)
+    else:
+        flops, source = cfg.train.peak_flops, "[train] peak_flops"
+    return f"{_flop_rate(flops)} ({source})" if flops else f"unknown ({source})"
+
+
+def _flop_rate(n: float) -> str:
+    """FLOP/s in the largest decimal unit that keeps it at 1 or more, to about three figures."""
+    units = (("PFLOP/s", 1e15), ("TFLOP/s", 1e12), ("GFLOP/s", 1e9), ("MFLOP/s", 1e6))
+    unit, scale = next(((u, s) for u, s in units if n >= s), ("FLOP/s", 1))
     value = n / scale
     return f"{value:.{2 if value < 10 else 1 if value < 100 else 0}f} {unit}"
 

@@ -271,7 +271,9 @@ class TrainConfig(_Section):
     dtype: DType = _key("auto", "auto: bfloat16 on capable GPUs, float16 on older, float32 on CPU")
     compile: bool = _key(False, "wrap the model in torch.compile")
     seed: int = _key(1337, "seed of initialisation, batches and dropout")
-    peak_flops: float | None = _key(None, "device peak FLOP/s for MFU; unset = built-in table")
+    peak_flops: float | None = _key(
+        None, "device peak FLOP/s for MFU; unset = a GPU's from the table, a CPU's measured"
+    )
 
     def check(self) -> None:
         self._positive("batch_size", "grad_accum_steps", "eval_interval", "eval_iters")

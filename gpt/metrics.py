@@ -19,6 +19,7 @@ import torch
 from gpt.config import RunConfig, TrainConfig, to_dict
 from gpt.errors import first_line
 from gpt.fileio import write_atomic
+from gpt.peak import cpu_peak_flops, dtype_name
 
 # Dense bf16/fp16 tensor-core peaks (FLOP/s) for MFU; `[train] peak_flops` overrides.
 PEAK_FLOPS = {
@@ -35,14 +36,30 @@ PEAK_FLOPS = {
 }
 
 
-def peak_flops(cfg: TrainConfig, device: torch.device) -> float | None:
-    """The device's peak FLOP/s for MFU: the config's, else the table's, else unknown."""
+def peak_flops(cfg: TrainConfig, device: torch.device, dtype: torch.dtype) -> float | None:
+    """The device's peak FLOP/s for MFU in `dtype`, or None where unknown."""
+    return describe_peak(cfg, device, dtype)[0]
+
+
+def describe_peak(
+    cfg: TrainConfig, device: torch.device, dtype: torch.dtype
+) -> tuple[float | None, str]:
+    """The device's peak FLOP/s and where it comes from: the config's, else a CPU's measured
+    matmul rate (`gpt/peak.py`), else a GPU's from the table."""
     if cfg.peak_flops is not None:
-        return cfg.peak_flops
+        return cfg.peak_flops, "[train] peak_flops"
+    if device.type == "cpu":
+        threads = torch.get_num_threads()
+        return cpu_peak_flops(dtype), (
+            f"CPU, {dtype_name(dtype)}, {threads} thread{'s' * (threads != 1)}, measured"
+        )
     if device.type != "cuda":
-        return None
+        return None, f"no built-in peak for {device.type}; set [train] peak_flops"
     name = torch.cuda.get_device_name(device)
-    return next((flops for key, flops in PEAK_FLOPS.items() if key in name), None)
+    flops = next((flops for key, flops in PEAK_FLOPS.items() if key in name), None)
+    if flops is None:
+        return None, f"{name} is not in the built-in table; set [train] peak_flops"
+    return flops, f"{name}, dense bfloat16/float16 from the built-in table"
 
 
 class Throughput:
@@ -65,7 +82,7 @@ class Throughput:
             self.started += time.perf_counter() - started
 
     def read(self) -> dict[str, float]:
-        """{"tok_per_s"} (all ranks together) and {"mfu"} (per GPU) when the peak is known."""
+        """{"tok_per_s"} (all ranks together) and {"mfu"} (per process) when the peak is known."""
         now = time.perf_counter()
         tok_per_s = self.tokens / max(now - self.started, 1e-9)
         self.started, self.tokens = now, 0

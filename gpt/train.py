@@ -500,7 +500,8 @@ def fit(run: Run) -> int:
                      f"{tcfg.max_iters}; raise train.max_iters to train further")
     checkpoint_interval = tcfg.checkpoint_interval or tcfg.eval_interval
     throughput = Throughput(
-        run.model.flops_per_token(), world.world_size, peak_flops(tcfg, run.device)
+        run.model.flops_per_token(), world.world_size,
+        peak_flops(tcfg, run.device, resolve_dtype(tcfg.dtype, run.device, "[train] dtype")),
     )
     bar = tqdm(total=tcfg.max_iters, initial=state.iteration, disable=not world.main, unit="it")
     run.model.train()

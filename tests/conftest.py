@@ -1,13 +1,19 @@
-"""Test-wide settings (no network, no tracking service) and the shared tiny model config."""
+"""Test-wide settings (no network, no tracking service, a temporary cache) and the shared tiny
+model config."""
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
 
+from gpt import peak
 from gpt.config import ModelConfig
 
 os.environ.setdefault("WANDB_MODE", "offline")
@@ -16,6 +22,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# the CPU peak's cache, never the user's: set at import, so the environments that test modules
+# copy for their subprocesses hold it too; training measures the peak once a session per thread
+# count and dtype
+os.environ["GPT_CACHE_DIR"] = tempfile.mkdtemp(prefix="gpt-test-cache-")
+atexit.register(shutil.rmtree, os.environ["GPT_CACHE_DIR"], ignore_errors=True)
+
 
 TINY_MODEL = dict(vocab_size=64, block_size=16, n_layer=2, n_head=4, n_embd=32)
 
@@ -98,3 +110,22 @@ def docs_folder(tmp_path: Path) -> Callable[..., Path]:
         return folder
 
     return make
+
+
+@pytest.fixture
+def measured_peak(
+    monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[float, list[torch.dtype]]:
+    """The CPU peak benchmark replaced by one that returns a fixed figure at once, with an empty
+    cache and this process's memory of earlier figures cleared: (the figure, the dtype of each
+    measurement)."""
+    flops, calls = 1.25e9, []
+
+    def measure(dtype: torch.dtype) -> float:
+        calls.append(dtype)
+        return flops
+
+    monkeypatch.setattr(peak, "measure_matmul_flops", measure)
+    monkeypatch.setattr(peak, "_MEASURED", {})
+    monkeypatch.setenv("GPT_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
+    return flops, calls

@@ -7,11 +7,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from gpt import __version__
 from gpt import checkpoint as ckpt
-from gpt.cli import _bytes, app
+from gpt.cli import _bytes, _flop_rate, app
 from gpt.config import ModelConfig, RunConfig, to_dict, to_toml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -90,6 +91,39 @@ def test_info_memory_of_a_tiny_model_is_not_zero() -> None:
     assert ("weights 59.9 KiB + gradients 59.9 KiB + AdamW state 120 KiB = 240 KiB"
             in result.output)
     assert "0.00 GiB" not in result.output
+
+
+@pytest.mark.parametrize(
+    ("sets", "peak"),
+    [([], "1.25 GFLOP/s (CPU, float32, {threads}, measured)"),
+     (["train.dtype=bfloat16"], "1.25 GFLOP/s (CPU, bfloat16, {threads}, measured)"),
+     (["train.peak_flops=2e12"], "2.00 TFLOP/s ([train] peak_flops)")],
+)
+def test_info_prints_the_device_peak(
+    sets: list[str], peak: str, measured_peak: tuple[float, list[torch.dtype]]
+) -> None:
+    n = torch.get_num_threads()
+    threads = f"{n} thread{'s' * (n != 1)}"
+    args = [a for k in ["train.device=cpu", *sets] for a in ("--set", k)]
+    result = runner.invoke(app, ["info", *args])
+    assert result.exit_code == 0, result.output
+    assert f"device peak:       {peak.format(threads=threads)}\n" in result.output
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_info_without_the_configured_device_says_why_the_peak_is_unknown() -> None:
+    result = runner.invoke(app, ["info", "--set", "train.device=cuda"])
+    assert result.exit_code == 0, result.output
+    assert "device peak:       unknown here ([train] device 'cuda': no CUDA GPU" in result.output
+
+
+@pytest.mark.parametrize(
+    ("rate", "text"),
+    [(5e5, "500000 FLOP/s"), (1.25e9, "1.25 GFLOP/s"), (67.14e9, "67.1 GFLOP/s"),
+     (989e12, "989 TFLOP/s"), (2e15, "2.00 PFLOP/s")],
+)
+def test_flop_rates_read_in_a_unit_that_shows_them(rate: float, text: str) -> None:
+    assert _flop_rate(rate) == text
 
 
 def save_run(out: Path, iteration: int, cfg: RunConfig, is_best: bool = False) -> Path:
