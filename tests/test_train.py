@@ -269,31 +269,13 @@ def test_an_unwritable_out_dir_is_refused_before_any_work(tiny_run: Path) -> Non
         train(load_config("tiny.toml", ["train.out_dir=a_file/out"]))
 
 
-def poison_forward(monkeypatch: pytest.MonkeyPatch, what: str, after: int) -> None:
-    """Make every training forward after the first `after` give a non-finite `what`."""
-    forward = GPT.forward
-    calls = {"n": 0}
-
-    def poisoned(self, idx, targets=None, context=None):
-        logits, loss = forward(self, idx, targets, context)
-        if self.training:
-            calls["n"] += 1
-            if calls["n"] > after and what == "loss":
-                loss = loss * float("nan")
-            elif calls["n"] > after:  # adds 0 to the loss, but d sqrt(w)/dw at w = 0 is inf: NaN grads
-                loss = loss + 0.0 * torch.sqrt(self.transformer.wte.weight * 0.0).sum()
-        return logits, loss
-
-    monkeypatch.setattr(GPT, "forward", poisoned)
-
-
 @pytest.mark.parametrize("what", ["loss", "gradient norm"])
 @pytest.mark.parametrize("settings", [[], ["train.log_interval=100", "train.eval_interval=100"]],
                          ids=["checked at the log", "checked before the save"])
-def test_non_finite_stops_before_the_step(tiny_run: Path, monkeypatch: pytest.MonkeyPatch, what: str, settings: list[str]) -> None:
+def test_non_finite_stops_before_the_step(tiny_run: Path, poison_forward, what: str, settings: list[str]) -> None:
     """Steps 16 on are bad: the error names 16, raised at the next log, evaluation or save (20),
     before anything is logged or saved from those steps."""
-    poison_forward(monkeypatch, what, after=15)
+    poison_forward(what, after=15)
     with pytest.raises(GPTError, match=rf"non-finite {what} at iteration 16; .*last good checkpoint: .*ckpt-0000010"):
         train(load_config("tiny.toml", settings))
     weights = load_file(str(tiny_run / "out" / "ckpt-0000010" / "model.safetensors"))
@@ -318,7 +300,7 @@ def snapshot(run) -> list[torch.Tensor]:
 @pytest.mark.parametrize("what", ["loss", "gradient norm"])
 @pytest.mark.parametrize("fused", [False, True], ids=["host check", "fused found_inf"])
 def test_a_non_finite_step_never_reaches_the_weights(
-    tiny_run: Path, monkeypatch: pytest.MonkeyPatch, what: str, fused: bool
+    tiny_run: Path, poison_forward, what: str, fused: bool
 ) -> None:
     """The skipped step leaves weights, moments and step counts as they were, and the error
     names the first bad step when the loop checks."""
@@ -331,7 +313,7 @@ def test_a_non_finite_step_never_reaches_the_weights(
         train_step(run)
         run.nonfinite.check(run.last_checkpoint)  # a good step: nothing to report
         before = snapshot(run)
-        poison_forward(monkeypatch, what, after=0)
+        poison_forward(what, after=0)
         for _ in range(2):
             assert not torch.isfinite(train_step(run)) or what == "gradient norm"
         assert run.state.iteration == 3  # the loop goes on to its next check
