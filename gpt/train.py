@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 import os
 import random
@@ -229,6 +230,7 @@ class Run:
     state: TrainState
     metrics: MetricsLog | None  # rank 0 only
     last_checkpoint: Path | None  # the newest checkpoint on disk, for messages
+    nonfinite: NonFiniteSteps  # the first step kept from the weights, checked before logs and saves
     # checkpoints newer than the resumed one that failed their check: never kept as good ones
     damaged_checkpoints: set[str] = field(default_factory=set)
 
@@ -292,7 +294,8 @@ def setup_run(
         optimizer=make_optimizer(model, tcfg, device),
         scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
         samplers=samplers, tokenizer=data.tokenizer, state=TrainState(), metrics=None,
-        last_checkpoint=resumed.path if resumed else None, damaged_checkpoints=damaged,
+        last_checkpoint=resumed.path if resumed else None, nonfinite=NonFiniteSteps(device),
+        damaged_checkpoints=damaged,
     )
     if resumed is not None:
         _restore(run, resumed)
@@ -429,21 +432,109 @@ def save(run: Run, is_best: bool) -> None:
 # One step, the loss estimate, the loop
 
 
-def train_step(run: Run) -> float:
-    """One optimizer step: micro-batches (gradients synced on the last), clipping, a refusal of
-    non-finite values before they reach the weights. Returns the step's mean loss."""
+class NonFiniteSteps:
+    """The first step whose loss or gradient norm was not finite, noted on the device, so that
+    watching every step costs no host sync; `check` reads it (one sync) and stops the run."""
+
+    WHAT = {1: "loss", 2: "gradient norm"}
+
+    def __init__(self, device: torch.device) -> None:
+        self.first = torch.zeros(2, dtype=torch.int64, device=device)  # [iteration, what]; 0: none
+
+    def note(self, iteration: int, bad_loss: torch.Tensor, bad_norm: torch.Tensor) -> None:
+        """Remember `iteration` if it is the first bad one (bad_loss, bad_norm: 0-dim bool)."""
+        what = torch.where(bad_loss, 1, torch.where(bad_norm, 2, 0))
+        seen = torch.stack((what.clamp(max=1) * iteration, what))  # [0, 0] for a good step
+        self.first = torch.where(self.first[1] == 0, seen, self.first)
+
+    def check(self, last_checkpoint: Path | None) -> None:
+        """Raise if any step so far was bad; its update never reached the weights."""
+        iteration, what = self.first.tolist()
+        if what:
+            raise GPTError(
+                f"non-finite {self.WHAT[what]} at iteration {iteration}; stopped before the "
+                f"optimizer step; last good checkpoint: {last_checkpoint or 'none yet'}; lower "
+                "train.learning_rate or check the data"
+            )
+
+
+@functools.cache
+def found_inf_skips(device: torch.device) -> bool:
+    """Whether fused AdamW on `device` honours a `found_inf` flag as GradScaler sets it for fused
+    optimizers: a flagged step leaves the weights, moments and step count as they were.
+
+    One probe per device, run once: an optimizer that ignored the flag would apply a bad step, so
+    a torch (or device) that fails it gets the host check of `step_unless` instead.
+    """
+    try:
+        weight = torch.nn.Parameter(torch.ones(4, device=device))
+        weight.grad = torch.ones_like(weight)
+        optimizer = torch.optim.AdamW([weight], lr=0.5, fused=True)
+        optimizer.found_inf = torch.ones((), device=device)  # type: ignore[attr-defined]
+        optimizer.step()
+        state = optimizer.state[weight]
+        skipped = bool((weight == 1).all()) and state["step"].item() == 0
+        skipped = skipped and not state["exp_avg"].any()
+        optimizer.found_inf = torch.zeros((), device=device)  # type: ignore[attr-defined]
+        optimizer.step()
+        stepped = bool((weight < 1).all()) and state["step"].item() == 1
+        return skipped and stepped
+    except Exception:  # no fused AdamW on this device or in this torch
+        return False
+
+
+def skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether `step_unless` can skip this optimizer's step without reading the flag on the host:
+    fused AdamW (what `make_optimizer` builds on CUDA) where the probe passes."""
+    groups = optimizer.param_groups
+    return (
+        isinstance(optimizer, torch.optim.AdamW)
+        and all(group.get("fused") for group in groups)
+        and found_inf_skips(groups[0]["params"][0].device)
+    )
+
+
+def step_unless(optimizer: torch.optim.Optimizer, bad: torch.Tensor) -> None:
+    """`optimizer.step()`, unless the 0-dim bool `bad` on the device is set.
+
+    Fused AdamW reads the flag inside its kernel, so nothing waits for the device. Any other
+    optimizer is told nothing of it, so the flag is read on the host: exact, at the cost of one
+    sync per step (nothing on the CPU, where nothing runs ahead of the host). Masking the update
+    with torch.where instead would need a copy of the weights and moments every step.
+    """
+    if skips_on_device(optimizer):
+        optimizer.found_inf = bad.float()  # type: ignore[attr-defined]
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.found_inf  # type: ignore[attr-defined]
+    elif not bad.item():
+        optimizer.step()
+
+
+def train_step(run: Run) -> torch.Tensor:
+    """One optimizer step: micro-batches (gradients synced on the last), clipping, and a step
+    with a non-finite loss or gradient norm kept from the weights (`run.nonfinite` notes it).
+
+    Returns the step's mean loss as a 0-dim tensor on the device: the step never waits for the
+    device, so the host queues the next one while this one runs.
+    """
     tcfg, world = run.cfg.train, run.world
     accum = tcfg.grad_accum_steps // world.world_size
     for group in run.optimizer.param_groups:
         group["lr"] = lr_at(run.state.iteration, tcfg)
+    sampler = run.samplers["train"]
     loss_sum = torch.zeros((), device=run.device)
     for micro in range(accum):
-        x, y = run.samplers["train"].next_batch()  # (B, T) each
+        x, y = sampler.next_batch()  # (B, T) each
         sync = world.world_size == 1 or micro == accum - 1
         with (contextlib.nullcontext() if sync else run.trained.no_sync()), run.autocast:
             _, loss = run.trained(x, y)
             loss = loss / accum
+        if run.scaler.is_enabled():  # a non-finite loss makes every gradient NaN: a skipped step
+            loss = loss * torch.where(torch.isfinite(loss.detach()), 1.0, math.nan)
         run.scaler.scale(loss).backward()
+        sampler.prefetch()  # the next batch, drawn while this one's work runs
         loss_sum += loss.detach().float()
     if world.world_size > 1:
         dist.all_reduce(loss_sum)
@@ -451,22 +542,21 @@ def train_step(run: Run) -> float:
     run.scaler.unscale_(run.optimizer)
     max_norm = tcfg.grad_clip if tcfg.grad_clip > 0 else float("inf")
     norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), max_norm)
-    loss_value = loss_sum.item()
-    # with a GradScaler, inf gradients are expected: it skips the step itself
-    bad_norm = not run.scaler.is_enabled() and not torch.isfinite(norm)
-    if not math.isfinite(loss_value) or bad_norm:
-        what = "loss" if not math.isfinite(loss_value) else "gradient norm"
-        raise GPTError(
-            f"non-finite {what} at iteration {run.state.iteration + 1}; stopped before the "
-            f"optimizer step; last good checkpoint: {run.last_checkpoint or 'none yet'}; lower "
-            "train.learning_rate or check the data"
-        )
-    run.scaler.step(run.optimizer)
+    bad_loss = ~torch.isfinite(loss_sum)
+    if run.scaler.is_enabled():
+        # inf gradients are expected while the scaler finds its scale: it skips those steps
+        # itself (and lowers the scale), so only a non-finite loss is an error
+        run.nonfinite.note(run.state.iteration + 1, bad_loss, torch.zeros_like(bad_loss))
+        run.scaler.step(run.optimizer)
+    else:
+        bad_norm = ~torch.isfinite(norm)
+        run.nonfinite.note(run.state.iteration + 1, bad_loss, bad_norm)
+        step_unless(run.optimizer, bad_loss | bad_norm)
     run.scaler.update()
     run.optimizer.zero_grad(set_to_none=True)
     run.state.iteration += 1
     run.state.tokens_seen += run.tokens_per_iter
-    return loss_value
+    return loss_sum
 
 
 @torch.no_grad()
@@ -512,16 +602,21 @@ def fit(run: Run) -> int:
             bar.unpause()  # the bar's rate and ETA count training steps only
         with StopFlag() as stop:
             while state.iteration < tcfg.max_iters:
-                loss = train_step(run)
+                loss = train_step(run)  # on the device: read only where it is logged
                 throughput.add(run.tokens_per_iter)
                 bar.update(1)
                 done, last = state.iteration, state.iteration == tcfg.max_iters
+                # in one process the host waits for the device only at a log, an evaluation or
+                # a save (DDP adds the signal check), each first checking that no step since
+                # was kept from the weights
                 if done % tcfg.log_interval == 0 or last:
-                    values = {"loss": loss, **throughput.read()}
+                    run.nonfinite.check(run.last_checkpoint)
+                    values = {"loss": loss.item(), **throughput.read()}
                     run.record(**values)
                     bar.set_postfix(_postfix(values))
                 is_best = False
                 if done % tcfg.eval_interval == 0 or last:
+                    run.nonfinite.check(run.last_checkpoint)
                     with throughput.paused():
                         losses = estimate_loss(run)
                     run.record(**losses)
@@ -534,6 +629,7 @@ def fit(run: Run) -> int:
                     state.best_val_loss = min(state.best_val_loss, losses["val_loss"])
                 stopping = stop.seen(world, run.device)
                 if done % checkpoint_interval == 0 or last or stopping:
+                    run.nonfinite.check(run.last_checkpoint)
                     with throughput.paused():
                         save(run, is_best)
                 if stopping:

@@ -15,6 +15,7 @@ import torch
 
 from gpt import peak
 from gpt.config import ModelConfig
+from gpt.model import GPT
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
@@ -93,6 +94,30 @@ def tiny_run(
     """A folder holding the tiny run's corpus and config; the test runs inside it."""
     monkeypatch.chdir(tmp_path)
     return write_tiny_run(tmp_path)
+
+
+@pytest.fixture
+def poison_forward(monkeypatch: pytest.MonkeyPatch) -> Callable[[str, int], None]:
+    """`poison_forward(what, after)`: every training forward of GPT after the first `after`
+    gives a non-finite `what` ("loss", or "gradient norm" with a finite loss)."""
+
+    def poison(what: str, after: int) -> None:
+        forward = GPT.forward
+        calls = {"n": 0}
+
+        def poisoned(self, idx, targets=None, context=None):  # type: ignore[no-untyped-def]
+            logits, loss = forward(self, idx, targets, context)
+            if self.training:
+                calls["n"] += 1
+                if calls["n"] > after and what == "loss":
+                    loss = loss * float("nan")
+                elif calls["n"] > after:  # adds 0, but d sqrt(w)/dw at w = 0 is inf: NaN grads
+                    loss = loss + 0.0 * torch.sqrt(self.transformer.wte.weight * 0.0).sum()
+            return logits, loss
+
+        monkeypatch.setattr(GPT, "forward", poisoned)
+
+    return poison
 
 
 @pytest.fixture

@@ -116,6 +116,27 @@ def test_sampler_state_round_trip_gives_the_same_next_batches(tmp_path: Path) ->
         assert torch.equal(x, rx) and torch.equal(y, ry)
 
 
+def test_prefetch_keeps_the_stream_and_its_state_is_before_the_held_batch(tmp_path: Path) -> None:
+    write_data(tmp_path, "".join(chr(33 + i % 90) for i in range(4500)), "x" * 500)
+    plain = BatchSampler(tmp_path, "train", block_size=16, batch_size=4, seed=7)
+    ahead = BatchSampler(tmp_path, "train", block_size=16, batch_size=4, seed=7)
+    expected = [plain.next_batch() for _ in range(4)]
+    got = []
+    for _ in range(2):
+        got.append(ahead.next_batch())
+        ahead.prefetch()
+        ahead.prefetch()  # a second call holds the same batch, draws nothing
+    state = json.loads(json.dumps(ahead.state_dict()))  # one batch held: the state before it
+    got += [ahead.next_batch(), ahead.next_batch()]
+    for (x, y), (ex, ey) in zip(got, expected, strict=True):
+        assert torch.equal(x, ex) and torch.equal(y, ey)
+    resumed = BatchSampler(tmp_path, "train", block_size=16, batch_size=4, seed=999)
+    resumed.prefetch()  # a held batch of another stream is dropped by load_state_dict
+    resumed.load_state_dict(state)
+    for x, ex in zip([resumed.next_batch()[0] for _ in range(2)], [b[0] for b in expected[2:]], strict=True):
+        assert torch.equal(x, ex)
+
+
 def test_ranks_split_the_single_process_stream(tmp_path: Path) -> None:
     """Two ranks get different batches, together exactly those of one process's two calls."""
     write_data(tmp_path, "".join(chr(33 + i % 90) for i in range(4500)), "x" * 500)

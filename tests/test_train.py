@@ -27,11 +27,14 @@ from gpt.lock import FolderLock
 from gpt.model import GPT
 from gpt.train import (
     Dist,
+    NonFiniteSteps,
     StopFlag,
     TrainState,
+    found_inf_skips,
     lr_at,
     make_optimizer,
     setup_run,
+    skips_on_device,
     train,
     train_step,
 )
@@ -267,26 +270,104 @@ def test_an_unwritable_out_dir_is_refused_before_any_work(tiny_run: Path) -> Non
 
 
 @pytest.mark.parametrize("what", ["loss", "gradient norm"])
-def test_non_finite_stops_before_the_step(tiny_run: Path, monkeypatch: pytest.MonkeyPatch, what: str) -> None:
-    forward = GPT.forward
-    calls = {"n": 0}
-
-    def poisoned(self, idx, targets=None, context=None):
-        logits, loss = forward(self, idx, targets, context)
-        if self.training:
-            calls["n"] += 1
-            if calls["n"] > 15 and what == "loss":
-                loss = loss * float("nan")
-            elif calls["n"] > 15:  # adds 0 to the loss, but d sqrt(w)/dw at w = 0 is inf: NaN grads
-                loss = loss + 0.0 * torch.sqrt(self.transformer.wte.weight * 0.0).sum()
-        return logits, loss
-
-    monkeypatch.setattr(GPT, "forward", poisoned)
+@pytest.mark.parametrize("settings", [[], ["train.log_interval=100", "train.eval_interval=100"]],
+                         ids=["checked at the log", "checked before the save"])
+def test_non_finite_stops_before_the_step(tiny_run: Path, poison_forward, what: str, settings: list[str]) -> None:
+    """Steps 16 on are bad: the error names 16, raised at the next log, evaluation or save (20),
+    before anything is logged or saved from those steps."""
+    poison_forward(what, after=15)
     with pytest.raises(GPTError, match=rf"non-finite {what} at iteration 16; .*last good checkpoint: .*ckpt-0000010"):
-        train(load_config("tiny.toml"))
+        train(load_config("tiny.toml", settings))
     weights = load_file(str(tiny_run / "out" / "ckpt-0000010" / "model.safetensors"))
     assert all(torch.isfinite(w).all() for w in weights.values())
     assert not (tiny_run / "out" / "ckpt-0000020").exists()
+    assert all(math.isfinite(r.get("loss", 0.0)) and r["iter"] <= 15 for r in metrics(tiny_run / "out"))
+
+
+def fused_adamw(run) -> torch.optim.AdamW:
+    """The run's parameter groups under a fused AdamW (what CUDA runs get), here on the CPU."""
+    tcfg = run.cfg.train
+    groups = [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in run.optimizer.param_groups]
+    return torch.optim.AdamW(groups, lr=tcfg.learning_rate, betas=(tcfg.beta1, tcfg.beta2), fused=True)
+
+
+def snapshot(run) -> list[torch.Tensor]:
+    """Copies of the weights and every tensor of the optimizer state (moments, step counts)."""
+    state = [v for s in run.optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
+    return [t.detach().clone() for t in [*run.model.parameters(), *state]]
+
+
+@pytest.mark.parametrize("what", ["loss", "gradient norm"])
+@pytest.mark.parametrize("fused", [False, True], ids=["host check", "fused found_inf"])
+def test_a_non_finite_step_never_reaches_the_weights(
+    tiny_run: Path, poison_forward, what: str, fused: bool
+) -> None:
+    """The skipped step leaves weights, moments and step counts as they were, and the error
+    names the first bad step when the loop checks."""
+    cfg = load_config("tiny.toml", ["model.dropout=0.0"])
+    run = setup_run(cfg, True, Dist(), torch.device("cpu"), torch.float32)
+    try:
+        if fused:
+            run.optimizer = fused_adamw(run)
+        assert skips_on_device(run.optimizer) is fused  # fused: no host read of the flag
+        train_step(run)
+        run.nonfinite.check(run.last_checkpoint)  # a good step: nothing to report
+        before = snapshot(run)
+        poison_forward(what, after=0)
+        for _ in range(2):
+            assert not torch.isfinite(train_step(run)) or what == "gradient norm"
+        assert run.state.iteration == 3  # the loop goes on to its next check
+        assert all(torch.equal(a, b) for a, b in zip(before, snapshot(run), strict=True))
+        with pytest.raises(GPTError, match=rf"non-finite {what} at iteration 2; stopped before the optimizer step; last good checkpoint: none yet"):
+            run.nonfinite.check(run.last_checkpoint)
+    finally:
+        run.metrics.close()
+
+
+def test_the_found_inf_probe_refuses_a_fused_adamw_that_ignores_the_flag(monkeypatch: pytest.MonkeyPatch) -> None:
+    cpu = torch.device("cpu")
+    assert found_inf_skips.__wrapped__(cpu)  # this torch's fused CPU AdamW honours it
+    step = torch.optim.AdamW.step
+
+    def ignores_the_flag(self, *args, **kwargs):
+        self.__dict__.pop("found_inf", None)
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", ignores_the_flag)
+    assert not found_inf_skips.__wrapped__(cpu)  # so step_unless would read it on the host
+
+
+def test_the_device_is_waited_for_only_at_logs_evaluations_and_saves(
+    tiny_run: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """train_step hands back its loss on the device; the loop reads it where it logs (every 7
+    steps and the last) and checks for non-finite steps only where it logs, evaluates or saves."""
+    import gpt.train
+
+    step, item, check = gpt.train.train_step, torch.Tensor.item, NonFiniteSteps.check
+    losses: list[tuple[int, torch.Tensor]] = []  # (iteration, the step's loss)
+    reads, checks = [], set()
+
+    def recorded_step(run):
+        loss = step(run)
+        assert isinstance(loss, torch.Tensor) and loss.dim() == 0
+        losses.append((run.state.iteration, loss))
+        return loss
+
+    def recorded_item(self):
+        reads.extend(i for i, loss in losses if loss is self)
+        return item(self)
+
+    def recorded_check(self, last_checkpoint):
+        checks.add(losses[-1][0] if losses else 0)
+        return check(self, last_checkpoint)
+
+    monkeypatch.setattr(gpt.train, "train_step", recorded_step)
+    monkeypatch.setattr(torch.Tensor, "item", recorded_item)
+    monkeypatch.setattr(NonFiniteSteps, "check", recorded_check)
+    assert train(load_config("tiny.toml", ["train.log_interval=7"])) == 0
+    assert reads == [7, 14, 21, 28, 30]
+    assert sorted(checks) == [7, 10, 14, 20, 21, 28, 30]  # evaluations and saves every 10
 
 
 def test_bfloat16_autocast_on_the_cpu(tiny_run: Path) -> None:
@@ -319,7 +400,9 @@ def test_train_step_is_one_adamw_step_on_the_accumulated_gradient(tiny_run: Path
         torch.nn.utils.clip_grad_norm_(reference.parameters(), cfg.train.grad_clip)
         optimizer.step()
 
-        assert train_step(run) == pytest.approx(sum(losses) / 2, rel=1e-6)
+        loss = train_step(run)
+        assert loss.dim() == 0 and loss.device == run.device  # on the device, read by the caller
+        assert loss.item() == pytest.approx(sum(losses) / 2, rel=1e-6)
         assert (run.state.iteration, run.state.tokens_seen) == (1, 2 * 4 * 32)
         for ours, theirs in zip(run.model.parameters(), reference.parameters(), strict=True):
             torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)

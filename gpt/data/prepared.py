@@ -204,6 +204,11 @@ class BatchSampler:
     the start positions of `world_size` batches and rank r reads the r-th, so every rank sees
     different data and N ranks see exactly the batches one process would see over N micro-steps.
     `state_dict()` is plain data (JSON-able); `load_state_dict` restores the stream exactly.
+
+    `prefetch()` draws the next batch ahead of time (on CUDA its copy to the device is queued
+    behind the work already launched) and `next_batch` hands it out; the stream is the same
+    with or without it, and `state_dict()` is the state before a held batch, so a run resumed
+    from it draws that batch again.
     """
 
     def __init__(
@@ -229,6 +234,8 @@ class BatchSampler:
         self.device = torch.device(device)
         self.generator = torch.Generator().manual_seed(self._stream_seed(seed, split))
         self._offsets = np.arange(block_size + 1)  # (T + 1,)
+        # a batch drawn ahead by `prefetch`, with the generator state from before it
+        self._held: tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
     @staticmethod
     def _stream_seed(seed: int, split: str) -> int:
@@ -237,6 +244,18 @@ class BatchSampler:
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """x, y: (batch_size, block_size) int64, y being x shifted left by one token."""
+        if self._held is not None:
+            batch, self._held = self._held[0], None
+            return batch
+        return self._draw()
+
+    def prefetch(self) -> None:
+        """Draw the next batch now, for `next_batch` to return (nothing if one is held)."""
+        if self._held is None:
+            state = self.generator.get_state()
+            self._held = (self._draw(), state)
+
+    def _draw(self) -> tuple[torch.Tensor, torch.Tensor]:
         starts = torch.randint(
             len(self.data) - self.block_size,
             (self.world_size, self.batch_size),
@@ -244,16 +263,18 @@ class BatchSampler:
         )[self.rank]  # (B,): this rank's row of the world's batches
         windows = self.data[starts.numpy()[:, None] + self._offsets]  # (B, T + 1)
         batch = torch.from_numpy(windows.astype(np.int64))
-        x, y = batch[:, :-1], batch[:, 1:]
+        x, y = batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
         if self.device.type == "cuda":  # page-locked host memory lets the copy overlap compute
             return (
                 x.pin_memory().to(self.device, non_blocking=True),
                 y.pin_memory().to(self.device, non_blocking=True),
             )
-        return x.contiguous().to(self.device), y.contiguous().to(self.device)
+        return x.to(self.device), y.to(self.device)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"generator": self.generator.get_state().tolist()}
+        state = self._held[1] if self._held is not None else self.generator.get_state()
+        return {"generator": state.tolist()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.generator.set_state(torch.tensor(state["generator"], dtype=torch.uint8))
+        self._held = None
