@@ -44,7 +44,9 @@ def pad_vocab(n: int, multiple: int = VOCAB_MULTIPLE) -> int:
 Norm = Literal["layernorm", "rmsnorm"]
 NormPosition = Literal["pre", "post"]
 MLPKind = Literal["standard", "swiglu", "geglu"]
-Activation = Literal["gelu", "gelu_tanh", "relu", "leaky_relu", "silu", "sigmoid", "tanh"]
+Activation = Literal[
+    "gelu", "gelu_tanh", "relu", "relu2", "leaky_relu", "silu", "sigmoid", "tanh"
+]
 PosEmbedding = Literal["learned", "rope"]
 AttentionImpl = Literal["sdpa", "manual"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]

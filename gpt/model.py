@@ -19,10 +19,17 @@ from torch import Tensor, nn
 from gpt.config import ModelConfig
 from gpt.errors import GPTError
 
+def relu_squared(x: Tensor) -> Tensor:
+    """relu(x)^2: Primer's activation, kept by modded-nanogpt and nanochat for its sparse, cheap
+    nonlinearity that trains faster than GELU at small scale."""
+    return F.relu(x).square()
+
+
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "gelu": F.gelu,
     "gelu_tanh": partial(F.gelu, approximate="tanh"),
     "relu": F.relu,
+    "relu2": relu_squared,
     "leaky_relu": F.leaky_relu,
     "silu": F.silu,
     "sigmoid": torch.sigmoid,

@@ -69,7 +69,7 @@ def test_override_values_parse_as_toml_then_string() -> None:
         ("[train]\nlearning_rate = \"fast\"\n", [], r"learning_rate must be a number"),
         ("[model]\nnorm = \"batchnorm\"\n", [], r'choose one of "layernorm", "rmsnorm"'),
         ("[model]\nmlp = \"swiglu2\"\n", [], r'"standard", "swiglu", "geglu" \(did you mean "swiglu"\?\)'),
-        ("[model]\nactivation = \"elu\"\n", [], r'"gelu", "gelu_tanh", "relu", "leaky_relu", "silu", "sigmoid", "tanh"'),
+        ("[model]\nactivation = \"elu\"\n", [], r'"gelu", "gelu_tanh", "relu", "relu2", "leaky_relu", "silu", "sigmoid", "tanh"'),
         ("[model]\nn_embd = 100\nn_head = 12\n", [], r"n_embd: 100 is not divisible by n_head = 12"),
         ("[model]\nn_head = 12\nn_kv_head = 5\n", [], r"n_head = 12 is not divisible by n_kv_head = 5"),
         ("[model]\nn_embd = 36\nn_head = 12\npos_embedding = \"rope\"\n", [], r"rope needs an even head size.*= 3"),

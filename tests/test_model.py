@@ -174,6 +174,13 @@ def test_activations_match_torch_modules(name: str, reference: nn.Module) -> Non
     torch.testing.assert_close(ACTIVATIONS[name](x), reference(x))
 
 
+def test_relu2_is_relu_squared() -> None:
+    x = torch.linspace(-6, 6, 101, requires_grad=True)
+    torch.testing.assert_close(ACTIVATIONS["relu2"](x), torch.relu(x) ** 2, rtol=0, atol=0)
+    ACTIVATIONS["relu2"](x).sum().backward()
+    torch.testing.assert_close(x.grad, 2 * torch.relu(x.detach()))  # d/dx relu(x)^2
+
+
 @pytest.mark.parametrize("activation", list(ACTIVATIONS))
 def test_standard_mlp_is_w2_act_w1(activation: str, tiny_config: Callable[..., ModelConfig]) -> None:
     torch.manual_seed(0)
