@@ -129,8 +129,14 @@ class ModelConfig(_Section):
     )
     rope_base: float = _key(10000.0, "RoPE frequency base (theta)")
     tie_embeddings: bool = _key(True, "share one matrix between token embedding and LM head")
+    logit_softcap: float | None = _key(
+        None, "squash the logits into (-cap, cap): cap * tanh(logits / cap); unset = off"
+    )
     attention: AttentionImpl = _key(
         "sdpa", "sdpa: F.scaled_dot_product_attention; manual: explicit masked softmax"
+    )
+    qk_norm: bool = _key(
+        False, "RMS-normalise each head's queries and keys (no learned gain) before RoPE"
     )
     cross_attention: bool = _key(
         False, "add a cross-attention sublayer to every block (keys/values from a context)"
@@ -149,7 +155,7 @@ class ModelConfig(_Section):
                 f"{self.padded_vocab_size} is smaller than vocab_size = {self.vocab_size}; "
                 "raise it or leave it unset",
             )
-        self._positive("norm_eps", "mlp_hidden", "rope_base")
+        self._positive("norm_eps", "mlp_hidden", "rope_base", "logit_softcap")
         if not 0.0 <= self.dropout < 1.0:
             self._fail("dropout", f"must be in [0, 1), got {self.dropout!r}")
         if self.n_embd % self.n_head:

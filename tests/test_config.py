@@ -75,6 +75,7 @@ def test_override_values_parse_as_toml_then_string() -> None:
         ("[model]\nn_embd = 36\nn_head = 12\npos_embedding = \"rope\"\n", [], r"rope needs an even head size.*= 3"),
         ("[model]\ndropout = 1.5\n", [], r"dropout: must be in \[0, 1\)"),
         ("[model]\nn_layer = 0\n", [], r"n_layer: must be > 0"),
+        ("", ["model.logit_softcap=0"], r"\[model\] logit_softcap: must be > 0, got 0.0"),
         ("[model]\nn_layer = [1\n", [], r"run.toml: malformed TOML: Unclosed array"),
         ("[model]\nn_layer = 1\nn_layer = 2\n", [], r"malformed TOML: .*\(at line 3, column"),
         ("", ["model.n_layer"], r"expected section.key=value"),
