@@ -129,6 +129,9 @@ class ModelConfig(_Section):
     )
     rope_base: float = _key(10000.0, "RoPE frequency base (theta)")
     tie_embeddings: bool = _key(True, "share one matrix between token embedding and LM head")
+    zero_init_proj: bool = _key(
+        False, "start the output projections (c_proj) at zero: every block starts as the identity"
+    )
     logit_softcap: float | None = _key(
         None, "squash the logits into (-cap, cap): cap * tanh(logits / cap); unset = off"
     )
@@ -475,9 +478,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return from_dict(values)
 
 
-# Keys of [model] that say how the network runs, not what its weights are: a checkpoint
-# continues, and is sampled, with other values of these.
-RUNTIME_MODEL_KEYS = ("dropout", "attention")
+# Keys of [model] that say how the network runs or how fresh weights start, not what trained
+# weights are: a checkpoint continues, is finetuned and is sampled with other values of these.
+RUNTIME_MODEL_KEYS = ("dropout", "attention", "zero_init_proj")
 
 
 def layer_on_checkpoint(

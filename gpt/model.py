@@ -292,9 +292,11 @@ class GPT(nn.Module):
     def _init_weights(self, module: nn.Module) -> None:
         """GPT-2 initialisation: every Linear and Embedding weight ~ N(0, 0.02), biases zero.
 
-        Norm weights start at one (their constructors). `init_residual_projections` then scales
-        the projections that write into the residual stream (attention and MLP `c_proj`) down to
-        N(0, 0.02 / sqrt(2 * n_layer)), so the stream's variance does not grow with depth.
+        Norm weights start at one (their constructors). `init_residual_projections` then sets
+        the projections that write into the residual stream (attention, cross-attention and MLP
+        `c_proj`): N(0, 0.02 / sqrt(2 * n_layer)) so that the stream's variance does not grow
+        with depth, or zero with `zero_init_proj` (modded-nanogpt, nanochat) so that every
+        block starts as the identity and each sublayer's output grows from nothing.
         """
         if isinstance(module, nn.Linear):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
@@ -304,9 +306,14 @@ class GPT(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def init_residual_projections(self) -> None:
+        """The residual-stream writers' weights: scaled down by depth, or zero (see above)."""
         std = 0.02 / math.sqrt(2 * self.config.n_layer)
         for name, param in self.named_parameters():
-            if name.endswith("c_proj.weight"):
+            if not name.endswith("c_proj.weight"):
+                continue
+            if self.config.zero_init_proj:
+                nn.init.zeros_(param)
+            else:
                 nn.init.normal_(param, mean=0.0, std=std)
 
     def forward(

@@ -395,6 +395,38 @@ def test_gpt2_initialisation() -> None:
     assert torch.equal(h.ln_1.weight, torch.ones(256))
 
 
+def test_zero_init_proj_zeroes_the_residual_writers_only(tiny_config: Callable[..., ModelConfig]) -> None:
+    """Every c_proj (attention, cross-attention, MLP) starts at zero, nothing else does, and
+    each block starts as the identity."""
+    torch.manual_seed(0)
+    model = GPT(tiny_config(zero_init_proj=True, cross_attention=True))
+    zero = {name for name, p in model.named_parameters() if p.dim() == 2 and not p.any()}
+    assert zero == {f"transformer.h.{i}.{part}.c_proj.weight" for i in range(2)
+                    for part in ("attn", "cross_attn", "mlp")}
+    x, context = torch.randn(2, 5, 32), torch.randn(2, 3, 32)
+    torch.testing.assert_close(model.transformer.h[0](x, context=context), x, rtol=0, atol=0)
+    default = GPT(tiny_config())
+    assert all(p.any() for name, p in default.named_parameters() if name.endswith("c_proj.weight"))
+
+
+def test_zero_init_proj_model_trains(tiny_config: Callable[..., ModelConfig]) -> None:
+    """The projections get gradients from the first step, and the rest follows: the loss falls."""
+    torch.manual_seed(0)
+    model = GPT(tiny_config(zero_init_proj=True))
+    data = torch.randint(0, 64, (4, 17))
+    x, y = data[:, :-1], data[:, 1:]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    losses = []
+    for _ in range(20):
+        _, loss = model(x, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert all(p.any() for name, p in model.named_parameters() if name.endswith("c_proj.weight"))
+    assert losses[-1] < losses[0] - 0.5
+
+
 def test_loss_ignores_minus_one_targets(tiny_config: Callable[..., ModelConfig]) -> None:
     torch.manual_seed(0)
     model = GPT(tiny_config()).eval()
