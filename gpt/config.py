@@ -50,6 +50,7 @@ Activation = Literal[
 PosEmbedding = Literal["learned", "rope"]
 AttentionImpl = Literal["sdpa", "manual"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
+LRSchedule = Literal["cosine", "wsd"]
 WandbMode = Literal["online", "offline", "disabled"]
 DecodeErrors = Literal["skip", "fail"]
 
@@ -263,10 +264,18 @@ class TrainConfig(_Section):
     grad_accum_steps: int = _key(1, "micro-batches per optimizer step, across all GPUs")
     max_iters: int = _key(5000, "optimizer steps in the run")
     learning_rate: float = _key(6e-4, "peak learning rate")
-    min_lr: float = _key(6e-5, "learning rate at the end of the cosine decay")
+    min_lr: float = _key(6e-5, "learning rate at the end of the decay")
     warmup_iters: int = _key(100, "linear warmup steps")
-    lr_decay_iters: int | None = _key(None, "steps of the cosine decay; unset = max_iters")
-    decay_lr: bool = _key(True, "warmup + cosine decay; false keeps learning_rate constant")
+    lr_decay_iters: int | None = _key(
+        None, "step at which the decay reaches min_lr; unset = max_iters"
+    )
+    decay_lr: bool = _key(True, "warmup, then lr_schedule's decay; false keeps learning_rate")
+    lr_schedule: LRSchedule = _key(
+        "cosine",
+        "after warmup, cosine: cosine decay to min_lr; wsd (warmup-stable-decay): learning_rate "
+        "held, then a linear decay to min_lr over the last cooldown_fraction of lr_decay_iters",
+    )
+    cooldown_fraction: float = _key(0.2, "wsd: the fraction of lr_decay_iters spent decaying")
     weight_decay: float = _key(0.1, "AdamW weight decay (matrices only)")
     beta1: float = _key(0.9, "AdamW beta1")
     beta2: float = _key(0.95, "AdamW beta2")
@@ -290,6 +299,8 @@ class TrainConfig(_Section):
         self._positive("lr_decay_iters")
         self._non_negative("max_iters", "learning_rate", "min_lr", "warmup_iters")
         self._non_negative("weight_decay", "grad_clip")
+        if not 0.0 < self.cooldown_fraction <= 1.0:
+            self._fail("cooldown_fraction", f"must be in (0, 1], got {self.cooldown_fraction!r}")
         for key in ("beta1", "beta2"):
             if not 0.0 <= getattr(self, key) < 1.0:
                 self._fail(key, f"must be in [0, 1), got {getattr(self, key)!r}")

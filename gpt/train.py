@@ -43,8 +43,20 @@ EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
 # Optimisation
 
 
-def lr_at(iteration: int, cfg: TrainConfig) -> float:
-    """Linear warmup to learning_rate, then cosine decay to min_lr at lr_decay_iters."""
+def lr_at(iteration: int, cfg: TrainConfig, peak: float | None = None) -> float:
+    """The learning rate of step `iteration` (from 0): linear warmup to learning_rate, then
+    cosine or WSD decay (`lr_schedule`) to min_lr at lr_decay_iters; constant without decay_lr.
+
+    A parameter group with its own peak (Muon's `muon_lr`) follows the same curve scaled by
+    peak / learning_rate; at learning_rate's peak the curve is returned as is, unrounded.
+    """
+    lr = _lr_curve(iteration, cfg)
+    if peak is None or peak == cfg.learning_rate:
+        return lr
+    return peak * (lr / cfg.learning_rate)
+
+
+def _lr_curve(iteration: int, cfg: TrainConfig) -> float:
     if not cfg.decay_lr:
         return cfg.learning_rate
     if iteration < cfg.warmup_iters:
@@ -52,8 +64,14 @@ def lr_at(iteration: int, cfg: TrainConfig) -> float:
     decay_iters = cfg.lr_decay_iters or cfg.max_iters
     if iteration >= decay_iters:
         return cfg.min_lr
-    progress = (iteration - cfg.warmup_iters) / max(1, decay_iters - cfg.warmup_iters)
-    coeff = 0.5 * (1.0 + math.cos(math.pi * progress))  # 1 -> 0
+    if cfg.lr_schedule == "wsd":
+        cooldown = cfg.cooldown_fraction * decay_iters  # the last steps before decay_iters
+        if decay_iters - iteration >= cooldown:
+            return cfg.learning_rate  # stable
+        coeff = (decay_iters - iteration) / cooldown  # 1 -> 0, linear
+    else:
+        progress = (iteration - cfg.warmup_iters) / max(1, decay_iters - cfg.warmup_iters)
+        coeff = 0.5 * (1.0 + math.cos(math.pi * progress))  # 1 -> 0
     return cfg.min_lr + coeff * (cfg.learning_rate - cfg.min_lr)
 
 
@@ -65,7 +83,12 @@ def make_optimizer(model: GPT, cfg: TrainConfig, device: torch.device) -> torch.
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
     fused = {"fused": True} if device.type == "cuda" else {}
-    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), **fused)
+    optimizer = torch.optim.AdamW(
+        groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), **fused
+    )
+    for group in optimizer.param_groups:
+        group["initial_lr"] = cfg.learning_rate  # the peak that train_step's schedule scales
+    return optimizer
 
 
 # ---------------------------------------------------------------------------------------------
@@ -394,7 +417,10 @@ def _wrap(model: GPT, compile_model: bool, world: Dist, device: torch.device) ->
 
 def _restore(run: Run, resumed: Checkpoint) -> None:
     """Optimizer, scaler, data streams, counters and RNGs as the checkpoint left them."""
+    peaks = [group["initial_lr"] for group in run.optimizer.param_groups]
     run.optimizer.load_state_dict(ckpt.load_optimizer_state(resumed.path))
+    for group, peak in zip(run.optimizer.param_groups, peaks, strict=True):
+        group["initial_lr"] = peak  # the config's, not the checkpoint's: a new rate takes effect
     if resumed.state.get("scaler"):
         run.scaler.load_state_dict(resumed.state["scaler"])
     for name, sampler in run.samplers.items():
@@ -434,8 +460,8 @@ def train_step(run: Run) -> float:
     non-finite values before they reach the weights. Returns the step's mean loss."""
     tcfg, world = run.cfg.train, run.world
     accum = tcfg.grad_accum_steps // world.world_size
-    for group in run.optimizer.param_groups:
-        group["lr"] = lr_at(run.state.iteration, tcfg)
+    for group in run.optimizer.param_groups:  # each group's own peak, on one curve
+        group["lr"] = lr_at(run.state.iteration, tcfg, group["initial_lr"])
     loss_sum = torch.zeros((), device=run.device)
     for micro in range(accum):
         x, y = run.samplers["train"].next_batch()  # (B, T) each

@@ -366,6 +366,32 @@ def test_lr_schedule_values() -> None:
     assert lr_at(0, constant) == lr_at(1000, constant) == 0.3
 
 
+def test_wsd_schedule_values() -> None:
+    """Warmup as cosine's, learning_rate held, then linear to min_lr over the last 20% of 110."""
+    cfg = TrainConfig(learning_rate=1.0, min_lr=0.1, warmup_iters=9, max_iters=110,
+                      lr_schedule="wsd", cooldown_fraction=0.2)
+    assert lr_at(0, cfg) == pytest.approx(0.1)  # warmup start: (0 + 1) / (9 + 1)
+    assert lr_at(9, cfg) == lr_at(50, cfg) == lr_at(87, cfg) == 1.0  # stable, exactly the peak
+    assert lr_at(88, cfg) == 1.0  # the cooldown starts at 110 - 22 = 88
+    assert lr_at(99, cfg) == pytest.approx(0.1 + 0.9 * 11 / 22)  # halfway down
+    assert lr_at(109, cfg) == pytest.approx(0.1 + 0.9 / 22)
+    assert lr_at(110, cfg) == lr_at(500, cfg) == 0.1  # the end
+    whole = TrainConfig(learning_rate=1.0, min_lr=0.0, warmup_iters=0, lr_decay_iters=100,
+                        lr_schedule="wsd", cooldown_fraction=1.0)
+    assert [lr_at(i, whole) for i in (0, 25, 100)] == pytest.approx([1.0, 0.75, 0.0])
+    assert lr_at(5, TrainConfig(lr_schedule="wsd", decay_lr=False, learning_rate=0.3)) == 0.3
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "wsd"])
+def test_a_group_with_its_own_peak_follows_the_curve_scaled(schedule: str) -> None:
+    """Muon's group at muon_lr: the same warmup and decay, scaled by muon_lr / learning_rate."""
+    cfg = TrainConfig(learning_rate=1e-3, min_lr=1e-4, warmup_iters=10, max_iters=100,
+                      lr_schedule=schedule)
+    for i in (0, 5, 10, 50, 85, 99, 100):
+        assert lr_at(i, cfg, 0.02) == pytest.approx(lr_at(i, cfg) * 20)
+    assert lr_at(50, cfg, cfg.learning_rate) == lr_at(50, cfg)  # the default peak: unrounded
+
+
 def test_init_from_finetunes_from_another_run(tiny_run: Path) -> None:
     assert train(load_config("tiny.toml", ["train.out_dir=base", "train.max_iters=60"])) == 0
     base_final = [r for r in metrics(tiny_run / "base") if "val_loss" in r][-1]["val_loss"]
