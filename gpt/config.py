@@ -51,6 +51,7 @@ PosEmbedding = Literal["learned", "rope"]
 AttentionImpl = Literal["sdpa", "manual"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 LRSchedule = Literal["cosine", "wsd"]
+OptimizerName = Literal["adamw", "muon"]
 WandbMode = Literal["online", "offline", "disabled"]
 DecodeErrors = Literal["skip", "fail"]
 
@@ -263,7 +264,15 @@ class TrainConfig(_Section):
     batch_size: int = _key(12, "sequences per micro-batch (per GPU)")
     grad_accum_steps: int = _key(1, "micro-batches per optimizer step, across all GPUs")
     max_iters: int = _key(5000, "optimizer steps in the run")
-    learning_rate: float = _key(6e-4, "peak learning rate")
+    optimizer: OptimizerName = _key(
+        "adamw",
+        "adamw; or muon (torch >= 2.9): Muon for the blocks' weight matrices, AdamW for "
+        "embeddings, an untied head, norms and biases",
+    )
+    learning_rate: float = _key(6e-4, "peak learning rate (of AdamW)")
+    muon_lr: float = _key(
+        0.02, "Muon's peak learning rate (optimizer = muon), on learning_rate's schedule, scaled"
+    )
     min_lr: float = _key(6e-5, "learning rate at the end of the decay")
     warmup_iters: int = _key(100, "linear warmup steps")
     lr_decay_iters: int | None = _key(
@@ -276,7 +285,7 @@ class TrainConfig(_Section):
         "held, then a linear decay to min_lr over the last cooldown_fraction of lr_decay_iters",
     )
     cooldown_fraction: float = _key(0.2, "wsd: the fraction of lr_decay_iters spent decaying")
-    weight_decay: float = _key(0.1, "AdamW weight decay (matrices only)")
+    weight_decay: float = _key(0.1, "AdamW weight decay (matrices only; Muon's take none)")
     beta1: float = _key(0.9, "AdamW beta1")
     beta2: float = _key(0.95, "AdamW beta2")
     grad_clip: float = _key(1.0, "clip the gradient norm to this; 0 = off")
@@ -296,9 +305,15 @@ class TrainConfig(_Section):
     def check(self) -> None:
         self._positive("batch_size", "grad_accum_steps", "eval_interval", "eval_iters")
         self._positive("log_interval", "checkpoint_interval", "keep_last", "peak_flops")
-        self._positive("lr_decay_iters")
+        self._positive("lr_decay_iters", "muon_lr")
         self._non_negative("max_iters", "learning_rate", "min_lr", "warmup_iters")
         self._non_negative("weight_decay", "grad_clip")
+        if self.optimizer == "muon" and self.learning_rate == 0:
+            self._fail(
+                "learning_rate",
+                "must be > 0 with optimizer = \"muon\": muon_lr follows the schedule as a "
+                "multiple of it",
+            )
         if not 0.0 < self.cooldown_fraction <= 1.0:
             self._fail("cooldown_fraction", f"must be in (0, 1], got {self.cooldown_fraction!r}")
         for key in ("beta1", "beta2"):

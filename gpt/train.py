@@ -75,9 +75,30 @@ def _lr_curve(iteration: int, cfg: TrainConfig) -> float:
     return cfg.min_lr + coeff * (cfg.learning_rate - cfg.min_lr)
 
 
-def make_optimizer(model: GPT, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW decaying matrices (weights, embeddings) but not biases and norm gains (nanoGPT)."""
+def make_optimizer(model: GPT, cfg: TrainConfig, device: torch.device) -> Optimizer:
+    """AdamW decaying matrices (weights, embeddings) but not biases and norm gains (nanoGPT).
+
+    With optimizer = "muon", Muon takes the weight matrices inside the blocks (it orthogonalises
+    2-D updates; embeddings and the head are lookups and a classifier, not hidden layers) and
+    AdamW the rest, the two stepped as one `CombinedOptimizer`. Each group's `initial_lr` is
+    its peak rate, which train_step's schedule scales.
+    """
     params = [p for p in model.parameters() if p.requires_grad]
+    hidden = muon_matrices(model) if cfg.optimizer == "muon" else []
+    in_muon = {id(p) for p in hidden}
+    rest = [p for p in params if id(p) not in in_muon]
+    adamw = _adamw(rest, cfg, device)
+    if not hidden:
+        return adamw
+    # momentum 0.95 with Nesterov, 5 Newton-Schulz steps: torch's defaults, Keller Jordan's Muon
+    muon = muon_class()(hidden, lr=cfg.muon_lr, weight_decay=0.0)
+    muon.param_groups[0]["initial_lr"] = cfg.muon_lr
+    return CombinedOptimizer({"muon": muon, "adamw": adamw})
+
+
+def _adamw(
+    params: list[torch.nn.Parameter], cfg: TrainConfig, device: torch.device
+) -> torch.optim.AdamW:
     groups = [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
@@ -88,8 +109,64 @@ def make_optimizer(model: GPT, cfg: TrainConfig, device: torch.device) -> torch.
         groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), **fused
     )
     for group in optimizer.param_groups:
-        group["initial_lr"] = cfg.learning_rate  # the peak that train_step's schedule scales
+        group["initial_lr"] = cfg.learning_rate
     return optimizer
+
+
+def muon_matrices(model: GPT) -> list[torch.nn.Parameter]:
+    """The hidden weight matrices Muon updates: every 2-D parameter inside the blocks."""
+    return [p for p in model.transformer.h.parameters() if p.dim() == 2 and p.requires_grad]
+
+
+def muon_class() -> type[torch.optim.Optimizer]:
+    """torch.optim.Muon, or a one-line error naming the fix on a torch without it."""
+    muon = getattr(torch.optim, "Muon", None)
+    if muon is None:
+        raise GPTError(
+            f"[train] optimizer = \"muon\" needs torch.optim.Muon (torch >= 2.9; this is torch "
+            f"{torch.__version__}); upgrade torch, or set train.optimizer = \"adamw\""
+        )
+    return muon
+
+
+class CombinedOptimizer:
+    """Optimizers over disjoint parameters, seen as one: the trainer, the GradScaler and
+    checkpoints use `param_groups`, `step`, `zero_grad` and the state dicts, nothing else.
+
+    The state dict holds each optimizer's under its name, plain tensors and numbers, so the
+    checkpoint still loads with `torch.load(weights_only=True)`.
+    """
+
+    def __init__(self, optimizers: dict[str, torch.optim.Optimizer]) -> None:
+        self.optimizers = optimizers
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        """Every optimizer's groups (the dicts themselves: setting a group's lr sets it)."""
+        return [group for opt in self.optimizers.values() for group in opt.param_groups]
+
+    def step(self) -> None:
+        for opt in self.optimizers.values():
+            opt.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for opt in self.optimizers.values():
+            opt.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {name: opt.state_dict() for name, opt in self.optimizers.items()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if sorted(state) != sorted(self.optimizers):
+            raise GPTError(
+                f"the saved optimizer state holds {sorted(state)}, this run uses "
+                f"{sorted(self.optimizers)}; resume with the train.optimizer it was trained with"
+            )
+        for name, opt in self.optimizers.items():
+            opt.load_state_dict(state[name])
+
+
+Optimizer = torch.optim.Optimizer | CombinedOptimizer
 
 
 # ---------------------------------------------------------------------------------------------
@@ -246,7 +323,7 @@ class Run:
     autocast: contextlib.AbstractContextManager[Any]  # reentrant: torch.autocast or a no-op
     model: GPT  # the plain model: checkpoints, evaluation, clipping
     trained: torch.nn.Module  # what the step calls: the model, compiled and/or DDP-wrapped
-    optimizer: torch.optim.Optimizer
+    optimizer: Optimizer  # AdamW, or Muon and AdamW combined
     scaler: torch.amp.GradScaler
     samplers: dict[str, BatchSampler]  # train, and the two evaluation streams
     tokenizer: dict[str, Any]
@@ -279,6 +356,8 @@ def setup_run(
     """Build a run, or resume the one in out_dir. Each checkpoint involved is read once."""
     tcfg = cfg.train
     resumed, damaged = _resume_point(Path(tcfg.out_dir), resume, world)
+    if resumed is not None:
+        _check_same_optimizer(resumed, tcfg)
     base = Checkpoint.open(tcfg.init_from) if tcfg.init_from and resumed is None else None
     # a char finetune keeps the base model's vocabulary (a resumed one holds it too)
     finetuned = (resumed or base) if tcfg.init_from else None
@@ -405,6 +484,17 @@ def _check_compatible(start: Checkpoint, cfg: RunConfig, tokenizer: dict[str, An
             f"{start.path} was trained with the {start.tokenizer.get('name')!r} tokenizer but the "
             f"data uses {tokenizer.get('name')!r}; point data at the same tokenizer or use "
             "another out_dir"
+        )
+
+
+def _check_same_optimizer(resumed: Checkpoint, tcfg: TrainConfig) -> None:
+    """Resuming continues the saved optimizer state, which only the same optimizer can read."""
+    saved = resumed.config.train.optimizer
+    if saved != tcfg.optimizer:
+        raise GPTError(
+            f"{resumed.path} was trained with train.optimizer = {saved!r}, the config now says "
+            f"{tcfg.optimizer!r}; set it back, or train into a new train.out_dir with "
+            f"train.init_from = \"{resumed.path}\" to go on from its weights"
         )
 
 
@@ -589,6 +679,8 @@ def train(cfg: RunConfig, resume: bool = True) -> int:
             "[model] cross_attention = true needs a context sequence, which gpt train has no "
             "source for; train decoder-only models (cross_attention = false)"
         )
+    if tcfg.optimizer == "muon":
+        muon_class()  # a torch without Muon is refused before any work
     device = resolve_device(tcfg.device, "[train] device")
     world = setup_distributed(device)
     if world.world_size > 1 and device.type == "cuda":
