@@ -2,8 +2,10 @@
 
 Every part is selectable by `ModelConfig`: LayerNorm or RMSNorm, Pre-LN or Post-LN, a standard
 or gated (SwiGLU/GeGLU) MLP, learned or rotary positions, SDPA or explicit attention, grouped-query
-heads, optional cross-attention, tied or untied LM head. Parameter names follow GPT-2 / nanoGPT
-(`wte`, `wpe`, `h`, `ln_1`, `attn.c_attn`, `mlp.c_fc`, `ln_f`, `lm_head`): weights map key for key.
+heads, optional cross-attention, tied or untied LM head, and the switches of modded-nanogpt's and
+nanochat's recipe: ReLU², QK-norm, zero-initialised output projections, logit soft-capping.
+Parameter names follow GPT-2 / nanoGPT (`wte`, `wpe`, `h`, `ln_1`, `attn.c_attn`, `mlp.c_fc`,
+`ln_f`, `lm_head`): weights map key for key.
 """
 
 from __future__ import annotations
