@@ -350,6 +350,29 @@ def test_muon_takes_the_blocks_matrices_and_adamw_the_rest(tiny_config) -> None:
     assert muon.param_groups[0]["weight_decay"] == 0.0
 
 
+def test_grad_scaler_steps_and_skips_muon_and_adamw_together(tiny_config) -> None:
+    """float16 training's GradScaler sees the combined optimizer as one: it unscales every
+    group, and an inf gradient in one optimizer's parameters skips both steps."""
+    torch.manual_seed(0)
+    model = GPT(tiny_config())
+    optimizer = make_optimizer(model, TrainConfig(optimizer="muon"), torch.device("cpu"))
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    idx = torch.randint(0, 64, (2, 16))
+    for poisoned in (False, True):
+        _, loss = model(idx, idx)
+        scaler.scale(loss).backward()
+        if poisoned:
+            model.transformer.h[0].attn.c_attn.weight.grad[0, 0] = float("inf")  # Muon's
+        scaler.unscale_(optimizer)
+        before = [p.detach().clone() for p in model.parameters()]
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        unchanged = [torch.equal(b, p) for b, p in zip(before, model.parameters(), strict=True)]
+        assert all(unchanged) if poisoned else not any(unchanged)
+    assert scaler.get_scale() == 512.0
+
+
 def test_train_step_with_muon_is_muon_and_adamw_written_out(tiny_run: Path) -> None:
     """train_step against torch's Muon on the blocks' matrices and AdamW on the rest, each at
     its own peak times the warmup's first factor."""
