@@ -414,6 +414,21 @@ def test_changing_the_optimizer_on_resume_is_refused_before_any_data_work(
         train(load_config("tiny.toml", ["train.optimizer=muon", "train.max_iters=10"]))
 
 
+def test_resume_takes_the_configs_peak_rates_not_the_checkpoints(tiny_run: Path) -> None:
+    """The optimizer state holds each group's initial_lr; a resumed run with new rates uses
+    the new ones, as it always did for learning_rate."""
+    assert train(load_config("tiny.toml", ["train.optimizer=muon", "train.max_iters=5"])) == 0
+    cfg = load_config("tiny.toml", ["train.optimizer=muon", "train.max_iters=10",
+                                    "train.learning_rate=1e-3", "train.muon_lr=0.01"])
+    run = setup_run(cfg, True, Dist(), torch.device("cpu"), torch.float32)
+    try:
+        assert run.state.iteration == 5
+        assert [g["initial_lr"] for g in run.optimizer.param_groups] == [0.01, 1e-3, 1e-3]
+        assert run.optimizer.optimizers["muon"].state  # the momentum came back
+    finally:
+        run.metrics.close()
+
+
 def test_muon_on_a_torch_without_it_is_one_line(tiny_run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """torch < 2.9 has no torch.optim.Muon: one line naming the key and both ways out."""
     monkeypatch.delattr(torch.optim, "Muon")
