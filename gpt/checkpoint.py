@@ -4,9 +4,10 @@ Layout of a run folder (`[train] out_dir`):
 
     ckpt-0000600/            one checkpoint
       model.safetensors      weights (a tied LM head is stored once, as the token embedding)
-      optimizer.pt           AdamW state; read back with torch.load(weights_only=True); only
-                             resuming needs it, so a weights-only checkpoint (optimizer.pt
-                             deleted to save space) still samples, evaluates and finetunes
+      optimizer.pt           optimizer state (AdamW's, or Muon's and AdamW's by name); read back
+                             with torch.load(weights_only=True); only resuming needs it, so a
+                             weights-only checkpoint (optimizer.pt deleted to save space) still
+                             samples, evaluates and finetunes
       state.json             iteration, tokens, best val loss, wandb id, the resolved config,
                              the tokenizer, data sampler and RNG states (every DDP rank's),
                              GradScaler state, and the sha256 of the two files above
@@ -215,7 +216,7 @@ def load_weights(ckpt: Path, model: torch.nn.Module) -> None:
 
 
 def load_optimizer_state(ckpt: Path) -> dict[str, Any]:
-    """The AdamW state saved with the weights, loaded without executing pickled code."""
+    """The optimizer state saved with the weights, loaded without executing pickled code."""
     path = ckpt / OPTIMIZER
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
@@ -255,7 +256,7 @@ class Checkpoint:
 
     @property
     def has_optimizer(self) -> bool:
-        """Whether the AdamW state is there to resume training (inference does without it)."""
+        """Whether the optimizer state is there to resume training (inference does without it)."""
         return (self.path / OPTIMIZER).exists()
 
     @property

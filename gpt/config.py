@@ -44,10 +44,14 @@ def pad_vocab(n: int, multiple: int = VOCAB_MULTIPLE) -> int:
 Norm = Literal["layernorm", "rmsnorm"]
 NormPosition = Literal["pre", "post"]
 MLPKind = Literal["standard", "swiglu", "geglu"]
-Activation = Literal["gelu", "gelu_tanh", "relu", "leaky_relu", "silu", "sigmoid", "tanh"]
+Activation = Literal[
+    "gelu", "gelu_tanh", "relu", "relu2", "leaky_relu", "silu", "sigmoid", "tanh"
+]
 PosEmbedding = Literal["learned", "rope"]
 AttentionImpl = Literal["sdpa", "manual"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
+LRSchedule = Literal["cosine", "wsd"]
+OptimizerName = Literal["adamw", "muon"]
 WandbMode = Literal["online", "offline", "disabled"]
 DecodeErrors = Literal["skip", "fail"]
 
@@ -127,8 +131,17 @@ class ModelConfig(_Section):
     )
     rope_base: float = _key(10000.0, "RoPE frequency base (theta)")
     tie_embeddings: bool = _key(True, "share one matrix between token embedding and LM head")
+    zero_init_proj: bool = _key(
+        False, "start the output projections (c_proj) at zero: every block starts as the identity"
+    )
+    logit_softcap: float | None = _key(
+        None, "squash the logits into (-cap, cap): cap * tanh(logits / cap); unset = off"
+    )
     attention: AttentionImpl = _key(
         "sdpa", "sdpa: F.scaled_dot_product_attention; manual: explicit masked softmax"
+    )
+    qk_norm: bool = _key(
+        False, "RMS-normalise each head's queries and keys (no learned gain) before RoPE"
     )
     cross_attention: bool = _key(
         False, "add a cross-attention sublayer to every block (keys/values from a context)"
@@ -147,7 +160,7 @@ class ModelConfig(_Section):
                 f"{self.padded_vocab_size} is smaller than vocab_size = {self.vocab_size}; "
                 "raise it or leave it unset",
             )
-        self._positive("norm_eps", "mlp_hidden", "rope_base")
+        self._positive("norm_eps", "mlp_hidden", "rope_base", "logit_softcap")
         if not 0.0 <= self.dropout < 1.0:
             self._fail("dropout", f"must be in [0, 1), got {self.dropout!r}")
         if self.n_embd % self.n_head:
@@ -251,12 +264,28 @@ class TrainConfig(_Section):
     batch_size: int = _key(12, "sequences per micro-batch (per GPU)")
     grad_accum_steps: int = _key(1, "micro-batches per optimizer step, across all GPUs")
     max_iters: int = _key(5000, "optimizer steps in the run")
-    learning_rate: float = _key(6e-4, "peak learning rate")
-    min_lr: float = _key(6e-5, "learning rate at the end of the cosine decay")
+    optimizer: OptimizerName = _key(
+        "adamw",
+        "adamw; or muon (torch >= 2.9): Muon for the blocks' weight matrices, AdamW for "
+        "embeddings, an untied head, norms and biases",
+    )
+    learning_rate: float = _key(6e-4, "peak learning rate (of AdamW)")
+    muon_lr: float = _key(
+        0.02, "Muon's peak learning rate (optimizer = muon), on learning_rate's schedule, scaled"
+    )
+    min_lr: float = _key(6e-5, "learning rate at the end of the decay")
     warmup_iters: int = _key(100, "linear warmup steps")
-    lr_decay_iters: int | None = _key(None, "steps of the cosine decay; unset = max_iters")
-    decay_lr: bool = _key(True, "warmup + cosine decay; false keeps learning_rate constant")
-    weight_decay: float = _key(0.1, "AdamW weight decay (matrices only)")
+    lr_decay_iters: int | None = _key(
+        None, "step at which the decay reaches min_lr; unset = max_iters"
+    )
+    decay_lr: bool = _key(True, "warmup, then lr_schedule's decay; false keeps learning_rate")
+    lr_schedule: LRSchedule = _key(
+        "cosine",
+        "after warmup, cosine: cosine decay to min_lr; wsd (warmup-stable-decay): learning_rate "
+        "held, then a linear decay to min_lr over the last cooldown_fraction of lr_decay_iters",
+    )
+    cooldown_fraction: float = _key(0.2, "wsd: the fraction of lr_decay_iters spent decaying")
+    weight_decay: float = _key(0.1, "AdamW weight decay (matrices only; Muon's take none)")
     beta1: float = _key(0.9, "AdamW beta1")
     beta2: float = _key(0.95, "AdamW beta2")
     grad_clip: float = _key(1.0, "clip the gradient norm to this; 0 = off")
@@ -278,9 +307,17 @@ class TrainConfig(_Section):
     def check(self) -> None:
         self._positive("batch_size", "grad_accum_steps", "eval_interval", "eval_iters")
         self._positive("log_interval", "checkpoint_interval", "keep_last", "peak_flops")
-        self._positive("lr_decay_iters")
+        self._positive("lr_decay_iters", "muon_lr")
         self._non_negative("max_iters", "learning_rate", "min_lr", "warmup_iters")
         self._non_negative("weight_decay", "grad_clip")
+        if self.optimizer == "muon" and self.learning_rate == 0:
+            self._fail(
+                "learning_rate",
+                "must be > 0 with optimizer = \"muon\": muon_lr follows the schedule as a "
+                "multiple of it",
+            )
+        if not 0.0 < self.cooldown_fraction <= 1.0:
+            self._fail("cooldown_fraction", f"must be in (0, 1], got {self.cooldown_fraction!r}")
         for key in ("beta1", "beta2"):
             if not 0.0 <= getattr(self, key) < 1.0:
                 self._fail(key, f"must be in [0, 1), got {getattr(self, key)!r}")
@@ -469,9 +506,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return from_dict(values)
 
 
-# Keys of [model] that say how the network runs, not what its weights are: a checkpoint
-# continues, and is sampled, with other values of these.
-RUNTIME_MODEL_KEYS = ("dropout", "attention")
+# Keys of [model] that say how the network runs or how fresh weights start, not what trained
+# weights are: a checkpoint continues, is finetuned and is sampled with other values of these.
+RUNTIME_MODEL_KEYS = ("dropout", "attention", "zero_init_proj")
 
 
 def layer_on_checkpoint(

@@ -3,7 +3,7 @@
 Our parameter names are GPT-2's, so the mapping is key for key; the one difference is that HF's
 GPT-2 stores its projections as `Conv1D` with (in, out) weights, the transpose of `nn.Linear`.
 Only the GPT-2 family converts: learned positions, LayerNorm with bias, tanh-GELU, Pre-LN, tied
-head, plain multi-head attention.
+head, plain multi-head attention without QK-norm, uncapped logits.
 """
 
 from __future__ import annotations
@@ -29,6 +29,8 @@ GPT2_SHAPE = dict(
     bias=True,
     tie_embeddings=True,
     cross_attention=False,
+    qk_norm=False,
+    logit_softcap=None,
 )
 
 
@@ -36,7 +38,8 @@ def check_gpt2_compatible(config: ModelConfig) -> None:
     """Raise unless `config` describes a model GPT-2's architecture can hold."""
     for key, value in GPT2_SHAPE.items():
         if getattr(config, key) != value:
-            raise GPTError(f"[model] {key} = {getattr(config, key)!r}: GPT-2 needs {value!r}")
+            needed = "it unset" if value is None else repr(value)
+            raise GPTError(f"[model] {key} = {getattr(config, key)!r}: GPT-2 needs {needed}")
     if config.kv_heads != config.n_head or config.hidden_dim != 4 * config.n_embd:
         raise GPTError("GPT-2 needs n_kv_head = n_head and mlp_hidden = 4 * n_embd")
 

@@ -2,8 +2,10 @@
 
 Every part is selectable by `ModelConfig`: LayerNorm or RMSNorm, Pre-LN or Post-LN, a standard
 or gated (SwiGLU/GeGLU) MLP, learned or rotary positions, SDPA or explicit attention, grouped-query
-heads, optional cross-attention, tied or untied LM head. Parameter names follow GPT-2 / nanoGPT
-(`wte`, `wpe`, `h`, `ln_1`, `attn.c_attn`, `mlp.c_fc`, `ln_f`, `lm_head`): weights map key for key.
+heads, optional cross-attention, tied or untied LM head, and the switches of modded-nanogpt's and
+nanochat's recipe: ReLU², QK-norm, zero-initialised output projections, logit soft-capping.
+Parameter names follow GPT-2 / nanoGPT (`wte`, `wpe`, `h`, `ln_1`, `attn.c_attn`, `mlp.c_fc`,
+`ln_f`, `lm_head`): weights map key for key.
 """
 
 from __future__ import annotations
@@ -19,16 +21,31 @@ from torch import Tensor, nn
 from gpt.config import ModelConfig
 from gpt.errors import GPTError
 
+
+def relu_squared(x: Tensor) -> Tensor:
+    """relu(x)^2, Primer's activation (faster to train than GELU in its search), which
+    modded-nanogpt and nanochat use: as cheap as ReLU, smooth where it is positive."""
+    return F.relu(x).square()
+
+
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "gelu": F.gelu,
     "gelu_tanh": partial(F.gelu, approximate="tanh"),
     "relu": F.relu,
+    "relu2": relu_squared,
     "leaky_relu": F.leaky_relu,
     "silu": F.silu,
     "sigmoid": torch.sigmoid,
     "tanh": torch.tanh,
 }
 GATED_ACTIVATION = {"swiglu": "silu", "geglu": "gelu"}
+
+
+def rms_norm(x: Tensor, eps: float) -> Tensor:
+    """x / sqrt(mean(x^2) + eps) over the last dimension, the statistics in float32 even under
+    autocast; the result in x's dtype."""
+    x_float = x.float()
+    return (x_float * torch.rsqrt(x_float.pow(2).mean(-1, keepdim=True) + eps)).type_as(x)
 
 
 class RMSNorm(nn.Module):
@@ -40,9 +57,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: Tensor) -> Tensor:
-        x_float = x.float()  # the statistics in float32 even under autocast
-        normed = x_float * torch.rsqrt(x_float.pow(2).mean(-1, keepdim=True) + self.eps)
-        return normed.type_as(x) * self.weight
+        return rms_norm(x, self.eps) * self.weight
 
 
 def make_norm(config: ModelConfig) -> nn.Module:
@@ -63,6 +78,12 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     x1, x2 = x.float().chunk(2, dim=-1)  # (B, nh, T, hs/2) each
     rotated = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
     return rotated.type_as(x)
+
+
+def soft_cap(logits: Tensor, cap: float) -> Tensor:
+    """cap * tanh(logits / cap), in float32: logits near 0 pass unchanged, large ones saturate
+    below cap, so no logit can run away (Gemma 2, modded-nanogpt)."""
+    return cap * torch.tanh(logits.float() / cap)
 
 
 class KVCache:
@@ -93,7 +114,9 @@ class Attention(nn.Module):
 
     Self-attention (context is None): queries, keys and values come from x, with a causal mask.
     Cross-attention: queries from x, keys and values from `context`, no mask. Both use the same
-    fused weight: its first n_embd rows project queries, the rest keys and values.
+    fused weight: its first n_embd rows project queries, the rest keys and values. With qk_norm,
+    every head's queries and keys are RMS-normalised (no gain) before RoPE, as in modded-nanogpt:
+    attention logits stay bounded by sqrt(head_dim), which keeps them from growing unchecked.
     """
 
     def __init__(self, config: ModelConfig, causal: bool = True) -> None:
@@ -109,6 +132,7 @@ class Attention(nn.Module):
         self.causal = causal
         self.manual = config.attention == "manual"
         self.rope = config.pos_embedding == "rope" and causal
+        self.qk_norm_eps = config.norm_eps if config.qk_norm else None
         if self.manual and causal:
             mask = torch.ones(config.block_size, config.block_size, dtype=torch.bool).tril()
             self.register_buffer("mask", mask, persistent=False)
@@ -136,6 +160,8 @@ class Attention(nn.Module):
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, S, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, S, hs)
         v = v.view(B, S, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, S, hs)
+        if self.qk_norm_eps is not None:  # each head's q and k to unit RMS, then rotated
+            q, k = rms_norm(q, self.qk_norm_eps), rms_norm(k, self.qk_norm_eps)
         if self.rope and rope is not None:
             cos, sin = rope
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -268,9 +294,11 @@ class GPT(nn.Module):
     def _init_weights(self, module: nn.Module) -> None:
         """GPT-2 initialisation: every Linear and Embedding weight ~ N(0, 0.02), biases zero.
 
-        Norm weights start at one (their constructors). `init_residual_projections` then scales
-        the projections that write into the residual stream (attention and MLP `c_proj`) down to
-        N(0, 0.02 / sqrt(2 * n_layer)), so the stream's variance does not grow with depth.
+        Norm weights start at one (their constructors). `init_residual_projections` then sets
+        the projections that write into the residual stream (attention, cross-attention and MLP
+        `c_proj`): N(0, 0.02 / sqrt(2 * n_layer)) so that the stream's variance does not grow
+        with depth, or zero with `zero_init_proj` (modded-nanogpt, nanochat) so that every
+        block starts as the identity and each sublayer's output grows from nothing.
         """
         if isinstance(module, nn.Linear):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
@@ -280,9 +308,14 @@ class GPT(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def init_residual_projections(self) -> None:
+        """The residual-stream writers' weights: scaled down by depth, or zero (see above)."""
         std = 0.02 / math.sqrt(2 * self.config.n_layer)
         for name, param in self.named_parameters():
-            if name.endswith("c_proj.weight"):
+            if not name.endswith("c_proj.weight"):
+                continue
+            if self.config.zero_init_proj:
+                nn.init.zeros_(param)
+            else:
                 nn.init.normal_(param, mean=0.0, std=std)
 
     def forward(
@@ -301,6 +334,7 @@ class GPT(nn.Module):
         With `cache` (from `new_cache`), idx holds positions start..start+T-1 and the keys and
         values of earlier positions come from the cache (incremental decoding). `last_only`
         computes the LM head for the last position only (B, 1, vocab): all sampling needs.
+        With `logit_softcap` set, the logits (training's and sampling's alike) are soft-capped.
         """
         B, T = idx.shape
         if start + T > self.config.block_size:
@@ -326,6 +360,8 @@ class GPT(nn.Module):
         if last_only:
             x = x[:, -1:]  # (B, 1, C): the head is the largest matmul; skip unused positions
         logits = self.lm_head(x)  # (B, T, vocab)
+        if self.config.logit_softcap is not None:
+            logits = soft_cap(logits, self.config.logit_softcap)  # (B, T, vocab) float32
         loss = None
         if targets is not None:
             loss = F.cross_entropy(

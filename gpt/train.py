@@ -44,8 +44,20 @@ EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
 # Optimisation
 
 
-def lr_at(iteration: int, cfg: TrainConfig) -> float:
-    """Linear warmup to learning_rate, then cosine decay to min_lr at lr_decay_iters."""
+def lr_at(iteration: int, cfg: TrainConfig, peak: float | None = None) -> float:
+    """The learning rate of step `iteration` (from 0): linear warmup to learning_rate, then
+    cosine or WSD decay (`lr_schedule`) to min_lr at lr_decay_iters; constant without decay_lr.
+
+    A parameter group with its own peak (Muon's `muon_lr`) follows the same curve scaled by
+    peak / learning_rate; at learning_rate's peak the curve is returned as is, unrounded.
+    """
+    lr = _lr_curve(iteration, cfg)
+    if peak is None or peak == cfg.learning_rate:
+        return lr
+    return peak * (lr / cfg.learning_rate)
+
+
+def _lr_curve(iteration: int, cfg: TrainConfig) -> float:
     if not cfg.decay_lr:
         return cfg.learning_rate
     if iteration < cfg.warmup_iters:
@@ -53,20 +65,109 @@ def lr_at(iteration: int, cfg: TrainConfig) -> float:
     decay_iters = cfg.lr_decay_iters or cfg.max_iters
     if iteration >= decay_iters:
         return cfg.min_lr
-    progress = (iteration - cfg.warmup_iters) / max(1, decay_iters - cfg.warmup_iters)
-    coeff = 0.5 * (1.0 + math.cos(math.pi * progress))  # 1 -> 0
+    if cfg.lr_schedule == "wsd":
+        cooldown = cfg.cooldown_fraction * decay_iters  # the last steps before decay_iters
+        if decay_iters - iteration >= cooldown:
+            return cfg.learning_rate  # stable
+        coeff = (decay_iters - iteration) / cooldown  # 1 -> 0, linear
+    else:
+        progress = (iteration - cfg.warmup_iters) / max(1, decay_iters - cfg.warmup_iters)
+        coeff = 0.5 * (1.0 + math.cos(math.pi * progress))  # 1 -> 0
     return cfg.min_lr + coeff * (cfg.learning_rate - cfg.min_lr)
 
 
-def make_optimizer(model: GPT, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW decaying matrices (weights, embeddings) but not biases and norm gains (nanoGPT)."""
+def make_optimizer(model: GPT, cfg: TrainConfig, device: torch.device) -> Optimizer:
+    """AdamW decaying matrices (weights, embeddings) but not biases and norm gains (nanoGPT).
+
+    With optimizer = "muon", Muon takes the weight matrices inside the blocks (it orthogonalises
+    2-D updates; embeddings and the head are lookups and a classifier, not hidden layers) and
+    AdamW the rest, the two stepped as one `CombinedOptimizer`. Each group's `initial_lr` is
+    its peak rate, which train_step's schedule scales.
+    """
     params = [p for p in model.parameters() if p.requires_grad]
+    hidden = muon_matrices(model) if cfg.optimizer == "muon" else []
+    in_muon = {id(p) for p in hidden}
+    rest = [p for p in params if id(p) not in in_muon]
+    adamw = _adamw(rest, cfg, device)
+    if not hidden:
+        return adamw
+    # momentum 0.95 with Nesterov, 5 Newton-Schulz steps: torch's defaults, Keller Jordan's Muon
+    muon = muon_class()(hidden, lr=cfg.muon_lr, weight_decay=0.0)
+    muon.param_groups[0]["initial_lr"] = cfg.muon_lr
+    return CombinedOptimizer({"muon": muon, "adamw": adamw})
+
+
+def _adamw(
+    params: list[torch.nn.Parameter], cfg: TrainConfig, device: torch.device
+) -> torch.optim.AdamW:
     groups = [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
-    fused = {"fused": True} if device.type == "cuda" else {}
-    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), **fused)
+    # one kernel per step instead of a dozen foreach passes; CPU kernels exist since torch 2.4
+    fused = {"fused": True} if device.type in ("cuda", "cpu") else {}
+    optimizer = torch.optim.AdamW(
+        groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), **fused
+    )
+    for group in optimizer.param_groups:
+        group["initial_lr"] = cfg.learning_rate
+    return optimizer
+
+
+def muon_matrices(model: GPT) -> list[torch.nn.Parameter]:
+    """The hidden weight matrices Muon updates: every 2-D parameter inside the blocks."""
+    return [p for p in model.transformer.h.parameters() if p.dim() == 2 and p.requires_grad]
+
+
+def muon_class() -> type[torch.optim.Optimizer]:
+    """torch.optim.Muon, or a one-line error naming the fix on a torch without it."""
+    muon = getattr(torch.optim, "Muon", None)
+    if muon is None:
+        raise GPTError(
+            f"[train] optimizer = \"muon\" needs torch.optim.Muon (torch >= 2.9; this is torch "
+            f"{torch.__version__}); upgrade torch, or set train.optimizer = \"adamw\""
+        )
+    return muon
+
+
+class CombinedOptimizer:
+    """Optimizers over disjoint parameters, seen as one: the trainer, the GradScaler and
+    checkpoints use `param_groups`, `step`, `zero_grad` and the state dicts, nothing else.
+
+    The state dict holds each optimizer's under its name, plain tensors and numbers, so the
+    checkpoint still loads with `torch.load(weights_only=True)`.
+    """
+
+    def __init__(self, optimizers: dict[str, torch.optim.Optimizer]) -> None:
+        self.optimizers = optimizers
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        """Every optimizer's groups (the dicts themselves: setting a group's lr sets it)."""
+        return [group for opt in self.optimizers.values() for group in opt.param_groups]
+
+    def step(self) -> None:
+        for opt in self.optimizers.values():
+            opt.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for opt in self.optimizers.values():
+            opt.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {name: opt.state_dict() for name, opt in self.optimizers.items()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if sorted(state) != sorted(self.optimizers):
+            raise GPTError(
+                f"the saved optimizer state holds {sorted(state)}, this run uses "
+                f"{sorted(self.optimizers)}; resume with the train.optimizer it was trained with"
+            )
+        for name, opt in self.optimizers.items():
+            opt.load_state_dict(state[name])
+
+
+Optimizer = torch.optim.Optimizer | CombinedOptimizer
 
 
 # ---------------------------------------------------------------------------------------------
@@ -223,7 +324,7 @@ class Run:
     autocast: contextlib.AbstractContextManager[Any]  # reentrant: torch.autocast or a no-op
     model: GPT  # the plain model: checkpoints, evaluation, clipping
     trained: torch.nn.Module  # what the step calls: the model, compiled and/or DDP-wrapped
-    optimizer: torch.optim.Optimizer
+    optimizer: Optimizer  # AdamW, or Muon and AdamW combined
     scaler: torch.amp.GradScaler
     samplers: dict[str, BatchSampler]  # train, and the two evaluation streams
     tokenizer: dict[str, Any]
@@ -257,6 +358,8 @@ def setup_run(
     """Build a run, or resume the one in out_dir. Each checkpoint involved is read once."""
     tcfg = cfg.train
     resumed, damaged = _resume_point(Path(tcfg.out_dir), resume, world)
+    if resumed is not None:
+        _check_same_optimizer(resumed, tcfg)
     base = Checkpoint.open(tcfg.init_from) if tcfg.init_from and resumed is None else None
     # a char finetune keeps the base model's vocabulary (a resumed one holds it too)
     finetuned = (resumed or base) if tcfg.init_from else None
@@ -387,6 +490,17 @@ def _check_compatible(start: Checkpoint, cfg: RunConfig, tokenizer: dict[str, An
         )
 
 
+def _check_same_optimizer(resumed: Checkpoint, tcfg: TrainConfig) -> None:
+    """Resuming continues the saved optimizer state, which only the same optimizer can read."""
+    saved = resumed.config.train.optimizer
+    if saved != tcfg.optimizer:
+        raise GPTError(
+            f"{resumed.path} was trained with train.optimizer = {saved!r}, the config now says "
+            f"{tcfg.optimizer!r}; set it back, or train into a new train.out_dir with "
+            f"train.init_from = \"{resumed.path}\" to go on from its weights"
+        )
+
+
 def _wrap(model: GPT, compile_model: bool, world: Dist, device: torch.device) -> torch.nn.Module:
     """The module the training step calls: compiled when asked, DDP-wrapped under torchrun."""
     trained: torch.nn.Module = torch.compile(model) if compile_model else model
@@ -397,7 +511,10 @@ def _wrap(model: GPT, compile_model: bool, world: Dist, device: torch.device) ->
 
 def _restore(run: Run, resumed: Checkpoint) -> None:
     """Optimizer, scaler, data streams, counters and RNGs as the checkpoint left them."""
+    peaks = [group["initial_lr"] for group in run.optimizer.param_groups]
     run.optimizer.load_state_dict(ckpt.load_optimizer_state(resumed.path))
+    for group, peak in zip(run.optimizer.param_groups, peaks, strict=True):
+        group["initial_lr"] = peak  # the config's, not the checkpoint's: a new rate takes effect
     if resumed.state.get("scaler"):
         run.scaler.load_state_dict(resumed.state["scaler"])
     for name, sampler in run.samplers.items():
@@ -521,8 +638,8 @@ def train_step(run: Run) -> torch.Tensor:
     """
     tcfg, world = run.cfg.train, run.world
     accum = tcfg.grad_accum_steps // world.world_size
-    for group in run.optimizer.param_groups:
-        group["lr"] = lr_at(run.state.iteration, tcfg)
+    for group in run.optimizer.param_groups:  # each group's own peak, on one curve
+        group["lr"] = lr_at(run.state.iteration, tcfg, group["initial_lr"])
     sampler = run.samplers["train"]
     loss_sum = torch.zeros((), device=run.device)
     for micro in range(accum):
@@ -659,6 +776,8 @@ def train(cfg: RunConfig, resume: bool = True) -> int:
             "[model] cross_attention = true needs a context sequence, which gpt train has no "
             "source for; train decoder-only models (cross_attention = false)"
         )
+    if tcfg.optimizer == "muon":
+        muon_class()  # a torch without Muon is refused before any work
     device = resolve_device(tcfg.device, "[train] device")
     world = setup_distributed(device)
     if world.world_size > 1 and device.type == "cuda":

@@ -53,9 +53,13 @@ def naive_greedy(model: GPT, prompt: torch.Tensor, steps: int) -> list[list[int]
 
 
 CROSS = [dict(cross_attention=True, pos_embedding=pe, attention=a) for pe in ["learned", "rope"] for a in ["sdpa", "manual"]]
+# modded-nanogpt's switches: the cache holds normalised keys, and sampling sees capped logits
+RECIPE = [dict(qk_norm=True, logit_softcap=3.0, pos_embedding=pe, attention=a, n_kv_head=kv)
+          for pe, a, kv in [("learned", "sdpa", None), ("rope", "sdpa", 2), ("rope", "manual", None)]]
+RECIPE += [dict(qk_norm=True, cross_attention=True, pos_embedding="rope", attention="sdpa")]
 
 
-@pytest.mark.parametrize("variant", VARIANTS + CROSS, ids=lambda v: "-".join(map(str, v.values())))
+@pytest.mark.parametrize("variant", VARIANTS + CROSS + RECIPE, ids=lambda v: "-".join(map(str, v.values())))
 def test_cached_logits_equal_uncached(variant: dict, tiny: Callable[..., GPT]) -> None:
     """Prefill 6 positions, then one at a time: the logits of a full pass, for the model as
     trained and for its packed-weight copy that sampling uses."""
@@ -103,9 +107,12 @@ def test_chunked_prefill_after_cache(tiny: Callable[..., GPT]) -> None:
     torch.testing.assert_close(torch.cat([a, b], dim=1), full[:, :12], rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("pos_embedding", ["learned", "rope"])
-def test_greedy_equals_naive_loop_including_the_slide(pos_embedding: str, tiny: Callable[..., GPT]) -> None:
-    model = tiny(pos_embedding=pos_embedding)
+@pytest.mark.parametrize("variant", [
+    dict(pos_embedding="learned"), dict(pos_embedding="rope"),
+    dict(pos_embedding="rope", qk_norm=True, logit_softcap=3.0),
+], ids=lambda v: "-".join(map(str, v.values())))
+def test_greedy_equals_naive_loop_including_the_slide(variant: dict, tiny: Callable[..., GPT]) -> None:
+    model = tiny(**variant)
     prompt = torch.randint(0, 50, (2, 5))
     steps = 30  # well past block_size = 16: the context slides
     reference = naive_greedy(model, prompt, steps)

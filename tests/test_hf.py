@@ -52,9 +52,23 @@ def test_export_to_hf_gpt2_round_trips() -> None:
         torch.testing.assert_close(hf(idx).logits, ours(idx)[0], rtol=0, atol=1e-5)
 
 
-def test_export_refuses_non_gpt2_variants() -> None:
-    model = GPT(ModelConfig(vocab_size=101, block_size=32, n_layer=1, n_head=4, n_embd=48,
-                            norm="rmsnorm"))
-    with pytest.raises(GPTError, match="norm"):
+@pytest.mark.parametrize("variant, message", [
+    (dict(norm="rmsnorm"), r"\[model\] norm = 'rmsnorm': GPT-2 needs 'layernorm'"),
+    (dict(activation="relu2"), r"\[model\] activation = 'relu2': GPT-2 needs 'gelu_tanh'"),
+    (dict(qk_norm=True), r"\[model\] qk_norm = True: GPT-2 needs False"),
+    (dict(logit_softcap=30.0), r"\[model\] logit_softcap = 30.0: GPT-2 needs it unset"),
+])
+def test_export_refuses_non_gpt2_variants(variant: dict, message: str) -> None:
+    shape = {"activation": "gelu_tanh", **variant}  # GPT-2's but for the variant
+    model = GPT(ModelConfig(vocab_size=101, block_size=32, n_layer=1, n_head=4, n_embd=48, **shape))
+    with pytest.raises(GPTError, match=message):
         to_hf_gpt2(model)
+
+
+def test_zero_init_proj_is_only_an_initialisation_and_exports() -> None:
+    model = GPT(ModelConfig(vocab_size=101, block_size=32, n_layer=1, n_head=4, n_embd=48,
+                            activation="gelu_tanh", zero_init_proj=True)).eval()
+    idx = torch.randint(0, 101, (1, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(to_hf_gpt2(model)(idx).logits, model(idx)[0], rtol=0, atol=1e-5)
 

@@ -44,7 +44,10 @@ def test_causality_every_variant(variant: dict, tiny_config: Callable[..., Model
     assert not torch.allclose(a[:, t + 1 :], b[:, t + 1 :])  # the future did change something
 
 
-@pytest.mark.parametrize("extra", [{}, {"n_kv_head": 2}, {"n_kv_head": 1, "pos_embedding": "rope"}])
+@pytest.mark.parametrize("extra", [
+    {}, {"n_kv_head": 2}, {"n_kv_head": 1, "pos_embedding": "rope"},
+    {"qk_norm": True}, {"qk_norm": True, "n_kv_head": 2, "pos_embedding": "rope"},
+])
 def test_sdpa_and_manual_attention_agree(extra: dict, tiny_config: Callable[..., ModelConfig]) -> None:
     """Outputs and gradients of the two attention implementations match to 1e-5."""
     torch.manual_seed(0)
@@ -77,6 +80,73 @@ def test_manual_attention_is_the_textbook_formula(tiny_config: Callable[..., Mod
         heads.append(weights @ v[..., sl])
     expected = attn.c_proj(torch.cat(heads, dim=-1))
     torch.testing.assert_close(attn(x), expected, rtol=0, atol=1e-6)
+
+
+def naive_rms(x: torch.Tensor, eps: float) -> torch.Tensor:
+    return x / torch.sqrt((x * x).mean(-1, keepdim=True) + eps)
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "manual"])
+def test_qk_norm_is_per_head_rms_norm_of_q_and_k(attention: str, tiny_config: Callable[..., ModelConfig]) -> None:
+    """Each head's q and k divided by their RMS (no gain), then the textbook attention."""
+    torch.manual_seed(0)
+    attn = Attention(tiny_config(attention=attention, qk_norm=True, norm_eps=1e-5)).eval()
+    x = torch.randn(2, 10, 32)
+    q, k, v = attn.c_attn(x).split(32, dim=-1)
+    heads = []
+    for h in range(4):
+        sl = slice(8 * h, 8 * (h + 1))
+        qh, kh = naive_rms(q[..., sl], 1e-5), naive_rms(k[..., sl], 1e-5)
+        scores = qh @ kh.transpose(-1, -2) / math.sqrt(8)
+        future = torch.triu(torch.ones(10, 10, dtype=torch.bool), diagonal=1)
+        heads.append(torch.softmax(scores.masked_fill(future, float("-inf")), dim=-1) @ v[..., sl])
+    torch.testing.assert_close(attn(x), attn.c_proj(torch.cat(heads, dim=-1)), rtol=0, atol=1e-6)
+    assert sum(p.numel() for p in attn.parameters()) == sum(
+        p.numel() for p in Attention(tiny_config()).parameters()
+    )  # no learned gain: the same weights as without
+
+
+@pytest.mark.parametrize("pos_embedding", ["learned", "rope"])
+@pytest.mark.parametrize("attention", ["sdpa", "manual"])
+def test_qk_norm_gives_attention_unit_rms_queries_and_keys(
+    attention: str, pos_embedding: str, tiny_config: Callable[..., ModelConfig],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """What reaches the attention kernel, per head and position, has RMS 1 (RoPE rotates after
+    the norm, which keeps it); without qk_norm it does not."""
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+    if attention == "sdpa":
+        kernel = F.scaled_dot_product_attention
+        monkeypatch.setattr(F, "scaled_dot_product_attention",
+                            lambda q, k, v, **kw: seen.append((q, k)) or kernel(q, k, v, **kw))
+    else:
+        manual = Attention._manual_attention
+        monkeypatch.setattr(Attention, "_manual_attention",
+                            lambda self, q, k, v: seen.append((q, k)) or manual(self, q, k, v))
+    idx = torch.randint(0, 64, (2, 16))
+    for qk_norm in (True, False):
+        seen.clear()
+        torch.manual_seed(0)
+        cfg = tiny_config(attention=attention, pos_embedding=pos_embedding, qk_norm=qk_norm,
+                          norm_eps=1e-8)  # an eps that leaves the RMS at 1 to float precision
+        GPT(cfg)(idx)
+        assert len(seen) == 2  # one per layer
+        for q, k in seen:  # (B, nh, T, hs)
+            for t in (q, k):
+                rms = t.pow(2).mean(-1).sqrt()  # (B, nh, T)
+                if qk_norm:
+                    torch.testing.assert_close(rms, torch.ones_like(rms), rtol=0, atol=1e-5)
+                else:
+                    assert (rms - 1).abs().min() > 0.5
+
+
+def test_qk_norm_changes_the_output(tiny_config: Callable[..., ModelConfig]) -> None:
+    torch.manual_seed(0)
+    plain = GPT(tiny_config()).eval()
+    normed = GPT(tiny_config(qk_norm=True)).eval()
+    normed.load_state_dict(plain.state_dict())  # the same weights: qk_norm adds none
+    idx = torch.randint(0, 64, (2, 16))
+    assert not torch.allclose(plain(idx)[0], normed(idx)[0], atol=1e-4)
 
 
 def test_grouped_query_heads_share_keys_and_values(tiny_config: Callable[..., ModelConfig]) -> None:
@@ -172,6 +242,13 @@ def test_rmsnorm_matches_torch() -> None:
 def test_activations_match_torch_modules(name: str, reference: nn.Module) -> None:
     x = torch.linspace(-6, 6, 101)
     torch.testing.assert_close(ACTIVATIONS[name](x), reference(x))
+
+
+def test_relu2_is_relu_squared() -> None:
+    x = torch.linspace(-6, 6, 101, requires_grad=True)
+    torch.testing.assert_close(ACTIVATIONS["relu2"](x), torch.relu(x) ** 2, rtol=0, atol=0)
+    ACTIVATIONS["relu2"](x).sum().backward()
+    torch.testing.assert_close(x.grad, 2 * torch.relu(x.detach()))  # d/dx relu(x)^2
 
 
 @pytest.mark.parametrize("activation", list(ACTIVATIONS))
@@ -318,6 +395,38 @@ def test_gpt2_initialisation() -> None:
     assert torch.equal(h.ln_1.weight, torch.ones(256))
 
 
+def test_zero_init_proj_zeroes_the_residual_writers_only(tiny_config: Callable[..., ModelConfig]) -> None:
+    """Every c_proj (attention, cross-attention, MLP) starts at zero, nothing else does, and
+    each block starts as the identity."""
+    torch.manual_seed(0)
+    model = GPT(tiny_config(zero_init_proj=True, cross_attention=True))
+    zero = {name for name, p in model.named_parameters() if p.dim() == 2 and not p.any()}
+    assert zero == {f"transformer.h.{i}.{part}.c_proj.weight" for i in range(2)
+                    for part in ("attn", "cross_attn", "mlp")}
+    x, context = torch.randn(2, 5, 32), torch.randn(2, 3, 32)
+    torch.testing.assert_close(model.transformer.h[0](x, context=context), x, rtol=0, atol=0)
+    default = GPT(tiny_config())
+    assert all(p.any() for name, p in default.named_parameters() if name.endswith("c_proj.weight"))
+
+
+def test_zero_init_proj_model_trains(tiny_config: Callable[..., ModelConfig]) -> None:
+    """The projections get gradients from the first step, and the rest follows: the loss falls."""
+    torch.manual_seed(0)
+    model = GPT(tiny_config(zero_init_proj=True))
+    data = torch.randint(0, 64, (4, 17))
+    x, y = data[:, :-1], data[:, 1:]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    losses = []
+    for _ in range(20):
+        _, loss = model(x, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert all(p.any() for name, p in model.named_parameters() if name.endswith("c_proj.weight"))
+    assert losses[-1] < losses[0] - 0.5
+
+
 def test_loss_ignores_minus_one_targets(tiny_config: Callable[..., ModelConfig]) -> None:
     torch.manual_seed(0)
     model = GPT(tiny_config()).eval()
@@ -327,6 +436,45 @@ def test_loss_ignores_minus_one_targets(tiny_config: Callable[..., ModelConfig])
     logits, loss = model(idx, targets)
     expected = F.cross_entropy(logits[:, 5:].reshape(-1, 64), targets[:, 5:].reshape(-1))
     torch.testing.assert_close(loss, expected)
+
+
+def test_logit_softcap_squashes_the_plain_logits(tiny_config: Callable[..., ModelConfig]) -> None:
+    """The capped model's logits are cap * tanh(plain / cap) of the same weights, inside
+    (-cap, cap), and its loss is the cross-entropy of those."""
+    torch.manual_seed(0)
+    plain = GPT(tiny_config()).eval()
+    with torch.no_grad():
+        plain.lm_head.weight.mul_(100.0)  # logits far past the cap
+    capped = GPT(tiny_config(logit_softcap=2.0)).eval()
+    capped.load_state_dict(plain.state_dict())
+    idx, targets = torch.randint(0, 64, (2, 16)), torch.randint(0, 64, (2, 16))
+    raw, _ = plain(idx)
+    assert raw.abs().max() > 10.0
+    logits, loss = capped(idx, targets)
+    torch.testing.assert_close(logits, 2.0 * torch.tanh(raw / 2.0))
+    assert logits.abs().max() <= 2.0  # equal only where float32's tanh rounds to 1
+    torch.testing.assert_close(loss, F.cross_entropy(logits.view(-1, 64), targets.view(-1)))
+
+
+def test_logit_softcap_far_above_the_logits_changes_nothing(tiny_config: Callable[..., ModelConfig]) -> None:
+    torch.manual_seed(0)
+    plain = GPT(tiny_config()).eval()
+    capped = GPT(tiny_config(logit_softcap=1e6)).eval()
+    capped.load_state_dict(plain.state_dict())
+    idx = torch.randint(0, 64, (2, 16))
+    torch.testing.assert_close(capped(idx)[0], plain(idx)[0], rtol=1e-5, atol=1e-6)
+
+
+def test_logit_softcap_gradients_stay_finite(tiny_config: Callable[..., ModelConfig]) -> None:
+    """Saturated logits (|logits| >> cap) still give a finite loss and finite gradients."""
+    torch.manual_seed(0)
+    model = GPT(tiny_config(logit_softcap=5.0))
+    with torch.no_grad():
+        model.lm_head.weight.mul_(1e4)
+    _, loss = model(torch.randint(0, 64, (2, 16)), torch.randint(0, 64, (2, 16)))
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
 
 def test_too_long_sequence_is_a_clear_error(tiny_config: Callable[..., ModelConfig]) -> None:

@@ -97,9 +97,12 @@ def test_train_logs_checkpoints_and_resumes(tiny_run: Path) -> None:
     assert resumed[-1]["mfu"] == pytest.approx(flops * resumed[-1]["tok_per_s"] / 1e12)
 
 
-def test_resume_is_bitwise_exact(tiny_run: Path) -> None:
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_resume_is_bitwise_exact(tiny_run: Path, optimizer: str) -> None:
     """30 iterations straight equal 20 iterations, a stop, and 10 more, bit for bit."""
     fixed = "train.lr_decay_iters=30"  # the schedule must not depend on where the first leg ends
+    with open("tiny.toml", "a") as f:
+        f.write(f'optimizer = "{optimizer}"\n')  # the [train] section is the file's last
     assert train(load_config("tiny.toml", ["train.out_dir=straight", fixed])) == 0
     assert train(load_config("tiny.toml", ["train.out_dir=split", "train.max_iters=20", fixed])) == 0
     assert train(load_config("tiny.toml", ["train.out_dir=split", fixed])) == 0
@@ -110,6 +113,8 @@ def test_resume_is_bitwise_exact(tiny_run: Path) -> None:
     wa = load_file(str(tiny_run / "straight" / "ckpt-0000030" / "model.safetensors"))
     wb = load_file(str(tiny_run / "split" / "ckpt-0000030" / "model.safetensors"))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    saved = torch.load(tiny_run / "split" / "ckpt-0000030" / "optimizer.pt", weights_only=True)
+    assert (sorted(saved) == ["adamw", "muon"]) == (optimizer == "muon")
 
 
 @pytest.mark.slow
@@ -411,6 +416,115 @@ def test_train_step_is_one_adamw_step_on_the_accumulated_gradient(tiny_run: Path
         run.metrics.close()
 
 
+def test_muon_takes_the_blocks_matrices_and_adamw_the_rest(tiny_config) -> None:
+    model = GPT(tiny_config(tie_embeddings=False, n_kv_head=2))
+    cfg = TrainConfig(optimizer="muon", muon_lr=0.02, learning_rate=1e-3)
+    optimizer = make_optimizer(model, cfg, torch.device("cpu"))
+    muon, adamw = optimizer.optimizers["muon"], optimizer.optimizers["adamw"]
+    assert isinstance(muon, torch.optim.Muon) and isinstance(adamw, torch.optim.AdamW)
+    name = {id(p): n for n, p in model.named_parameters()}
+    in_muon = {name[id(p)] for g in muon.param_groups for p in g["params"]}
+    in_adamw = [name[id(p)] for g in adamw.param_groups for p in g["params"]]
+    assert in_muon == {f"transformer.h.{i}.{m}.weight" for i in range(2)
+                       for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")}
+    assert sorted([*in_muon, *in_adamw]) == sorted(name.values())  # each parameter once
+    assert {"transformer.wte.weight", "transformer.wpe.weight", "lm_head.weight"} <= set(in_adamw)
+    assert [g["initial_lr"] for g in optimizer.param_groups] == [0.02, 1e-3, 1e-3]
+    assert muon.param_groups[0]["weight_decay"] == 0.0
+
+
+def test_grad_scaler_steps_and_skips_muon_and_adamw_together(tiny_config) -> None:
+    """float16 training's GradScaler sees the combined optimizer as one: it unscales every
+    group, and an inf gradient in one optimizer's parameters skips both steps."""
+    torch.manual_seed(0)
+    model = GPT(tiny_config())
+    optimizer = make_optimizer(model, TrainConfig(optimizer="muon"), torch.device("cpu"))
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    idx = torch.randint(0, 64, (2, 16))
+    for poisoned in (False, True):
+        _, loss = model(idx, idx)
+        scaler.scale(loss).backward()
+        if poisoned:
+            model.transformer.h[0].attn.c_attn.weight.grad[0, 0] = float("inf")  # Muon's
+        scaler.unscale_(optimizer)
+        before = [p.detach().clone() for p in model.parameters()]
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        unchanged = [torch.equal(b, p) for b, p in zip(before, model.parameters(), strict=True)]
+        assert all(unchanged) if poisoned else not any(unchanged)
+    assert scaler.get_scale() == 512.0
+
+
+def test_train_step_with_muon_is_muon_and_adamw_written_out(tiny_run: Path) -> None:
+    """train_step against torch's Muon on the blocks' matrices and AdamW on the rest, each at
+    its own peak times the warmup's first factor."""
+    cfg = load_config("tiny.toml", ["train.optimizer=muon", "train.muon_lr=0.05", "model.dropout=0.0"])
+    run = setup_run(cfg, True, Dist(), torch.device("cpu"), torch.float32)
+    try:
+        reference = GPT(run.cfg.model)
+        reference.load_state_dict(run.model.state_dict())
+        warmup = 1 / (cfg.train.warmup_iters + 1)
+        hidden = [p for n, p in reference.named_parameters() if n.startswith("transformer.h.") and p.dim() == 2]
+        rest = [p for p in reference.parameters() if all(p is not h for h in hidden)]
+        muon = torch.optim.Muon(hidden, lr=0.05 * warmup, weight_decay=0.0)
+        adamw = torch.optim.AdamW([
+            {"params": [p for p in rest if p.dim() >= 2], "weight_decay": cfg.train.weight_decay},
+            {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0},
+        ], lr=3e-3 * warmup, betas=(cfg.train.beta1, cfg.train.beta2))
+        batches = BatchSampler(cfg.data.resolved_data_dir, "train", 32, 4, seed=0)
+        batches.load_state_dict(run.samplers["train"].state_dict())
+        _, loss = reference(*batches.next_batch())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(reference.parameters(), cfg.train.grad_clip)
+        muon.step()
+        adamw.step()
+
+        assert train_step(run) == pytest.approx(loss.item(), rel=1e-6)
+        for (name, ours), theirs in zip(run.model.named_parameters(), reference.parameters(), strict=True):
+            torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6, msg=name)
+    finally:
+        run.metrics.close()
+
+
+def test_changing_the_optimizer_on_resume_is_refused_before_any_data_work(
+    tiny_run: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert train(load_config("tiny.toml", ["train.max_iters=5"])) == 0
+    monkeypatch.setattr("gpt.train.prepare", lambda *a, **k: pytest.fail("prepare ran"))
+    with pytest.raises(GPTError, match=r"ckpt-0000005 was trained with train.optimizer = 'adamw', "
+                       r"the config now says 'muon'; set it back, or .*train.init_from"):
+        train(load_config("tiny.toml", ["train.optimizer=muon", "train.max_iters=10"]))
+
+
+def test_resume_takes_the_configs_peak_rates_not_the_checkpoints(tiny_run: Path) -> None:
+    """The optimizer state holds each group's initial_lr; a resumed run with new rates uses
+    the new ones, as it always did for learning_rate."""
+    assert train(load_config("tiny.toml", ["train.optimizer=muon", "train.max_iters=5"])) == 0
+    cfg = load_config("tiny.toml", ["train.optimizer=muon", "train.max_iters=10",
+                                    "train.learning_rate=1e-3", "train.muon_lr=0.01"])
+    run = setup_run(cfg, True, Dist(), torch.device("cpu"), torch.float32)
+    try:
+        assert run.state.iteration == 5
+        assert [g["initial_lr"] for g in run.optimizer.param_groups] == [0.01, 1e-3, 1e-3]
+        assert run.optimizer.optimizers["muon"].state  # the momentum came back
+    finally:
+        run.metrics.close()
+
+
+def test_muon_on_a_torch_without_it_is_one_line(tiny_run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch < 2.9 has no torch.optim.Muon: one line naming the key and both ways out."""
+    monkeypatch.delattr(torch.optim, "Muon")
+    result = runner.invoke(app, ["train", "--config", "tiny.toml", "--set", "train.optimizer=muon"])
+    assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
+    assert '[train] optimizer = "muon" needs torch.optim.Muon (torch >= 2.9' in result.output
+    assert 'upgrade torch, or set train.optimizer = "adamw"' in result.output
+    assert not (tiny_run / "out").exists()
+    with pytest.raises(GPTError, match="needs torch.optim.Muon"):
+        make_optimizer(GPT(load_config("tiny.toml", ["model.vocab_size=64"]).model),
+                       TrainConfig(optimizer="muon"), torch.device("cpu"))
+
+
 def test_train_state_round_trips_through_its_state_dict() -> None:
     state = TrainState(iteration=7, tokens_seen=896, wandb_id="abc", rng_ranks=[{"torch": [1]}])
     saved = state.state_dict()
@@ -449,12 +563,40 @@ def test_lr_schedule_values() -> None:
     assert lr_at(0, constant) == lr_at(1000, constant) == 0.3
 
 
+def test_wsd_schedule_values() -> None:
+    """Warmup as cosine's, learning_rate held, then linear to min_lr over the last 20% of 110."""
+    cfg = TrainConfig(learning_rate=1.0, min_lr=0.1, warmup_iters=9, max_iters=110,
+                      lr_schedule="wsd", cooldown_fraction=0.2)
+    assert lr_at(0, cfg) == pytest.approx(0.1)  # warmup start: (0 + 1) / (9 + 1)
+    assert lr_at(9, cfg) == lr_at(50, cfg) == lr_at(87, cfg) == 1.0  # stable, exactly the peak
+    assert lr_at(88, cfg) == 1.0  # the cooldown starts at 110 - 22 = 88
+    assert lr_at(99, cfg) == pytest.approx(0.1 + 0.9 * 11 / 22)  # halfway down
+    assert lr_at(109, cfg) == pytest.approx(0.1 + 0.9 / 22)
+    assert lr_at(110, cfg) == lr_at(500, cfg) == 0.1  # the end
+    whole = TrainConfig(learning_rate=1.0, min_lr=0.0, warmup_iters=0, lr_decay_iters=100,
+                        lr_schedule="wsd", cooldown_fraction=1.0)
+    assert [lr_at(i, whole) for i in (0, 25, 100)] == pytest.approx([1.0, 0.75, 0.0])
+    assert lr_at(5, TrainConfig(lr_schedule="wsd", decay_lr=False, learning_rate=0.3)) == 0.3
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "wsd"])
+def test_a_group_with_its_own_peak_follows_the_curve_scaled(schedule: str) -> None:
+    """Muon's group at muon_lr: the same warmup and decay, scaled by muon_lr / learning_rate."""
+    cfg = TrainConfig(learning_rate=1e-3, min_lr=1e-4, warmup_iters=10, max_iters=100,
+                      lr_schedule=schedule)
+    for i in (0, 5, 10, 50, 85, 99, 100):
+        assert lr_at(i, cfg, 0.02) == pytest.approx(lr_at(i, cfg) * 20)
+    assert lr_at(50, cfg, cfg.learning_rate) == lr_at(50, cfg)  # the default peak: unrounded
+
+
 def test_init_from_finetunes_from_another_run(tiny_run: Path) -> None:
     assert train(load_config("tiny.toml", ["train.out_dir=base", "train.max_iters=60"])) == 0
     base_final = [r for r in metrics(tiny_run / "base") if "val_loss" in r][-1]["val_loss"]
     fresh = [r for r in metrics(tiny_run / "base") if "val_loss" in r][0]["val_loss"]
+    # zero_init_proj only says how fresh weights start: a finetune may set it
     assert train(load_config("tiny.toml", ["train.out_dir=tuned", "train.init_from=base",
-                                           "train.max_iters=10", "train.learning_rate=1e-4"])) == 0
+                                           "train.max_iters=10", "train.learning_rate=1e-4",
+                                           "model.zero_init_proj=true"])) == 0
     start = [r for r in metrics(tiny_run / "tuned") if "val_loss" in r][0]["val_loss"]
     assert abs(start - base_final) < 0.3 * abs(fresh - base_final)  # starts where base ended
     with pytest.raises(GPTError, match=r"trained with model.n_layer = 2, the config now says 3"):
