@@ -16,7 +16,10 @@ first reaches nanoGPT's final one, and the ratios, as medians with their spread 
 
     python scripts/bench_vs_nanogpt.py --nanogpt-dir DIR [--text FILE | --text python-stdlib]
         [--runs 3] [--iters 2000] [--fast-config configs/fast_char.toml] [--work DIR]
-        [--write-docs [--docs PATH]]
+        [--ablation] [--write-docs [--docs PATH]]
+
+`--ablation` runs the fast config alone, and again with each of its choices undone in turn
+(`ABLATION`), to show what each one buys; it needs no nanoGPT.
 
 `--nanogpt-dir` (or the NANOGPT_DIR variable) is a checkout of github.com/karpathy/nanoGPT.
 """
@@ -35,7 +38,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import doc_tables as docs
@@ -136,7 +141,7 @@ def launch(command: list[str], cwd: Path, log: Path, pattern: re.Pattern[str]) -
     return evals, lines
 
 
-def run_nanogpt(nanogpt: Path, data: Path, out: Path, iters: int) -> Result:
+def run_nanogpt(nanogpt: Path, data: Path, out: Path, *, iters: int) -> Result:
     command = [sys.executable, str(nanogpt / "train.py"),
                str(nanogpt / "config" / "train_shakespeare_char.py"), *NANOGPT_FLAGS,
                f"--max_iters={iters}", f"--lr_decay_iters={iters}",
@@ -146,7 +151,7 @@ def run_nanogpt(nanogpt: Path, data: Path, out: Path, iters: int) -> Result:
     return Result(evals, statistics.median(times[1:]))
 
 
-def run_gpt(config: Path, out: Path, overrides: list[str]) -> Result:
+def run_gpt(config: Path, out: Path, *, overrides: list[str]) -> Result:
     command = [sys.executable, "-m", "gpt", "train", "--config", str(config),
                "--set", f"train.out_dir={out}", *(a for o in overrides for a in ("--set", o))]
     evals, _ = launch(command, ROOT, out.with_suffix(".log"), GPT_EVAL)
@@ -192,6 +197,20 @@ def spread(values: list[float], fmt: str) -> str:
            f"{format(max(values), fmt)})"
 
 
+# Each row of --ablation undoes one choice of the fast config, to show what that choice buys.
+ABLATION = [
+    ("fast config", []),
+    ("AdamW instead of Muon", ["train.optimizer=adamw"]),
+    ("cosine decay instead of warmup-stable-decay", ["train.lr_schedule=cosine",
+                                                     "train.min_lr=3e-4"]),
+    ("tied head", ["model.tie_embeddings=true"]),
+    ("GELU instead of ReLU²", ['model.activation="gelu"']),
+    ("no QK-norm", ["model.qk_norm=false"]),
+    ("GPT-2's initialisation of the output projections", ["model.zero_init_proj=false"]),
+    ("nanoGPT's size (4 layers, MLP 512 wide)", ["model.n_layer=4", "model.mlp_hidden=512"]),
+]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nanogpt-dir", type=Path, default=os.environ.get("NANOGPT_DIR"))
@@ -199,45 +218,75 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--iters", type=int, default=2000)
     parser.add_argument("--fast-config", type=Path, default=ROOT / "configs" / "fast_char.toml")
+    parser.add_argument("--ablation", action="store_true",
+                        help="run the fast config with each of its choices undone in turn")
     parser.add_argument("--work", type=Path, help="keep data, logs and runs here (default: temp)")
     docs.add_doc_options(parser)
     args = parser.parse_args()
-    doc = docs.docs_target(parser, args, "bench-nanogpt")
-    if args.nanogpt_dir is None or not (args.nanogpt_dir / "train.py").is_file():
+    doc = docs.docs_target(parser, args, "bench-ablation" if args.ablation else "bench-nanogpt")
+    if not args.ablation and (args.nanogpt_dir is None
+                              or not (args.nanogpt_dir / "train.py").is_file()):
         parser.error("--nanogpt-dir (or NANOGPT_DIR) must be a nanoGPT checkout with train.py")
     if not args.fast_config.is_file():
         parser.error(f"--fast-config {args.fast_config}: no such file")
     load_before = docs.load_average()
-    work = args.work or Path(tempfile.mkdtemp(prefix="bench-nanogpt-"))
+    work = (args.work or Path(tempfile.mkdtemp(prefix="bench-nanogpt-"))).resolve()
     work.mkdir(parents=True, exist_ok=True)
-    text = text_file(args.text, work.resolve())
-    gpt_data, nano_data, vocab = prepare_both(text, work.resolve())
-    same = work / "same.toml"
-    same.write_text(SAME_CONFIG.format(
-        block=BLOCK, vocab=vocab, text=text, data_dir=gpt_data.resolve(), batch=BATCH,
-        iters=args.iters, eval_interval=EVAL_INTERVAL, eval_iters=EVAL_ITERS))
-    fast_overrides = [f"data.source={text}", f"data.data_dir={gpt_data.resolve()}",
-                      "data.tokenizer=char", f"train.eval_iters={EVAL_ITERS}", "train.device=cpu"]
+    text = text_file(args.text, work)
+    gpt_data, nano_data, vocab = prepare_both(text, work)
     print(f"text: {text} ({text.stat().st_size:,} bytes, {vocab} characters); work: {work}")
+    fast = [f"data.source={text}", f"data.data_dir={gpt_data}", "data.tokenizer=char",
+            f"train.eval_iters={EVAL_ITERS}", "train.device=cpu"]
+    notes = [f"text: `{args.text}` ({text.stat().st_size:,} bytes, {vocab} characters), first "
+             "90% train, last 10% validation",
+             f"{args.runs} runs of each, alternating; medians (min-max)",
+             f"fast config: `{display(args.fast_config)}`"]
+    if args.ablation:
+        runners = {label: partial(run_gpt, args.fast_config.resolve(), overrides=fast + extra)
+                   for label, extra in ABLATION}
+        tables = ablation_tables(run_all(runners, work, args.runs))
+    else:
+        same = work / "same.toml"
+        same.write_text(SAME_CONFIG.format(
+            block=BLOCK, vocab=vocab, text=text, data_dir=gpt_data, batch=BATCH,
+            iters=args.iters, eval_interval=EVAL_INTERVAL, eval_iters=EVAL_ITERS))
+        runners = {
+            "nanoGPT": partial(run_nanogpt, args.nanogpt_dir.resolve(), nano_data,
+                               iters=args.iters),
+            "gpt, same": partial(run_gpt, same, overrides=[]),
+            "gpt, fast": partial(run_gpt, args.fast_config.resolve(), overrides=fast),
+        }
+        tables = comparison_tables(run_all(runners, work, args.runs))
+        notes[1] += "; target: nanoGPT's median final validation loss; the same ids for both"
+    print("\n\n".join(tables))
+    docs.publish(doc, "bench-ablation" if args.ablation else "bench-nanogpt", tables,
+                 load_before, notes)
 
-    results: dict[str, list[Result]] = {"nanoGPT": [], "gpt, same": [], "gpt, fast": []}
-    for r in range(args.runs):
-        for name, run in (
-            ("nanoGPT", lambda o: run_nanogpt(args.nanogpt_dir.resolve(), nano_data.resolve(),
-                                              o, args.iters)),
-            ("gpt, same", lambda o: run_gpt(same.resolve(), o, [])),
-            ("gpt, fast", lambda o: run_gpt(args.fast_config.resolve(), o, fast_overrides)),
-        ):
-            out = (work / f"{name.replace(', ', '-')}-{r}").resolve()
+
+def display(path: Path) -> str:
+    path = path.resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
+def run_all(runners: dict[str, Callable[[Path], Result]], work: Path,
+            runs: int) -> dict[str, list[Result]]:
+    """Every runner `runs` times, in turn (A B C, A B C, ...)."""
+    results: dict[str, list[Result]] = {name: [] for name in runners}
+    for r in range(runs):
+        for name, run in runners.items():
+            out = work / f"{re.sub(r'[^A-Za-z0-9]+', '-', name).strip('-')}-{r}"
             shutil.rmtree(out, ignore_errors=True)
             result = run(out)
             results[name].append(result)
-            print(f"run {r + 1}/{args.runs} {name:9}: {result.step_ms:6.1f} ms/step, final val "
+            print(f"run {r + 1}/{runs} {name}: {result.step_ms:6.1f} ms/step, final val "
                   f"{result.final_val:.4f} at {result.wall:5.1f} s", flush=True)
+    return results
 
+
+def comparison_tables(results: dict[str, list[Result]]) -> list[str]:
+    """The three tools' figures, and the two ratios the speed goals are about."""
     target = statistics.median(r.final_val for r in results["nanoGPT"])
-    nano_wall = [r.wall for r in results["nanoGPT"]]
-    rows, ratios = [], []
+    rows = []
     for name, runs in results.items():
         reached = [r.time_to(target) for r in runs]
         rows.append([
@@ -245,31 +294,40 @@ def main() -> None:
             spread([1000 * r.tokens_per_step / r.step_ms for r in runs], ",.0f"),
             spread([r.final_val for r in runs], ".4f"), spread([r.wall for r in runs], ".1f"),
             spread([t for t in reached if t is not None], ".1f") if None not in reached
-            else f"not reached in {sum(t is None for t in reached)} of {len(runs)}",
+            else f"not reached in {sum(t is None for t in reached)} of {len(runs)} runs",
         ])
-    same_speed = [n.step_ms / s.step_ms * s.tokens_per_step / n.tokens_per_step
-                  for n, s in zip(results["nanoGPT"], results["gpt, same"], strict=True)]
-    ratios.append(f"tokens/s, gpt (same) / nanoGPT: {spread(same_speed, '.2f')}")
-    fast_times = [f.time_to(target) for f in results["gpt, fast"]]
-    if None not in fast_times:
-        share = [t / w for t, w in zip(fast_times, nano_wall, strict=True)]  # type: ignore[operator]
-        ratios.append(f"wall time to nanoGPT's final val loss, gpt (fast) / nanoGPT: "
+    nano, same, fast = results["nanoGPT"], results["gpt, same"], results["gpt, fast"]
+    speed = [n.step_ms / s.step_ms * s.tokens_per_step / n.tokens_per_step
+             for n, s in zip(nano, same, strict=True)]  # run by run: the same spell of machine
+    ratios = [f"tokens/s, gpt (same run) / nanoGPT: {spread(speed, '.2f')}",
+              "final val loss, gpt (same run) - nanoGPT: " + spread(
+                  [s.final_val - n.final_val for n, s in zip(nano, same, strict=True)], "+.4f")]
+    fast_times = [f.time_to(target) for f in fast]
+    if None in fast_times:
+        ratios.append("the fast config did not reach nanoGPT's final val loss in every run")
+    else:
+        share = [t / n.wall for t, n in zip(fast_times, nano, strict=True)]  # type: ignore
+        ratios.append("wall time to nanoGPT's final val loss, gpt (fast) / nanoGPT's: "
                       f"{spread(share, '.2f')}")
     header = ["run", "ms/step", "tokens/s", "final val loss", "wall s (launch to last eval)",
               f"wall s to val <= {target:.4f}"]
-    table = docs.markdown_table(header, rows)
-    print(table)
-    print("\n".join(ratios))
-    docs.publish(doc, "bench-nanogpt", [table, "\n".join(f"- {r}" for r in ratios)],
-                 load_before, [
-                     f"text: `{args.text}` ({text.stat().st_size:,} bytes, {vocab} characters), "
-                     "first 90% train, last 10% validation, the same ids for both tools",
-                     f"{args.runs} runs of each, alternating; medians (min-max); target: "
-                     "nanoGPT's median final validation loss",
-                     f"fast config: `{args.fast_config.relative_to(ROOT)}`"
-                     if args.fast_config.resolve().is_relative_to(ROOT) else
-                     f"fast config: `{args.fast_config}`",
-                 ])
+    return [docs.markdown_table(header, rows), "\n".join(f"- {r}" for r in ratios)]
+
+
+def ablation_tables(results: dict[str, list[Result]]) -> list[str]:
+    """Each undone choice: its final val loss and wall time beside the fast config's."""
+    base = results["fast config"]
+    rows = []
+    for name, runs in results.items():
+        loss_change = [r.final_val - b.final_val for r, b in zip(runs, base, strict=True)]
+        rows.append([
+            name, spread([r.final_val for r in runs], ".4f"),
+            "" if runs is base else spread(loss_change, "+.4f"),
+            spread([1000 * r.tokens_per_step / r.step_ms for r in runs], ",.0f"),
+            spread([r.wall for r in runs], ".1f"),
+        ])
+    header = ["run", "final val loss", "vs fast config", "tokens/s", "wall s"]
+    return [docs.markdown_table(header, rows)]
 
 
 if __name__ == "__main__":

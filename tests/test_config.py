@@ -146,10 +146,21 @@ def test_every_shipped_config_loads(path: Path) -> None:
     assert isinstance(cfg, RunConfig)
 
 
+# Speed recipes use variants GPT-2 cannot hold (untied head, ReLU², QK-norm); every other
+# shipped config trains a model that HF transformers can load.
+NOT_GPT2 = {"fast_char.toml"}
+
+
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
-def test_every_shipped_config_trains_a_model_that_exports(path: Path) -> None:
-    """Each shipped config is GPT-2-shaped, so what it trains can be handed to HF."""
-    check_gpt2_compatible(load_config(path).model)
+def test_every_shipped_config_but_the_speed_recipes_trains_a_model_that_exports(
+    path: Path,
+) -> None:
+    model = load_config(path).model
+    if path.name in NOT_GPT2:
+        with pytest.raises(GPTError, match=r"\[model\] .*GPT-2 needs"):
+            check_gpt2_compatible(model)
+    else:
+        check_gpt2_compatible(model)
 
 
 def test_shipped_configs_exist() -> None:
