@@ -18,8 +18,8 @@ first reaches nanoGPT's final one, and the ratios, as medians with their spread 
         [--runs 3] [--iters 2000] [--fast-config configs/fast_char.toml] [--work DIR]
         [--ablation] [--write-docs [--docs PATH]]
 
-`--ablation` runs the fast config alone, and again with each of its choices undone in turn
-(`ABLATION`), to show what each one buys; it needs no nanoGPT.
+`--ablation` runs the fast config alone, and again with each of its choices undone (or one it
+leaves out added) in turn, to show what each buys (`ABLATION`); it needs no nanoGPT.
 
 `--nanogpt-dir` (or the NANOGPT_DIR variable) is a checkout of github.com/karpathy/nanoGPT.
 """
@@ -170,8 +170,9 @@ def text_file(spec: str, work: Path) -> Path:
             sys.exit(f"--text {spec}: no such file; give a UTF-8 text file or python-stdlib")
         return path
     path = work / "python-stdlib.txt"
-    source = open_source(DataConfig(source="python-stdlib"))
-    path.write_text("\n".join(source.documents()), encoding="utf-8")
+    text = "\n".join(open_source(DataConfig(source="python-stdlib")).documents())
+    if not path.is_file() or path.read_text(encoding="utf-8") != text:  # kept: data stays valid
+        path.write_text(text, encoding="utf-8")
     return path
 
 
@@ -197,17 +198,18 @@ def spread(values: list[float], fmt: str) -> str:
            f"{format(max(values), fmt)})"
 
 
-# Each row of --ablation undoes one choice of the fast config, to show what that choice buys.
+# Each row of --ablation undoes one choice of the fast config, or adds one it leaves out, to
+# show what that choice buys.
 ABLATION = [
     ("fast config", []),
     ("AdamW instead of Muon", ["train.optimizer=adamw"]),
     ("cosine decay instead of warmup-stable-decay", ["train.lr_schedule=cosine",
                                                      "train.min_lr=3e-4"]),
     ("tied head", ["model.tie_embeddings=true"]),
-    ("GELU instead of ReLU²", ['model.activation="gelu"']),
     ("no QK-norm", ["model.qk_norm=false"]),
-    ("GPT-2's initialisation of the output projections", ["model.zero_init_proj=false"]),
     ("nanoGPT's size (4 layers, MLP 512 wide)", ["model.n_layer=4", "model.mlp_hidden=512"]),
+    ("adding ReLU² (left out)", ['model.activation="relu2"']),
+    ("adding zero-initialised output projections (left out)", ["model.zero_init_proj=true"]),
 ]
 
 
