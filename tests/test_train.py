@@ -291,11 +291,14 @@ def test_non_finite_stops_before_the_step(tiny_run: Path, poison_forward, what: 
     assert all(math.isfinite(r.get("loss", 0.0)) and r["iter"] <= 15 for r in metrics(tiny_run / "out"))
 
 
-def fused_adamw(run) -> torch.optim.AdamW:
-    """The run's parameter groups under a fused AdamW (what CUDA runs get), here on the CPU."""
+def adamw(run, fused: bool) -> torch.optim.AdamW:
+    """The run's parameter groups under a fused AdamW (what runs get where torch has the kernel),
+    or a foreach one (where it has not, so the step's flag is read on the host)."""
     tcfg = run.cfg.train
-    groups = [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in run.optimizer.param_groups]
-    return torch.optim.AdamW(groups, lr=tcfg.learning_rate, betas=(tcfg.beta1, tcfg.beta2), fused=True)
+    groups = [{"params": g["params"], "weight_decay": g["weight_decay"], "initial_lr": g["initial_lr"]}
+              for g in run.optimizer.param_groups]
+    return torch.optim.AdamW(groups, lr=tcfg.learning_rate, betas=(tcfg.beta1, tcfg.beta2),
+                             fused=fused, foreach=None if fused else True)
 
 
 def snapshot(run) -> list[torch.Tensor]:
@@ -314,8 +317,7 @@ def test_a_non_finite_step_never_reaches_the_weights(
     cfg = load_config("tiny.toml", ["model.dropout=0.0"])
     run = setup_run(cfg, True, Dist(), torch.device("cpu"), torch.float32)
     try:
-        if fused:
-            run.optimizer = fused_adamw(run)
+        run.optimizer = adamw(run, fused)
         assert skips_on_device(run.optimizer) is fused  # fused: no host read of the flag
         train_step(run)
         run.nonfinite.check(run.last_checkpoint)  # a good step: nothing to report
