@@ -164,7 +164,7 @@ def main() -> None:
                                    args.window) if args.reference else [])
     model = GPT(cfg.model)
     flops = model.flops_per_token()
-    peak = peak_flops(cfg.train, device)
+    peak = peak_flops(cfg.train, device, dtype)
     gpu = torch.cuda.get_device_name(device)
     tokens_per_step = args.batch_size * cfg.model.block_size
     mode = "compiled" if args.compile else "eager"
