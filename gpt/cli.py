@@ -154,10 +154,14 @@ def _info_config(
 
 
 def _bytes(n: float) -> str:
-    """A byte count in the largest binary unit that keeps it at 1 or more, to about three
-    figures: a tiny model's weights read "59.9 KiB", not "0.00 GiB"."""
-    units = (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10))
-    unit, scale = next(((u, s) for u, s in units if n >= s), ("B", 1))
+    """A byte count in binary units: a tiny model's weights read "59.9 KiB", not "0.00 GiB"."""
+    return _in_units(n, (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)), "B")
+
+
+def _in_units(n: float, units: tuple[tuple[str, float], ...], base: str) -> str:
+    """`n` in the largest of `units` (largest first) that keeps it at 1 or more, else in `base`,
+    to about three figures."""
+    unit, scale = next(((u, s) for u, s in units if n >= s), (base, 1))
     value = n / scale
     return f"{value:.{2 if value < 10 else 1 if value < 100 else 0}f} {unit}"
 
@@ -181,11 +185,9 @@ def _peak(cfg: RunConfig) -> str:
 
 
 def _flop_rate(n: float) -> str:
-    """FLOP/s in the largest decimal unit that keeps it at 1 or more, to about three figures."""
+    """FLOP/s in decimal units: "150 GFLOP/s", "989 TFLOP/s"."""
     units = (("PFLOP/s", 1e15), ("TFLOP/s", 1e12), ("GFLOP/s", 1e9), ("MFLOP/s", 1e6))
-    unit, scale = next(((u, s) for u, s in units if n >= s), ("FLOP/s", 1))
-    value = n / scale
-    return f"{value:.{2 if value < 10 else 1 if value < 100 else 0}f} {unit}"
+    return _in_units(n, units, "FLOP/s")
 
 
 def _tokenizer_vocab(cfg: RunConfig) -> int:
