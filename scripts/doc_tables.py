@@ -103,16 +103,6 @@ def load_average() -> float:
         return 0.0
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _commit() -> str:
     try:
         out = subprocess.run(
@@ -133,9 +123,11 @@ def host_markdown(load_before: float, notes: list[str] | None = None) -> str:
     torch threads, load average before and after, versions, commit, date, command line."""
     import torch
 
+    from gpt.peak import cpu_name
+
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     lines = [
-        f"- CPU: {_cpu_model()}; {cores} cores available to the process, "
+        f"- CPU: {cpu_name()}; {cores} cores available to the process, "
         f"{torch.get_num_threads()} torch threads",
         f"- load average (1 min): {load_before:.2f} before, {load_average():.2f} after "
         "(other processes slow every row)",
