@@ -321,6 +321,7 @@ class Run:
     cfg: RunConfig  # with the model's vocabulary filled in from the data
     world: Dist
     device: torch.device
+    dtype: torch.dtype  # the compute dtype ([train] dtype resolved for the device)
     autocast: contextlib.AbstractContextManager[Any]  # reentrant: torch.autocast or a no-op
     model: GPT  # the plain model: checkpoints, evaluation, clipping
     trained: torch.nn.Module  # what the step calls: the model, compiled and/or DDP-wrapped
@@ -390,7 +391,7 @@ def setup_run(
         )
     }
     run = Run(
-        cfg=cfg, world=world, device=device,
+        cfg=cfg, world=world, device=device, dtype=dtype,
         autocast=(torch.autocast(device.type, dtype=dtype) if dtype != torch.float32
                   else contextlib.nullcontext()),
         model=model, trained=_wrap(model, tcfg.compile, world, device),
@@ -708,7 +709,7 @@ def fit(run: Run) -> int:
     checkpoint_interval = tcfg.checkpoint_interval or tcfg.eval_interval
     throughput = Throughput(
         run.model.flops_per_token(), world.world_size,
-        peak_flops(tcfg, run.device, resolve_dtype(tcfg.dtype, run.device, "[train] dtype")),
+        peak_flops(tcfg, run.device, run.dtype),
     )
     bar = tqdm(total=tcfg.max_iters, initial=state.iteration, disable=not world.main, unit="it")
     run.model.train()
