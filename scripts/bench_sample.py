@@ -1,7 +1,7 @@
 """Benchmark decoding speed on the CPU: gpt's KV-cached sampler vs HF generate vs no cache.
 
 A GPT-2-124M-shaped model (12 layers, 12 heads, 768 wide, block 1024, vocab 50257) with the same
-random weights in `gpt` and in `transformers.GPT2LMHeadModel` (copied through gpt/hf.py). Batch
+random weights in `gpt` and in `transformers.GPT2LMHeadModel` (copied through gpt/hf/convert.py). Batch
 1, a 16-token prompt, top-k sampling; tokens/s are medians of several runs in this one process.
 The memory-bandwidth bound is the measured read bandwidth divided by the bytes of weights read
 per token. `--write-docs` puts the table into docs/performance.md (or `--docs PATH`).
@@ -21,7 +21,7 @@ import torch
 
 from gpt.config import ModelConfig
 from gpt.generate import cache_dtype, generate
-from gpt.hf import to_hf_gpt2
+from gpt.hf.convert import to_hf_gpt2
 from gpt.model import GPT
 from gpt.onednn import PackedLinear, pack_linears
 

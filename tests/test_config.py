@@ -19,7 +19,7 @@ from gpt.config import (
     to_toml,
 )
 from gpt.errors import GPTError
-from gpt.hf import check_gpt2_compatible
+from gpt.hf.convert import check_gpt2_compatible
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.toml"))

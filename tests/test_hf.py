@@ -12,7 +12,7 @@ if not transformers.is_torch_available():  # a transformers release needing a ne
 
 from gpt.config import ModelConfig  # noqa: E402
 from gpt.errors import GPTError  # noqa: E402
-from gpt.hf import from_hf_gpt2, to_hf_gpt2  # noqa: E402
+from gpt.hf.convert import from_hf_gpt2, to_hf_gpt2  # noqa: E402
 from gpt.model import GPT  # noqa: E402
 
 

@@ -1,0 +1,4 @@
+"""HF transformers interop, the only package that imports transformers (lazily, inside functions).
+
+- `convert`: model configs and weights between `gpt.model.GPT` and HF's GPT-2 and Llama.
+"""
