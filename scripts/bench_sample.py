@@ -1,8 +1,9 @@
 """Benchmark decoding speed on the CPU: gpt's KV-cached sampler vs HF generate vs no cache.
 
 A GPT-2-124M-shaped model (12 layers, 12 heads, 768 wide, block 1024, vocab 50257) with the same
-random weights in `gpt` and in `transformers.GPT2LMHeadModel` (copied through gpt/hf/convert.py). Batch
-1, a 16-token prompt, top-k sampling; tokens/s are medians of several runs in this one process.
+random weights in `gpt` and in `transformers.GPT2LMHeadModel` (copied through gpt/hf/convert.py).
+Batch 1, a 16-token prompt, top-k sampling; tokens/s are medians of several runs in this one
+process.
 The memory-bandwidth bound is the measured read bandwidth divided by the bytes of weights read
 per token. `--write-docs` puts the table into docs/performance.md (or `--docs PATH`).
 
@@ -21,7 +22,7 @@ import torch
 
 from gpt.config import ModelConfig
 from gpt.generate import cache_dtype, generate
-from gpt.hf.convert import to_hf_gpt2
+from gpt.hf.convert import to_hf
 from gpt.model import GPT
 from gpt.onednn import PackedLinear, pack_linears
 
@@ -136,7 +137,7 @@ def main() -> None:
     torch.manual_seed(0)
     gpt2 = ModelConfig(vocab_size=50257, padded_vocab_size=50257, activation="gelu_tanh")
     model = GPT(gpt2).eval()  # GPT-2 124M's shape, HF's unpadded vocabulary
-    hf_model = to_hf_gpt2(model)
+    hf_model = to_hf(model)
 
     def sampling_copy(dtype: torch.dtype) -> GPT:
         """The model as `gpt sample` runs it: in dtype, Linear weights packed for the CPU."""
