@@ -295,15 +295,22 @@ class HFTokenizer:
         )
 
 
-def _gpt2_encoding() -> Any:
-    """GPT-2's BPE built from the bundled ranks file, checked against its published hash."""
-    import tiktoken
+def gpt2_ranks() -> dict[bytes, int]:
+    """GPT-2's BPE ranks (token bytes -> id) from the bundled file, checked against its
+    published hash; also what an HF export of the gpt2 tokenizer is derived from."""
     from tiktoken.load import load_tiktoken_bpe
 
     data = GPT2_VOCAB_FILE.read_bytes()
     if hashlib.sha256(data).hexdigest() != GPT2_VOCAB_SHA256:
         raise GPTError(f"{GPT2_VOCAB_FILE} is damaged (sha256 mismatch); reinstall gpt")
-    ranks = load_tiktoken_bpe(str(GPT2_VOCAB_FILE), expected_hash=GPT2_VOCAB_SHA256)
+    return load_tiktoken_bpe(str(GPT2_VOCAB_FILE), expected_hash=GPT2_VOCAB_SHA256)
+
+
+def _gpt2_encoding() -> Any:
+    """GPT-2's BPE built from the bundled ranks file."""
+    import tiktoken
+
+    ranks = gpt2_ranks()
     return tiktoken.Encoding(
         name="gpt2",
         pat_str=GPT2_SPLIT_PATTERN,
