@@ -1,13 +1,16 @@
-"""Tokenizers: GPT-2 BPE from the bundled vocabulary, character-level, or any tiktoken encoding.
+"""Tokenizers: GPT-2 BPE from the bundled vocabulary, character-level, any tiktoken encoding, or
+an HF model's own tokenizer (tokenizer.json, through the `tokenizers` library).
 
-All share one small interface (`name`, `vocab_size`, `eot_id`, `encode`, `encode_batch`,
-`decode`, `to_dict`) and are rebuilt from `to_dict()` with `tokenizer_from_dict`, which is how
-datasets (meta.json) and checkpoints carry them: sampling needs no data and no network.
+All share one small interface (`name`, `vocab_size`, `eot_id`, `bos_id`, `encode`,
+`encode_batch`, `decode`, `to_dict`) and are rebuilt from `to_dict()` with `tokenizer_from_dict`,
+which is how datasets (meta.json) and checkpoints carry them: sampling needs no data and no
+network.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Protocol
@@ -31,6 +34,7 @@ class Tokenizer(Protocol):
     name: str
     vocab_size: int
     eot_id: int
+    bos_id: int | None  # what the tokenizer puts before a text (Llama's <s>); the sampler does too
 
     def encode(self, text: str) -> list[int]: ...
 
@@ -56,6 +60,7 @@ class TiktokenTokenizer:
         self.encoding = encoding
         self.vocab_size: int = encoding.n_vocab
         self.eot_id: int = encoding.eot_token
+        self.bos_id: int | None = None
 
     def encode(self, text: str) -> list[int]:
         return self.encoding.encode_ordinary(text)
@@ -97,6 +102,7 @@ class CharTokenizer:
     """
 
     name = "char"
+    bos_id: int | None = None
 
     def __init__(self, chars: Iterable[str]) -> None:
         self.chars: list[str] = sorted(set(chars) | {"\n"})
@@ -142,15 +148,169 @@ class CharTokenizer:
         return {"name": self.name, "chars": "".join(self.chars)}
 
 
-def _gpt2_encoding() -> Any:
-    """GPT-2's BPE built from the bundled ranks file, checked against its published hash."""
-    import tiktoken
+HF_SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "pad_token")
+
+
+class HFTokenizer:
+    """An HF model's own tokenizer: a `tokenizers.Tokenizer` rebuilt from its tokenizer.json text.
+
+    Text is encoded as ordinary text, as by the others: nothing is added around it (no <s>),
+    and the literal string of a special token in a document ("</s>", "<|im_start|>") is encoded
+    as the text it is, not as the special id, so documents cannot forge separators. Added tokens
+    that are not special (extensions of the vocabulary) are still matched, as HF matches them.
+    The record also carries what writing the HF folder back needs: the special tokens' strings
+    and the useful keys of tokenizer_config.json (chat template, model_max_length, ...), and a
+    `label` (the model's folder or hub name) for messages.
+    """
+
+    name = "hf"
+
+    def __init__(
+        self,
+        tokenizer_json: str,
+        special_tokens: dict[str, str | None] | None = None,
+        config: dict[str, Any] | None = None,
+        label: str = "",
+    ) -> None:
+        self.label = label
+        try:
+            from tokenizers import Tokenizer as Backend
+        except ImportError:
+            raise GPTError(
+                "the hf tokenizer needs the tokenizers library: pip install tokenizers"
+            ) from None
+        try:
+            backend = Backend.from_str(tokenizer_json)
+        except Exception as e:
+            raise GPTError(
+                f"{self._what} does not load ({first_line(e)}); import the model again"
+            ) from None
+        backend.no_truncation()  # a tokenizer.json may cut texts to the model's length
+        backend.no_padding()
+        self.tokenizer_json: str = backend.to_str()  # one spelling: equal tokenizers, equal dicts
+        backend.encode_special_tokens = True  # special tokens' strings are text (not serialised)
+        self.backend = backend
+        given = special_tokens or {}
+        self.special_tokens = {key: given.get(key) for key in HF_SPECIAL_TOKENS}
+        try:
+            self.config: dict[str, Any] = json.loads(json.dumps(config or {}))  # as JSON reads it
+        except (TypeError, ValueError) as e:
+            raise GPTError(
+                f"{self._what}: its settings are not JSON ({e}); import the model again"
+            ) from None
+        vocab = backend.get_vocab(with_added_tokens=True)
+        self.vocab_size: int = max(vocab.values(), default=-1) + 1  # ids may have gaps
+        self._special_ids: dict[str, int | None] = {}
+        for key, token in self.special_tokens.items():
+            if token is not None and token not in vocab:
+                raise GPTError(
+                    f"{self._what}: its {key} {token!r} is not in its vocabulary; fix "
+                    "tokenizer_config.json in the model folder and import it again"
+                )
+            self._special_ids[key] = None if token is None else vocab[token]
+        self.bos_id: int | None = self._added_before_text()
+
+    @property
+    def _what(self) -> str:
+        return f"HF tokenizer {self.label!r}" if self.label else "HF tokenizer"
+
+    @property
+    def eot_id(self) -> int:
+        """The end-of-sequence id (eos, else bos) that separates documents and ends samples."""
+        for key in ("eos_token", "bos_token"):
+            if (token_id := self._special_ids[key]) is not None:
+                return token_id
+        raise GPTError(
+            f"{self._what} has neither an eos nor a bos token to end texts with; set eos_token "
+            "in the model folder's tokenizer_config.json and import it again"
+        )
+
+    def _added_before_text(self) -> int | None:
+        """The id the post-processor puts before a text when asked for special tokens (Llama's
+        <s>), found by encoding a one-token text with them; None when it puts none."""
+        if self.backend.post_processor is None:
+            return None
+        for text in ("a", "0", " "):
+            try:
+                encoding = self.backend.encode(text, add_special_tokens=True)
+            except Exception:  # not in a vocabulary without an unknown token: try another
+                continue
+            sequences = encoding.sequence_ids  # None for the ids the post-processor added
+            start = next((i for i, seq in enumerate(sequences) if seq is not None), None)
+            if start is None:
+                continue
+            if start > 1:
+                raise GPTError(
+                    f"{self._what} puts {start} tokens before every text; only one (a bos "
+                    "token) is supported: set its post-processor to add at most one"
+                )
+            return encoding.ids[0] if start == 1 else None
+        return None
+
+    def _cannot_encode(self, error: Exception) -> GPTError:
+        return GPTError(
+            f"{self._what} cannot encode the text ({first_line(error)}); remove what it "
+            "cannot encode, or use a tokenizer that covers it"
+        )
+
+    def encode(self, text: str) -> list[int]:
+        try:
+            return self.backend.encode(text, add_special_tokens=False).ids
+        except Exception as e:
+            raise self._cannot_encode(e) from None
+
+    def encode_array(self, text: str) -> np.ndarray:
+        return np.asarray(self.encode(text), dtype=np.uint32)
+
+    def encode_batch(self, texts: list[str], num_threads: int = ENCODE_THREADS) -> list[list[int]]:
+        """Encode many texts in parallel on the library's own thread pool, which sizes itself
+        (RAYON_NUM_THREADS); `num_threads` is not used."""
+        encode = getattr(self.backend, "encode_batch_fast", self.backend.encode_batch)  # no offsets
+        try:
+            return [encoding.ids for encoding in encode(texts, add_special_tokens=False)]
+        except Exception as e:
+            raise self._cannot_encode(e) from None
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text of `ids`, special tokens written out as text; ids past the vocabulary (a model's
+        padding) decode to nothing."""
+        kept = [i for i in ids if 0 <= i < self.vocab_size]
+        return self.backend.decode(kept, skip_special_tokens=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "label": self.label,
+            "tokenizer_json": self.tokenizer_json,
+            "special_tokens": dict(self.special_tokens),
+            "config": json.loads(json.dumps(self.config)),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> HFTokenizer:
+        if not isinstance(d.get("tokenizer_json"), str):
+            raise GPTError("hf tokenizer record has no tokenizer_json; import the model again")
+        return cls(
+            d["tokenizer_json"], d.get("special_tokens"), d.get("config"), d.get("label", "")
+        )
+
+
+def gpt2_ranks() -> dict[bytes, int]:
+    """GPT-2's BPE ranks (token bytes -> id) from the bundled file, checked against its
+    published hash; also what an HF export of the gpt2 tokenizer is derived from."""
     from tiktoken.load import load_tiktoken_bpe
 
     data = GPT2_VOCAB_FILE.read_bytes()
     if hashlib.sha256(data).hexdigest() != GPT2_VOCAB_SHA256:
         raise GPTError(f"{GPT2_VOCAB_FILE} is damaged (sha256 mismatch); reinstall gpt")
-    ranks = load_tiktoken_bpe(str(GPT2_VOCAB_FILE), expected_hash=GPT2_VOCAB_SHA256)
+    return load_tiktoken_bpe(str(GPT2_VOCAB_FILE), expected_hash=GPT2_VOCAB_SHA256)
+
+
+def _gpt2_encoding() -> Any:
+    """GPT-2's BPE built from the bundled ranks file."""
+    import tiktoken
+
+    ranks = gpt2_ranks()
     return tiktoken.Encoding(
         name="gpt2",
         pat_str=GPT2_SPLIT_PATTERN,
@@ -169,6 +329,11 @@ def get_tokenizer(name: str) -> TiktokenTokenizer:
         return _CACHE[name]
     if name == "char":
         raise GPTError("the char tokenizer is built from data: run gpt prepare with tokenizer=char")
+    if name == HFTokenizer.name:
+        raise GPTError(
+            "the hf tokenizer comes with a model imported from HF, not by name: finetune from "
+            "the imported model to use it"
+        )
     if name == "gpt2":
         tok = TiktokenTokenizer("gpt2", _gpt2_encoding())
     else:
@@ -196,5 +361,7 @@ def tokenizer_from_dict(d: dict[str, Any]) -> Tokenizer:
         raise GPTError(f"tokenizer record {d!r} has no name; re-run gpt prepare")
     if d["name"] == "char":
         return CharTokenizer(d.get("chars", ""))
+    if d["name"] == HFTokenizer.name:
+        return HFTokenizer.from_dict(d)
     return get_tokenizer(d["name"])
 

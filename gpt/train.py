@@ -455,7 +455,9 @@ def _prepared_data(cfg: RunConfig, world: Dist, base: Checkpoint | None) -> Prep
     """
     vocabulary = base.tokenizer if base is not None and cfg.data.tokenizer == "char" else None
     if world.main:
-        prepare(cfg.data, progress=True, block_size=cfg.model.block_size, vocabulary=vocabulary)
+        prepare(
+            cfg.data, progress=True, block_size=cfg.model.block_size, tokenizer_record=vocabulary
+        )
     if world.world_size > 1:
         dist.barrier()
     return PreparedData(cfg.data.resolved_data_dir)

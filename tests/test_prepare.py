@@ -397,9 +397,9 @@ def test_fixed_char_vocabulary_names_foreign_characters_from_a_worker(tmp_path: 
     folder = docs_folder()
     vocabulary = {"name": "char", "chars": "\n documen0123456789"}
     with pytest.raises(GPTError, match=r"1 character\(s\) not in the char vocabulary: 't'"):
-        prepare(cfg(tmp_path, folder, tokenizer="char", num_proc=2), progress=False, vocabulary=vocabulary)
+        prepare(cfg(tmp_path, folder, tokenizer="char", num_proc=2), progress=False, tokenizer_record=vocabulary)
     assert leftovers(tmp_path / "prepared") == []
-    meta = prepare(cfg(tmp_path, folder, tokenizer="char"), progress=False, vocabulary={**vocabulary, "chars": vocabulary["chars"] + "t"})
+    meta = prepare(cfg(tmp_path, folder, tokenizer="char"), progress=False, tokenizer_record={**vocabulary, "chars": vocabulary["chars"] + "t"})
     assert meta["vocab_size"] == 20
 
 

@@ -90,3 +90,9 @@ def test_padding_ids_decode_to_nothing(make) -> None:
     ids = tok.encode("ab")
     padded = pad_vocab(tok.vocab_size)
     assert tok.decode([*ids, padded - 1, tok.vocab_size, *ids]) == "abab"
+
+
+@pytest.mark.parametrize("make", [lambda: get_tokenizer("gpt2"), lambda: CharTokenizer("ab")])
+def test_nothing_goes_before_a_text(make) -> None:
+    """Only HF tokenizers that add a bos token to texts (Llama's <s>) have a bos_id."""
+    assert make().bos_id is None

@@ -272,22 +272,22 @@ def prepare(
     block_size: int = 0,
     force: bool = False,
     progress: bool = True,
-    vocabulary: dict[str, Any] | None = None,
+    tokenizer_record: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Tokenize `cfg.source` into `cfg.resolved_data_dir` and return its meta; a no-op when the
     folder already holds intact data prepared from the same source and settings.
 
     A data folder prepared from other settings is left alone unless `force`. With `block_size`,
-    each split must hold at least `block_size + 1` tokens. `vocabulary` (a char tokenizer's
-    record) fixes the char vocabulary instead of building it from the text: finetuning keeps the
-    base model's ids.
+    each split must hold at least `block_size + 1` tokens. `tokenizer_record` (a `to_dict()`:
+    a char vocabulary, an HF model's tokenizer) is the tokenizer used instead of the one
+    `cfg.tokenizer` names or builds from the text: finetuning keeps the base model's ids.
     """
     source = open_source(cfg)
     fingerprint = _fingerprint(cfg, source)
     data_dir = cfg.resolved_data_dir
     # finished data is read without the lock (meta.json is written last), so a read-only
     # folder of prepared data still works
-    checked = (cfg, fingerprint, vocabulary, block_size, force, progress)
+    checked = (cfg, fingerprint, tokenizer_record, block_size, force, progress)
     if (existing := _existing_data(*checked)) is not None:
         return existing
     created = _missing_folders(data_dir)
@@ -299,7 +299,7 @@ def prepare(
         try:
             if (existing := _existing_data(*checked)) is not None:
                 return existing
-            return _tokenize(cfg, source, fingerprint, block_size, progress, vocabulary)
+            return _tokenize(cfg, source, fingerprint, block_size, progress, tokenizer_record)
         except BaseException:
             _remove_unused(lock, created)
             raise
@@ -327,7 +327,7 @@ def _remove_unused(lock: FolderLock, created: list[Path]) -> None:
 
 
 def _existing_data(
-    cfg: DataConfig, fingerprint: str, vocabulary: dict[str, Any] | None, block_size: int,
+    cfg: DataConfig, fingerprint: str, tokenizer_record: dict[str, Any] | None, block_size: int,
     force: bool, progress: bool,
 ) -> dict[str, Any] | None:
     """The meta of data already prepared from these settings; None if there is none yet (or
@@ -339,16 +339,16 @@ def _existing_data(
     if force or not has_prepared_data(data_dir):
         return None
     meta = PreparedData(data_dir).meta
-    same_vocabulary = vocabulary is None or meta["tokenizer"] == vocabulary
-    if meta.get("fingerprint") == fingerprint and same_vocabulary:
+    same_tokenizer = tokenizer_record is None or meta["tokenizer"] == tokenizer_record
+    if meta.get("fingerprint") == fingerprint and same_tokenizer:
         _check_split_sizes(meta["tokens"], block_size, data_dir)
         if progress:
             print(f"{data_dir} is already prepared from these settings; nothing to do "
                   "(--force rebuilds)")
         return meta
     what = _what_changed(meta, cfg)
-    if not same_vocabulary:
-        what = "a char vocabulary other than the base model's"
+    if not same_tokenizer:
+        what = "a tokenizer other than the base model's"
     raise GPTError(
         f"{data_dir} holds data prepared from other settings ({what}); rebuild it with "
         "gpt prepare --force, or set data.data_dir to another folder"
@@ -357,13 +357,14 @@ def _existing_data(
 
 def _tokenize(
     cfg: DataConfig, source: Source, fingerprint: str, block_size: int, progress: bool,
-    vocabulary: dict[str, Any] | None,
+    tokenizer_record: dict[str, Any] | None,
 ) -> dict[str, Any]:
-    """Encode the source into data_dir's token files and meta.json (the caller holds the lock)."""
+    """Encode the source into data_dir's token files and meta.json (the caller holds the lock),
+    with the tokenizer of `tokenizer_record` when given, else the one `cfg.tokenizer` names."""
     data_dir = cfg.resolved_data_dir
     tokenizer: Tokenizer
-    if cfg.tokenizer == "char" and vocabulary is not None:
-        tokenizer = tokenizer_from_dict(vocabulary)
+    if tokenizer_record is not None:
+        tokenizer = tokenizer_from_dict(tokenizer_record)
     elif cfg.tokenizer == "char":
         tokenizer = CharTokenizer.from_texts(source.documents())
     else:
