@@ -85,11 +85,24 @@ def save_hf_tokenizer(
             "tokenizer for it; train with one of those to export"
         )
     hf.save_pretrained(str(out_dir))
+    _portable_class(out_dir)
     return {
         "bos_token_id": hf.bos_token_id,
         "eos_token_id": hf.eos_token_id,
         "pad_token_id": hf.pad_token_id,
     }
+
+
+def _portable_class(out_dir: Path) -> None:
+    """Name the generic fast tokenizer as every transformers release knows it: 5.x writes
+    TokenizersBackend, which 4.x (still what many serving tools pin) cannot load, while both read
+    PreTrainedTokenizerFast into the same tokenizer."""
+    path = out_dir / "tokenizer_config.json"
+    config = json.loads(path.read_text())
+    if config.get("tokenizer_class") == "TokenizersBackend":
+        config["tokenizer_class"] = "PreTrainedTokenizerFast"
+        config.pop("backend", None)  # 5.x's own marker for the same choice
+        path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
 
 
 def _load(folder: Path) -> Any:
