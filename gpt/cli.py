@@ -88,10 +88,11 @@ def info(
     config: ConfigOption = None,
     set_: SetOption = None,
     checkpoint: Annotated[
-        Path | None,
+        str | None,
         typer.Option(
             "--checkpoint",
-            help="Describe a trained model instead: a run's out_dir or one ckpt-* folder.",
+            help="Describe a trained model instead: a run's out_dir, one ckpt-* folder, or an "
+            "HF model (hf:FOLDER, hf:OWNER/NAME, gpt2 ... gpt2-xl).",
             show_default=False,
         ),
     ] = None,
@@ -134,7 +135,7 @@ def info(
 
 
 def _info_config(
-    config: Path | None, overrides: list[str] | None, checkpoint: Path | None, which: str | None
+    config: Path | None, overrides: list[str] | None, checkpoint: str | None, which: str | None
 ) -> RunConfig:
     """The config `gpt info` describes: --config and --set, or a checkpoint's, as trained."""
     if checkpoint is None:
@@ -148,9 +149,9 @@ def _info_config(
             "--set does not apply to --checkpoint, which describes the model as trained; drop "
             "--set, or size a changed model with --config and --set"
         )
-    from gpt.checkpoint import Checkpoint
+    from gpt.checkpoint import open_model
 
-    return Checkpoint.open(checkpoint, which or "latest").config
+    return open_model(checkpoint, which or "latest").config
 
 
 def _bytes(n: float) -> str:
@@ -241,11 +242,12 @@ def train(
         raise typer.Exit(code)
 
 
+CHECKPOINT_HELP = (
+    "A run's out_dir, one ckpt-* folder, or an HF model: hf:FOLDER (written by save_pretrained), "
+    "hf:OWNER/NAME (the hub), gpt2, gpt2-medium, gpt2-large, gpt2-xl."
+)
 CheckpointOption = Annotated[
-    Path | None,
-    typer.Option(
-        "--checkpoint", help="A run's out_dir or one ckpt-* folder.", show_default=False
-    ),
+    str | None, typer.Option("--checkpoint", help=CHECKPOINT_HELP, show_default=False)
 ]
 WhichOption = Annotated[
     str, typer.Option("--which", help="latest or best checkpoint of an out_dir.")
@@ -253,8 +255,8 @@ WhichOption = Annotated[
 
 
 def _checkpoint_path(
-    checkpoint: Path | None, config: Path | None, overrides: list[str] | None
-) -> Path:
+    checkpoint: str | None, config: Path | None, overrides: list[str] | None
+) -> str:
     """--checkpoint, or the out_dir of --config."""
     if checkpoint is not None and config is not None:
         raise GPTError("give either --checkpoint or --config, not both")
@@ -264,7 +266,7 @@ def _checkpoint_path(
         raise GPTError(
             "no model given: pass --checkpoint OUT_DIR (or --config FILE for its out_dir)"
         )
-    return Path(load_config(config, overrides).train.out_dir)
+    return load_config(config, overrides).train.out_dir
 
 
 @command()
@@ -314,7 +316,7 @@ def sample(
     """Generate text from a trained checkpoint (model, tokenizer and defaults come from it)."""
     import dataclasses
 
-    from gpt.checkpoint import Checkpoint
+    from gpt.checkpoint import open_model
     from gpt.config import SampleConfig, layer_on_checkpoint
     from gpt.sample import load_for_inference, read_prompt, sample_text
 
@@ -328,7 +330,7 @@ def sample(
         if v is not None
     }
     dataclasses.replace(SampleConfig(), **flags)  # bad flags fail before a large model loads
-    found = Checkpoint.open(path, which)
+    found = open_model(path, which)
     applies = ("sample",) if checkpoint is not None else ("sample", "train.out_dir")
     cfg = layer_on_checkpoint(found.config, config, set_, applies, "gpt sample")
     settings: SampleConfig = dataclasses.replace(cfg.sample, **flags)
@@ -391,14 +393,14 @@ def eval_(
     """Loss, perplexity and bits per byte of a checkpoint over a whole split or a text."""
     import json
 
-    from gpt.checkpoint import Checkpoint
+    from gpt.checkpoint import open_model
     from gpt.config import layer_on_checkpoint
     from gpt.evaluate import evaluate, tokens_of_source, tokens_of_split
     from gpt.sample import load_for_inference
 
     if split not in ("val", "train"):
         raise GPTError(f"--split {split!r} is not val or train")
-    found = Checkpoint.open(_checkpoint_path(checkpoint, config, set_), which)
+    found = open_model(_checkpoint_path(checkpoint, config, set_), which)
     applies = ("data",) if checkpoint is not None else ("data", "train.out_dir")
     cfg = layer_on_checkpoint(found.config, config, set_, applies, "gpt eval")
     model, tokenizer = load_for_inference(found, device, "float32", False)
@@ -414,6 +416,28 @@ def eval_(
             f"loss {result['loss']:.4f}  perplexity {result['perplexity']:.3f}  "
             f"bits/byte {result['bits_per_byte']:.4f}  ({result['tokens']:,} tokens)"
         )
+
+
+@command()
+def export(
+    checkpoint: Annotated[str, typer.Option("--checkpoint", help=CHECKPOINT_HELP)],
+    out: Annotated[
+        Path, typer.Option("--out", help="The folder to write (new, or empty).")
+    ],
+    which: WhichOption = "latest",
+    force: Annotated[
+        bool, typer.Option("--force", help="Replace --out even if it holds files.")
+    ] = False,
+) -> None:
+    """Write a model as an HF transformers folder: config.json, model.safetensors,
+    generation_config.json and the tokenizer (GPT2LMHeadModel or LlamaForCausalLM)."""
+    from gpt.checkpoint import open_model
+    from gpt.hf.export import export as export_model
+
+    found = open_model(checkpoint, which)
+    with _stdout_for_text_only():
+        folder = export_model(found, out, force)
+    typer.echo(f"wrote {folder} (load it with transformers' AutoModelForCausalLM.from_pretrained)")
 
 
 def main() -> None:

@@ -17,15 +17,16 @@ from gpt.config import SampleConfig
 from gpt.device import resolve_device, resolve_dtype
 from gpt.errors import GPTError
 from gpt.generate import generate
+from gpt.hf.pretrained import Pretrained
 from gpt.model import GPT
 from gpt.onednn import pack_linears
 from gpt.tokenizer import Tokenizer, tokenizer_from_dict
 
 
 def load_for_inference(
-    checkpoint: Checkpoint, device: str, dtype: str, compile_model: bool
+    checkpoint: Checkpoint | Pretrained, device: str, dtype: str, compile_model: bool
 ) -> tuple[GPT, Tokenizer]:
-    """The checkpoint's model (eval mode, on device, in dtype) and tokenizer.
+    """The checkpoint's (or HF model's) model, in eval mode, on device, in dtype, and tokenizer.
 
     `dtype = "auto"` takes bfloat16 where it is computed natively (decoding reads every weight
     once per token, so half the bytes is nearly twice the speed), float32 elsewhere.
@@ -47,6 +48,15 @@ def _cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
     return (text[:cut], True) if cut >= 0 else (text, False)
 
 
+def prompt_ids(tokenizer: Tokenizer, prompt: str) -> list[int]:
+    """The ids generation starts from: the tokenizer's beginning-of-text id when it has one
+    (what HF's `tokenizer(prompt)` gives a Llama model), then the prompt's. An empty prompt
+    without one starts from the end-of-text id that separates training documents."""
+    if tokenizer.bos_id is not None:
+        return [tokenizer.bos_id, *tokenizer.encode(prompt)]
+    return tokenizer.encode(prompt) if prompt else [tokenizer.eot_id]
+
+
 def sample_text(
     model: GPT,
     tokenizer: Tokenizer,
@@ -59,7 +69,7 @@ def sample_text(
     With `on_text` (one sample only) text is passed on as soon as it is decoded, holding back
     only what could still turn out to be the start of a stop string.
     """
-    ids = tokenizer.encode(prompt) if prompt else [tokenizer.eot_id]
+    ids = prompt_ids(tokenizer, prompt)
     device = next(model.parameters()).device
     batch = torch.tensor([ids] * settings.num_samples, dtype=torch.long, device=device)
     generator = torch.Generator(device=device).manual_seed(settings.seed)

@@ -28,11 +28,19 @@ from tqdm import tqdm
 
 from gpt import checkpoint as ckpt
 from gpt.checkpoint import Checkpoint
-from gpt.config import RUNTIME_MODEL_KEYS, ModelConfig, RunConfig, TrainConfig, to_dict
+from gpt.config import (
+    RUNTIME_MODEL_KEYS,
+    DataConfig,
+    ModelConfig,
+    RunConfig,
+    TrainConfig,
+    to_dict,
+)
 from gpt.data.prepare import prepare
 from gpt.data.prepared import BatchSampler, PreparedData
 from gpt.device import resolve_device, resolve_dtype
 from gpt.errors import GPTError, compile_errors
+from gpt.hf.pretrained import Pretrained, is_pretrained, model_from_pretrained
 from gpt.lock import FolderLock
 from gpt.metrics import MetricsLog, Throughput, peak_flops, start_wandb
 from gpt.model import GPT
@@ -361,9 +369,12 @@ def setup_run(
     resumed, damaged = _resume_point(Path(tcfg.out_dir), resume, world)
     if resumed is not None:
         _check_same_optimizer(resumed, tcfg)
-    base = Checkpoint.open(tcfg.init_from) if tcfg.init_from and resumed is None else None
-    # a char finetune keeps the base model's vocabulary (a resumed one holds it too)
+    base = ckpt.open_model(tcfg.init_from) if tcfg.init_from and resumed is None else None
+    # a finetune keeps the base model's tokenizer (a resumed one holds it too)
     finetuned = (resumed or base) if tcfg.init_from else None
+    if finetuned is not None and is_pretrained(tcfg.init_from):  # the model is the base's
+        model_cfg = model_from_pretrained(cfg.model, finetuned.config.model, tcfg.init_from)
+        cfg = dataclasses.replace(cfg, model=model_cfg, data=_data_config(cfg, finetuned))
     data = _prepared_data(cfg, world, finetuned)
     cfg = dataclasses.replace(cfg, model=_fit_vocabulary(cfg.model, data.vocab_size))
     start = resumed or base
@@ -377,7 +388,7 @@ def setup_run(
     if world.world_size > 1:  # independent dropout masks per rank, as nanoGPT seeds them
         torch.manual_seed(tcfg.seed + world.rank)
     if start is not None:
-        ckpt.load_weights(start.path, model)
+        start.load_into(model)
         world.print0(f"resuming from {start.path} (iteration {start.state['iter']})"
                      if resumed else f"initialised from {start.path} (finetuning)")
     model.to(device)
@@ -448,15 +459,34 @@ def _resume_point(
     return None, damaged
 
 
-def _prepared_data(cfg: RunConfig, world: Dist, base: Checkpoint | None) -> PreparedData:
+def _data_config(cfg: RunConfig, base: Checkpoint | Pretrained) -> DataConfig:
+    """The data settings of a run started from an HF model with its own tokenizer: that
+    tokenizer, named after the model (the data folder's default name follows)."""
+    record = base.tokenizer
+    if record["name"] != "hf":  # GPT-2's BPE: the bundled one, as data.tokenizer = "gpt2"
+        return cfg.data
+    name = f"hf-{record.get('label') or 'model'}"
+    if cfg.data.tokenizer not in (DataConfig().tokenizer, name):
+        raise GPTError(
+            f"[data] tokenizer = {cfg.data.tokenizer!r} does not apply: the data is tokenized "
+            f"with the tokenizer of init_from = {cfg.train.init_from!r}; remove the key"
+        )
+    return dataclasses.replace(cfg.data, tokenizer=name)
+
+
+def _prepared_data(
+    cfg: RunConfig, world: Dist, base: Checkpoint | Pretrained | None
+) -> PreparedData:
     """The run's data: prepared once by rank 0 while the others wait, then opened by every rank.
 
-    A char-level finetune tokenizes with its `base` model's vocabulary, so its ids mean the same.
+    A finetune with a char or HF tokenizer tokenizes with its `base` model's own (a char
+    vocabulary, an HF tokenizer), so its ids mean the same.
     """
-    vocabulary = base.tokenizer if base is not None and cfg.data.tokenizer == "char" else None
+    kind = "hf" if cfg.data.tokenizer.startswith("hf-") else cfg.data.tokenizer
+    record = base.tokenizer if base is not None and base.tokenizer["name"] == kind else None
     if world.main:
         prepare(
-            cfg.data, progress=True, block_size=cfg.model.block_size, tokenizer_record=vocabulary
+            cfg.data, progress=True, block_size=cfg.model.block_size, tokenizer_record=record
         )
     if world.world_size > 1:
         dist.barrier()
@@ -475,10 +505,15 @@ def _fit_vocabulary(model: ModelConfig, tokenizer_vocab: int) -> ModelConfig:
     return model
 
 
-def _check_compatible(start: Checkpoint, cfg: RunConfig, tokenizer: dict[str, Any]) -> None:
-    """A checkpoint continues only with the same model shape and tokenizer."""
+def _check_compatible(
+    start: Checkpoint | Pretrained, cfg: RunConfig, tokenizer: dict[str, Any]
+) -> None:
+    """A checkpoint continues only with the same model shape and tokenizer (an HF model's
+    shape is the run's already, but for a shorter block_size: see model_from_pretrained)."""
     saved = start.config.model
     for f in dataclasses.fields(saved):
+        if isinstance(start, Pretrained) and f.name == "block_size":
+            continue
         old, new = getattr(saved, f.name), getattr(cfg.model, f.name)
         if f.name not in RUNTIME_MODEL_KEYS and old != new:
             raise GPTError(

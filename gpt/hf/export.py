@@ -1,0 +1,100 @@
+"""`gpt export`: a trained model as a folder HF transformers loads with `from_pretrained`.
+
+The folder holds config.json, model.safetensors, generation_config.json and the tokenizer's
+files: `AutoModelForCausalLM.from_pretrained(folder)` builds a `GPT2LMHeadModel` (learned
+positions) or a `LlamaForCausalLM` (RoPE) with every weight in place, and
+`AutoTokenizer.from_pretrained(folder)` encodes text to the ids `gpt` gives it. The folder is
+written beside its destination and renamed into place, so a failure leaves nothing half-written
+and `--force` replaces an old folder only once the new one is complete.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from safetensors.torch import save_file
+
+from gpt.config import RunConfig
+from gpt.errors import GPTError
+from gpt.fileio import fsync_dir
+from gpt.model import GPT
+
+
+class Exportable(Protocol):
+    """A checkpoint of a run, or an imported HF model."""
+
+    @property
+    def config(self) -> RunConfig: ...
+
+    @property
+    def tokenizer(self) -> dict[str, Any]: ...
+
+    def load_model(self, device: str | torch.device = "cpu") -> GPT: ...
+
+
+def export(source: Exportable, out_dir: Path, force: bool) -> Path:
+    """Write `source` into `out_dir` as an HF model folder; return the folder.
+
+    Everything that can be refused (a variant HF cannot represent, a tokenizer it cannot hold,
+    a non-empty `out_dir` without `force`) is refused before anything is written.
+    """
+    from gpt.hf.convert import check_hf_compatible, hf_config_from_model, weights_to_hf
+    from gpt.hf.tokenizers import save_hf_tokenizer
+
+    model_config = source.config.model
+    check_hf_compatible(model_config)
+    _check_destination(out_dir, force)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        special = save_hf_tokenizer(source.tokenizer, tmp, model_max_length=model_config.block_size)
+        if source.tokenizer.get("name") == "char":
+            # the char tokenizer's end of text is the newline: HF generate would stop every line
+            special = {**special, "eos_token_id": None}
+        hf_config = hf_config_from_model(model_config, **special)
+        hf_config.save_pretrained(str(tmp))
+        _generation_config(special).save_pretrained(str(tmp))
+        model = source.load_model("cpu")
+        weights = weights_to_hf(model_config, model.state_dict())
+        save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        for path in tmp.iterdir():
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+        _replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _check_destination(out_dir: Path, force: bool) -> None:
+    """Export writes a new folder, or replaces a non-empty one only with --force."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise GPTError(f"--out {out_dir} is a file; give a folder path")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
+        raise GPTError(
+            f"--out {out_dir} is not empty; choose a new folder, or pass --force to replace it"
+        )
+
+
+def _generation_config(special: dict[str, int | None]) -> Any:
+    """Sampling defaults for HF `generate`: its special ids, nothing else."""
+    from transformers import GenerationConfig
+
+    return GenerationConfig(**{k: v for k, v in special.items() if v is not None})
+
+
+def _replace(tmp: Path, out_dir: Path) -> None:
+    """Move the finished folder into place; an old one goes only after the new one is there."""
+    old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
+    if out_dir.exists():
+        os.rename(out_dir, old)
+    os.rename(tmp, out_dir)
+    fsync_dir(out_dir.parent)
+    shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,220 @@
+"""HF models as starting points: `hf:NAME_OR_PATH` (or a GPT-2 short name) read like a checkpoint.
+
+A pretrained model is a folder written by `save_pretrained`, or a hub repository downloaded
+into HF's cache. Its config.json becomes a `ModelConfig`, its `*.safetensors` weights are read
+without building the HF model and without unpickling anything, and its tokenizer becomes a
+record that every checkpoint of a run started from it carries, so resuming and sampling that
+run never need the hub again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gpt.config import RUNTIME_MODEL_KEYS, ModelConfig, RunConfig
+from gpt.errors import GPTError, first_line
+from gpt.model import GPT
+
+HF_PREFIX = "hf:"
+GPT2_NAMES = {  # nanoGPT's init_from names, on the hub under openai-community
+    name: f"openai-community/{name}" for name in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+}
+HUB_FILES = ["*.json", "*.safetensors", "*.txt", "tokenizer.model"]  # never pickled weights
+GPT2_VOCAB = 50257
+
+
+def is_pretrained(spec: str | Path) -> bool:
+    """Whether a --checkpoint or init_from value names an HF model rather than a run's folder."""
+    return isinstance(spec, str) and (spec.startswith(HF_PREFIX) or spec in GPT2_NAMES)
+
+
+@dataclass(frozen=True)
+class Pretrained:
+    """An HF model read from its folder: what `gpt.checkpoint.Checkpoint` offers, for a model
+    that no `gpt train` wrote (`path` is the name it was given by, for messages)."""
+
+    path: str
+    folder: Path
+    model: ModelConfig
+    tokenizer: dict[str, Any]
+
+    @property
+    def config(self) -> RunConfig:
+        """A run config holding the model; every other section at its defaults."""
+        return RunConfig(model=self.model)
+
+    @property
+    def state(self) -> dict[str, Any]:
+        return {"iter": 0}
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """Our state dict of the model's weights, in float32."""
+        from gpt.hf.convert import weights_from_hf
+
+        state = weights_from_hf(self.model, _read_safetensors(self.folder, self.path))
+        return {k: v.float() for k, v in state.items()}
+
+    def load_into(self, model: GPT) -> None:
+        """Copy the weights into `model`, which may have fewer positions (a shorter context)."""
+        state = self.weights()
+        wpe = state.get("transformer.wpe.weight")
+        if wpe is not None:
+            state["transformer.wpe.weight"] = wpe[: model.config.block_size]  # (T, C)
+        with torch.no_grad():
+            missing, unexpected = model.load_state_dict(state, strict=False)
+        if model.config.tie_embeddings:
+            missing = [k for k in missing if k != "lm_head.weight"]
+        if missing or unexpected:
+            raise GPTError(
+                f"{self.path}: weights do not fit the model (missing {missing[:3]}, "
+                f"unexpected {unexpected[:3]})"
+            )
+
+    def load_model(self, device: str | torch.device = "cpu") -> GPT:
+        """The model, in eval mode, on `device`."""
+        model = GPT(self.model)
+        self.load_into(model)
+        return model.to(device).eval()
+
+
+def open_pretrained(spec: str) -> Pretrained:
+    """The HF model `spec` names: `hf:FOLDER`, `hf:HUB/NAME`, or gpt2, gpt2-medium, ...-xl."""
+    name = spec[len(HF_PREFIX):] if spec.startswith(HF_PREFIX) else GPT2_NAMES[spec]
+    if not name.strip():
+        raise GPTError(f"{spec!r} names no model; write hf:FOLDER or hf:OWNER/NAME")
+    folder = Path(name).expanduser()
+    if not folder.is_dir():
+        if folder.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1:
+            raise GPTError(
+                f"{spec}: {folder} is not a folder; pass a folder written by save_pretrained"
+            )
+        folder = _download(name, spec)
+    hf_config = _read_hf_config(folder, spec)
+    from gpt.hf.convert import model_config_from_hf
+
+    model = model_config_from_hf(hf_config)
+    tokenizer = _tokenizer_record(folder, spec, hf_config, model)
+    vocab = _tokenizer_vocab(tokenizer)
+    if vocab > model.padded_vocab_size:  # type: ignore[operator]
+        raise GPTError(
+            f"{spec}: its tokenizer has {vocab} ids but the model only {model.padded_vocab_size} "
+            "embeddings; the folder's tokenizer is not the model's"
+        )
+    # ids past the tokenizer's are padding: never sampled, as in models gpt train builds
+    model = dataclasses.replace(model, vocab_size=vocab)
+    return Pretrained(path=spec, folder=folder, model=model, tokenizer=tokenizer)
+
+
+def _download(name: str, spec: str) -> Path:
+    """The hub repository's config, tokenizer and safetensors files, through HF's cache (a
+    cached copy is used with no network)."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(name, allow_patterns=HUB_FILES))
+    except Exception as e:
+        raise GPTError(
+            f"{spec}: could not get {name!r} from the HF hub ({first_line(e, 100)}); without "
+            "network, pass a local folder written by save_pretrained: hf:path/to/folder"
+        ) from None
+
+
+def _read_hf_config(folder: Path, spec: str) -> Any:
+    """The folder's config.json as transformers' config class (no network: a local folder)."""
+    if not (folder / "config.json").is_file():
+        raise GPTError(
+            f"{spec}: {folder} has no config.json; pass a folder written by save_pretrained"
+        )
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(str(folder))
+    except Exception as e:
+        raise GPTError(
+            f"{spec}: {folder / 'config.json'} cannot be read ({first_line(e, 150)})"
+        ) from None
+
+
+def _tokenizer_record(folder: Path, spec: str, hf_config: Any, model: ModelConfig) -> dict:
+    """The folder's own tokenizer; a GPT-2 folder without one takes GPT-2's (bundled)."""
+    from gpt.hf.tokenizers import tokenizer_record_from_folder
+
+    label = spec[len(HF_PREFIX):] if spec.startswith(HF_PREFIX) else spec
+    record = tokenizer_record_from_folder(folder, Path(label.rstrip("/")).name or label)
+    if record is not None:
+        return record
+    if hf_config.model_type == "gpt2" and model.padded_vocab_size == GPT2_VOCAB:
+        return {"name": "gpt2"}
+    raise GPTError(
+        f"{spec}: {folder} holds no tokenizer (tokenizer.json); save the model's tokenizer "
+        "there with tokenizer.save_pretrained(folder)"
+    )
+
+
+def _tokenizer_vocab(record: dict[str, Any]) -> int:
+    from gpt.tokenizer import tokenizer_from_dict
+
+    return tokenizer_from_dict(record).vocab_size
+
+
+def _read_safetensors(folder: Path, spec: str) -> dict[str, torch.Tensor]:
+    """Every tensor of the folder's safetensors files (one file, or the shards of an index)."""
+    from safetensors.torch import load_file
+
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError):
+            raise GPTError(f"{spec}: {index} is damaged (no weight_map)") from None
+        files = [folder / n for n in names]
+    else:
+        files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        pickled = [p.name for p in folder.glob("*.bin")]
+        hint = (f" (it has {pickled[0]}, a pickle, which gpt does not load: re-save it with "
+                "save_pretrained(folder, safe_serialization=True))") if pickled else ""
+        raise GPTError(f"{spec}: {folder} holds no *.safetensors weights{hint}")
+    state: dict[str, torch.Tensor] = {}
+    for path in files:
+        try:
+            state.update(load_file(str(path)))
+        except Exception as e:
+            raise GPTError(f"{spec}: {path} is damaged or missing ({first_line(e, 120)})") from None
+    return state
+
+
+def model_from_pretrained(user: ModelConfig, base: ModelConfig, init_from: str) -> ModelConfig:
+    """The model of a run started from an HF model: the base's shape, and from the run's own
+    [model] section only the runtime keys (dropout, ...) and a shorter `block_size`.
+
+    A shape key the run's config sets (other than its default) to another value than the
+    base's is an error rather than silently ignored. `block_size` left at its default becomes
+    min(default, the base's): the context to finetune with.
+    """
+    defaults = ModelConfig()
+    for f in dataclasses.fields(ModelConfig):
+        mine, theirs = getattr(user, f.name), getattr(base, f.name)
+        if f.name in RUNTIME_MODEL_KEYS or f.name == "block_size":
+            continue
+        if mine != getattr(defaults, f.name) and mine != theirs:
+            raise GPTError(
+                f"[model] {f.name} = {mine!r} does not apply: the model comes from "
+                f"init_from = {init_from!r}, which has {theirs!r}; remove the key"
+            )
+    block_size = user.block_size
+    if block_size == defaults.block_size:
+        block_size = min(block_size, base.block_size)
+    elif block_size > base.block_size:
+        raise GPTError(
+            f"[model] block_size = {block_size} is longer than the {base.block_size} positions "
+            f"of init_from = {init_from!r}; set it to at most {base.block_size}"
+        )
+    runtime = {key: getattr(user, key) for key in RUNTIME_MODEL_KEYS}
+    return dataclasses.replace(base, block_size=block_size, **runtime)
