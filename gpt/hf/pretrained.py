@@ -177,7 +177,7 @@ def _read_safetensors(folder: Path, spec: str) -> dict[str, torch.Tensor]:
     else:
         files = sorted(folder.glob("*.safetensors"))
     if not files:
-        pickled = [p.name for p in folder.glob("*.bin")]
+        pickled = [p.name for p in folder.glob("pytorch_model*")]  # HF's pickled weights
         hint = (f" (it has {pickled[0]}, a pickle, which gpt does not load: re-save it with "
                 "save_pretrained(folder, safe_serialization=True))") if pickled else ""
         raise GPTError(f"{spec}: {folder} holds no *.safetensors weights{hint}")
