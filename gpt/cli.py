@@ -109,7 +109,8 @@ def info(
 
     import torch
 
-    from gpt.config import to_toml
+    from gpt.config import SECTIONS, to_toml
+    from gpt.hf.pretrained import is_pretrained
     from gpt.model import GPT
 
     cfg = _info_config(config, set_, checkpoint, which)
@@ -122,7 +123,8 @@ def info(
     with torch.device("meta"):  # shapes only: no memory, instant even for large models
         model = GPT(model_cfg)
     n_params = model.num_params()
-    typer.echo(to_toml(cfg).rstrip())
+    hf_model = checkpoint is not None and is_pretrained(checkpoint)  # no run: only its model
+    typer.echo(to_toml(cfg, ("model",) if hf_model else tuple(SECTIONS)).rstrip())
     typer.echo("")
     typer.echo(f"parameters:        {n_params:,}{note}")
     typer.echo(f"  non-embedding:   {model.num_params(exclude_embeddings=True):,}")

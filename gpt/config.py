@@ -591,10 +591,13 @@ def _toml_value(value: Any) -> str:
     return "[" + ", ".join(_toml_value(v) for v in value) + "]"
 
 
-def to_toml(config: RunConfig) -> str:
-    """The config as a TOML document that load_config() reads back to an equal RunConfig."""
+def to_toml(config: RunConfig, sections: tuple[str, ...] = tuple(SECTIONS)) -> str:
+    """The config (or some of its sections) as a TOML document that load_config() reads back to
+    an equal RunConfig."""
     lines: list[str] = []
     for name, values in to_dict(config).items():
+        if name not in sections:
+            continue
         lines.append(f"[{name}]")
         lines += [f"{key} = {_toml_value(value)}" for key, value in values.items()]
         lines.append("")

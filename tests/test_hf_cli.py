@@ -139,6 +139,7 @@ def test_info_of_an_hf_folder_counts_its_parameters(hf_folder: Path) -> None:
     assert result.exit_code == 0, result.output
     model = transformers.AutoModelForCausalLM.from_pretrained(hf_folder)
     assert f"parameters:        {model.num_parameters():,}" in result.stdout
+    assert "[model]" in result.stdout and "[train]" not in result.stdout  # no run to describe
 
 
 def finetune_toml(folder: Path) -> Path:

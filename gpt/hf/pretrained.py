@@ -115,14 +115,26 @@ def _download(name: str, spec: str) -> Path:
     """The hub repository's config, tokenizer and safetensors files, through HF's cache (a
     cached copy is used with no network)."""
     from huggingface_hub import snapshot_download
+    from huggingface_hub.utils import (  # where every release since 0.14 has them
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+    )
 
     try:
         return Path(snapshot_download(name, allow_patterns=HUB_FILES))
+    except LocalEntryNotFoundError:
+        why = "the hub is unreachable and HF's cache does not hold it"
+    except GatedRepoError:
+        why = "it is gated: accept its terms on the hub, then log in with `hf auth login`"
+    except RepositoryNotFoundError:
+        why = "no such repository (or it is private: log in with `hf auth login`)"
     except Exception as e:
-        raise GPTError(
-            f"{spec}: could not get {name!r} from the HF hub ({first_line(e, 100)}); without "
-            "network, pass a local folder written by save_pretrained: hf:path/to/folder"
-        ) from None
+        why = first_line(e, 120)
+    raise GPTError(
+        f"{spec}: could not download {name!r} from the HF hub ({why}); without network, pass "
+        "a local folder written by save_pretrained: hf:path/to/folder"
+    )
 
 
 def _read_hf_config(folder: Path, spec: str) -> Any:
