@@ -28,7 +28,7 @@ import shutil
 from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -38,9 +38,6 @@ from gpt.errors import GPTError, first_line
 from gpt.fileio import fsync_dir, new_file_mode, sha256_file, write_atomic
 from gpt.model import GPT
 from gpt.tokenizer import tokenizer_from_dict
-
-if TYPE_CHECKING:
-    from gpt.hf.pretrained import Pretrained
 
 CKPT_PATTERN = re.compile(r"^ckpt-(\d+)$")
 OPTIMIZER = "optimizer.pt"  # the one file a checkpoint may lack: inference needs only the weights
@@ -277,14 +274,3 @@ class Checkpoint:
         self.load_into(model)
         return model.to(device).eval()
 
-
-def open_model(spec: str | Path, which: str = "latest") -> Checkpoint | Pretrained:
-    """A model to run or start from: a run's checkpoint (its out_dir or a ckpt-* folder), or an
-    HF model (`hf:FOLDER`, `hf:OWNER/NAME`, `gpt2`, ... `gpt2-xl`)."""
-    from gpt.hf.pretrained import is_pretrained, open_pretrained
-
-    if is_pretrained(spec):
-        if which != "latest":
-            raise GPTError(f"--which {which} picks a checkpoint of a run; {spec} is an HF model")
-        return open_pretrained(str(spec))
-    return Checkpoint.open(spec, which)

@@ -151,7 +151,7 @@ def _info_config(
             "--set does not apply to --checkpoint, which describes the model as trained; drop "
             "--set, or size a changed model with --config and --set"
         )
-    from gpt.checkpoint import open_model
+    from gpt.hf.pretrained import open_model
 
     return open_model(checkpoint, which or "latest").config
 
@@ -219,9 +219,16 @@ def prepare(
 ) -> None:
     """Tokenize [data] source into train.bin, val.bin and meta.json in [data] data_dir."""
     from gpt.data.prepare import prepare as prepare_data
+    from gpt.hf.pretrained import is_pretrained, open_model
+    from gpt.train import base_tokenizer, config_from_pretrained
 
     cfg = load_config(config, set_)
-    prepare_data(cfg.data, force=force, block_size=cfg.model.block_size)
+    record = None
+    if cfg.train.init_from and is_pretrained(cfg.train.init_from):  # as gpt train will
+        base = open_model(cfg.train.init_from)
+        cfg = config_from_pretrained(cfg, base)
+        record = base_tokenizer(cfg.data, base)
+    prepare_data(cfg.data, force=force, block_size=cfg.model.block_size, tokenizer_record=record)
 
 
 @command()
@@ -318,8 +325,8 @@ def sample(
     """Generate text from a trained checkpoint (model, tokenizer and defaults come from it)."""
     import dataclasses
 
-    from gpt.checkpoint import open_model
     from gpt.config import SampleConfig, layer_on_checkpoint
+    from gpt.hf.pretrained import open_model
     from gpt.sample import load_for_inference, read_prompt, sample_text
 
     path = _checkpoint_path(checkpoint, config, set_)
@@ -395,9 +402,9 @@ def eval_(
     """Loss, perplexity and bits per byte of a checkpoint over a whole split or a text."""
     import json
 
-    from gpt.checkpoint import open_model
     from gpt.config import layer_on_checkpoint
     from gpt.evaluate import evaluate, tokens_of_source, tokens_of_split
+    from gpt.hf.pretrained import open_model
     from gpt.sample import load_for_inference
 
     if split not in ("val", "train"):
@@ -433,8 +440,8 @@ def export(
 ) -> None:
     """Write a model as an HF transformers folder: config.json, model.safetensors,
     generation_config.json and the tokenizer (GPT2LMHeadModel or LlamaForCausalLM)."""
-    from gpt.checkpoint import open_model
     from gpt.hf.export import export as export_model
+    from gpt.hf.pretrained import open_model
 
     found = open_model(checkpoint, which)
     with _stdout_for_text_only():

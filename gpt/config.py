@@ -260,7 +260,11 @@ class TrainConfig(_Section):
     section = "train"
 
     out_dir: str = _key("out", "run folder: checkpoints, metrics.jsonl")
-    init_from: str | None = _key(None, "start from another run's weights (finetuning): its out_dir")
+    init_from: str | None = _key(
+        None,
+        "start from another run's weights (finetuning): its out_dir; or an HF GPT-2 or Llama "
+        "model (hf:FOLDER, hf:OWNER/NAME, gpt2 ... gpt2-xl), whose shape and tokenizer it takes",
+    )
     batch_size: int = _key(12, "sequences per micro-batch (per GPU)")
     grad_accum_steps: int = _key(1, "micro-batches per optimizer step, across all GPUs")
     max_iters: int = _key(5000, "optimizer steps in the run")

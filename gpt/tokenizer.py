@@ -329,10 +329,10 @@ def get_tokenizer(name: str) -> TiktokenTokenizer:
         return _CACHE[name]
     if name == "char":
         raise GPTError("the char tokenizer is built from data: run gpt prepare with tokenizer=char")
-    if name == HFTokenizer.name:
+    if name == HFTokenizer.name or name.startswith(f"{HFTokenizer.name}-"):
         raise GPTError(
-            "the hf tokenizer comes with a model imported from HF, not by name: finetune from "
-            "the imported model to use it"
+            f"tokenizer {name!r} is an HF model's own, which comes with the model, not by name: "
+            "set train.init_from = \"hf:MODEL\" and gpt prepare or gpt train tokenizes with it"
         )
     if name == "gpt2":
         tok = TiktokenTokenizer("gpt2", _gpt2_encoding())

@@ -40,7 +40,7 @@ from gpt.data.prepare import prepare
 from gpt.data.prepared import BatchSampler, PreparedData
 from gpt.device import resolve_device, resolve_dtype
 from gpt.errors import GPTError, compile_errors
-from gpt.hf.pretrained import Pretrained, is_pretrained, model_from_pretrained
+from gpt.hf.pretrained import Pretrained, is_pretrained, model_from_pretrained, open_model
 from gpt.lock import FolderLock
 from gpt.metrics import MetricsLog, Throughput, peak_flops, start_wandb
 from gpt.model import GPT
@@ -369,12 +369,11 @@ def setup_run(
     resumed, damaged = _resume_point(Path(tcfg.out_dir), resume, world)
     if resumed is not None:
         _check_same_optimizer(resumed, tcfg)
-    base = ckpt.open_model(tcfg.init_from) if tcfg.init_from and resumed is None else None
+    base = _open_base(tcfg.init_from, world) if tcfg.init_from and resumed is None else None
     # a finetune keeps the base model's tokenizer (a resumed one holds it too)
     finetuned = (resumed or base) if tcfg.init_from else None
-    if finetuned is not None and is_pretrained(tcfg.init_from):  # the model is the base's
-        model_cfg = model_from_pretrained(cfg.model, finetuned.config.model, tcfg.init_from)
-        cfg = dataclasses.replace(cfg, model=model_cfg, data=_data_config(cfg, finetuned))
+    if finetuned is not None and is_pretrained(tcfg.init_from):
+        cfg = config_from_pretrained(cfg, finetuned)
     data = _prepared_data(cfg, world, finetuned)
     cfg = dataclasses.replace(cfg, model=_fit_vocabulary(cfg.model, data.vocab_size))
     start = resumed or base
@@ -459,13 +458,28 @@ def _resume_point(
     return None, damaged
 
 
+def _open_base(init_from: str, world: Dist) -> Checkpoint | Pretrained:
+    """The model a finetune starts from. An HF hub model is downloaded by rank 0 alone; the
+    other ranks then find it in HF's cache."""
+    if world.world_size > 1 and is_pretrained(init_from):
+        base = open_model(init_from) if world.main else None
+        dist.barrier()
+        return base or open_model(init_from)
+    return open_model(init_from)
+
+
+def config_from_pretrained(cfg: RunConfig, base: Checkpoint | Pretrained) -> RunConfig:
+    """The config of a run started from an HF model (or resumed from such a run's checkpoint,
+    `base`): the model's shape and tokenizer, the config's data and schedule."""
+    model = model_from_pretrained(cfg.model, base.config.model, cfg.train.init_from or "")
+    return dataclasses.replace(cfg, model=model, data=_data_config(cfg, base))
+
+
 def _data_config(cfg: RunConfig, base: Checkpoint | Pretrained) -> DataConfig:
-    """The data settings of a run started from an HF model with its own tokenizer: that
-    tokenizer, named after the model (the data folder's default name follows)."""
+    """The data settings of a run started from an HF model: its own tokenizer (an HF one is
+    named after the model, and the data folder's default name follows)."""
     record = base.tokenizer
-    if record["name"] != "hf":  # GPT-2's BPE: the bundled one, as data.tokenizer = "gpt2"
-        return cfg.data
-    name = f"hf-{record.get('label') or 'model'}"
+    name = f"hf-{record.get('label') or 'model'}" if record["name"] == "hf" else record["name"]
     if cfg.data.tokenizer not in (DataConfig().tokenizer, name):
         raise GPTError(
             f"[data] tokenizer = {cfg.data.tokenizer!r} does not apply: the data is tokenized "
@@ -482,8 +496,7 @@ def _prepared_data(
     A finetune with a char or HF tokenizer tokenizes with its `base` model's own (a char
     vocabulary, an HF tokenizer), so its ids mean the same.
     """
-    kind = "hf" if cfg.data.tokenizer.startswith("hf-") else cfg.data.tokenizer
-    record = base.tokenizer if base is not None and base.tokenizer["name"] == kind else None
+    record = base_tokenizer(cfg.data, base)
     if world.main:
         prepare(
             cfg.data, progress=True, block_size=cfg.model.block_size, tokenizer_record=record
@@ -491,6 +504,13 @@ def _prepared_data(
     if world.world_size > 1:
         dist.barrier()
     return PreparedData(cfg.data.resolved_data_dir)
+
+
+def base_tokenizer(data: DataConfig, base: Checkpoint | Pretrained | None) -> dict[str, Any] | None:
+    """The base model's tokenizer record when the data is to be tokenized with it (a char
+    vocabulary, an HF model's tokenizer); None when `data.tokenizer` names its own."""
+    kind = "hf" if data.tokenizer.startswith("hf-") else data.tokenizer
+    return base.tokenizer if base is not None and base.tokenizer["name"] == kind else None
 
 
 def _fit_vocabulary(model: ModelConfig, tokenizer_vocab: int) -> ModelConfig:

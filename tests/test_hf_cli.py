@@ -221,7 +221,11 @@ def in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path
 
 
-@pytest.mark.parametrize("shape", [[], LLAMA_RUN], ids=["gpt2-shaped", "llama-shaped"])
+GPT2_BPE_RUN = ["data.tokenizer=gpt2", "model.n_embd=16", "model.n_head=2"]
+
+
+@pytest.mark.parametrize("shape", [[], LLAMA_RUN, GPT2_BPE_RUN],
+                         ids=["gpt2-shaped", "llama-shaped", "gpt2-bpe"])
 def test_an_exported_run_loads_in_transformers_and_back(
     in_tmp: Path, shape: list[str], caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -230,15 +234,19 @@ def test_an_exported_run_loads_in_transformers_and_back(
     assert result.exit_code == 0, result.output
     assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
             "tokenizer_config.json"} <= {p.name for p in Path("exported").iterdir()}
-    with caplog.at_level(logging.WARNING):
-        hf, info = transformers.AutoModelForCausalLM.from_pretrained(
-            "exported", output_loading_info=True)
-        hf_tokenizer = transformers.AutoTokenizer.from_pretrained("exported")
-    assert not [r for r in caplog.records if r.name.startswith("transformers")]
+    transformers.utils.logging.enable_propagation()  # its records reach caplog only so
+    try:
+        with caplog.at_level(logging.WARNING, logger="transformers"):
+            hf, info = transformers.AutoModelForCausalLM.from_pretrained(
+                "exported", output_loading_info=True)
+            hf_tokenizer = transformers.AutoTokenizer.from_pretrained("exported")
+    finally:
+        transformers.utils.logging.disable_propagation()
+    assert not [r.getMessage() for r in caplog.records if r.name.startswith("transformers")]
     tokenizer_class = json.loads(Path("exported/tokenizer_config.json").read_text())["tokenizer_class"]
     assert tokenizer_class in ("GPT2Tokenizer", "PreTrainedTokenizerFast")  # 4.x loads them too
     assert not any(info[key] for key in ("missing_keys", "unexpected_keys", "mismatched_keys"))
-    assert type(hf).__name__ == ("LlamaForCausalLM" if shape else "GPT2LMHeadModel")
+    assert type(hf).__name__ == ("LlamaForCausalLM" if shape == LLAMA_RUN else "GPT2LMHeadModel")
     found = Checkpoint.open(run)
     ours = found.load_model()
     ids = torch.randint(0, found.config.model.vocab_size, (2, 32))
@@ -247,6 +255,8 @@ def test_an_exported_run_loads_in_transformers_and_back(
     tokenizer = tokenizer_from_dict(found.tokenizer)
     text = corpus()[:500]
     assert hf_tokenizer(text).input_ids == tokenizer.encode(text)
+    if shape == GPT2_BPE_RUN:  # HF may draw the 47 padding ids past GPT-2's 50257, gpt never
+        return
     expected = gpt_greedy("run", PROMPT)
     assert hf_greedy(Path("exported"), PROMPT) == expected
     assert gpt_greedy("hf:exported", PROMPT) == expected  # gpt -> HF -> gpt
@@ -266,6 +276,40 @@ def test_an_hf_model_exports_to_the_same_weights(hf_folder: Path) -> None:
     old, new = (transformers.AutoTokenizer.from_pretrained(p)(text).input_ids
                 for p in (hf_folder, "again"))
     assert old == new
+
+
+def test_gpt_prepare_tokenizes_a_finetunes_data_as_gpt_train_will(hf_folder: Path) -> None:
+    toml = finetune_toml(hf_folder)
+    result = runner.invoke(app, ["prepare", "--config", str(toml)])
+    assert result.exit_code == 0, result.output
+    assert train(load_config(toml, ["train.max_iters=1"])) == 0
+    assert "is already prepared from these settings" in capture_train_output(toml)
+
+
+def capture_train_output(toml: Path) -> str:
+    result = runner.invoke(app, ["train", "--config", str(toml), "--set", "train.max_iters=2"])
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def test_export_never_replaces_the_model_it_reads(in_tmp: Path) -> None:
+    train_run()
+    before = folder_hashes(next(Path("run").glob("ckpt-*")))
+    for out in ("run", "."):
+        result = runner.invoke(app, ["export", "--checkpoint", "run", "--out", out, "--force"])
+        assert result.exit_code == 2 and "holds the model being exported" in result.output
+    assert folder_hashes(next(Path("run").glob("ckpt-*"))) == before
+
+
+def test_export_refuses_a_tokenizer_hf_has_no_files_for(in_tmp: Path) -> None:
+    train_run()
+    state_path = next(Path("run").glob("ckpt-*")) / "state.json"
+    state = json.loads(state_path.read_text())
+    state_path.write_text(json.dumps({**state, "tokenizer": {"name": "cl100k_base"}}))
+    result = runner.invoke(app, ["export", "--checkpoint", "run", "--out", "exported"])
+    assert result.exit_code == 2, result.output
+    assert "export writes the gpt2, char and HF tokenizers, not 'cl100k_base'" in result.output
+    assert not Path("exported").exists()
 
 
 def test_export_refuses_a_folder_with_files_unless_forced(in_tmp: Path) -> None:
@@ -297,12 +341,18 @@ def test_export_refuses_what_hf_cannot_hold_before_writing(
     assert not Path("exported").exists()
 
 
-def test_hf_errors_are_one_line(hf_folder: Path) -> None:
+def test_hf_errors_are_one_line(hf_folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Each: exit 2, one line naming the problem and the fix."""
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # even with network
     cases = [
-        (["sample", "--checkpoint", "hf:nobody-here/no-such-model"],
-         "without network, pass a local folder written by save_pretrained"),
-        (["info", "--checkpoint", "hf:corpus.txt"], "is not a folder"),
+        (["sample", "--checkpoint", "hf:nobody-here/no-such-model"], "the hub is unreachable and "
+         "HF's cache does not hold it); without network, pass a local folder"),
+        (["info", "--checkpoint", "gpt2-xl"], "without network, pass a local folder"),
+        (["info", "--checkpoint", "hf:corpus.txt"], "is neither a folder nor a hub name"),
+        (["info", "--checkpoint", "hf:two words/x"], "is neither a folder nor a hub name"),
+        (["info", "--checkpoint", "hf:" + "x" * 300], "(File name too long)"),
         (["sample", "--checkpoint", f"hf:{hf_folder}", "--which", "best"],
          "--which best picks a checkpoint of a run"),
         (["export", "--checkpoint", f"hf:{hf_folder}", "--out", "corpus.txt"],
@@ -318,11 +368,37 @@ def test_hf_errors_are_one_line(hf_folder: Path) -> None:
             shutil.copy(path, pickled)
     (pickled / "pytorch_model.bin").write_bytes(b"never unpickled")
     cases.append((["sample", "--checkpoint", "hf:pickled"], "which gpt does not load"))
+    for name, config in {
+        "neox": {"model_type": "gpt_neox"},  # a family gpt does not convert
+        "remote": {"model_type": "my-own", "auto_map": {"AutoConfig": "code.MyConfig"}},
+        "scaled": _scaled_rope(hf_folder),
+    }.items():
+        Path(name).mkdir()
+        (Path(name) / "config.json").write_text(json.dumps(config))
+        (Path(name) / "code.py").write_text("open('ran', 'w')\n")  # must never be imported
+    cases += [
+        (["info", "--checkpoint", "hf:neox"], "HF model_type 'gpt_neox' does not convert"),
+        (["info", "--checkpoint", "hf:remote"], "cannot be read"),
+    ]
+    if hf_folder.name.endswith("llama"):
+        cases.append((["info", "--checkpoint", "hf:scaled"], "gpt cannot convert this model"))
     for args, message in cases:
         result = runner.invoke(app, args)
         assert result.exit_code == 2, (args, result.output)
         assert message in result.output, (args, result.output)
         assert len(result.output.strip().splitlines()) == 1, result.output
+    assert not Path("ran").exists()
+
+
+def _scaled_rope(folder: Path) -> dict:
+    """The folder's config with linear RoPE scaling, as transformers 5 or 4 spells it."""
+    config = json.loads((folder / "config.json").read_text())
+    if "rope_parameters" in config:
+        config["rope_parameters"] = {**config["rope_parameters"], "rope_type": "linear",
+                                     "factor": 2.0}
+    else:
+        config["rope_scaling"] = {"rope_type": "linear", "factor": 2.0}
+    return config
 
 
 def test_a_finetune_refuses_settings_the_hf_model_contradicts(hf_folder: Path) -> None:
@@ -330,6 +406,8 @@ def test_a_finetune_refuses_settings_the_hf_model_contradicts(hf_folder: Path) -
     for setting, message in [
         ("model.n_layer=3", "[model] n_layer = 3 does not apply: the model comes from init_from"),
         ("model.block_size=128", "[model] block_size = 128 is longer than the 64 positions"),
+        ("data.tokenizer=char", "[data] tokenizer = 'char' does not apply: the data is tokenized "
+         "with the tokenizer of init_from"),
     ]:
         result = runner.invoke(app, ["train", "--config", str(toml), "--set", setting])
         assert result.exit_code == 2, result.output

@@ -283,12 +283,12 @@ def test_a_missing_module_names_its_pip_package(tmp_path: Path, monkeypatch: pyt
 
 @pytest.mark.parametrize("record", [{"name": "cl100k_base"}, {"name": "bpe"}, {}])
 def test_export_of_another_tokenizer_is_refused(record: dict[str, Any], tmp_path: Path) -> None:
-    with pytest.raises(GPTError, match=r"export supports the gpt2, char and HF tokenizers"):
+    with pytest.raises(GPTError, match=r"export writes the gpt2, char and HF tokenizers"):
         save_hf_tokenizer(record, tmp_path, 64)
 
 
 def test_hf_is_not_a_tokenizer_name() -> None:
-    with pytest.raises(GPTError, match=r"the hf tokenizer comes with a model imported from HF"):
+    with pytest.raises(GPTError, match=r"tokenizer .hf. is an HF model.s own, which comes with the model"):
         get_tokenizer("hf")
 
 

@@ -1,5 +1,5 @@
-"""Conversion between `gpt.model.GPT` and HF transformers' GPT-2 and Llama. The only module
-importing transformers (inside functions, so the checks here run without it).
+"""Conversion between `gpt.model.GPT` and HF transformers' GPT-2 and Llama. transformers is
+imported inside functions, so the checks here run without it.
 
 `pos_embedding` picks the family. Learned positions convert to `GPT2LMHeadModel`: LayerNorm
 with biases, a standard MLP, multi-head attention; its names are ours key for key, but its

@@ -25,7 +25,10 @@ from gpt.model import GPT
 
 
 class Exportable(Protocol):
-    """A checkpoint of a run, or an imported HF model."""
+    """A checkpoint of a run, or an imported HF model (`gpt.hf.pretrained.open_model`)."""
+
+    @property
+    def path(self) -> Path | str: ...
 
     @property
     def config(self) -> RunConfig: ...
@@ -43,15 +46,20 @@ def export(source: Exportable, out_dir: Path, force: bool) -> Path:
     a non-empty `out_dir` without `force`) is refused before anything is written.
     """
     from gpt.hf.convert import check_hf_compatible, hf_config_from_model, weights_to_hf
-    from gpt.hf.tokenizers import save_hf_tokenizer
+    from gpt.hf.tokenizers import check_exportable_tokenizer, save_hf_tokenizer
 
     model_config = source.config.model
     check_hf_compatible(model_config)
-    _check_destination(out_dir, force)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    check_exportable_tokenizer(source.tokenizer)
+    _check_destination(out_dir, force, _source_folder(source))
+    target = out_dir.resolve()  # "." and "dir/.." have a parent and a name only when resolved
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    except OSError as e:
+        raise GPTError(f"--out {out_dir}: cannot write there ({e.strerror or e})") from None
     try:
         special = save_hf_tokenizer(source.tokenizer, tmp, model_max_length=model_config.block_size)
         if source.tokenizer.get("name") == "char":
@@ -66,17 +74,32 @@ def export(source: Exportable, out_dir: Path, force: bool) -> Path:
         for path in tmp.iterdir():
             with open(path, "rb") as handle:
                 os.fsync(handle.fileno())
-        _replace(tmp, out_dir)
+        _replace(tmp, target)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise GPTError(
+            f"--out {out_dir}: writing failed ({e.strerror or e}); nothing was replaced"
+        ) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
 
 
-def _check_destination(out_dir: Path, force: bool) -> None:
-    """Export writes a new folder, or replaces a non-empty one only with --force."""
+def _source_folder(source: Exportable) -> Path:
+    """The folder the model is read from: a checkpoint's, or an HF model's."""
+    return Path(getattr(source, "folder", source.path)).resolve()
+
+
+def _check_destination(out_dir: Path, force: bool, source: Path) -> None:
+    """Export writes a new folder, or replaces a non-empty one only with --force, and never one
+    that holds the model it exports."""
     if out_dir.exists() and not out_dir.is_dir():
         raise GPTError(f"--out {out_dir} is a file; give a folder path")
+    if out_dir.resolve() == source or out_dir.resolve() in source.parents:
+        raise GPTError(
+            f"--out {out_dir} holds the model being exported ({source}); choose another folder"
+        )
     if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
         raise GPTError(
             f"--out {out_dir} is not empty; choose a new folder, or pass --force to replace it"
@@ -93,8 +116,14 @@ def _generation_config(special: dict[str, int | None]) -> Any:
 def _replace(tmp: Path, out_dir: Path) -> None:
     """Move the finished folder into place; an old one goes only after the new one is there."""
     old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
-    if out_dir.exists():
+    replacing = out_dir.exists()
+    if replacing:
         os.rename(out_dir, old)
-    os.rename(tmp, out_dir)
+    try:
+        os.rename(tmp, out_dir)
+    except OSError:
+        if replacing:
+            os.rename(old, out_dir)  # the old folder back where it was
+        raise
     fsync_dir(out_dir.parent)
     shutil.rmtree(old, ignore_errors=True)

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from gpt.checkpoint import Checkpoint
 from gpt.config import RUNTIME_MODEL_KEYS, ModelConfig, RunConfig
 from gpt.errors import GPTError, first_line
 from gpt.model import GPT
@@ -25,8 +26,10 @@ HF_PREFIX = "hf:"
 GPT2_NAMES = {  # nanoGPT's init_from names, on the hub under openai-community
     name: f"openai-community/{name}" for name in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 }
-HUB_FILES = ["*.json", "*.safetensors", "*.txt", "tokenizer.model"]  # never pickled weights
-GPT2_VOCAB = 50257
+# what a model is described by; its *.safetensors come only when its weights are needed, and
+# pickled weights never
+HUB_FILES = ["*.json", "*.txt", "tokenizer.model"]
+HUB_WEIGHTS = ["*.safetensors", "*.safetensors.index.json"]
 
 
 def is_pretrained(spec: str | Path) -> bool:
@@ -43,21 +46,19 @@ class Pretrained:
     folder: Path
     model: ModelConfig
     tokenizer: dict[str, Any]
+    repo: str | None = None  # the hub repository the folder is a cached copy of
 
     @property
     def config(self) -> RunConfig:
         """A run config holding the model; every other section at its defaults."""
         return RunConfig(model=self.model)
 
-    @property
-    def state(self) -> dict[str, Any]:
-        return {"iter": 0}
-
     def weights(self) -> dict[str, torch.Tensor]:
         """Our state dict of the model's weights, in float32."""
         from gpt.hf.convert import weights_from_hf
 
-        state = weights_from_hf(self.model, _read_safetensors(self.folder, self.path))
+        folder = self.folder if self.repo is None else _download(self.repo, self.path, HUB_WEIGHTS)
+        state = weights_from_hf(self.model, _read_safetensors(folder, self.path))
         return {k: v.float() for k, v in state.items()}
 
     def load_into(self, model: GPT) -> None:
@@ -83,18 +84,31 @@ class Pretrained:
         return model.to(device).eval()
 
 
+def open_model(spec: str | Path, which: str = "latest") -> Checkpoint | Pretrained:
+    """A model to run or start from: a run's checkpoint (its out_dir or a ckpt-* folder), or an
+    HF model (`hf:FOLDER`, `hf:OWNER/NAME`, `gpt2`, ... `gpt2-xl`)."""
+    if not is_pretrained(spec):
+        return Checkpoint.open(spec, which)
+    if which != "latest":
+        raise GPTError(f"--which {which} picks a checkpoint of a run; {spec} is an HF model")
+    return open_pretrained(str(spec))
+
+
 def open_pretrained(spec: str) -> Pretrained:
-    """The HF model `spec` names: `hf:FOLDER`, `hf:HUB/NAME`, or gpt2, gpt2-medium, ...-xl."""
+    """The HF model `spec` names: `hf:FOLDER`, `hf:HUB/NAME`, or gpt2, gpt2-medium, ...-xl.
+    Only its config and tokenizer are read here (downloaded, for a hub name)."""
     name = spec[len(HF_PREFIX):] if spec.startswith(HF_PREFIX) else GPT2_NAMES[spec]
     if not name.strip():
         raise GPTError(f"{spec!r} names no model; write hf:FOLDER or hf:OWNER/NAME")
     folder = Path(name).expanduser()
-    if not folder.is_dir():
-        if folder.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1:
+    repo = None
+    if not _is_folder(folder, spec):
+        if folder.exists() or name.startswith((".", "/", "~")) or not _is_repo_id(name):
             raise GPTError(
-                f"{spec}: {folder} is not a folder; pass a folder written by save_pretrained"
+                f"{spec}: {folder} is neither a folder nor a hub name (OWNER/NAME); pass a "
+                "folder written by save_pretrained"
             )
-        folder = _download(name, spec)
+        folder, repo = _download(name, spec, HUB_FILES), name
     hf_config = _read_hf_config(folder, spec)
     from gpt.hf.convert import model_config_from_hf
 
@@ -108,12 +122,29 @@ def open_pretrained(spec: str) -> Pretrained:
         )
     # ids past the tokenizer's are padding: never sampled, as in models gpt train builds
     model = dataclasses.replace(model, vocab_size=vocab)
-    return Pretrained(path=spec, folder=folder, model=model, tokenizer=tokenizer)
+    return Pretrained(path=spec, folder=folder, model=model, tokenizer=tokenizer, repo=repo)
 
 
-def _download(name: str, spec: str) -> Path:
-    """The hub repository's config, tokenizer and safetensors files, through HF's cache (a
-    cached copy is used with no network)."""
+def _is_folder(folder: Path, spec: str) -> bool:
+    try:
+        return folder.is_dir()
+    except OSError as e:  # a name too long for a path, a folder we may not look into
+        raise GPTError(f"{spec}: cannot look at {folder} ({e.strerror})") from None
+
+
+def _is_repo_id(name: str) -> bool:
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name)
+        return True
+    except HFValidationError:
+        return False
+
+
+def _download(name: str, spec: str, patterns: list[str]) -> Path:
+    """The hub repository's files that match `patterns`, through HF's cache (a cached copy is
+    used with no network)."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.utils import (  # where every release since 0.14 has them
         GatedRepoError,
@@ -122,7 +153,7 @@ def _download(name: str, spec: str) -> Path:
     )
 
     try:
-        return Path(snapshot_download(name, allow_patterns=HUB_FILES))
+        return Path(snapshot_download(name, allow_patterns=patterns))
     except LocalEntryNotFoundError:
         why = "the hub is unreachable and HF's cache does not hold it"
     except GatedRepoError:
@@ -146,7 +177,7 @@ def _read_hf_config(folder: Path, spec: str) -> Any:
     from transformers import AutoConfig
 
     try:
-        return AutoConfig.from_pretrained(str(folder))
+        return AutoConfig.from_pretrained(str(folder), trust_remote_code=False)
     except Exception as e:
         raise GPTError(
             f"{spec}: {folder / 'config.json'} cannot be read ({first_line(e, 150)})"
@@ -161,8 +192,9 @@ def _tokenizer_record(folder: Path, spec: str, hf_config: Any, model: ModelConfi
     record = tokenizer_record_from_folder(folder, Path(label.rstrip("/")).name or label)
     if record is not None:
         return record
-    if hf_config.model_type == "gpt2" and model.padded_vocab_size == GPT2_VOCAB:
-        return {"name": "gpt2"}
+    gpt2 = {"name": "gpt2"}
+    if hf_config.model_type == "gpt2" and model.padded_vocab_size == _tokenizer_vocab(gpt2):
+        return gpt2
     raise GPTError(
         f"{spec}: {folder} holds no tokenizer (tokenizer.json); save the model's tokenizer "
         "there with tokenizer.save_pretrained(folder)"

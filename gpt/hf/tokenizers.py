@@ -72,18 +72,14 @@ def save_hf_tokenizer(
 ) -> dict[str, int | None]:
     """Write the tokenizer of `record` into `out_dir` as transformers saves one, and return the
     special ids that config.json and generation_config.json carry."""
-    name = record.get("name") if isinstance(record, dict) else None
+    check_exportable_tokenizer(record)
+    name = record["name"]
     if name == "gpt2":
         hf = _gpt2_hf(model_max_length)
     elif name == CharTokenizer.name:
         hf = _char_hf(record, model_max_length)
-    elif name == HFTokenizer.name:
-        hf = _hf_hf(record, model_max_length)
     else:
-        raise GPTError(
-            f"export supports the gpt2, char and HF tokenizers, not {name!r}: HF has no "
-            "tokenizer for it; train with one of those to export"
-        )
+        hf = _hf_hf(record, model_max_length)
     hf.save_pretrained(str(out_dir))
     _portable_class(out_dir)
     return {
@@ -91,6 +87,17 @@ def save_hf_tokenizer(
         "eos_token_id": hf.eos_token_id,
         "pad_token_id": hf.pad_token_id,
     }
+
+
+def check_exportable_tokenizer(record: dict[str, Any]) -> None:
+    """Raise unless `save_hf_tokenizer` writes this tokenizer: GPT-2's BPE, a char vocabulary
+    or an HF tokenizer (other tiktoken encodings are not written out)."""
+    name = record.get("name") if isinstance(record, dict) else None
+    if name not in ("gpt2", CharTokenizer.name, HFTokenizer.name):
+        raise GPTError(
+            f"export writes the gpt2, char and HF tokenizers, not {name!r}; train with one of "
+            "those to export"
+        )
 
 
 def _portable_class(out_dir: Path) -> None:
@@ -117,7 +124,9 @@ def _load(folder: Path) -> Any:
     if quiet:
         logging.set_verbosity_error()
     try:
-        hf = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        hf = AutoTokenizer.from_pretrained(
+            str(folder), local_files_only=True, trust_remote_code=False
+        )
     except Exception as e:
         missing = _missing_packages(folder, e)
         if missing:
