@@ -9,6 +9,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -17,10 +18,12 @@ from gpt.config import SampleConfig
 from gpt.device import resolve_device, resolve_dtype
 from gpt.errors import GPTError
 from gpt.generate import generate
-from gpt.hf.pretrained import Pretrained
 from gpt.model import GPT
 from gpt.onednn import pack_linears
 from gpt.tokenizer import Tokenizer, tokenizer_from_dict
+
+if TYPE_CHECKING:
+    from gpt.hf.pretrained import Pretrained
 
 
 def load_for_inference(
