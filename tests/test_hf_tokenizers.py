@@ -247,6 +247,7 @@ def test_llama_style_folder_gives_hf_ids(tmp_path: Path) -> None:
     backend.save(str(folder / "tokenizer.json"))
     (folder / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+        "legacy": False,  # as Llama folders say; transformers 4.x warns without it
     }))
     hf = load(folder)
     ours = tokenizer_from_dict(tokenizer_record_from_folder(folder, "llama"))
