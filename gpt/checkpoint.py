@@ -273,4 +273,3 @@ class Checkpoint:
         model = GPT(self.config.model)
         self.load_into(model)
         return model.to(device).eval()
-
