@@ -14,9 +14,14 @@ import contextlib
 import fcntl
 import os
 import sys
+import time
 from pathlib import Path
 
 from gpt.errors import GPTError
+
+# How long a process refused the lock waits before trying once more: `holder` takes the lock
+# shared for an instant to look, and a look must never turn a trainer away.
+LOOK_GRACE_S = 0.1
 
 
 class FolderLock:
@@ -40,7 +45,7 @@ class FolderLock:
                     f"cannot write {folder} ({e.strerror}); set {option} to a folder you can write"
                 ) from None
             try:
-                fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                self._lock_now()
             except BlockingIOError:
                 self._wait_or_refuse(folder, what, option, wait)
             except OSError as e:  # a filesystem without flock (some network mounts): go on unlocked
@@ -54,6 +59,15 @@ class FolderLock:
         self.file.truncate()
         self.file.write(f"{what} (pid {os.getpid()} on {os.uname().nodename})")
         self.file.flush()
+
+    def _lock_now(self) -> None:
+        """Lock without waiting, trying once more after LOOK_GRACE_S, since the holder may be
+        a reader's instant look (`holder`) rather than a process that writes the folder."""
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            time.sleep(LOOK_GRACE_S)
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
     def _wait_or_refuse(self, folder: Path, what: str, option: str, wait: bool) -> None:
         """The lock is held elsewhere: name the holder, then wait for it or refuse."""
@@ -85,3 +99,25 @@ class FolderLock:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+def holder(folder: Path, name: str = ".lock") -> str | None:
+    """Who holds `folder/name` now, as its file names them ("gpt train (pid 12 on host)"), or
+    None when no one does (or it cannot be told: an unreadable file, no flock).
+
+    It never creates the file and never waits: it takes the lock shared and releases it at once,
+    and a `FolderLock` asked for in that instant tries again before refusing.
+    """
+    try:
+        file = open(folder / name)
+    except OSError:  # no file: never locked
+        return None
+    with file:
+        try:
+            fcntl.flock(file, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return file.read().strip() or "another process"
+        except OSError:
+            return None
+        fcntl.flock(file, fcntl.LOCK_UN)
+    return None

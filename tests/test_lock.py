@@ -1,9 +1,10 @@
 """FolderLock: one holder at a time, named in the refusal; unwritable folders and filesystems
-without flock handled in one line."""
+without flock handled in one line; `holder` looks without creating, waiting or turning anyone away."""
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import threading
 import time
@@ -13,7 +14,7 @@ import pytest
 
 import gpt.lock
 from gpt.errors import GPTError
-from gpt.lock import FolderLock
+from gpt.lock import FolderLock, holder
 
 
 def test_second_holder_is_refused_naming_the_first_then_admitted(tmp_path: Path) -> None:
@@ -65,3 +66,25 @@ def test_a_waiter_whose_lock_file_is_removed_locks_the_new_one(tmp_path: Path) -
     thread.join(timeout=30)
     assert not thread.is_alive() and waiter[0]._still_in_place()
     waiter[0].release()
+
+
+def test_holder_names_the_process_holding_the_lock(tmp_path: Path) -> None:
+    lock = FolderLock(tmp_path / "run", "gpt train", "train.out_dir")
+    assert holder(tmp_path / "run") == f"gpt train (pid {os.getpid()} on {os.uname().nodename})"
+    lock.release()
+    assert holder(tmp_path / "run") is None
+    FolderLock(tmp_path / "run", "gpt train", "train.out_dir").release()  # the look left it free
+
+
+def test_holder_creates_nothing(tmp_path: Path) -> None:
+    assert holder(tmp_path) is None and holder(tmp_path / "missing") is None
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_look_at_the_lock_does_not_turn_a_trainer_away(tmp_path: Path) -> None:
+    """`holder` holds the lock shared for an instant; a FolderLock asked for then tries again."""
+    FolderLock(tmp_path, "gpt train", "train.out_dir").release()
+    look = open(tmp_path / ".lock")
+    fcntl.flock(look, fcntl.LOCK_SH | fcntl.LOCK_NB)  # a look, caught in its instant
+    threading.Timer(0.02, look.close).start()
+    FolderLock(tmp_path, "gpt train", "train.out_dir").release()
