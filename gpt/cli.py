@@ -449,6 +449,28 @@ def export(
     typer.echo(f"wrote {folder} (load it with transformers' AutoModelForCausalLM.from_pretrained)")
 
 
+@command()
+def runs(
+    folder: Annotated[
+        Path,
+        typer.Argument(help="Where to look: this folder and two levels below it."),
+    ] = Path("."),
+) -> None:
+    """List the runs under a folder: iterations, best val loss, tokens, wall time, last
+    checkpoint and status (running, finished or interrupted)."""
+    from gpt.runs import find_runs, summarize, table
+
+    found = [summarize(path) for path in find_runs(folder)]
+    if not found:
+        typer.echo(f"no runs in {folder} (folders holding metrics.jsonl or ckpt-*, at most two "
+                   f"levels down)")
+        return
+    typer.echo(table(found))
+    for run in found:
+        for note in run.notes:
+            typer.echo(f"note: {run.path}: {note}", err=True)
+
+
 def main() -> None:
     """Console-script entry point."""
     app(prog_name="gpt")

@@ -24,15 +24,17 @@ def test_help_lists_every_command() -> None:
     assert result.exit_code == 0
     listed = {line.split()[0] for line in result.output.splitlines() if line.startswith("  ")}
     registered = {c.name or c.callback.__name__ for c in app.registered_commands}
-    assert registered == {"info", "prepare", "train", "sample", "eval", "export"}
+    assert registered == {"info", "prepare", "train", "sample", "eval", "export", "runs"}
     assert registered <= listed
 
 
-@pytest.mark.parametrize("command", ["info", "prepare", "train", "sample", "eval", "export"])
+@pytest.mark.parametrize(
+    "command", ["info", "prepare", "train", "sample", "eval", "export", "runs"]
+)
 def test_every_command_has_help(command: str) -> None:
     result = runner.invoke(app, [command, "--help"])
-    # export writes a model as it is: no run config applies
-    assert result.exit_code == 0 and ("--config" in result.output) == (command != "export")
+    # export writes a model as it is, runs reads run folders: no run config applies
+    assert result.exit_code == 0 and ("--config" in result.output) == (command not in ("export", "runs"))
 
 
 def test_version() -> None:
