@@ -450,6 +450,28 @@ def export(
 
 
 @command()
+def plot(
+    run_dirs: Annotated[
+        list[Path],
+        typer.Argument(help="Run folders (out_dirs), each holding metrics.jsonl.",
+                       show_default=False),
+    ],
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="The image to write: .png, .svg or .pdf.")
+    ],
+    width: Annotated[int, typer.Option("--width", help="Width in pixels.")] = 1000,
+    height: Annotated[int, typer.Option("--height", help="Height in pixels.")] = 600,
+) -> None:
+    """Draw runs' train and val loss by iteration and by wall time, and their learning rate,
+    from metrics.jsonl (needs matplotlib: pip install "gpt[plot]")."""
+    from gpt.plot import plot_runs
+
+    for note in plot_runs(run_dirs, out, width, height):
+        typer.echo(f"note: {note}", err=True)
+    typer.echo(f"wrote {out}")
+
+
+@command()
 def runs(
     folder: Annotated[
         Path,

@@ -24,17 +24,18 @@ def test_help_lists_every_command() -> None:
     assert result.exit_code == 0
     listed = {line.split()[0] for line in result.output.splitlines() if line.startswith("  ")}
     registered = {c.name or c.callback.__name__ for c in app.registered_commands}
-    assert registered == {"info", "prepare", "train", "sample", "eval", "export", "runs"}
+    assert registered == {"info", "prepare", "train", "sample", "eval", "export", "plot", "runs"}
     assert registered <= listed
 
 
 @pytest.mark.parametrize(
-    "command", ["info", "prepare", "train", "sample", "eval", "export", "runs"]
+    "command", ["info", "prepare", "train", "sample", "eval", "export", "plot", "runs"]
 )
 def test_every_command_has_help(command: str) -> None:
     result = runner.invoke(app, [command, "--help"])
-    # export writes a model as it is, runs reads run folders: no run config applies
-    assert result.exit_code == 0 and ("--config" in result.output) == (command not in ("export", "runs"))
+    # export writes a model as it is, plot and runs read run folders: no run config applies
+    no_config = ("export", "plot", "runs")
+    assert result.exit_code == 0 and ("--config" in result.output) == (command not in no_config)
 
 
 def test_version() -> None:
