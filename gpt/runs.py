@@ -147,9 +147,9 @@ class RunSummary:
 def summarize(path: Path) -> RunSummary:
     """What a run folder says about its run, never raising for a damaged file.
 
-    The figures come from the latest readable checkpoint's state.json (what a resume continues
+    The counters come from the latest readable checkpoint's state.json (what a resume continues
     from); a run that is training now, or has no checkpoint yet, shows its last metrics record
-    where that is newer.
+    where that is newer. The best val loss is the lowest evaluated up to that iteration.
     """
     notes: list[str] = []
     held_by = holder(path)
@@ -160,8 +160,15 @@ def summarize(path: Path) -> RunSummary:
         run.elapsed_s = _number(state.get("elapsed_s"))
         run.best_val_loss = _number(state.get("best_val_loss"))
         run.max_iters = state["config"]["train"]["max_iters"]
-    if held_by or state is None:
-        _take_newer_metrics(run)
+    records = _metrics_records(run)
+    if records and (held_by or state is None) and records[-1]["iter"] >= (run.iteration or 0):
+        last = records[-1]
+        run.iteration, run.tokens = last["iter"], last.get("tokens")
+        run.elapsed_s = last.get("elapsed_s")
+    vals = [r["val_loss"] for r in records if "val_loss" in r and r["iter"] <= (run.iteration or 0)]
+    if run.best_val_loss is not None:  # also the record a checkpoint keeps
+        vals.append(run.best_val_loss)
+    run.best_val_loss = min(vals, default=None)
     if held_by is None and None not in (run.iteration, run.max_iters):
         run.status = "finished" if run.iteration >= run.max_iters else "interrupted"
     if run.max_iters is not None and run.iteration is not None and run.iteration > run.max_iters:
@@ -218,27 +225,19 @@ def _read_state(path: Path) -> tuple[str, dict[str, Any] | None]:
     return "", state
 
 
-def _take_newer_metrics(run: RunSummary) -> None:
-    """The last metrics record's counters, where it is newer than the checkpoint."""
+def _metrics_records(run: RunSummary) -> list[dict[str, Any]]:
+    """The run's metrics records (none without the file), noting damaged lines."""
     path = run.path / METRICS
     if not path.is_file():
-        return
+        return []
     try:
         metrics = read_metrics(path)
     except GPTError as e:
         run.notes.append(str(e))
-        return
+        return []
     if (note := metrics.note()) is not None:
         run.notes.append(note.replace(f"{path}: ", f"{METRICS}: "))
-    if not metrics.records or (run.iteration or 0) > metrics.records[-1]["iter"]:
-        return
-    last = metrics.records[-1]
-    run.iteration, run.tokens = last["iter"], last.get("tokens")
-    run.elapsed_s = last.get("elapsed_s")
-    vals = [r["val_loss"] for r in metrics.records if "val_loss" in r]
-    if run.best_val_loss is not None:
-        vals.append(run.best_val_loss)
-    run.best_val_loss = min(vals) if vals else None
+    return metrics.records
 
 
 COLUMNS = ("name", "iters", "best val", "tokens", "wall time", "last checkpoint", "status")

@@ -113,15 +113,16 @@ def test_damaged_files_show_what_they_can_with_notes(trained: Path, tmp_path: Pa
         f.write("garbage\n")
     run = summarize(run_dir)
     assert (run.iteration, run.checkpoint, run.status) == (20, "ckpt-0000020", "interrupted")
-    assert run.notes == ["ckpt-0000030/state.json is damaged (not JSON)"]
+    skipped = "metrics.jsonl: skipped line 11 that is not a metrics record"
+    assert run.notes == ["ckpt-0000030/state.json is damaged (not JSON)", skipped]
 
     (run_dir / "ckpt-0000020" / "state.json").unlink()
-    run = summarize(run_dir)  # no checkpoint left: the metrics, whose bad line is noted
+    run = summarize(run_dir)  # no checkpoint left: the metrics
     assert (run.iteration, run.checkpoint) == (30, None)
     assert run.notes == [
         "ckpt-0000030/state.json is damaged (not JSON)",
         "ckpt-0000020/state.json is missing (an incomplete checkpoint)",
-        "metrics.jsonl: skipped line 11 that is not a metrics record",
+        skipped,
     ]
 
 
@@ -139,11 +140,23 @@ def test_a_state_without_its_counters_is_damaged(tmp_path: Path, state: str) -> 
 
 def test_odd_values_in_a_state_are_left_out(trained: Path, tmp_path: Path) -> None:
     run_dir = copy_run(trained, tmp_path / "run")
+    (run_dir / "metrics.jsonl").unlink()
     path = run_dir / "ckpt-0000030" / "state.json"
-    path.write_text(json.dumps({**json.loads(path.read_text()), "tokens": "many", "best_val_loss": None}))
+    path.write_text(json.dumps({**json.loads(path.read_text()), "tokens": "many", "best_val_loss": "low"}))
     run = summarize(run_dir)
     assert (run.iteration, run.tokens, run.best_val_loss) == (30, None, None)
-    assert "-" in table([run]).splitlines()[1].split()
+    assert table([run]).splitlines()[1].split()[1:4] == ["30/30", "-", "-"]
+
+
+def test_the_best_val_loss_counts_evaluations_up_to_the_checkpoint(trained: Path, tmp_path: Path) -> None:
+    """Also the first evaluation, at iteration 0, which the checkpoint's record leaves out."""
+    run_dir = copy_run(trained, tmp_path / "run")
+    records = read_metrics(run_dir / "metrics.jsonl").records
+    for ckpt in ("ckpt-0000020", "ckpt-0000030"):
+        path = run_dir / ckpt / "state.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), "best_val_loss": None}))
+    shutil.rmtree(run_dir / "ckpt-0000030")
+    assert summarize(run_dir).best_val_loss == min(r["val_loss"] for r in records if "val_loss" in r and r["iter"] <= 20)
 
 
 def test_the_cli_lists_every_run_and_never_fails_on_a_damaged_one(trained: Path, tmp_path: Path) -> None:
