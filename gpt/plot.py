@@ -32,6 +32,8 @@ DEFAULT_WIDTH, DEFAULT_HEIGHT = 1000, 600
 MIN_PIXELS, MAX_PIXELS = 300, 10_000
 FORMATS = (".png", ".svg", ".pdf")  # what --out may end in; the size is exact in pixels for PNG
 INSTALL = 'pip install "gpt[plot]" (or pip install matplotlib)'
+TRAIN_STYLE: dict[str, Any] = {"ls": "-", "lw": 1.3}
+VAL_STYLE: dict[str, Any] = {"ls": "--", "lw": 1.3, "marker": "o", "ms": 3}  # evaluations are few
 
 
 @dataclass(frozen=True)
@@ -143,11 +145,11 @@ def draw(runs: list[RunCurves], width: int = DEFAULT_WIDTH, height: int = DEFAUL
     unit, scale = _time_unit(runs)
     colours = _colours(colormaps, len(runs))
     for run, colour in zip(runs, colours, strict=True):
-        for series, style in ((run.train, "-"), (run.val, "--")):
+        for series, style in ((run.train, TRAIN_STYLE), (run.val, VAL_STYLE)):
             if series:
-                by_iter.plot(series.iters, series.values, style, color=colour, lw=1.3)
-                by_time.plot([s / scale for s in series.seconds], series.values, style,
-                             color=colour, lw=1.3)
+                by_iter.plot(series.iters, series.values, color=colour, **style)
+                by_time.plot([s / scale for s in series.seconds], series.values, color=colour,
+                             **style)
         if run.lr:
             lr.plot(run.lr.iters, run.lr.values, color=colour, lw=1.3)
 
@@ -159,8 +161,8 @@ def draw(runs: list[RunCurves], width: int = DEFAULT_WIDTH, height: int = DEFAUL
         ax.grid(True, alpha=0.3)
     handles = [Line2D([], [], color=colour, lw=2, label=run.label)
                for run, colour in zip(runs, colours, strict=True)]
-    handles += [Line2D([], [], color="grey", ls="-", label="train (logged step)"),
-                Line2D([], [], color="grey", ls="--", label="val (evaluation)")]
+    handles += [Line2D([], [], color="grey", label="train (logged step)", **TRAIN_STYLE),
+                Line2D([], [], color="grey", label="val (evaluation)", **VAL_STYLE)]
     key.legend(handles=handles, loc="center", frameon=False,
                ncols=1 + (len(handles) - 1) // 12)
     return fig

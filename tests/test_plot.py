@@ -102,6 +102,7 @@ def test_each_panel_holds_one_line_per_series_of_each_run(tmp_path: Path) -> Non
     colours = [line.get_color() for line in by_iter.lines]
     assert colours[0] == colours[1] != colours[2] == colours[3] != colours[4]
     assert [line.get_linestyle() for line in by_iter.lines] == ["-", "--", "-", "--", "--"]
+    assert [line.get_marker() for line in by_iter.lines] == ["None", "o", "None", "o", "o"]
     legend = [t.get_text() for t in fig.axes[3].get_legend().get_texts()]
     assert legend == ["a", "b", "c", "train (logged step)", "val (evaluation)"]
 
