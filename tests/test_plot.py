@@ -219,3 +219,15 @@ def test_an_unwritable_out_is_one_line_and_keeps_the_old_file(tmp_path: Path, mo
     assert result.output == f"error: cannot write --out {out} (Permission denied); pass a path you can write\n"
     assert out.read_bytes() == b"old"
 
+
+
+def test_the_quickstart_figure_is_a_small_png() -> None:
+    """docs/quickstart.png, written by scripts/plot_quickstart.py, and the block it fills."""
+    from importlib.util import module_from_spec, spec_from_file_location
+
+    spec = spec_from_file_location("doc_tables", ROOT / "scripts" / "doc_tables.py")
+    doc_tables = module_from_spec(spec)
+    spec.loader.exec_module(doc_tables)
+    assert png_size(ROOT / "docs" / "quickstart.png") == (1000, 600)
+    assert (ROOT / "docs" / "quickstart.png").stat().st_size < 200_000
+    assert doc_tables.marker_problem(ROOT / "docs" / "observing.md", "quickstart") is None
