@@ -92,9 +92,10 @@ def main() -> None:
         out_dir = (docs.ROOT / args.out_dir) if args.out_dir else Path(tmp) / "default"
         gpt("train", "--config", CONFIG, "--set", f"train.out_dir={out_dir}")
         sample = gpt("sample", "--checkpoint", str(out_dir), "--no-stream", capture=True)
+        text = block(out_dir, args.docs, sample, load_before)  # names the commit: before writing
         gpt("plot", str(out_dir), "--out", str(FIGURE), "--width", str(WIDTH),
             "--height", str(HEIGHT))
-        docs.write_block(args.docs, BLOCK, block(out_dir, args.docs, sample, load_before))
+        docs.write_block(args.docs, BLOCK, text)
     print(f"wrote {FIGURE} and the {BLOCK} block of {args.docs}")
 
 
