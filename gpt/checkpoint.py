@@ -205,14 +205,39 @@ def load_weights(ckpt: Path, model: torch.nn.Module) -> None:
     try:
         weights = load_file(str(path))
     except Exception as e:
-        raise GPTError(f"{path} is damaged ({first_line(e, 120)})") from None
+        raise GPTError(
+            f"{path} is damaged ({first_line(e, 120)}); {_another_checkpoint(ckpt)}"
+        ) from None
+    expected = model.state_dict()
+    for key, tensor in weights.items():  # load_state_dict would raise a page of these
+        if key in expected and tensor.shape != expected[key].shape:
+            raise GPTError(
+                f"{path} does not fit the model that {ckpt / 'state.json'} describes ({key}: "
+                f"{tuple(tensor.shape)} saved, {tuple(expected[key].shape)} expected): its "
+                f"config was edited or belongs to other weights; {_another_checkpoint(ckpt)}"
+            )
     missing, unexpected = model.load_state_dict(weights, strict=False)
     if model.config.tie_embeddings:
         missing = [k for k in missing if k != "lm_head.weight"]
     if missing or unexpected:
         raise GPTError(
-            f"{path} does not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})"
+            f"{path} does not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]}); "
+            f"{_another_checkpoint(ckpt)}"
         )
+
+
+def _another_checkpoint(damaged: Path) -> str:
+    """The way out of a checkpoint that cannot be used: the run's newest other one that reads
+    (the words of an error message)."""
+    for other in list_checkpoints(damaged.parent):
+        if other == damaged:
+            continue
+        try:
+            read_state(other)
+        except GPTError:
+            continue
+        return f"use another checkpoint of the run, such as {other}"
+    return "use another checkpoint, or train again (gpt train)"
 
 
 def load_optimizer_state(ckpt: Path) -> dict[str, Any]:
@@ -237,7 +262,10 @@ class Checkpoint:
     def open(cls, path: str | Path, which: str = "latest") -> Checkpoint:
         """The checkpoint at `path`: a ckpt-* folder, or a run's out_dir (its latest or best)."""
         found = find_checkpoint(path, which)
-        return cls(found, read_state(found))
+        try:
+            return cls(found, read_state(found))
+        except GPTError as e:
+            raise GPTError(f"{e}; {_another_checkpoint(found)}") from None
 
     @property
     def config(self) -> RunConfig:
@@ -252,7 +280,10 @@ class Checkpoint:
                 values = {**values, "model": model}
             return from_dict(values)
         except (GPTError, KeyError, TypeError) as e:
-            raise GPTError(f"{self.path / 'state.json'} holds no usable config ({e})") from None
+            raise GPTError(
+                f"{self.path / 'state.json'} holds no usable config ({e}); "
+                f"{_another_checkpoint(self.path)}"
+            ) from None
 
     @property
     def has_optimizer(self) -> bool:

@@ -458,6 +458,24 @@ CHECKPOINTS = [
          r"no latest checkpoint in data; train first \(gpt train\) or pass a ckpt-\* folder"),
     Case("checkpoint-not-a-command-option", ["sample", "--prompt", "x"],
          r"no model given: pass --checkpoint OUT_DIR \(or --config FILE for its out_dir\)"),
+    Case("checkpoint-truncated", [*SAMPLE, "--prompt", "def"],
+         r"out/ckpt-0000020/model\.safetensors is damaged \(its sha256 differs from state\.json\); "
+         r"use another checkpoint of the run, such as out/ckpt-0000010",
+         truncate(f"{LATEST}/model.safetensors", 100)),
+    Case("checkpoint-state-replaced-by-random-bytes", [*SAMPLE, "--prompt", "def"],
+         r"out/ckpt-0000020/state\.json is damaged \(not the JSON a checkpoint writes\); use "
+         r"another checkpoint of the run, such as out/ckpt-0000010",
+         write(f"{LATEST}/state.json", bytes(range(256)) * 4)),
+    Case("checkpoint-weights-replaced-by-random-bytes", ["eval", "--checkpoint", "out"],
+         r"out/ckpt-0000020/model\.safetensors is damaged \(.*\); use another checkpoint of the "
+         r"run, such as out/ckpt-0000010",
+         both(write(f"{LATEST}/model.safetensors", bytes(range(256)) * 64),
+              rehash(LATEST, "model.safetensors"))),
+    Case("checkpoint-config-of-another-shape", [*SAMPLE, "--prompt", "def"],
+         r"out/ckpt-0000020/model\.safetensors does not fit the model that "
+         r"out/ckpt-0000020/state\.json describes \(.*: \(\d+,\) saved, \(\d+,\) expected\).*; "
+         r"use another checkpoint of the run, such as out/ckpt-0000010",
+         edit_json(f"{LATEST}/state.json", lambda s: s["config"]["model"].update(n_embd=64))),
     Case("checkpoint-every-one-damaged", RESUME,
          r"every checkpoint in out is damaged; remove them or use another out_dir",
          both(truncate(f"{LATEST}/model.safetensors", 100),
