@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import shutil
+import warnings
 from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
@@ -243,12 +245,25 @@ def _another_checkpoint(damaged: Path) -> str:
 def load_optimizer_state(ckpt: Path) -> dict[str, Any]:
     """The optimizer state saved with the weights, loaded without executing pickled code."""
     path = ckpt / OPTIMIZER
+    fix = (f"remove {ckpt} to resume from the checkpoint before it, or set train.out_dir to a "
+           "new folder")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns of pickle protocols before it refuses
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise GPTError(f"{path} is missing: the checkpoint holds weights only") from None
+    except pickle.UnpicklingError as e:
+        # torch names the callable a hostile pickle asks for ("GLOBAL posix.system")
+        called = re.search(r"GLOBAL ([\w.]+)", str(e))
+        if called is None:
+            raise GPTError(f"{path} is damaged (not a file of tensors); {fix}") from None
+        raise GPTError(
+            f"{path} would call {called.group(1)} when unpickled, which no checkpoint needs: "
+            f"it was refused and nothing in it ran; {fix}"
+        ) from None
     except Exception as e:
-        raise GPTError(f"{path} is damaged ({first_line(e, 120)})") from None
+        raise GPTError(f"{path} is damaged ({first_line(e, 120)}); {fix}") from None
 
 
 @dataclass(frozen=True)

@@ -495,6 +495,32 @@ CHECKPOINTS = [
 ]
 
 
+class RunsCode:
+    """What a hostile pickle holds: unpickling it calls open(marker, "w"), creating the marker."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (open, (str(self.marker), "w"))
+
+
+def pickle_that_runs_code(scene: Scene) -> None:
+    """optimizer.pt replaced by a pickle that would create a marker file when loaded, with its
+    sha256 in state.json to match (as a checkpoint from a stranger would have)."""
+    payload = {"state": RunsCode(scene.folder.parent / "marker")}
+    torch.save(payload, scene.folder / LATEST / "optimizer.pt")
+    rehash(LATEST, "optimizer.pt")(scene)
+    proof = scene.folder.parent / "proof"  # that loading it without weights_only runs it
+    torch.save({"state": RunsCode(proof)}, scene.folder.parent / "proof.pt")
+    torch.load(scene.folder.parent / "proof.pt", weights_only=False)["state"].close()
+    assert proof.exists()
+
+
+def ran_no_code(scene: Scene) -> None:
+    assert not (scene.folder.parent / "marker").exists()
+
+
 def locked_by_a_trainer(scene: Scene) -> None:
     """out_dir's lock held, as a running `gpt train` holds it (an flock on a file of its own)."""
     lock = FolderLock(scene.folder / "out", "gpt train", "train.out_dir")
@@ -502,6 +528,10 @@ def locked_by_a_trainer(scene: Scene) -> None:
 
 
 CHECKPOINTS += [
+    Case("checkpoint-pickle-that-would-run-code", RESUME,
+         r"out/ckpt-0000020/optimizer\.pt would call \S*open when unpickled, which no checkpoint "
+         r"needs: it was refused and nothing in it ran; remove out/ckpt-0000020 to resume from "
+         r"the checkpoint before it", pickle_that_runs_code, after=ran_no_code),
     Case("checkpoint-out-dir-locked-by-a-running-trainer", RESUME,
          rf"out is in use by another gpt train \(pid {os.getpid()} on .*\); wait for it to "
          r"finish, or set train\.out_dir to another folder", locked_by_a_trainer),
