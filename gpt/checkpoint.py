@@ -89,15 +89,11 @@ def save_checkpoint(
         shutil.rmtree(stale, ignore_errors=True)
     tmp = out_dir / f".tmp-{name}-{os.getpid()}"
     tmp.mkdir()
-    save_file(model_state(model), str(tmp / "model.safetensors"))
-    os.chmod(tmp / "model.safetensors", new_file_mode())  # safetensors leaves it 0o600
-    torch.save(optimizer_state, tmp / OPTIMIZER)
-    state = {**state, "iter": iteration, "sha256": {f: sha256_file(tmp / f) for f in FILES}}
-    (tmp / "state.json").write_text(json.dumps(state, indent=1))
-    for f in (*FILES, "state.json"):
-        with open(tmp / f, "rb") as handle:
-            os.fsync(handle.fileno())
-    fsync_dir(tmp)
+    try:
+        _write_files(tmp, model, optimizer_state, {**state, "iter": iteration})
+    except BaseException:  # a full disk, say: what was written goes, the rest stays as it was
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if final.exists():  # a re-save of the same iteration (e.g. after a resume)
         shutil.rmtree(final)
     os.rename(tmp, final)
@@ -107,6 +103,21 @@ def save_checkpoint(
     write_atomic(out_dir / "latest", name + "\n")
     _prune(out_dir, final, keep_last, damaged)
     return final
+
+
+def _write_files(
+    folder: Path, model: torch.nn.Module, optimizer_state: dict[str, Any], state: dict[str, Any]
+) -> None:
+    """A checkpoint's three files in `folder`, hashed into state.json and flushed to disk."""
+    save_file(model_state(model), str(folder / "model.safetensors"))
+    os.chmod(folder / "model.safetensors", new_file_mode())  # safetensors leaves it 0o600
+    torch.save(optimizer_state, folder / OPTIMIZER)
+    state = {**state, "sha256": {f: sha256_file(folder / f) for f in FILES}}
+    (folder / "state.json").write_text(json.dumps(state, indent=1))
+    for f in (*FILES, "state.json"):
+        with open(folder / f, "rb") as handle:
+            os.fsync(handle.fileno())
+    fsync_dir(folder)
 
 
 def _prune(out_dir: Path, saved: Path, keep_last: int, damaged: Collection[str]) -> None:

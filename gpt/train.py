@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import functools
 import math
 import os
@@ -593,14 +594,33 @@ def save(run: Run, is_best: bool) -> None:
             "samplers": {name: s.state_dict() for name, s in run.samplers.items()},
             "scaler": run.scaler.state_dict() if run.scaler.is_enabled() else None,
         }
-        run.last_checkpoint = ckpt.save_checkpoint(
-            Path(run.cfg.train.out_dir), run.state.iteration, run.model,
-            run.optimizer.state_dict(), state, run.cfg.train.keep_last, is_best,
-            run.damaged_checkpoints,
-        )
+        out_dir = Path(run.cfg.train.out_dir)
+        try:
+            run.last_checkpoint = ckpt.save_checkpoint(
+                out_dir, run.state.iteration, run.model, run.optimizer.state_dict(), state,
+                run.cfg.train.keep_last, is_best, run.damaged_checkpoints,
+            )
+        except OSError as e:
+            failed = _save_failed(out_dir, run.state.iteration, e, run.last_checkpoint)
+            raise GPTError(failed) from None
         run.damaged_checkpoints.discard(run.last_checkpoint.name)  # overwritten: good now
     if run.world.world_size > 1:
         dist.barrier()
+
+
+def _save_failed(out_dir: Path, iteration: int, error: OSError, previous: Path | None) -> str:
+    """The one-line error of a checkpoint that could not be written: what failed, and that the
+    run goes on from the previous checkpoint, which a failed save leaves as it was."""
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        problem = (f"no space left on the disk of {out_dir} for the checkpoint of iteration "
+                   f"{iteration}; free some space (or lower train.keep_last)")
+    else:
+        problem = (f"cannot write the checkpoint of iteration {iteration} into {out_dir} "
+                   f"({error.strerror or error}); make it writable")
+    if previous is None:
+        return f"{problem}, then run gpt train again (no checkpoint was saved yet)"
+    return (f"{problem}, then run gpt train again to resume from {previous}, which is intact "
+            "(checkpoints are written atomically)")
 
 
 # ---------------------------------------------------------------------------------------------

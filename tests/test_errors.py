@@ -10,6 +10,7 @@ after), apart from those the case names as written. docs/errors.md says the same
 from __future__ import annotations
 
 import contextlib
+import errno
 import fnmatch
 import functools
 import hashlib
@@ -596,6 +597,17 @@ def non_finite_loss(scene: Scene) -> None:
     scene.patch.setattr(GPT, "forward", diverged)
 
 
+def disk_full_at_save(scene: Scene) -> None:
+    """The disk fills while a checkpoint's weights are written: part of the file gets out."""
+    import gpt.checkpoint
+
+    def no_space(tensors: object, filename: str, *args: object, **kwargs: object) -> None:
+        Path(filename).write_bytes(b"\0" * 1000)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), filename)
+
+    scene.patch.setattr(gpt.checkpoint, "save_file", no_space)
+
+
 KILLED_WHILE_SAVING = """
 import os, signal, sys
 import torch
@@ -661,6 +673,11 @@ FAULTS = [
          r"stopped by signal after iteration \d+; saved new/ckpt-\d+", code=143,
          writes=("new", "new/*"), after=saved_and_resumable, run=terminated_while_training,
          marks=(pytest.mark.slow,)),
+    Case("fault-disk-full-during-a-checkpoint-write", RESUME,
+         r"no space left on the disk of out for the checkpoint of iteration 30; free some space "
+         r".*, then run gpt train again to resume from out/ckpt-0000020, which is intact",
+         disk_full_at_save, writes=("out/metrics.jsonl",),
+         after=all_of(loads(LATEST), resumes_exactly)),
     Case("fault-non-finite-loss", RESUME,
          r"non-finite loss at iteration 21; stopped before the optimizer step; last good "
          r"checkpoint: out/ckpt-0000020; lower train\.learning_rate or check the data",
