@@ -375,9 +375,11 @@ def setup_run(
     finetuned = (resumed or base) if tcfg.init_from else None
     if finetuned is not None and is_pretrained(tcfg.init_from):
         cfg = config_from_pretrained(cfg, finetuned)
+    start = resumed or base
+    if start is not None:  # before any data is prepared with another tokenizer
+        _check_same_tokenizer(start, cfg.data, resumed is not None)
     data = _prepared_data(cfg, world, finetuned)
     cfg = dataclasses.replace(cfg, model=_fit_vocabulary(cfg.model, data.vocab_size))
-    start = resumed or base
     if start is not None:
         _check_compatible(start, cfg, data.tokenizer)
 
@@ -510,8 +512,13 @@ def _prepared_data(
 def base_tokenizer(data: DataConfig, base: Checkpoint | Pretrained | None) -> dict[str, Any] | None:
     """The base model's tokenizer record when the data is to be tokenized with it (a char
     vocabulary, an HF model's tokenizer); None when `data.tokenizer` names its own."""
-    kind = "hf" if data.tokenizer.startswith("hf-") else data.tokenizer
+    kind = _tokenizer_kind(data)
     return base.tokenizer if base is not None and base.tokenizer["name"] == kind else None
+
+
+def _tokenizer_kind(data: DataConfig) -> str:
+    """The record name of the tokenizer `data.tokenizer` names (an HF model's "hf-NAME": hf)."""
+    return "hf" if data.tokenizer.startswith("hf-") else data.tokenizer
 
 
 def _fit_vocabulary(model: ModelConfig, tokenizer_vocab: int) -> ModelConfig:
@@ -526,11 +533,35 @@ def _fit_vocabulary(model: ModelConfig, tokenizer_vocab: int) -> ModelConfig:
     return model
 
 
+def _check_same_tokenizer(start: Checkpoint | Pretrained, data: DataConfig, resumed: bool) -> None:
+    """A run goes on, and a finetune starts, with its model's tokenizer: another one in
+    `data.tokenizer` is refused by name, before the data is prepared with it."""
+    saved = start.tokenizer.get("name")
+    if _tokenizer_kind(data) != saved:
+        instead = "use another train.out_dir" if resumed else "finetune another model"
+        raise GPTError(
+            f"{start.path} was trained with the {saved!r} tokenizer, the config now says "
+            f"data.tokenizer = {data.tokenizer!r}; set it back, or {instead}"
+        )
+
+
 def _check_compatible(
     start: Checkpoint | Pretrained, cfg: RunConfig, tokenizer: dict[str, Any]
 ) -> None:
-    """A checkpoint continues only with the same model shape and tokenizer (an HF model's
-    shape is the run's already, but for a shorter block_size: see model_from_pretrained)."""
+    """A checkpoint continues only with the same tokenizer and model shape (an HF model's
+    shape is the run's already, but for a shorter block_size: see model_from_pretrained).
+
+    The tokenizer goes first: another vocabulary changes vocab_size too, which would be named
+    instead of the cause."""
+    if start.tokenizer != tokenizer:
+        name, saved = tokenizer.get("name"), start.tokenizer.get("name")
+        what = (f"a {name!r} vocabulary other than the one {start.path} was trained with"
+                if name == saved else
+                f"the {name!r} tokenizer, but {start.path} was trained with the {saved!r} one")
+        raise GPTError(
+            f"{cfg.data.resolved_data_dir} holds data of {what}; rebuild it from the text the "
+            "run was trained on (gpt prepare --force), or use another train.out_dir"
+        )
     saved = start.config.model
     for f in dataclasses.fields(saved):
         if isinstance(start, Pretrained) and f.name == "block_size":
@@ -541,12 +572,6 @@ def _check_compatible(
                 f"{start.path} was trained with model.{f.name} = {old!r}, the config now says "
                 f"{new!r}; set it back, or use another train.out_dir (or init_from to finetune)"
             )
-    if start.tokenizer != tokenizer:
-        raise GPTError(
-            f"{start.path} was trained with the {start.tokenizer.get('name')!r} tokenizer but the "
-            f"data uses {tokenizer.get('name')!r}; point data at the same tokenizer or use "
-            "another out_dir"
-        )
 
 
 def _check_same_optimizer(resumed: Checkpoint, tcfg: TrainConfig) -> None:

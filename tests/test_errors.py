@@ -400,6 +400,11 @@ def prepared_with_gpt2(scene: Scene) -> None:
                 progress=False)
 
 
+reversed_vocabulary = edit_json(  # the same characters, other ids
+    f"{DATA}/meta.json",
+    lambda meta: meta["tokenizer"].update(chars="".join(sorted(meta["tokenizer"]["chars"])[::-1])),
+)
+
 DATA_CASES = [
     Case("data-missing-source", [*TRAIN, "--set", "data.source=nowhere.txt",
                                  "--set", "train.out_dir=new"],
@@ -446,6 +451,16 @@ DATA_CASES = [
          r"\[model\] vocab_size = 65536 is smaller than the tokenizer's \d{5}; raise it or "
          r"leave it unset", wide_vocabulary, writes=("data/wide-char", "data/wide-char/*"),
          after=stored_as_uint32),
+    Case("data-meta-vocabulary-edited", RESUME,
+         r"data/corpus-char holds data of a 'char' vocabulary other than the one "
+         r"out/ckpt-0000020 was trained with; rebuild it from the text the run was trained on "
+         r"\(gpt prepare --force\), or use another train\.out_dir", reversed_vocabulary),
+    Case("data-meta-vocabulary-edited-in-eval", ["eval", "--checkpoint", "out"],
+         r"data/corpus-char was prepared with a 'char' vocabulary other than the model's; prepare "
+         r"the data with the model's tokenizer", reversed_vocabulary),
+    Case("data-of-another-tokenizer-on-resume", [*RESUME, "--set", "data.tokenizer=gpt2"],
+         r"out/ckpt-0000020 was trained with the 'char' tokenizer, the config now says "
+         r"data\.tokenizer = 'gpt2'; set it back, or use another train\.out_dir"),
     Case("data-of-another-tokenizer-in-eval",
          ["eval", "--checkpoint", "out", "--set", "data.data_dir=data/gpt2"],
          r"data/gpt2 was prepared with the 'gpt2' tokenizer but the model uses 'char'.*; prepare "
