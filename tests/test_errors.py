@@ -381,6 +381,28 @@ CONFIG.append(
 )
 
 
+def unreadable(path: str) -> Setup:
+    """A file nobody may read. Root reads it all the same, so there the reads of the data
+    sources are refused as the kernel refuses everyone else."""
+
+    def setup(scene: Scene) -> None:
+        file = scene.folder / path
+        file.write_text(corpus())
+        file.chmod(0)
+        scene.cleanup.callback(file.chmod, 0o644)  # so that pytest can remove it
+        if os.geteuid() == 0:
+            import gpt.data.sources
+
+            def as_others_see_it(name: object, *args: object, **kwargs: object) -> object:
+                if Path(str(name)).resolve() == file.resolve():
+                    raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(name))
+                return open(name, *args, **kwargs)  # type: ignore[call-overload]
+
+            scene.patch.setattr(gpt.data.sources, "open", as_others_see_it, raising=False)
+
+    return setup
+
+
 def wide_vocabulary(scene: Scene) -> None:
     """Text of over 65,536 distinct characters: its ids need uint32."""
     text = "".join(chr(c) for c in range(0x100, 0x100 + 70_100) if not 0xD800 <= c < 0xE000)
@@ -445,6 +467,14 @@ DATA_CASES = [
          ["prepare", "--config", "tiny.toml", "--set", "data.val_fraction=0.2"],
          r"data/corpus-char holds data prepared from other settings \(val_fraction 0\.1 -> 0\.2\); "
          r"rebuild it with gpt prepare --force, or set data\.data_dir to another folder"),
+    Case("data-unreadable-source", [*TRAIN, "--set", "data.source=secret.txt",
+                                    "--set", "train.out_dir=new"],
+         r"cannot read secret\.txt \(Permission denied\); make it readable, or set data\.source",
+         unreadable("secret.txt")),
+    Case("data-binary-source", [*TRAIN, "--set", "data.source=out/ckpt-0000010/model.safetensors",
+                                "--set", "train.out_dir=new"],
+         r"out/ckpt-0000010/model\.safetensors is not UTF-8 text \(a binary file, or another "
+         r"encoding\); give a text file, or convert it to UTF-8"),
     Case("data-vocabulary-that-needs-uint32",
          [*TRAIN, "--set", "data.source=wide.txt", "--set", "train.out_dir=new",
           "--set", "model.vocab_size=65536"],
