@@ -311,6 +311,9 @@ def all_of(*checks: Check) -> Check:
 # The cases
 
 CONFIG = [
+    Case("config-malformed-toml", TRAIN,
+         r"tiny\.toml: malformed TOML: .*line 3, column 11.*; fix the file there",
+         edit("tiny.toml", "n_layer = 2", "n_layer = ")),
     Case("config-key-outside-a-section", ["train", "--config", "top.toml"],
          r"top\.toml: key 'max_iters' is outside any section; put it under one of \[model\]",
          write("top.toml", "max_iters = 5\n[train]\nbatch_size = 2\n")),
@@ -353,6 +356,11 @@ CONFIG = [
          r"--set train\.max_iters: expected section\.key=value, for example --set train\.max_iters=100"),
     Case("config-missing-file", ["train", "--config", "nowhere.toml"],
          r"config file nowhere\.toml not found; pass an existing TOML file to --config"),
+    Case("config-file-not-utf8", ["train", "--config", "latin1.toml"],
+         r"config file latin1\.toml is not UTF-8 text; save it as UTF-8",
+         write("latin1.toml", '[train]\nout_dir = "café"\n'.encode("latin-1"))),
+    Case("config-file-is-a-folder", ["train", "--config", "data"],
+         r"cannot read config file data \(Is a directory\); pass a TOML file to --config"),
 ]
 
 
