@@ -327,7 +327,7 @@ def sample(
 
     from gpt.config import SampleConfig, layer_on_checkpoint
     from gpt.hf.pretrained import open_model
-    from gpt.sample import load_for_inference, read_prompt, sample_text
+    from gpt.sample import encode_prompt, load_for_inference, read_prompt, sample_text
 
     path = _checkpoint_path(checkpoint, config, set_)
     flags = {
@@ -353,6 +353,7 @@ def sample(
         )
     with _stdout_for_text_only() as out, compile_errors("--compile"):
         model, tokenizer = load_for_inference(found, device, dtype, compile_model)
+        encode_prompt(tokenizer, text, model.config.block_size)  # refused before it is echoed
         if streaming:
             typer.echo(text, nl=False, file=out)
             sample_text(model, tokenizer, text, settings,

@@ -625,8 +625,20 @@ SAMPLING = [
          r"--set model\.n_layer=4: gpt sample cannot apply model\.n_layer; it takes \[sample\] keys"),
     Case("sample-prompt-of-unknown-characters", [*SAMPLE, "--prompt", "☃☃☃"],
          r"text has 1 character\(s\) not in the char vocabulary: '☃'; remove them, or re-prepare"),
+    Case("sample-streamed-prompt-of-unknown-characters",
+         ["sample", "--checkpoint", "out", "--stream", "--prompt", "def ☃"],
+         r"text has 1 character\(s\) not in the char vocabulary: '☃'; remove them"),
     Case("sample-cuda-on-a-machine-without", [*SAMPLE, "--device", "cuda"],
          r"--device 'cuda': no CUDA GPU is available here; use auto or cpu", marks=(no_cuda,)),
+    Case("sample-prompt-longer-than-the-context", [*SAMPLE, "--prompt", "def f(x):\n" * 4],
+         r"the prompt is 40 tokens, more than the 32 the model reads \(its block_size\); "
+         r"shorten it to its last 32 tokens or fewer"),
+    Case("sample-prompt-file-missing", [*SAMPLE, "--prompt-file", "nowhere.txt"],
+         r"cannot read --prompt-file nowhere\.txt \(No such file or directory\); give a UTF-8 "
+         r"text file"),
+    Case("sample-prompt-file-not-utf8", [*SAMPLE, "--prompt-file", "latin1.txt"],
+         r"--prompt-file latin1\.txt is not UTF-8 text; convert it to UTF-8",
+         write("latin1.txt", "café".encode("latin-1"))),
     Case("eval-unknown-split", ["eval", "--checkpoint", "out", "--split", "test"],
          r"--split 'test' is not val or train"),
     Case("export-into-a-folder-that-holds-files", ["export", "--checkpoint", "out", "--out", "data"],
@@ -766,6 +778,8 @@ def test_what_happens_when(
             lines = error_lines(outcome.stderr)
             assert len(lines) == 1 and lines[0].startswith("error: "), shown
             assert re.search(case.message, lines[0]), f"{case.message!r} not in {lines[0]!r}"
+            if case.args[0] == "sample":  # its stdout carries the text alone: none, here
+                assert outcome.stdout == "", shown
         elif case.message:
             assert re.search(case.message, outcome.stdout), shown
         changed = {path for path in before.keys() | after.keys()
