@@ -423,6 +423,8 @@ def _coerce(section: str, name: str, value: Any, tp: Any) -> Any:
     if not ok(value):
         shown = "nothing" if value is None else f"{value!r} ({type(value).__name__})"
         raise GPTError(f"{where} must be {_type_name(tp)}, got {shown}")
+    if tp is float and not math.isfinite(value):  # TOML has nan and inf; no key means them
+        raise GPTError(f"{where} must be a finite number, got {value!r}")
     return float(value) if tp is float else value
 
 

@@ -334,6 +334,8 @@ CONFIG = [
          r"\[model\] norm: 'batchnorm' is not allowed; choose one of \"layernorm\", \"rmsnorm\""),
     Case("config-negative-learning-rate", [*TRAIN, "--set", "train.learning_rate=-3e-3"],
          r"\[train\] learning_rate: must be >= 0, got -0\.003"),
+    Case("config-learning-rate-not-a-number", [*TRAIN, "--set", "train.learning_rate=nan"],
+         r"\[train\] learning_rate must be a finite number, got nan"),
     Case("config-zero-batch-size", [*TRAIN, "--set", "train.batch_size=0"],
          r"\[train\] batch_size: must be > 0, got 0"),
     Case("config-dropout-of-one", [*TRAIN, "--set", "model.dropout=1.0"],
