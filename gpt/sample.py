@@ -15,7 +15,7 @@ import torch
 
 from gpt.checkpoint import Checkpoint
 from gpt.config import SampleConfig
-from gpt.device import resolve_device, resolve_dtype
+from gpt.device import memory_errors, resolve_device, resolve_dtype
 from gpt.errors import GPTError
 from gpt.generate import generate
 from gpt.model import GPT
@@ -37,7 +37,8 @@ def load_for_inference(
     torch_device = resolve_device(device, "--device")
     torch_dtype = resolve_dtype(dtype, torch_device, "--dtype", inference=True)
     tokenizer = tokenizer_from_dict(checkpoint.tokenizer)
-    model = checkpoint.load_model(torch_device).to(torch_dtype)
+    with memory_errors(torch_device, "run it on a device with more memory (--device)"):
+        model = checkpoint.load_model(torch_device).to(torch_dtype)
     if compile_model:
         model = torch.compile(model, dynamic=True)  # type: ignore[assignment]
     else:

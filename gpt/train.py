@@ -39,7 +39,7 @@ from gpt.config import (
 )
 from gpt.data.prepare import prepare
 from gpt.data.prepared import BatchSampler, PreparedData
-from gpt.device import resolve_device, resolve_dtype
+from gpt.device import memory_errors, resolve_device, resolve_dtype
 from gpt.errors import GPTError, compile_errors
 from gpt.hf.pretrained import Pretrained, is_pretrained, model_from_pretrained, open_model
 from gpt.lock import FolderLock
@@ -871,6 +871,10 @@ def _postfix(values: dict[str, float]) -> dict[str, str]:
     return postfix
 
 
+TOO_BIG = ("make the model smaller (model.n_layer, n_embd, block_size; gpt info sizes it) or "
+           "lower train.batch_size (a higher grad_accum_steps keeps the batch)")
+
+
 def train(cfg: RunConfig, resume: bool = True) -> int:
     """Run training to `max_iters`; returns the exit code (0, or 130/143 after a signal)."""
     tcfg = cfg.train
@@ -900,7 +904,10 @@ def train(cfg: RunConfig, resume: bool = True) -> int:
     created = not out_dir.exists()
     lock = FolderLock(out_dir, "gpt train", "train.out_dir") if world.main else None
     try:
-        with compile_errors("train.compile = true") if tcfg.compile else contextlib.nullcontext():
+        with (
+            compile_errors("train.compile = true") if tcfg.compile else contextlib.nullcontext(),
+            memory_errors(device, TOO_BIG),
+        ):
             return fit(setup_run(cfg, resume, world, device, dtype))
     finally:
         if lock is not None:

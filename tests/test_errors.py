@@ -349,6 +349,10 @@ CONFIG = [
     Case("config-rope-with-odd-head-size",
          [*TRAIN, "--set", "model.n_embd=30", "--set", "model.pos_embedding=rope"],
          r"rope needs an even head size, but n_embd / n_head = 15; change n_embd or n_head"),
+    Case("config-model-too-big-for-memory", [*TRAIN, "--set", "train.out_dir=new",
+                                             "--set", f"model.n_embd={2**42}"],  # a petabyte
+         r"out of memory on cpu \(asked for \d+ bytes\); make the model smaller \(model\.n_layer, "
+         r"n_embd, block_size; gpt info sizes it\) or lower train\.batch_size"),
     Case("config-vocab-smaller-than-tokenizer", [*TRAIN, "--set", "train.out_dir=new",
                                                  "--set", "model.vocab_size=10"],
          r"\[model\] vocab_size = 10 is smaller than the tokenizer's 29; raise it or leave it unset"),
@@ -630,6 +634,9 @@ SAMPLING = [
     Case("sample-streamed-prompt-of-unknown-characters",
          ["sample", "--checkpoint", "out", "--stream", "--prompt", "def ☃"],
          r"text has 1 character\(s\) not in the char vocabulary: '☃'; remove them"),
+    Case("sample-model-too-big-for-memory", [*SAMPLE, "--prompt", "def"],
+         r"out of memory on cpu \(asked for \d+ bytes\); run it on a device with more memory",
+         edit_json(f"{LATEST}/state.json", lambda s: s["config"]["model"].update(n_embd=2**42))),
     Case("sample-cuda-on-a-machine-without", [*SAMPLE, "--device", "cuda"],
          r"--device 'cuda': no CUDA GPU is available here; use auto or cpu", marks=(no_cuda,)),
     Case("sample-prompt-longer-than-the-context", [*SAMPLE, "--prompt", "def f(x):\n" * 4],
