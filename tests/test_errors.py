@@ -436,6 +436,16 @@ def prepared_with_gpt2(scene: Scene) -> None:
                 progress=False)
 
 
+def disk_full_while_tokenizing(scene: Scene) -> None:
+    """The disk fills as the token files are written."""
+    import gpt.data.prepared
+
+    def no_space(self: object, ids: object) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    scene.patch.setattr(gpt.data.prepared._TokenFile, "write", no_space)
+
+
 reversed_vocabulary = edit_json(  # the same characters, other ids
     f"{DATA}/meta.json",
     lambda meta: meta["tokenizer"].update(chars="".join(sorted(meta["tokenizer"]["chars"])[::-1])),
@@ -505,6 +515,10 @@ DATA_CASES = [
     Case("data-of-another-tokenizer-on-resume", [*RESUME, "--set", "data.tokenizer=gpt2"],
          r"out/ckpt-0000020 was trained with the 'char' tokenizer, the config now says "
          r"data\.tokenizer = 'gpt2'; set it back, or use another train\.out_dir"),
+    Case("data-disk-full-while-rebuilding", ["prepare", "--config", "tiny.toml", "--force"],
+         r"cannot write the token files into data/corpus-char \(No space left on device\); free "
+         r"some space, or set data\.data_dir to another folder \(data prepared there before is "
+         r"kept\)", disk_full_while_tokenizing, after=loads("out")),
     Case("data-of-another-tokenizer-in-eval",
          ["eval", "--checkpoint", "out", "--set", "data.data_dir=data/gpt2"],
          r"data/gpt2 was prepared with the 'gpt2' tokenizer but the model uses 'char'.*; prepare "
