@@ -464,7 +464,7 @@ def eval_(
     from gpt.sample import load_for_inference
 
     if split not in ("val", "train"):
-        raise GPTError(f"--split {split!r} is not val or train")
+        raise GPTError(f"--split {split!r} is not a split; use --split val or --split train")
     found = open_model(_checkpoint_path(checkpoint, config, set_), which)
     applies = ("data",) if checkpoint is not None else ("data", "train.out_dir")
     cfg = layer_on_checkpoint(found.config, config, set_, applies, "gpt eval")

@@ -86,6 +86,9 @@ def memory_errors(device: torch.device, fix: str) -> Iterator[None]:
             "can't allocate memory" not in text
         ):
             raise
-        asked = re.search(r"(?i)tried to allocate (\d+ bytes|[\d.]+ \w+)", text)
-        amount = f" (asked for {asked.group(1)})" if asked else ""
+        asked = re.search(r"(?i)tried to allocate (?:(\d+) bytes|([\d.]+ \w+))", text)
+        amount = "" if asked is None else (
+            f" (asked for {int(asked.group(1)):,} bytes)" if asked.group(1)
+            else f" (asked for {asked.group(2)})"
+        )
         raise GPTError(f"out of memory on {device}{amount}; {fix}") from None

@@ -351,7 +351,7 @@ CONFIG = [
          r"rope needs an even head size, but n_embd / n_head = 15; change n_embd or n_head"),
     Case("config-model-too-big-for-memory", [*TRAIN, "--set", "train.out_dir=new",
                                              "--set", f"model.n_embd={2**42}"],  # a petabyte
-         r"out of memory on cpu \(asked for \d+ bytes\); make the model smaller \(model\.n_layer, "
+         r"out of memory on cpu \(asked for [\d,]+ bytes\); make the model smaller \(model\.n_layer, "
          r"n_embd, block_size; gpt info sizes it\) or lower train\.batch_size"),
     Case("config-vocab-smaller-than-tokenizer", [*TRAIN, "--set", "train.out_dir=new",
                                                  "--set", "model.vocab_size=10"],
@@ -649,7 +649,7 @@ SAMPLING = [
          ["sample", "--checkpoint", "out", "--stream", "--prompt", "def ☃"],
          r"text has 1 character\(s\) not in the char vocabulary: '☃'; remove them"),
     Case("sample-model-too-big-for-memory", [*SAMPLE, "--prompt", "def"],
-         r"out of memory on cpu \(asked for \d+ bytes\); run it on a device with more memory",
+         r"out of memory on cpu \(asked for [\d,]+ bytes\); run it on a device with more memory",
          edit_json(f"{LATEST}/state.json", lambda s: s["config"]["model"].update(n_embd=2**42))),
     Case("sample-cuda-on-a-machine-without", [*SAMPLE, "--device", "cuda"],
          r"--device 'cuda': no CUDA GPU is available here; use auto or cpu", marks=(no_cuda,)),
@@ -672,7 +672,7 @@ SAMPLING = [
          r"Option '--set' requires an argument; see gpt train --help"),
     Case("unknown-command", ["trian"], r"No such command 'trian'.*; see gpt --help"),
     Case("eval-unknown-split", ["eval", "--checkpoint", "out", "--split", "test"],
-         r"--split 'test' is not val or train"),
+         r"--split 'test' is not a split; use --split val or --split train"),
     Case("export-into-a-folder-that-holds-files", ["export", "--checkpoint", "out", "--out", "data"],
          r"--out data is not empty; choose a new folder, or pass --force to replace it"),
     Case("export-onto-a-file", ["export", "--checkpoint", "out", "--out", "corpus.txt"],
