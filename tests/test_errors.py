@@ -23,7 +23,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -77,6 +77,9 @@ class Scene:
 
 @dataclass(frozen=True)
 class Outcome:
+    """What a command left for its user: the exit code (a process killed by signal N: -N) and
+    the two streams."""
+
     code: int
     stdout: str
     stderr: str
@@ -104,10 +107,11 @@ class Case:
     writes: tuple[str, ...] = ()
     after: Callable[[Scene], None] | None = None
     run: Callable[[list[str]], Outcome] | None = None
-    marks: tuple[pytest.MarkDecorator, ...] = field(default=())
+    marks: tuple[pytest.MarkDecorator, ...] = ()
 
 
 def corpus() -> str:
+    """The tiny run's text: 400 small Python functions, 29 distinct characters."""
     return "".join(f"def function_{i}(x):\n    return x * {i} + {i % 7}\n\n" for i in range(400))
 
 
@@ -125,6 +129,7 @@ def template(tmp_path_factory: pytest.TempPathFactory, write_tiny_run: Callable[
 
 @contextlib.contextmanager
 def working_directory(folder: Path) -> Iterator[None]:
+    """Run in `folder` (configs name their files relative to it), then go back."""
     cwd = Path.cwd()
     os.chdir(folder)
     try:
@@ -213,6 +218,8 @@ def edit(path: str, old: str, new: str) -> Setup:
 
 
 def write(path: str, content: str | bytes) -> Setup:
+    """Create (or replace) a file with `content`."""
+
     def setup(scene: Scene) -> None:
         file = scene.folder / path
         file.parent.mkdir(parents=True, exist_ok=True)
@@ -235,6 +242,8 @@ def truncate(path: str, remove: int) -> Setup:
 
 
 def edit_json(path: str, change: Callable[[dict], None]) -> Setup:
+    """Change a JSON file's data in place, as someone editing it by hand would."""
+
     def setup(scene: Scene) -> None:
         file = scene.folder / path
         data = json.loads(file.read_text())
@@ -256,6 +265,8 @@ def rehash(checkpoint: str, name: str) -> Setup:
 
 
 def remove(path: str) -> Setup:
+    """Delete a file or a folder."""
+
     def setup(scene: Scene) -> None:
         target = scene.folder / path
         shutil.rmtree(target) if target.is_dir() else target.unlink()
@@ -264,6 +275,8 @@ def remove(path: str) -> Setup:
 
 
 def both(*setups: Setup) -> Setup:
+    """The setups one after the other."""
+
     def setup(scene: Scene) -> None:
         for step in setups:
             step(scene)
@@ -300,6 +313,8 @@ def resumes_exactly(scene: Scene) -> None:
 
 
 def all_of(*checks: Check) -> Check:
+    """The checks one after the other."""
+
     def check(scene: Scene) -> None:
         for one in checks:
             one(scene)
@@ -431,6 +446,7 @@ def stored_as_uint32(scene: Scene) -> None:
 
 
 def prepared_with_gpt2(scene: Scene) -> None:
+    """The tiny run's text prepared with GPT-2's BPE into data/gpt2."""
     with working_directory(scene.folder):
         prepare(load_config("tiny.toml", ["data.tokenizer=gpt2", "data.data_dir=data/gpt2"]).data,
                 progress=False)
@@ -592,6 +608,7 @@ def pickle_that_runs_code(scene: Scene) -> None:
 
 
 def ran_no_code(scene: Scene) -> None:
+    """The hostile pickle's marker was never created: nothing in it ran."""
     assert not (scene.folder.parent / "marker").exists()
 
 
@@ -793,6 +810,8 @@ CASES = [*CONFIG, *DATA_CASES, *CHECKPOINTS, *SAMPLING, *FAULTS]
 def test_what_happens_when(
     case: Case, template: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """The case's command, run on a copy of the template as the case left it: its exit code,
+    its one error line (problem and fix), no traceback, and only what it may write written."""
     folder = tmp_path / "run"
     shutil.copytree(template, folder)
     monkeypatch.chdir(folder)
@@ -824,5 +843,6 @@ def test_what_happens_when(
 
 
 def test_the_table_covers_forty_distinct_cases() -> None:
+    """Each case is there once, under its own name, and there are at least forty."""
     ids = [case.id for case in CASES]
     assert len(set(ids)) == len(ids) >= 40
