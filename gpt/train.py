@@ -538,10 +538,11 @@ def _check_same_tokenizer(start: Checkpoint | Pretrained, data: DataConfig, resu
     `data.tokenizer` is refused by name, before the data is prepared with it."""
     saved = start.tokenizer.get("name")
     if _tokenizer_kind(data) != saved:
+        named = f"hf-{start.tokenizer.get('label') or 'model'}" if saved == "hf" else saved
         instead = "use another train.out_dir" if resumed else "finetune another model"
         raise GPTError(
             f"{start.path} was trained with the {saved!r} tokenizer, the config now says "
-            f"data.tokenizer = {data.tokenizer!r}; set it back, or {instead}"
+            f"data.tokenizer = {data.tokenizer!r}; set data.tokenizer = {named!r}, or {instead}"
         )
 
 

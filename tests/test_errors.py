@@ -530,7 +530,12 @@ DATA_CASES = [
          r"the data with the model's tokenizer", reversed_vocabulary),
     Case("data-of-another-tokenizer-on-resume", [*RESUME, "--set", "data.tokenizer=gpt2"],
          r"out/ckpt-0000020 was trained with the 'char' tokenizer, the config now says "
-         r"data\.tokenizer = 'gpt2'; set it back, or use another train\.out_dir"),
+         r"data\.tokenizer = 'gpt2'; set data\.tokenizer = 'char', or use another train\.out_dir"),
+    Case("data-of-another-tokenizer-on-finetune",
+         [*TRAIN, "--set", "train.init_from=out", "--set", "train.out_dir=tuned",
+          "--set", "data.tokenizer=gpt2"],
+         r"out/ckpt-0000020 was trained with the 'char' tokenizer, the config now says "
+         r"data\.tokenizer = 'gpt2'; set data\.tokenizer = 'char', or finetune another model"),
     Case("data-disk-full-while-rebuilding", ["prepare", "--config", "tiny.toml", "--force"],
          r"cannot write the token files into data/corpus-char \(No space left on device\); free "
          r"some space, or set data\.data_dir to another folder \(data prepared there before is "
