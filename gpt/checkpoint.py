@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import shutil
+import warnings
 from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,15 +89,11 @@ def save_checkpoint(
         shutil.rmtree(stale, ignore_errors=True)
     tmp = out_dir / f".tmp-{name}-{os.getpid()}"
     tmp.mkdir()
-    save_file(model_state(model), str(tmp / "model.safetensors"))
-    os.chmod(tmp / "model.safetensors", new_file_mode())  # safetensors leaves it 0o600
-    torch.save(optimizer_state, tmp / OPTIMIZER)
-    state = {**state, "iter": iteration, "sha256": {f: sha256_file(tmp / f) for f in FILES}}
-    (tmp / "state.json").write_text(json.dumps(state, indent=1))
-    for f in (*FILES, "state.json"):
-        with open(tmp / f, "rb") as handle:
-            os.fsync(handle.fileno())
-    fsync_dir(tmp)
+    try:
+        _write_files(tmp, model, optimizer_state, {**state, "iter": iteration})
+    except BaseException:  # a full disk, say: what was written goes, the rest stays as it was
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if final.exists():  # a re-save of the same iteration (e.g. after a resume)
         shutil.rmtree(final)
     os.rename(tmp, final)
@@ -105,6 +103,21 @@ def save_checkpoint(
     write_atomic(out_dir / "latest", name + "\n")
     _prune(out_dir, final, keep_last, damaged)
     return final
+
+
+def _write_files(
+    folder: Path, model: torch.nn.Module, optimizer_state: dict[str, Any], state: dict[str, Any]
+) -> None:
+    """A checkpoint's three files in `folder`, hashed into state.json and flushed to disk."""
+    save_file(model_state(model), str(folder / "model.safetensors"))
+    os.chmod(folder / "model.safetensors", new_file_mode())  # safetensors leaves it 0o600
+    torch.save(optimizer_state, folder / OPTIMIZER)
+    state = {**state, "sha256": {f: sha256_file(folder / f) for f in FILES}}
+    (folder / "state.json").write_text(json.dumps(state, indent=1))
+    for f in (*FILES, "state.json"):
+        with open(folder / f, "rb") as handle:
+            os.fsync(handle.fileno())
+    fsync_dir(folder)
 
 
 def _prune(out_dir: Path, saved: Path, keep_last: int, damaged: Collection[str]) -> None:
@@ -205,25 +218,63 @@ def load_weights(ckpt: Path, model: torch.nn.Module) -> None:
     try:
         weights = load_file(str(path))
     except Exception as e:
-        raise GPTError(f"{path} is damaged ({first_line(e, 120)})") from None
+        raise GPTError(
+            f"{path} is damaged ({first_line(e, 120)}); {_another_checkpoint(ckpt)}"
+        ) from None
+    expected = model.state_dict()
+    for key, tensor in weights.items():  # load_state_dict would raise a page of these
+        if key in expected and tensor.shape != expected[key].shape:
+            raise GPTError(
+                f"{path} does not fit the model that {ckpt / 'state.json'} describes ({key}: "
+                f"{tuple(tensor.shape)} saved, {tuple(expected[key].shape)} expected): its "
+                f"config was edited or belongs to other weights; {_another_checkpoint(ckpt)}"
+            )
     missing, unexpected = model.load_state_dict(weights, strict=False)
     if model.config.tie_embeddings:
         missing = [k for k in missing if k != "lm_head.weight"]
     if missing or unexpected:
         raise GPTError(
-            f"{path} does not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})"
+            f"{path} does not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]}); "
+            f"{_another_checkpoint(ckpt)}"
         )
+
+
+def _another_checkpoint(damaged: Path) -> str:
+    """The way out of a checkpoint that cannot be used: the run's newest other one that reads
+    (the words of an error message)."""
+    for other in list_checkpoints(damaged.parent):
+        if other == damaged:
+            continue
+        try:
+            read_state(other)
+        except GPTError:
+            continue
+        return f"use another checkpoint of the run, such as {other}"
+    return "use another checkpoint, or train again (gpt train)"
 
 
 def load_optimizer_state(ckpt: Path) -> dict[str, Any]:
     """The optimizer state saved with the weights, loaded without executing pickled code."""
     path = ckpt / OPTIMIZER
+    fix = (f"remove {ckpt} to resume from the checkpoint before it, or set train.out_dir to a "
+           "new folder")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns of pickle protocols before it refuses
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise GPTError(f"{path} is missing: the checkpoint holds weights only") from None
+    except pickle.UnpicklingError as e:
+        # torch names the callable a hostile pickle asks for ("GLOBAL posix.system")
+        called = re.search(r"GLOBAL ([\w.]+)", str(e))
+        if called is None:
+            raise GPTError(f"{path} is damaged (not a file of tensors); {fix}") from None
+        raise GPTError(
+            f"{path} would call {called.group(1)} when unpickled, which no checkpoint needs: "
+            f"it was refused and nothing in it ran; {fix}"
+        ) from None
     except Exception as e:
-        raise GPTError(f"{path} is damaged ({first_line(e, 120)})") from None
+        raise GPTError(f"{path} is damaged ({first_line(e, 120)}); {fix}") from None
 
 
 @dataclass(frozen=True)
@@ -237,7 +288,10 @@ class Checkpoint:
     def open(cls, path: str | Path, which: str = "latest") -> Checkpoint:
         """The checkpoint at `path`: a ckpt-* folder, or a run's out_dir (its latest or best)."""
         found = find_checkpoint(path, which)
-        return cls(found, read_state(found))
+        try:
+            return cls(found, read_state(found))
+        except GPTError as e:
+            raise GPTError(f"{e}; {_another_checkpoint(found)}") from None
 
     @property
     def config(self) -> RunConfig:
@@ -252,7 +306,10 @@ class Checkpoint:
                 values = {**values, "model": model}
             return from_dict(values)
         except (GPTError, KeyError, TypeError) as e:
-            raise GPTError(f"{self.path / 'state.json'} holds no usable config ({e})") from None
+            raise GPTError(
+                f"{self.path / 'state.json'} holds no usable config ({e}); "
+                f"{_another_checkpoint(self.path)}"
+            ) from None
 
     @property
     def has_optimizer(self) -> bool:

@@ -17,12 +17,67 @@ from pathlib import Path
 from typing import Annotated, Any, TextIO
 
 import typer
+import typer.core
 
 from gpt import __version__
 from gpt.config import RunConfig, load_config
 from gpt.errors import GPTError, compile_errors
 
+# the click that typer runs on: click itself, or the copy that newer typers carry inside
+_click_errors = sys.modules[typer.BadParameter.__module__]
+
+
+class _UsageError(_click_errors.UsageError):  # type: ignore[misc, name-defined]
+    """A usage error shown as every other error is: one `error:` line, saying where help is."""
+
+    def __init__(self, message: str, where: str) -> None:
+        super().__init__(message)
+        self.where = where
+
+    def show(self, file: Any = None) -> None:
+        typer.echo(f"error: {self.format_message().rstrip('.')}; see {self.where} --help",
+                   err=True)
+
+
+# `gpt` alone prints the help through a usage error of its own (click >= 8.2): left as it is
+_LEFT_AS_THEY_ARE = tuple(
+    e for e in (_UsageError, getattr(_click_errors, "NoArgsIsHelpError", None)) if e is not None
+)
+
+
+@contextlib.contextmanager
+def _one_line_usage_errors(group: Any = None) -> Iterator[None]:
+    """Click's usage errors as `_UsageError`s; `group` is the context of the command group,
+    for errors of a command's options that carry no context of their own."""
+    try:
+        yield
+    except _click_errors.UsageError as e:
+        if isinstance(e, _LEFT_AS_THEY_ARE):
+            raise
+        if e.ctx is not None:
+            where = e.ctx.command_path
+        elif group is not None and group.invoked_subcommand:
+            where = f"{group.command_path} {group.invoked_subcommand}"
+        else:
+            where = "gpt"
+        raise _UsageError(e.format_message(), where) from None
+
+
+class _Group(typer.core.TyperGroup):
+    """gpt's commands, whose usage errors (an unknown option, a value of the wrong type, a
+    missing one) are one line like every other error, not usage, hint and message on four."""
+
+    def make_context(self, *args: Any, **kwargs: Any) -> Any:
+        with _one_line_usage_errors():
+            return super().make_context(*args, **kwargs)
+
+    def invoke(self, ctx: Any) -> Any:
+        with _one_line_usage_errors(ctx):
+            return super().invoke(ctx)
+
+
 app = typer.Typer(
+    cls=_Group,
     name="gpt",
     help="Tokenize a corpus, train a GPT on it, sample from it.",
     no_args_is_help=True,
@@ -327,7 +382,7 @@ def sample(
 
     from gpt.config import SampleConfig, layer_on_checkpoint
     from gpt.hf.pretrained import open_model
-    from gpt.sample import load_for_inference, read_prompt, sample_text
+    from gpt.sample import encode_prompt, load_for_inference, read_prompt, sample_text
 
     path = _checkpoint_path(checkpoint, config, set_)
     flags = {
@@ -353,6 +408,7 @@ def sample(
         )
     with _stdout_for_text_only() as out, compile_errors("--compile"):
         model, tokenizer = load_for_inference(found, device, dtype, compile_model)
+        encode_prompt(tokenizer, text, model.config.block_size)  # refused before it is echoed
         if streaming:
             typer.echo(text, nl=False, file=out)
             sample_text(model, tokenizer, text, settings,
@@ -408,7 +464,7 @@ def eval_(
     from gpt.sample import load_for_inference
 
     if split not in ("val", "train"):
-        raise GPTError(f"--split {split!r} is not val or train")
+        raise GPTError(f"--split {split!r} is not a split; use --split val or --split train")
     found = open_model(_checkpoint_path(checkpoint, config, set_), which)
     applies = ("data",) if checkpoint is not None else ("data", "train.out_dir")
     cfg = layer_on_checkpoint(found.config, config, set_, applies, "gpt eval")

@@ -423,6 +423,8 @@ def _coerce(section: str, name: str, value: Any, tp: Any) -> Any:
     if not ok(value):
         shown = "nothing" if value is None else f"{value!r} ({type(value).__name__})"
         raise GPTError(f"{where} must be {_type_name(tp)}, got {shown}")
+    if tp is float and not math.isfinite(value):  # TOML has nan and inf; no key means them
+        raise GPTError(f"{where} must be a finite number, got {value!r}")
     return float(value) if tp is float else value
 
 
@@ -465,12 +467,16 @@ def read_toml(path: str | Path) -> dict[str, dict[str, Any]]:
         raise GPTError(
             f"config file {path} not found; pass an existing TOML file to --config"
         ) from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise GPTError(f"cannot read config file {path}: {e}") from None
+    except OSError as e:
+        raise GPTError(
+            f"cannot read config file {path} ({e.strerror}); pass a TOML file to --config"
+        ) from None
+    except UnicodeDecodeError:
+        raise GPTError(f"config file {path} is not UTF-8 text; save it as UTF-8") from None
     try:
         raw = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
-        raise GPTError(f"{path}: malformed TOML: {e}") from None
+    except tomllib.TOMLDecodeError as e:  # says where: "(at line 2, column 11)"
+        raise GPTError(f"{path}: malformed TOML: {e}; fix the file there") from None
     for name, values in raw.items():
         if not isinstance(values, dict):
             raise GPTError(

@@ -6,6 +6,10 @@ once, and each caller passes the option's name so the error says what to change.
 
 from __future__ import annotations
 
+import contextlib
+import re
+from collections.abc import Iterator
+
 import torch
 
 from gpt.errors import GPTError
@@ -67,3 +71,24 @@ def fast_cpu_bfloat16() -> bool:
     """bfloat16 decoding is only faster where the CPU computes it natively and its weights can
     be packed; elsewhere (AVX2-only CPUs, say) bfloat16 runs emulated, slower than float32."""
     return bfloat16_is_native() and packing_works(torch.bfloat16)
+
+
+@contextlib.contextmanager
+def memory_errors(device: torch.device, fix: str) -> Iterator[None]:
+    """An allocation that `device` cannot serve (a model too large for it, a batch too big for
+    a GPU) as one line saying so and what to change (`fix`), not the allocator's page."""
+    try:
+        yield
+    except (MemoryError, RuntimeError) as e:
+        text = str(e)
+        # CUDA: "Tried to allocate 2.00 GiB"; the CPU: "you tried to allocate 1024 bytes"
+        if not isinstance(e, (MemoryError, torch.OutOfMemoryError)) and (
+            "can't allocate memory" not in text
+        ):
+            raise
+        asked = re.search(r"(?i)tried to allocate (?:(\d+) bytes|([\d.]+ \w+))", text)
+        amount = "" if asked is None else (
+            f" (asked for {int(asked.group(1)):,} bytes)" if asked.group(1)
+            else f" (asked for {asked.group(2)})"
+        )
+        raise GPTError(f"out of memory on {device}{amount}; {fix}") from None

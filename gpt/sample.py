@@ -15,7 +15,7 @@ import torch
 
 from gpt.checkpoint import Checkpoint
 from gpt.config import SampleConfig
-from gpt.device import resolve_device, resolve_dtype
+from gpt.device import memory_errors, resolve_device, resolve_dtype
 from gpt.errors import GPTError
 from gpt.generate import generate
 from gpt.model import GPT
@@ -37,7 +37,8 @@ def load_for_inference(
     torch_device = resolve_device(device, "--device")
     torch_dtype = resolve_dtype(dtype, torch_device, "--dtype", inference=True)
     tokenizer = tokenizer_from_dict(checkpoint.tokenizer)
-    model = checkpoint.load_model(torch_device).to(torch_dtype)
+    with memory_errors(torch_device, "run it on a device with more memory (--device)"):
+        model = checkpoint.load_model(torch_device).to(torch_dtype)
     if compile_model:
         model = torch.compile(model, dynamic=True)  # type: ignore[assignment]
     else:
@@ -60,6 +61,20 @@ def prompt_ids(tokenizer: Tokenizer, prompt: str) -> list[int]:
     return tokenizer.encode(prompt) if prompt else [tokenizer.eot_id]
 
 
+def encode_prompt(tokenizer: Tokenizer, prompt: str, block_size: int) -> list[int]:
+    """`prompt_ids`, refused when the model cannot see them all: generation would silently
+    start from the prompt's last block_size tokens, as if the rest had not been given."""
+    ids = prompt_ids(tokenizer, prompt)
+    added = 0 if tokenizer.bos_id is None else 1  # the beginning-of-text id takes a place too
+    if len(ids) > block_size:
+        raise GPTError(
+            f"the prompt is {len(ids) - added:,} tokens, more than the {block_size - added:,} the "
+            f"model reads (its block_size); shorten it to its last {block_size - added:,} tokens "
+            "or fewer"
+        )
+    return ids
+
+
 def sample_text(
     model: GPT,
     tokenizer: Tokenizer,
@@ -72,7 +87,7 @@ def sample_text(
     With `on_text` (one sample only) text is passed on as soon as it is decoded, holding back
     only what could still turn out to be the start of a stop string.
     """
-    ids = prompt_ids(tokenizer, prompt)
+    ids = encode_prompt(tokenizer, prompt, model.config.block_size)
     device = next(model.parameters()).device
     batch = torch.tensor([ids] * settings.num_samples, dtype=torch.long, device=device)
     generator = torch.Generator(device=device).manual_seed(settings.seed)
@@ -113,8 +128,14 @@ def read_prompt(prompt: str | None, prompt_file: Path | None, default: str) -> s
     if prompt_file is not None:
         try:
             return prompt_file.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            raise GPTError(f"cannot read --prompt-file {prompt_file}: {e}") from None
+        except OSError as e:
+            raise GPTError(
+                f"cannot read --prompt-file {prompt_file} ({e.strerror}); give a UTF-8 text file"
+            ) from None
+        except UnicodeDecodeError:
+            raise GPTError(
+                f"--prompt-file {prompt_file} is not UTF-8 text; convert it to UTF-8"
+            ) from None
     if prompt == "-":
         return sys.stdin.read()
     return default if prompt is None else prompt

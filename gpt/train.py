@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import functools
 import math
 import os
@@ -38,7 +39,7 @@ from gpt.config import (
 )
 from gpt.data.prepare import prepare
 from gpt.data.prepared import BatchSampler, PreparedData
-from gpt.device import resolve_device, resolve_dtype
+from gpt.device import memory_errors, resolve_device, resolve_dtype
 from gpt.errors import GPTError, compile_errors
 from gpt.hf.pretrained import Pretrained, is_pretrained, model_from_pretrained, open_model
 from gpt.lock import FolderLock
@@ -374,9 +375,11 @@ def setup_run(
     finetuned = (resumed or base) if tcfg.init_from else None
     if finetuned is not None and is_pretrained(tcfg.init_from):
         cfg = config_from_pretrained(cfg, finetuned)
+    start = resumed or base
+    if start is not None:  # before any data is prepared with another tokenizer
+        _check_same_tokenizer(start, cfg.data, resumed is not None)
     data = _prepared_data(cfg, world, finetuned)
     cfg = dataclasses.replace(cfg, model=_fit_vocabulary(cfg.model, data.vocab_size))
-    start = resumed or base
     if start is not None:
         _check_compatible(start, cfg, data.tokenizer)
 
@@ -509,8 +512,13 @@ def _prepared_data(
 def base_tokenizer(data: DataConfig, base: Checkpoint | Pretrained | None) -> dict[str, Any] | None:
     """The base model's tokenizer record when the data is to be tokenized with it (a char
     vocabulary, an HF model's tokenizer); None when `data.tokenizer` names its own."""
-    kind = "hf" if data.tokenizer.startswith("hf-") else data.tokenizer
+    kind = _tokenizer_kind(data)
     return base.tokenizer if base is not None and base.tokenizer["name"] == kind else None
+
+
+def _tokenizer_kind(data: DataConfig) -> str:
+    """The record name of the tokenizer `data.tokenizer` names (an HF model's "hf-NAME": hf)."""
+    return "hf" if data.tokenizer.startswith("hf-") else data.tokenizer
 
 
 def _fit_vocabulary(model: ModelConfig, tokenizer_vocab: int) -> ModelConfig:
@@ -525,11 +533,36 @@ def _fit_vocabulary(model: ModelConfig, tokenizer_vocab: int) -> ModelConfig:
     return model
 
 
+def _check_same_tokenizer(start: Checkpoint | Pretrained, data: DataConfig, resumed: bool) -> None:
+    """A run goes on, and a finetune starts, with its model's tokenizer: another one in
+    `data.tokenizer` is refused by name, before the data is prepared with it."""
+    saved = start.tokenizer.get("name")
+    if _tokenizer_kind(data) != saved:
+        named = f"hf-{start.tokenizer.get('label') or 'model'}" if saved == "hf" else saved
+        instead = "use another train.out_dir" if resumed else "finetune another model"
+        raise GPTError(
+            f"{start.path} was trained with the {saved!r} tokenizer, the config now says "
+            f"data.tokenizer = {data.tokenizer!r}; set data.tokenizer = {named!r}, or {instead}"
+        )
+
+
 def _check_compatible(
     start: Checkpoint | Pretrained, cfg: RunConfig, tokenizer: dict[str, Any]
 ) -> None:
-    """A checkpoint continues only with the same model shape and tokenizer (an HF model's
-    shape is the run's already, but for a shorter block_size: see model_from_pretrained)."""
+    """A checkpoint continues only with the same tokenizer and model shape (an HF model's
+    shape is the run's already, but for a shorter block_size: see model_from_pretrained).
+
+    The tokenizer goes first: another vocabulary changes vocab_size too, which would be named
+    instead of the cause."""
+    if start.tokenizer != tokenizer:
+        name, saved = tokenizer.get("name"), start.tokenizer.get("name")
+        what = (f"a {name!r} vocabulary other than the one {start.path} was trained with"
+                if name == saved else
+                f"the {name!r} tokenizer, but {start.path} was trained with the {saved!r} one")
+        raise GPTError(
+            f"{cfg.data.resolved_data_dir} holds data of {what}; rebuild it from the text the "
+            "run was trained on (gpt prepare --force), or use another train.out_dir"
+        )
     saved = start.config.model
     for f in dataclasses.fields(saved):
         if isinstance(start, Pretrained) and f.name == "block_size":
@@ -540,12 +573,6 @@ def _check_compatible(
                 f"{start.path} was trained with model.{f.name} = {old!r}, the config now says "
                 f"{new!r}; set it back, or use another train.out_dir (or init_from to finetune)"
             )
-    if start.tokenizer != tokenizer:
-        raise GPTError(
-            f"{start.path} was trained with the {start.tokenizer.get('name')!r} tokenizer but the "
-            f"data uses {tokenizer.get('name')!r}; point data at the same tokenizer or use "
-            "another out_dir"
-        )
 
 
 def _check_same_optimizer(resumed: Checkpoint, tcfg: TrainConfig) -> None:
@@ -593,14 +620,33 @@ def save(run: Run, is_best: bool) -> None:
             "samplers": {name: s.state_dict() for name, s in run.samplers.items()},
             "scaler": run.scaler.state_dict() if run.scaler.is_enabled() else None,
         }
-        run.last_checkpoint = ckpt.save_checkpoint(
-            Path(run.cfg.train.out_dir), run.state.iteration, run.model,
-            run.optimizer.state_dict(), state, run.cfg.train.keep_last, is_best,
-            run.damaged_checkpoints,
-        )
+        out_dir = Path(run.cfg.train.out_dir)
+        try:
+            run.last_checkpoint = ckpt.save_checkpoint(
+                out_dir, run.state.iteration, run.model, run.optimizer.state_dict(), state,
+                run.cfg.train.keep_last, is_best, run.damaged_checkpoints,
+            )
+        except OSError as e:
+            failed = _save_failed(out_dir, run.state.iteration, e, run.last_checkpoint)
+            raise GPTError(failed) from None
         run.damaged_checkpoints.discard(run.last_checkpoint.name)  # overwritten: good now
     if run.world.world_size > 1:
         dist.barrier()
+
+
+def _save_failed(out_dir: Path, iteration: int, error: OSError, previous: Path | None) -> str:
+    """The one-line error of a checkpoint that could not be written: what failed, and that the
+    run goes on from the previous checkpoint, which a failed save leaves as it was."""
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        problem = (f"no space left on the disk of {out_dir} for the checkpoint of iteration "
+                   f"{iteration}; free some space (or lower train.keep_last)")
+    else:
+        problem = (f"cannot write the checkpoint of iteration {iteration} into {out_dir} "
+                   f"({error.strerror or error}); make it writable")
+    if previous is None:
+        return f"{problem}, then run gpt train again (no checkpoint was saved yet)"
+    return (f"{problem}, then run gpt train again to resume from {previous}, which is intact "
+            "(checkpoints are written atomically)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -826,6 +872,10 @@ def _postfix(values: dict[str, float]) -> dict[str, str]:
     return postfix
 
 
+TOO_BIG = ("make the model smaller (model.n_layer, n_embd, block_size; gpt info sizes it) or "
+           "lower train.batch_size (a higher grad_accum_steps keeps the batch)")
+
+
 def train(cfg: RunConfig, resume: bool = True) -> int:
     """Run training to `max_iters`; returns the exit code (0, or 130/143 after a signal)."""
     tcfg = cfg.train
@@ -855,7 +905,10 @@ def train(cfg: RunConfig, resume: bool = True) -> int:
     created = not out_dir.exists()
     lock = FolderLock(out_dir, "gpt train", "train.out_dir") if world.main else None
     try:
-        with compile_errors("train.compile = true") if tcfg.compile else contextlib.nullcontext():
+        with (
+            compile_errors("train.compile = true") if tcfg.compile else contextlib.nullcontext(),
+            memory_errors(device, TOO_BIG),
+        ):
             return fit(setup_run(cfg, resume, world, device, dtype))
     finally:
         if lock is not None:

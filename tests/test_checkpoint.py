@@ -211,7 +211,7 @@ def test_loading_never_executes_pickled_code(tmp_path: Path) -> None:
             return (os.system, (f"touch {marker}",))
 
     torch.save({"state": Exploit()}, folder / "optimizer.pt")  # a hostile optimizer file
-    with pytest.raises(GPTError, match=r"optimizer\.pt is damaged"):
+    with pytest.raises(GPTError, match=r"optimizer\.pt would call \S*system when unpickled.*nothing in it ran"):
         ckpt.load_optimizer_state(folder)
     assert not marker.exists()
 

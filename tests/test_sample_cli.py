@@ -251,7 +251,7 @@ def test_eval_on_other_text_and_errors(run: Path) -> None:
     result = invoke(run, "eval", "--checkpoint", "out", "--data", "other.txt")
     assert result.exit_code == 0 and "perplexity" in result.output
     bad = invoke(run, "eval", "--checkpoint", "out", "--split", "test")
-    assert bad.exit_code == 2 and "--split 'test' is not val or train" in bad.output
+    assert bad.exit_code == 2 and "--split 'test' is not a split; use --split val or --split train" in bad.output
     (run / "alien.txt").write_text("ω" * 100)
     alien = invoke(run, "eval", "--checkpoint", "out", "--data", "alien.txt")
     assert alien.exit_code == 2 and "'ω'" in alien.output

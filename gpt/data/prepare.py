@@ -8,6 +8,8 @@ already holds this data; a lock in the folder keeps a second prepare from writin
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import multiprocessing
@@ -36,6 +38,7 @@ from gpt.errors import GPTError
 from gpt.lock import FolderLock
 from gpt.tokenizer import CharTokenizer, Tokenizer, get_tokenizer, tokenizer_from_dict
 
+PREPARE_LOCK = ".prepare.lock"  # in the data folder: one prepare writes it at a time
 BATCH_CHARS = 2_000_000  # text per worker task: amortises the round trip, bounds memory
 NEAR = 1.25  # a random choice of validation documents within this factor of val_fraction is kept
 FAR = 2.0  # a validation share of the text further off than this factor is warned about
@@ -291,17 +294,19 @@ def prepare(
     if (existing := _existing_data(*checked)) is not None:
         return existing
     created = _missing_folders(data_dir)
+    had_lock = (data_dir / PREPARE_LOCK).exists()  # an earlier prepare's, in its folder: stays
     # one writer per folder: a second prepare (or gpt train) of the same folder waits, then
     # finds the data ready instead of writing the same temporary files
     with FolderLock(
-        data_dir, "gpt prepare", "data.data_dir", name=".prepare.lock", wait=True
+        data_dir, "gpt prepare", "data.data_dir", name=PREPARE_LOCK, wait=True
     ) as lock:
         try:
             if (existing := _existing_data(*checked)) is not None:
                 return existing
             return _tokenize(cfg, source, fingerprint, block_size, progress, tokenizer_record)
         except BaseException:
-            _remove_unused(lock, created)
+            if created or not had_lock:
+                _remove_unused(lock, created)
             raise
 
 
@@ -315,9 +320,10 @@ def _missing_folders(folder: Path) -> list[Path]:
 
 
 def _remove_unused(lock: FolderLock, created: list[Path]) -> None:
-    """After a failed prepare, still holding the lock: remove the lock file, then the folders
-    this prepare created where they are empty, so that a failure leaves the folder as it was,
-    or none (a process waiting on the removed lock file locks a new one: see gpt/lock.py)."""
+    """After a failed prepare, still holding the lock it created: remove the lock file, then
+    the folders this prepare created where they are empty, so that a failure leaves the folder
+    as it was, or none (a process waiting on the removed lock file locks a new one: see
+    gpt/lock.py)."""
     try:
         lock.path.unlink()
         for folder in created:
@@ -374,7 +380,7 @@ def _tokenize(
         desc=f"tokenizing {source.description}", unit="B", unit_scale=True, disable=not progress
     )
     try:
-        with PreparedDataWriter(data_dir, tokenizer) as writer:
+        with _write_errors(data_dir), PreparedDataWriter(data_dir, tokenizer) as writer:
             _encode_stream(_split_pieces(source, cfg), tokenizer, writer, workers, bar)
             counts = writer.tokens
             if sum(counts.values()) == 0:
@@ -397,6 +403,21 @@ def _tokenize(
             f"({meta['dtype']}, {cfg.tokenizer}){skipped}"
         )
     return meta
+
+
+@contextlib.contextmanager
+def _write_errors(data_dir: Path) -> Iterator[None]:
+    """A token file that cannot be written (a full disk, say) as one line; the writer has
+    removed its temporary files by then, and data prepared there before is untouched."""
+    try:
+        yield
+    except OSError as e:
+        full = e.errno in (errno.ENOSPC, errno.EDQUOT)
+        fix = "free some space" if full else "make it writable"
+        raise GPTError(
+            f"cannot write the token files into {data_dir} ({e.strerror or e}); {fix}, or set "
+            "data.data_dir to another folder (data prepared there before is kept)"
+        ) from None
 
 
 def _check_split_sizes(counts: dict[str, int], block_size: int, data_dir: Path) -> None:

@@ -105,10 +105,12 @@ class PreparedData:
     def check_tokenizer(self, expected: dict[str, Any]) -> None:
         """Refuse data tokenized differently from what the model was trained with."""
         if self.tokenizer != expected:
+            name, model = self.tokenizer["name"], expected.get("name")
+            what = (f"a {name!r} vocabulary other than the model's" if name == model else
+                    f"the {name!r} tokenizer but the model uses {model!r}")
             raise GPTError(
-                f"{self.data_dir} was prepared with the {self.tokenizer['name']!r} tokenizer but "
-                f"the model uses {expected.get('name')!r} (or another vocabulary); prepare the "
-                "data with the model's tokenizer (data.tokenizer, gpt prepare --force)"
+                f"{self.data_dir} was prepared with {what}; prepare the data with the model's "
+                "tokenizer (data.tokenizer, gpt prepare --force)"
             )
 
 

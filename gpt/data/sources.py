@@ -114,7 +114,10 @@ class FileSource(Source):
                 self.skipped.append(str(path))
             return None
         except OSError as e:
-            raise GPTError(f"cannot read {path}: {e.strerror}") from None
+            raise GPTError(
+                f"cannot read {path} ({e.strerror}); make it readable, or leave it out of "
+                "data.source (data.glob)"
+            ) from None
 
 
 def _text_size(path: Path) -> int:
@@ -162,7 +165,15 @@ def _text_chunks(path: Path) -> Iterator[str]:
             if carry:
                 yield carry
     except UnicodeDecodeError:
-        raise GPTError(f"{path} is not UTF-8 text; convert it to UTF-8") from None
+        raise GPTError(
+            f"{path} is not UTF-8 text (a binary file, or another encoding); give a text file, "
+            "or convert it to UTF-8"
+        ) from None
+    except OSError as e:
+        raise GPTError(
+            f"cannot read {path} ({e.strerror}); make it readable, or set data.source to another "
+            "file"
+        ) from None
 
 
 class TextFileSource(Source):

@@ -1,0 +1,853 @@
+"""What happens when things go wrong: bad input and faults, through the command line.
+
+One table, one test. Each case builds its scene (a copy of a tiny trained run, then a file
+damaged, a setting mistyped, a write made to fail), runs one command, and checks what a user
+sees and what is kept: the exit code; on stderr one line, `error: ...`, naming the problem and
+the fix; no traceback; and every file that was there before unchanged (all are hashed before and
+after), apart from those the case names as written. docs/errors.md says the same in words.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fnmatch
+import functools
+import hashlib
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import Result
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from gpt.checkpoint import Checkpoint
+from gpt.cli import app
+from gpt.config import load_config
+from gpt.data.prepare import prepare
+from gpt.lock import FolderLock
+from gpt.model import GPT
+from gpt.train import train
+
+ROOT = Path(__file__).resolve().parents[1]
+runner = CliRunner()
+no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+TRAIN = ["train", "--config", "tiny.toml"]
+RESUME = [*TRAIN, "--set", "train.max_iters=30"]  # the template's run, from 20 on to 30
+SAMPLE = ["sample", "--checkpoint", "out", "--no-stream"]
+LATEST = "out/ckpt-0000020"  # the template's newest checkpoint (ckpt-0000010 is the other)
+DATA = "data/corpus-char"
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    """One intra-op thread: tiny models gain nothing from two on a shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ---------------------------------------------------------------------------------------------
+# The scene every case starts from, and what a case may do to it
+
+
+@dataclass
+class Scene:
+    """A case's folder (a copy of `template`, the working directory) and its tools for changing
+    the world: monkeypatching (undone before `Case.after` runs) and cleanups."""
+
+    folder: Path
+    template: Path
+    patch: pytest.MonkeyPatch
+    cleanup: contextlib.ExitStack
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What a command left for its user: the exit code (a process killed by signal N: -N) and
+    the two streams."""
+
+    code: int
+    stdout: str
+    stderr: str
+
+
+Setup = Callable[[Scene], None]
+
+
+@dataclass(frozen=True)
+class Case:
+    """One bad input or fault: run `args` on the scene `setup` leaves, expect exit `code` and,
+    for errors, one `error:` line matching `message` (a regex naming the problem and the fix).
+
+    `writes` are glob patterns of the paths (relative to the folder) that the case may create,
+    change or remove; every other file must be left exactly as it was. `after` checks what is
+    kept (a checkpoint still loads, the run resumes), with the case's patches undone. `run`
+    replaces the in-process command line where a real process is needed (signals).
+    """
+
+    id: str
+    args: list[str]
+    message: str
+    setup: Setup = lambda scene: None
+    code: int = 2
+    writes: tuple[str, ...] = ()
+    after: Callable[[Scene], None] | None = None
+    run: Callable[[list[str]], Outcome] | None = None
+    marks: tuple[pytest.MarkDecorator, ...] = ()
+
+
+def corpus() -> str:
+    """The tiny run's text: 400 small Python functions, 29 distinct characters."""
+    return "".join(f"def function_{i}(x):\n    return x * {i} + {i % 7}\n\n" for i in range(400))
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory: pytest.TempPathFactory, write_tiny_run: Callable[..., Path]) -> Path:
+    """The tiny char run trained to iteration 20 of 30 (checkpoints 10 and 20), its data
+    prepared: what every case copies. lr_decay_iters is fixed, so going on to 30 later is the
+    run that never stopped."""
+    folder = write_tiny_run(tmp_path_factory.mktemp("template"), corpus(),
+                            "lr_decay_iters = 30\n")  # [train] is the config's last section
+    with working_directory(folder):
+        assert train(load_config("tiny.toml", ["train.max_iters=20"])) == 0
+    return folder
+
+
+@contextlib.contextmanager
+def working_directory(folder: Path) -> Iterator[None]:
+    """Run in `folder` (configs name their files relative to it), then go back."""
+    cwd = Path.cwd()
+    os.chdir(folder)
+    try:
+        yield
+    finally:
+        os.chdir(cwd)
+
+
+@functools.cache
+def continued_weights(template: Path) -> dict[str, torch.Tensor]:
+    """The template run's weights at 30 when nothing went wrong: what a run that failed on the
+    way and was resumed must end with, bit for bit."""
+    folder = template.parent / "continued"
+    shutil.copytree(template, folder)
+    with working_directory(folder):
+        assert train(load_config("tiny.toml", ["train.max_iters=30"])) == 0
+    return load_file(str(folder / "out" / "ckpt-0000030" / "model.safetensors"))
+
+
+def hashes(folder: Path) -> dict[str, str]:
+    """Every file (and empty folder) under `folder`, by relative path: its sha256."""
+    found = {}
+    for path in sorted(folder.rglob("*")):
+        name = str(path.relative_to(folder))
+        if path.is_file():
+            try:
+                found[name] = hashlib.sha256(path.read_bytes()).hexdigest()
+            except PermissionError:  # a case's unreadable file, as its mode says
+                found[name] = f"unreadable, mode {path.stat().st_mode:o}"
+        elif path.is_dir() and not any(path.iterdir()):
+            found[name] = "empty folder"
+    return found
+
+
+# ---------------------------------------------------------------------------------------------
+# Running a command
+
+
+def in_process(args: list[str]) -> Outcome:
+    """The command through typer's test runner; an exception that escapes it (what a user
+    would see as a traceback) fails the test with that traceback."""
+    result: Result = runner.invoke(app, args)
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise AssertionError(f"{args} raised instead of exiting") from result.exception
+    return Outcome(result.exit_code, result.stdout, result.stderr)
+
+
+ENV = {
+    **os.environ,
+    "OMP_NUM_THREADS": "1",
+    "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p),
+}
+
+
+def gpt_process(args: list[str], script: str | None = None) -> subprocess.Popen[str]:
+    """`python -m gpt ARGS` in a process of its own, or `script` (which ends by running the
+    command line on its argv) for faults that need a hand inside the process."""
+    command = ["-m", "gpt", *args] if script is None else ["-c", script, *args]
+    return subprocess.Popen([sys.executable, *command], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=ENV)
+
+
+PROGRESS = re.compile(r"\[\d+:\d\d[^\]]*\]\s*$")  # the end of a tqdm frame: [00:01<00:02, ...]
+
+
+def error_lines(stderr: str) -> list[str]:
+    """The lines of stderr that are not progress bars (whose frames end in `\\r`)."""
+    lines = (line.rsplit("\r", 1)[-1] for line in stderr.split("\n"))
+    return [line for line in lines if line.strip() and not PROGRESS.search(line)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Building blocks of the scenes
+
+
+def edit(path: str, old: str, new: str) -> Setup:
+    """Replace `old` (which must be there) with `new` in a text file."""
+
+    def setup(scene: Scene) -> None:
+        file = scene.folder / path
+        text = file.read_text()
+        assert old in text, (path, old)
+        file.write_text(text.replace(old, new))
+
+    return setup
+
+
+def write(path: str, content: str | bytes) -> Setup:
+    """Create (or replace) a file with `content`."""
+
+    def setup(scene: Scene) -> None:
+        file = scene.folder / path
+        file.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(content, bytes):
+            file.write_bytes(content)
+        else:
+            file.write_text(content)
+
+    return setup
+
+
+def truncate(path: str, remove: int) -> Setup:
+    """Cut the last `remove` bytes off a file, as a copy that stopped short would."""
+
+    def setup(scene: Scene) -> None:
+        file = scene.folder / path
+        file.write_bytes(file.read_bytes()[:-remove])
+
+    return setup
+
+
+def edit_json(path: str, change: Callable[[dict], None]) -> Setup:
+    """Change a JSON file's data in place, as someone editing it by hand would."""
+
+    def setup(scene: Scene) -> None:
+        file = scene.folder / path
+        data = json.loads(file.read_text())
+        change(data)
+        file.write_text(json.dumps(data))
+
+    return setup
+
+
+def rehash(checkpoint: str, name: str) -> Setup:
+    """Record a replaced file's sha256 in its checkpoint's state.json, as someone who hands
+    over a doctored checkpoint would."""
+
+    def setup(scene: Scene) -> None:
+        digest = hashlib.sha256((scene.folder / checkpoint / name).read_bytes()).hexdigest()
+        edit_json(f"{checkpoint}/state.json", lambda s: s["sha256"].update({name: digest}))(scene)
+
+    return setup
+
+
+def remove(path: str) -> Setup:
+    """Delete a file or a folder."""
+
+    def setup(scene: Scene) -> None:
+        target = scene.folder / path
+        shutil.rmtree(target) if target.is_dir() else target.unlink()
+
+    return setup
+
+
+def both(*setups: Setup) -> Setup:
+    """The setups one after the other."""
+
+    def setup(scene: Scene) -> None:
+        for step in setups:
+            step(scene)
+
+    return setup
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks of what is kept
+
+
+Check = Callable[[Scene], None]
+
+
+def loads(checkpoint: str) -> Check:
+    """`checkpoint` (an out_dir or a ckpt-* folder) still opens and gives a model."""
+
+    def check(scene: Scene) -> None:
+        assert isinstance(Checkpoint.open(scene.folder / checkpoint).load_model(), GPT)
+
+    return check
+
+
+def resumes_exactly(scene: Scene) -> None:
+    """The run, started again as it was, goes on from its last checkpoint to the weights of the
+    run that never stopped, and clears what a failed save left."""
+    outcome = in_process(RESUME)
+    assert outcome.code == 0, outcome
+    weights = load_file(str(scene.folder / "out" / "ckpt-0000030" / "model.safetensors"))
+    expected = continued_weights(scene.template)
+    assert weights.keys() == expected.keys()
+    assert all(torch.equal(weights[k], expected[k]) for k in weights)
+    assert not list((scene.folder / "out").glob(".tmp-*"))
+
+
+def all_of(*checks: Check) -> Check:
+    """The checks one after the other."""
+
+    def check(scene: Scene) -> None:
+        for one in checks:
+            one(scene)
+
+    return check
+
+
+# ---------------------------------------------------------------------------------------------
+# The cases
+
+CONFIG = [
+    Case("config-malformed-toml", TRAIN,
+         r"tiny\.toml: malformed TOML: .*line 3, column 11.*; fix the file there",
+         edit("tiny.toml", "n_layer = 2", "n_layer = ")),
+    Case("config-key-outside-a-section", ["train", "--config", "top.toml"],
+         r"top\.toml: key 'max_iters' is outside any section; put it under one of \[model\]",
+         write("top.toml", "max_iters = 5\n[train]\nbatch_size = 2\n")),
+    Case("config-unknown-section", TRAIN,
+         r"tiny\.toml: unknown section \[trian\] \(did you mean \"train\"\?\); sections are",
+         edit("tiny.toml", "[train]", "[trian]")),
+    Case("config-unknown-key-in-file", TRAIN,
+         r"tiny\.toml: unknown key 'batchsize' in \[train\] \(did you mean \"batch_size\"\?\)",
+         edit("tiny.toml", "batch_size", "batchsize")),
+    Case("config-unknown-key-in-set", [*TRAIN, "--set", "train.max_itrs=5"],
+         r"--set train\.max_itrs=5: unknown key 'max_itrs' in \[train\] \(did you mean \"max_iters\"\?\)"),
+    Case("config-wrong-type-in-file", TRAIN,
+         r"\[model\] n_layer must be an integer, got '2' \(str\)",
+         edit("tiny.toml", "n_layer = 2", 'n_layer = "2"')),
+    Case("config-wrong-type-in-set", [*TRAIN, "--set", "train.batch_size=four"],
+         r"\[train\] batch_size must be an integer, got 'four'"),
+    Case("config-unknown-choice", [*TRAIN, "--set", "model.norm=batchnorm"],
+         r"\[model\] norm: 'batchnorm' is not allowed; choose one of \"layernorm\", \"rmsnorm\""),
+    Case("config-negative-learning-rate", [*TRAIN, "--set", "train.learning_rate=-3e-3"],
+         r"\[train\] learning_rate: must be >= 0, got -0\.003"),
+    Case("config-learning-rate-not-a-number", [*TRAIN, "--set", "train.learning_rate=nan"],
+         r"\[train\] learning_rate must be a finite number, got nan"),
+    Case("config-zero-batch-size", [*TRAIN, "--set", "train.batch_size=0"],
+         r"\[train\] batch_size: must be > 0, got 0"),
+    Case("config-dropout-of-one", [*TRAIN, "--set", "model.dropout=1.0"],
+         r"\[model\] dropout: must be in \[0, 1\), got 1\.0"),
+    Case("config-negative-dropout", [*TRAIN, "--set", "model.dropout=-0.1"],
+         r"\[model\] dropout: must be in \[0, 1\), got -0\.1"),
+    Case("config-width-not-divisible-by-heads", [*TRAIN, "--set", "model.n_head=3"],
+         r"\[model\] n_embd: 32 is not divisible by n_head = 3; choose n_embd as a multiple"),
+    Case("config-heads-not-divisible-by-kv-heads", [*TRAIN, "--set", "model.n_kv_head=3"],
+         r"\[model\] n_kv_head: n_head = 2 is not divisible by n_kv_head = 3; choose a divisor"),
+    Case("config-rope-with-odd-head-size",
+         [*TRAIN, "--set", "model.n_embd=30", "--set", "model.pos_embedding=rope"],
+         r"rope needs an even head size, but n_embd / n_head = 15; change n_embd or n_head"),
+    Case("config-model-too-big-for-memory", [*TRAIN, "--set", "train.out_dir=new",
+                                             "--set", f"model.n_embd={2**42}"],  # a petabyte
+         r"out of memory on cpu \(asked for [\d,]+ bytes\); make the model smaller \(model\.n_layer, "
+         r"n_embd, block_size; gpt info sizes it\) or lower train\.batch_size"),
+    Case("config-vocab-smaller-than-tokenizer", [*TRAIN, "--set", "train.out_dir=new",
+                                                 "--set", "model.vocab_size=10"],
+         r"\[model\] vocab_size = 10 is smaller than the tokenizer's 29; raise it or leave it unset"),
+    Case("config-unknown-device", [*TRAIN, "--set", "train.device=tpu"],
+         r"\[train\] device: unknown device 'tpu'; use auto, cpu, cuda, cuda:N or mps"),
+    Case("config-set-without-equals", [*TRAIN, "--set", "train.max_iters"],
+         r"--set train\.max_iters: expected section\.key=value, for example --set train\.max_iters=100"),
+    Case("config-missing-file", ["train", "--config", "nowhere.toml"],
+         r"config file nowhere\.toml not found; pass an existing TOML file to --config"),
+    Case("config-file-not-utf8", ["train", "--config", "latin1.toml"],
+         r"config file latin1\.toml is not UTF-8 text; save it as UTF-8",
+         write("latin1.toml", '[train]\nout_dir = "café"\n'.encode("latin-1"))),
+    Case("config-file-is-a-folder", ["train", "--config", "data"],
+         r"cannot read config file data \(Is a directory\); pass a TOML file to --config"),
+]
+
+
+def hf_gpt2(scene: Scene) -> None:
+    """A tiny GPT-2 of 64 positions as save_pretrained writes it, with a character vocabulary
+    written by save_hf_tokenizer, and a config that finetunes it."""
+    transformers = pytest.importorskip("transformers")
+    from gpt.hf.tokenizers import save_hf_tokenizer
+
+    chars = "".join(sorted(set(corpus())))
+    newline = chars.index("\n")
+    config = transformers.GPT2Config(vocab_size=len(chars), n_positions=64, n_embd=32, n_layer=2,
+                                     n_head=4, bos_token_id=newline, eos_token_id=newline)
+    transformers.GPT2LMHeadModel(config).save_pretrained(scene.folder / "gpt2-64")
+    save_hf_tokenizer({"name": "char", "chars": chars}, scene.folder / "gpt2-64",
+                      model_max_length=64)
+    write("tune.toml", '[data]\nsource = "corpus.txt"\n\n[train]\ninit_from = "hf:gpt2-64"\n'
+                       'out_dir = "tuned"\n')(scene)
+
+
+CONFIG.append(
+    Case("config-block-size-over-the-imported-model",
+         ["train", "--config", "tune.toml", "--set", "model.block_size=128"],
+         r"\[model\] block_size = 128 is longer than the 64 positions of init_from = "
+         r"'hf:gpt2-64'; set it to at most 64", hf_gpt2),
+)
+
+
+def unreadable(path: str) -> Setup:
+    """A file nobody may read. Root reads it all the same, so there the reads of the data
+    sources are refused as the kernel refuses everyone else."""
+
+    def setup(scene: Scene) -> None:
+        file = scene.folder / path
+        file.write_text(corpus())
+        file.chmod(0)
+        scene.cleanup.callback(file.chmod, 0o644)  # so that pytest can remove it
+        if os.geteuid() == 0:
+            import gpt.data.sources
+
+            def as_others_see_it(name: object, *args: object, **kwargs: object) -> object:
+                if Path(str(name)).resolve() == file.resolve():
+                    raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(name))
+                return open(name, *args, **kwargs)  # type: ignore[call-overload]
+
+            scene.patch.setattr(gpt.data.sources, "open", as_others_see_it, raising=False)
+
+    return setup
+
+
+def wide_vocabulary(scene: Scene) -> None:
+    """Text of over 65,536 distinct characters: its ids need uint32."""
+    text = "".join(chr(c) for c in range(0x100, 0x100 + 70_100) if not 0xD800 <= c < 0xE000)
+    (scene.folder / "wide.txt").write_text(text * 2)
+
+
+def stored_as_uint32(scene: Scene) -> None:
+    """The wide vocabulary's data, prepared before the refusal, holds its ids unclipped."""
+    meta = json.loads((scene.folder / "data" / "wide-char" / "meta.json").read_text())
+    ids = np.fromfile(scene.folder / "data" / "wide-char" / "train.bin", dtype=np.uint32)
+    assert meta["dtype"] == "uint32" and ids.max() >= 2**16
+
+
+def prepared_with_gpt2(scene: Scene) -> None:
+    """The tiny run's text prepared with GPT-2's BPE into data/gpt2."""
+    with working_directory(scene.folder):
+        prepare(load_config("tiny.toml", ["data.tokenizer=gpt2", "data.data_dir=data/gpt2"]).data,
+                progress=False)
+
+
+def disk_full_while_tokenizing(scene: Scene) -> None:
+    """The disk fills as the token files are written."""
+    import gpt.data.prepared
+
+    def no_space(self: object, ids: object) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    scene.patch.setattr(gpt.data.prepared._TokenFile, "write", no_space)
+
+
+reversed_vocabulary = edit_json(  # the same characters, other ids
+    f"{DATA}/meta.json",
+    lambda meta: meta["tokenizer"].update(chars="".join(sorted(meta["tokenizer"]["chars"])[::-1])),
+)
+
+DATA_CASES = [
+    Case("data-missing-source", [*TRAIN, "--set", "data.source=nowhere.txt",
+                                 "--set", "train.out_dir=new"],
+         r"\[data\] source: nowhere\.txt does not exist; give a text file, a folder, a glob"),
+    Case("data-empty-source", [*TRAIN, "--set", "data.source=empty.txt", "--set", "train.out_dir=new"],
+         r"\[data\] source: text file empty\.txt holds no text; point it at a corpus",
+         write("empty.txt", "")),
+    Case("data-too-little-text", [*TRAIN, "--set", "data.source=short.txt",
+                                  "--set", "train.out_dir=new"],
+         r"the train split has 18 tokens, fewer than block_size \+ 1 = 33; add text, lower "
+         r"model\.block_size", write("short.txt", "abc\n" * 5)),
+    Case("data-not-utf8", [*TRAIN, "--set", "data.source=latin1.txt", "--set", "train.out_dir=new"],
+         r"latin1\.txt is not UTF-8 text.*; .*convert it to UTF-8",
+         write("latin1.txt", "café au lait\n".encode("latin-1") * 100)),
+    Case("data-too-few-tokens-for-the-block",
+         [*TRAIN, "--set", "train.out_dir=new", "--set", "model.block_size=100000"],
+         r"the train split has 16002 tokens, fewer than block_size \+ 1 = 100001; add text, "
+         r"lower model\.block_size"),
+    Case("data-unknown-tokenizer", [*TRAIN, "--set", "data.tokenizer=gpt5", "--set", "train.out_dir=new"],
+         r"unknown tokenizer 'gpt5'; choose one of"),
+    Case("data-truncated-bin", RESUME,
+         r"data/corpus-char/train\.bin has 31,994 bytes but meta\.json says 16,002 tokens "
+         r"\(32,004 bytes\): truncated or corrupted; rebuild with gpt prepare --force",
+         truncate(f"{DATA}/train.bin", 10)),
+    Case("data-truncated-bin-in-eval", ["eval", "--checkpoint", "out"],
+         r"data/corpus-char/val\.bin has .* bytes but meta\.json says .*: truncated or corrupted; "
+         r"rebuild with gpt prepare --force", truncate(f"{DATA}/val.bin", 1)),
+    Case("data-meta-missing", ["eval", "--checkpoint", "out"],
+         r"data/corpus-char has no prepared data \(no meta\.json\); run gpt prepare first",
+         remove(f"{DATA}/meta.json")),
+    Case("data-meta-not-json", RESUME,
+         r"data/corpus-char/meta\.json is damaged \(.*\); rebuild with gpt prepare --force",
+         write(f"{DATA}/meta.json", '{"format_version": 2, "tokenizer"')),
+    Case("data-meta-token-count-edited", RESUME,
+         r"train\.bin has 32,004 bytes but meta\.json says 16,003 tokens .*rebuild with gpt prepare",
+         edit_json(f"{DATA}/meta.json", lambda m: m["tokens"].update(train=16_003))),
+    Case("data-prepared-from-other-settings",
+         ["prepare", "--config", "tiny.toml", "--set", "data.val_fraction=0.2"],
+         r"data/corpus-char holds data prepared from other settings \(val_fraction 0\.1 -> 0\.2\); "
+         r"rebuild it with gpt prepare --force, or set data\.data_dir to another folder"),
+    Case("data-unreadable-source", [*TRAIN, "--set", "data.source=secret.txt",
+                                    "--set", "train.out_dir=new"],
+         r"cannot read secret\.txt \(Permission denied\); make it readable, or set data\.source",
+         unreadable("secret.txt")),
+    Case("data-binary-source", [*TRAIN, "--set", "data.source=out/ckpt-0000010/model.safetensors",
+                                "--set", "train.out_dir=new"],
+         r"out/ckpt-0000010/model\.safetensors is not UTF-8 text \(a binary file, or another "
+         r"encoding\); give a text file, or convert it to UTF-8"),
+    Case("data-vocabulary-that-needs-uint32",
+         [*TRAIN, "--set", "data.source=wide.txt", "--set", "train.out_dir=new",
+          "--set", "model.vocab_size=65536"],
+         r"\[model\] vocab_size = 65536 is smaller than the tokenizer's \d{5}; raise it or "
+         r"leave it unset", wide_vocabulary, writes=("data/wide-char", "data/wide-char/*"),
+         after=stored_as_uint32),
+    Case("data-meta-vocabulary-edited", RESUME,
+         r"data/corpus-char holds data of a 'char' vocabulary other than the one "
+         r"out/ckpt-0000020 was trained with; rebuild it from the text the run was trained on "
+         r"\(gpt prepare --force\), or use another train\.out_dir", reversed_vocabulary),
+    Case("data-meta-vocabulary-edited-in-eval", ["eval", "--checkpoint", "out"],
+         r"data/corpus-char was prepared with a 'char' vocabulary other than the model's; prepare "
+         r"the data with the model's tokenizer", reversed_vocabulary),
+    Case("data-of-another-tokenizer-on-resume", [*RESUME, "--set", "data.tokenizer=gpt2"],
+         r"out/ckpt-0000020 was trained with the 'char' tokenizer, the config now says "
+         r"data\.tokenizer = 'gpt2'; set data\.tokenizer = 'char', or use another train\.out_dir"),
+    Case("data-of-another-tokenizer-on-finetune",
+         [*TRAIN, "--set", "train.init_from=out", "--set", "train.out_dir=tuned",
+          "--set", "data.tokenizer=gpt2"],
+         r"out/ckpt-0000020 was trained with the 'char' tokenizer, the config now says "
+         r"data\.tokenizer = 'gpt2'; set data\.tokenizer = 'char', or finetune another model"),
+    Case("data-disk-full-while-rebuilding", ["prepare", "--config", "tiny.toml", "--force"],
+         r"cannot write the token files into data/corpus-char \(No space left on device\); free "
+         r"some space, or set data\.data_dir to another folder \(data prepared there before is "
+         r"kept\)", disk_full_while_tokenizing, after=loads("out")),
+    Case("data-of-another-tokenizer-in-eval",
+         ["eval", "--checkpoint", "out", "--set", "data.data_dir=data/gpt2"],
+         r"data/gpt2 was prepared with the 'gpt2' tokenizer but the model uses 'char'.*; prepare "
+         r"the data with the model's tokenizer", prepared_with_gpt2),
+]
+
+CHECKPOINTS = [
+    Case("checkpoint-missing", [*SAMPLE, "--checkpoint", "nowhere"],
+         r"checkpoint path nowhere does not exist; pass a run's out_dir or a ckpt-\* folder"),
+    Case("checkpoint-none-in-the-folder", [*SAMPLE, "--checkpoint", "data"],
+         r"no latest checkpoint in data; train first \(gpt train\) or pass a ckpt-\* folder"),
+    Case("checkpoint-not-a-command-option", ["sample", "--prompt", "x"],
+         r"no model given: pass --checkpoint OUT_DIR \(or --config FILE for its out_dir\)"),
+    Case("checkpoint-truncated", [*SAMPLE, "--prompt", "def"],
+         r"out/ckpt-0000020/model\.safetensors is damaged \(its sha256 differs from state\.json\); "
+         r"use another checkpoint of the run, such as out/ckpt-0000010",
+         truncate(f"{LATEST}/model.safetensors", 100)),
+    Case("checkpoint-state-replaced-by-random-bytes", [*SAMPLE, "--prompt", "def"],
+         r"out/ckpt-0000020/state\.json is damaged \(not the JSON a checkpoint writes\); use "
+         r"another checkpoint of the run, such as out/ckpt-0000010",
+         write(f"{LATEST}/state.json", bytes(range(256)) * 4)),
+    Case("checkpoint-weights-replaced-by-random-bytes", ["eval", "--checkpoint", "out"],
+         r"out/ckpt-0000020/model\.safetensors is damaged \(.*\); use another checkpoint of the "
+         r"run, such as out/ckpt-0000010",
+         both(write(f"{LATEST}/model.safetensors", bytes(range(256)) * 64),
+              rehash(LATEST, "model.safetensors"))),
+    Case("checkpoint-config-of-another-shape", [*SAMPLE, "--prompt", "def"],
+         r"out/ckpt-0000020/model\.safetensors does not fit the model that "
+         r"out/ckpt-0000020/state\.json describes \(.*: \(\d+,\) saved, \(\d+,\) expected\).*; "
+         r"use another checkpoint of the run, such as out/ckpt-0000010",
+         edit_json(f"{LATEST}/state.json", lambda s: s["config"]["model"].update(n_embd=64))),
+    Case("checkpoint-every-one-damaged", RESUME,
+         r"every checkpoint in out is damaged; remove them or use another out_dir",
+         both(truncate(f"{LATEST}/model.safetensors", 100),
+              truncate("out/ckpt-0000010/model.safetensors", 100))),
+    Case("checkpoint-shape-changed-on-resume", [*RESUME, "--set", "model.n_layer=3"],
+         r"out/ckpt-0000020 was trained with model\.n_layer = 2, the config now says 3; set it "
+         r"back, or use another train\.out_dir"),
+    Case("checkpoint-optimizer-changed-on-resume", [*RESUME, "--set", "train.optimizer=muon"],
+         r"out/ckpt-0000020 was trained with train\.optimizer = 'adamw', the config now says "
+         r"'muon'; set it back, or train into a new train\.out_dir"),
+    Case("checkpoint-weights-only-on-resume", RESUME,
+         r"out/ckpt-0000020/optimizer\.pt is missing, so training cannot resume from it; set "
+         r"train\.out_dir to a new folder", remove(f"{LATEST}/optimizer.pt")),
+    Case("checkpoint-no-resume-on-a-run", [*RESUME, "--no-resume"],
+         r"out already holds checkpoints \(ckpt-0000020\); resume by dropping --no-resume, or set "
+         r"train\.out_dir to a new folder"),
+]
+
+
+class RunsCode:
+    """What a hostile pickle holds: unpickling it calls open(marker, "w"), creating the marker."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (open, (str(self.marker), "w"))
+
+
+def pickle_that_runs_code(scene: Scene) -> None:
+    """optimizer.pt replaced by a pickle that would create a marker file when loaded, with its
+    sha256 in state.json to match (as a checkpoint from a stranger would have)."""
+    payload = {"state": RunsCode(scene.folder.parent / "marker")}
+    torch.save(payload, scene.folder / LATEST / "optimizer.pt")
+    rehash(LATEST, "optimizer.pt")(scene)
+    proof = scene.folder.parent / "proof"  # that loading it without weights_only runs it
+    torch.save({"state": RunsCode(proof)}, scene.folder.parent / "proof.pt")
+    torch.load(scene.folder.parent / "proof.pt", weights_only=False)["state"].close()
+    assert proof.exists()
+
+
+def ran_no_code(scene: Scene) -> None:
+    """The hostile pickle's marker was never created: nothing in it ran."""
+    assert not (scene.folder.parent / "marker").exists()
+
+
+def locked_by_a_trainer(scene: Scene) -> None:
+    """out_dir's lock held, as a running `gpt train` holds it (an flock on a file of its own)."""
+    lock = FolderLock(scene.folder / "out", "gpt train", "train.out_dir")
+    scene.cleanup.callback(lock.release)
+
+
+CHECKPOINTS += [
+    Case("checkpoint-pickle-that-would-run-code", RESUME,
+         r"out/ckpt-0000020/optimizer\.pt would call \S*open when unpickled, which no checkpoint "
+         r"needs: it was refused and nothing in it ran; remove out/ckpt-0000020 to resume from "
+         r"the checkpoint before it", pickle_that_runs_code, after=ran_no_code),
+    Case("checkpoint-out-dir-locked-by-a-running-trainer", RESUME,
+         rf"out is in use by another gpt train \(pid {os.getpid()} on .*\); wait for it to "
+         r"finish, or set train\.out_dir to another folder", locked_by_a_trainer),
+]
+
+SAMPLING = [
+    Case("sample-negative-temperature", [*SAMPLE, "--temperature", "-1"],
+         r"\[sample\] temperature: must be >= 0, got -1\.0"),
+    Case("sample-top-p-of-zero", [*SAMPLE, "--top-p", "0"],
+         r"\[sample\] top_p: must be in \(0, 1\], got 0\.0"),
+    Case("sample-top-p-over-one", [*SAMPLE, "--top-p", "1.5"],
+         r"\[sample\] top_p: must be in \(0, 1\], got 1\.5"),
+    Case("sample-top-k-of-zero", [*SAMPLE, "--top-k", "0"],
+         r"\[sample\] top_k: must be >= 1, got 0"),
+    Case("sample-negative-max-new-tokens", [*SAMPLE, "--max-new-tokens", "-1"],
+         r"\[sample\] max_new_tokens: must be >= 0, got -1"),
+    Case("sample-held-text-too-long", [*SAMPLE, "--max-new-tokens", "1000000"],
+         r"--max-new-tokens 1,000,000 without streaming holds all the text until the end; stream "
+         r"it \(--stream, one sample\) or ask for at most 100,000"),
+    Case("sample-zero-samples", [*SAMPLE, "--num-samples", "0"],
+         r"\[sample\] num_samples: must be > 0, got 0"),
+    Case("sample-empty-stop-string", [*SAMPLE, "--stop", ""],
+         r"\[sample\] stop: a stop string is empty; remove it or give some text"),
+    Case("sample-unknown-device", [*SAMPLE, "--device", "tpu"],
+         r"--device 'tpu' is not a device; use auto, cpu, cuda, cuda:N or mps"),
+    Case("sample-unknown-dtype", [*SAMPLE, "--dtype", "int4"],
+         r"--dtype 'int4' is not one of auto, float32, bfloat16, float16"),
+    Case("sample-float16-on-the-cpu", [*SAMPLE, "--device", "cpu", "--dtype", "float16"],
+         r"--dtype float16 needs a GPU; use bfloat16 or float32 on the CPU"),
+    Case("sample-unknown-which", [*SAMPLE, "--which", "newest"],
+         r"unknown checkpoint choice 'newest'; use latest or best"),
+    Case("sample-prompt-and-prompt-file", [*SAMPLE, "--prompt", "def", "--prompt-file", "tiny.toml"],
+         r"give either --prompt or --prompt-file, not both"),
+    Case("sample-both-checkpoint-and-config", [*SAMPLE, "--config", "tiny.toml"],
+         r"give either --checkpoint or --config, not both"),
+    Case("sample-model-override", [*SAMPLE, "--set", "model.n_layer=4"],
+         r"--set model\.n_layer=4: gpt sample cannot apply model\.n_layer; it takes \[sample\] keys"),
+    Case("sample-prompt-of-unknown-characters", [*SAMPLE, "--prompt", "☃☃☃"],
+         r"text has 1 character\(s\) not in the char vocabulary: '☃'; remove them, or re-prepare"),
+    Case("sample-streamed-prompt-of-unknown-characters",
+         ["sample", "--checkpoint", "out", "--stream", "--prompt", "def ☃"],
+         r"text has 1 character\(s\) not in the char vocabulary: '☃'; remove them"),
+    Case("sample-model-too-big-for-memory", [*SAMPLE, "--prompt", "def"],
+         r"out of memory on cpu \(asked for [\d,]+ bytes\); run it on a device with more memory",
+         edit_json(f"{LATEST}/state.json", lambda s: s["config"]["model"].update(n_embd=2**42))),
+    Case("sample-cuda-on-a-machine-without", [*SAMPLE, "--device", "cuda"],
+         r"--device 'cuda': no CUDA GPU is available here; use auto or cpu", marks=(no_cuda,)),
+    Case("sample-prompt-longer-than-the-context", [*SAMPLE, "--prompt", "def f(x):\n" * 4],
+         r"the prompt is 40 tokens, more than the 32 the model reads \(its block_size\); "
+         r"shorten it to its last 32 tokens or fewer"),
+    Case("sample-prompt-file-missing", [*SAMPLE, "--prompt-file", "nowhere.txt"],
+         r"cannot read --prompt-file nowhere\.txt \(No such file or directory\); give a UTF-8 "
+         r"text file"),
+    Case("sample-prompt-file-not-utf8", [*SAMPLE, "--prompt-file", "latin1.txt"],
+         r"--prompt-file latin1\.txt is not UTF-8 text; convert it to UTF-8",
+         write("latin1.txt", "café".encode("latin-1"))),
+    Case("sample-value-of-the-wrong-type", [*SAMPLE, "--max-new-tokens", "many"],
+         r"Invalid value for '--max-new-tokens': .*; see gpt sample --help"),
+    Case("sample-unknown-option", [*SAMPLE, "--temprature", "0"],
+         r"No such option: --temprature.*; see gpt sample --help"),
+    Case("export-without-its-folder", ["export", "--checkpoint", "out"],
+         r"Missing option '--out'; see gpt export --help"),
+    Case("option-without-its-value", ["train", "--set"],
+         r"Option '--set' requires an argument; see gpt train --help"),
+    Case("unknown-command", ["trian"], r"No such command 'trian'.*; see gpt --help"),
+    Case("eval-unknown-split", ["eval", "--checkpoint", "out", "--split", "test"],
+         r"--split 'test' is not a split; use --split val or --split train"),
+    Case("export-into-a-folder-that-holds-files", ["export", "--checkpoint", "out", "--out", "data"],
+         r"--out data is not empty; choose a new folder, or pass --force to replace it"),
+    Case("export-onto-a-file", ["export", "--checkpoint", "out", "--out", "corpus.txt"],
+         r"--out corpus\.txt is a file; give a folder path"),
+    Case("export-into-the-run-it-reads", ["export", "--checkpoint", "out", "--out", "out", "--force"],
+         r"--out out holds the model being exported \(.*\); choose another folder"),
+]
+
+
+def non_finite_loss(scene: Scene) -> None:
+    """Every training forward from now on gives a NaN loss (a learning rate that diverged)."""
+    forward = GPT.forward
+
+    def diverged(self: GPT, idx: torch.Tensor, targets: torch.Tensor | None = None,
+                 context: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        logits, loss = forward(self, idx, targets, context)
+        return logits, (loss * float("nan") if self.training and loss is not None else loss)
+
+    scene.patch.setattr(GPT, "forward", diverged)
+
+
+def disk_full_at_save(scene: Scene) -> None:
+    """The disk fills while a checkpoint's weights are written: part of the file gets out."""
+    import gpt.checkpoint
+
+    def no_space(tensors: object, filename: str, *args: object, **kwargs: object) -> None:
+        Path(filename).write_bytes(b"\0" * 1000)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), filename)
+
+    scene.patch.setattr(gpt.checkpoint, "save_file", no_space)
+
+
+KILLED_WHILE_SAVING = """
+import os, signal, sys
+import torch
+save = torch.save
+def killed_halfway(obj, path, *args, **kwargs):
+    save(obj, path, *args, **kwargs)
+    os.truncate(path, os.path.getsize(path) // 2)  # as far as the write got
+    os.kill(os.getpid(), signal.SIGKILL)
+torch.save = killed_halfway
+from gpt.cli import main
+main()
+"""
+
+
+def killed_while_saving(args: list[str]) -> Outcome:
+    """`gpt train ARGS` in a process that SIGKILLs itself halfway through writing a checkpoint's
+    optimizer.pt (after the weights), the moment a crash does most harm."""
+    process = gpt_process(args, KILLED_WHILE_SAVING)
+    stdout, stderr = process.communicate(timeout=300)
+    return Outcome(process.returncode, stdout, stderr)
+
+
+def left_half_a_checkpoint(scene: Scene) -> None:
+    """The killed save left its temporary folder, and nothing points at it."""
+    (tmp,) = (scene.folder / "out").glob(".tmp-ckpt-0000030-*")
+    assert (tmp / "model.safetensors").exists() and not (tmp / "state.json").exists()
+    assert (scene.folder / "out" / "latest").read_text().strip() == "ckpt-0000020"
+
+
+def terminated_while_training(args: list[str]) -> Outcome:
+    """`gpt train ARGS` in its own process, sent SIGTERM once it has logged a few steps."""
+    process = gpt_process(args)
+    log = Path("new/metrics.jsonl")
+    deadline = time.time() + 120
+    while time.time() < deadline and process.poll() is None:
+        if log.exists() and len(log.read_text().splitlines()) > 3:
+            break
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=120)
+    return Outcome(process.returncode, stdout, stderr)
+
+
+def saved_and_resumable(scene: Scene) -> None:
+    """The checkpoint the signal saved is the latest and loads; training goes on from it."""
+    saved = Checkpoint.open(scene.folder / "new")
+    iteration = saved.state["iter"]
+    assert saved.load_model() is not None and iteration > 0
+    more = [*TRAIN, "--set", "train.out_dir=new", "--set", f"train.max_iters={iteration + 2}",
+            "--set", "train.checkpoint_interval=1000000"]
+    assert in_process(more).code == 0
+    assert Checkpoint.open(scene.folder / "new").state["iter"] == iteration + 2
+
+
+FAULTS = [
+    Case("fault-sigkill-during-a-checkpoint-write", RESUME, "", code=-signal.SIGKILL,
+         writes=("out/.lock", "out/metrics.jsonl", "out/.tmp-ckpt-0000030-*"),
+         after=all_of(left_half_a_checkpoint, loads("out"), resumes_exactly),
+         run=killed_while_saving, marks=(pytest.mark.slow,)),
+    Case("fault-sigterm-during-training",
+         [*TRAIN, "--set", "train.out_dir=new", "--set", "train.max_iters=1000000",
+          "--set", "train.checkpoint_interval=1000000"],
+         r"stopped by signal after iteration \d+; saved new/ckpt-\d+", code=143,
+         writes=("new", "new/*"), after=saved_and_resumable, run=terminated_while_training,
+         marks=(pytest.mark.slow,)),
+    Case("fault-disk-full-during-a-checkpoint-write", RESUME,
+         r"no space left on the disk of out for the checkpoint of iteration 30; free some space "
+         r".*, then run gpt train again to resume from out/ckpt-0000020, which is intact",
+         disk_full_at_save, writes=("out/metrics.jsonl",),
+         after=all_of(loads(LATEST), resumes_exactly)),
+    Case("fault-non-finite-loss", RESUME,
+         r"non-finite loss at iteration 21; stopped before the optimizer step; last good "
+         r"checkpoint: out/ckpt-0000020; lower train\.learning_rate or check the data",
+         non_finite_loss, after=loads("out")),
+    Case("fault-cuda-on-a-machine-without", [*TRAIN, "--set", "train.device=cuda"],
+         r"\[train\] device 'cuda': no CUDA GPU is available here; use auto or cpu",
+         marks=(no_cuda,)),
+]
+
+CASES = [*CONFIG, *DATA_CASES, *CHECKPOINTS, *SAMPLING, *FAULTS]
+
+
+@pytest.mark.parametrize(
+    "case", [pytest.param(case, id=case.id, marks=case.marks) for case in CASES]
+)
+def test_what_happens_when(
+    case: Case, template: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The case's command, run on a copy of the template as the case left it: its exit code,
+    its one error line (problem and fix), no traceback, and only what it may write written."""
+    folder = tmp_path / "run"
+    shutil.copytree(template, folder)
+    monkeypatch.chdir(folder)
+    with contextlib.ExitStack() as cleanup:
+        with monkeypatch.context() as patch:
+            scene = Scene(folder, template, patch, cleanup)
+            case.setup(scene)
+            before = hashes(folder)
+            outcome = (case.run or in_process)(case.args)
+        after = hashes(folder)
+        shown = f"exit {outcome.code}\nstdout: {outcome.stdout}\nstderr: {outcome.stderr}"
+        assert outcome.code == case.code, shown
+        assert "Traceback" not in outcome.stdout + outcome.stderr, shown
+        if case.code == 2:  # an error: one line, naming the problem and the fix
+            lines = error_lines(outcome.stderr)
+            assert len(lines) == 1 and lines[0].startswith("error: "), shown
+            assert re.search(case.message, lines[0]), f"{case.message!r} not in {lines[0]!r}"
+            if case.args[0] == "sample":  # its stdout carries the text alone: none, here
+                assert outcome.stdout == "", shown
+        elif case.message:
+            assert re.search(case.message, outcome.stdout), shown
+        changed = {path for path in before.keys() | after.keys()
+                   if before.get(path) != after.get(path)}
+        allowed = {path for path in changed
+                   if any(fnmatch.fnmatch(path, pattern) for pattern in case.writes)}
+        assert changed == allowed, f"changed, not allowed to: {sorted(changed - allowed)}"
+        if case.after is not None:
+            case.after(scene)
+
+
+def test_the_table_covers_forty_distinct_cases() -> None:
+    """Each case is there once, under its own name, and there are at least forty."""
+    ids = [case.id for case in CASES]
+    assert len(set(ids)) == len(ids) >= 40
