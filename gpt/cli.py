@@ -519,7 +519,7 @@ def plot(
     height: Annotated[int, typer.Option("--height", help="Height in pixels.")] = 600,
 ) -> None:
     """Draw runs' train and val loss by iteration and by wall time, and their learning rate,
-    from metrics.jsonl (needs matplotlib: pip install "gpt[plot]")."""
+    from metrics.jsonl (needs matplotlib: pip install matplotlib)."""
     from gpt.plot import plot_runs
 
     for note in plot_runs(run_dirs, out, width, height):

@@ -1,6 +1,6 @@
 """`gpt plot`: the loss and learning-rate curves of one or more runs, from their metrics.jsonl.
 
-matplotlib is an optional extra (`pip install "gpt[plot]"`), imported only when a figure is
+matplotlib is an optional extra (`pip install -e ".[plot]"`), imported only when a figure is
 drawn, and drawn without pyplot or a display: a `Figure` on the Agg canvas, so nothing global
 changes in a process that imports `gpt`.
 
@@ -31,7 +31,7 @@ DPI = 100  # --width and --height are pixels: inches times this
 DEFAULT_WIDTH, DEFAULT_HEIGHT = 1000, 600
 MIN_PIXELS, MAX_PIXELS = 300, 10_000
 FORMATS = (".png", ".svg", ".pdf")  # what --out may end in; the size is exact in pixels for PNG
-INSTALL = 'pip install "gpt[plot]" (or pip install matplotlib)'
+INSTALL = 'pip install matplotlib (or pip install -e ".[plot]" in a clone of gpt)'
 TRAIN_STYLE: dict[str, Any] = {"ls": "-", "lw": 1.3}
 VAL_STYLE: dict[str, Any] = {"ls": "--", "lw": 1.3, "marker": "o", "ms": 3}  # evaluations are few
 

@@ -156,7 +156,8 @@ def test_missing_matplotlib_names_the_install(tmp_path: Path, monkeypatch: pytes
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
     result = runner.invoke(app, ["plot", str(run), "--out", str(tmp_path / "a.png")])
     assert result.exit_code == 2
-    assert result.output == 'error: gpt plot needs matplotlib: pip install "gpt[plot]" (or pip install matplotlib)\n'
+    assert result.output == ('error: gpt plot needs matplotlib: pip install matplotlib '
+                             '(or pip install -e ".[plot]" in a clone of gpt)\n')
     assert not (tmp_path / "a.png").exists()
 
 
