@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from gpt.config import RunConfig, TrainConfig, to_dict
-from gpt.errors import first_line
+from gpt.errors import GPTError, first_line
 from gpt.fileio import write_atomic
 from gpt.peak import cpu_peak_flops, dtype_name
 
@@ -108,15 +108,27 @@ class MetricsLog:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.file = open(path, "a")
         self.wandb_run = wandb_run
+        self.failed = False  # a write failed (and said so)
 
     def write(self, record: dict[str, Any]) -> None:
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
+        try:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+        except OSError as e:  # a full disk fills at a metrics line far sooner than at a save
+            self.failed = True
+            raise GPTError(
+                f"cannot write {self.path} ({e.strerror or e}); free space on its disk (or make "
+                "it writable), then run gpt train again: it resumes from the newest checkpoint"
+            ) from None
         if self.wandb_run is not None:
             self.wandb_run.log(record, step=record["iter"])
 
     def close(self) -> None:
-        self.file.close()
+        try:
+            self.file.close()
+        except OSError:  # the line a failed write left in the buffer: already reported
+            if not self.failed:
+                raise
         if self.wandb_run is not None:
             import wandb
 

@@ -12,7 +12,8 @@ import torch
 
 from gpt.checkpoint import Checkpoint
 from gpt.config import TrainConfig, load_config
-from gpt.metrics import Throughput, peak_flops
+from gpt.errors import GPTError
+from gpt.metrics import MetricsLog, Throughput, peak_flops
 from gpt.train import train
 
 
@@ -63,3 +64,17 @@ def test_a_cpu_run_logs_mfu(tiny_run: Path, measured_peak: tuple[float, list[tor
     assert logged and all(
         r["mfu"] == pytest.approx(flops_per_token * r["tok_per_s"] / flops) for r in logged
     )
+
+
+def test_a_full_disk_at_a_metrics_line_is_one_error_and_closing_says_nothing_more(
+    tmp_path: Path,
+) -> None:
+    log = MetricsLog(tmp_path / "metrics.jsonl", None, None)
+    log.write({"iter": 1, "loss": 2.0})
+    log.file.close()
+    log.file = open("/dev/full", "a")  # every write: ENOSPC, as on a full disk
+    with pytest.raises(GPTError, match=r"metrics.jsonl \(No space left on device\); free space "
+                       r"on its disk .* run gpt train again: it resumes from the newest"):
+        log.write({"iter": 2, "loss": 1.9})
+    log.close()  # the unwritten line is not raised a second time
+    assert (tmp_path / "metrics.jsonl").read_text() == '{"iter": 1, "loss": 2.0}\n'
