@@ -381,6 +381,7 @@ def sample(
     import dataclasses
 
     from gpt.config import SampleConfig, layer_on_checkpoint
+    from gpt.device import memory_errors
     from gpt.hf.pretrained import open_model
     from gpt.sample import encode_prompt, load_for_inference, read_prompt, sample_text
 
@@ -409,13 +410,16 @@ def sample(
     with _stdout_for_text_only() as out, compile_errors("--compile"):
         model, tokenizer = load_for_inference(found, device, dtype, compile_model)
         encode_prompt(tokenizer, text, model.config.block_size)  # refused before it is echoed
-        if streaming:
-            typer.echo(text, nl=False, file=out)
-            sample_text(model, tokenizer, text, settings,
-                        on_text=lambda t: typer.echo(t, nl=False, file=out))
-            typer.echo("", file=out)
-            return
-        for i, generated in enumerate(sample_text(model, tokenizer, text, settings)):
+        on = next(model.parameters()).device  # the KV cache grows with samples and tokens:
+        with memory_errors(on, "lower --num-samples or --max-new-tokens, or choose --device"):
+            if streaming:
+                typer.echo(text, nl=False, file=out)
+                sample_text(model, tokenizer, text, settings,
+                            on_text=lambda t: typer.echo(t, nl=False, file=out))
+                typer.echo("", file=out)
+                return
+            samples = sample_text(model, tokenizer, text, settings)
+        for i, generated in enumerate(samples):
             if i:
                 typer.echo("\n" + "-" * 40, file=out)
             typer.echo(text + generated, file=out)

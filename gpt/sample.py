@@ -137,5 +137,8 @@ def read_prompt(prompt: str | None, prompt_file: Path | None, default: str) -> s
                 f"--prompt-file {prompt_file} is not UTF-8 text; convert it to UTF-8"
             ) from None
     if prompt == "-":
-        return sys.stdin.read()
+        try:
+            return sys.stdin.read()
+        except UnicodeDecodeError:
+            raise GPTError("the prompt on stdin is not UTF-8 text; convert it to UTF-8") from None
     return default if prompt is None else prompt

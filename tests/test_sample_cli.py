@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -102,6 +104,24 @@ def test_prompt_from_stdin_and_file(run: Path) -> None:
     assert a == b.output and a.startswith("def f4")
     empty = invoke(run, "sample", "--checkpoint", "out", "--prompt", "", "--no-stream")
     assert empty.exit_code == 0 and len(empty.output.rstrip("\n")) >= 1
+    latin1 = subprocess.run([sys.executable, "-m", "gpt", "sample", "--checkpoint", "out",
+                             "--prompt", "-"], cwd=run, input="déf".encode("latin-1"),
+                            capture_output=True, env={**os.environ, "PYTHONIOENCODING": "utf-8"})
+    assert latin1.returncode == 2 and latin1.stdout == b""
+    assert latin1.stderr == b"error: the prompt on stdin is not UTF-8 text; convert it to UTF-8\n"
+
+
+def test_running_out_of_memory_while_generating_is_one_line(
+    run: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_memory(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr("gpt.sample.generate", no_memory)
+    result = invoke(run, "sample", "--checkpoint", "out", "--num-samples", "64", "--no-stream")
+    assert result.exit_code == 2
+    assert result.output == ("error: out of memory on cpu (asked for 2.00 GiB); lower "
+                             "--num-samples or --max-new-tokens, or choose --device\n")
 
 
 @pytest.mark.parametrize(
