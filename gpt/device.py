@@ -83,7 +83,7 @@ def memory_errors(device: torch.device, fix: str) -> Iterator[None]:
         text = str(e)
         # CUDA: "Tried to allocate 2.00 GiB"; the CPU: "you tried to allocate 1024 bytes"
         if not isinstance(e, (MemoryError, torch.OutOfMemoryError)) and (
-            "can't allocate memory" not in text
+            "can't allocate memory" not in text and "MPS backend out of memory" not in text
         ):
             raise
         asked = re.search(r"(?i)tried to allocate (?:(\d+) bytes|([\d.]+ \w+))", text)
@@ -91,4 +91,15 @@ def memory_errors(device: torch.device, fix: str) -> Iterator[None]:
             f" (asked for {int(asked.group(1)):,} bytes)" if asked.group(1)
             else f" (asked for {asked.group(2)})"
         )
-        raise GPTError(f"out of memory on {device}{amount}; {fix}") from None
+        raise GPTError(f"out of memory on {_where(e, device)}{amount}; {fix}") from None
+
+
+def _where(error: BaseException, device: torch.device) -> str:
+    """The device that ran out, from the error: a model is built in host memory before it moves
+    to a GPU, so host memory can run out under `--device cuda` too."""
+    text = str(error)
+    if "DefaultCPUAllocator" in text or isinstance(error, MemoryError):
+        return "cpu (host memory)" if device.type != "cpu" else "cpu"
+    if "MPS backend out of memory" in text:
+        return "mps"
+    return str(device)

@@ -168,7 +168,7 @@ def summarize(path: Path) -> RunSummary:
     vals = [r["val_loss"] for r in records if "val_loss" in r and r["iter"] <= (run.iteration or 0)]
     if run.best_val_loss is not None:  # also the record a checkpoint keeps
         vals.append(run.best_val_loss)
-    run.best_val_loss = min(vals, default=None)
+    run.best_val_loss = min((v for v in vals if _finite(v)), default=None)  # a NaN hides none
     if held_by is None and None not in (run.iteration, run.max_iters):
         run.status = "finished" if run.iteration >= run.max_iters else "interrupted"
     if run.max_iters is not None and run.iteration is not None and run.iteration > run.max_iters:
@@ -269,15 +269,21 @@ def _loss(value: float | None) -> str:
     return "-" if value is None or not math.isfinite(value) else f"{value:.4f}"
 
 
+def _finite(value: object) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
 def _count(n: float | None) -> str:
-    """A token count to about three figures: 983, 12.3k, 2.62M, 10.0B."""
+    """A token count to three figures: 983, 12.3k, 2.62M, 10.0B (999,950 is 1.00M, not 1000k)."""
     if n is None:
         return "-"
-    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("k", 1e3)):
-        if n >= scale:
-            value = n / scale
-            return f"{value:.{2 if value < 10 else 1 if value < 100 else 0}f}{unit}"
-    return f"{n:.0f}"
+    for unit, scale in (("", 1.0), ("k", 1e3), ("M", 1e6), ("B", 1e9), ("T", 1e12)):
+        value = float(f"{n / scale:.3g}")  # rounded first, so that it picks the unit
+        if value < 1000 or unit == "T":
+            if not unit:
+                return f"{n:.0f}"
+            return f"{value:.{0 if value >= 100 else 1 if value >= 10 else 2}f}{unit}"
+    raise AssertionError("unreachable: T takes every larger count")
 
 
 def _duration(seconds: float | None) -> str:

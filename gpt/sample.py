@@ -136,9 +136,10 @@ def read_prompt(prompt: str | None, prompt_file: Path | None, default: str) -> s
             raise GPTError(
                 f"--prompt-file {prompt_file} is not UTF-8 text; convert it to UTF-8"
             ) from None
-    if prompt == "-":
+    if prompt == "-":  # bytes, decoded here: a UTF-8 locale's stdin would let bad bytes pass
+        data = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read()
         try:
-            return sys.stdin.read()
+            return data if isinstance(data, str) else data.decode("utf-8")
         except UnicodeDecodeError:
             raise GPTError("the prompt on stdin is not UTF-8 text; convert it to UTF-8") from None
     return default if prompt is None else prompt

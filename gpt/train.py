@@ -40,7 +40,7 @@ from gpt.config import (
 from gpt.data.prepare import prepare
 from gpt.data.prepared import BatchSampler, PreparedData
 from gpt.device import memory_errors, resolve_device, resolve_dtype
-from gpt.errors import GPTError, compile_errors
+from gpt.errors import GPTError, compile_errors, first_line
 from gpt.hf.pretrained import Pretrained, is_pretrained, model_from_pretrained, open_model
 from gpt.lock import FolderLock
 from gpt.metrics import MetricsLog, Throughput, peak_flops, start_wandb
@@ -626,12 +626,37 @@ def save(run: Run, is_best: bool) -> None:
                 out_dir, run.state.iteration, run.model, run.optimizer.state_dict(), state,
                 run.cfg.train.keep_last, is_best, run.damaged_checkpoints,
             )
-        except OSError as e:
-            failed = _save_failed(out_dir, run.state.iteration, e, run.last_checkpoint)
+        except Exception as e:
+            if (failure := _write_failure(e, out_dir)) is None:
+                raise
+            failed = _save_failed(out_dir, run.state.iteration, failure, run.last_checkpoint)
             raise GPTError(failed) from None
         run.damaged_checkpoints.discard(run.last_checkpoint.name)  # overwritten: good now
     if run.world.world_size > 1:
         dist.barrier()
+
+
+LOW_SPACE = 256 * 2**20  # free bytes below which a failed write is taken for a full disk
+
+
+def _write_failure(error: Exception, out_dir: Path) -> OSError | None:
+    """The OSError behind a failed save, or None if it was no write failure. safetensors and
+    torch.save report a full disk in their own words ("I/O error", "unexpected pos"), without
+    an errno: the free space on out_dir's disk tells a full one from another failure."""
+    if isinstance(error, OSError):
+        return error
+    text = str(error)
+    written = type(error).__name__ == "SafetensorError" or (
+        isinstance(error, RuntimeError)
+        and any(mark in text for mark in ("unexpected pos", "failed writing", "write failed"))
+    )
+    if not written:
+        return None
+    try:
+        full = shutil.disk_usage(out_dir).free < LOW_SPACE
+    except OSError:
+        full = False
+    return OSError(errno.ENOSPC if full else errno.EIO, first_line(error, 80))
 
 
 def _save_failed(out_dir: Path, iteration: int, error: OSError, previous: Path | None) -> str:

@@ -5,6 +5,7 @@ as they read, with notes."""
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 from collections.abc import Callable
@@ -159,6 +160,17 @@ def test_the_best_val_loss_counts_evaluations_up_to_the_checkpoint(trained: Path
     assert summarize(run_dir).best_val_loss == min(r["val_loss"] for r in records if "val_loss" in r and r["iter"] <= 20)
 
 
+def test_a_nan_evaluation_does_not_hide_the_best_one(trained: Path, tmp_path: Path) -> None:
+    run_dir = copy_run(trained, tmp_path / "run")
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    first_eval = next(i for i, line in enumerate(lines) if "val_loss" in json.loads(line))
+    record = {**json.loads(lines[first_eval]), "val_loss": float("nan")}
+    lines[first_eval] = json.dumps(record)  # NaN, as Python's json writes it
+    (run_dir / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    best = summarize(run_dir).best_val_loss
+    assert best is not None and math.isfinite(best)
+
+
 def test_the_cli_lists_every_run_and_never_fails_on_a_damaged_one(trained: Path, tmp_path: Path) -> None:
     copy_run(trained, tmp_path / "out" / "good")
     broken = tmp_path / "out" / "broken"
@@ -195,7 +207,8 @@ def test_the_cli_refuses_a_folder_that_is_not_one(tmp_path: Path, make: str) -> 
 
 @pytest.mark.parametrize(
     ("n", "text"),
-    [(None, "-"), (983, "983"), (12_345, "12.3k"), (2_621_440, "2.62M"), (10e9, "10.0B"), (3e12, "3.00T")],
+    [(None, "-"), (983, "983"), (12_345, "12.3k"), (2_621_440, "2.62M"), (10e9, "10.0B"), (3e12, "3.00T"),
+     (999, "999"), (99_995, "100k"), (999_950, "1.00M"), (9_999_000, "10.0M")],  # rounding picks the unit
 )
 def test_token_counts(n: float | None, text: str) -> None:
     assert _count(n) == text

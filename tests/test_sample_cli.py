@@ -106,7 +106,7 @@ def test_prompt_from_stdin_and_file(run: Path) -> None:
     assert empty.exit_code == 0 and len(empty.output.rstrip("\n")) >= 1
     latin1 = subprocess.run([sys.executable, "-m", "gpt", "sample", "--checkpoint", "out",
                              "--prompt", "-"], cwd=run, input="déf".encode("latin-1"),
-                            capture_output=True, env={**os.environ, "PYTHONIOENCODING": "utf-8"})
+                            capture_output=True)
     assert latin1.returncode == 2 and latin1.stdout == b""
     assert latin1.stderr == b"error: the prompt on stdin is not UTF-8 text; convert it to UTF-8\n"
 

@@ -6,11 +6,12 @@ import contextlib
 import json
 import math
 import os
+import resource
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -170,6 +171,43 @@ def test_sigterm_saves_and_exits_143(tiny_run: Path) -> None:
     latest = (tiny_run / "out" / "latest").read_text().strip()
     saved = json.loads((tiny_run / "out" / latest / "state.json").read_text())["iter"]
     assert 0 < saved < 100000 and f"stopped by signal after iteration {saved}" in output
+
+
+def _file_size_limit(limit: int) -> Callable[[], None]:
+    """For a child process: files may not grow past `limit` bytes (EFBIG at the write, as on a
+    full disk, instead of SIGXFSZ), so the OS, not a patch, makes the writes fail."""
+    def apply() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return apply
+
+
+@pytest.mark.slow
+def test_a_checkpoint_the_os_refuses_to_write_is_one_line_and_the_run_resumes(
+    tiny_run: Path,
+) -> None:
+    """The writes of safetensors and torch.save, failing in the kernel: one line naming the
+    intact previous checkpoint, no partial folder, and the run resumes to the uninterrupted
+    run's weights once the writes succeed again."""
+    fixed = ("--set", "train.lr_decay_iters=30")
+    subprocess.run(gpt_cmd(*fixed, "--set", "train.out_dir=straight"), check=True, env=ENV,
+                   capture_output=True)
+    subprocess.run(gpt_cmd(*fixed, "--set", "train.max_iters=10"), check=True, env=ENV,
+                   capture_output=True)
+    weights = (tiny_run / "out" / "ckpt-0000010" / "model.safetensors").stat().st_size
+    failed = subprocess.run(gpt_cmd(*fixed, "--set", "train.max_iters=20"), env=ENV, text=True,
+                            capture_output=True, preexec_fn=_file_size_limit(weights // 2))
+    assert failed.returncode == 2, failed.stderr
+    error = [line for line in failed.stderr.splitlines() if line.startswith("error:")]
+    assert len(error) == 1 and "Traceback" not in failed.stderr, failed.stderr
+    assert "cannot write the checkpoint of iteration 20 into out" in error[0]
+    assert "resume from out/ckpt-0000010, which is intact" in error[0]
+    assert sorted(p.name for p in (tiny_run / "out").iterdir() if "ckpt" in p.name) == [
+        "ckpt-0000010"]  # no temporary folder left
+    assert train(load_config("tiny.toml", ["train.lr_decay_iters=30"])) == 0
+    a = load_file(str(tiny_run / "straight" / "ckpt-0000030" / "model.safetensors"))
+    b = load_file(str(tiny_run / "out" / "ckpt-0000030" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_corrupted_latest_falls_back_to_previous(tiny_run: Path, capsys: pytest.CaptureFixture) -> None:

@@ -405,6 +405,9 @@ def _tokenize(
     return meta
 
 
+WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)
+
+
 @contextlib.contextmanager
 def _write_errors(data_dir: Path) -> Iterator[None]:
     """A token file that cannot be written (a full disk, say) as one line; the writer has
@@ -412,6 +415,10 @@ def _write_errors(data_dir: Path) -> Iterator[None]:
     try:
         yield
     except OSError as e:
+        where = Path(e.filename).resolve() if isinstance(e.filename, str) else None
+        ours = where is not None and data_dir.resolve() in (where, *where.parents)
+        if e.errno not in WRITE_ERRNOS and not ours:  # reading the source: its own error
+            raise
         full = e.errno in (errno.ENOSPC, errno.EDQUOT)
         fix = "free some space" if full else "make it writable"
         raise GPTError(
