@@ -249,17 +249,19 @@ def _flop_rate(n: float) -> str:
 
 
 def _tokenizer_vocab(cfg: RunConfig) -> int:
-    """The vocabulary `gpt train` would take: a named tokenizer's, or prepared char data's."""
+    """The vocabulary `gpt train` would take: a named tokenizer's, or prepared char or bpe
+    data's (built from the text)."""
     from gpt.data.prepared import PreparedData
     from gpt.tokenizer import get_tokenizer
 
-    if cfg.data.tokenizer != "char":
+    if cfg.data.tokenizer not in ("char", "bpe"):
         return get_tokenizer(cfg.data.tokenizer).vocab_size
     try:
         return PreparedData(cfg.data.resolved_data_dir).vocab_size
     except GPTError:
         raise GPTError(
-            "[model] vocab_size depends on the char tokenizer's data, which is not prepared yet; "
+            f"[model] vocab_size depends on the {cfg.data.tokenizer} tokenizer's data, which is "
+            "not prepared yet; "
             "run gpt prepare first, or set it with --set model.vocab_size=N"
         ) from None
 

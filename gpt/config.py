@@ -219,7 +219,14 @@ class DataConfig(_Section):
     data_dir: str | None = _key(
         None, "where train.bin/val.bin/meta.json go; unset = data/<source>-<tokenizer>"
     )
-    tokenizer: str = _key("gpt2", "gpt2 (bundled BPE), char, or a tiktoken encoding name")
+    tokenizer: str = _key(
+        "gpt2",
+        "gpt2 (bundled BPE), char, bpe (a byte-level BPE learned from the train split), or a "
+        "tiktoken encoding name",
+    )
+    bpe_vocab_size: int = _key(
+        8192, "tokenizer = bpe: ids to learn, end-of-text included; rounded up to a multiple of 64"
+    )
     glob: str = _key(
         "**/*.txt,**/*.md,**/*.rst,**/*.py",
         "comma-separated file patterns used when source is a folder",
@@ -234,10 +241,20 @@ class DataConfig(_Section):
 
     def check(self) -> None:
         self._positive("num_proc")
+        if self.bpe_vocab_size < 257:
+            self._fail(
+                "bpe_vocab_size",
+                f"must be at least 257 (the 256 bytes and the end-of-text), got "
+                f"{self.bpe_vocab_size!r}",
+            )
         if not 0.0 < self.val_fraction < 1.0:
             self._fail("val_fraction", f"must be in (0, 1), got {self.val_fraction!r}")
         if not self.source.strip():
             self._fail("source", "is empty; set it to a file, folder, hf:NAME or python-stdlib")
+
+    def derived(self) -> dict[str, Any]:
+        """A learned vocabulary the size the model's embedding is padded to anyway."""
+        return {"bpe_vocab_size": pad_vocab(self.bpe_vocab_size)}
 
     @property
     def resolved_data_dir(self) -> Path:

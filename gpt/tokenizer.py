@@ -1,5 +1,6 @@
-"""Tokenizers: GPT-2 BPE from the bundled vocabulary, character-level, any tiktoken encoding, or
-an HF model's own tokenizer (tokenizer.json, through the `tokenizers` library).
+"""Tokenizers: GPT-2 BPE from the bundled vocabulary, character-level, a byte-level BPE learned
+from the training text, any tiktoken encoding, or an HF model's own tokenizer (tokenizer.json,
+through the `tokenizers` library).
 
 All share one small interface (`name`, `vocab_size`, `eot_id`, `bos_id`, `encode`,
 `encode_batch`, `decode`, `to_dict`) and are rebuilt from `to_dict()` with `tokenizer_from_dict`,
@@ -295,6 +296,154 @@ class HFTokenizer:
         )
 
 
+def byte_chars() -> list[str]:
+    """GPT-2's printable stand-in for each byte (its `bytes_to_unicode`), as byte-level BPE
+    vocabularies spell tokens: printable Latin-1 bytes stand for themselves, the others for code
+    points from 256 up, in byte order."""
+    printable = {*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)}
+    chars = []
+    shifted = 0
+    for byte in range(256):
+        if byte in printable:
+            chars.append(chr(byte))
+        else:
+            chars.append(chr(256 + shifted))
+            shifted += 1
+    return chars
+
+
+BPE_MIN_VOCAB = 257  # the 256 bytes and the end-of-text token
+
+
+class BPETokenizer:
+    """A byte-level BPE learned from the training text (`learn`), GPT-2's kind: any UTF-8 text
+    encodes (every byte is a token), GPT-2's split pattern, <|endoftext|> as the last id.
+
+    The record holds the library's tokenizer.json and its sha256, so a data folder or a
+    checkpoint carries the whole vocabulary. Text is encoded as ordinary text, as by gpt2 (a
+    literal "<|endoftext|>" is text), through tiktoken built from the learned ranks (each
+    token's bytes -> its id), which gives the library's ids and encoded a few MB of Python
+    source several times faster than the library's batched encoder (scripts/bench_bpe.py
+    measures both).
+    """
+
+    name = "bpe"
+    bos_id: int | None = None
+
+    def __init__(self, tokenizer_json: str, sha256: str | None = None) -> None:
+        try:
+            from tokenizers import Tokenizer as Backend
+
+            backend = Backend.from_str(tokenizer_json)
+        except ImportError:
+            raise GPTError(
+                "the bpe tokenizer needs the tokenizers library: pip install tokenizers"
+            ) from None
+        except Exception as e:
+            raise GPTError(
+                f"the learned bpe tokenizer does not load ({first_line(e)}); rebuild the data "
+                "with gpt prepare --force"
+            ) from None
+        self.tokenizer_json: str = backend.to_str()
+        self.sha256 = hashlib.sha256(self.tokenizer_json.encode()).hexdigest()
+        if sha256 is not None and sha256 != self.sha256:
+            raise GPTError(
+                "the learned bpe tokenizer does not match its sha256 (damaged record); rebuild "
+                "the data with gpt prepare --force"
+            )
+        backend.encode_special_tokens = True  # "<|endoftext|>" in a text is text, as for gpt2
+        self.backend = backend
+        vocab = backend.get_vocab(with_added_tokens=True)
+        if GPT2_EOT not in vocab:
+            raise GPTError(
+                f"the learned bpe tokenizer has no {GPT2_EOT} token; rebuild the data with "
+                "gpt prepare --force"
+            )
+        self.eot_id: int = vocab[GPT2_EOT]
+        self.vocab_size: int = max(vocab.values()) + 1
+        stand_in = {c: b for b, c in enumerate(byte_chars())}
+        ranks = {
+            bytes(stand_in[c] for c in token): i for token, i in vocab.items() if token != GPT2_EOT
+        }
+        import tiktoken
+
+        self.encoding = tiktoken.Encoding(
+            name="bpe",
+            pat_str=GPT2_SPLIT_PATTERN,
+            mergeable_ranks=ranks,
+            special_tokens={GPT2_EOT: self.eot_id},
+            explicit_n_vocab=self.vocab_size,
+        )
+
+    @classmethod
+    def learn(cls, texts: Iterable[str], vocab_size: int) -> BPETokenizer:
+        """Learn a byte-level BPE of at most `vocab_size` ids (the end-of-text one included)
+        from `texts` with the tokenizers library's trainer; the same texts learn the same one."""
+        from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+        if vocab_size < BPE_MIN_VOCAB:
+            raise GPTError(
+                f"[data] bpe_vocab_size: must be at least {BPE_MIN_VOCAB} (the 256 bytes and "
+                f"the end-of-text token), got {vocab_size}"
+            )
+        backend = Tokenizer(models.BPE())
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        backend.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size - 1,  # the end-of-text token is added after, as the last id
+            min_frequency=2,
+            show_progress=False,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # all 256 bytes: no unknowns
+            special_tokens=[],
+        )
+        backend.train_from_iterator(texts, trainer=trainer)
+        backend.add_special_tokens([AddedToken(GPT2_EOT, special=True, normalized=False)])
+        return cls(backend.to_str())
+
+    def _check_text(self, text: str) -> None:
+        """Refuse a str that is not Unicode text (a lone surrogate such as "\\ud800"), which
+        tiktoken would quietly replace."""
+        if text.isascii():
+            return
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise GPTError(
+                f"text holds {text[e.start:e.end]!r} at character {e.start}, which is not "
+                "Unicode text (a lone surrogate); remove it, or read the text as UTF-8"
+            ) from None
+
+    def encode(self, text: str) -> list[int]:
+        self._check_text(text)
+        return self.encoding.encode_ordinary(text)
+
+    def encode_array(self, text: str) -> np.ndarray:
+        """Ids as an array straight from tiktoken's buffer."""
+        self._check_text(text)
+        if hasattr(self.encoding, "encode_to_numpy"):
+            return self.encoding.encode_to_numpy(text, allowed_special=set(), disallowed_special=())
+        return np.asarray(self.encoding.encode_ordinary(text), dtype=np.uint32)
+
+    def encode_batch(self, texts: list[str], num_threads: int = ENCODE_THREADS) -> list[list[int]]:
+        for text in texts:
+            self._check_text(text)
+        return self.encoding.encode_ordinary_batch(texts, num_threads=num_threads)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text of `ids`; ids past the vocabulary (a model's padding) decode to nothing."""
+        return self.encoding.decode([i for i in ids if 0 <= i < self.vocab_size])
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "tokenizer_json": self.tokenizer_json, "sha256": self.sha256}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> BPETokenizer:
+        if not isinstance(d.get("tokenizer_json"), str):
+            raise GPTError("bpe tokenizer record has no tokenizer_json; re-run gpt prepare --force")
+        return cls(d["tokenizer_json"], d.get("sha256"))
+
+
 def gpt2_ranks() -> dict[bytes, int]:
     """GPT-2's BPE ranks (token bytes -> id) from the bundled file, checked against its
     published hash; also what an HF export of the gpt2 tokenizer is derived from."""
@@ -329,6 +478,8 @@ def get_tokenizer(name: str) -> TiktokenTokenizer:
         return _CACHE[name]
     if name == "char":
         raise GPTError("the char tokenizer is built from data: run gpt prepare with tokenizer=char")
+    if name == BPETokenizer.name:
+        raise GPTError("the bpe tokenizer is learned from data: run gpt prepare with tokenizer=bpe")
     if name == HFTokenizer.name or name.startswith(f"{HFTokenizer.name}-"):
         raise GPTError(
             f"tokenizer {name!r} is an HF model's own, which comes with the model, not by name: "
@@ -341,7 +492,7 @@ def get_tokenizer(name: str) -> TiktokenTokenizer:
 
         known = tiktoken.list_encoding_names()
         if name not in known:
-            choices = ", ".join(["gpt2", "char", *[k for k in known if k != "gpt2"]])
+            choices = ", ".join(["gpt2", "char", "bpe", *[k for k in known if k != "gpt2"]])
             raise GPTError(f"[data] tokenizer: unknown tokenizer {name!r}; choose one of {choices}")
         try:
             tok = TiktokenTokenizer(name, tiktoken.get_encoding(name))
@@ -363,5 +514,7 @@ def tokenizer_from_dict(d: dict[str, Any]) -> Tokenizer:
         return CharTokenizer(d.get("chars", ""))
     if d["name"] == HFTokenizer.name:
         return HFTokenizer.from_dict(d)
+    if d["name"] == BPETokenizer.name:
+        return BPETokenizer.from_dict(d)
     return get_tokenizer(d["name"])
 

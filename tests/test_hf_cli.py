@@ -308,7 +308,7 @@ def test_export_refuses_a_tokenizer_hf_has_no_files_for(in_tmp: Path) -> None:
     state_path.write_text(json.dumps({**state, "tokenizer": {"name": "cl100k_base"}}))
     result = runner.invoke(app, ["export", "--checkpoint", "run", "--out", "exported"])
     assert result.exit_code == 2, result.output
-    assert "export writes the gpt2, char and HF tokenizers, not 'cl100k_base'" in result.output
+    assert "export writes the gpt2, char, bpe and HF tokenizers, not 'cl100k_base'" in result.output
     assert not Path("exported").exists()
 
 

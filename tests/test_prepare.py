@@ -361,8 +361,8 @@ def test_empty_source_and_unknown_tokenizer_are_errors(tmp_path: Path, docs_fold
     with pytest.raises(GPTError, match=r"holds no text"):
         prepare(cfg(tmp_path, tmp_path / "empty.txt"), progress=False)
     assert leftovers(tmp_path / "prepared") == []
-    with pytest.raises(GPTError, match=r"unknown tokenizer 'bpe'"):
-        prepare(cfg(tmp_path, docs_folder(), tokenizer="bpe"), progress=False)
+    with pytest.raises(GPTError, match=r"unknown tokenizer 'bpe2'"):
+        prepare(cfg(tmp_path, docs_folder(), tokenizer="bpe2"), progress=False)
 
 
 def test_non_utf8_files_skip_with_count_or_fail(tmp_path: Path, capsys: pytest.CaptureFixture, docs_folder: Callable[..., Path]) -> None:

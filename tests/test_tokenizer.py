@@ -67,8 +67,8 @@ def test_char_unknown_characters_are_named() -> None:
 
 
 def test_unknown_tokenizer_lists_choices() -> None:
-    with pytest.raises(GPTError, match=r"unknown tokenizer 'bpe'; choose one of gpt2, char"):
-        get_tokenizer("bpe")
+    with pytest.raises(GPTError, match=r"unknown tokenizer 'bpe2'; choose one of gpt2, char, bpe"):
+        get_tokenizer("bpe2")
 
 
 def test_unavailable_tiktoken_encoding_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -36,7 +36,13 @@ from gpt.data.prepared import (
 from gpt.data.sources import Source, open_source
 from gpt.errors import GPTError
 from gpt.lock import FolderLock
-from gpt.tokenizer import CharTokenizer, Tokenizer, get_tokenizer, tokenizer_from_dict
+from gpt.tokenizer import (
+    BPETokenizer,
+    CharTokenizer,
+    Tokenizer,
+    get_tokenizer,
+    tokenizer_from_dict,
+)
 
 PREPARE_LOCK = ".prepare.lock"  # in the data folder: one prepare writes it at a time
 BATCH_CHARS = 2_000_000  # text per worker task: amortises the round trip, bounds memory
@@ -47,7 +53,9 @@ Piece = tuple[str, str, bool]  # (split, text, ends_document): a unit of tokeniz
 
 
 def _settings(cfg: DataConfig) -> dict[str, Any]:
-    """The settings that decide the token files' contents (num_proc does not)."""
+    """The settings that decide the token files' contents (num_proc does not); a learned
+    vocabulary's size only where one is learned, so other folders keep their fingerprints."""
+    learned = {"bpe_vocab_size": cfg.bpe_vocab_size} if cfg.tokenizer == BPETokenizer.name else {}
     return {
         "version": FORMAT_VERSION,
         "source": cfg.source,
@@ -58,6 +66,7 @@ def _settings(cfg: DataConfig) -> dict[str, Any]:
         "val_fraction": cfg.val_fraction,
         "seed": cfg.seed,
         "decode_errors": cfg.decode_errors,
+        **learned,
     }
 
 
@@ -137,14 +146,15 @@ def _warn_if_uneven(chars: dict[str, int], documents: int, cfg: DataConfig) -> N
     )
 
 
-def _split_pieces(source: Source, cfg: DataConfig) -> Iterator[Piece]:
+def _split_pieces(source: Source, cfg: DataConfig, warn: bool = True) -> Iterator[Piece]:
     """(split, text, ends_document) pieces in corpus order.
 
     A running text (or a corpus of one document) is split by characters, the first
     1 - val_fraction to train; documents are split whole, each by its index among all of them
     (empty and skipped ones included, so one unreadable file does not reshuffle the others),
     as `_choose_val` says when their count is known, else by a seeded hash of the index. The
-    characters of each split are counted as they go, for `_warn_if_uneven`.
+    characters of each split are counted as they go, for `_warn_if_uneven` (unless not `warn`:
+    a second pass over the same split).
     """
     count = None if source.single_text else source.count()  # a URL's text is not loaded twice
     if source.single_text or count == 1:
@@ -168,7 +178,16 @@ def _split_pieces(source: Source, cfg: DataConfig) -> Iterator[Piece]:
             chars[split] += len(text)
             documents += 1
             yield split, text, True
-    _warn_if_uneven(chars, documents, cfg)
+    if warn:
+        _warn_if_uneven(chars, documents, cfg)
+
+
+def _train_texts(source: Source, cfg: DataConfig) -> Iterator[str]:
+    """The texts of the train split alone, what a learned tokenizer may see: the validation
+    text never shapes the vocabulary it is measured with."""
+    for split, text, _ in _split_pieces(source, cfg, warn=False):
+        if split == "train":
+            yield text
 
 
 def _encode_batch(
@@ -371,8 +390,13 @@ def _tokenize(
     tokenizer: Tokenizer
     if tokenizer_record is not None:
         tokenizer = tokenizer_from_dict(tokenizer_record)
-    elif cfg.tokenizer == "char":
+    elif cfg.tokenizer == CharTokenizer.name:
         tokenizer = CharTokenizer.from_texts(source.documents())
+    elif cfg.tokenizer == BPETokenizer.name:
+        if progress:
+            print(f"learning a {cfg.bpe_vocab_size}-id BPE from the train split of "
+                  f"{source.description}")
+        tokenizer = BPETokenizer.learn(_train_texts(source, cfg), cfg.bpe_vocab_size)
     else:
         tokenizer = get_tokenizer(cfg.tokenizer)
     workers = cfg.num_proc or os.cpu_count() or 1

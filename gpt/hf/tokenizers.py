@@ -7,7 +7,8 @@ recognised and given their own records, so data prepared with those stays compat
 
 Export: `save_hf_tokenizer` writes tokenizer files that `AutoTokenizer.from_pretrained` loads
 into a tokenizer giving the ids ours gives: GPT-2's BPE derived from the bundled ranks (no
-download), a char vocabulary as a one-character-per-token WordLevel, or an HF record written back.
+download), a char vocabulary as a one-character-per-token WordLevel, a learned BPE as its own
+tokenizer.json, or an HF record written back.
 """
 
 from __future__ import annotations
@@ -23,8 +24,10 @@ from gpt.errors import GPTError, first_line
 from gpt.tokenizer import (
     GPT2_EOT,
     HF_SPECIAL_TOKENS,
+    BPETokenizer,
     CharTokenizer,
     HFTokenizer,
+    byte_chars,
     gpt2_ranks,
 )
 
@@ -78,6 +81,8 @@ def save_hf_tokenizer(
         hf = _gpt2_hf(model_max_length)
     elif name == CharTokenizer.name:
         hf = _char_hf(record, model_max_length)
+    elif name == BPETokenizer.name:
+        hf = _bpe_hf(record, model_max_length)
     else:
         hf = _hf_hf(record, model_max_length)
     hf.save_pretrained(str(out_dir))
@@ -90,13 +95,13 @@ def save_hf_tokenizer(
 
 
 def check_exportable_tokenizer(record: dict[str, Any]) -> None:
-    """Raise unless `save_hf_tokenizer` writes this tokenizer: GPT-2's BPE, a char vocabulary
-    or an HF tokenizer (other tiktoken encodings are not written out)."""
+    """Raise unless `save_hf_tokenizer` writes this tokenizer: GPT-2's BPE, a char vocabulary,
+    a learned BPE or an HF tokenizer (other tiktoken encodings are not written out)."""
     name = record.get("name") if isinstance(record, dict) else None
-    if name not in ("gpt2", CharTokenizer.name, HFTokenizer.name):
+    if name not in ("gpt2", CharTokenizer.name, BPETokenizer.name, HFTokenizer.name):
         raise GPTError(
-            f"export writes the gpt2, char and HF tokenizers, not {name!r}; train with one of "
-            "those to export"
+            f"export writes the gpt2, char, bpe and HF tokenizers, not {name!r}; train with one "
+            "of those to export"
         )
 
 
@@ -259,32 +264,16 @@ def _char_vocabulary(tokenizer: HFTokenizer, pipeline: dict[str, Any]) -> str | 
     return "".join(chars)
 
 
-def _byte_chars() -> list[str]:
-    """GPT-2's printable stand-in for each byte (its `bytes_to_unicode`): printable Latin-1
-    bytes stand for themselves, the others for code points from 256 up, in byte order."""
-    printable = {*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
-                 *range(ord("®"), ord("ÿ") + 1)}
-    chars = []
-    shifted = 0
-    for byte in range(256):
-        if byte in printable:
-            chars.append(chr(byte))
-        else:
-            chars.append(chr(256 + shifted))
-            shifted += 1
-    return chars
-
-
-def _as_chars(token: bytes, byte_chars: list[str]) -> str:
-    return "".join(byte_chars[b] for b in token)
+def _as_chars(token: bytes, stand_ins: list[str]) -> str:
+    return "".join(stand_ins[b] for b in token)
 
 
 @functools.cache
 def _gpt2_vocab() -> dict[str, int]:
     """GPT-2's vocabulary as HF spells it (bytes as printable stand-ins), <|endoftext|> last."""
-    byte_chars = _byte_chars()
+    stand_ins = byte_chars()
     ranks = gpt2_ranks()
-    return {**{_as_chars(t, byte_chars): r for t, r in ranks.items()}, GPT2_EOT: len(ranks)}
+    return {**{_as_chars(t, stand_ins): r for t, r in ranks.items()}, GPT2_EOT: len(ranks)}
 
 
 def _bpe_parts(token: bytes, ranks: dict[bytes, int], below: int) -> list[bytes]:
@@ -304,7 +293,7 @@ def _bpe_parts(token: bytes, ranks: dict[bytes, int], below: int) -> list[bytes]
 def _gpt2_merges() -> list[tuple[str, str]]:
     """GPT-2's merges recovered from its ranks: each token of two or more bytes, in rank order,
     is the merge of the two lower-ranked tokens that BPE stops at just before it."""
-    byte_chars = _byte_chars()
+    stand_ins = byte_chars()
     ranks = gpt2_ranks()
     merges = []
     for token, rank in sorted(ranks.items(), key=lambda item: item[1]):
@@ -313,7 +302,7 @@ def _gpt2_merges() -> list[tuple[str, str]]:
         parts = _bpe_parts(token, ranks, rank)
         if len(parts) != 2:
             raise GPTError("the bundled gpt2 ranks are not a BPE merge order; reinstall gpt")
-        merges.append((_as_chars(parts[0], byte_chars), _as_chars(parts[1], byte_chars)))
+        merges.append((_as_chars(parts[0], stand_ins), _as_chars(parts[1], stand_ins)))
     return merges
 
 
@@ -351,6 +340,25 @@ def _char_hf(record: dict[str, Any], model_max_length: int) -> Any:
     return PreTrainedTokenizerFast(
         tokenizer_object=backend,
         eos_token="\n",
+        clean_up_tokenization_spaces=False,
+        model_max_length=model_max_length,
+    )
+
+
+def _bpe_hf(record: dict[str, Any], model_max_length: int) -> Any:
+    """A learned BPE as GPT-2's is written: its own tokenizer.json, <|endoftext|> as bos, eos
+    and unk, and decoding that gives the text back unchanged."""
+    from tokenizers import Tokenizer, processors
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = BPETokenizer.from_dict(record)  # checks the record and its hash
+    backend = Tokenizer.from_str(tokenizer.tokenizer_json)
+    backend.post_processor = processors.ByteLevel(trim_offsets=False)  # adds no ids
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token=GPT2_EOT,
+        eos_token=GPT2_EOT,
+        unk_token=GPT2_EOT,
         clean_up_tokenization_spaces=False,
         model_max_length=model_max_length,
     )
