@@ -289,6 +289,16 @@ def prepare(
 
 
 @command()
+def tokenizer(config: ConfigOption = None, set_: SetOption = None) -> None:
+    """Bytes per token on [data] source's validation text for the learned BPE (once prepared),
+    GPT-2's BPE and characters, and a few lines split into tokens."""
+    from gpt.data.report import tokenizer_report
+
+    cfg = load_config(config, set_)
+    typer.echo(tokenizer_report(cfg.data))
+
+
+@command()
 def train(
     config: ConfigOption = None,
     set_: SetOption = None,

@@ -182,3 +182,22 @@ def test_export_loads_in_transformers_with_the_same_ids(
     assert hf(text)["input_ids"] == learned.encode(text)
     assert hf.decode(learned.encode(text)) == text
     assert hf.eos_token_id == learned.eot_id
+
+
+def test_gpt_tokenizer_reports_bytes_per_token_and_splits(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "corpus.txt").write_text(CODE)
+    settings = ["--set", "data.source=corpus.txt", "--set", "data.data_dir=prepared",
+                "--set", "data.tokenizer=bpe", "--set", "data.bpe_vocab_size=320"]
+    before = runner.invoke(app, ["tokenizer", *settings])
+    assert before.exit_code == 0, before.output
+    assert "no learned bpe in prepared: run gpt prepare" in before.output
+    prepare(data_cfg(tmp_path), progress=False)
+    result = runner.invoke(app, ["tokenizer", *settings])
+    assert result.exit_code == 0, result.output
+    rates = {line.split()[0]: float(line.split()[-1]) for line in result.output.splitlines()
+             if line.startswith("  ") and line.split()[-1][0].isdigit()}
+    assert set(rates) == {"bpe", "gpt2", "char"} and rates["char"] == 1.0
+    assert rates["bpe"] > rates["char"]
+    assert result.output.count("example: ") == 3
+    assert "  bpe   |" in result.output and "  gpt2  |def| function" in result.output
