@@ -24,12 +24,12 @@ def test_help_lists_every_command() -> None:
     assert result.exit_code == 0
     listed = {line.split()[0] for line in result.output.splitlines() if line.startswith("  ")}
     registered = {c.name or c.callback.__name__ for c in app.registered_commands}
-    assert registered == {"info", "prepare", "train", "sample", "eval", "export", "plot", "runs"}
+    assert registered == {"info", "prepare", "train", "sample", "eval", "export", "plot", "runs", "tokenizer"}
     assert registered <= listed
 
 
 @pytest.mark.parametrize(
-    "command", ["info", "prepare", "train", "sample", "eval", "export", "plot", "runs"]
+    "command", ["info", "prepare", "train", "sample", "eval", "export", "plot", "runs", "tokenizer"]
 )
 def test_every_command_has_help(command: str) -> None:
     result = runner.invoke(app, [command, "--help"])
