@@ -229,9 +229,7 @@ def load_weights(ckpt: Path, model: torch.nn.Module) -> None:
                 f"{tuple(tensor.shape)} saved, {tuple(expected[key].shape)} expected): its "
                 f"config was edited or belongs to other weights; {_another_checkpoint(ckpt)}"
             )
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    if model.config.tie_embeddings:
-        missing = [k for k in missing if k != "lm_head.weight"]
+    missing, unexpected = model.load_weights(weights)
     if missing or unexpected:
         raise GPTError(
             f"{path} does not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]}); "

@@ -11,7 +11,7 @@ Parameter names follow GPT-2 / nanoGPT (`wte`, `wpe`, `h`, `ln_1`, `attn.c_attn`
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from functools import partial
 
 import torch
@@ -384,6 +384,15 @@ class GPT(nn.Module):
                     weight.device, dtype or weight.dtype)
             for _ in range(cfg.n_layer)
         ]
+
+    def load_weights(self, state: Mapping[str, Tensor]) -> tuple[list[str], list[str]]:
+        """Copy `state` in, where a tied head may be left out (checkpoints store it once, as the
+        token embedding); return the keys it lacks and those the model does not have."""
+        with torch.no_grad():
+            missing, unexpected = self.load_state_dict(state, strict=False)
+        if self.config.tie_embeddings:
+            missing = [k for k in missing if k != "lm_head.weight"]
+        return missing, unexpected
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
         """Parameters, each shared Parameter counted once; optionally without the embedding tables.

@@ -408,8 +408,7 @@ def from_hf(hf_model: PreTrainedModel) -> GPT:
     weight = next(hf_model.parameters())
     model = GPT(config).to(device=weight.device, dtype=weight.dtype)
     state = weights_from_hf(config, hf_model.state_dict())
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_embeddings)]
+    missing, unexpected = model.load_weights(state)
     if missing or unexpected:  # weights_from_hf matched the keys: a bug if this happens
         raise GPTError(f"HF weights do not load: missing {_few(missing)}; unexpected "
                        f"{_few(unexpected)}")

@@ -67,10 +67,7 @@ class Pretrained:
         wpe = state.get("transformer.wpe.weight")
         if wpe is not None:
             state["transformer.wpe.weight"] = wpe[: model.config.block_size]  # (T, C)
-        with torch.no_grad():
-            missing, unexpected = model.load_state_dict(state, strict=False)
-        if model.config.tie_embeddings:
-            missing = [k for k in missing if k != "lm_head.weight"]
+        missing, unexpected = model.load_weights(state)
         if missing or unexpected:
             raise GPTError(
                 f"{self.path}: weights do not fit the model (missing {missing[:3]}, "
