@@ -7,7 +7,7 @@ import atexit
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -28,6 +28,17 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # count and dtype
 os.environ["GPT_CACHE_DIR"] = tempfile.mkdtemp(prefix="gpt-test-cache-")
 atexit.register(shutil.rmtree, os.environ["GPT_CACHE_DIR"], ignore_errors=True)
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """One intra-op thread (modules that train take it with `pytestmark`): tiny models gain
+    nothing from two, and a second spinning thread slows them several-fold when other
+    processes share the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 TINY_MODEL = dict(vocab_size=64, block_size=16, n_layer=2, n_head=4, n_embd=32)

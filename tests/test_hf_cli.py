@@ -8,7 +8,6 @@ import json
 import logging
 import re
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -35,12 +34,7 @@ LLAMA_RUN = ["model.norm=rmsnorm", "model.mlp=swiglu", "model.pos_embedding=rope
              "model.bias=false", "model.n_kv_head=1"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def corpus() -> str:

@@ -11,7 +11,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -45,14 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 needs_muon = pytest.mark.skipif(not hasattr(torch.optim, "Muon"),
                                 reason="torch.optim.Muon arrived in torch 2.9")
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """One intra-op thread: tiny models gain nothing from two, and a second spinning thread
-    slows them several-fold when other processes share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # the same for the subprocesses
