@@ -17,6 +17,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from gpt.config import ModelConfig
 from gpt.errors import GPTError
@@ -270,6 +271,8 @@ class GPT(nn.Module):
                 "[model] vocab_size is unset; set it, or let gpt train take it from the tokenizer"
             )
         self.config = config
+        # set by the trainer ([train] activation_checkpointing): a way of running, not a weight
+        self.activation_checkpointing = False
         self.transformer = nn.ModuleDict(
             dict(
                 wte=nn.Embedding(config.padded_vocab_size, config.n_embd),
@@ -352,7 +355,13 @@ class GPT(nn.Module):
         else:
             rope = (self.rope_cos[start : start + T], self.rope_sin[start : start + T])  # (T, hs/2)
         x = self.transformer.drop(x)
+        recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for i, block in enumerate(self.transformer.h):
+            if recompute and cache is None:
+                # keep only the block's input; the backward pass runs the block again, with the
+                # same dropout masks (the RNG state is saved and replayed)
+                x = checkpoint(block, x, context=context, rope=rope, use_reentrant=False)
+                continue
             layer_cache = cache[i] if cache is not None else None
             x = block(x, context=context, rope=rope, cache=layer_cache, start=start)
         if "ln_f" in self.transformer:

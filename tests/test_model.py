@@ -510,3 +510,49 @@ def test_tiny_model_overfits_one_sequence(variant: dict) -> None:
 def test_padded_vocab_size_needs_vocab_size() -> None:
     with pytest.raises(GPTError, match="padded_vocab_size: is set but vocab_size is not"):
         ModelConfig(padded_vocab_size=64)
+
+
+@pytest.mark.parametrize("variant", [
+    {}, {"mlp": "swiglu", "pos_embedding": "rope", "norm": "rmsnorm"},
+    {"norm_position": "post", "cross_attention": True},
+], ids=["gpt2", "llama", "post-ln-cross"])
+def test_activation_checkpointing_gives_the_same_loss_and_gradients(
+    variant: dict, tiny_config: Callable[..., ModelConfig]
+) -> None:
+    """Recomputing each block in the backward pass changes memory, not results: the same loss
+    and gradients, bit for bit, with dropout drawing the same masks again."""
+    torch.manual_seed(0)
+    model = GPT(tiny_config(dropout=0.2, **variant)).train()
+    idx = torch.randint(0, 64, (2, 16))
+    context = torch.randn(2, 5, model.config.n_embd) if model.config.cross_attention else None
+    results = []
+    for recompute in (False, True):
+        model.activation_checkpointing = recompute
+        model.zero_grad()
+        torch.manual_seed(1)  # the same dropout masks in both runs
+        _, loss = model(idx, idx, context=context)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (loss_plain, grads_plain), (loss_recomputed, grads_recomputed) = results
+    assert torch.equal(loss_plain, loss_recomputed)
+    for name, grad in grads_plain.items():
+        assert torch.equal(grad, grads_recomputed[name]), name
+
+
+def test_activation_checkpointing_recomputes_each_block_once_in_training_only(
+    tiny_config: Callable[..., ModelConfig],
+) -> None:
+    model = GPT(tiny_config())
+    model.activation_checkpointing = True
+    calls = []
+    for block in model.transformer.h:
+        block.register_forward_pre_hook(lambda *args: calls.append(1))
+    idx = torch.randint(0, 64, (2, 16))
+    _, loss = model.train()(idx, idx)
+    loss.backward()
+    assert len(calls) == 2 * model.config.n_layer  # forward, then again in the backward pass
+    calls.clear()
+    with torch.no_grad():
+        model(idx)
+    model.eval()(idx)
+    assert len(calls) == 2 * model.config.n_layer  # once per forward: nothing to recompute
