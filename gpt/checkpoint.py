@@ -3,20 +3,28 @@
 Layout of a run folder (`[train] out_dir`):
 
     ckpt-0000600/            one checkpoint
-      model.safetensors      weights (a tied LM head is stored once, as the token embedding)
+      model.safetensors      weights, whole even from a sharded run (a tied LM head is stored
+                             once, as the token embedding)
       optimizer.pt           optimizer state (AdamW's, or Muon's and AdamW's by name); read back
                              with torch.load(weights_only=True); only resuming needs it, so a
-                             weights-only checkpoint (optimizer.pt deleted to save space) still
-                             samples, evaluates and finetunes
+                             weights-only checkpoint (optimizer files deleted to save space)
+                             still samples, evaluates and finetunes
+      optimizer-00000-of-00004.pt, ...
+                             instead of optimizer.pt, from an FSDP run: each process's rows of
+                             the state (torch's state dict of the local rows, plus `rows`:
+                             {key: [start, stop]}), so no process ever holds it whole; any
+                             layout reads the rows it needs from them
       state.json             iteration, tokens, best val loss, wandb id, the resolved config,
-                             the tokenizer, data sampler and RNG states (every DDP rank's),
-                             GradScaler state, and the sha256 of the two files above
+                             the tokenizer, data sampler and RNG states (every rank's),
+                             GradScaler state, and the sha256 of every file above
     latest                   name of the newest checkpoint folder
     best                     name of the checkpoint with the lowest val loss
 
 A checkpoint is written into a hidden temporary folder, every file flushed to disk, then renamed
 into place; the `latest` pointer is replaced atomically last. A crash at any point leaves the
-previous checkpoint and pointer intact.
+previous checkpoint and pointer intact. Saving is three steps (`begin_checkpoint`,
+`write_optimizer` on each writing process, `finish_checkpoint`), so that the processes of a
+sharded run can each write their part of one checkpoint.
 """
 
 from __future__ import annotations
@@ -27,7 +35,7 @@ import pickle
 import re
 import shutil
 import warnings
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,8 +50,10 @@ from gpt.model import GPT
 from gpt.tokenizer import tokenizer_from_dict
 
 CKPT_PATTERN = re.compile(r"^ckpt-(\d+)$")
-OPTIMIZER = "optimizer.pt"  # the one file a checkpoint may lack: inference needs only the weights
-FILES = ("model.safetensors", OPTIMIZER)  # hashed in state.json
+WEIGHTS = "model.safetensors"
+OPTIMIZER = "optimizer.pt"  # the optimizer state, whole: inference needs only the weights
+OPTIMIZER_SHARD = re.compile(r"^optimizer-(\d{5})-of-(\d{5})\.pt$")  # one process's rows of it
+Rows = tuple[int, int]  # rows [start, stop) of a parameter's dim 0
 
 
 def unwrap(model: torch.nn.Module) -> GPT:
@@ -59,7 +69,7 @@ def unwrap(model: torch.nn.Module) -> GPT:
 
 
 def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Weights to save: a tied head is the embedding itself, so it is stored once."""
+    """Weights to save, on the CPU: a tied head is the embedding itself, so it is stored once."""
     model = unwrap(model)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     if model.config.tie_embeddings:
@@ -77,26 +87,76 @@ def save_checkpoint(
     is_best: bool,
     damaged: Collection[str] = (),
 ) -> Path:
-    """Write `ckpt-<iteration>` atomically, then move `latest` (and `best`) and prune.
+    """Write `ckpt-<iteration>` atomically from one process, then move `latest` (and `best`)
+    and prune: the three steps below, with the temporary folder removed if any fails."""
+    folder = begin_checkpoint(out_dir, iteration)
+    try:
+        hashes = write_optimizer(folder, OPTIMIZER, optimizer_state)
+        return finish_checkpoint(
+            folder, model_state(model), state, hashes, keep_last, is_best, damaged
+        )
+    except BaseException:  # a full disk, say: what was written goes, the rest stays as it was
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+
+
+def begin_checkpoint(out_dir: Path, iteration: int) -> Path:
+    """The empty temporary folder that `ckpt-<iteration>` is written into (one process makes it,
+    the others write into it once it exists); leftovers of a crash are removed first."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in out_dir.glob(".tmp-ckpt-*"):  # the run lock says no other save is live
+        shutil.rmtree(stale, ignore_errors=True)
+    folder = temporary_folder(out_dir, iteration)
+    folder.mkdir()
+    return folder
+
+
+def temporary_folder(out_dir: Path, iteration: int) -> Path:
+    """Where `ckpt-<iteration>` is written before it is renamed into place: the same path in
+    every process of a run."""
+    return out_dir / f".tmp-ckpt-{iteration:07d}"
+
+
+def optimizer_file(rank: int, world_size: int) -> str:
+    """The name of one process's rows of a sharded optimizer state."""
+    return f"optimizer-{rank:05d}-of-{world_size:05d}.pt"
+
+
+def write_optimizer(folder: Path, name: str, optimizer_state: dict[str, Any]) -> dict[str, str]:
+    """One optimizer file in `folder`, flushed to disk; {name: its sha256} for state.json."""
+    torch.save(optimizer_state, folder / name)
+    _fsync(folder / name)
+    return {name: sha256_file(folder / name)}
+
+
+def finish_checkpoint(
+    folder: Path,
+    weights: dict[str, torch.Tensor],
+    state: dict[str, Any],
+    optimizer_hashes: dict[str, str],
+    keep_last: int,
+    is_best: bool,
+    damaged: Collection[str] = (),
+) -> Path:
+    """Write the weights and state.json (hashing every file) into `folder`, whose optimizer
+    files are written, rename it into place, then move `latest` (and `best`) and prune.
 
     `damaged` names the checkpoints that resume skipped as damaged, which pruning never keeps
     in place of good ones.
     """
-    out_dir.mkdir(parents=True, exist_ok=True)
-    name = f"ckpt-{iteration:07d}"
-    final = out_dir / name
-    for stale in out_dir.glob(".tmp-ckpt-*"):  # left by a crash; the run lock says none is live
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = out_dir / f".tmp-{name}-{os.getpid()}"
-    tmp.mkdir()
-    try:
-        _write_files(tmp, model, optimizer_state, {**state, "iter": iteration})
-    except BaseException:  # a full disk, say: what was written goes, the rest stays as it was
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    out_dir = folder.parent
+    final = out_dir / folder.name.removeprefix(".tmp-")
+    name, state = final.name, {**state, "iter": _iteration(final)}
+    save_file(weights, str(folder / WEIGHTS))
+    os.chmod(folder / WEIGHTS, new_file_mode())  # safetensors leaves it 0o600
+    hashes = {WEIGHTS: sha256_file(folder / WEIGHTS), **optimizer_hashes}
+    (folder / "state.json").write_text(json.dumps({**state, "sha256": hashes}, indent=1))
+    for f in (WEIGHTS, "state.json"):
+        _fsync(folder / f)
+    fsync_dir(folder)
     if final.exists():  # a re-save of the same iteration (e.g. after a resume)
         shutil.rmtree(final)
-    os.rename(tmp, final)
+    os.rename(folder, final)
     fsync_dir(out_dir)
     if is_best:
         write_atomic(out_dir / "best", name + "\n")
@@ -105,19 +165,9 @@ def save_checkpoint(
     return final
 
 
-def _write_files(
-    folder: Path, model: torch.nn.Module, optimizer_state: dict[str, Any], state: dict[str, Any]
-) -> None:
-    """A checkpoint's three files in `folder`, hashed into state.json and flushed to disk."""
-    save_file(model_state(model), str(folder / "model.safetensors"))
-    os.chmod(folder / "model.safetensors", new_file_mode())  # safetensors leaves it 0o600
-    torch.save(optimizer_state, folder / OPTIMIZER)
-    state = {**state, "sha256": {f: sha256_file(folder / f) for f in FILES}}
-    (folder / "state.json").write_text(json.dumps(state, indent=1))
-    for f in (*FILES, "state.json"):
-        with open(folder / f, "rb") as handle:
-            os.fsync(handle.fileno())
-    fsync_dir(folder)
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
 
 
 def _prune(out_dir: Path, saved: Path, keep_last: int, damaged: Collection[str]) -> None:
@@ -189,26 +239,35 @@ def find_checkpoint(path: str | Path, which: str = "latest") -> Path:
 def read_state(ckpt: Path) -> dict[str, Any]:
     """state.json of a checkpoint, with every file present checked against its recorded sha256.
 
-    optimizer.pt may be absent (a weights-only checkpoint): resuming, the only reader that
-    needs it, checks `Checkpoint.has_optimizer` itself.
+    The optimizer files may be absent (a weights-only checkpoint): resuming, the only reader
+    that needs them, checks `Checkpoint.has_optimizer` itself. Some of a sharded state's files
+    but not all is a damaged checkpoint.
     """
     state_path = ckpt / "state.json"
     try:
         state = json.loads(state_path.read_text())
-        recorded = state["sha256"]
+        recorded = dict(state["sha256"])
     except FileNotFoundError:
         raise GPTError(f"{state_path} is missing: the checkpoint is incomplete") from None
     except (ValueError, KeyError, TypeError):
         raise GPTError(f"{state_path} is damaged (not the JSON a checkpoint writes)") from None
-    for f in FILES:
+    optimizer = optimizer_files(state)
+    present = [f for f in optimizer if (ckpt / f).exists()]
+    for f in (WEIGHTS, *optimizer):
         path = ckpt / f
         if not path.exists():
-            if f == OPTIMIZER:
+            if f in optimizer and not present:
                 continue
             raise GPTError(f"{path} is missing: the checkpoint is incomplete")
         if sha256_file(path) != recorded.get(f):
             raise GPTError(f"{path} is damaged (its sha256 differs from state.json)")
     return state
+
+
+def optimizer_files(state: dict[str, Any]) -> list[str]:
+    """The optimizer files a checkpoint's state.json records: optimizer.pt, or a sharded
+    run's files in rank order."""
+    return sorted(f for f in state.get("sha256", {}) if f != WEIGHTS)
 
 
 def load_weights(ckpt: Path, model: torch.nn.Module) -> None:
@@ -251,15 +310,53 @@ def _another_checkpoint(damaged: Path) -> str:
     return "use another checkpoint, or train again (gpt train)"
 
 
-def load_optimizer_state(ckpt: Path) -> dict[str, Any]:
-    """The optimizer state saved with the weights, loaded without executing pickled code."""
-    path = ckpt / OPTIMIZER
+def load_optimizer_state(
+    ckpt: Path, files: list[str], rows: Mapping[int, Rows] | None = None
+) -> dict[str, Any]:
+    """The optimizer state saved with the weights, loaded without executing pickled code.
+
+    `files` are the checkpoint's optimizer files (`optimizer_files`): optimizer.pt, or a
+    sharded run's. `rows` asks for part of each parameter (by state key) instead of all of it:
+    this process's rows under FSDP. The files are memory-mapped, so only the rows asked for
+    are read, whatever layout wrote them.
+    """
+    parts = [_load_tensors(ckpt, f) for f in files]
+    if len(parts) == 1 and "rows" not in parts[0] and not rows:
+        return parts[0]  # a whole state, wanted whole (AdamW's, or Muon's and AdamW's by name)
+    entries = {}
+    for key, first in parts[0]["state"].items():
+        entries[key] = {
+            name: (value if value.dim() == 0 else
+                   _gather_rows(parts, key, name, (rows or {}).get(key)))
+            for name, value in first.items()
+        }
+    return {"state": entries, "param_groups": parts[0]["param_groups"]}
+
+
+def _gather_rows(parts: list[dict[str, Any]], key: int, name: str, wanted: Rows | None
+                 ) -> torch.Tensor:
+    """Rows `wanted` (all if None) of one state tensor, from the parts that hold them."""
+    pieces = [parts[0]["state"][key][name][:0]]  # no rows at all for a process past the end
+    for part in parts:
+        held = part["state"][key][name]
+        start, stop = part.get("rows", {}).get(key, (0, held.shape[0]))
+        first, last = wanted or (start, stop)
+        lo, hi = max(first, start), min(last, stop)
+        if lo < hi:
+            pieces.append(held[lo - start : hi - start])
+    return torch.cat(pieces).clone()  # a copy: the mapped file is closed after
+
+
+def _load_tensors(ckpt: Path, name: str) -> dict[str, Any]:
+    """One optimizer file: torch.load(weights_only=True), memory-mapped, with every refusal
+    and failure in one line."""
+    path = ckpt / name
     fix = (f"remove {ckpt} to resume from the checkpoint before it, or set train.out_dir to a "
            "new folder")
     try:
         with warnings.catch_warnings():  # torch warns of pickle protocols before it refuses
             warnings.simplefilter("ignore")
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except FileNotFoundError:
         raise GPTError(f"{path} is missing: the checkpoint holds weights only") from None
     except pickle.UnpicklingError as e:
@@ -310,9 +407,19 @@ class Checkpoint:
             ) from None
 
     @property
+    def optimizer_files(self) -> list[str]:
+        """The optimizer files state.json records (`optimizer_files`)."""
+        return optimizer_files(self.state)
+
+    @property
     def has_optimizer(self) -> bool:
         """Whether the optimizer state is there to resume training (inference does without it)."""
-        return (self.path / OPTIMIZER).exists()
+        files = self.optimizer_files
+        return bool(files) and all((self.path / f).exists() for f in files)
+
+    def optimizer_state(self, rows: Mapping[int, Rows] | None = None) -> dict[str, Any]:
+        """The saved optimizer state, whole or the `rows` of it (`load_optimizer_state`)."""
+        return load_optimizer_state(self.path, self.optimizer_files, rows)
 
     @property
     def tokenizer(self) -> dict[str, Any]:

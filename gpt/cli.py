@@ -157,6 +157,14 @@ def info(
             "--which", help="With --checkpoint: latest (default) or best.", show_default=False
         ),
     ] = None,
+    nproc: Annotated[
+        int,
+        typer.Option(
+            "--nproc", min=1,
+            help="Also show the memory of each of this many training processes, as "
+            "train.parallel (ddp or fsdp) splits it.",
+        ),
+    ] = 1,
 ) -> None:
     """Show the resolved config, parameter count, FLOPs per token, memory estimate and the
     device's peak FLOP/s (MFU's denominator)."""
@@ -188,7 +196,30 @@ def info(
         f"memory (float32):  weights {_bytes(4 * n_params)} + gradients {_bytes(4 * n_params)} "
         f"+ AdamW state {_bytes(8 * n_params)} = {_bytes(16 * n_params)}, before activations"
     )
+    if nproc > 1:
+        typer.echo(_per_process_memory(model, cfg.train, nproc))
     typer.echo(f"device peak:       {_peak(cfg)}")
+
+
+def _per_process_memory(model: Any, tcfg: Any, nproc: int) -> str:
+    """The line of `gpt info --nproc N`: what each process holds under train.parallel."""
+    from gpt.parallel import memory_per_process
+    from gpt.train import muon_matrices
+
+    n_params = sum(p.numel() for p in model.parameters())  # a tied head counted once
+    in_muon = sum(p.numel() for p in muon_matrices(model)) if tcfg.optimizer == "muon" else 0
+    optimizer_bytes = 8 * (n_params - in_muon) + 4 * in_muon  # AdamW: two moments; Muon: one
+    largest_block = max(sum(p.numel() for p in b.parameters()) for b in model.transformer.h)
+    memory = memory_per_process(n_params, optimizer_bytes, largest_block, tcfg, nproc)
+    total = memory["weights"] + memory["gradients"] + memory["optimizer"]
+    name = "AdamW" if tcfg.optimizer == "adamw" else "Muon + AdamW"
+    line = (f"per process ({nproc} processes, parallel = \"{tcfg.parallel}\"): weights "
+            f"{_bytes(memory['weights'])} + gradients {_bytes(memory['gradients'])} + {name} "
+            f"state {_bytes(memory['optimizer'])} = {_bytes(total)}")
+    if memory["gathered"]:
+        line += (f", plus {_bytes(memory['gathered'])} for two blocks gathered whole while "
+                 "they run (half that in bfloat16)")
+    return line + ", before activations"
 
 
 def _info_config(

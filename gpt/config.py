@@ -52,6 +52,7 @@ AttentionImpl = Literal["sdpa", "manual"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 LRSchedule = Literal["cosine", "wsd"]
 OptimizerName = Literal["adamw", "muon"]
+Parallel = Literal["ddp", "fsdp"]
 WandbMode = Literal["online", "offline", "disabled"]
 DecodeErrors = Literal["skip", "fail"]
 
@@ -320,6 +321,14 @@ class TrainConfig(_Section):
     device: str = _key("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
     dtype: DType = _key("auto", "auto: bfloat16 on capable GPUs, float16 on older, float32 on CPU")
     compile: bool = _key(False, "wrap the model in torch.compile")
+    parallel: Parallel = _key(
+        "ddp",
+        "under torchrun, ddp: every process holds the whole model, gradients and optimizer "
+        "state; fsdp: FSDP2 shards all three across the processes (adamw only)",
+    )
+    activation_checkpointing: bool = _key(
+        False, "recompute each block in the backward pass: less activation memory, more compute"
+    )
     seed: int = _key(1337, "seed of initialisation, batches and dropout")
     peak_flops: float | None = _key(
         None, "device peak FLOP/s for MFU; unset = a GPU's from the table, a CPU's measured"
@@ -336,6 +345,12 @@ class TrainConfig(_Section):
                 "learning_rate",
                 "must be > 0 with optimizer = \"muon\": muon_lr follows the schedule as a "
                 "multiple of it",
+            )
+        if self.parallel == "fsdp" and self.optimizer == "muon":
+            self._fail(
+                "parallel",
+                "\"fsdp\" shards each weight matrix, which Muon must see whole; use "
+                "optimizer = \"adamw\" with fsdp, or parallel = \"ddp\" with muon",
             )
         if not 0.0 < self.cooldown_fraction <= 1.0:
             self._fail("cooldown_fraction", f"must be in (0, 1], got {self.cooldown_fraction!r}")

@@ -17,6 +17,7 @@ import random
 import shutil
 import signal
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from gpt import checkpoint as ckpt
+from gpt import parallel
 from gpt.checkpoint import Checkpoint
 from gpt.config import (
     RUNTIME_MODEL_KEYS,
@@ -332,8 +334,9 @@ class Run:
     device: torch.device
     dtype: torch.dtype  # the compute dtype ([train] dtype resolved for the device)
     autocast: contextlib.AbstractContextManager[Any]  # reentrant: torch.autocast or a no-op
-    model: GPT  # the plain model: checkpoints, evaluation, clipping
+    model: GPT  # the model (FSDP-sharded in place): checkpoints, evaluation, clipping
     trained: torch.nn.Module  # what the step calls: the model, compiled and/or DDP-wrapped
+    sharded: bool  # FSDP: each process holds its rows of every weight and optimizer moment
     optimizer: Optimizer  # AdamW, or Muon and AdamW combined
     scaler: torch.amp.GradScaler
     samplers: dict[str, BatchSampler]  # train, and the two evaluation streams
@@ -387,13 +390,18 @@ def setup_run(
     random.seed(tcfg.seed)
     np.random.seed(tcfg.seed)
     model = GPT(cfg.model)  # the same initial weights on every rank
+    model.activation_checkpointing = tcfg.activation_checkpointing
     if world.world_size > 1:  # independent dropout masks per rank, as nanoGPT seeds them
         torch.manual_seed(tcfg.seed + world.rank)
     if start is not None:
-        start.load_into(model)
+        start.load_into(model)  # whole, before any sharding: one file serves every layout
         world.print0(f"resuming from {start.path} (iteration {start.state['iter']})"
                      if resumed else f"initialised from {start.path} (finetuning)")
-    model.to(device)
+    sharded = tcfg.parallel == "fsdp" and world.world_size > 1
+    if sharded:
+        parallel.shard(model, device, dtype)  # onto the device one block at a time
+    else:
+        model.to(device)
     samplers = {
         name: BatchSampler(data, split, cfg.model.block_size, tcfg.batch_size, seed,
                            world.rank, world.world_size, device)
@@ -405,9 +413,10 @@ def setup_run(
     }
     run = Run(
         cfg=cfg, world=world, device=device, dtype=dtype,
-        autocast=(torch.autocast(device.type, dtype=dtype) if dtype != torch.float32
-                  else contextlib.nullcontext()),
-        model=model, trained=_wrap(model, tcfg.compile, world, device),
+        # FSDP computes in `dtype` through its mixed-precision policy, not autocast
+        autocast=(torch.autocast(device.type, dtype=dtype)
+                  if dtype != torch.float32 and not sharded else contextlib.nullcontext()),
+        model=model, trained=_wrap(model, tcfg.compile, world, device, sharded), sharded=sharded,
         optimizer=make_optimizer(model, tcfg, device),
         scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
         samplers=samplers, tokenizer=data.tokenizer, state=TrainState(), metrics=None,
@@ -586,18 +595,31 @@ def _check_same_optimizer(resumed: Checkpoint, tcfg: TrainConfig) -> None:
         )
 
 
-def _wrap(model: GPT, compile_model: bool, world: Dist, device: torch.device) -> torch.nn.Module:
-    """The module the training step calls: compiled when asked, DDP-wrapped under torchrun."""
+def _wrap(
+    model: GPT, compile_model: bool, world: Dist, device: torch.device, sharded: bool
+) -> torch.nn.Module:
+    """The module the training step calls: compiled when asked, DDP-wrapped under torchrun
+    (an FSDP model is sharded in place already)."""
     trained: torch.nn.Module = torch.compile(model) if compile_model else model
-    if world.world_size > 1:
+    if world.world_size > 1 and not sharded:
         trained = DDP(trained, device_ids=[world.local_rank] if device.type == "cuda" else None)
     return trained
 
 
 def _restore(run: Run, resumed: Checkpoint) -> None:
-    """Optimizer, scaler, data streams, counters and RNGs as the checkpoint left them."""
+    """Optimizer, scaler, data streams, counters and RNGs as the checkpoint left them.
+
+    The optimizer state may come from another layout (one process, DDP, FSDP over any number
+    of processes): under FSDP each process reads only its rows of it.
+    """
     peaks = [group["initial_lr"] for group in run.optimizer.param_groups]
-    run.optimizer.load_state_dict(ckpt.load_optimizer_state(resumed.path))
+    if run.sharded:
+        params = parallel.optimizer_params(run.optimizer)  # type: ignore[arg-type]
+        rows = {key: held for key, p in enumerate(params) if (held := parallel.rows_of(p))}
+        state = resumed.optimizer_state(rows)
+        parallel.load_local_optimizer_state(run.optimizer, state)  # type: ignore[arg-type]
+    else:
+        run.optimizer.load_state_dict(resumed.optimizer_state())
     for group, peak in zip(run.optimizer.param_groups, peaks, strict=True):
         group["initial_lr"] = peak  # the config's, not the checkpoint's: a new rate takes effect
     if resumed.state.get("scaler"):
@@ -609,31 +631,80 @@ def _restore(run: Run, resumed: Checkpoint) -> None:
 
 
 def save(run: Run, is_best: bool) -> None:
-    """A checkpoint of the run at its current iteration (written by rank 0; every rank joins)."""
-    rng_ranks = gather_rng_states(run.world)  # a collective: every rank calls it
-    if run.world.main:
-        run.state.rng_ranks = rng_ranks
-        state = {
-            **run.state.state_dict(),
-            "config": to_dict(run.cfg),
-            "tokenizer": run.tokenizer,
-            "samplers": {name: s.state_dict() for name, s in run.samplers.items()},
-            "scaler": run.scaler.state_dict() if run.scaler.is_enabled() else None,
-        }
-        out_dir = Path(run.cfg.train.out_dir)
-        try:
-            run.last_checkpoint = ckpt.save_checkpoint(
-                out_dir, run.state.iteration, run.model, run.optimizer.state_dict(), state,
+    """A checkpoint of the run at its current iteration. Every rank joins: rank 0 writes the
+    weights (gathered from the shards under FSDP) and state.json; the optimizer state is rank
+    0's, or under FSDP each rank's rows of it. A write that fails on any rank stops every rank
+    with one error, and the previous checkpoint stays as it was."""
+    world, iteration = run.world, run.state.iteration
+    out_dir = Path(run.cfg.train.out_dir)
+    rng_ranks = gather_rng_states(world)  # a collective: every rank calls it
+    weights = parallel.full_model_state(run.model) if run.sharded else None  # likewise
+    folder = ckpt.temporary_folder(out_dir, iteration)
+    with _saving(run, folder):
+        if world.main:
+            ckpt.begin_checkpoint(out_dir, iteration)
+    hashes: dict[str, str] = {}
+    with _saving(run, folder):
+        if run.sharded:
+            name = ckpt.optimizer_file(world.rank, world.world_size)
+            state = parallel.local_optimizer_state(run.optimizer)  # type: ignore[arg-type]
+            hashes = ckpt.write_optimizer(folder, name, state)
+        elif world.main:
+            hashes = ckpt.write_optimizer(folder, ckpt.OPTIMIZER, run.optimizer.state_dict())
+    if run.sharded:
+        every: list[Any] = [None] * world.world_size
+        dist.all_gather_object(every, hashes)
+        hashes = {name: sha for rank_hashes in every for name, sha in rank_hashes.items()}
+    with _saving(run, folder):
+        if world.main:
+            run.state.rng_ranks = rng_ranks
+            run.last_checkpoint = ckpt.finish_checkpoint(
+                folder, weights or ckpt.model_state(run.model), _checkpoint_state(run), hashes,
                 run.cfg.train.keep_last, is_best, run.damaged_checkpoints,
             )
-        except Exception as e:
-            if (failure := _write_failure(e, out_dir)) is None:
-                raise
-            failed = _save_failed(out_dir, run.state.iteration, failure, run.last_checkpoint)
-            raise GPTError(failed) from None
-        run.damaged_checkpoints.discard(run.last_checkpoint.name)  # overwritten: good now
-    if run.world.world_size > 1:
-        dist.barrier()
+            run.damaged_checkpoints.discard(run.last_checkpoint.name)  # overwritten: good now
+    if not world.main:  # every rank names the new checkpoint in its messages
+        run.last_checkpoint = out_dir / folder.name.removeprefix(".tmp-")
+
+
+def _checkpoint_state(run: Run) -> dict[str, Any]:
+    """What state.json holds besides the file hashes: counters, config, tokenizer, streams."""
+    return {
+        **run.state.state_dict(),
+        "config": to_dict(run.cfg),
+        "tokenizer": run.tokenizer,
+        "samplers": {name: s.state_dict() for name, s in run.samplers.items()},
+        "scaler": run.scaler.state_dict() if run.scaler.is_enabled() else None,
+    }
+
+
+@contextlib.contextmanager
+def _saving(run: Run, folder: Path) -> Iterator[None]:
+    """One step of a save, which every rank enters: a failure on any rank (a full disk, say)
+    removes the temporary `folder` and raises the same one-line error on every rank, so none
+    waits for the others at a collective. A failure that is no write failure is a bug: in one
+    process it goes up as it is."""
+    out_dir, world = folder.parent, run.world
+    problem = None
+    try:
+        yield
+    except Exception as e:
+        failure = _write_failure(e, out_dir)
+        if failure is None and world.world_size == 1:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+        problem = (_save_failed(out_dir, run.state.iteration, failure, run.last_checkpoint)
+                   if failure is not None else
+                   f"saving the checkpoint failed on rank {world.rank}: {first_line(e, 200)}")
+    problems = [problem]
+    if world.world_size > 1:
+        problems = [None] * world.world_size
+        dist.all_gather_object(problems, problem)
+    first = next((p for p in problems if p is not None), None)
+    if first is not None:
+        if world.main:
+            shutil.rmtree(folder, ignore_errors=True)
+        raise GPTError(first)
 
 
 LOW_SPACE = 256 * 2**20  # free bytes below which a failed write is taken for a full disk
@@ -774,7 +845,7 @@ def train_step(run: Run) -> torch.Tensor:
     for micro in range(accum):
         x, y = sampler.next_batch()  # (B, T) each
         sync = world.world_size == 1 or micro == accum - 1
-        with (contextlib.nullcontext() if sync else run.trained.no_sync()), run.autocast:
+        with parallel.gradient_sync(run.trained, sync), run.autocast:
             _, loss = run.trained(x, y)
             loss = loss / accum
         if run.scaler.is_enabled():  # a non-finite loss makes every gradient NaN: a skipped step
@@ -787,7 +858,7 @@ def train_step(run: Run) -> torch.Tensor:
         loss_sum /= world.world_size
     run.scaler.unscale_(run.optimizer)
     max_norm = tcfg.grad_clip if tcfg.grad_clip > 0 else float("inf")
-    norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), max_norm)
+    norm = parallel.clip_grad_norm(run.model, max_norm)
     bad_loss = ~torch.isfinite(loss_sum)
     if run.scaler.is_enabled():
         # inf gradients are expected while the scaler finds its scale: it skips those steps
@@ -858,6 +929,8 @@ def fit(run: Run) -> int:
                 if done % tcfg.log_interval == 0 or last:
                     run.nonfinite.check(run.last_checkpoint)
                     values = {"loss": loss.item(), **throughput.read()}
+                    if run.device.type == "cuda":  # rank 0's, since the run began
+                        values["peak_mem_gib"] = torch.cuda.max_memory_allocated(run.device) / 2**30
                     run.record(**values)
                     bar.set_postfix(_postfix(values))
                 is_best = False
@@ -922,6 +995,12 @@ def train(cfg: RunConfig, resume: bool = True) -> int:
             f"{world.world_size} processes; make it a multiple of the process count"
         )
     dtype = resolve_dtype(tcfg.dtype, device, "[train] dtype")
+    if tcfg.parallel == "fsdp" and world.world_size > 1 and dtype == torch.float16:
+        raise GPTError(
+            "[train] parallel = \"fsdp\" computes in bfloat16 or float32, not float16 (its "
+            "gradients would need loss scaling across shards); set train.dtype = \"bfloat16\" "
+            "(or \"float32\" on GPUs without it), or parallel = \"ddp\""
+        )
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -934,7 +1013,10 @@ def train(cfg: RunConfig, resume: bool = True) -> int:
             compile_errors("train.compile = true") if tcfg.compile else contextlib.nullcontext(),
             memory_errors(device, TOO_BIG),
         ):
-            return fit(setup_run(cfg, resume, world, device, dtype))
+            code = fit(setup_run(cfg, resume, world, device, dtype))
+        if world.world_size > 1:  # no rank tears the process group down while another uses it
+            dist.barrier()
+        return code
     finally:
         if lock is not None:
             if created and [p.name for p in out_dir.iterdir()] == [lock.path.name]:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import atexit
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -165,3 +167,29 @@ def measured_peak(
     monkeypatch.setattr(peak, "_MEASURED", {})
     monkeypatch.setenv("GPT_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
     return flops, calls
+
+
+# gloo's TCP transport now and then drops a connection between two processes on a loaded host
+# (a known flake of gloo itself); a launch that fails that way is tried once more, which resumes
+# exactly where it stopped. Any other failure fails the test with the launch's own error output.
+TRANSPORT_FLAKES = ("Connection closed by peer", "Connection reset by peer", "Broken pipe",
+                    "Address already in use")
+
+
+@pytest.fixture
+def torchrun() -> Callable[..., None]:
+    """`torchrun(*args)`: `gpt train --config tiny.toml ARGS` in two gloo processes on a free
+    port (--standalone), so parallel test runs never collide; one thread each."""
+
+    def launch(*args: str) -> None:
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                   "--nproc_per_node=2", "-m", "gpt", "train", "--config", "tiny.toml", *args]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        for attempt in (1, 2):
+            done = subprocess.run(command, timeout=300, capture_output=True, text=True, env=env)
+            if done.returncode == 0:
+                return
+            if attempt == 2 or not any(flake in done.stderr for flake in TRANSPORT_FLAKES):
+                raise AssertionError(f"torchrun exited {done.returncode}:\n{done.stderr[-4000:]}")
+
+    return launch

@@ -705,32 +705,12 @@ def test_a_run_that_fails_before_any_output_leaves_no_out_dir(tiny_run: Path) ->
     assert (tiny_run / "kept").is_dir()
 
 
-# gloo's TCP transport now and then drops a connection between two processes on a loaded host
-# (a known flake of gloo itself); a launch that fails that way is tried once more, which resumes
-# exactly where it stopped. Any other failure fails the test with the launch's own error output.
-TRANSPORT_FLAKES = ("Connection closed by peer", "Connection reset by peer", "Broken pipe",
-                    "Address already in use")
-
-
-def torchrun(*args: str) -> None:
-    """`gpt train` in two gloo processes on a free port (--standalone), so parallel test runs
-    never collide."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               "--nproc_per_node=2", "-m", "gpt", "train", "--config", "tiny.toml", *args]
-    for attempt in (1, 2):
-        done = subprocess.run(command, timeout=300, capture_output=True, text=True, env=ENV)
-        if done.returncode == 0:
-            return
-        if attempt == 2 or not any(flake in done.stderr for flake in TRANSPORT_FLAKES):
-            raise AssertionError(f"torchrun exited {done.returncode}:\n{done.stderr[-4000:]}")
-
-
 def losses_by_iteration(out: Path) -> dict[int, float]:
     return {r["iter"]: r["loss"] for r in metrics(out) if "loss" in r}
 
 
 @pytest.mark.slow
-def test_two_process_gloo_matches_one_process(tiny_run: Path) -> None:
+def test_two_process_gloo_matches_one_process(tiny_run: Path, torchrun: Callable) -> None:
     common = ["--set", "train.max_iters=12", "--set", "train.grad_accum_steps=2",
               "--set", "train.log_interval=1", "--set", "model.dropout=0.0"]
     subprocess.run(gpt_cmd(*common, "--set", "train.out_dir=one"), check=True, timeout=300,
@@ -742,7 +722,7 @@ def test_two_process_gloo_matches_one_process(tiny_run: Path) -> None:
 
 
 @pytest.mark.slow
-def test_two_process_resume_is_bitwise_exact(tiny_run: Path) -> None:
+def test_two_process_resume_is_bitwise_exact(tiny_run: Path, torchrun: Callable) -> None:
     """With dropout each rank draws its own masks, so each rank's RNG must come back on resume."""
     common = ["--set", "train.grad_accum_steps=2", "--set", "train.log_interval=1",
               "--set", "train.lr_decay_iters=8", "--set", "train.eval_interval=4"]

@@ -1,0 +1,313 @@
+"""FSDP2 across processes, activation checkpointing in training, and checkpoints that move
+between layouts (one process, DDP, FSDP). The multi-process tests run 2 gloo processes on the
+CPU through torchrun."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from gpt import checkpoint as ckpt
+from gpt.cli import app
+from gpt.config import load_config
+from gpt.errors import GPTError
+from gpt.model import GPT
+from gpt.train import train
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+runner = CliRunner()
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+# the same global batch in every layout: 2 micro-batches a step, one per process under torchrun
+STEPS = ["--set", "train.grad_accum_steps=2", "--set", "train.log_interval=1"]
+NO_DROPOUT = ["--set", "model.dropout=0.0"]
+
+
+def one_process(*args: str) -> None:
+    subprocess.run([sys.executable, "-m", "gpt", "train", "--config", "tiny.toml", *args],
+                   check=True, timeout=300, capture_output=True, env=ENV)
+
+
+def losses(out: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {r["iter"]: r["loss"] for r in records if "loss" in r}
+
+
+def assert_close_losses(a: dict[int, float], b: dict[int, float]) -> None:
+    assert sorted(a) == sorted(b)
+    worst = max(abs(a[i] - b[i]) for i in a)
+    assert worst < 1e-5, f"losses differ by up to {worst}"
+
+
+def sample(checkpoint: Path) -> str:
+    result = runner.invoke(app, ["sample", "--checkpoint", str(checkpoint), "--prompt", "def ",
+                                 "--max-new-tokens", "40", "--seed", "3"])
+    assert result.exit_code == 0, result.output
+    return result.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", [
+    ["--set", "train.parallel=fsdp"],
+    ["--set", "train.parallel=fsdp", "--set", "train.activation_checkpointing=true"],
+    ["--set", "train.parallel=ddp", "--set", "train.activation_checkpointing=true"],
+], ids=["fsdp", "fsdp-activation-checkpointing", "ddp-activation-checkpointing"])
+def test_two_processes_give_the_losses_of_one(
+    tiny_run: Path, torchrun: Callable[..., None], layout: list[str]
+) -> None:
+    """Two processes with the same global batch as one (which accumulates two micro-batches):
+    the same loss curve, to float rounding, whichever way the processes share the work."""
+    common = [*STEPS, *NO_DROPOUT, "--set", "train.max_iters=12"]
+    one_process(*common, "--set", "train.out_dir=one")
+    torchrun(*common, *layout, "--set", "train.out_dir=two")
+    assert_close_losses(losses(tiny_run / "one"), losses(tiny_run / "two"))
+    assert len(losses(tiny_run / "one")) == 12
+
+
+def test_activation_checkpointing_trains_bit_for_bit_the_same(tiny_run: Path) -> None:
+    """In one process, with dropout: recomputing the blocks replays their dropout masks."""
+    base = ["train.max_iters=6", "train.log_interval=1", "train.eval_interval=6"]
+    assert train(load_config("tiny.toml", [*base, "train.out_dir=plain"])) == 0
+    assert train(load_config("tiny.toml", [*base, "train.out_dir=recomputed",
+                                           "train.activation_checkpointing=true"])) == 0
+    assert losses(tiny_run / "plain") == losses(tiny_run / "recomputed")
+
+
+@pytest.mark.slow
+def test_an_fsdp_run_stopped_and_resumed_is_bitwise_the_uninterrupted_one(
+    tiny_run: Path, torchrun: Callable[..., None]
+) -> None:
+    """With dropout (each rank its own masks), through checkpoints whose optimizer state is
+    split into one file per process."""
+    common = [*STEPS, "--set", "train.parallel=fsdp", "--set", "train.lr_decay_iters=8",
+              "--set", "train.eval_interval=4"]
+    torchrun(*common, "--set", "train.max_iters=8", "--set", "train.out_dir=straight")
+    torchrun(*common, "--set", "train.max_iters=4", "--set", "train.out_dir=split")
+    torchrun(*common, "--set", "train.max_iters=8", "--set", "train.out_dir=split")
+    curve = lambda out: [  # noqa: E731  (everything but the wall times)
+        (r["iter"], r.get("loss"), r.get("train_loss"), r.get("val_loss"))
+        for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+    ]
+    assert len(curve(tiny_run / "straight")) == 8 + 3
+    assert curve(tiny_run / "split") == curve(tiny_run / "straight")
+
+    saved = tiny_run / "split" / "ckpt-0000008"
+    shards = ["optimizer-00000-of-00002.pt", "optimizer-00001-of-00002.pt"]
+    assert sorted(p.name for p in saved.iterdir()) == sorted(
+        ["model.safetensors", "state.json", *shards])
+    found = ckpt.Checkpoint.open(saved)
+    assert found.optimizer_files == shards and found.has_optimizer
+    weights = found.load_model().state_dict()
+    assert weights["transformer.wte.weight"].shape[0] == found.config.model.padded_vocab_size
+
+    (saved / shards[1]).unlink()  # one process's rows lost: the checkpoint is incomplete
+    with pytest.raises(GPTError, match=rf"{shards[1]} is missing: the checkpoint is incomplete"):
+        ckpt.Checkpoint.open(saved)
+    (saved / shards[0]).unlink()  # all of them: a weights-only checkpoint, for inference
+    assert not ckpt.Checkpoint.open(saved).has_optimizer
+    assert sample(saved)
+
+
+@pytest.mark.slow
+def test_checkpoints_move_between_one_process_fsdp_and_ddp(
+    tiny_run: Path, torchrun: Callable[..., None]
+) -> None:
+    """One process to 4 steps, FSDP to 8, one process to 10, DDP to 12: the loss curve, the
+    weights and the optimizer state of a run that never changed layout, to float rounding.
+    Had a move lost the optimizer state, the next steps' losses would differ far more."""
+    common = [*STEPS, *NO_DROPOUT, "--set", "train.lr_decay_iters=12",
+              "--set", "train.checkpoint_interval=2", "--set", "train.keep_last=10"]
+    one_process(*common, "--set", "train.max_iters=12", "--set", "train.out_dir=ref")
+    one_process(*common, "--set", "train.max_iters=4", "--set", "train.out_dir=moved")
+    torchrun(*common, "--set", "train.parallel=fsdp", "--set", "train.max_iters=8",
+             "--set", "train.out_dir=moved")
+    one_process(*common, "--set", "train.max_iters=10", "--set", "train.out_dir=moved")
+    torchrun(*common, "--set", "train.max_iters=12", "--set", "train.out_dir=moved")
+    assert_close_losses(losses(tiny_run / "ref"), losses(tiny_run / "moved"))
+
+    ref, fsdp = ckpt.Checkpoint.open(tiny_run / "ref" / "ckpt-0000008"), ckpt.Checkpoint.open(
+        tiny_run / "moved" / "ckpt-0000008")
+    assert fsdp.optimizer_files == ["optimizer-00000-of-00002.pt", "optimizer-00001-of-00002.pt"]
+    ref_weights, fsdp_weights = ref.load_model().state_dict(), fsdp.load_model().state_dict()
+    for name, tensor in ref_weights.items():
+        torch.testing.assert_close(fsdp_weights[name], tensor, rtol=0, atol=1e-5)
+    ref_state, fsdp_state = ref.optimizer_state(), fsdp.optimizer_state()  # whole, from shards
+    assert sorted(ref_state["state"]) == sorted(fsdp_state["state"])
+    for key, moments in ref_state["state"].items():
+        for name, value in moments.items():
+            torch.testing.assert_close(fsdp_state["state"][key][name], value, rtol=1e-4,
+                                       atol=1e-7)
+    # the weights gathered from the shards sample in one process as the unsharded run's do
+    assert sample(fsdp.path) == sample(ref.path)
+
+
+def write_shards(folder: Path, whole: dict, world: int) -> list[str]:
+    """`whole`'s moments split by rows as FSDP splits them, one file per process."""
+    names = []
+    for rank in range(world):
+        state, rows = {}, {}
+        for key, moments in whole["state"].items():
+            n = moments["exp_avg"].shape[0]
+            chunk = -(-n // world)
+            start, stop = min(rank * chunk, n), min((rank + 1) * chunk, n)
+            rows[key] = [start, stop]
+            state[key] = {name: v if v.dim() == 0 else v[start:stop].clone()
+                          for name, v in moments.items()}
+        name = ckpt.optimizer_file(rank, world)
+        ckpt.write_optimizer(folder, name, {"state": state, "param_groups": whole["param_groups"],
+                                            "rows": rows})
+        names.append(name)
+    return names
+
+
+@pytest.mark.parametrize("world", [2, 3, 5])
+def test_any_rows_of_a_sharded_or_whole_optimizer_state(tmp_path: Path, world: int) -> None:
+    """Rows [start, stop) of each moment, from files written by any number of processes
+    (uneven and empty shards included) or from one whole file: what a process of any layout
+    reads on resume."""
+    torch.manual_seed(0)
+    shapes = {0: (7, 3), 1: (4,), 2: (1, 5)}
+    whole = {
+        "state": {key: {"step": torch.tensor(3.0), "exp_avg": torch.randn(shape),
+                        "exp_avg_sq": torch.rand(shape)} for key, shape in shapes.items()},
+        "param_groups": [{"lr": 0.1, "params": [0, 1, 2]}],
+    }
+    sharded, single = tmp_path / "sharded", tmp_path / "whole"
+    sharded.mkdir(), single.mkdir()
+    names = write_shards(sharded, whole, world)
+    ckpt.write_optimizer(single, ckpt.OPTIMIZER, whole)
+    for folder, files in ((sharded, names), (single, [ckpt.OPTIMIZER])):
+        every = ckpt.load_optimizer_state(folder, files)
+        assert every["param_groups"] == whole["param_groups"]
+        for key, moments in whole["state"].items():
+            for name, value in moments.items():
+                assert torch.equal(every["state"][key][name], value)
+        for wanted in ((0, 0), (0, 1), (1, 4), (3, 7)):
+            rows = {key: (min(wanted[0], s[0]), min(wanted[1], s[0]))
+                    for key, s in shapes.items()}
+            part = ckpt.load_optimizer_state(folder, files, rows)
+            for key, (start, stop) in rows.items():
+                assert torch.equal(part["state"][key]["exp_avg"],
+                                   whole["state"][key]["exp_avg"][start:stop])
+                assert part["state"][key]["step"].item() == 3.0
+
+
+def test_a_hostile_optimizer_shard_is_refused_without_running(tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self) -> tuple:
+            return (os.system, (f"touch {marker}",))
+
+    whole = {"state": {0: {"exp_avg": torch.ones(4, 2)}}, "param_groups": [{"params": [0]}]}
+    names = write_shards(tmp_path, whole, 2)
+    torch.save({"state": Exploit()}, tmp_path / names[1])
+    with pytest.raises(GPTError, match=rf"{names[1]} would call \S*system when unpickled.*"
+                                       "nothing in it ran"):
+        ckpt.load_optimizer_state(tmp_path, names, {0: (2, 4)})
+    assert not marker.exists()
+
+
+def test_fsdp_refuses_muon_by_name() -> None:
+    with pytest.raises(GPTError, match=r'\[train\] parallel: "fsdp" shards each weight matrix, '
+                                       r'which Muon must see whole; use optimizer = "adamw"'):
+        load_config(None, ["train.parallel=fsdp", "train.optimizer=muon"])
+
+
+def test_info_shows_the_memory_of_each_process() -> None:
+    shape = ["--set", "model.n_layer=4", "--set", "model.n_embd=256", "--set", "model.n_head=4",
+             "--set", "model.vocab_size=1024", "--set", "model.block_size=64"]
+
+    def per_process(*args: str) -> str:
+        result = runner.invoke(app, ["info", *shape, *args])
+        assert result.exit_code == 0, result.output
+        lines = [line for line in result.stdout.splitlines() if line.startswith("per process")]
+        return lines[0] if lines else ""
+
+    assert per_process() == ""  # one process: the whole-model line says it all
+    model = GPT(load_config(None, [a for a in shape if a != "--set"]).model)
+    params = sum(p.numel() for p in model.parameters())
+    ddp = per_process("--nproc", "4", "--set", "train.parallel=ddp")
+    fsdp = per_process("--nproc", "4", "--set", "train.parallel=fsdp")
+    mib = lambda n: f"{n / 2**20:.3g} MiB"  # noqa: E731  (three figures, as gpt info)
+    assert f"weights {mib(4 * params)} + gradients {mib(4 * params)}" in ddp
+    assert "gathered" not in ddp
+    assert f"weights {mib(params)} + gradients {mib(params)}" in fsdp
+    assert f"AdamW state {mib(2 * params)}" in fsdp
+    assert "two blocks gathered whole" in fsdp
+    bad = runner.invoke(app, ["info", "--nproc", "0"])
+    assert bad.exit_code == 2 and "--nproc" in bad.output
+
+
+@pytest.mark.cuda
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_fsdp_in_bfloat16_on_two_gpus_follows_ddp(
+    tiny_run: Path, torchrun: Callable[..., None]
+) -> None:
+    """NCCL, bf16 weights gathered and fp32 gradients reduced (FSDP's mixed precision) against
+    DDP's autocast: the same curve to bf16's precision."""
+    common = [*STEPS, *NO_DROPOUT, "--set", "train.max_iters=20", "--set", "train.device=cuda",
+              "--set", "train.dtype=bfloat16"]
+    torchrun(*common, "--set", "train.parallel=ddp", "--set", "train.out_dir=ddp")
+    torchrun(*common, "--set", "train.parallel=fsdp", "--set", "train.out_dir=fsdp")
+    ddp, fsdp = losses(tiny_run / "ddp"), losses(tiny_run / "fsdp")
+    assert all(math.isclose(ddp[i], fsdp[i], rel_tol=2e-2) for i in ddp)
+    assert fsdp[20] < fsdp[1] - 0.5
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_machines_joined_by_rendezvous_train_as_one(tiny_run: Path) -> None:
+    """The multi-node launch of docs/training.md, as two nodes of one process each on this
+    machine: two torchrun agents meet at a c10d rendezvous endpoint, and the FSDP run they make
+    gives the losses of one process."""
+    common = [*STEPS, *NO_DROPOUT, "--set", "train.max_iters=6", "--set", "train.parallel=fsdp"]
+    one_process(*common, "--set", "train.out_dir=one")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1",
+               "--rdzv-id=test", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}",
+               "-m", "gpt", "train", "--config", "tiny.toml", *common, "--set", "train.out_dir=two"]
+    nodes = [subprocess.Popen(command, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(2)]
+    outputs = [node.communicate(timeout=300) for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs[0][1][-3000:]
+    assert_close_losses(losses(tiny_run / "one"), losses(tiny_run / "two"))
+
+
+def test_the_slurm_script_starts_one_torchrun_per_node_at_the_first_node(tmp_path: Path) -> None:
+    """scripts/slurm_train.sh with stand-ins for SLURM's srun and scontrol: the torchrun line
+    it runs on every node."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text("#!/bin/sh\nprintf 'gpu-a17\\ngpu-a18\\ngpu-a19\\n'\n")
+    (bin_dir / "srun").write_text('#!/bin/sh\necho "$@"\n')
+    for tool in bin_dir.iterdir():
+        tool.chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_NODELIST":
+           "gpu-a[17-19]", "SLURM_JOB_NUM_NODES": "3", "SLURM_JOB_ID": "4242",
+           "SLURM_GPUS_ON_NODE": "8"}
+    script = Path(__file__).parents[1] / "scripts" / "slurm_train.sh"
+    done = subprocess.run(["bash", str(script), "configs/gpt2_124m.toml", "--set",
+                           "train.parallel=fsdp"], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == [
+        "torchrun", "--nnodes=3", "--nproc-per-node=8", "--rdzv-id=4242", "--rdzv-backend=c10d",
+        "--rdzv-endpoint=gpu-a17:29500", "-m", "gpt", "train", "--config",
+        "configs/gpt2_124m.toml", "--set", "train.parallel=fsdp",
+    ]
+    no_config = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True)
+    assert no_config.returncode != 0 and "usage: sbatch" in no_config.stderr
