@@ -266,8 +266,9 @@ def read_state(ckpt: Path) -> dict[str, Any]:
 
 def optimizer_files(state: dict[str, Any]) -> list[str]:
     """The optimizer files a checkpoint's state.json records: optimizer.pt, or a sharded
-    run's files in rank order."""
-    return sorted(f for f in state.get("sha256", {}) if f != WEIGHTS)
+    run's files in rank order (only those names: nothing outside the folder is ever read)."""
+    names = state.get("sha256", {})
+    return sorted(f for f in names if f == OPTIMIZER or OPTIMIZER_SHARD.fullmatch(f))
 
 
 def load_weights(ckpt: Path, model: torch.nn.Module) -> None:
