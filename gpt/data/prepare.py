@@ -16,6 +16,7 @@ import multiprocessing
 import os
 import random
 import sys
+import time
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -396,7 +397,10 @@ def _tokenize(
         if progress:
             print(f"learning a {cfg.bpe_vocab_size}-id BPE from the train split of "
                   f"{source.description}")
+        started = time.perf_counter()
         tokenizer = BPETokenizer.learn(_train_texts(source, cfg), cfg.bpe_vocab_size)
+        if progress:
+            print(f"learned {tokenizer.vocab_size} ids in {time.perf_counter() - started:.1f} s")
     else:
         tokenizer = get_tokenizer(cfg.tokenizer)
     workers = cfg.num_proc or os.cpu_count() or 1
