@@ -21,6 +21,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from gpt.checkpoint import Rows
 from gpt.config import TrainConfig
 from gpt.model import GPT
 
@@ -80,9 +81,6 @@ def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
     if state and model.config.tie_embeddings:  # type: ignore[union-attr]
         state.pop("lm_head.weight", None)
     return {k: v.contiguous() for k, v in state.items()}
-
-
-Rows = tuple[int, int]  # rows [start, stop) of a parameter's dim 0
 
 
 def rows_of(param: torch.Tensor) -> Rows | None:
