@@ -316,20 +316,19 @@ def byte_chars() -> list[str]:
 BPE_MIN_VOCAB = 257  # the 256 bytes and the end-of-text token
 
 
-class BPETokenizer:
+class BPETokenizer(TiktokenTokenizer):
     """A byte-level BPE learned from the training text (`learn`), GPT-2's kind: any UTF-8 text
     encodes (every byte is a token), GPT-2's split pattern, <|endoftext|> as the last id.
 
     The record holds the library's tokenizer.json and its sha256, so a data folder or a
-    checkpoint carries the whole vocabulary. Text is encoded as ordinary text, as by gpt2 (a
-    literal "<|endoftext|>" is text), through tiktoken built from the learned ranks (each
-    token's bytes -> its id), which gives the library's ids and encoded a few MB of Python
-    source several times faster than the library's batched encoder (scripts/bench_bpe.py
-    measures both).
+    checkpoint carries the whole vocabulary. Text is encoded as by gpt2 (a literal
+    "<|endoftext|>" is text), through tiktoken built from the learned ranks (each token's bytes
+    -> its id), which gives the library's ids and encoded a few MB of Python source several
+    times faster than the library's batched encoder (scripts/bench_bpe.py measures both); only
+    text that is not Unicode is refused first.
     """
 
     name = "bpe"
-    bos_id: int | None = None
 
     def __init__(self, tokenizer_json: str, sha256: str | None = None) -> None:
         try:
@@ -360,21 +359,20 @@ class BPETokenizer:
                 f"the learned bpe tokenizer has no {GPT2_EOT} token; rebuild the data with "
                 "gpt prepare --force"
             )
-        self.eot_id: int = vocab[GPT2_EOT]
-        self.vocab_size: int = max(vocab.values()) + 1
         stand_in = {c: b for b, c in enumerate(byte_chars())}
         ranks = {
             bytes(stand_in[c] for c in token): i for token, i in vocab.items() if token != GPT2_EOT
         }
         import tiktoken
 
-        self.encoding = tiktoken.Encoding(
-            name="bpe",
+        encoding = tiktoken.Encoding(
+            name=self.name,
             pat_str=GPT2_SPLIT_PATTERN,
             mergeable_ranks=ranks,
-            special_tokens={GPT2_EOT: self.eot_id},
-            explicit_n_vocab=self.vocab_size,
+            special_tokens={GPT2_EOT: vocab[GPT2_EOT]},
+            explicit_n_vocab=max(vocab.values()) + 1,
         )
+        super().__init__(self.name, encoding)  # eot_id, vocab_size from the encoding
 
     @classmethod
     def learn(cls, texts: Iterable[str], vocab_size: int) -> BPETokenizer:
@@ -416,23 +414,16 @@ class BPETokenizer:
 
     def encode(self, text: str) -> list[int]:
         self._check_text(text)
-        return self.encoding.encode_ordinary(text)
+        return super().encode(text)
 
     def encode_array(self, text: str) -> np.ndarray:
-        """Ids as an array straight from tiktoken's buffer."""
         self._check_text(text)
-        if hasattr(self.encoding, "encode_to_numpy"):
-            return self.encoding.encode_to_numpy(text, allowed_special=set(), disallowed_special=())
-        return np.asarray(self.encoding.encode_ordinary(text), dtype=np.uint32)
+        return super().encode_array(text)
 
     def encode_batch(self, texts: list[str], num_threads: int = ENCODE_THREADS) -> list[list[int]]:
         for text in texts:
             self._check_text(text)
-        return self.encoding.encode_ordinary_batch(texts, num_threads=num_threads)
-
-    def decode(self, ids: Iterable[int]) -> str:
-        """Text of `ids`; ids past the vocabulary (a model's padding) decode to nothing."""
-        return self.encoding.decode([i for i in ids if 0 <= i < self.vocab_size])
+        return super().encode_batch(texts, num_threads)
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "tokenizer_json": self.tokenizer_json, "sha256": self.sha256}
