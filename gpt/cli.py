@@ -197,16 +197,15 @@ def info(
         f"+ AdamW state {_bytes(8 * n_params)} = {_bytes(16 * n_params)}, before activations"
     )
     if nproc > 1:
-        typer.echo(_per_process_memory(model, cfg.train, nproc))
+        typer.echo(_per_process_memory(model, n_params, cfg.train, nproc))
     typer.echo(f"device peak:       {_peak(cfg)}")
 
 
-def _per_process_memory(model: Any, tcfg: Any, nproc: int) -> str:
+def _per_process_memory(model: Any, n_params: int, tcfg: Any, nproc: int) -> str:
     """The line of `gpt info --nproc N`: what each process holds under train.parallel."""
     from gpt.parallel import memory_per_process
     from gpt.train import muon_matrices
 
-    n_params = sum(p.numel() for p in model.parameters())  # a tied head counted once
     in_muon = sum(p.numel() for p in muon_matrices(model)) if tcfg.optimizer == "muon" else 0
     optimizer_bytes = 8 * (n_params - in_muon) + 4 * in_muon  # AdamW: two moments; Muon: one
     largest_block = max(sum(p.numel() for p in b.parameters()) for b in model.transformer.h)

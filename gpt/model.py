@@ -355,9 +355,10 @@ class GPT(nn.Module):
         else:
             rope = (self.rope_cos[start : start + T], self.rope_sin[start : start + T])  # (T, hs/2)
         x = self.transformer.drop(x)
-        recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
+        recompute = (self.activation_checkpointing and self.training and torch.is_grad_enabled()
+                     and cache is None)
         for i, block in enumerate(self.transformer.h):
-            if recompute and cache is None:
+            if recompute:
                 # keep only the block's input; the backward pass runs the block again, with the
                 # same dropout masks (the RNG state is saved and replayed)
                 x = checkpoint(block, x, context=context, rope=rope, use_reentrant=False)
