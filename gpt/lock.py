@@ -1,11 +1,14 @@
 """Exclusive folder locks: one training run per out_dir, one tokenizer writing a data_dir.
 
-An `flock` on a file inside the folder; the OS releases it when the process ends, however it
-ends, so a killed run never leaves a stale lock behind. The file names the holder (what it is,
-its pid and host) for the message the next process shows. It stays after release, except where
-a holder removes the folder it created (a prepare that failed): a process that was waiting on
-the removed file then sees that the file it locked is gone and locks the new one, so it and a
-newcomer never both hold "the" lock.
+An `flock` on a file inside the folder; the OS releases it when the last process holding the
+file open ends, however it ends. A child forked while the lock is held would hold it too (an
+flock belongs to the open file, which a fork shares), so children close their copies at once
+(`_forget_in_child`): a killed run never leaves a stale lock behind, even when it had worker
+processes. The file names the holder (what it is, its pid and host) for the message the next
+process shows, which names that pid only while it is alive. The file stays after release,
+except where a holder removes the folder it created (a prepare that failed): a process that was
+waiting on the removed file then sees that the file it locked is gone and locks the new one, so
+it and a newcomer never both hold "the" lock.
 """
 
 from __future__ import annotations
@@ -13,15 +16,21 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import re
 import sys
 import time
+import weakref
 from pathlib import Path
+from typing import Any
 
 from gpt.errors import GPTError
 
 # How long a process refused the lock waits before trying once more: `holder` takes the lock
 # shared for an instant to look, and a look must never turn a trainer away.
 LOOK_GRACE_S = 0.1
+RECORD = re.compile(r"^(?P<what>.*) \(pid (?P<pid>\d+) on (?P<host>.*)\)$")  # what the file says
+
+_held: weakref.WeakSet[FolderLock] = weakref.WeakSet()  # the locks this process holds now
 
 
 class FolderLock:
@@ -59,6 +68,7 @@ class FolderLock:
         self.file.truncate()
         self.file.write(f"{what} (pid {os.getpid()} on {os.uname().nodename})")
         self.file.flush()
+        _held.add(self)
 
     def _lock_now(self) -> None:
         """Lock without waiting, trying once more after LOOK_GRACE_S, since the holder may be
@@ -71,8 +81,7 @@ class FolderLock:
 
     def _wait_or_refuse(self, folder: Path, what: str, option: str, wait: bool) -> None:
         """The lock is held elsewhere: name the holder, then wait for it or refuse."""
-        self.file.seek(0)
-        holder = self.file.read().strip() or what
+        holder = _describe_holder(self.file, what)
         if not wait:
             self.file.close()
             raise GPTError(
@@ -90,6 +99,7 @@ class FolderLock:
             return False
 
     def release(self) -> None:
+        _held.discard(self)
         with contextlib.suppress(OSError):  # never locked, on a filesystem without flock
             fcntl.flock(self.file, fcntl.LOCK_UN)
         self.file.close()
@@ -116,8 +126,69 @@ def holder(folder: Path, name: str = ".lock") -> str | None:
         try:
             fcntl.flock(file, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
-            return file.read().strip() or "another process"
+            return _describe_holder(file, "process")
         except OSError:
             return None
         fcntl.flock(file, fcntl.LOCK_UN)
     return None
+
+
+def _describe_holder(file: Any, what: str) -> str:
+    """Who holds the lock on `file`, for a message: what its file records ("gpt train (pid 12
+    on host)") when that process is alive or on another host (where it cannot be checked);
+    else the live processes found holding it, or none by pid: a pid is named only while it can
+    be the holder."""
+    file.seek(0)
+    recorded = file.read(1024).strip()
+    match = RECORD.match(recorded)
+    if match is None:
+        return recorded or what
+    if match["host"] != os.uname().nodename or _alive(int(match["pid"])):
+        return recorded
+    holders = _processes_holding(file)
+    if holders:
+        pids = ", ".join(map(str, holders))
+        return (f"process (pid {pids}, left running by a {match['what']} that has exited; stop "
+                "it)")
+    return f"process (the {match['what']} that took the lock has exited)"
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process `pid` exists (one of another user's too)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # it exists, but is not ours to signal
+        return True
+    return True
+
+
+def _processes_holding(file: Any) -> list[int]:
+    """The processes whose open files hold an flock on `file`'s inode, from /proc (Linux; the
+    processes this user may look into); [] where that cannot be told."""
+    held = os.fstat(file.fileno())
+    device = f"{os.major(held.st_dev):02x}:{os.minor(held.st_dev):02x}:{held.st_ino}"
+    found = set()
+    for fdinfo in Path("/proc").glob("[0-9]*/fdinfo/*"):
+        try:
+            text = fdinfo.read_text()
+        except OSError:  # gone, or another user's
+            continue
+        if any(line.startswith("lock:") and f" {device} " in line for line in text.splitlines()):
+            found.add(int(fdinfo.parts[2]))
+    found.discard(os.getpid())
+    return sorted(found)
+
+
+def _forget_in_child() -> None:
+    """In a child just forked (a tokenizer worker): close its copies of the parent's lock files,
+    so that it never holds the parent's locks, nor keeps them held after the parent is killed."""
+    for lock in list(_held):
+        with contextlib.suppress(OSError):
+            lock.file.close()
+    _held.clear()
+
+
+if hasattr(os, "register_at_fork"):  # every POSIX Python; Windows has no fork
+    os.register_at_fork(after_in_child=_forget_in_child)

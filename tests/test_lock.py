@@ -6,6 +6,8 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -14,7 +16,7 @@ import pytest
 
 import gpt.lock
 from gpt.errors import GPTError
-from gpt.lock import FolderLock, holder
+from gpt.lock import FolderLock, _alive, holder
 
 
 def test_second_holder_is_refused_naming_the_first_then_admitted(tmp_path: Path) -> None:
@@ -88,3 +90,79 @@ def test_a_look_at_the_lock_does_not_turn_a_trainer_away(tmp_path: Path) -> None
     fcntl.flock(look, fcntl.LOCK_SH | fcntl.LOCK_NB)  # a look, caught in its instant
     threading.Timer(0.02, look.close).start()
     FolderLock(tmp_path, "gpt train", "train.out_dir").release()
+
+
+def _python(script: str, *args: str) -> subprocess.Popen[str]:
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    return subprocess.Popen([sys.executable, "-c", script, *args], env=env,
+                            stdout=subprocess.PIPE, text=True)
+
+
+FORKS_THEN_DIES = """
+import os, sys, time
+from pathlib import Path
+from gpt.lock import FolderLock
+lock = FolderLock(Path(sys.argv[1]), "gpt prepare", "data.data_dir")
+child = os.fork()
+if child == 0:  # a worker that outlives its parent (no die_with_parent here)
+    time.sleep(60)
+    os._exit(0)
+print(child, flush=True)
+os.kill(os.getpid(), 9)
+"""
+
+
+@pytest.mark.slow
+def test_a_forked_child_does_not_keep_its_killed_parents_lock(tmp_path: Path) -> None:
+    """An flock belongs to the open file, which a fork shares: the child closes its copy."""
+    process = _python(FORKS_THEN_DIES, str(tmp_path))
+    child = int(process.stdout.readline())  # type: ignore[union-attr]
+    process.wait()
+    try:
+        assert _alive(child)
+        FolderLock(tmp_path, "gpt prepare", "data.data_dir").release()  # free at once
+    finally:
+        os.kill(child, 9)
+
+
+ORPHAN_HOLDS_IT = """
+import fcntl, os, sys, time
+path = sys.argv[1]
+with open(path, "a+") as f:  # what a process of another program, or an older gpt, leaves
+    fcntl.flock(f, fcntl.LOCK_EX)
+    f.write(f"gpt prepare (pid {sys.argv[2]} on {os.uname().nodename})")
+    f.flush()
+    child = os.fork()
+    if child == 0:
+        time.sleep(60)
+        os._exit(0)
+print(child, flush=True)
+"""
+
+
+def _dead_pid() -> int:
+    """The pid of a process that has ended."""
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+@pytest.mark.skipif(not Path("/proc/self/fdinfo").exists(), reason="reads /proc")
+def test_a_lock_message_names_a_pid_only_while_it_holds_the_lock(tmp_path: Path) -> None:
+    """The recorded holder has exited; the live process left holding the lock is named instead."""
+    dead = _dead_pid()
+    process = _python(ORPHAN_HOLDS_IT, str(tmp_path / ".lock"), str(dead))
+    orphan = int(process.stdout.readline())  # type: ignore[union-attr]
+    process.wait()
+    try:
+        with pytest.raises(GPTError) as refused:
+            FolderLock(tmp_path, "gpt prepare", "data.data_dir")
+        message = str(refused.value)
+        assert f"pid {dead}" not in message
+        assert f"another process (pid {orphan}, left running by a gpt prepare that has exited; " \
+               "stop it)" in message
+        assert holder(tmp_path) == message.split("another ", 1)[1].split("; wait")[0]
+    finally:
+        os.kill(orphan, 9)
+    time.sleep(0.2)
+    FolderLock(tmp_path, "gpt prepare", "data.data_dir").release()  # free once it is gone

@@ -5,7 +5,11 @@ from __future__ import annotations
 import os
 import random
 import shutil
+import signal
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -439,3 +443,126 @@ def test_cli_prepare_and_its_errors(tmp_path: Path, docs_folder: Callable[..., P
     assert other.exit_code == 2 and "--force" in other.output
     forced = runner.invoke(app, [*args, "--set", "data.tokenizer=char", "--force"])
     assert forced.exit_code == 0 and PreparedData(tmp_path / "d").tokenizer["name"] == "char"
+
+
+# ---------------------------------------------------------------------------------------------
+# Killed with workers running: no worker outlives its parent, no lock is left held
+
+HELD_IN_A_WORKER = """
+import os, sys, time
+from pathlib import Path
+import gpt.data.prepare as prepare_module
+prepare_module.BATCH_CHARS = 200  # many batches, so that every worker gets one
+encode = prepare_module._encode_batch
+def held(batch, *args):
+    if os.getpid() != PARENT:  # a worker: say so, then take far longer than the test waits
+        Path("workers", str(os.getpid())).touch()
+        time.sleep(120)
+    return encode(batch, *args)
+prepare_module._encode_batch = held
+PARENT = os.getpid()
+sys.argv[0] = "gpt"
+from gpt.cli import main
+main()
+"""
+
+
+def running(pid: int) -> bool:
+    """Whether `pid` is a process that still runs (a zombie waiting for its reaper does not)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def kill_once_workers_run(args: list[str], folder: Path, workers: int = 2) -> list[int]:
+    """`gpt ARGS` in a process of its own (in `folder`) whose tokenizer workers stop in their
+    first batch; once `workers` of them are there, SIGKILL the parent, as the OOM killer
+    would. The workers' pids."""
+    (folder / "workers").mkdir()
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    process = subprocess.Popen([sys.executable, "-c", HELD_IN_A_WORKER, *args], cwd=folder,
+                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while len(list((folder / "workers").iterdir())) < workers:
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            raise AssertionError(f"no workers started: {process.communicate()[1].decode()}")
+        time.sleep(0.05)
+    process.kill()
+    process.wait()
+    return [int(p.name) for p in (folder / "workers").iterdir()]
+
+
+def assert_gone_soon(pids: list[int], seconds: float = 5.0) -> None:
+    deadline = time.monotonic() + seconds
+    while any(map(running, pids)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    survivors = [pid for pid in pids if running(pid)]
+    for pid in survivors:  # not left behind for the rest of the session
+        os.kill(pid, signal.SIGKILL)
+    assert not survivors, f"workers {survivors} outlived their killed parent"
+
+
+needs_proc = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+
+
+@needs_proc
+@pytest.mark.slow
+def test_a_killed_prepare_leaves_no_worker_and_the_next_one_proceeds(
+    tmp_path: Path, write_tiny_run: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write_tiny_run(tmp_path)
+    args = ["prepare", "--config", "tiny.toml", "--set", "data.num_proc=2"]
+    assert_gone_soon(kill_once_workers_run(args, tmp_path))
+    data_dir = tmp_path / "data" / "corpus-char"
+    assert leftovers(data_dir)  # the killed prepare's temporary files: it did not finish
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert PreparedData(data_dir, verify_hash=True).meta["tokens"]["train"] > 0
+
+
+@needs_proc
+@pytest.mark.slow
+def test_a_train_killed_while_it_prepares_leaves_no_worker_and_its_out_dir_free(
+    tmp_path: Path, write_tiny_run: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write_tiny_run(tmp_path)
+    args = ["train", "--config", "tiny.toml", "--set", "data.num_proc=2",
+            "--set", "train.max_iters=2"]
+    assert_gone_soon(kill_once_workers_run(args, tmp_path))
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, args)  # neither the data's lock nor out_dir's is held
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "out" / "ckpt-0000002").is_dir()
+
+
+@pytest.mark.parametrize("use_prctl", [True, False], ids=["prctl", "polling"])
+@needs_proc
+@pytest.mark.slow
+def test_a_worker_ends_with_its_parent(use_prctl: bool, tmp_path: Path) -> None:
+    """die_with_parent: by the kernel's signal on Linux, and by the polling thread elsewhere
+    (forced here), a worker whose parent is SIGKILLed ends within seconds."""
+    script = f"""
+import os, sys, time
+from gpt.data.prepare import die_with_parent
+parent = os.getpid()
+child = os.fork()
+if child == 0:
+    die_with_parent(parent, use_prctl={use_prctl})
+    time.sleep(120)
+    os._exit(0)
+print(child, flush=True)
+time.sleep(120)
+"""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    process = subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE,
+                               text=True)
+    child = int(process.stdout.readline())  # type: ignore[union-attr]
+    time.sleep(0.3)  # the child is past die_with_parent
+    assert running(child)
+    process.kill()
+    process.wait()
+    assert_gone_soon([child])

@@ -9,13 +9,16 @@ already holds this data; a lock in the folder keeps a second prepare from writin
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import hashlib
 import json
 import multiprocessing
 import os
 import random
+import signal
 import sys
+import threading
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -216,11 +219,37 @@ def _encode_batch(
 
 
 _worker_state: tuple[Tokenizer, np.dtype] | None = None
+PR_SET_PDEATHSIG = 1  # Linux prctl: the signal a process gets when its parent ends
+PARENT_POLL_S = 0.5  # elsewhere: how often a worker looks whether its parent is still there
 
 
-def _init_worker(tokenizer_state: dict[str, Any], dtype_name: str) -> None:
+def _init_worker(parent: int, tokenizer_state: dict[str, Any], dtype_name: str) -> None:
     global _worker_state
+    die_with_parent(parent)
     _worker_state = (tokenizer_from_dict(tokenizer_state), np.dtype(dtype_name))
+
+
+def die_with_parent(parent: int, use_prctl: bool = True) -> None:
+    """End this worker process when `parent` ends, however it ends (SIGKILL, the OOM killer).
+
+    A pool's workers wait on a pipe whose other end they hold themselves, so without this they
+    outlive a killed parent for good. On Linux the kernel sends SIGKILL
+    (prctl(PR_SET_PDEATHSIG)); elsewhere, or if prctl fails, a thread looks every PARENT_POLL_S
+    whether the worker has been handed to another parent.
+    """
+    if use_prctl and sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0:
+            if os.getppid() != parent:  # it ended before prctl took effect
+                os._exit(1)
+            return
+    threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
+
+
+def _watch_parent(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(PARENT_POLL_S)
+    os._exit(1)
 
 
 def _encode_in_worker(batch: list[Piece]) -> tuple[dict[str, np.ndarray], int]:
@@ -238,7 +267,7 @@ def _worker_pool(workers: int, tokenizer: Tokenizer, dtype: np.dtype) -> Process
         workers,
         mp_context=context,
         initializer=_init_worker,
-        initargs=(tokenizer.to_dict(), dtype.name),
+        initargs=(os.getpid(), tokenizer.to_dict(), dtype.name),
     )
 
 
