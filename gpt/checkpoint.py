@@ -45,7 +45,7 @@ from safetensors.torch import load_file, save_file
 
 from gpt.config import RunConfig, from_dict
 from gpt.errors import GPTError, first_line
-from gpt.fileio import fsync_dir, new_file_mode, sha256_file, write_atomic
+from gpt.fileio import MiB, fsync_dir, new_file_mode, read_bounded, sha256_file, write_atomic
 from gpt.model import GPT
 from gpt.tokenizer import tokenizer_from_dict
 
@@ -54,6 +54,8 @@ WEIGHTS = "model.safetensors"
 OPTIMIZER = "optimizer.pt"  # the optimizer state, whole: inference needs only the weights
 OPTIMIZER_SHARD = re.compile(r"^optimizer-(\d{5})-of-(\d{5})\.pt$")  # one process's rows of it
 Rows = tuple[int, int]  # rows [start, stop) of a parameter's dim 0
+POINTER_LIMIT = 4096  # bytes of a `latest` or `best` file: one folder name
+STATE_LIMIT = 256 * MiB  # bytes of a state.json: the config, RNG states, a tokenizer's record
 
 
 def unwrap(model: torch.nn.Module) -> GPT:
@@ -193,10 +195,13 @@ def _prune(out_dir: Path, saved: Path, keep_last: int, damaged: Collection[str])
 
 
 def _read_pointer(path: Path) -> str | None:
+    """The checkpoint folder name a `latest` or `best` file holds; None where it holds none
+    (missing, unreadable, binary bytes, a path that is not a ckpt-* name in its folder)."""
     try:
-        return path.read_text().strip() or None
-    except OSError:
+        name = read_bounded(path, POINTER_LIMIT, "a checkpoint pointer").decode("utf-8").strip()
+    except (OSError, UnicodeDecodeError):
         return None
+    return name if CKPT_PATTERN.match(name) else None
 
 
 def _iteration(ckpt: Path) -> int:
@@ -230,10 +235,20 @@ def find_checkpoint(path: str | Path, which: str = "latest") -> Path:
         return path / name
     candidates = list_checkpoints(path)
     if which == "latest" and candidates:
-        return candidates[0]
+        return candidates[0]  # `latest` is written last: a crash, or damage, can leave it behind
+    if (path / which).exists():
+        raise GPTError(
+            f"{path / which} names no checkpoint folder of {path}; pass a ckpt-* folder, or "
+            "--which latest"
+        )
     raise GPTError(
         f"no {which} checkpoint in {path}; train first (gpt train) or pass a ckpt-* folder"
     )
+
+
+class UnreadableCheckpoint(GPTError):
+    """A checkpoint file this process cannot read (permissions, a device in its place): not
+    damaged, so resuming must neither skip it nor let pruning delete it."""
 
 
 def read_state(ckpt: Path) -> dict[str, Any]:
@@ -245,11 +260,13 @@ def read_state(ckpt: Path) -> dict[str, Any]:
     """
     state_path = ckpt / "state.json"
     try:
-        state = json.loads(state_path.read_text())
+        state = json.loads(read_bounded(state_path, STATE_LIMIT, "a checkpoint's state.json"))
         recorded = dict(state["sha256"])
     except FileNotFoundError:
         raise GPTError(f"{state_path} is missing: the checkpoint is incomplete") from None
-    except (ValueError, KeyError, TypeError):
+    except OSError as e:
+        raise UnreadableCheckpoint(f"cannot read {state_path} ({e.strerror})") from None
+    except (ValueError, KeyError, TypeError, RecursionError):  # RecursionError: nested deeply
         raise GPTError(f"{state_path} is damaged (not the JSON a checkpoint writes)") from None
     optimizer = optimizer_files(state)
     present = [f for f in optimizer if (ckpt / f).exists()]
@@ -259,7 +276,11 @@ def read_state(ckpt: Path) -> dict[str, Any]:
             if f in optimizer and not present:
                 continue
             raise GPTError(f"{path} is missing: the checkpoint is incomplete")
-        if sha256_file(path) != recorded.get(f):
+        try:
+            digest = sha256_file(path)
+        except OSError as e:  # not readable by this user, a FIFO in its place
+            raise UnreadableCheckpoint(f"cannot read {path} ({e.strerror})") from None
+        if digest != recorded.get(f):
             raise GPTError(f"{path} is damaged (its sha256 differs from state.json)")
     return state
 

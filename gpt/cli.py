@@ -441,7 +441,7 @@ def sample(
     applies = ("sample",) if checkpoint is not None else ("sample", "train.out_dir")
     cfg = layer_on_checkpoint(found.config, config, set_, applies, "gpt sample")
     settings: SampleConfig = dataclasses.replace(cfg.sample, **flags)
-    text = read_prompt(prompt, prompt_file, settings.prompt)
+    text = read_prompt(prompt, prompt_file, settings.prompt, settings.max_prompt_bytes)
     streaming = (sys.stdout.isatty() if stream is None else stream) and settings.num_samples == 1
     if not streaming and settings.max_new_tokens > MAX_HELD_TOKENS:
         raise GPTError(

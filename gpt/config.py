@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 from gpt.errors import GPTError
+from gpt.fileio import read_text_bounded
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -34,6 +35,7 @@ def _key(default: Any, help: str) -> Any:
 
 
 VOCAB_MULTIPLE = 64
+CONFIG_LIMIT = 2**20  # bytes: a run config is a few KiB; a larger "config" is not one
 
 
 def pad_vocab(n: int, multiple: int = VOCAB_MULTIPLE) -> int:
@@ -377,10 +379,14 @@ class SampleConfig(_Section):
     num_samples: int = _key(1, "samples generated together as one batch")
     seed: int = _key(1337, "same seed, same text")
     stop: list[str] = _key([], "strings that end a sample (the output stops before them)")
+    max_prompt_bytes: int = _key(
+        16 * 2**20, "the largest prompt read from --prompt-file or stdin, in bytes: a longer one "
+        "is refused, rather than read until memory runs out"
+    )
 
     def check(self) -> None:
         self._non_negative("max_new_tokens", "temperature")
-        self._positive("num_samples")
+        self._positive("num_samples", "max_prompt_bytes")
         if self.top_k is not None and self.top_k < 1:
             self._fail("top_k", f"must be >= 1, got {self.top_k!r}")
         if not 0.0 < self.top_p <= 1.0:
@@ -494,7 +500,7 @@ def read_toml(path: str | Path) -> dict[str, dict[str, Any]]:
     """Read a config file into {section: {key: value}}, checking section and key names."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_text_bounded(path, CONFIG_LIMIT, "a config file")
     except FileNotFoundError:
         raise GPTError(
             f"config file {path} not found; pass an existing TOML file to --config"

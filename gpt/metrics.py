@@ -7,6 +7,7 @@ resume, the lines past the checkpoint are dropped so the file reads as one unint
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import time
 import uuid
@@ -18,7 +19,7 @@ import torch
 
 from gpt.config import RunConfig, TrainConfig, to_dict
 from gpt.errors import GPTError, first_line
-from gpt.fileio import write_atomic
+from gpt.fileio import open_regular, write_atomic
 from gpt.peak import cpu_peak_flops, dtype_name
 
 # Dense bf16/fp16 tensor-core peaks (FLOP/s) for MFU; `[train] peak_flops` overrides.
@@ -92,17 +93,27 @@ class Throughput:
         return values
 
 
+def _lines_up_to(path: Path, last_iter: int) -> list[str]:
+    """The records of a metrics.jsonl up to `last_iter`, as lines (damaged lines dropped)."""
+    try:
+        with open_regular(path) as f:
+            lines = io.TextIOWrapper(f, encoding="utf-8", errors="replace")
+            return [line.rstrip("\n") for line in lines
+                    if (record := _parse_line(line)) is not None and record["iter"] <= last_iter]
+    except OSError as e:  # unreadable, or not a file: a device, a FIFO
+        raise GPTError(
+            f"cannot read {path} ({e.strerror}); make it readable, or move it away to start the "
+            "run's log afresh"
+        ) from None
+
+
 class MetricsLog:
     """metrics.jsonl (floats in full precision) and, when enabled, the wandb run."""
 
     def __init__(self, path: Path, resume_iter: int | None, wandb_run: Any) -> None:
         self.path = path
         if resume_iter is not None and path.exists():  # drop lines after the checkpoint
-            kept = [
-                line for line in path.read_text().splitlines()
-                if (record := _parse_line(line)) is not None and record["iter"] <= resume_iter
-            ]
-            write_atomic(path, "".join(line + "\n" for line in kept))
+            write_atomic(path, "".join(line + "\n" for line in _lines_up_to(path, resume_iter)))
         elif resume_iter is None:
             path.unlink(missing_ok=True)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -140,7 +151,7 @@ def _parse_line(line: str) -> dict[str, Any] | None:
     """One metrics record, or None for a blank line or one a crash cut short."""
     try:
         record = json.loads(line)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested too deeply for the parser
         return None
     return record if isinstance(record, dict) and "iter" in record else None
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import io
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -82,7 +83,7 @@ def load_runs(run_dirs: list[Path]) -> tuple[list[RunCurves], list[str]]:
         if not path.is_dir():
             problem = "does not exist" if not path.exists() else "is not a folder"
             raise GPTError(f"{path} {problem}; pass a run's out_dir, which holds {METRICS}")
-        if not (path / METRICS).is_file():
+        if not os.path.lexists(path / METRICS):
             raise GPTError(f"{path} holds no {METRICS}; pass a run's out_dir (gpt train writes "
                            f"{METRICS} there from its first step)")
         metrics = read_metrics(path / METRICS)

@@ -8,6 +8,7 @@ meanwhile is never refused. No torch: listing runs takes a fraction of a second.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import re
@@ -16,10 +17,12 @@ from pathlib import Path
 from typing import Any
 
 from gpt.errors import GPTError
+from gpt.fileio import MiB, open_regular, read_bounded
 from gpt.lock import holder
 
 METRICS = "metrics.jsonl"
 CKPT_NAME = re.compile(r"^ckpt-(\d+)$")  # checkpoint.CKPT_PATTERN, without importing torch
+POINTER_LIMIT, STATE_LIMIT = 4096, 256 * MiB  # checkpoint's bounds on what it reads, likewise
 NUMERIC = ("elapsed_s", "tokens", "lr", "loss", "train_loss", "val_loss", "tok_per_s", "mfu")
 SEARCH_DEPTH = 2  # levels below the folder `gpt runs` is given
 
@@ -45,7 +48,7 @@ def parse_record(line: str) -> dict[str, Any] | None:
     """One metrics record (an object with an integer `iter`, its known fields numbers), or None."""
     try:
         record = json.loads(line)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested too deeply for the parser
         return None
     if not isinstance(record, dict):
         return None
@@ -75,15 +78,16 @@ def read_metrics(path: Path) -> Metrics:
     records: list[dict[str, Any]] = []
     bad: list[int] = []
     try:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            for number, line in enumerate(f, 1):
+        with open_regular(path) as raw:
+            lines = io.TextIOWrapper(raw, encoding="utf-8", errors="replace")
+            for number, line in enumerate(lines, 1):
                 record = parse_record(line)
                 if record is not None:
                     records.append(record)
                 elif line.strip() and line.endswith("\n"):
                     bad.append(number)
     except OSError as e:
-        raise GPTError(f"cannot read {path} ({e.strerror}); check its permissions") from None
+        raise GPTError(f"cannot read {path} ({e.strerror}); make it a file you can read") from None
     return Metrics(path, records, bad)
 
 
@@ -180,7 +184,7 @@ def _latest_state(path: Path, notes: list[str]) -> tuple[str | None, dict[str, A
     """The newest checkpoint whose state.json reads (the one `latest` names first), skipping
     damaged ones with a note each."""
     try:
-        pointer = (path / "latest").read_text().strip()
+        pointer = read_bounded(path / "latest", POINTER_LIMIT, "a pointer").decode().strip()
     except (OSError, UnicodeDecodeError):
         pointer = ""
     try:
@@ -209,12 +213,12 @@ def _read_state(path: Path) -> tuple[str, dict[str, Any] | None]:
     table needs only the counters.
     """
     try:
-        state = json.loads(path.read_text(encoding="utf-8"))
+        state = json.loads(read_bounded(path, STATE_LIMIT, "a checkpoint's state.json"))
     except FileNotFoundError:
         return "is missing (an incomplete checkpoint)", None
     except OSError as e:
         return f"cannot be read ({e.strerror})", None
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # not UTF-8 or not JSON; nested too deeply
         return "is damaged (not JSON)", None
     try:
         counters = state["iter"], state["config"]["train"]["max_iters"]

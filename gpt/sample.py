@@ -17,6 +17,7 @@ from gpt.checkpoint import Checkpoint
 from gpt.config import SampleConfig
 from gpt.device import memory_errors, resolve_device, resolve_dtype
 from gpt.errors import GPTError
+from gpt.fileio import TooLargeError, read_stream_bounded, read_text_bounded
 from gpt.generate import generate
 from gpt.model import GPT
 from gpt.onednn import pack_linears
@@ -121,13 +122,18 @@ def sample_text(
     return texts
 
 
-def read_prompt(prompt: str | None, prompt_file: Path | None, default: str) -> str:
-    """The prompt from --prompt (`-` = stdin), --prompt-file, or the config's default."""
+def read_prompt(prompt: str | None, prompt_file: Path | None, default: str, limit: int) -> str:
+    """The prompt from --prompt (`-` = stdin), --prompt-file, or the config's default; at most
+    `limit` bytes ([sample] max_prompt_bytes) are read from a file or stdin."""
     if prompt is not None and prompt_file is not None:
         raise GPTError("give either --prompt or --prompt-file, not both")
+    larger = (f"give a shorter one, or raise the limit with --set sample.max_prompt_bytes="
+              f"{limit * 4}")
     if prompt_file is not None:
         try:
-            return prompt_file.read_text(encoding="utf-8")
+            return read_text_bounded(prompt_file, limit, "a prompt")
+        except TooLargeError as e:
+            raise GPTError(f"--prompt-file {prompt_file} is {e.strerror}; {larger}") from None
         except OSError as e:
             raise GPTError(
                 f"cannot read --prompt-file {prompt_file} ({e.strerror}); give a UTF-8 text file"
@@ -137,9 +143,13 @@ def read_prompt(prompt: str | None, prompt_file: Path | None, default: str) -> s
                 f"--prompt-file {prompt_file} is not UTF-8 text; convert it to UTF-8"
             ) from None
     if prompt == "-":  # bytes, decoded here: a UTF-8 locale's stdin would let bad bytes pass
-        data = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read()
+        stdin = getattr(sys.stdin, "buffer", sys.stdin)  # a text stream only where embedded
         try:
-            return data if isinstance(data, str) else data.decode("utf-8")
+            data = read_stream_bounded(stdin, limit, "a prompt", "stdin")
+        except TooLargeError as e:
+            raise GPTError(f"the prompt on stdin is {e.strerror}; {larger}") from None
+        try:
+            return data.decode("utf-8") if isinstance(data, bytes) else data
         except UnicodeDecodeError:
             raise GPTError("the prompt on stdin is not UTF-8 text; convert it to UTF-8") from None
     return default if prompt is None else prompt

@@ -452,6 +452,8 @@ def _resume_point(
     for candidate in existing:
         try:
             found = Checkpoint(candidate, ckpt.read_state(candidate))
+        except ckpt.UnreadableCheckpoint as e:
+            raise GPTError(f"{e}; make it readable, then run gpt train again") from None
         except GPTError as e:
             world.print0(f"warning: {e}; trying the previous checkpoint")
             damaged.add(candidate.name)

@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import re
+import resource
 import shutil
 import signal
 import subprocess
@@ -800,7 +801,185 @@ FAULTS = [
          marks=(no_cuda,)),
 ]
 
-CASES = [*CONFIG, *DATA_CASES, *CHECKPOINTS, *SAMPLING, *FAULTS]
+# Files read because a user named them: never a device, a FIFO or more than their purpose needs,
+# and a file that cannot be read is said to be unreadable, not missing or damaged
+
+
+def fifo(path: str) -> Setup:
+    """A FIFO in a file's place, with no writer: opening it for reading would block forever."""
+
+    def setup(scene: Scene) -> None:
+        file = scene.folder / path
+        if file.exists():
+            file.unlink()
+        os.mkfifo(file)
+
+    return setup
+
+
+def link(path: str, target: str) -> Setup:
+    """A symbolic link at `path` to `target` (a device, say)."""
+
+    def setup(scene: Scene) -> None:
+        (scene.folder / path).symlink_to(target)
+
+    return setup
+
+
+def unreadable_file(path: str) -> Setup:
+    """An existing file nobody may read. Root reads it all the same, so there gpt's opening of
+    it (os.open, which every bounded read goes through) is refused as the kernel refuses
+    everyone else."""
+
+    def setup(scene: Scene) -> None:
+        file = scene.folder / path
+        file.chmod(0)
+        scene.cleanup.callback(file.chmod, 0o644)
+        if os.geteuid() == 0:
+            real_open = os.open
+
+            def as_others_see_it(name: object, *args: object, **kwargs: object) -> int:
+                if Path(os.fsdecode(name)).resolve() == file.resolve():  # type: ignore[arg-type]
+                    raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(name))
+                return real_open(name, *args, **kwargs)  # type: ignore[arg-type]
+
+            scene.patch.setattr(os, "open", as_others_see_it)
+
+    return setup
+
+
+def in_a_process(stdin: str | None = None, limit: int | None = None) -> Callable[[list[str]], Outcome]:
+    """Run the command in a process of its own, bounded in time (a read that blocks fails the
+    case instead of hanging the suite): stdin from the file `stdin`, files limited to `limit`
+    bytes (writes past it fail as on a full disk)."""
+
+    def run(args: list[str]) -> Outcome:
+        def limited() -> None:
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+        source = open(stdin, "rb") if stdin is not None else subprocess.DEVNULL
+        try:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "gpt", *args], stdin=source, stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE, text=True, env=ENV,
+                preexec_fn=limited if limit is not None else None)
+            try:
+                stdout, stderr = process.communicate(timeout=120)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                stdout, stderr = process.communicate()
+                stderr += "\n(killed: still running after 120 s)"
+        finally:
+            if stdin is not None:
+                source.close()  # type: ignore[union-attr]
+        return Outcome(process.returncode, stdout, stderr)
+
+    return run
+
+
+def nested_json(depth: int) -> str:
+    return "[" * depth + "]" * depth
+
+
+def nothing_exported(scene: Scene) -> None:
+    """A failed export leaves neither the folder nor its temporary folder."""
+    assert not [p for p in scene.folder.iterdir() if "exported" in p.name]
+
+
+NOT_A_FILE = r"\(a (character device|FIFO), not a regular file\)"
+
+READS = [
+    Case("config-is-a-character-device", ["train", "--config", "/dev/zero"],
+         rf"cannot read config file /dev/zero {NOT_A_FILE}; pass a TOML file to --config"),
+    Case("config-links-to-a-random-device", ["train", "--config", "random.toml"],
+         rf"cannot read config file random\.toml {NOT_A_FILE}; pass a TOML file to --config",
+         link("random.toml", "/dev/urandom")),
+    Case("config-is-a-fifo", ["train", "--config", "pipe.toml"],
+         rf"cannot read config file pipe\.toml {NOT_A_FILE}; pass a TOML file to --config",
+         fifo("pipe.toml"), run=in_a_process()),
+    Case("config-larger-than-a-config", ["info", "--config", "huge.toml"],
+         r"cannot read config file huge\.toml \(over 1 MiB, the limit for a config file\); pass "
+         r"a TOML file to --config", write("huge.toml", "#" * (2**20 + 1))),
+    Case("config-unreadable", TRAIN,
+         r"cannot read config file tiny\.toml \(Permission denied\); pass a TOML file to --config",
+         unreadable_file("tiny.toml")),
+    Case("sample-prompt-file-is-a-character-device", [*SAMPLE, "--prompt-file", "/dev/zero"],
+         rf"cannot read --prompt-file /dev/zero {NOT_A_FILE}; give a UTF-8 text file"),
+    Case("sample-prompt-file-is-a-fifo", [*SAMPLE, "--prompt-file", "pipe.txt"],
+         rf"cannot read --prompt-file pipe\.txt {NOT_A_FILE}; give a UTF-8 text file",
+         fifo("pipe.txt"), run=in_a_process()),
+    Case("sample-prompt-file-over-its-limit",
+         [*SAMPLE, "--prompt-file", "long.txt", "--set", "sample.max_prompt_bytes=1000"],
+         r"--prompt-file long\.txt is over 1,000 bytes, the limit for a prompt; give a shorter "
+         r"one, or raise the limit with --set sample\.max_prompt_bytes=4000",
+         write("long.txt", "def " * 251)),
+    Case("sample-endless-prompt-on-stdin", [*SAMPLE, "--prompt", "-"],
+         r"the prompt on stdin is over 16 MiB, the limit for a prompt; give a shorter one, or "
+         r"raise the limit with --set sample\.max_prompt_bytes=67108864",
+         run=in_a_process(stdin="/dev/zero")),
+    Case("sample-max-prompt-bytes-of-zero", [*SAMPLE, "--set", "sample.max_prompt_bytes=0"],
+         r"\[sample\] max_prompt_bytes: must be > 0, got 0"),
+    Case("data-source-is-a-character-device",
+         [*TRAIN, "--set", "data.source=/dev/zero", "--set", "train.out_dir=new"],
+         r"\[data\] source: /dev/zero is a character device, not a regular file; give a text "
+         r"file, a folder, a glob"),
+    Case("data-source-is-a-fifo",
+         [*TRAIN, "--set", "data.source=pipe.txt", "--set", "train.out_dir=new"],
+         r"\[data\] source: pipe\.txt is a FIFO, not a regular file; give a text file",
+         fifo("pipe.txt"), run=in_a_process()),
+    Case("eval-data-is-a-character-device", ["eval", "--checkpoint", "out", "--data", "/dev/urandom"],
+         r"\[data\] source: /dev/urandom is a character device, not a regular file"),
+    Case("data-meta-unreadable", RESUME,
+         r"cannot read data/corpus-char/meta\.json \(Permission denied\); make it readable, or "
+         r"rebuild with gpt prepare --force", unreadable_file(f"{DATA}/meta.json")),
+    Case("data-meta-is-a-fifo", ["eval", "--checkpoint", "out"],
+         rf"cannot read data/corpus-char/meta\.json {NOT_A_FILE}; make it readable, or rebuild",
+         fifo(f"{DATA}/meta.json"), run=in_a_process()),
+    Case("checkpoint-best-pointer-of-binary-bytes", [*SAMPLE, "--which", "best"],
+         r"out/best names no checkpoint folder of out; pass a ckpt-\* folder, or --which latest",
+         write("out/best", b"\xff\xfe\x00\x80ckpt\x00")),
+    Case("checkpoint-latest-pointer-of-binary-bytes", ["info", "--checkpoint", "out"],
+         r"parameters:", write("out/latest", b"\xff\xfe\x00\x80ckpt\x00"), code=0),
+    Case("checkpoint-latest-pointer-outside-the-run", [*SAMPLE, "--which", "best"],
+         r"out/best names no checkpoint folder of out", write("out/best", "../../tiny.toml\n")),
+    Case("checkpoint-state-nested-too-deeply", SAMPLE,
+         r"out/ckpt-0000020/state\.json is damaged \(not the JSON a checkpoint writes\); use "
+         r"another checkpoint of the run, such as out/ckpt-0000010",
+         write(f"{LATEST}/state.json", nested_json(100_000))),
+    Case("checkpoint-state-is-a-fifo", SAMPLE,
+         rf"cannot read out/ckpt-0000020/state\.json {NOT_A_FILE}; use another checkpoint of the "
+         r"run, such as out/ckpt-0000010", fifo(f"{LATEST}/state.json"), run=in_a_process()),
+    Case("checkpoint-weights-unreadable", SAMPLE,
+         r"cannot read out/ckpt-0000020/model\.safetensors \(Permission denied\); use another "
+         r"checkpoint of the run, such as out/ckpt-0000010",
+         unreadable_file(f"{LATEST}/model.safetensors")),
+    Case("checkpoint-weights-unreadable-on-resume", RESUME,
+         r"cannot read out/ckpt-0000020/model\.safetensors \(Permission denied\); make it "
+         r"readable, then run gpt train again", unreadable_file(f"{LATEST}/model.safetensors"),
+         after=loads(LATEST)),
+    Case("checkpoint-weights-are-a-fifo", SAMPLE,
+         rf"cannot read out/ckpt-0000020/model\.safetensors {NOT_A_FILE}; use another checkpoint",
+         fifo(f"{LATEST}/model.safetensors"), run=in_a_process()),
+    Case("checkpoint-metrics-log-is-a-fifo-on-resume", RESUME,
+         rf"cannot read out/metrics\.jsonl {NOT_A_FILE}; make it readable, or move it away",
+         fifo("out/metrics.jsonl"), run=in_a_process(), writes=("out/.lock",)),
+    Case("plot-metrics-log-is-a-fifo", ["plot", "out", "--out", "plot.png"],
+         rf"cannot read out/metrics\.jsonl {NOT_A_FILE}; make it a file you can read",
+         fifo("out/metrics.jsonl"), run=in_a_process()),
+    Case("hf-weights-unreadable", [*SAMPLE[:2], "hf:gpt2-64", "--no-stream"],
+         r"hf:gpt2-64: cannot read gpt2-64/model\.safetensors \(Permission denied\); make it a "
+         r"file you can read", both(hf_gpt2, unreadable_file("gpt2-64/model.safetensors"))),
+    Case("hf-config-is-a-fifo", [*SAMPLE[:2], "hf:gpt2-64", "--no-stream"],
+         rf"hf:gpt2-64: cannot read gpt2-64/config\.json {NOT_A_FILE}",
+         both(hf_gpt2, fifo("gpt2-64/config.json")), run=in_a_process()),
+    Case("export-onto-a-full-disk", ["export", "--checkpoint", "out", "--out", "exported"],
+         r"--out exported: writing failed \(File too large\); choose another folder \(nothing "
+         r"was replaced\)", run=in_a_process(limit=20_000),
+         after=nothing_exported),
+]
+
+CASES = [*CONFIG, *DATA_CASES, *CHECKPOINTS, *SAMPLING, *FAULTS, *READS]
 
 
 @pytest.mark.parametrize(

@@ -566,3 +566,28 @@ time.sleep(120)
     process.kill()
     process.wait()
     assert_gone_soon([child])
+
+
+@pytest.mark.slow
+def test_ctrl_c_ends_a_prepare_that_waits_for_the_lock(
+    tmp_path: Path, write_tiny_run: Callable[..., Path]
+) -> None:
+    write_tiny_run(tmp_path)
+    lock = FolderLock(tmp_path / "data" / "corpus-char", "gpt prepare", "data.data_dir",
+                      name=".prepare.lock")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    process = subprocess.Popen([sys.executable, "-m", "gpt", "prepare", "--config", "tiny.toml"],
+                               cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    first_line: list[str] = []
+    reader = threading.Thread(target=lambda: first_line.append(process.stderr.readline()))  # type: ignore[union-attr]
+    reader.start()
+    try:
+        reader.join(timeout=60)
+        assert first_line and "waiting for another gpt prepare" in first_line[0], first_line
+        process.send_signal(signal.SIGINT)
+        stdout, stderr = process.communicate(timeout=10)
+    finally:
+        process.kill()
+        lock.release()
+    assert process.returncode == 130 and "Traceback" not in stderr, stderr

@@ -22,13 +22,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from gpt.errors import GPTError
-from gpt.fileio import sha256_file, write_json_atomic
+from gpt.errors import GPTError, first_line
+from gpt.fileio import MiB, read_bounded, sha256_file, write_json_atomic
 from gpt.tokenizer import Tokenizer
 
 FORMAT_VERSION = 2  # 2: a folder's documents are split by their sizes, not their count
 SPLITS = ("train", "val")
 META_FILE = "meta.json"
+META_LIMIT = 256 * MiB  # bytes of a meta.json: the tokenizer's record is most of it
 
 
 def _token_path(data_dir: Path, split: str) -> Path:
@@ -57,14 +58,20 @@ class PreparedData:
                 f"{self.data_dir} has no prepared data (no meta.json); run gpt prepare first"
             )
         try:
-            self.meta: dict[str, Any] = json.loads(meta_path.read_text())
+            self.meta: dict[str, Any] = json.loads(
+                read_bounded(meta_path, META_LIMIT, "a data folder's meta.json"))
             self.dtype = np.dtype(self.meta["dtype"])
             self._counts = {split: int(self.meta["tokens"][split]) for split in SPLITS}
             int(self.meta["vocab_size"])
             self.meta["tokenizer"]["name"]
-        except (ValueError, KeyError, TypeError) as e:
+        except OSError as e:
             raise GPTError(
-                f"{meta_path} is damaged ({e}); rebuild with gpt prepare --force"
+                f"cannot read {meta_path} ({e.strerror}); make it readable, or rebuild with gpt "
+                "prepare --force"
+            ) from None
+        except (ValueError, KeyError, TypeError, RecursionError) as e:
+            raise GPTError(
+                f"{meta_path} is damaged ({first_line(e, 120)}); rebuild with gpt prepare --force"
             ) from None
         for split in SPLITS:
             self._check_file(split, self._counts[split], verify_hash)

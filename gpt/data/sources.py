@@ -31,7 +31,7 @@ from typing import Any, BinaryIO
 
 from gpt.config import DataConfig
 from gpt.errors import GPTError, first_line
-from gpt.fileio import fsync_dir
+from gpt.fileio import NotAFileError, fsync_dir, open_regular
 
 TABULAR = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 STDLIB_EXCLUDE = {"test", "tests", "idlelib", "site-packages", "__pycache__"}
@@ -408,9 +408,27 @@ def open_source(cfg: DataConfig) -> Source:
                 f"[data] source: no files in {path} match glob {cfg.glob!r}; set data.glob"
             )
         return _many_files(paths, f"folder {path}", cfg)
+    _check_regular(path, spec)
     if path.suffix.lower() in TABULAR:
         return _tabular_source([path], cfg)
     return TextFileSource(path)
+
+
+def _check_regular(path: Path, spec: str) -> None:
+    """Refuse a source that is no regular file: a device such as /dev/zero or a FIFO may never
+    end (or block), and a corpus is read more than once."""
+    try:
+        open_regular(path).close()
+    except NotAFileError as e:
+        raise GPTError(
+            f"[data] source: {spec} is {e.strerror}; give a text file, a folder, a glob, "
+            "hf:NAME or python-stdlib"
+        ) from None
+    except OSError as e:  # unreadable: said the same way as when its text is read
+        raise GPTError(
+            f"cannot read {path} ({e.strerror}); make it readable, or set data.source to another "
+            "file"
+        ) from None
 
 
 def _many_files(paths: list[Path], description: str, cfg: DataConfig) -> Source:

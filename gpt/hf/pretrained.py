@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ import torch
 from gpt.checkpoint import Checkpoint
 from gpt.config import RUNTIME_MODEL_KEYS, ModelConfig, RunConfig
 from gpt.errors import GPTError, first_line
+from gpt.fileio import MiB, TooLargeError, open_regular, read_bounded
 from gpt.model import GPT
 
 HF_PREFIX = "hf:"
@@ -30,6 +32,7 @@ GPT2_NAMES = {  # nanoGPT's init_from names, on the hub under openai-community
 # pickled weights never
 HUB_FILES = ["*.json", "*.txt", "tokenizer.model"]
 HUB_WEIGHTS = ["*.safetensors", "*.safetensors.index.json"]
+DESCRIPTION_LIMIT = 512 * MiB  # bytes of one of HUB_FILES: the largest tokenizer.json is ~35 MB
 
 
 def is_pretrained(spec: str | Path) -> bool:
@@ -106,6 +109,7 @@ def open_pretrained(spec: str) -> Pretrained:
                 "folder written by save_pretrained"
             )
         folder, repo = _download(name, spec, HUB_FILES), name
+    _check_described_files(folder, spec)
     hf_config = _read_hf_config(folder, spec)
     from gpt.hf.convert import model_config_from_hf
 
@@ -165,6 +169,24 @@ def _download(name: str, spec: str, patterns: list[str]) -> Path:
     )
 
 
+def _check_described_files(folder: Path, spec: str) -> None:
+    """Refuse the folder's config and tokenizer files (what HUB_FILES names) that transformers
+    could not read in bounded time and memory: a device or FIFO in a file's place, a file over
+    DESCRIPTION_LIMIT; and name one this user cannot read, before transformers reads them."""
+    for path in sorted({p for pattern in HUB_FILES for p in folder.glob(pattern)}):
+        try:
+            with open_regular(path) as file:
+                if os.fstat(file.fileno()).st_size > DESCRIPTION_LIMIT:
+                    raise TooLargeError(path, DESCRIPTION_LIMIT, "a model's config or tokenizer")
+        except IsADirectoryError:
+            continue
+        except OSError as e:
+            raise GPTError(f"{spec}: cannot read {path} ({e.strerror}){_FIX_READ}") from None
+
+
+_FIX_READ = "; make it a file you can read (its owner can: chmod a+r), or remove it"
+
+
 def _read_hf_config(folder: Path, spec: str) -> Any:
     """The folder's config.json as transformers' config class (no network: a local folder)."""
     if not (folder / "config.json").is_file():
@@ -211,8 +233,11 @@ def _read_safetensors(folder: Path, spec: str) -> dict[str, torch.Tensor]:
     index = folder / "model.safetensors.index.json"
     if index.is_file():
         try:
-            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (ValueError, KeyError, TypeError):
+            text = read_bounded(index, DESCRIPTION_LIMIT, "a model's config or tokenizer")
+            names = sorted(set(json.loads(text)["weight_map"].values()))
+        except OSError as e:
+            raise GPTError(f"{spec}: cannot read {index} ({e.strerror}){_FIX_READ}") from None
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
             raise GPTError(f"{spec}: {index} is damaged (no weight_map)") from None
         files = [folder / n for n in names]
     else:
@@ -224,6 +249,10 @@ def _read_safetensors(folder: Path, spec: str) -> dict[str, torch.Tensor]:
         raise GPTError(f"{spec}: {folder} holds no *.safetensors weights{hint}")
     state: dict[str, torch.Tensor] = {}
     for path in files:
+        try:
+            open_regular(path).close()  # safetensors says "No such file" for an unreadable one
+        except OSError as e:
+            raise GPTError(f"{spec}: cannot read {path} ({e.strerror}){_FIX_READ}") from None
         try:
             state.update(load_file(str(path)))
         except Exception as e:
