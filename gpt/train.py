@@ -43,6 +43,7 @@ from gpt.data.prepare import prepare
 from gpt.data.prepared import BatchSampler, PreparedData
 from gpt.device import memory_errors, resolve_device, resolve_dtype
 from gpt.errors import GPTError, compile_errors, first_line
+from gpt.fileio import write_failure
 from gpt.hf.pretrained import Pretrained, is_pretrained, model_from_pretrained, open_model
 from gpt.lock import FolderLock
 from gpt.metrics import MetricsLog, Throughput, peak_flops, start_wandb
@@ -691,7 +692,7 @@ def _saving(run: Run, folder: Path) -> Iterator[None]:
     try:
         yield
     except Exception as e:
-        failure = _write_failure(e, out_dir)
+        failure = write_failure(e, out_dir)
         if failure is None and world.world_size == 1:
             shutil.rmtree(folder, ignore_errors=True)
             raise
@@ -707,29 +708,6 @@ def _saving(run: Run, folder: Path) -> Iterator[None]:
         if world.main:
             shutil.rmtree(folder, ignore_errors=True)
         raise GPTError(first)
-
-
-LOW_SPACE = 256 * 2**20  # free bytes below which a failed write is taken for a full disk
-
-
-def _write_failure(error: Exception, out_dir: Path) -> OSError | None:
-    """The OSError behind a failed save, or None if it was no write failure. safetensors and
-    torch.save report a full disk in their own words ("I/O error", "unexpected pos"), without
-    an errno: the free space on out_dir's disk tells a full one from another failure."""
-    if isinstance(error, OSError):
-        return error
-    text = str(error)
-    written = type(error).__name__ == "SafetensorError" or (
-        isinstance(error, RuntimeError)
-        and any(mark in text for mark in ("unexpected pos", "failed writing", "write failed"))
-    )
-    if not written:
-        return None
-    try:
-        full = shutil.disk_usage(out_dir).free < LOW_SPACE
-    except OSError:
-        full = False
-    return OSError(errno.ENOSPC if full else errno.EIO, first_line(error, 80))
 
 
 def _save_failed(out_dir: Path, iteration: int, error: OSError, previous: Path | None) -> str:

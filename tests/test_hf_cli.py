@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import re
 import shutil
 from pathlib import Path
@@ -407,3 +408,19 @@ def test_a_finetune_refuses_settings_the_hf_model_contradicts(hf_folder: Path) -
         assert result.exit_code == 2, result.output
         assert message in result.output, result.output
     assert not Path("tuned").exists()
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_an_export_gets_the_permissions_of_other_files(in_tmp: Path, umask: int) -> None:
+    """safetensors writes 0o600, which another user (a serving account) cannot read: every file
+    of an export gets what open() gives under the umask, as the tokenizer's and config's do."""
+    train_run()
+    previous = os.umask(umask)
+    try:
+        result = runner.invoke(app, ["export", "--checkpoint", "run", "--out", "exported"])
+    finally:
+        os.umask(previous)
+    assert result.exit_code == 0, result.output
+    modes = {p.name: p.stat().st_mode & 0o777 for p in Path("exported").iterdir()}
+    assert "model.safetensors" in modes
+    assert set(modes.values()) == {0o666 & ~umask}, modes

@@ -10,6 +10,7 @@ and `--force` replaces an old folder only once the new one is complete.
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 from pathlib import Path
@@ -20,7 +21,7 @@ from safetensors.torch import save_file
 
 from gpt.config import RunConfig
 from gpt.errors import GPTError
-from gpt.fileio import fsync_dir
+from gpt.fileio import fsync_dir, new_file_mode, write_failure
 from gpt.model import GPT
 
 
@@ -71,18 +72,23 @@ def export(source: Exportable, out_dir: Path, force: bool) -> Path:
         model = source.load_model("cpu")
         weights = weights_to_hf(model_config, model.state_dict())
         save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        os.chmod(tmp / "model.safetensors", new_file_mode())  # safetensors leaves it 0o600
         for path in tmp.iterdir():
             with open(path, "rb") as handle:
                 os.fsync(handle.fileno())
         _replace(tmp, target)
-    except OSError as e:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        failure = write_failure(e, tmp.parent) if isinstance(e, Exception) else None
+        if failure is None:
+            raise
+        fix = ("free some space or " if failure.errno in (errno.ENOSPC, errno.EDQUOT) else
+               "make it writable or " if failure.errno in (errno.EACCES, errno.EPERM, errno.EROFS)
+               else "")
         raise GPTError(
-            f"--out {out_dir}: writing failed ({e.strerror or e}); nothing was replaced"
+            f"--out {out_dir}: writing failed ({failure.strerror or failure}); {fix}choose "
+            "another folder (nothing was replaced)"
         ) from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 
