@@ -234,3 +234,19 @@ def test_a_checkpoint_from_before_padded_vocab_size_reads_both_sizes(tmp_path: P
     found = ckpt.Checkpoint.open(tmp_path)
     assert (found.config.model.vocab_size, found.config.model.padded_vocab_size) == (4, 64)
     assert same_weights(model, found.load_model())  # "abc\n": 4 ids in 64 rows
+
+
+@pytest.mark.parametrize("pointer", [b"\xff\xfe\x00ckpt", b"elsewhere\n", b"ckpt-0000001\n" * 1000])
+def test_a_pointer_that_names_no_checkpoint_falls_back_for_latest_and_is_refused_for_best(
+    tmp_path: Path, pointer: bytes
+) -> None:
+    """Binary bytes, a path out of the run, a file past POINTER_LIMIT: never followed."""
+    folder = save(tmp_path, 1, tiny_model())
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "state.json").write_text("{}")
+    for name in ("latest", "best"):
+        (tmp_path / name).write_bytes(pointer)
+    assert ckpt.find_checkpoint(tmp_path, "latest") == folder
+    with pytest.raises(GPTError, match=r"best names no checkpoint folder of .*; pass a ckpt-\* "
+                                       r"folder, or --which latest"):
+        ckpt.find_checkpoint(tmp_path, "best")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import shutil
 from collections.abc import Callable
@@ -124,6 +125,25 @@ def test_damaged_files_show_what_they_can_with_notes(trained: Path, tmp_path: Pa
         "ckpt-0000030/state.json is damaged (not JSON)",
         "ckpt-0000020/state.json is missing (an incomplete checkpoint)",
         skipped,
+    ]
+
+
+def test_files_that_are_not_what_they_seem_show_what_they_can(trained: Path, tmp_path: Path) -> None:
+    """A binary `latest`, a state.json nested too deeply to parse, one that is a FIFO (read
+    without blocking), a metrics line nested too deeply: notes, never a hang or a traceback."""
+    run_dir = copy_run(trained, tmp_path / "run")
+    (run_dir / "latest").write_bytes(b"\xff\xfe\x00ckpt")
+    (run_dir / "ckpt-0000030" / "state.json").write_text("[" * 100_000 + "]" * 100_000)
+    (run_dir / "ckpt-0000020" / "state.json").unlink()
+    os.mkfifo(run_dir / "ckpt-0000020" / "state.json")
+    with open(run_dir / "metrics.jsonl", "a") as f:
+        f.write("[" * 100_000 + "\n")
+    run = summarize(run_dir)
+    assert (run.checkpoint, run.iteration) == (None, 30)  # from the metrics, as they read
+    assert run.notes == [
+        "ckpt-0000030/state.json is damaged (not JSON)",
+        "ckpt-0000020/state.json cannot be read (a FIFO, not a regular file)",
+        "metrics.jsonl: skipped line 11 that is not a metrics record",
     ]
 
 
