@@ -515,6 +515,8 @@ def read_toml(path: str | Path) -> dict[str, dict[str, Any]]:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:  # says where: "(at line 2, column 11)"
         raise GPTError(f"{path}: malformed TOML: {e}; fix the file there") from None
+    except RecursionError:  # arrays or tables nested deeper than the parser goes
+        raise GPTError(f"{path}: malformed TOML: nested too deeply; fix the file") from None
     for name, values in raw.items():
         if not isinstance(values, dict):
             raise GPTError(
@@ -540,7 +542,7 @@ def parse_override(text: str) -> tuple[str, str, Any]:
     raw = raw.strip()
     try:
         value = tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
+    except (tomllib.TOMLDecodeError, RecursionError):  # not TOML (or nested too deeply): text
         value = raw
     return section, key, value
 

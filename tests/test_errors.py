@@ -901,6 +901,11 @@ READS = [
     Case("config-larger-than-a-config", ["info", "--config", "huge.toml"],
          r"cannot read config file huge\.toml \(over 1 MiB, the limit for a config file\); pass "
          r"a TOML file to --config", write("huge.toml", "#" * (2**20 + 1))),
+    Case("config-nested-too-deeply", ["info", "--config", "deep.toml"],
+         r"deep\.toml: malformed TOML: nested too deeply; fix the file",
+         write("deep.toml", f"[train]\nmax_iters = {nested_json(100_000)}\n")),
+    Case("config-set-nested-too-deeply", ["info", "--set", f"train.max_iters={'[' * 100_000}"],
+         r"\[train\] max_iters must be an integer, got '\[\[\["),
     Case("config-unreadable", TRAIN,
          r"cannot read config file tiny\.toml \(Permission denied\); pass a TOML file to --config",
          unreadable_file("tiny.toml")),
