@@ -9,6 +9,7 @@ after), apart from those the case names as written. docs/errors.md says the same
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import errno
 import fnmatch
@@ -836,16 +837,22 @@ def unreadable_file(path: str) -> Setup:
         file.chmod(0)
         scene.cleanup.callback(file.chmod, 0o644)
         if os.geteuid() == 0:
-            real_open = os.open
-
-            def as_others_see_it(name: object, *args: object, **kwargs: object) -> int:
-                if Path(os.fsdecode(name)).resolve() == file.resolve():  # type: ignore[arg-type]
-                    raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(name))
-                return real_open(name, *args, **kwargs)  # type: ignore[arg-type]
-
-            scene.patch.setattr(os, "open", as_others_see_it)
+            for module, name in ((os, "open"), (builtins, "open")):
+                scene.patch.setattr(module, name, refusing(getattr(module, name), file))
 
     return setup
+
+
+def refusing(real_open: Callable[..., object], file: Path) -> Callable[..., object]:
+    """`real_open` (os.open or open), refusing to open `file` as the kernel would."""
+
+    def as_others_see_it(name: object, *args: object, **kwargs: object) -> object:
+        if isinstance(name, (str, bytes, os.PathLike)) and (
+                Path(os.fsdecode(name)).resolve() == file.resolve()):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(name))
+        return real_open(name, *args, **kwargs)
+
+    return as_others_see_it
 
 
 def in_a_process(stdin: str | None = None, limit: int | None = None) -> Callable[[list[str]], Outcome]:
@@ -938,6 +945,9 @@ READS = [
     Case("data-meta-unreadable", RESUME,
          r"cannot read data/corpus-char/meta\.json \(Permission denied\); make it readable, or "
          r"rebuild with gpt prepare --force", unreadable_file(f"{DATA}/meta.json")),
+    Case("data-tokens-unreadable", RESUME,
+         r"cannot read data/corpus-char/train\.bin \(Permission denied\); make it readable, or "
+         r"rebuild with gpt prepare --force", unreadable_file(f"{DATA}/train.bin")),
     Case("data-meta-is-a-fifo", ["eval", "--checkpoint", "out"],
          rf"cannot read data/corpus-char/meta\.json {NOT_A_FILE}; make it readable, or rebuild",
          fifo(f"{DATA}/meta.json"), run=in_a_process()),

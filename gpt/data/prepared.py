@@ -107,7 +107,14 @@ class PreparedData:
             raise GPTError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
         if self._counts[split] == 0:  # a file of no bytes cannot be mapped
             return np.empty(0, dtype=self.dtype)
-        return np.memmap(_token_path(self.data_dir, split), dtype=self.dtype, mode="r")
+        path = _token_path(self.data_dir, split)
+        try:
+            return np.memmap(path, dtype=self.dtype, mode="r")
+        except OSError as e:  # not readable by this user
+            raise GPTError(
+                f"cannot read {path} ({e.strerror}); make it readable, or rebuild with gpt "
+                "prepare --force"
+            ) from None
 
     def check_tokenizer(self, expected: dict[str, Any]) -> None:
         """Refuse data tokenized differently from what the model was trained with."""
