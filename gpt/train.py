@@ -130,6 +130,15 @@ def muon_matrices(model: GPT) -> list[torch.nn.Parameter]:
     return [p for p in model.transformer.h.parameters() if p.dim() == 2 and p.requires_grad]
 
 
+def optimizer_state(model: GPT, cfg: TrainConfig) -> tuple[str, int]:
+    """The name of the optimizer `make_optimizer` builds for `cfg` and the float32 bytes of its
+    state for the whole model, so that sizing (`gpt info`) counts what training allocates:
+    AdamW keeps two moments a parameter, Muon one momentum buffer."""
+    in_muon = sum(p.numel() for p in muon_matrices(model)) if cfg.optimizer == "muon" else 0
+    rest = sum(p.numel() for p in model.parameters() if p.requires_grad) - in_muon
+    return ("Muon + AdamW" if in_muon else "AdamW"), 8 * rest + 4 * in_muon
+
+
 def muon_class() -> type[torch.optim.Optimizer]:
     """torch.optim.Muon, or a one-line error naming the fix on a torch without it."""
     muon = getattr(torch.optim, "Muon", None)
