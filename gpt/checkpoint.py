@@ -408,6 +408,19 @@ class Checkpoint:
             ) from None
 
     @property
+    def trained_in(self) -> Path | None:
+        """The folder `gpt train` ran in, where the saved config's relative paths (data_dir)
+        start: the run folder less its relative out_dir, wherever the checkpoint is opened
+        from. None when that cannot be told: an absolute out_dir, or a run folder renamed."""
+        out_dir = Path(self.config.train.out_dir)
+        run = Path(os.path.abspath(self.path)).parent
+        depth = len(out_dir.parts)  # 0 for out_dir = "."
+        if out_dir.is_absolute() or ".." in out_dir.parts or run.parts[len(run.parts) - depth:] \
+                != out_dir.parts:
+            return None
+        return Path(*run.parts[:len(run.parts) - depth])
+
+    @property
     def optimizer_files(self) -> list[str]:
         """The optimizer files state.json records (`optimizer_files`)."""
         return optimizer_files(self.state)

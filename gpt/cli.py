@@ -515,7 +515,7 @@ def eval_(
     if data is not None:
         tokens = tokens_of_source(cfg, data, tokenizer)
     else:
-        tokens = tokens_of_split(cfg, split, found.tokenizer)
+        tokens = tokens_of_split(cfg, split, found)
     result = evaluate(model, tokens, tokenizer, progress=not as_json)
     if as_json:
         typer.echo(json.dumps(result))

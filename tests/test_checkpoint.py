@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from gpt import checkpoint as ckpt
-from gpt.config import ModelConfig, RunConfig, to_dict
+from gpt.config import ModelConfig, RunConfig, TrainConfig, to_dict
 from gpt.errors import GPTError
 from gpt.model import GPT
 
@@ -234,3 +234,31 @@ def test_a_checkpoint_from_before_padded_vocab_size_reads_both_sizes(tmp_path: P
     found = ckpt.Checkpoint.open(tmp_path)
     assert (found.config.model.vocab_size, found.config.model.padded_vocab_size) == (4, 64)
     assert same_weights(model, found.load_model())  # "abc\n": 4 ids in 64 rows
+
+
+@pytest.mark.parametrize(
+    ("out_dir", "checkpoint", "trained_in"),
+    [("out/default", "/proj/out/default/ckpt-0000010", "/proj"),
+     ("out", "/proj/out/../out/ckpt-0000010", "/proj"),
+     (".", "/proj/ckpt-0000010", "/proj"),
+     ("out", "/proj/renamed/ckpt-0000010", None),  # the run folder is not where it was
+     ("/runs/out", "/runs/out/ckpt-0000010", None),  # absolute: nothing says where it ran
+     ("../out", "/out/ckpt-0000010", None)],
+)
+def test_a_checkpoint_knows_the_folder_training_ran_in(
+    out_dir: str, checkpoint: str, trained_in: str | None
+) -> None:
+    """Its relative out_dir, taken off the run folder's path: where the config's other relative
+    paths start."""
+    config = RunConfig(model=CONFIG.model, train=TrainConfig(out_dir=out_dir))
+    found = ckpt.Checkpoint(Path(checkpoint), {"config": to_dict(config)})
+    assert found.trained_in == (None if trained_in is None else Path(trained_in))
+
+
+def test_a_relative_checkpoint_path_starts_in_the_current_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    config = RunConfig(model=CONFIG.model, train=TrainConfig(out_dir="runs/a"))
+    found = ckpt.Checkpoint(Path("runs/a/ckpt-0000010"), {"config": to_dict(config)})
+    assert found.trained_in == tmp_path

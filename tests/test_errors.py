@@ -800,7 +800,13 @@ FAULTS = [
          marks=(no_cuda,)),
 ]
 
-CASES = [*CONFIG, *DATA_CASES, *CHECKPOINTS, *SAMPLING, *FAULTS]
+SMALLER_CASES = [
+    Case("eval-data-folder-missing-named-in-full",
+         ["eval", "--checkpoint", "out", "--set", "data.data_dir=nowhere"],
+         r"^error: /\S+/run/nowhere has no prepared data \(no meta\.json\); run gpt prepare first"),
+]
+
+CASES = [*CONFIG, *DATA_CASES, *CHECKPOINTS, *SAMPLING, *FAULTS, *SMALLER_CASES]
 
 
 @pytest.mark.parametrize(

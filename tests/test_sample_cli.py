@@ -266,6 +266,22 @@ def test_eval_batches_shrink_for_large_logits_without_changing_the_result(
         evaluate_module.evaluate(model, tokens[:1], tokenizer, progress=False)
 
 
+@pytest.mark.parametrize("checkpoint", ["out", "out/ckpt-0000060"])
+def test_eval_finds_the_runs_data_from_any_folder(
+    run: Path, tmp_path: Path, checkpoint: str
+) -> None:
+    """The run's relative data_dir starts where gpt train ran, not where gpt eval runs; a
+    data_dir given on the command line starts here, and a missing one is named in full."""
+    here = invoke(run, "eval", "--checkpoint", "out", "--json")
+    elsewhere = invoke(tmp_path, "eval", "--checkpoint", str(run / checkpoint), "--json")
+    assert here.exit_code == elsewhere.exit_code == 0, elsewhere.output
+    assert json.loads(elsewhere.stdout) == json.loads(here.stdout)
+    given = invoke(tmp_path, "eval", "--checkpoint", str(run / checkpoint),
+                   "--set", "data.data_dir=data/corpus-char")
+    assert given.exit_code == 2
+    assert f"error: {tmp_path / 'data' / 'corpus-char'} has no prepared data" in given.output
+
+
 def test_eval_on_other_text_and_errors(run: Path) -> None:
     (run / "other.txt").write_text("def f7(x):\n    return x + 7\n\n" * 20)
     result = invoke(run, "eval", "--checkpoint", "out", "--data", "other.txt")
