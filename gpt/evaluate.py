@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from gpt.checkpoint import Checkpoint
 from gpt.config import RunConfig
-from gpt.data.prepared import PreparedData
+from gpt.data.prepared import PreparedData, has_prepared_data
 from gpt.data.sources import open_source
 from gpt.errors import GPTError
 from gpt.hf.pretrained import Pretrained
@@ -29,8 +29,17 @@ from gpt.tokenizer import Tokenizer
 def tokens_of_split(
     config: RunConfig, split: str, found: Checkpoint | Pretrained
 ) -> np.ndarray:
-    """The prepared split the checkpoint was trained on."""
-    data = PreparedData(data_folder(config, found))
+    """The prepared split the checkpoint was trained on. An HF model has none of its own: data
+    prepared with its tokenizer (through a finetune's config), or a text with --data."""
+    folder = data_folder(config, found)
+    if isinstance(found, Pretrained) and not has_prepared_data(folder):
+        raise GPTError(
+            f"{found.path} is an HF model, not a run: no data was prepared for it ({folder} "
+            f"holds none); evaluate it on a text with --data FILE, or prepare a split with its "
+            f"tokenizer (gpt prepare --config FILE whose [train] init_from = \"{found.path}\") "
+            f"and pass the folder it writes with --set data.data_dir=FOLDER"
+        )
+    data = PreparedData(folder)
     data.check_tokenizer(found.tokenizer)
     return data.tokens(split)
 

@@ -801,6 +801,12 @@ FAULTS = [
 ]
 
 SMALLER_CASES = [
+    Case("eval-hf-model-without-data", ["eval", "--checkpoint", "hf:gpt2-64"],
+         r"hf:gpt2-64 is an HF model, not a run: no data was prepared for it \(/\S+/run/data/"
+         r"python-stdlib-gpt2 holds none\); evaluate it on a text with --data FILE, or prepare a "
+         r"split with its tokenizer \(gpt prepare --config FILE whose \[train\] init_from = "
+         r"\"hf:gpt2-64\"\) and pass the folder it writes with --set data\.data_dir=FOLDER",
+         hf_gpt2),
     Case("eval-data-folder-missing-named-in-full",
          ["eval", "--checkpoint", "out", "--set", "data.data_dir=nowhere"],
          r"^error: /\S+/run/nowhere has no prepared data \(no meta\.json\); run gpt prepare first"),
