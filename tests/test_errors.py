@@ -810,6 +810,10 @@ SMALLER_CASES = [
     Case("eval-data-folder-missing-named-in-full",
          ["eval", "--checkpoint", "out", "--set", "data.data_dir=nowhere"],
          r"^error: /\S+/run/nowhere has no prepared data \(no meta\.json\); run gpt prepare first"),
+    Case("sample-batch-too-big-for-memory", [*SAMPLE, "--num-samples", "100000000"],
+         r"--num-samples 100,000,000 at --max-new-tokens 256 needs at least [\d,.]+ GiB on \S+ "
+         r"for the batch's KV cache and logits, more than the [\d,.]+ GiB free there; lower "
+         r"--num-samples or --max-new-tokens"),
 ]
 
 CASES = [*CONFIG, *DATA_CASES, *CHECKPOINTS, *SAMPLING, *FAULTS, *SMALLER_CASES]

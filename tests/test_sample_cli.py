@@ -124,6 +124,29 @@ def test_running_out_of_memory_while_generating_is_one_line(
                              "--num-samples or --max-new-tokens, or choose --device\n")
 
 
+def test_a_batch_larger_than_free_memory_is_refused_before_it_is_built(
+    run: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Refused when its KV cache and logits pass the free memory, by one byte; at the limit it
+    samples."""
+    from gpt.generate import decoding_bytes
+
+    model = Checkpoint.open(run / "out").load_model()
+    prompt = len("def f1")  # one id a character
+    needed = decoding_bytes(model, 64, prompt, 40)  # the run's max_new_tokens
+    args = ["sample", "--checkpoint", "out", "--num-samples", "64", "--no-stream",
+            "--prompt", "def f1", "--dtype", "float32"]
+    monkeypatch.setattr("gpt.sample.free_memory", lambda device: needed - 1)
+    result = invoke(run, *args)
+    assert result.exit_code == 2
+    assert result.output == (
+        f"error: --num-samples 64 at --max-new-tokens 40 needs at least {needed / 2**30:.2f} GiB "
+        f"on cpu for the batch's KV cache and logits, more than the {(needed - 1) / 2**30:.2f} "
+        "GiB free there; lower --num-samples or --max-new-tokens\n")
+    monkeypatch.setattr("gpt.sample.free_memory", lambda device: needed)
+    assert invoke(run, *args).exit_code == 0
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
