@@ -810,6 +810,11 @@ SMALLER_CASES = [
     Case("eval-data-folder-missing-named-in-full",
          ["eval", "--checkpoint", "out", "--set", "data.data_dir=nowhere"],
          r"^error: /\S+/run/nowhere has no prepared data \(no meta\.json\); run gpt prepare first"),
+    Case("data-too-little-text-for-a-learned-bpe",
+         [*TRAIN, "--set", "data.source=short.txt", "--set", "data.tokenizer=bpe",
+          "--set", "train.out_dir=new"],
+         r"the train split has at most 18 tokens, fewer than block_size \+ 1 = 33; add text, "
+         r"lower model\.block_size", write("short.txt", "abc\n" * 5)),
     Case("sample-batch-too-big-for-memory", [*SAMPLE, "--num-samples", "100000000"],
          r"--num-samples 100,000,000 at --max-new-tokens 256 needs at least [\d,.]+ GiB on \S+ "
          r"for the batch's KV cache and logits, more than the [\d,.]+ GiB free there; lower "
