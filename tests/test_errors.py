@@ -815,6 +815,11 @@ SMALLER_CASES = [
           "--set", "train.out_dir=new"],
          r"the train split has at most 18 tokens, fewer than block_size \+ 1 = 33; add text, "
          r"lower model\.block_size", write("short.txt", "abc\n" * 5)),
+    Case("data-one-letter-repeated-for-a-learned-bpe",
+         [*TRAIN, "--set", "data.source=aaa.txt", "--set", "data.tokenizer=bpe",
+          "--set", "train.out_dir=new"],
+         r"the val split has \d+ tokens, fewer than block_size \+ 1 = 33; add text",
+         write("aaa.txt", "a" * 200_000)),
     Case("sample-batch-too-big-for-memory", [*SAMPLE, "--num-samples", "100000000"],
          r"--num-samples 100,000,000 at --max-new-tokens 256 needs at least [\d,.]+ GiB on \S+ "
          r"for the batch's KV cache and logits, more than the [\d,.]+ GiB free there; lower "
