@@ -20,7 +20,8 @@ from gpt.lock import holder
 
 METRICS = "metrics.jsonl"
 CKPT_NAME = re.compile(r"^ckpt-(\d+)$")  # checkpoint.CKPT_PATTERN, without importing torch
-NUMERIC = ("elapsed_s", "tokens", "lr", "loss", "train_loss", "val_loss", "tok_per_s", "mfu")
+NUMERIC = ("elapsed_s", "tokens", "lr", "muon_lr", "loss", "train_loss", "val_loss", "tok_per_s",
+           "mfu")
 SEARCH_DEPTH = 2  # levels below the folder `gpt runs` is given
 
 

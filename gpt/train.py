@@ -363,13 +363,18 @@ class Run:
         return tcfg.batch_size * self.cfg.model.block_size * tcfg.grad_accum_steps
 
     def record(self, **values: Any) -> None:
-        """One metrics line at the current iteration (rank 0)."""
+        """One metrics line at the current iteration (rank 0): the last step's rates, AdamW's
+        as `lr` and, with Muon, Muon's as `muon_lr`."""
         if self.metrics is not None:
+            tcfg, last = self.cfg.train, max(self.state.iteration - 1, 0)
+            rates = {"lr": lr_at(last, tcfg)}
+            if tcfg.optimizer == "muon":
+                rates["muon_lr"] = lr_at(last, tcfg, tcfg.muon_lr)
             self.metrics.write({
                 "iter": self.state.iteration,
                 "elapsed_s": self.state.elapsed(),
                 "tokens": self.state.tokens_seen,
-                "lr": lr_at(max(self.state.iteration - 1, 0), self.cfg.train),  # the last step's
+                **rates,
                 **values,
             })
 
