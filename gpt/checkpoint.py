@@ -111,10 +111,15 @@ def begin_checkpoint(out_dir: Path, iteration: int) -> Path:
     return folder
 
 
+def checkpoint_name(iteration: int) -> str:
+    """The folder name of the checkpoint of `iteration`: `ckpt-0000640`."""
+    return f"ckpt-{iteration:07d}"
+
+
 def temporary_folder(out_dir: Path, iteration: int) -> Path:
     """Where `ckpt-<iteration>` is written before it is renamed into place: the same path in
     every process of a run."""
-    return out_dir / f".tmp-ckpt-{iteration:07d}"
+    return out_dir / f".tmp-{checkpoint_name(iteration)}"
 
 
 def optimizer_file(rank: int, world_size: int) -> str:
