@@ -419,11 +419,10 @@ class Checkpoint:
         from. None when that cannot be told: an absolute out_dir, or a run folder renamed."""
         out_dir = Path(self.config.train.out_dir)
         run = Path(os.path.abspath(self.path)).parent
-        depth = len(out_dir.parts)  # 0 for out_dir = "."
-        if out_dir.is_absolute() or ".." in out_dir.parts or run.parts[len(run.parts) - depth:] \
-                != out_dir.parts:
+        cut = len(run.parts) - len(out_dir.parts)  # out_dir = "." has no parts
+        if out_dir.is_absolute() or ".." in out_dir.parts or run.parts[cut:] != out_dir.parts:
             return None
-        return Path(*run.parts[:len(run.parts) - depth])
+        return Path(*run.parts[:cut])
 
     @property
     def optimizer_files(self) -> list[str]:

@@ -76,10 +76,12 @@ def fast_cpu_bfloat16() -> bool:
 
 def free_memory(device: torch.device) -> int | None:
     """Bytes `device` can still allocate, or None where that cannot be told: a CUDA GPU's free
-    memory; for the CPU the host's available memory (Linux's MemAvailable), within the
-    container's limit (cgroup v2). Checks refuse with it what would run out anyway."""
+    memory and what torch's allocator holds unused; for the CPU the host's available memory
+    (Linux's MemAvailable), within the container's limit (cgroup v2). Checks refuse with it
+    what would run out anyway."""
     if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
+        unused = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return torch.cuda.mem_get_info(device)[0] + unused
     if device.type != "cpu":
         return None
     free = None
