@@ -113,10 +113,15 @@ def begin_checkpoint(out_dir: Path, iteration: int) -> Path:
     return folder
 
 
+def checkpoint_name(iteration: int) -> str:
+    """The folder name of the checkpoint of `iteration`: `ckpt-0000640`."""
+    return f"ckpt-{iteration:07d}"
+
+
 def temporary_folder(out_dir: Path, iteration: int) -> Path:
     """Where `ckpt-<iteration>` is written before it is renamed into place: the same path in
     every process of a run."""
-    return out_dir / f".tmp-ckpt-{iteration:07d}"
+    return out_dir / f".tmp-{checkpoint_name(iteration)}"
 
 
 def optimizer_file(rank: int, world_size: int) -> str:
@@ -427,6 +432,18 @@ class Checkpoint:
                 f"{self.path / 'state.json'} holds no usable config ({e}); "
                 f"{_another_checkpoint(self.path)}"
             ) from None
+
+    @property
+    def trained_in(self) -> Path | None:
+        """The folder `gpt train` ran in, where the saved config's relative paths (data_dir)
+        start: the run folder less its relative out_dir, wherever the checkpoint is opened
+        from. None when that cannot be told: an absolute out_dir, or a run folder renamed."""
+        out_dir = Path(self.config.train.out_dir)
+        run = Path(os.path.abspath(self.path)).parent
+        cut = len(run.parts) - len(out_dir.parts)  # out_dir = "." has no parts
+        if out_dir.is_absolute() or ".." in out_dir.parts or run.parts[cut:] != out_dir.parts:
+            return None
+        return Path(*run.parts[:cut])
 
     @property
     def optimizer_files(self) -> list[str]:

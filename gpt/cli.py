@@ -192,29 +192,26 @@ def info(
     typer.echo(f"parameters:        {n_params:,}{note}")
     typer.echo(f"  non-embedding:   {model.num_params(exclude_embeddings=True):,}")
     typer.echo(f"FLOPs per token:   {model.flops_per_token():,} (training, at block_size)")
-    typer.echo(
-        f"memory (float32):  weights {_bytes(4 * n_params)} + gradients {_bytes(4 * n_params)} "
-        f"+ AdamW state {_bytes(8 * n_params)} = {_bytes(16 * n_params)}, before activations"
-    )
+    typer.echo(f"memory (float32):  {_memory(model, n_params, cfg.train, 1)}")
     if nproc > 1:
-        typer.echo(_per_process_memory(model, n_params, cfg.train, nproc))
+        typer.echo(f"per process ({nproc} processes, parallel = \"{cfg.train.parallel}\"): "
+                   f"{_memory(model, n_params, cfg.train, nproc)}")
     typer.echo(f"device peak:       {_peak(cfg)}")
 
 
-def _per_process_memory(model: Any, n_params: int, tcfg: Any, nproc: int) -> str:
-    """The line of `gpt info --nproc N`: what each process holds under train.parallel."""
+def _memory(model: Any, n_params: int, tcfg: Any, nproc: int) -> str:
+    """What each of `nproc` processes holds under train.parallel (one: the whole model), the
+    optimizer named and sized as [train] optimizer builds it; both lines of `gpt info` come
+    from here, so they agree."""
     from gpt.parallel import memory_per_process
-    from gpt.train import muon_matrices
+    from gpt.train import optimizer_state
 
-    in_muon = sum(p.numel() for p in muon_matrices(model)) if tcfg.optimizer == "muon" else 0
-    optimizer_bytes = 8 * (n_params - in_muon) + 4 * in_muon  # AdamW: two moments; Muon: one
+    name, optimizer_bytes = optimizer_state(model, tcfg)
     largest_block = max(sum(p.numel() for p in b.parameters()) for b in model.transformer.h)
     memory = memory_per_process(n_params, optimizer_bytes, largest_block, tcfg, nproc)
     total = memory["weights"] + memory["gradients"] + memory["optimizer"]
-    name = "AdamW" if tcfg.optimizer == "adamw" else "Muon + AdamW"
-    line = (f"per process ({nproc} processes, parallel = \"{tcfg.parallel}\"): weights "
-            f"{_bytes(memory['weights'])} + gradients {_bytes(memory['gradients'])} + {name} "
-            f"state {_bytes(memory['optimizer'])} = {_bytes(total)}")
+    line = (f"weights {_bytes(memory['weights'])} + gradients {_bytes(memory['gradients'])} + "
+            f"{name} state {_bytes(memory['optimizer'])} = {_bytes(total)}")
     if memory["gathered"]:
         line += (f", plus {_bytes(memory['gathered'])} for two blocks gathered whole while "
                  "they run (half that in bfloat16)")
@@ -518,7 +515,7 @@ def eval_(
     if data is not None:
         tokens = tokens_of_source(cfg, data, tokenizer)
     else:
-        tokens = tokens_of_split(cfg, split, found.tokenizer)
+        tokens = tokens_of_split(cfg, split, found)
     result = evaluate(model, tokens, tokenizer, progress=not as_json)
     if as_json:
         typer.echo(json.dumps(result))

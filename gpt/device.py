@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import re
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 
@@ -71,6 +72,30 @@ def fast_cpu_bfloat16() -> bool:
     """bfloat16 decoding is only faster where the CPU computes it natively and its weights can
     be packed; elsewhere (AVX2-only CPUs, say) bfloat16 runs emulated, slower than float32."""
     return bfloat16_is_native() and packing_works(torch.bfloat16)
+
+
+def free_memory(device: torch.device) -> int | None:
+    """Bytes `device` can still allocate, or None where that cannot be told: a CUDA GPU's free
+    memory and what torch's allocator holds unused; for the CPU the host's available memory
+    (Linux's MemAvailable), within the container's limit (cgroup v2). Checks refuse with it
+    what would run out anyway."""
+    if device.type == "cuda":
+        unused = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return torch.cuda.mem_get_info(device)[0] + unused
+    if device.type != "cpu":
+        return None
+    free = None
+    with contextlib.suppress(OSError, ValueError):
+        meminfo = Path("/proc/meminfo").read_text()
+        found = re.search(r"^MemAvailable:\s+(\d+) kB", meminfo, re.MULTILINE)
+        free = int(found.group(1)) * 1024 if found else None
+    with contextlib.suppress(OSError, ValueError):
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            used = int(Path("/sys/fs/cgroup/memory.current").read_text())
+            left = max(int(limit) - used, 0)
+            free = left if free is None else min(free, left)
+    return free
 
 
 @contextlib.contextmanager

@@ -9,25 +9,55 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+import os
+from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
+from gpt.checkpoint import Checkpoint
 from gpt.config import RunConfig
-from gpt.data.prepared import PreparedData
+from gpt.data.prepared import PreparedData, has_prepared_data
 from gpt.data.sources import open_source
 from gpt.errors import GPTError
+from gpt.hf.pretrained import Pretrained
 from gpt.model import GPT
 from gpt.tokenizer import Tokenizer
 
 
-def tokens_of_split(config: RunConfig, split: str, tokenizer: dict[str, Any]) -> np.ndarray:
-    """The prepared split the checkpoint was trained on."""
-    data = PreparedData(config.data.resolved_data_dir)
-    data.check_tokenizer(tokenizer)
+def tokens_of_split(
+    config: RunConfig, split: str, found: Checkpoint | Pretrained
+) -> np.ndarray:
+    """The prepared split the checkpoint was trained on. An HF model has none of its own: data
+    prepared with its tokenizer (through a finetune's config), or a text with --data."""
+    folder = data_folder(config, found)
+    if isinstance(found, Pretrained) and not has_prepared_data(folder):
+        raise GPTError(
+            f"{found.path} is an HF model, not a run: no data was prepared for it ({folder} "
+            f"holds none); evaluate it on a text with --data FILE, or prepare a split with its "
+            f"tokenizer (gpt prepare --config FILE whose [train] init_from = \"{found.path}\") "
+            f"and pass the folder it writes with --set data.data_dir=FOLDER"
+        )
+    data = PreparedData(folder)
+    data.check_tokenizer(found.tokenizer)
     return data.tokens(split)
+
+
+def data_folder(config: RunConfig, found: Checkpoint | Pretrained) -> Path:
+    """The prepared data folder of `config`, absolute, so that messages name it. The run's own
+    (as its checkpoint saved the keys that name it) is found where `gpt train` found it, from
+    any folder: a relative one starts in the folder training ran in. One named now (--set,
+    --config) starts here, as every path on a command line does."""
+    folder = config.data.resolved_data_dir
+    if isinstance(found, Checkpoint) and (root := found.trained_in) is not None:
+        saved = found.config.data
+        if all(getattr(config.data, k) == getattr(saved, k) for k in FOLDER_KEYS):
+            folder = root / folder
+    return Path(os.path.abspath(folder))
+
+
+FOLDER_KEYS = ("data_dir", "source", "tokenizer")  # the [data] keys resolved_data_dir reads
 
 
 def tokens_of_source(config: RunConfig, source: str, tokenizer: Tokenizer) -> np.ndarray:

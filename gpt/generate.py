@@ -25,6 +25,24 @@ def cache_dtype(model: GPT) -> torch.dtype:
     return weight.dtype
 
 
+def cache_length(block_size: int, prompt_len: int, max_new_tokens: int) -> int:
+    """Positions `generate`'s KV cache holds: up to the last token fed in (the final one never
+    is), at most block_size (past it the window slides)."""
+    return min(block_size, min(prompt_len, block_size) + max_new_tokens - 1)
+
+
+def decoding_bytes(model: GPT, batch: int, prompt_len: int, max_new_tokens: int) -> int:
+    """Bytes that decoding `batch` sequences holds at least: the prompts' ids, the KV cache
+    `generate` allocates and one step's logits, so that a batch too large for the device is
+    refused before any of it is built."""
+    if max_new_tokens == 0:
+        return 0
+    cfg = model.config
+    cache = (2 * cfg.n_layer * batch * cfg.kv_heads * cfg.head_dim * cache_dtype(model).itemsize
+             * cache_length(cfg.block_size, prompt_len, max_new_tokens))  # keys and values
+    return batch * prompt_len * 8 + cache + batch * cfg.padded_vocab_size * 4
+
+
 def sample_next(
     logits: Tensor,
     temperature: float,
@@ -106,7 +124,8 @@ def generate(
     window = prompt[:, -block_size:]  # (B, T) the context the model sees
     # positions up to the last token fed in (the final one is not), or the whole sliding window
     cache = model.new_cache(
-        prompt.size(0), min(block_size, window.size(1) + max_new_tokens - 1), cache_dtype(model)
+        prompt.size(0), cache_length(block_size, prompt.size(1), max_new_tokens),
+        cache_dtype(model),
     )
     logits, _ = model(window, cache=cache, start=0, last_only=True)  # prefill
     for step in range(max_new_tokens):

@@ -7,9 +7,10 @@ changes in a process that imports `gpt`.
 What is drawn, per run, in one colour: the training loss (the logged step's, every
 `log_interval` steps, solid) and the validation loss (every `eval_interval` steps, dashed)
 against the iteration and against the run's wall time, and the learning rate against the
-iteration. An iteration that appears more than once in a file (files joined by hand; `gpt
-train` itself drops the lines past the checkpoint it resumes from) is drawn with its last line,
-as a resumed run overwrites the steps it redoes.
+iteration (AdamW's, solid, and on a Muon run Muon's, dotted: metrics written before Muon's rate
+was recorded hold AdamW's alone). An iteration that appears more than once in a file (files
+joined by hand; `gpt train` itself drops the lines past the checkpoint it resumes from) is
+drawn with its last line, as a resumed run overwrites the steps it redoes.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ FORMATS = (".png", ".svg", ".pdf")  # what --out may end in; the size is exact i
 INSTALL = 'pip install matplotlib (or pip install -e ".[plot]" in a clone of gpt)'
 TRAIN_STYLE: dict[str, Any] = {"ls": "-", "lw": 1.3}
 VAL_STYLE: dict[str, Any] = {"ls": "--", "lw": 1.3, "marker": "o", "ms": 3}  # evaluations are few
+# the learning rate of each optimizer: (its metrics key, its name, its line style)
+RATES = (("lr", "AdamW (learning_rate)", "-"), ("muon_lr", "Muon (muon_lr)", ":"))
 
 
 @dataclass(frozen=True)
@@ -56,7 +59,8 @@ class RunCurves:
     label: str
     train: Curve  # the logged step's loss
     val: Curve
-    lr: Curve
+    lr: Curve  # AdamW's rate
+    muon_lr: Curve  # Muon's rate (a Muon run's, once recorded); no points otherwise
 
 
 def curve(records: list[dict[str, Any]], key: str) -> Curve:
@@ -95,7 +99,7 @@ def load_runs(run_dirs: list[Path]) -> tuple[list[RunCurves], list[str]]:
         records = metrics.records
         label = name if names.count(name) == 1 else str(path)
         runs.append(RunCurves(label, curve(records, "loss"), curve(records, "val_loss"),
-                              curve(records, "lr")))
+                              *(curve(records, key) for key, _, _ in RATES)))
     return runs, notes
 
 
@@ -129,7 +133,7 @@ def _matplotlib() -> tuple[Any, Any, Any]:
 
 
 def draw(runs: list[RunCurves], width: int = DEFAULT_WIDTH, height: int = DEFAULT_HEIGHT) -> Figure:
-    """The figure: loss by iteration and by wall time above, the learning rate by iteration
+    """The figure: loss by iteration and by wall time above, the learning rates by iteration
     below, then the legend. A run's series without points draws no line."""
     Figure, FigureCanvasAgg, colormaps = _matplotlib()
     from matplotlib.lines import Line2D
@@ -151,12 +155,17 @@ def draw(runs: list[RunCurves], width: int = DEFAULT_WIDTH, height: int = DEFAUL
                 by_iter.plot(series.iters, series.values, color=colour, **style)
                 by_time.plot([s / scale for s in series.seconds], series.values, color=colour,
                              **style)
-        if run.lr:
-            lr.plot(run.lr.iters, run.lr.values, color=colour, lw=1.3)
+        for series_name, _, style in RATES:
+            if rate := getattr(run, series_name):
+                lr.plot(rate.iters, rate.values, color=colour, lw=1.3, ls=style)
 
     by_iter.set_ylabel("loss (nats per token)")
     by_time.set_xlabel(f"wall time ({unit})")
     lr.set_xlabel("iteration")
+    lr.set_ylabel("learning rate")
+    if any(run.muon_lr for run in runs):  # two optimizers' rates: say which line is which
+        lr.legend(handles=[Line2D([], [], color="grey", lw=1.3, ls=style, label=name)
+                           for _, name, style in RATES], fontsize="small")
     lr.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
     for ax in (by_iter, by_time, lr):
         ax.grid(True, alpha=0.3)

@@ -23,7 +23,8 @@ from gpt.lock import holder
 METRICS = "metrics.jsonl"
 CKPT_NAME = re.compile(r"^ckpt-(\d+)$")  # checkpoint.CKPT_PATTERN, without importing torch
 POINTER_LIMIT, STATE_LIMIT = 4096, 256 * MiB  # checkpoint's bounds on what it reads, likewise
-NUMERIC = ("elapsed_s", "tokens", "lr", "loss", "train_loss", "val_loss", "tok_per_s", "mfu")
+NUMERIC = ("elapsed_s", "tokens", "lr", "muon_lr", "loss", "train_loss", "val_loss", "tok_per_s",
+           "mfu")
 SEARCH_DEPTH = 2  # levels below the folder `gpt runs` is given
 
 

@@ -15,10 +15,10 @@ import torch
 
 from gpt.checkpoint import Checkpoint
 from gpt.config import SampleConfig
-from gpt.device import memory_errors, resolve_device, resolve_dtype
+from gpt.device import free_memory, memory_errors, resolve_device, resolve_dtype
 from gpt.errors import GPTError
 from gpt.fileio import TooLargeError, read_stream_bounded, read_text_bounded
-from gpt.generate import generate
+from gpt.generate import decoding_bytes, generate
 from gpt.model import GPT
 from gpt.onednn import pack_linears
 from gpt.tokenizer import Tokenizer, tokenizer_from_dict
@@ -76,6 +76,21 @@ def encode_prompt(tokenizer: Tokenizer, prompt: str, block_size: int) -> list[in
     return ids
 
 
+def check_batch_fits(model: GPT, prompt_len: int, settings: SampleConfig) -> None:
+    """Refuse a batch whose KV cache and logits alone pass the device's free memory before
+    building any of it: found out by allocating, a huge --num-samples takes minutes to fail."""
+    device = next(model.parameters()).device
+    needed = decoding_bytes(model, settings.num_samples, prompt_len, settings.max_new_tokens)
+    free = free_memory(device)
+    if free is not None and needed > free:
+        raise GPTError(
+            f"--num-samples {settings.num_samples:,} at --max-new-tokens "
+            f"{settings.max_new_tokens:,} needs at least {needed / 2**30:,.2f} GiB on {device} "
+            f"for the batch's KV cache and logits, more than the {free / 2**30:,.2f} GiB free "
+            f"there; lower --num-samples or --max-new-tokens"
+        )
+
+
 def sample_text(
     model: GPT,
     tokenizer: Tokenizer,
@@ -89,8 +104,9 @@ def sample_text(
     only what could still turn out to be the start of a stop string.
     """
     ids = encode_prompt(tokenizer, prompt, model.config.block_size)
+    check_batch_fits(model, len(ids), settings)
     device = next(model.parameters()).device
-    batch = torch.tensor([ids] * settings.num_samples, dtype=torch.long, device=device)
+    batch = torch.tensor([ids], dtype=torch.long, device=device).repeat(settings.num_samples, 1)
     generator = torch.Generator(device=device).manual_seed(settings.seed)
     new_ids: list[list[int]] = [[] for _ in range(settings.num_samples)]
     texts = [""] * settings.num_samples

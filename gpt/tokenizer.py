@@ -314,6 +314,10 @@ def byte_chars() -> list[str]:
 
 
 BPE_MIN_VOCAB = 257  # the 256 bytes and the end-of-text token
+# the longest piece of a word BPE learns from: the trainer's time grows with the square of a
+# word's length (200,000 repeated letters, one word to the split pattern, took 33 s), and no
+# word of ordinary text is this long (the Python library's longest is 1,864 bytes)
+BPE_LEARNED_WORD_BYTES = 4096
 
 
 class BPETokenizer(TiktokenTokenizer):
@@ -377,8 +381,21 @@ class BPETokenizer(TiktokenTokenizer):
     @classmethod
     def learn(cls, texts: Iterable[str], vocab_size: int) -> BPETokenizer:
         """Learn a byte-level BPE of at most `vocab_size` ids (the end-of-text one included)
-        from `texts` with the tokenizers library's trainer; the same texts learn the same one."""
-        from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+        from `texts` with the tokenizers library's trainer; the same texts learn the same one.
+
+        The trainer sees words longer than BPE_LEARNED_WORD_BYTES in pieces of that length;
+        the tokenizer it gives splits text by the pattern alone, as gpt2 does, and encodes
+        words of any length.
+        """
+        from tokenizers import (
+            AddedToken,
+            Regex,
+            Tokenizer,
+            decoders,
+            models,
+            pre_tokenizers,
+            trainers,
+        )
 
         if vocab_size < BPE_MIN_VOCAB:
             raise GPTError(
@@ -386,7 +403,11 @@ class BPETokenizer(TiktokenTokenizer):
                 f"the end-of-text token), got {vocab_size}"
             )
         backend = Tokenizer(models.BPE())
-        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        split = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        pieces = pre_tokenizers.Split(  # a byte-level word holds one character a byte
+            Regex(f"(?m).{{1,{BPE_LEARNED_WORD_BYTES}}}"), behavior="isolated"
+        )
+        backend.pre_tokenizer = pre_tokenizers.Sequence([split, pieces])
         backend.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(
             vocab_size=vocab_size - 1,  # the end-of-text token is added after, as the last id
@@ -396,6 +417,7 @@ class BPETokenizer(TiktokenTokenizer):
             special_tokens=[],
         )
         backend.train_from_iterator(texts, trainer=trainer)
+        backend.pre_tokenizer = split
         backend.add_special_tokens([AddedToken(GPT2_EOT, special=True, normalized=False)])
         return cls(backend.to_str())
 

@@ -131,6 +131,15 @@ def muon_matrices(model: GPT) -> list[torch.nn.Parameter]:
     return [p for p in model.transformer.h.parameters() if p.dim() == 2 and p.requires_grad]
 
 
+def optimizer_state(model: GPT, cfg: TrainConfig) -> tuple[str, int]:
+    """The name of the optimizer `make_optimizer` builds for `cfg` and the float32 bytes of its
+    state for the whole model, so that sizing (`gpt info`) counts what training allocates:
+    AdamW keeps two moments a parameter, Muon one momentum buffer."""
+    in_muon = sum(p.numel() for p in muon_matrices(model)) if cfg.optimizer == "muon" else 0
+    rest = sum(p.numel() for p in model.parameters() if p.requires_grad) - in_muon
+    return ("Muon + AdamW" if in_muon else "AdamW"), 8 * rest + 4 * in_muon
+
+
 def muon_class() -> type[torch.optim.Optimizer]:
     """torch.optim.Muon, or a one-line error naming the fix on a torch without it."""
     muon = getattr(torch.optim, "Muon", None)
@@ -355,13 +364,18 @@ class Run:
         return tcfg.batch_size * self.cfg.model.block_size * tcfg.grad_accum_steps
 
     def record(self, **values: Any) -> None:
-        """One metrics line at the current iteration (rank 0)."""
+        """One metrics line at the current iteration (rank 0): the last step's rates, AdamW's
+        as `lr` and, with Muon, Muon's as `muon_lr`."""
         if self.metrics is not None:
+            tcfg, last = self.cfg.train, max(self.state.iteration - 1, 0)
+            rates = {"lr": lr_at(last, tcfg)}
+            if tcfg.optimizer == "muon":
+                rates["muon_lr"] = lr_at(last, tcfg, tcfg.muon_lr)
             self.metrics.write({
                 "iter": self.state.iteration,
                 "elapsed_s": self.state.elapsed(),
                 "tokens": self.state.tokens_seen,
-                "lr": lr_at(max(self.state.iteration - 1, 0), self.cfg.train),  # the last step's
+                **rates,
                 **values,
             })
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -88,6 +89,38 @@ def test_record_round_trips_and_a_changed_record_is_refused(learned: BPETokenize
 
 def test_the_same_texts_learn_the_same_vocabulary(learned: BPETokenizer) -> None:
     assert BPETokenizer.learn([CODE, *MIXED], 320).to_dict() == learned.to_dict()
+
+
+def plain_learn(texts: list[str], vocab_size: int) -> str:
+    """The tokenizer.json the library's trainer learns with GPT-2's settings, words whole."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - 1, min_frequency=2, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    backend.train_from_iterator(texts, trainer=trainer)
+    backend.add_special_tokens([AddedToken(GPT2_EOT, special=True, normalized=False)])
+    return backend.to_str()
+
+
+def test_words_of_ordinary_length_learn_what_the_library_learns(learned: BPETokenizer) -> None:
+    """Learning in pieces changes nothing for words shorter than a piece."""
+    assert learned.tokenizer_json == BPETokenizer(plain_learn([CODE, *MIXED], 320)).tokenizer_json
+
+
+def test_a_huge_word_is_learned_in_pieces_in_a_moment() -> None:
+    """200,000 repeated letters are one word to the split pattern: learned whole, the trainer
+    took 33 s; in pieces, a moment. Such words still encode as the library does, and back."""
+    started = time.perf_counter()
+    tokenizer = BPETokenizer.learn(["a" * 200_000], 8192)
+    assert time.perf_counter() - started < 5
+    assert len(tokenizer.encode("a" * 4096)) == 1  # a whole piece is one learned token
+    text = "b" * 10_000 + " then " + "a" * 50_001
+    ids = tokenizer.encode(text)
+    assert ids == tokenizer.backend.encode(text, add_special_tokens=False).ids
+    assert tokenizer.decode(ids) == text
 
 
 @pytest.mark.parametrize(("asked", "rounded"), [(257, 320), (320, 320), (321, 384), (8192, 8192)])

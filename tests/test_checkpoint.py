@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
 import torch
 
 from gpt import checkpoint as ckpt
-from gpt.config import ModelConfig, RunConfig, to_dict
+from gpt.config import ModelConfig, RunConfig, TrainConfig, load_config, to_dict
 from gpt.errors import GPTError
 from gpt.model import GPT
 
@@ -250,3 +251,55 @@ def test_a_pointer_that_names_no_checkpoint_falls_back_for_latest_and_is_refused
     with pytest.raises(GPTError, match=r"best names no checkpoint folder of .*; pass a ckpt-\* "
                                        r"folder, or --which latest"):
         ckpt.find_checkpoint(tmp_path, "best")
+
+
+@pytest.mark.parametrize(
+    ("out_dir", "checkpoint", "trained_in"),
+    [("out/default", "/proj/out/default/ckpt-0000010", "/proj"),
+     ("out", "/proj/out/../out/ckpt-0000010", "/proj"),
+     (".", "/proj/ckpt-0000010", "/proj"),
+     ("out", "/proj/renamed/ckpt-0000010", None),  # the run folder is not where it was
+     ("/runs/out", "/runs/out/ckpt-0000010", None),  # absolute: nothing says where it ran
+     ("../out", "/out/ckpt-0000010", None)],
+)
+def test_a_checkpoint_knows_the_folder_training_ran_in(
+    out_dir: str, checkpoint: str, trained_in: str | None
+) -> None:
+    """Its relative out_dir, taken off the run folder's path: where the config's other relative
+    paths start."""
+    config = RunConfig(model=CONFIG.model, train=TrainConfig(out_dir=out_dir))
+    found = ckpt.Checkpoint(Path(checkpoint), {"config": to_dict(config)})
+    assert found.trained_in == (None if trained_in is None else Path(trained_in))
+
+
+def test_a_relative_checkpoint_path_starts_in_the_current_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    config = RunConfig(model=CONFIG.model, train=TrainConfig(out_dir="runs/a"))
+    found = ckpt.Checkpoint(Path("runs/a/ckpt-0000010"), {"config": to_dict(config)})
+    assert found.trained_in == tmp_path
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_the_docs_quote_the_folders_the_default_run_leaves() -> None:
+    """README.md's quick start and docs/training.md's and observing.md's pictures of the
+    default run name what configs/default.toml makes: its steps, data folder, out_dir and the
+    last checkpoint, the one written at max_iters."""
+    cfg = load_config(ROOT / "configs" / "default.toml")
+    last = ckpt.checkpoint_name(cfg.train.max_iters)
+    readme = (ROOT / "README.md").read_text()
+    assert f"After {cfg.train.max_iters} steps" in readme
+    assert f"`{cfg.data.resolved_data_dir}/` holds the tokenized corpus" in readme
+    assert f"`{cfg.train.out_dir}/` is the run" in readme
+    training = (ROOT / "docs" / "training.md").read_text()
+    assert f"```text\n{cfg.train.out_dir}/\n  {last}/\n" in training
+    for text in (readme, training):
+        assert set(re.findall(r"ckpt-\d+", text)) == {last}
+    row = next(line for line in (ROOT / "docs" / "observing.md").read_text().splitlines()
+               if line.startswith(f"{cfg.train.out_dir} "))
+    assert f" {cfg.train.max_iters}/{cfg.train.max_iters} " in row and f" {last} " in row
+    assert (ckpt.temporary_folder(Path("out"), cfg.train.max_iters).name
+            == f".tmp-{last}")  # the name a save gives its folder

@@ -97,6 +97,39 @@ def test_info_memory_of_a_tiny_model_is_not_zero() -> None:
     assert "0.00 GiB" not in result.output
 
 
+def allocated_optimizer_bytes(sets: list[str]) -> int:
+    """The bytes of optimizer state that training really allocates for the config `sets`: the
+    optimizer make_optimizer builds, after one step (the scalar step counts left out)."""
+    from gpt.config import load_config
+    from gpt.model import GPT
+    from gpt.train import make_optimizer
+
+    cfg = load_config(None, sets)
+    model = GPT(cfg.model)
+    optimizer = make_optimizer(model, cfg.train, torch.device("cpu"))
+    _, loss = model(torch.zeros(1, 8, dtype=torch.long), torch.zeros(1, 8, dtype=torch.long))
+    loss.backward()
+    optimizer.step()
+    parts = getattr(optimizer, "optimizers", {"adamw": optimizer}).values()  # Muon + AdamW
+    return sum(t.numel() * t.element_size() for part in parts for entry in part.state.values()
+               for t in entry.values() if torch.is_tensor(t) and t.dim() > 0)
+
+
+@pytest.mark.parametrize(("optimizer", "name"), [("adamw", "AdamW"), ("muon", "Muon + AdamW")])
+def test_info_sizes_the_optimizer_state_training_allocates(optimizer: str, name: str) -> None:
+    """The one-process line names the configured optimizer and gives the bytes of the state it
+    allocates; the --nproc line of a DDP run (every process holds it all) says the same."""
+    sets = ["model.n_layer=2", "model.n_head=2", "model.n_embd=32", "model.block_size=16",
+            "model.vocab_size=64", f"train.optimizer={optimizer}"]
+    result = runner.invoke(app, ["info", "--nproc", "2", *[a for k in sets for a in ("--set", k)]])
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    one = next(line for line in lines if line.startswith("memory (float32):"))
+    each = next(line for line in lines if line.startswith("per process (2 processes"))
+    assert f" + {name} state {_bytes(allocated_optimizer_bytes(sets))} = " in one
+    assert one.split(":  ", 1)[1] == each.split("): ", 1)[1]
+
+
 @pytest.mark.parametrize(
     ("sets", "peak"),
     [([], "1.25 GFLOP/s (CPU, float32, {threads}, measured)"),

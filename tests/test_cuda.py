@@ -175,3 +175,18 @@ def test_sampling_on_cuda(tiny_run: Path, monkeypatch: pytest.MonkeyPatch) -> No
     assert result.exit_code == 0, result.output
     text = result.output.removesuffix("\n")
     assert text.startswith("def function_1") and len(text) == len("def function_1") + 20  # chars
+
+
+def test_free_memory_of_the_gpu_counts_what_the_allocator_holds_unused() -> None:
+    """Free memory, plus what torch's cache holds unused: a tensor freed into the cache is
+    still free to a batch."""
+    from gpt.device import free_memory
+
+    cuda = torch.device("cuda")
+    total = torch.cuda.get_device_properties(cuda).total_memory
+    before = free_memory(cuda)
+    block = torch.empty(2**28, dtype=torch.uint8, device=cuda)  # 256 MiB, held
+    held = free_memory(cuda)
+    del block  # back to torch's cache, not to the driver
+    assert 0 < held < before <= total
+    assert free_memory(cuda) == pytest.approx(before, abs=2**20)

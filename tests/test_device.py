@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import gpt.device
-from gpt.device import resolve_device, resolve_dtype
+from gpt.device import free_memory, resolve_device, resolve_dtype
 from gpt.errors import GPTError
 
 CPU = torch.device("cpu")
@@ -42,3 +42,13 @@ def test_devices_and_refusals(monkeypatch: pytest.MonkeyPatch) -> None:
         resolve_device("cuda:1", "--device")
     with pytest.raises(GPTError, match=r"\[train\] device 'gpu' is not a device"):
         resolve_device("gpu", "[train] device")
+
+
+def test_free_memory_of_the_cpu_is_at_most_the_host_memory() -> None:
+    free = free_memory(CPU)
+    if free is None:
+        pytest.skip("this system does not tell its available memory")
+    import os
+
+    assert 0 < free <= os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    assert free_memory(torch.device("meta")) is None  # a device that cannot be asked

@@ -994,7 +994,33 @@ READS = [
          after=nothing_exported),
 ]
 
-CASES = [*CONFIG, *DATA_CASES, *CHECKPOINTS, *SAMPLING, *FAULTS, *READS]
+SMALLER_CASES = [
+    Case("eval-hf-model-without-data", ["eval", "--checkpoint", "hf:gpt2-64"],
+         r"hf:gpt2-64 is an HF model, not a run: no data was prepared for it \(/\S+/run/data/"
+         r"python-stdlib-gpt2 holds none\); evaluate it on a text with --data FILE, or prepare a "
+         r"split with its tokenizer \(gpt prepare --config FILE whose \[train\] init_from = "
+         r"\"hf:gpt2-64\"\) and pass the folder it writes with --set data\.data_dir=FOLDER",
+         hf_gpt2),
+    Case("eval-data-folder-missing-named-in-full",
+         ["eval", "--checkpoint", "out", "--set", "data.data_dir=nowhere"],
+         r"^error: /\S+/run/nowhere has no prepared data \(no meta\.json\); run gpt prepare first"),
+    Case("data-too-little-text-for-a-learned-bpe",
+         [*TRAIN, "--set", "data.source=short.txt", "--set", "data.tokenizer=bpe",
+          "--set", "train.out_dir=new"],
+         r"the train split has at most 18 tokens, fewer than block_size \+ 1 = 33; add text, "
+         r"lower model\.block_size", write("short.txt", "abc\n" * 5)),
+    Case("data-one-letter-repeated-for-a-learned-bpe",
+         [*TRAIN, "--set", "data.source=aaa.txt", "--set", "data.tokenizer=bpe",
+          "--set", "train.out_dir=new"],
+         r"the val split has \d+ tokens, fewer than block_size \+ 1 = 33; add text",
+         write("aaa.txt", "a" * 200_000)),
+    Case("sample-batch-too-big-for-memory", [*SAMPLE, "--num-samples", "100000000"],
+         r"--num-samples 100,000,000 at --max-new-tokens 256 needs at least [\d,.]+ GiB on \S+ "
+         r"for the batch's KV cache and logits, more than the [\d,.]+ GiB free there; lower "
+         r"--num-samples or --max-new-tokens"),
+]
+
+CASES = [*CONFIG, *DATA_CASES, *CHECKPOINTS, *SAMPLING, *FAULTS, *READS, *SMALLER_CASES]
 
 
 @pytest.mark.parametrize(

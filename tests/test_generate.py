@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from gpt.config import ModelConfig, SampleConfig
-from gpt.generate import cache_dtype, draw, generate, sample_next
+from gpt.generate import cache_dtype, decoding_bytes, draw, generate, sample_next
 from gpt.model import GPT
 from gpt.onednn import PackedLinear, pack_linears, packing_works
 from gpt.sample import sample_text
@@ -175,6 +175,29 @@ def test_sample_text_gives_one_character_per_token_with_a_padded_vocabulary(tiny
     settings = SampleConfig(max_new_tokens=40, temperature=1.0, top_k=None, num_samples=3)
     for text in sample_text(model, tokenizer, "a", settings):
         assert len(text) == 40
+
+
+@pytest.mark.parametrize(("prompt_len", "new_tokens"), [(3, 5), (10, 30), (16, 4), (1, 1)])
+def test_decoding_bytes_counts_the_cache_generate_allocates(
+    prompt_len: int, new_tokens: int, tiny: Callable[..., GPT], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The KV cache that generate really allocates (the slide past block_size 16 included),
+    plus the prompts' int64 ids and one step's float32 logits over the padded rows."""
+    model = tiny(n_kv_head=2)
+    allocated = []
+    new_cache = model.new_cache
+
+    def recorded(*args: object, **kwargs: object) -> list:
+        cache = new_cache(*args, **kwargs)  # type: ignore[arg-type]
+        allocated.append(sum(layer.k.nbytes + layer.v.nbytes for layer in cache))
+        return cache
+
+    monkeypatch.setattr(model, "new_cache", recorded)
+    prompt = torch.zeros(3, prompt_len, dtype=torch.long)
+    list(generate(model, prompt, new_tokens, temperature=0))
+    assert decoding_bytes(model, 3, prompt_len, new_tokens) == (
+        allocated[0] + prompt.nbytes + 3 * model.config.padded_vocab_size * 4)
+    assert decoding_bytes(model, 3, prompt_len, 0) == 0  # nothing to generate: nothing held
 
 
 def test_top_k_never_leaves_its_set() -> None:

@@ -129,6 +129,26 @@ def test_eval_of_an_hf_folder_is_hf_loss(hf_folder: Path) -> None:
     assert json.loads(result.stdout)["loss"] == pytest.approx(expected, abs=1e-5)
 
 
+def test_eval_of_an_hf_folder_without_data_advises_what_works(hf_folder: Path) -> None:
+    """An HF model has no run, so no split of its own: the refusal advises --data, or a split
+    prepared through a finetune's config (init_from) passed as data.data_dir; both work."""
+    model = ["eval", "--checkpoint", f"hf:{hf_folder}", "--device", "cpu"]
+    refused = runner.invoke(app, model)
+    assert refused.exit_code == 2
+    assert "evaluate it on a text with --data FILE" in refused.output
+    assert f'init_from = "hf:{hf_folder}"' in refused.output
+    assert "--set data.data_dir=FOLDER" in refused.output
+    on_text = runner.invoke(app, [*model, "--data", "corpus.txt"])
+    assert on_text.exit_code == 0, on_text.output
+    prepared = runner.invoke(app, ["prepare", "--config", str(finetune_toml(hf_folder))])
+    assert prepared.exit_code == 0, prepared.output
+    folder = re.search(r"wrote (\S+): ", prepared.output)[1]
+    on_split = runner.invoke(app, [*model, "--set", f"data.data_dir={folder}", "--json"])
+    assert on_split.exit_code == 0, on_split.output
+    val = json.loads((Path(folder) / "meta.json").read_text())["tokens"]["val"]
+    assert json.loads(on_split.stdout)["tokens"] == val - 1
+
+
 def test_info_of_an_hf_folder_counts_its_parameters(hf_folder: Path) -> None:
     result = runner.invoke(app, ["info", "--checkpoint", f"hf:{hf_folder}"])
     assert result.exit_code == 0, result.output

@@ -107,6 +107,26 @@ def test_each_panel_holds_one_line_per_series_of_each_run(tmp_path: Path) -> Non
     assert legend == ["a", "b", "c", "train (logged step)", "val (evaluation)"]
 
 
+def test_a_muon_run_draws_both_rates_labelled_and_older_metrics_draw_one(tmp_path: Path) -> None:
+    """A Muon run's lines hold Muon's rate as muon_lr: drawn dotted beside AdamW's, the panel
+    saying which is which; metrics without it (an AdamW run, or written before it was
+    recorded) draw AdamW's alone, with no such key."""
+    muon = write_metrics(tmp_path / "muon", [{**r, "muon_lr": r["lr"] * 20} for r in records()])
+    adamw = write_metrics(tmp_path / "adamw", records())
+    runs, _ = load_runs([muon, adamw])
+    assert runs[0].muon_lr.values == [2e-2] * len(runs[0].lr.values) and not runs[1].muon_lr
+    fig = draw(runs, 800, 500)
+    lr = next(ax for ax in fig.axes if ax.get_title() == "learning rate")
+    assert lr.get_ylabel() == "learning rate"
+    assert [(line.get_linestyle(), max(line.get_ydata())) for line in lr.lines] == [
+        ("-", 1e-3), (":", 2e-2), ("-", 1e-3)]
+    assert [t.get_text() for t in lr.get_legend().get_texts()] == [
+        "AdamW (learning_rate)", "Muon (muon_lr)"]
+    alone = draw(load_runs([adamw])[0], 800, 500)
+    lr = next(ax for ax in alone.axes if ax.get_title() == "learning rate")
+    assert len(lr.lines) == 1 and lr.get_legend() is None and lr.get_ylabel() == "learning rate"
+
+
 def test_runs_with_the_same_name_are_labelled_by_path(tmp_path: Path) -> None:
     a = write_metrics(tmp_path / "x" / "run", records())
     b = write_metrics(tmp_path / "y" / "run", records())

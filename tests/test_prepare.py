@@ -360,6 +360,42 @@ def test_too_little_text_for_block_size(tmp_path: Path) -> None:
     assert leftovers(tmp_path / "prepared") == []
 
 
+def test_too_little_text_for_a_learned_bpe_is_refused_before_learning(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """20 ASCII bytes, 18 in train: no byte-level BPE can make the 33 tokens a block of 32
+    needs, so nothing is learned."""
+    def never(*args: object, **kwargs: object) -> None:
+        raise AssertionError("learned a BPE from text that cannot fill a block")
+
+    monkeypatch.setattr(prepare_module.BPETokenizer, "learn", never)
+    (tmp_path / "a.txt").write_text("abc\n" * 5)
+    with pytest.raises(GPTError, match=r"the train split has at most 18 tokens, fewer than "
+                                       r"block_size \+ 1 = 33; add text"):
+        prepare(cfg(tmp_path, tmp_path / "a.txt", tokenizer="bpe"), progress=False, block_size=32)
+    assert leftovers(tmp_path / "prepared") == []
+
+
+def test_the_token_bound_holds_every_split_and_stops_once_both_are_enough(
+    tmp_path: Path, docs_folder: Callable[..., Path]
+) -> None:
+    """The bound is each split's UTF-8 bytes and one end-of-text per document, at least the
+    tokens a learned BPE gives; asked for little, it reads no further than it needs."""
+    folder = docs_folder(12)
+    (folder / "sub" / "wide.txt").write_text("ω🙂 " * 40)  # more bytes than characters
+    settings = cfg(tmp_path, folder, tokenizer="bpe", bpe_vocab_size=320, num_proc=1)
+    meta = prepare(settings, progress=False)
+    source = sources.open_source(settings)
+    bound = prepare_module._token_bound(source, settings, 10**9)
+    expected = dict.fromkeys(("train", "val"), 0)
+    for split, text, _ in prepare_module._split_pieces(source, settings, warn=False):
+        expected[split] += len(text.encode("utf-8")) + 1  # every piece here is a document
+    assert bound == expected
+    assert all(bound[s] >= meta["tokens"][s] for s in ("train", "val"))
+    small = prepare_module._token_bound(source, settings, 1)
+    assert min(small.values()) >= 1 and sum(small.values()) < sum(bound.values())
+
+
 def test_empty_source_and_unknown_tokenizer_are_errors(tmp_path: Path, docs_folder: Callable[..., Path]) -> None:
     (tmp_path / "empty.txt").write_text("")
     with pytest.raises(GPTError, match=r"holds no text"):

@@ -124,6 +124,29 @@ def test_running_out_of_memory_while_generating_is_one_line(
                              "--num-samples or --max-new-tokens, or choose --device\n")
 
 
+def test_a_batch_larger_than_free_memory_is_refused_before_it_is_built(
+    run: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Refused when its KV cache and logits pass the free memory, by one byte; at the limit it
+    samples."""
+    from gpt.generate import decoding_bytes
+
+    model = Checkpoint.open(run / "out").load_model()
+    prompt = len("def f1")  # one id a character
+    needed = decoding_bytes(model, 64, prompt, 40)  # the run's max_new_tokens
+    args = ["sample", "--checkpoint", "out", "--num-samples", "64", "--no-stream",
+            "--prompt", "def f1", "--dtype", "float32"]
+    monkeypatch.setattr("gpt.sample.free_memory", lambda device: needed - 1)
+    result = invoke(run, *args)
+    assert result.exit_code == 2
+    assert result.output == (
+        f"error: --num-samples 64 at --max-new-tokens 40 needs at least {needed / 2**30:.2f} GiB "
+        f"on cpu for the batch's KV cache and logits, more than the {(needed - 1) / 2**30:.2f} "
+        "GiB free there; lower --num-samples or --max-new-tokens\n")
+    monkeypatch.setattr("gpt.sample.free_memory", lambda device: needed)
+    assert invoke(run, *args).exit_code == 0
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -264,6 +287,22 @@ def test_eval_batches_shrink_for_large_logits_without_changing_the_result(
     assert short["tokens"] == 4  # fewer than block_size tokens: one short window
     with pytest.raises(GPTError, match="too few to evaluate; give at least 2"):
         evaluate_module.evaluate(model, tokens[:1], tokenizer, progress=False)
+
+
+@pytest.mark.parametrize("checkpoint", ["out", "out/ckpt-0000060"])
+def test_eval_finds_the_runs_data_from_any_folder(
+    run: Path, tmp_path: Path, checkpoint: str
+) -> None:
+    """The run's relative data_dir starts where gpt train ran, not where gpt eval runs; a
+    data_dir given on the command line starts here, and a missing one is named in full."""
+    here = invoke(run, "eval", "--checkpoint", "out", "--json")
+    elsewhere = invoke(tmp_path, "eval", "--checkpoint", str(run / checkpoint), "--json")
+    assert here.exit_code == elsewhere.exit_code == 0, elsewhere.output
+    assert json.loads(elsewhere.stdout) == json.loads(here.stdout)
+    given = invoke(tmp_path, "eval", "--checkpoint", str(run / checkpoint),
+                   "--set", "data.data_dir=data/corpus-char")
+    assert given.exit_code == 2
+    assert f"error: {tmp_path / 'data' / 'corpus-char'} has no prepared data" in given.output
 
 
 def test_eval_on_other_text_and_errors(run: Path) -> None:

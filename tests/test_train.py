@@ -525,6 +525,35 @@ def test_train_step_with_muon_is_muon_and_adamw_written_out(tiny_run: Path) -> N
         run.metrics.close()
 
 
+@pytest.mark.parametrize("optimizer", ["adamw", pytest.param("muon", marks=needs_muon)])
+def test_metrics_record_the_rate_each_optimizer_stepped_with(
+    tiny_run: Path, monkeypatch: pytest.MonkeyPatch, optimizer: str
+) -> None:
+    """Each line's `lr` is AdamW's rate at the last step and, on a Muon run only, `muon_lr`
+    Muon's, as read from the optimizers' groups when they stepped."""
+    stepped: dict[str, list[float]] = {"lr": [], "muon_lr": []}
+    classes = {"lr": torch.optim.AdamW, "muon_lr": getattr(torch.optim, "Muon", None)}
+    for key, cls in classes.items():
+        if cls is None:
+            continue
+
+        def spied(self, *args, _step=cls.step, _key=key, **kwargs):  # type: ignore[no-untyped-def]
+            if "initial_lr" in self.param_groups[0]:  # the run's, not a probe's
+                stepped[_key].append(self.param_groups[0]["lr"])
+            return _step(self, *args, **kwargs)
+
+        monkeypatch.setattr(cls, "step", spied)
+    sets = [f"train.optimizer={optimizer}", "train.muon_lr=0.05", "train.max_iters=12"]
+    assert train(load_config("tiny.toml", sets)) == 0
+    keys = ["lr", "muon_lr"] if optimizer == "muon" else ["lr"]
+    assert [len(stepped[k]) for k in keys] == [12] * len(keys)
+    lines = [line for line in metrics(tiny_run / "out") if line["iter"] > 0]
+    assert lines
+    for line in lines:
+        assert [line[k] for k in keys] == pytest.approx([stepped[k][line["iter"] - 1] for k in keys])
+    assert all(("muon_lr" in line) == (optimizer == "muon") for line in metrics(tiny_run / "out"))
+
+
 @needs_muon
 def test_changing_the_optimizer_on_resume_is_refused_before_any_data_work(
     tiny_run: Path, monkeypatch: pytest.MonkeyPatch

@@ -423,6 +423,9 @@ def _tokenize(
     elif cfg.tokenizer == CharTokenizer.name:
         tokenizer = CharTokenizer.from_texts(source.documents())
     elif cfg.tokenizer == BPETokenizer.name:
+        if block_size:  # learning takes long; a text whose splits cannot be long enough, none
+            bound = _token_bound(source, cfg, block_size + 1)
+            _check_split_sizes(bound, block_size, data_dir, at_most=True)
         if progress:
             print(f"learning a {cfg.bpe_vocab_size}-id BPE from the train split of "
                   f"{source.description}")
@@ -484,13 +487,30 @@ def _write_errors(data_dir: Path) -> Iterator[None]:
         ) from None
 
 
-def _check_split_sizes(counts: dict[str, int], block_size: int, data_dir: Path) -> None:
+def _token_bound(source: Source, cfg: DataConfig, enough: int) -> dict[str, int]:
+    """Each split's UTF-8 bytes plus its documents' end-of-text ids: at least as many as the
+    tokens a byte-level tokenizer gives it (each token holds one byte or more). Counted until
+    both splits reach `enough`, so a long corpus is read only as far as that."""
+    bound = dict.fromkeys(SPLITS, 0)
+    for split, text, ends_document in _split_pieces(source, cfg, warn=False):
+        bound[split] += len(text.encode("utf-8")) + ends_document
+        if min(bound.values()) >= enough:
+            break
+    return bound
+
+
+def _check_split_sizes(
+    counts: dict[str, int], block_size: int, data_dir: Path, at_most: bool = False
+) -> None:
+    """Each split must hold a block and its next token; `at_most`: `counts` bound the tokens
+    from above (before a tokenizer is learned), a bound below that already fails."""
     for split in SPLITS:
         n = counts[split]
         if n < block_size + 1:
             raise GPTError(
-                f"{data_dir}: the {split} split has {n} tokens, fewer than block_size + 1 = "
-                f"{block_size + 1}; add text, lower model.block_size, or change data.val_fraction"
+                f"{data_dir}: the {split} split has {'at most ' * at_most}{n} tokens, fewer than "
+                f"block_size + 1 = {block_size + 1}; add text, lower model.block_size, or change "
+                "data.val_fraction"
             )
 
 
