@@ -14,6 +14,7 @@ import errno
 import fnmatch
 import functools
 import hashlib
+import importlib.util
 import json
 import os
 import re
@@ -178,12 +179,16 @@ ENV = {
 }
 
 
-def gpt_process(args: list[str], script: str | None = None) -> subprocess.Popen[str]:
+def gpt_process(
+    args: list[str], script: str | None = None, stdout: int = subprocess.PIPE,
+    env: dict[str, str] = ENV,
+) -> subprocess.Popen[str]:
     """`python -m gpt ARGS` in a process of its own, or `script` (which ends by running the
-    command line on its argv) for faults that need a hand inside the process."""
+    command line on its argv) for faults that need a hand inside the process; its standard
+    output a pipe to read, or the file descriptor `stdout`."""
     command = ["-m", "gpt", *args] if script is None else ["-c", script, *args]
-    return subprocess.Popen([sys.executable, *command], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=ENV)
+    return subprocess.Popen([sys.executable, *command], stdout=stdout,
+                            stderr=subprocess.PIPE, text=True, env=env)
 
 
 PROGRESS = re.compile(r"\[\d+:\d\d[^\]]*\]\s*$")  # the end of a tqdm frame: [00:01<00:02, ...]
@@ -800,7 +805,93 @@ FAULTS = [
          marks=(no_cuda,)),
 ]
 
-CASES = [*CONFIG, *DATA_CASES, *CHECKPOINTS, *SAMPLING, *FAULTS]
+BUFFERED = {k: v for k, v in ENV.items() if k != "PYTHONUNBUFFERED"}  # as a user's shell runs it
+FULL = (pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs Linux's /dev/full"),
+        pytest.mark.slow)  # in a process of its own
+needs_matplotlib = pytest.mark.skipif(
+    importlib.util.find_spec("matplotlib") is None, reason="gpt plot needs matplotlib"
+)
+
+
+def to_a_full_disk(args: list[str]) -> Outcome:
+    """`gpt ARGS` in its own process, its standard output /dev/full, where every write fails as
+    on a full disk (ENOSPC). Block-buffered, as a redirected stdout is: what the command prints
+    without flushing fails only at the end."""
+    with open("/dev/full", "w") as full:
+        process = gpt_process(args, stdout=full.fileno(), env=BUFFERED)
+    _, stderr = process.communicate(timeout=120)
+    return Outcome(process.returncode, "", stderr)
+
+
+def into_a_closed_pipe(args: list[str]) -> Outcome:
+    """`gpt ARGS` in its own process, its standard output a pipe whose reader is gone, as in
+    `gpt sample | head -c 0`: every write fails with EPIPE."""
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        process = gpt_process(args, stdout=write, env=BUFFERED)
+    finally:
+        os.close(write)
+    _, stderr = process.communicate(timeout=120)
+    return Outcome(process.returncode, "", stderr)
+
+
+FULL_AFTER_RESUMING = """
+import os, sys
+import gpt.train
+print0 = gpt.train.Dist.print0
+def then_full(self, *args):
+    print0(self, *args)
+    if str(args[0]).startswith("resuming"):  # from here on, standard output's disk is full
+        os.dup2(os.open("/dev/full", os.O_WRONLY), sys.stdout.fileno())
+gpt.train.Dist.print0 = then_full
+from gpt.cli import main
+main()
+"""
+
+
+def full_while_training(args: list[str]) -> Outcome:
+    """`gpt train ARGS` whose standard output, unbuffered (each line written as it is printed),
+    fills up once the run has resumed: the next line, of an evaluation, fails mid-run."""
+    process = gpt_process(args, FULL_AFTER_RESUMING, env={**ENV, "PYTHONUNBUFFERED": "1"})
+    stdout, stderr = process.communicate(timeout=300)
+    return Outcome(process.returncode, stdout, stderr)
+
+
+STDOUT_FULL = (r"cannot write to standard output \(No space left on device\); free space on its "
+               r"disk, or redirect it elsewhere")
+
+OUTPUT_CASES = [
+    Case("output-full-sample", [*SAMPLE, "--prompt", "def"], STDOUT_FULL, code=1,
+         run=to_a_full_disk, marks=FULL),
+    Case("output-full-sample-streaming", ["sample", "--checkpoint", "out", "--stream"],
+         STDOUT_FULL, code=1, run=to_a_full_disk, marks=FULL),
+    Case("output-full-eval-json", ["eval", "--checkpoint", "out", "--json"], STDOUT_FULL,
+         code=1, run=to_a_full_disk, marks=FULL),
+    Case("output-full-info", ["info", "--config", "tiny.toml"], STDOUT_FULL, code=1,
+         run=to_a_full_disk, marks=FULL),
+    Case("output-full-prepare", ["prepare", "--config", "tiny.toml"], STDOUT_FULL, code=1,
+         run=to_a_full_disk, marks=FULL),  # its one line is printed unflushed: it fails at exit
+    Case("output-full-tokenizer", ["tokenizer", "--config", "tiny.toml"], STDOUT_FULL, code=1,
+         run=to_a_full_disk, marks=FULL),
+    Case("output-full-runs", ["runs"], STDOUT_FULL, code=1, run=to_a_full_disk, marks=FULL),
+    Case("output-full-export", ["export", "--checkpoint", "out", "--out", "hf"], STDOUT_FULL,
+         code=1, writes=("hf", "hf/*"), run=to_a_full_disk, marks=FULL),
+    Case("output-full-plot", ["plot", "out", "--out", "loss.png"], STDOUT_FULL, code=1,
+         writes=("loss.png",), run=to_a_full_disk, marks=(*FULL, needs_matplotlib)),
+    Case("output-full-version", ["--version"], STDOUT_FULL, code=1, run=to_a_full_disk,
+         marks=FULL),
+    Case("output-full-help", ["sample", "--help"], STDOUT_FULL, code=1, run=to_a_full_disk,
+         marks=FULL),
+    Case("output-full-while-training", RESUME, STDOUT_FULL, code=1,
+         writes=("out/.lock", "out/metrics.jsonl"),  # the lock names the process that held it
+         after=all_of(loads(LATEST), resumes_exactly), run=full_while_training, marks=FULL),
+    Case("output-closed-pipe-sample", [*SAMPLE, "--prompt", "def"], "", code=1,
+         run=into_a_closed_pipe, marks=(pytest.mark.slow,)),
+    Case("output-closed-pipe-runs", ["runs"], "", code=1, run=into_a_closed_pipe,
+         marks=(pytest.mark.slow,)),
+]
+CASES = [*CONFIG, *DATA_CASES, *CHECKPOINTS, *SAMPLING, *FAULTS, *OUTPUT_CASES]
 
 
 @pytest.mark.parametrize(
@@ -823,13 +914,17 @@ def test_what_happens_when(
         after = hashes(folder)
         shown = f"exit {outcome.code}\nstdout: {outcome.stdout}\nstderr: {outcome.stderr}"
         assert outcome.code == case.code, shown
-        assert "Traceback" not in outcome.stdout + outcome.stderr, shown
-        if case.code == 2:  # an error: one line, naming the problem and the fix
+        for trace in ("Traceback", "Exception ignored"):  # the interpreter's, at exit
+            assert trace not in outcome.stdout + outcome.stderr, shown
+        if case.code == 2 or (case.code == 1 and case.message):
+            # an error (exit 1: standard output failed): one line, naming the problem and the fix
             lines = error_lines(outcome.stderr)
             assert len(lines) == 1 and lines[0].startswith("error: "), shown
             assert re.search(case.message, lines[0]), f"{case.message!r} not in {lines[0]!r}"
             if case.args[0] == "sample":  # its stdout carries the text alone: none, here
                 assert outcome.stdout == "", shown
+        elif case.code == 1:  # a closed pipe: its reader wants no more output, nor a word
+            assert error_lines(outcome.stderr) == [], shown
         elif case.message:
             assert re.search(case.message, outcome.stdout), shown
         changed = {path for path in before.keys() | after.keys()
