@@ -425,6 +425,9 @@ SECTIONS: dict[str, type[_Section]] = {
 # Type checking of one value against its annotation
 
 
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1  # what every integer key holds (seeds included)
+
+
 def _type_name(tp: Any) -> str:
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(
         tp, "a list of strings"
@@ -457,6 +460,8 @@ def _coerce(section: str, name: str, value: Any, tp: Any) -> Any:
         raise GPTError(f"{where} must be {_type_name(tp)}, got {shown}")
     if tp is float and not math.isfinite(value):  # TOML has nan and inf; no key means them
         raise GPTError(f"{where} must be a finite number, got {value!r}")
+    if tp is int and not INT64_MIN <= value <= INT64_MAX:  # torch, numpy and C read 64 bits
+        raise GPTError(f"{where}: must be in [-2**63, 2**63 - 1] (a 64-bit integer), got {value}")
     return float(value) if tp is float else value
 
 

@@ -388,7 +388,7 @@ def setup_run(
 
     torch.manual_seed(tcfg.seed)
     random.seed(tcfg.seed)
-    np.random.seed(tcfg.seed)
+    np.random.seed(tcfg.seed % 2**32)  # numpy's takes 32 bits: the same seed for all that fit
     model = GPT(cfg.model)  # the same initial weights on every rank
     model.activation_checkpointing = tcfg.activation_checkpointing
     if world.world_size > 1:  # independent dropout masks per rank, as nanoGPT seeds them

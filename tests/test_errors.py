@@ -891,6 +891,37 @@ OUTPUT_CASES = [
     Case("output-closed-pipe-runs", ["runs"], "", code=1, run=into_a_closed_pipe,
          marks=(pytest.mark.slow,)),
 ]
+
+HUGE = "99999999999999999999"  # 1e20: more than 64 bits hold
+
+
+def int64(key: str, value: str = HUGE) -> str:
+    """The one message of an integer key given a value beyond 64 bits."""
+    return rf"\[{key.replace('.', '] ')}: must be in \[-2\*\*63, 2\*\*63 - 1\] \(a 64-bit integer\), got {value}$"
+
+
+OUTPUT_CASES += [
+    Case("seed-beyond-64-bits-on-the-flag", [*SAMPLE, "--seed", HUGE], int64("sample.seed")),
+    Case("seed-below-64-bits-on-the-flag", [*SAMPLE, "--seed", f"-{2**63 + 1}"],
+         int64("sample.seed", f"-{2**63 + 1}")),
+    Case("seed-beyond-64-bits-in-set-sample", [*SAMPLE, "--set", f"sample.seed={HUGE}"],
+         int64("sample.seed")),
+    Case("seed-beyond-64-bits-in-set-train", [*RESUME, "--set", f"train.seed={HUGE}"],
+         int64("train.seed")),
+    Case("seed-beyond-64-bits-in-set-data", [*TRAIN, "--set", f"data.seed={HUGE}"],
+         int64("data.seed")),
+    Case("seed-beyond-64-bits-in-the-file", TRAIN, int64("train.seed"),
+         edit("tiny.toml", "[train]\n", f"[train]\nseed = {HUGE}\n")),
+    Case("max-iters-beyond-64-bits", [*TRAIN, "--set", f"train.max_iters={2**64}"],
+         int64("train.max_iters", str(2**64))),
+    Case("checkpoint-interval-beyond-64-bits",
+         [*TRAIN, "--set", f"train.checkpoint_interval={HUGE}"],
+         int64("train.checkpoint_interval")),
+    Case("max-new-tokens-beyond-64-bits", [*SAMPLE, "--max-new-tokens", HUGE],
+         int64("sample.max_new_tokens")),
+    Case("num-samples-beyond-64-bits", [*SAMPLE, "--num-samples", HUGE],
+         int64("sample.num_samples")),
+]
 CASES = [*CONFIG, *DATA_CASES, *CHECKPOINTS, *SAMPLING, *FAULTS, *OUTPUT_CASES]
 
 
