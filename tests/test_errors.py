@@ -364,7 +364,7 @@ CONFIG = [
          [*TRAIN, "--set", "model.n_embd=30", "--set", "model.pos_embedding=rope"],
          r"rope needs an even head size, but n_embd / n_head = 15; change n_embd or n_head"),
     Case("config-model-too-big-for-memory", [*TRAIN, "--set", "train.out_dir=new",
-                                             "--set", f"model.n_embd={2**42}"],  # a petabyte
+                                             "--set", f"model.vocab_size={2**50}"],  # 128 PiB
          r"out of memory on cpu \(asked for [\d,]+ bytes\); make the model smaller \(model\.n_layer, "
          r"n_embd, block_size; gpt info sizes it\) or lower train\.batch_size"),
     Case("config-vocab-smaller-than-tokenizer", [*TRAIN, "--set", "train.out_dir=new",
@@ -671,7 +671,8 @@ SAMPLING = [
          r"text has 1 character\(s\) not in the char vocabulary: '☃'; remove them"),
     Case("sample-model-too-big-for-memory", [*SAMPLE, "--prompt", "def"],
          r"out of memory on cpu \(asked for [\d,]+ bytes\); run it on a device with more memory",
-         edit_json(f"{LATEST}/state.json", lambda s: s["config"]["model"].update(n_embd=2**42))),
+         edit_json(f"{LATEST}/state.json",
+                   lambda s: s["config"]["model"].update(vocab_size=2**50, padded_vocab_size=2**50))),
     Case("sample-cuda-on-a-machine-without", [*SAMPLE, "--device", "cuda"],
          r"--device 'cuda': no CUDA GPU is available here; use auto or cpu", marks=(no_cuda,)),
     Case("sample-prompt-longer-than-the-context", [*SAMPLE, "--prompt", "def f(x):\n" * 4],
@@ -922,6 +923,48 @@ OUTPUT_CASES += [
     Case("num-samples-beyond-64-bits", [*SAMPLE, "--num-samples", HUGE],
          int64("sample.num_samples")),
 ]
+INFO = ["info", "--config", "tiny.toml"]
+BIG = str(2**62)  # within 64 bits, but no tensor of it times another size fits in torch's
+
+
+def too_large(key: str, tensor: str, elements: str) -> str:
+    """The one message of a model size that makes a tensor torch cannot hold."""
+    return (rf"\[model\] {key}: {BIG} makes {tensor} {elements} elements; torch holds fewer "
+            r"than 2\*\*60 in one tensor; lower it$")
+
+
+OUTPUT_CASES += [
+    Case("info-width-given-as-a-float", [*INFO, "--set", "model.n_embd=1.2e26"],
+         r"\[model\] n_embd must be an integer, got 1\.2e\+26 \(float\)$"),
+    Case("info-block-size-given-as-a-float", [*INFO, "--set", "model.block_size=1e20"],
+         r"\[model\] block_size must be an integer, got 1e\+20 \(float\)$"),
+    Case("info-width-beyond-64-bits", [*INFO, "--set", f"model.n_embd={12 * 10**25}"],
+         int64("model.n_embd", str(12 * 10**25))),
+    Case("info-heads-beyond-64-bits", [*INFO, "--set", f"model.n_head={HUGE}"],
+         int64("model.n_head")),
+    Case("info-batch-beyond-64-bits", [*INFO, "--set", f"train.batch_size={HUGE}"],
+         int64("train.batch_size")),
+    Case("info-width-beyond-a-tensor", [*INFO, "--set", f"model.n_embd={BIG}"],
+         too_large("n_embd", "attention's c_attn", r"6\.38e\+37")),
+    Case("info-block-size-beyond-a-tensor", [*INFO, "--set", f"model.block_size={BIG}"],
+         too_large("block_size", "the position embedding", r"1\.48e\+20")),
+    Case("info-vocabulary-beyond-a-tensor", [*INFO, "--set", f"model.vocab_size={BIG}"],
+         too_large("vocab_size", "the token embedding", r"1\.48e\+20")),
+    Case("info-mlp-beyond-a-tensor", [*INFO, "--set", f"model.mlp_hidden={BIG}"],
+         too_large("mlp_hidden", "the MLP's c_fc", r"1\.48e\+20")),
+    Case("info-more-layers-than-build", [*INFO, "--set", f"model.n_layer={BIG}"],
+         r"\[model\] n_layer: 4,611,686,018,427,387,904 blocks are more than the 10,000 gpt "
+         r"builds; lower it$"),
+    Case("train-width-beyond-a-tensor", [*TRAIN, "--set", f"model.n_embd={BIG}"],
+         too_large("n_embd", "attention's c_attn", r"6\.38e\+37")),
+    Case("train-more-layers-than-build", [*TRAIN, "--set", f"model.n_layer={BIG}"],
+         r"\[model\] n_layer: 4,611,686,018,427,387,904 blocks are more than the 10,000"),
+    Case("train-batch-beyond-what-64-bits-count",
+         [*TRAIN, "--set", "train.out_dir=new", "--set", f"train.batch_size={BIG}"],
+         r"out of memory on cpu \(asked for more than 2\*\*63 bytes\); make the model smaller "
+         r".* or lower train\.batch_size", writes=("new", "new/*")),
+]
+
 CASES = [*CONFIG, *DATA_CASES, *CHECKPOINTS, *SAMPLING, *FAULTS, *OUTPUT_CASES]
 
 
