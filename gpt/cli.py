@@ -587,15 +587,19 @@ def runs(
     checkpoint and status (running, finished or interrupted)."""
     from gpt.runs import find_runs, summarize, table
 
-    found = [summarize(path) for path in find_runs(folder)]
-    if not found:
+    unreadable: list[tuple[Path, str]] = []
+    found = [summarize(path) for path in find_runs(folder, unreadable)]
+    if found:
+        typer.echo(table(found))
+    else:
         typer.echo(f"no runs in {folder} (folders holding metrics.jsonl or ckpt-*, at most two "
                    f"levels down)")
-        return
-    typer.echo(table(found))
     for run in found:
         for note in run.notes:
             typer.echo(f"note: {run.path}: {note}", err=True)
+    for path, reason in sorted(unreadable, key=lambda found: found[0].parts):
+        typer.echo(f"note: {path}: cannot read this folder ({reason}); runs in it are not "
+                   "listed", err=True)
 
 
 class _StdoutFailed(Exception):

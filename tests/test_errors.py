@@ -2,19 +2,22 @@
 
 One table, one test. Each case builds its scene (a copy of a tiny trained run, then a file
 damaged, a setting mistyped, a write made to fail), runs one command, and checks what a user
-sees and what is kept: the exit code; on stderr one line, `error: ...`, naming the problem and
-the fix; no traceback; and every file that was there before unchanged (all are hashed before and
-after), apart from those the case names as written. docs/errors.md says the same in words.
+sees and what is kept: the exit code; on stderr one line, `error: ...` (`note: ...` for a fault
+worked around; nothing for a closed pipe), naming the problem and the fix; no traceback; and
+every file that was there before unchanged (all are hashed before and after), apart from those
+the case names as written. docs/errors.md says the same in words.
 """
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import errno
 import fnmatch
 import functools
 import hashlib
 import importlib.util
+import io
 import json
 import os
 import re
@@ -91,7 +94,9 @@ class Case:
     `writes` are glob patterns of the paths (relative to the folder) that the case may create,
     change or remove; every other file must be left exactly as it was. `after` checks what is
     kept (a checkpoint still loads, the run resumes), with the case's patches undone. `run`
-    replaces the in-process command line where a real process is needed (signals).
+    replaces the in-process command line where a real process is needed (signals, standard
+    output). Exit 0 is a fault worked around: `message` matches its one `note:` line, and
+    `stdout` what the command still printed.
     """
 
     id: str
@@ -103,6 +108,7 @@ class Case:
     after: Callable[[Scene], None] | None = None
     run: Callable[[list[str]], Outcome] | None = None
     marks: tuple[pytest.MarkDecorator, ...] = ()
+    stdout: str = ""
 
 
 def corpus() -> str:
@@ -145,15 +151,21 @@ def continued_weights(template: Path) -> dict[str, torch.Tensor]:
 
 
 def hashes(folder: Path) -> dict[str, str]:
-    """Every file (and empty folder) under `folder`, by relative path: its sha256."""
-    found = {}
-    for path in sorted(folder.rglob("*")):
+    """Every file (and empty folder) under `folder`, by relative path: its sha256. A folder
+    nobody may read (mode 000) is one entry, its contents unseen, as for everyone but root."""
+    found, closed = {}, []
+    for path in sorted(folder.rglob("*")):  # a folder before what it holds
+        if any(shut in path.parents for shut in closed):
+            continue
         name = str(path.relative_to(folder))
         if path.is_file():
             try:
                 found[name] = hashlib.sha256(path.read_bytes()).hexdigest()
             except PermissionError:  # a case's unreadable file, as its mode says
                 found[name] = f"unreadable, mode {path.stat().st_mode:o}"
+        elif path.is_dir() and not path.stat().st_mode & 0o777:
+            closed.append(path)
+            found[name] = "unreadable folder"
         elif path.is_dir() and not any(path.iterdir()):
             found[name] = "empty folder"
     return found
@@ -427,6 +439,45 @@ def unreadable(path: str) -> Setup:
                 return open(name, *args, **kwargs)  # type: ignore[call-overload]
 
             scene.patch.setattr(gpt.data.sources, "open", as_others_see_it, raising=False)
+
+    return setup
+
+
+def unreadable_folder(path: str) -> Setup:
+    """A folder holding a copy of the run that nobody may list or enter (mode 000). Root may all
+    the same, so there listing it, and looking at or opening what lies in it, are refused as
+    the kernel refuses everyone else."""
+
+    def setup(scene: Scene) -> None:
+        folder = scene.folder / path
+        shutil.copytree(scene.folder / "out", folder / "run")
+        folder.chmod(0)
+        scene.cleanup.callback(folder.chmod, 0o755)  # so that pytest can remove it
+        if os.geteuid() != 0:
+            return
+        shut = os.path.abspath(folder)
+
+        def refused(target: object, itself: bool) -> bool:
+            if isinstance(target, int):  # a file descriptor, already open
+                return False
+            where = os.path.abspath(os.fsdecode(target))  # type: ignore[call-overload]
+            return (itself and where == shut) or where.startswith(shut + os.sep)
+
+        def as_others_see_it(call: Callable[..., object], itself: bool) -> Callable[..., object]:
+            def guarded(target: object = ".", *args: object, **kwargs: object) -> object:
+                if refused(target, itself):
+                    if call is real_access:
+                        return False
+                    raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(target))
+                return call(target, *args, **kwargs)
+
+            return guarded
+
+        real_access = os.access
+        for module, name, itself in ((os, "listdir", True), (os, "scandir", True),
+                                     (os, "access", True), (os, "stat", False),
+                                     (io, "open", False), (builtins, "open", False)):
+            scene.patch.setattr(module, name, as_others_see_it(getattr(module, name), itself))
 
     return setup
 
@@ -965,6 +1016,19 @@ OUTPUT_CASES += [
          r".* or lower train\.batch_size", writes=("new", "new/*")),
 ]
 
+SECRET = unreadable_folder("secret")  # holding secret/run, a copy of the run
+OUTPUT_CASES += [
+    Case("runs-over-an-unreadable-folder", ["runs"],
+         r"^note: secret: cannot read this folder \(Permission denied\); runs in it are not "
+         r"listed$", SECRET, code=0, stdout=r"\Aname [^\n]*\nout +20/20 [^\n]*finished\n\Z"),
+    Case("runs-inside-an-unreadable-folder", ["runs", "secret/run"],
+         r"cannot read secret/run \(Permission denied\); make it readable, or pass another "
+         r"folder$", SECRET),
+    Case("runs-of-an-unreadable-folder", ["runs", "secret"],
+         r"Invalid value for 'folder': path 'secret' is not readable; see gpt runs --help$",
+         SECRET),
+]
+
 CASES = [*CONFIG, *DATA_CASES, *CHECKPOINTS, *SAMPLING, *FAULTS, *OUTPUT_CASES]
 
 
@@ -999,6 +1063,11 @@ def test_what_happens_when(
                 assert outcome.stdout == "", shown
         elif case.code == 1:  # a closed pipe: its reader wants no more output, nor a word
             assert error_lines(outcome.stderr) == [], shown
+        elif case.code == 0:  # worked around: one note, naming what could not be done
+            lines = error_lines(outcome.stderr)
+            assert len(lines) == 1 and lines[0].startswith("note: "), shown
+            assert re.search(case.message, lines[0]), f"{case.message!r} not in {lines[0]!r}"
+            assert re.search(case.stdout, outcome.stdout), shown
         elif case.message:
             assert re.search(case.message, outcome.stdout), shown
         changed = {path for path in before.keys() | after.keys()
