@@ -1006,7 +1006,11 @@ def train(cfg: RunConfig, resume: bool = True) -> int:
         torch.backends.cudnn.allow_tf32 = True
     # one run per out_dir, taken before any data work
     out_dir = Path(tcfg.out_dir)
-    created = not out_dir.exists()
+    try:
+        created = not out_dir.exists()
+    except OSError as e:  # a folder above it cannot be read
+        raise GPTError(f"cannot read {out_dir} ({e.strerror}); set train.out_dir to a folder you "
+                       "can write") from None
     lock = FolderLock(out_dir, "gpt train", "train.out_dir") if world.main else None
     try:
         with (

@@ -1027,6 +1027,26 @@ OUTPUT_CASES += [
     Case("runs-of-an-unreadable-folder", ["runs", "secret"],
          r"Invalid value for 'folder': path 'secret' is not readable; see gpt runs --help$",
          SECRET),
+    Case("plot-of-a-run-in-an-unreadable-folder", ["plot", "secret/run", "--out", "loss.png"],
+         r"cannot read secret/run \(Permission denied\); make it readable, or pass another run "
+         r"folder$", SECRET, marks=(needs_matplotlib,)),
+    Case("sample-of-a-checkpoint-in-an-unreadable-folder", [*SAMPLE, "--checkpoint", "secret/run"],
+         r"cannot read secret/run \(Permission denied\); make it readable, or pass another "
+         r"checkpoint$", SECRET),
+    Case("export-into-an-unreadable-folder", ["export", "--checkpoint", "out", "--out", "secret/hf"],
+         r"cannot read --out secret/hf \(Permission denied\); choose a folder you can write$",
+         SECRET),
+    Case("train-into-an-unreadable-folder", [*TRAIN, "--set", "train.out_dir=secret/run"],
+         r"cannot read secret/run \(Permission denied\); set train\.out_dir to a folder you can "
+         r"write$", SECRET),
+    Case("train-on-data-in-an-unreadable-folder",
+         [*TRAIN, "--set", "train.out_dir=new", "--set", "data.data_dir=secret/data"],
+         r"cannot read secret/data \(Permission denied\); make it readable, or set "
+         r"data\.data_dir to another folder$", SECRET),
+    Case("train-on-a-source-in-an-unreadable-folder",
+         [*TRAIN, "--set", "train.out_dir=new", "--set", "data.source=secret/corpus.txt"],
+         r"cannot read secret/corpus\.txt \(Permission denied\); make it readable, or set "
+         r"data\.source to another file or folder$", SECRET),
 ]
 
 CASES = [*CONFIG, *DATA_CASES, *CHECKPOINTS, *SAMPLING, *FAULTS, *OUTPUT_CASES]
