@@ -229,6 +229,14 @@ def find_checkpoint(path: str | Path, which: str = "latest") -> Path:
     path = Path(path)
     if which not in ("latest", "best"):
         raise GPTError(f"unknown checkpoint choice {which!r}; use latest or best")
+    try:
+        return _find_checkpoint(path, which)
+    except OSError as e:  # the folder, or one above it, cannot be read (no permission)
+        raise GPTError(f"cannot read {path} ({e.strerror}); make it readable, or pass another "
+                       "checkpoint") from None
+
+
+def _find_checkpoint(path: Path, which: str) -> Path:
     if (path / "state.json").exists():
         return path
     if not path.exists():

@@ -2,14 +2,17 @@
 
 Each command parses its options, resolves the config and calls one function of the package.
 Every `GPTError` becomes a one-line `error: ...` on stderr and exit code 2 (a traceback only
-with `gpt --debug ...`).
+with `gpt --debug ...`); standard output that cannot be written ends any command in `main`,
+with exit code 1.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import logging
+import os
 import sys
 import warnings
 from collections.abc import Callable, Iterator
@@ -581,20 +584,88 @@ def runs(
     checkpoint and status (running, finished or interrupted)."""
     from gpt.runs import find_runs, summarize, table
 
-    found = [summarize(path) for path in find_runs(folder)]
-    if not found:
+    unreadable: list[tuple[Path, str]] = []
+    found = [summarize(path) for path in find_runs(folder, unreadable)]
+    if found:
+        typer.echo(table(found))
+    else:
         typer.echo(f"no runs in {folder} (folders holding metrics.jsonl or ckpt-*, at most two "
                    f"levels down)")
-        return
-    typer.echo(table(found))
     for run in found:
         for note in run.notes:
             typer.echo(f"note: {run.path}: {note}", err=True)
+    for path, reason in sorted(unreadable, key=lambda found: found[0].parts):
+        typer.echo(f"note: {path}: cannot read this folder ({reason}); runs in it are not "
+                   "listed", err=True)
+
+
+class _StdoutFailed(Exception):
+    """A write to standard output failed. Not an OSError, so that nothing on the way up takes
+    it for a failure of its own files (click ends a broken pipe itself, without a word)."""
+
+    def __init__(self, error: OSError) -> None:
+        super().__init__(error)
+        self.error = error
+
+
+class _Stdout:
+    """sys.stdout, whose failed writes (a full disk, a closed pipe) raise `_StdoutFailed`;
+    everything else passes through to the stream."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except OSError as e:
+            raise _StdoutFailed(e) from e
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except OSError as e:
+            raise _StdoutFailed(e) from e
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
 
 
 def main() -> None:
-    """Console-script entry point."""
-    app(prog_name="gpt")
+    """Console-script entry point. Standard output that fails ends the command here, whichever
+    it is: a closed pipe (`gpt sample | head`) quietly, as Unix tools end; any other failure
+    (`> /dev/full`, a full disk) with one line on stderr. Both exit 1."""
+    if sys.stdout is not None:  # None: started without one (its descriptor closed)
+        sys.stdout = _Stdout(sys.stdout)  # type: ignore[assignment]
+    try:
+        try:
+            app(prog_name="gpt")
+        finally:  # what is still buffered fails here, not in the interpreter's flush at exit
+            if sys.stdout is not None:
+                sys.stdout.flush()
+    except _StdoutFailed as failure:
+        _discard_stdout()
+        if _state["debug"]:
+            raise failure.error from None
+        error = failure.error
+        if error.errno != errno.EPIPE:  # a closed pipe: its reader wants no more, nor a word
+            fix = ("free space on its disk, or redirect it elsewhere"
+                   if error.errno in (errno.ENOSPC, errno.EDQUOT) else "redirect it elsewhere")
+            with contextlib.suppress(OSError):
+                sys.stderr.write(f"error: cannot write to standard output "
+                                 f"({error.strerror or error}); {fix}\n")
+                sys.stderr.flush()
+        sys.exit(1)
+
+
+def _discard_stdout() -> None:
+    """Point standard output at the null device, so that the output still buffered goes
+    nowhere instead of failing again when the interpreter flushes it at exit (which would
+    print an "Exception ignored" message of its own): the remedy of Python's docs on SIGPIPE."""
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -36,6 +36,13 @@ def _key(default: Any, help: str) -> Any:
 
 VOCAB_MULTIPLE = 64
 CONFIG_LIMIT = 2**20  # bytes: a run config is a few KiB; a larger "config" is not one
+# The sizes torch can build. It counts a tensor's bytes in 64 bits and refuses more with an
+# overflow deep inside the model's construction (gpt info's on the meta device too): fewer than
+# 2**60 elements leaves room for the 8-byte ones it makes on the way (the causal mask's tril).
+# Blocks are modules built one at a time: ten times the deepest trained transformers (about
+# 1,000 blocks) still builds in seconds.
+TENSOR_ELEMENTS_LIMIT = 2**60
+MAX_LAYERS = 10_000
 
 
 def pad_vocab(n: int, multiple: int = VOCAB_MULTIPLE) -> int:
@@ -184,6 +191,32 @@ class ModelConfig(_Section):
                 f"rope needs an even head size, but n_embd / n_head = {self.head_dim}; "
                 "change n_embd or n_head, or use pos_embedding = \"learned\"",
             )
+        self._buildable()
+
+    def _buildable(self) -> None:
+        """No more blocks than MAX_LAYERS, and no weight or buffer of the network of
+        TENSOR_ELEMENTS_LIMIT elements or more, each checked against the key that sizes it."""
+        if self.n_layer > MAX_LAYERS:
+            self._fail("n_layer", f"{self.n_layer:,} blocks are more than the {MAX_LAYERS:,} "
+                                  "gpt builds; lower it")
+        vocab_key = "vocab_size" if self.padded_vocab_size is None else "padded_vocab_size"
+        vocab = self.padded_vocab_size or pad_vocab(self.vocab_size or 0)
+        positions = self.n_embd if self.pos_embedding == "learned" else self.head_dim // 2
+        tensors = [  # n_embd's own first, as it widens all the others
+            ("n_embd", "attention's c_attn", self.n_embd,
+             self.n_embd + 2 * self.kv_heads * self.head_dim),
+            ("n_embd" if self.mlp_hidden is None else "mlp_hidden", "the MLP's c_fc",
+             self.hidden_dim, self.n_embd),
+            (vocab_key, "the token embedding", vocab, self.n_embd),
+            ("block_size", "the position embedding" if self.pos_embedding == "learned"
+             else "RoPE's tables", self.block_size, positions),
+        ]
+        if self.attention == "manual":
+            tensors.append(("block_size", "the causal mask", self.block_size, self.block_size))
+        for key, tensor, rows, columns in tensors:
+            if rows * columns >= TENSOR_ELEMENTS_LIMIT:
+                self._fail(key, f"{getattr(self, key)} makes {tensor} {rows * columns:.2e} "
+                                "elements; torch holds fewer than 2**60 in one tensor; lower it")
 
     def derived(self) -> dict[str, Any]:
         if self.padded_vocab_size is None and self.vocab_size is not None:
@@ -431,6 +464,9 @@ SECTIONS: dict[str, type[_Section]] = {
 # Type checking of one value against its annotation
 
 
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1  # what every integer key holds (seeds included)
+
+
 def _type_name(tp: Any) -> str:
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(
         tp, "a list of strings"
@@ -463,6 +499,8 @@ def _coerce(section: str, name: str, value: Any, tp: Any) -> Any:
         raise GPTError(f"{where} must be {_type_name(tp)}, got {shown}")
     if tp is float and not math.isfinite(value):  # TOML has nan and inf; no key means them
         raise GPTError(f"{where} must be a finite number, got {value!r}")
+    if tp is int and not INT64_MIN <= value <= INT64_MAX:  # torch, numpy and C read 64 bits
+        raise GPTError(f"{where}: must be in [-2**63, 2**63 - 1] (a 64-bit integer), got {value}")
     return float(value) if tp is float else value
 
 

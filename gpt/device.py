@@ -106,16 +106,23 @@ def memory_errors(device: torch.device, fix: str) -> Iterator[None]:
         yield
     except (MemoryError, RuntimeError) as e:
         text = str(e)
+        # a tensor of more bytes than 64 bits count (a batch of 2**62 rows): refused before any
+        # allocator sees it
+        overflow = "Storage size calculation overflowed" in text
         # CUDA: "Tried to allocate 2.00 GiB"; the CPU: "you tried to allocate 1024 bytes"
-        if not isinstance(e, (MemoryError, torch.OutOfMemoryError)) and (
+        if not isinstance(e, (MemoryError, torch.OutOfMemoryError)) and not overflow and (
             "can't allocate memory" not in text and "MPS backend out of memory" not in text
         ):
             raise
         asked = re.search(r"(?i)tried to allocate (?:(\d+) bytes|([\d.]+ \w+))", text)
-        amount = "" if asked is None else (
-            f" (asked for {int(asked.group(1)):,} bytes)" if asked.group(1)
-            else f" (asked for {asked.group(2)})"
-        )
+        if overflow:
+            amount = " (asked for more than 2**63 bytes)"
+        elif asked is None:
+            amount = ""
+        elif asked.group(1):
+            amount = f" (asked for {int(asked.group(1)):,} bytes)"
+        else:
+            amount = f" (asked for {asked.group(2)})"
         raise GPTError(f"out of memory on {_where(e, device)}{amount}; {fix}") from None
 
 

@@ -84,10 +84,16 @@ def load_runs(run_dirs: list[Path]) -> tuple[list[RunCurves], list[str]]:
     names = [p.resolve().name for p in run_dirs]
     runs, notes = [], []
     for path, name in zip(run_dirs, names, strict=True):
-        if not path.is_dir():
-            problem = "does not exist" if not path.exists() else "is not a folder"
+        try:
+            is_dir, exists = path.is_dir(), path.exists()
+            has_metrics = is_dir and os.path.lexists(path / METRICS)  # a FIFO is refused when read
+        except OSError as e:  # it, or a folder above it, cannot be read
+            raise GPTError(f"cannot read {path} ({e.strerror}); make it readable, or pass "
+                           "another run folder") from None
+        if not is_dir:
+            problem = "does not exist" if not exists else "is not a folder"
             raise GPTError(f"{path} {problem}; pass a run's out_dir, which holds {METRICS}")
-        if not os.path.lexists(path / METRICS):
+        if not has_metrics:
             raise GPTError(f"{path} holds no {METRICS}; pass a run's out_dir (gpt train writes "
                            f"{METRICS} there from its first step)")
         metrics = read_metrics(path / METRICS)

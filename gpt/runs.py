@@ -92,46 +92,63 @@ def read_metrics(path: Path) -> Metrics:
     return Metrics(path, records, bad)
 
 
-def is_run(folder: Path) -> bool:
-    """Whether `folder` is a run's out_dir: it holds metrics.jsonl or a ckpt-* folder."""
-    if (folder / METRICS).is_file():
-        return True
-    try:
-        return any(CKPT_NAME.match(p.name) and p.is_dir() for p in folder.iterdir())
-    except OSError:
-        return False
-
-
-def find_runs(folder: Path) -> list[Path]:
+def find_runs(folder: Path, unreadable: list[tuple[Path, str]] | None = None) -> list[Path]:
     """The run folders in `folder` and up to SEARCH_DEPTH levels below it, sorted, named by
     `folder` joined with their path inside it (so they paste into other commands).
 
-    Hidden folders and checkpoints are not searched.
+    Hidden folders and checkpoints are not searched. A folder below `folder` that cannot be
+    read (no permission) is skipped, and added to `unreadable` with the reason.
     """
-    if not folder.exists():
+    try:
+        is_folder = folder.is_dir()
+        exists = is_folder or folder.exists()
+    except OSError as e:  # a folder above it cannot be searched
+        raise GPTError(f"cannot read {folder} ({e.strerror}); make it readable, or pass another "
+                       "folder") from None
+    if not exists:
         raise GPTError(f"{folder} does not exist; pass a folder that holds runs (default: here)")
-    if not folder.is_dir():
+    if not is_folder:
         raise GPTError(f"{folder} is not a folder; pass the folder that holds run folders")
     found, level = [], [folder]
     for depth in range(SEARCH_DEPTH + 1):
         below = []
         for path in level:
-            if is_run(path):
+            try:
+                run, subfolders = _look_into(path)
+            except OSError as e:
+                if path == folder:
+                    raise GPTError(f"cannot read {folder} ({e.strerror}); make it readable, or "
+                                   "pass another folder") from None
+                if unreadable is not None:
+                    unreadable.append((path, e.strerror or str(e)))
+                continue
+            if run:
                 found.append(path)
             if depth < SEARCH_DEPTH:
-                below.extend(_subfolders(path))
+                below.extend(subfolders)
         level = below
     return sorted(found, key=lambda p: p.parts)
 
 
-def _subfolders(folder: Path) -> list[Path]:
+def _look_into(folder: Path) -> tuple[bool, list[Path]]:
+    """Whether `folder` is a run's out_dir (it holds metrics.jsonl or a ckpt-* folder), and the
+    folders below it to search; an OSError where it cannot be listed.
+
+    A folder that may be entered but not listed is still a run when metrics.jsonl is there
+    (summarize says what it cannot list); nothing below it can be searched.
+    """
     try:
-        return [
-            p for p in folder.iterdir()
-            if p.is_dir() and not p.name.startswith(".") and not CKPT_NAME.match(p.name)
-        ]
-    except OSError:  # unreadable: nothing to list there
-        return []
+        entries = [(p, p.is_dir()) for p in folder.iterdir()]
+    except OSError:
+        try:
+            if (folder / METRICS).is_file():
+                return True, []
+        except OSError:
+            pass
+        raise
+    folders = [p for p, is_dir in entries if is_dir]
+    run = any(CKPT_NAME.match(p.name) for p in folders) or (folder / METRICS).is_file()
+    return run, [p for p in folders if not p.name.startswith(".") and not CKPT_NAME.match(p.name)]
 
 
 @dataclass
@@ -233,7 +250,11 @@ def _read_state(path: Path) -> tuple[str, dict[str, Any] | None]:
 def _metrics_records(run: RunSummary) -> list[dict[str, Any]]:
     """The run's metrics records (none without the file), noting damaged lines."""
     path = run.path / METRICS
-    if not path.is_file():
+    try:
+        if not path.is_file():
+            return []
+    except OSError as e:
+        run.notes.append(f"cannot read {METRICS} ({e.strerror})")
         return []
     try:
         metrics = read_metrics(path)

@@ -403,7 +403,7 @@ def setup_run(
 
     torch.manual_seed(tcfg.seed)
     random.seed(tcfg.seed)
-    np.random.seed(tcfg.seed)
+    np.random.seed(tcfg.seed % 2**32)  # numpy's takes 32 bits: the same seed for all that fit
     model = GPT(cfg.model)  # the same initial weights on every rank
     model.activation_checkpointing = tcfg.activation_checkpointing
     if world.world_size > 1:  # independent dropout masks per rank, as nanoGPT seeds them
@@ -1000,7 +1000,11 @@ def train(cfg: RunConfig, resume: bool = True) -> int:
         torch.backends.cudnn.allow_tf32 = True
     # one run per out_dir, taken before any data work
     out_dir = Path(tcfg.out_dir)
-    created = not out_dir.exists()
+    try:
+        created = not out_dir.exists()
+    except OSError as e:  # a folder above it cannot be read
+        raise GPTError(f"cannot read {out_dir} ({e.strerror}); set train.out_dir to a folder you "
+                       "can write") from None
     lock = FolderLock(out_dir, "gpt train", "train.out_dir") if world.main else None
     try:
         with (

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
+from typing import get_args, get_type_hints
 
 import pytest
 
@@ -103,6 +104,30 @@ def test_config_errors_name_the_key_and_the_fix(
     with pytest.raises(GPTError, match=message) as info:
         load_config(path, overrides)
     assert "\n" not in str(info.value)
+
+
+INTEGER_KEYS = [f"{name}.{key}" for name, cls in SECTIONS.items()
+                for key, tp in get_type_hints(cls).items() if int in (tp, *get_args(tp))]
+
+
+@pytest.mark.parametrize("key", INTEGER_KEYS)
+@pytest.mark.parametrize("value", [2**63, -(2**63) - 1, 10**20])
+def test_every_integer_key_holds_64_bits(key: str, value: int) -> None:
+    """Seeds, sizes, intervals: one message with the range, from --set, a file or a flag (which
+    replaces a key of its section), before torch or numpy meets the value."""
+    section, name = key.split(".")
+    message = rf"\[{section}\] {name}: must be in \[-2\*\*63, 2\*\*63 - 1\] \(a 64-bit integer\), got {value}$"
+    with pytest.raises(GPTError, match=message):
+        load_config(None, [f"{key}={value}"])
+    with pytest.raises(GPTError, match=message):
+        dataclasses.replace(SECTIONS[section](), **{name: value})
+
+
+@pytest.mark.parametrize("key", ["sample.seed", "train.seed", "data.seed"])
+def test_seeds_take_every_64_bit_integer(key: str) -> None:
+    section, name = key.split(".")
+    for value in (2**63 - 1, -(2**63), 0):
+        assert getattr(getattr(load_config(None, [f"{key}={value}"]), section), name) == value
 
 
 def test_missing_config_file(tmp_path: Path) -> None:

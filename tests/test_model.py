@@ -383,6 +383,43 @@ def test_gpt2_124m_size_and_flops() -> None:
     assert model.flops_per_token() == expected
 
 
+WIDEST = math.isqrt((2**60 - 1) // 3)  # c_attn is n_embd x 3 n_embd
+# (sizes at the largest ModelConfig takes, the tensor they make, the key one step beyond names)
+LARGEST = [
+    (dict(n_embd=WIDEST, mlp_hidden=64), "transformer.h.0.attn.c_attn.weight", "n_embd"),
+    (dict(mlp_hidden=2**54 - 1), "transformer.h.0.mlp.c_fc.weight", "mlp_hidden"),
+    (dict(vocab_size=2**54 - 64), "transformer.wte.weight", "vocab_size"),  # padded to 64s
+    (dict(block_size=2**54 - 1), "transformer.wpe.weight", "block_size"),
+    (dict(block_size=2**30 - 1, attention="manual"), "transformer.h.0.attn.mask", "block_size"),
+]
+
+
+@pytest.mark.parametrize("sizes, tensor, key", LARGEST, ids=[key for _, _, key in LARGEST])
+def test_every_size_the_config_takes_builds(sizes: dict, tensor: str, key: str) -> None:
+    """Up to just under 2**60 elements in one tensor, ModelConfig's bound, torch builds the
+    model (on the meta device: shapes only, as gpt info does); one step beyond, the config
+    refuses by name, where torch would overflow deep inside (as it does at 2**61 float32s)."""
+    cfg = dict(n_embd=64, n_head=1, n_layer=1, vocab_size=64, block_size=64)
+    with torch.device("meta"):
+        model = GPT(ModelConfig(**{**cfg, **sizes}))
+    found = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    assert 2**59 <= found[tensor].numel() < 2**60
+    beyond = {k: v + 1 if k == key else v for k, v in sizes.items()}
+    with pytest.raises(GPTError, match=rf"\[model\] {key}: {beyond[key]} makes .* elements; "
+                                       r"torch holds fewer than 2\*\*60 in one tensor; lower it"):
+        ModelConfig(**{**cfg, **beyond})
+    with pytest.raises(RuntimeError, match="overflow"):
+        torch.empty(2**61, device="meta")
+
+
+def test_depth_is_bounded() -> None:
+    """n_layer blocks are built one by one: more than ten thousand is refused by name."""
+    assert ModelConfig(n_layer=10_000).n_layer == 10_000
+    with pytest.raises(GPTError, match=r"\[model\] n_layer: 10,001 blocks are more than the "
+                                       r"10,000 gpt builds; lower it"):
+        ModelConfig(n_layer=10_001)
+
+
 def test_gpt2_initialisation() -> None:
     torch.manual_seed(0)
     model = GPT(ModelConfig(vocab_size=512, block_size=64, n_layer=8, n_head=4, n_embd=256))

@@ -405,7 +405,7 @@ def test_stdout_holds_the_text_alone(run: Path, monkeypatch: pytest.MonkeyPatch)
 
 
 def test_huge_max_new_tokens_must_stream(run: Path) -> None:
-    huge = "1000000000000000000000000000000"
+    huge = str(10**18)  # within 64 bits, far beyond what is held
     held = invoke(run, "sample", "--checkpoint", "out", "--max-new-tokens", huge, "--no-stream")
     assert held.exit_code == 2 and "stream it (--stream, one sample) or ask for at most" in held.output
     batch = invoke(run, "sample", "--checkpoint", "out", "--max-new-tokens", huge, "--stream",

@@ -63,6 +63,12 @@ def gpt_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "gpt", "train", "--config", "tiny.toml", *args]
 
 
+@pytest.mark.parametrize("seed", [2**32, 2**63 - 1, -(2**63)])
+def test_every_seed_the_config_takes_trains(tiny_run: Path, seed: int) -> None:
+    """torch takes 64 bits and numpy's seed 32: any seed [train] seed accepts starts a run."""
+    assert train(load_config("tiny.toml", ["train.max_iters=1", f"train.seed={seed}"])) == 0
+
+
 def test_train_logs_checkpoints_and_resumes(tiny_run: Path) -> None:
     code = train(load_config("tiny.toml"))
     assert code == 0

@@ -43,7 +43,11 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 def has_prepared_data(data_dir: str | Path) -> bool:
     """Whether a prepare finished in `data_dir` (meta.json is written last), intact or not."""
-    return (Path(data_dir) / META_FILE).exists()
+    try:
+        return (Path(data_dir) / META_FILE).exists()
+    except OSError as e:  # it, or a folder above it, cannot be read
+        raise GPTError(f"cannot read {data_dir} ({e.strerror}); make it readable, or set "
+                       "data.data_dir to another folder") from None
 
 
 class PreparedData:

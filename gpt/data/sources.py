@@ -393,13 +393,20 @@ def open_source(cfg: DataConfig) -> Source:
             raise GPTError(f"[data] source: no files match {spec!r}; check the pattern")
         return _many_files(paths, f"files matching {spec}", cfg)
     path = Path(spec).expanduser()
-    if not path.exists():
+    try:
+        exists, is_dir = path.exists(), path.is_dir()
+        saved = is_dir and any((path / name).exists()
+                               for name in ("dataset_info.json", "dataset_dict.json"))
+    except OSError as e:  # it, or a folder above it, cannot be read
+        raise GPTError(f"cannot read {spec} ({e.strerror}); make it readable, or set data.source "
+                       "to another file or folder") from None
+    if not exists:
         raise GPTError(
             f"[data] source: {spec} does not exist; give a text file, a folder, a glob, "
             "hf:NAME or python-stdlib"
         )
-    if path.is_dir():
-        if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
+    if is_dir:
+        if saved:
             return _saved_source(path, cfg)
         patterns = [g.strip() for g in cfg.glob.split(",") if g.strip()]
         paths = sorted({p for g in patterns for p in path.glob(g) if p.is_file()})

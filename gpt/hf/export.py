@@ -100,6 +100,14 @@ def _source_folder(source: Exportable) -> Path:
 def _check_destination(out_dir: Path, force: bool, source: Path) -> None:
     """Export writes a new folder, or replaces a non-empty one only with --force, and never one
     that holds the model it exports."""
+    try:
+        _check_folder(out_dir, force, source)
+    except OSError as e:  # it, or a folder above it, cannot be read
+        raise GPTError(f"cannot read --out {out_dir} ({e.strerror}); choose a folder you can "
+                       "write") from None
+
+
+def _check_folder(out_dir: Path, force: bool, source: Path) -> None:
     if out_dir.exists() and not out_dir.is_dir():
         raise GPTError(f"--out {out_dir} is a file; give a folder path")
     if out_dir.resolve() == source or out_dir.resolve() in source.parents:
