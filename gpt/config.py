@@ -467,6 +467,15 @@ SECTIONS: dict[str, type[_Section]] = {
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1  # what every integer key holds (seeds included)
 
 
+def _brief(value: Any, limit: int = 60) -> str:
+    """`repr(value)` for a message, cut to about `limit` characters: a mistyped value can be
+    100,000 characters, or an integer of more digits than Python prints."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**limit:
+        return f"an integer of about {int(value.bit_length() * 0.30103):,} digits"
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
+
+
 def _type_name(tp: Any) -> str:
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(
         tp, "a list of strings"
@@ -486,7 +495,8 @@ def _coerce(section: str, name: str, value: Any, tp: Any) -> Any:
         if value not in allowed:
             choices = ", ".join(f'"{a}"' for a in allowed)
             hint = _did_you_mean(str(value), [str(a) for a in allowed])
-            raise GPTError(f"{where}: {value!r} is not allowed; choose one of {choices}{hint}")
+            raise GPTError(
+                f"{where}: {_brief(value)} is not allowed; choose one of {choices}{hint}")
         return value
     ok = {
         bool: lambda v: isinstance(v, bool),
@@ -495,12 +505,13 @@ def _coerce(section: str, name: str, value: Any, tp: Any) -> Any:
         str: lambda v: isinstance(v, str),
     }.get(tp, lambda v: isinstance(v, list) and all(isinstance(s, str) for s in v))
     if not ok(value):
-        shown = "nothing" if value is None else f"{value!r} ({type(value).__name__})"
+        shown = "nothing" if value is None else f"{_brief(value)} ({type(value).__name__})"
         raise GPTError(f"{where} must be {_type_name(tp)}, got {shown}")
     if tp is float and not math.isfinite(value):  # TOML has nan and inf; no key means them
         raise GPTError(f"{where} must be a finite number, got {value!r}")
     if tp is int and not INT64_MIN <= value <= INT64_MAX:  # torch, numpy and C read 64 bits
-        raise GPTError(f"{where}: must be in [-2**63, 2**63 - 1] (a 64-bit integer), got {value}")
+        raise GPTError(
+            f"{where}: must be in [-2**63, 2**63 - 1] (a 64-bit integer), got {_brief(value)}")
     return float(value) if tp is float else value
 
 
@@ -553,6 +564,9 @@ def read_toml(path: str | Path) -> dict[str, dict[str, Any]]:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:  # says where: "(at line 2, column 11)"
         raise GPTError(f"{path}: malformed TOML: {e}; fix the file there") from None
+    except ValueError:  # an integer of more digits than Python converts (4,300)
+        raise GPTError(f"{path}: malformed TOML: a number of more digits than can be read; fix "
+                       "the file") from None
     except RecursionError:  # arrays or tables nested deeper than the parser goes
         raise GPTError(f"{path}: malformed TOML: nested too deeply; fix the file") from None
     for name, values in raw.items():
@@ -580,7 +594,7 @@ def parse_override(text: str) -> tuple[str, str, Any]:
     raw = raw.strip()
     try:
         value = tomllib.loads(f"v = {raw}")["v"]
-    except (tomllib.TOMLDecodeError, RecursionError):  # not TOML (or nested too deeply): text
+    except (ValueError, RecursionError):  # not TOML (or too long or deep a number or list): text
         value = raw
     return section, key, value
 
