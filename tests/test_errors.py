@@ -1013,7 +1013,7 @@ READS = [
          r"cannot read data/corpus-char/train\.bin \(Permission denied\); make it readable, or "
          r"rebuild with gpt prepare --force", unreadable_file(f"{DATA}/train.bin")),
     Case("data-meta-is-a-fifo", ["eval", "--checkpoint", "out"],
-         rf"cannot read data/corpus-char/meta\.json {NOT_A_FILE}; make it readable, or rebuild",
+         rf"cannot read \S*data/corpus-char/meta\.json {NOT_A_FILE}; make it readable, or rebuild",
          fifo(f"{DATA}/meta.json"), run=in_a_process()),
     Case("checkpoint-best-pointer-of-binary-bytes", [*SAMPLE, "--which", "best"],
          r"out/best names no checkpoint folder of out; pass a ckpt-\* folder, or --which latest",
