@@ -206,8 +206,8 @@ def _memory(model: Any, n_params: int, tcfg: Any, nproc: int) -> str:
     """What each of `nproc` processes holds under train.parallel (one: the whole model), the
     optimizer named and sized as [train] optimizer builds it; both lines of `gpt info` come
     from here, so they agree."""
+    from gpt.optim import optimizer_state
     from gpt.parallel import memory_per_process
-    from gpt.train import optimizer_state
 
     name, optimizer_bytes = optimizer_state(model, tcfg)
     largest_block = max(sum(p.numel() for p in b.parameters()) for b in model.transformer.h)

@@ -13,7 +13,9 @@ optimizer state as each process's rows of it (`rows_of`), which any other layout
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -24,6 +26,85 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from gpt.checkpoint import Rows
 from gpt.config import TrainConfig
 from gpt.model import GPT
+
+
+@dataclass
+class Dist:
+    """This process's place in a torchrun launch (one process: rank 0 of 1), and the
+    collectives the trainer needs: each is a no-op in one process."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def print0(self, *args: Any) -> None:
+        """Print from rank 0 only, so N processes say things once."""
+        if self.main:
+            print(*args)
+
+    def sum(self, tensor: torch.Tensor) -> None:
+        """Sum `tensor` over the processes, in place."""
+        if self.world_size > 1:
+            dist.all_reduce(tensor)
+
+    def mean(self, tensor: torch.Tensor) -> None:
+        """Average `tensor` over the processes, in place."""
+        if self.world_size > 1:
+            dist.all_reduce(tensor)
+            tensor /= self.world_size
+
+    def any(self, flag: bool, device: torch.device) -> bool:
+        """Whether `flag` is set in any process, so that every process takes the same branch."""
+        if self.world_size == 1:
+            return flag
+        found = torch.tensor([1.0 if flag else 0.0], device=device)
+        dist.all_reduce(found)
+        return found.item() > 0
+
+    def gather(self, value: Any) -> list[Any]:
+        """Every process's `value` (picklable), rank by rank."""
+        if self.world_size == 1:
+            return [value]
+        values: list[Any] = [None] * self.world_size
+        dist.all_gather_object(values, value)
+        return values
+
+    def barrier(self) -> None:
+        """Wait until every process is here."""
+        if self.world_size > 1:
+            dist.barrier()
+
+    def close(self) -> None:
+        """Tear the process group down (after a `barrier`: no process may still use it)."""
+        if self.world_size > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def setup_distributed(device: torch.device) -> Dist:
+    """DDP under torchrun (RANK/WORLD_SIZE set): NCCL on CUDA, gloo on CPU."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return Dist()
+    world = Dist(
+        int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ["WORLD_SIZE"])
+    )
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return world
+
+
+def wrap(
+    model: GPT, compile_model: bool, world: Dist, device: torch.device, sharded: bool
+) -> nn.Module:
+    """The module the training step calls: compiled when asked, DDP-wrapped under torchrun
+    (an FSDP model is sharded in place already)."""
+    trained: nn.Module = torch.compile(model) if compile_model else model
+    if world.world_size > 1 and not sharded:
+        trained = DDP(trained, device_ids=[world.local_rank] if device.type == "cuda" else None)
+    return trained
 
 
 def shard(model: GPT, device: torch.device, dtype: torch.dtype) -> None:

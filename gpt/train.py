@@ -10,9 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
-import functools
 import math
-import os
 import random
 import shutil
 import signal
@@ -24,8 +22,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from gpt import checkpoint as ckpt
@@ -48,181 +44,14 @@ from gpt.hf.pretrained import Pretrained, is_pretrained, model_from_pretrained, 
 from gpt.lock import FolderLock
 from gpt.metrics import MetricsLog, Throughput, peak_flops, start_wandb
 from gpt.model import GPT
+from gpt.optim import NonFiniteSteps, Optimizer, lr_at, make_optimizer, muon_class, step_unless
+from gpt.parallel import Dist
 
 EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
 
 # ---------------------------------------------------------------------------------------------
-# Optimisation
-
-
-def lr_at(iteration: int, cfg: TrainConfig, peak: float | None = None) -> float:
-    """The learning rate of step `iteration` (from 0): linear warmup to learning_rate, then
-    cosine or WSD decay (`lr_schedule`) to min_lr at lr_decay_iters; constant without decay_lr.
-
-    A parameter group with its own peak (Muon's `muon_lr`) follows the same curve scaled by
-    peak / learning_rate; at learning_rate's peak the curve is returned as is, unrounded.
-    """
-    lr = _lr_curve(iteration, cfg)
-    if peak is None or peak == cfg.learning_rate:
-        return lr
-    return peak * (lr / cfg.learning_rate)
-
-
-def _lr_curve(iteration: int, cfg: TrainConfig) -> float:
-    if not cfg.decay_lr:
-        return cfg.learning_rate
-    if iteration < cfg.warmup_iters:
-        return cfg.learning_rate * (iteration + 1) / (cfg.warmup_iters + 1)
-    decay_iters = cfg.lr_decay_iters or cfg.max_iters
-    if iteration >= decay_iters:
-        return cfg.min_lr
-    if cfg.lr_schedule == "wsd":
-        cooldown = cfg.cooldown_fraction * decay_iters  # the last steps before decay_iters
-        if decay_iters - iteration >= cooldown:
-            return cfg.learning_rate  # stable
-        coeff = (decay_iters - iteration) / cooldown  # 1 -> 0, linear
-    else:
-        progress = (iteration - cfg.warmup_iters) / max(1, decay_iters - cfg.warmup_iters)
-        coeff = 0.5 * (1.0 + math.cos(math.pi * progress))  # 1 -> 0
-    return cfg.min_lr + coeff * (cfg.learning_rate - cfg.min_lr)
-
-
-def make_optimizer(model: GPT, cfg: TrainConfig, device: torch.device) -> Optimizer:
-    """AdamW decaying matrices (weights, embeddings) but not biases and norm gains (nanoGPT).
-
-    With optimizer = "muon", Muon takes the weight matrices inside the blocks (it orthogonalises
-    2-D updates; embeddings and the head are lookups and a classifier, not hidden layers) and
-    AdamW the rest, the two stepped as one `CombinedOptimizer`. Each group's `initial_lr` is
-    its peak rate, which train_step's schedule scales.
-    """
-    params = [p for p in model.parameters() if p.requires_grad]
-    hidden = muon_matrices(model) if cfg.optimizer == "muon" else []
-    in_muon = {id(p) for p in hidden}
-    rest = [p for p in params if id(p) not in in_muon]
-    adamw = _adamw(rest, cfg, device)
-    if not hidden:
-        return adamw
-    # momentum 0.95 with Nesterov, 5 Newton-Schulz steps: torch's defaults, Keller Jordan's Muon
-    muon = muon_class()(hidden, lr=cfg.muon_lr, weight_decay=0.0)
-    muon.param_groups[0]["initial_lr"] = cfg.muon_lr
-    return CombinedOptimizer({"muon": muon, "adamw": adamw})
-
-
-def _adamw(
-    params: list[torch.nn.Parameter], cfg: TrainConfig, device: torch.device
-) -> torch.optim.AdamW:
-    groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
-    # one kernel per step instead of a dozen foreach passes; CPU kernels exist since torch 2.4
-    fused = {"fused": True} if device.type in ("cuda", "cpu") else {}
-    optimizer = torch.optim.AdamW(
-        groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), **fused
-    )
-    for group in optimizer.param_groups:
-        group["initial_lr"] = cfg.learning_rate
-    return optimizer
-
-
-def muon_matrices(model: GPT) -> list[torch.nn.Parameter]:
-    """The hidden weight matrices Muon updates: every 2-D parameter inside the blocks."""
-    return [p for p in model.transformer.h.parameters() if p.dim() == 2 and p.requires_grad]
-
-
-def optimizer_state(model: GPT, cfg: TrainConfig) -> tuple[str, int]:
-    """The name of the optimizer `make_optimizer` builds for `cfg` and the float32 bytes of its
-    state for the whole model, so that sizing (`gpt info`) counts what training allocates:
-    AdamW keeps two moments a parameter, Muon one momentum buffer."""
-    in_muon = sum(p.numel() for p in muon_matrices(model)) if cfg.optimizer == "muon" else 0
-    rest = sum(p.numel() for p in model.parameters() if p.requires_grad) - in_muon
-    return ("Muon + AdamW" if in_muon else "AdamW"), 8 * rest + 4 * in_muon
-
-
-def muon_class() -> type[torch.optim.Optimizer]:
-    """torch.optim.Muon, or a one-line error naming the fix on a torch without it."""
-    muon = getattr(torch.optim, "Muon", None)
-    if muon is None:
-        raise GPTError(
-            f"[train] optimizer = \"muon\" needs torch.optim.Muon (torch >= 2.9; this is torch "
-            f"{torch.__version__}); upgrade torch, or set train.optimizer = \"adamw\""
-        )
-    return muon
-
-
-class CombinedOptimizer:
-    """Optimizers over disjoint parameters, seen as one: the trainer, the GradScaler and
-    checkpoints use `param_groups`, `step`, `zero_grad` and the state dicts, nothing else.
-
-    The state dict holds each optimizer's under its name, plain tensors and numbers, so the
-    checkpoint still loads with `torch.load(weights_only=True)`.
-    """
-
-    def __init__(self, optimizers: dict[str, torch.optim.Optimizer]) -> None:
-        self.optimizers = optimizers
-
-    @property
-    def param_groups(self) -> list[dict[str, Any]]:
-        """Every optimizer's groups (the dicts themselves: setting a group's lr sets it)."""
-        return [group for opt in self.optimizers.values() for group in opt.param_groups]
-
-    def step(self) -> None:
-        for opt in self.optimizers.values():
-            opt.step()
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        for opt in self.optimizers.values():
-            opt.zero_grad(set_to_none=set_to_none)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {name: opt.state_dict() for name, opt in self.optimizers.items()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if sorted(state) != sorted(self.optimizers):
-            raise GPTError(
-                f"the saved optimizer state holds {sorted(state)}, this run uses "
-                f"{sorted(self.optimizers)}; resume with the train.optimizer it was trained with"
-            )
-        for name, opt in self.optimizers.items():
-            opt.load_state_dict(state[name])
-
-
-Optimizer = torch.optim.Optimizer | CombinedOptimizer
-
-
-# ---------------------------------------------------------------------------------------------
-# Processes, random number generators, signals
-
-
-@dataclass
-class Dist:
-    """This process's place in a torchrun launch (one process: rank 0 of 1)."""
-
-    rank: int = 0
-    local_rank: int = 0
-    world_size: int = 1
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def print0(self, *args: Any) -> None:
-        """Print from rank 0 only, so N processes say things once."""
-        if self.main:
-            print(*args)
-
-
-def setup_distributed(device: torch.device) -> Dist:
-    """DDP under torchrun (RANK/WORLD_SIZE set): NCCL on CUDA, gloo on CPU."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return Dist()
-    world = Dist(
-        int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ["WORLD_SIZE"])
-    )
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return world
+# Random number generators, signals
 
 
 def rng_state() -> dict[str, Any]:
@@ -246,15 +75,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
-
-
-def gather_rng_states(world: Dist) -> list[dict[str, Any]]:
-    """Every rank's RNG states, rank by rank (each rank draws its own dropout masks)."""
-    if world.world_size == 1:
-        return [rng_state()]
-    states: list[Any] = [None] * world.world_size
-    dist.all_gather_object(states, rng_state())
-    return states
 
 
 class StopFlag:
@@ -283,11 +103,7 @@ class StopFlag:
 
     def seen(self, world: Dist, device: torch.device) -> bool:
         """Whether any rank was signalled, so every rank stops after the same step."""
-        if world.world_size == 1:
-            return self.signum is not None
-        flag = torch.tensor([1.0 if self.signum is not None else 0.0], device=device)
-        dist.all_reduce(flag)
-        return flag.item() > 0
+        return world.any(self.signum is not None, device)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -431,7 +247,8 @@ def setup_run(
         # FSDP computes in `dtype` through its mixed-precision policy, not autocast
         autocast=(torch.autocast(device.type, dtype=dtype)
                   if dtype != torch.float32 and not sharded else contextlib.nullcontext()),
-        model=model, trained=_wrap(model, tcfg.compile, world, device, sharded), sharded=sharded,
+        model=model, trained=parallel.wrap(model, tcfg.compile, world, device, sharded),
+        sharded=sharded,
         optimizer=make_optimizer(model, tcfg, device),
         scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
         samplers=samplers, tokenizer=data.tokenizer, state=TrainState(), metrics=None,
@@ -492,7 +309,7 @@ def _open_base(init_from: str, world: Dist) -> Checkpoint | Pretrained:
     other ranks then find it in HF's cache."""
     if world.world_size > 1 and is_pretrained(init_from):
         base = open_model(init_from) if world.main else None
-        dist.barrier()
+        world.barrier()
         return base or open_model(init_from)
     return open_model(init_from)
 
@@ -530,8 +347,7 @@ def _prepared_data(
         prepare(
             cfg.data, progress=True, block_size=cfg.model.block_size, tokenizer_record=record
         )
-    if world.world_size > 1:
-        dist.barrier()
+    world.barrier()
     return PreparedData(cfg.data.resolved_data_dir)
 
 
@@ -612,17 +428,6 @@ def _check_same_optimizer(resumed: Checkpoint, tcfg: TrainConfig) -> None:
         )
 
 
-def _wrap(
-    model: GPT, compile_model: bool, world: Dist, device: torch.device, sharded: bool
-) -> torch.nn.Module:
-    """The module the training step calls: compiled when asked, DDP-wrapped under torchrun
-    (an FSDP model is sharded in place already)."""
-    trained: torch.nn.Module = torch.compile(model) if compile_model else model
-    if world.world_size > 1 and not sharded:
-        trained = DDP(trained, device_ids=[world.local_rank] if device.type == "cuda" else None)
-    return trained
-
-
 def _restore(run: Run, resumed: Checkpoint) -> None:
     """Optimizer, scaler, data streams, counters and RNGs as the checkpoint left them.
 
@@ -654,7 +459,7 @@ def save(run: Run, is_best: bool) -> None:
     with one error, and the previous checkpoint stays as it was."""
     world, iteration = run.world, run.state.iteration
     out_dir = Path(run.cfg.train.out_dir)
-    rng_ranks = gather_rng_states(world)  # a collective: every rank calls it
+    rng_ranks = world.gather(rng_state())  # each rank's own (its dropout masks); a collective
     weights = parallel.full_model_state(run.model) if run.sharded else None  # likewise
     folder = ckpt.temporary_folder(out_dir, iteration)
     with _saving(run, folder):
@@ -669,9 +474,7 @@ def save(run: Run, is_best: bool) -> None:
         elif world.main:
             hashes = ckpt.write_optimizer(folder, ckpt.OPTIMIZER, run.optimizer.state_dict())
     if run.sharded:
-        every: list[Any] = [None] * world.world_size
-        dist.all_gather_object(every, hashes)
-        hashes = {name: sha for rank_hashes in every for name, sha in rank_hashes.items()}
+        hashes = {name: sha for ranks in world.gather(hashes) for name, sha in ranks.items()}
     with _saving(run, folder):
         if world.main:
             run.state.rng_ranks = rng_ranks
@@ -713,11 +516,7 @@ def _saving(run: Run, folder: Path) -> Iterator[None]:
         problem = (_save_failed(out_dir, run.state.iteration, failure, run.last_checkpoint)
                    if failure is not None else
                    f"saving the checkpoint failed on rank {world.rank}: {first_line(e, 200)}")
-    problems = [problem]
-    if world.world_size > 1:
-        problems = [None] * world.world_size
-        dist.all_gather_object(problems, problem)
-    first = next((p for p in problems if p is not None), None)
+    first = next((p for p in world.gather(problem) if p is not None), None)
     if first is not None:
         if world.main:
             shutil.rmtree(folder, ignore_errors=True)
@@ -741,86 +540,6 @@ def _save_failed(out_dir: Path, iteration: int, error: OSError, previous: Path |
 
 # ---------------------------------------------------------------------------------------------
 # One step, the loss estimate, the loop
-
-
-class NonFiniteSteps:
-    """The first step whose loss or gradient norm was not finite, noted on the device, so that
-    watching every step costs no host sync; `check` reads it (one sync) and stops the run."""
-
-    WHAT = {1: "loss", 2: "gradient norm"}
-
-    def __init__(self, device: torch.device) -> None:
-        self.first = torch.zeros(2, dtype=torch.int64, device=device)  # [iteration, what]; 0: none
-
-    def note(self, iteration: int, bad_loss: torch.Tensor, bad_norm: torch.Tensor) -> None:
-        """Remember `iteration` if it is the first bad one (bad_loss, bad_norm: 0-dim bool)."""
-        what = torch.where(bad_loss, 1, torch.where(bad_norm, 2, 0))
-        seen = torch.stack((what.clamp(max=1) * iteration, what))  # [0, 0] for a good step
-        self.first = torch.where(self.first[1] == 0, seen, self.first)
-
-    def check(self, last_checkpoint: Path | None) -> None:
-        """Raise if any step so far was bad; its update never reached the weights."""
-        iteration, what = self.first.tolist()
-        if what:
-            raise GPTError(
-                f"non-finite {self.WHAT[what]} at iteration {iteration}; stopped before the "
-                f"optimizer step; last good checkpoint: {last_checkpoint or 'none yet'}; lower "
-                "train.learning_rate or check the data"
-            )
-
-
-@functools.cache
-def found_inf_skips(device: torch.device) -> bool:
-    """Whether fused AdamW on `device` honours a `found_inf` flag as GradScaler sets it for fused
-    optimizers: a flagged step leaves the weights, moments and step count as they were.
-
-    One probe per device, run once: an optimizer that ignored the flag would apply a bad step, so
-    a torch (or device) that fails it gets the host check of `step_unless` instead.
-    """
-    try:
-        weight = torch.nn.Parameter(torch.ones(4, device=device))
-        weight.grad = torch.ones_like(weight)
-        optimizer = torch.optim.AdamW([weight], lr=0.5, fused=True)
-        optimizer.found_inf = torch.ones((), device=device)  # type: ignore[attr-defined]
-        optimizer.step()
-        state = optimizer.state[weight]
-        skipped = bool((weight == 1).all()) and state["step"].item() == 0
-        skipped = skipped and not state["exp_avg"].any()
-        optimizer.found_inf = torch.zeros((), device=device)  # type: ignore[attr-defined]
-        optimizer.step()
-        stepped = bool((weight < 1).all()) and state["step"].item() == 1
-        return skipped and stepped
-    except Exception:  # no fused AdamW on this device or in this torch
-        return False
-
-
-def skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
-    """Whether `step_unless` can skip this optimizer's step without reading the flag on the host:
-    fused AdamW (what `make_optimizer` builds on CUDA) where the probe passes."""
-    groups = optimizer.param_groups
-    return (
-        isinstance(optimizer, torch.optim.AdamW)
-        and all(group.get("fused") for group in groups)
-        and found_inf_skips(groups[0]["params"][0].device)
-    )
-
-
-def step_unless(optimizer: torch.optim.Optimizer, bad: torch.Tensor) -> None:
-    """`optimizer.step()`, unless the 0-dim bool `bad` on the device is set.
-
-    Fused AdamW reads the flag inside its kernel, so nothing waits for the device. Any other
-    optimizer is told nothing of it, so the flag is read on the host: exact, at the cost of one
-    sync per step (nothing on the CPU, where nothing runs ahead of the host). Masking the update
-    with torch.where instead would need a copy of the weights and moments every step.
-    """
-    if skips_on_device(optimizer):
-        optimizer.found_inf = bad.float()  # type: ignore[attr-defined]
-        try:
-            optimizer.step()
-        finally:
-            del optimizer.found_inf  # type: ignore[attr-defined]
-    elif not bad.item():
-        optimizer.step()
 
 
 def train_step(run: Run) -> torch.Tensor:
@@ -847,9 +566,7 @@ def train_step(run: Run) -> torch.Tensor:
         run.scaler.scale(loss).backward()
         sampler.prefetch()  # the next batch, drawn while this one's work runs
         loss_sum += loss.detach().float()
-    if world.world_size > 1:
-        dist.all_reduce(loss_sum)
-        loss_sum /= world.world_size
+    world.mean(loss_sum)
     run.scaler.unscale_(run.optimizer)
     max_norm = tcfg.grad_clip if tcfg.grad_clip > 0 else float("inf")
     norm = parallel.clip_grad_norm(run.model, max_norm)
@@ -883,8 +600,7 @@ def estimate_loss(run: Run) -> dict[str, float]:
             with run.autocast:
                 _, loss = run.model(x, y)
             total += loss.float()
-        if run.world.world_size > 1:
-            dist.all_reduce(total)
+        run.world.sum(total)
         losses[key] = (total / (run.cfg.train.eval_iters * run.world.world_size)).item()
     run.model.train()
     return losses
@@ -979,7 +695,7 @@ def train(cfg: RunConfig, resume: bool = True) -> int:
     if tcfg.optimizer == "muon":
         muon_class()  # a torch without Muon is refused before any work
     device = resolve_device(tcfg.device, "[train] device")
-    world = setup_distributed(device)
+    world = parallel.setup_distributed(device)
     if world.world_size > 1 and device.type == "cuda":
         device = torch.device("cuda", world.local_rank)
         torch.cuda.set_device(device)
@@ -1012,13 +728,11 @@ def train(cfg: RunConfig, resume: bool = True) -> int:
             memory_errors(device, TOO_BIG),
         ):
             code = fit(setup_run(cfg, resume, world, device, dtype))
-        if world.world_size > 1:  # no rank tears the process group down while another uses it
-            dist.barrier()
+        world.barrier()  # no rank tears the process group down while another uses it
         return code
     finally:
         if lock is not None:
             if created and [p.name for p in out_dir.iterdir()] == [lock.path.name]:
                 shutil.rmtree(out_dir, ignore_errors=True)  # a run that failed before any output
             lock.release()  # after: no second run can take the folder while it is removed
-        if world.world_size > 1 and dist.is_initialized():
-            dist.destroy_process_group()
+        world.close()

@@ -35,8 +35,9 @@ from gpt.data.prepare import prepare
 from gpt.data.prepared import PreparedData
 from gpt.metrics import peak_flops
 from gpt.model import GPT
+from gpt.optim import make_optimizer
 from gpt.tokenizer import get_tokenizer
-from gpt.train import make_optimizer, train
+from gpt.train import train
 
 RANDOM_TOKENS = 2_000_000  # about 8 MB of text: tokenized in seconds, far more than is read
 

@@ -28,7 +28,8 @@ from gpt.config import load_config
 from gpt.data.prepare import prepare
 from gpt.data.prepared import PreparedData
 from gpt.model import GPT
-from gpt.train import make_optimizer, train
+from gpt.optim import make_optimizer
+from gpt.train import train
 
 
 def reference_tok_per_s(cfg, data_dir: Path, iters: int) -> float:

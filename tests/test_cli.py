@@ -102,7 +102,7 @@ def allocated_optimizer_bytes(sets: list[str]) -> int:
     optimizer make_optimizer builds, after one step (the scalar step counts left out)."""
     from gpt.config import load_config
     from gpt.model import GPT
-    from gpt.train import make_optimizer
+    from gpt.optim import make_optimizer
 
     cfg = load_config(None, sets)
     model = GPT(cfg.model)

@@ -17,8 +17,10 @@ from gpt.cli import app
 from gpt.config import load_config
 from gpt.errors import GPTError
 from gpt.generate import generate
+from gpt.optim import skips_on_device
+from gpt.parallel import Dist
 from gpt.sample import load_for_inference
-from gpt.train import Dist, setup_run, skips_on_device, train, train_step
+from gpt.train import setup_run, train, train_step
 
 pytestmark = [
     pytest.mark.cuda,

@@ -1115,13 +1115,13 @@ def into_a_closed_pipe(args: list[str]) -> Outcome:
 
 FULL_AFTER_RESUMING = """
 import os, sys
-import gpt.train
-print0 = gpt.train.Dist.print0
+import gpt.parallel
+print0 = gpt.parallel.Dist.print0
 def then_full(self, *args):
     print0(self, *args)
     if str(args[0]).startswith("resuming"):  # from here on, standard output's disk is full
         os.dup2(os.open("/dev/full", os.O_WRONLY), sys.stdout.fileno())
-gpt.train.Dist.print0 = then_full
+gpt.parallel.Dist.print0 = then_full
 from gpt.cli import main
 main()
 """

@@ -26,19 +26,9 @@ from gpt.data.prepared import BatchSampler
 from gpt.errors import GPTError
 from gpt.lock import FolderLock
 from gpt.model import GPT
-from gpt.train import (
-    Dist,
-    NonFiniteSteps,
-    StopFlag,
-    TrainState,
-    found_inf_skips,
-    lr_at,
-    make_optimizer,
-    setup_run,
-    skips_on_device,
-    train,
-    train_step,
-)
+from gpt.optim import NonFiniteSteps, found_inf_skips, lr_at, make_optimizer, skips_on_device
+from gpt.parallel import Dist
+from gpt.train import StopFlag, TrainState, setup_run, train, train_step
 
 runner = CliRunner()
 ROOT = Path(__file__).resolve().parents[1]

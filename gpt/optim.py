@@ -1,0 +1,239 @@
+"""Optimizers, the learning-rate schedule and the non-finite step policy.
+
+`make_optimizer` builds AdamW (nanoGPT's groups) or Muon for the hidden matrices plus AdamW for
+the rest, stepped as one `CombinedOptimizer`; `lr_at` is every group's rate at a step; a step
+whose loss or gradient norm is not finite is kept from the weights (`step_unless`) and noted on
+the device (`NonFiniteSteps`), so that watching for one costs no host sync.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gpt.config import TrainConfig
+from gpt.errors import GPTError
+from gpt.model import GPT
+
+
+def lr_at(iteration: int, cfg: TrainConfig, peak: float | None = None) -> float:
+    """The learning rate of step `iteration` (from 0): linear warmup to learning_rate, then
+    cosine or WSD decay (`lr_schedule`) to min_lr at lr_decay_iters; constant without decay_lr.
+
+    A parameter group with its own peak (Muon's `muon_lr`) follows the same curve scaled by
+    peak / learning_rate; at learning_rate's peak the curve is returned as is, unrounded.
+    """
+    lr = _lr_curve(iteration, cfg)
+    if peak is None or peak == cfg.learning_rate:
+        return lr
+    return peak * (lr / cfg.learning_rate)
+
+
+def _lr_curve(iteration: int, cfg: TrainConfig) -> float:
+    if not cfg.decay_lr:
+        return cfg.learning_rate
+    if iteration < cfg.warmup_iters:
+        return cfg.learning_rate * (iteration + 1) / (cfg.warmup_iters + 1)
+    decay_iters = cfg.lr_decay_iters or cfg.max_iters
+    if iteration >= decay_iters:
+        return cfg.min_lr
+    if cfg.lr_schedule == "wsd":
+        cooldown = cfg.cooldown_fraction * decay_iters  # the last steps before decay_iters
+        if decay_iters - iteration >= cooldown:
+            return cfg.learning_rate  # stable
+        coeff = (decay_iters - iteration) / cooldown  # 1 -> 0, linear
+    else:
+        progress = (iteration - cfg.warmup_iters) / max(1, decay_iters - cfg.warmup_iters)
+        coeff = 0.5 * (1.0 + math.cos(math.pi * progress))  # 1 -> 0
+    return cfg.min_lr + coeff * (cfg.learning_rate - cfg.min_lr)
+
+
+def make_optimizer(model: GPT, cfg: TrainConfig, device: torch.device) -> Optimizer:
+    """AdamW decaying matrices (weights, embeddings) but not biases and norm gains (nanoGPT).
+
+    With optimizer = "muon", Muon takes the weight matrices inside the blocks (it orthogonalises
+    2-D updates; embeddings and the head are lookups and a classifier, not hidden layers) and
+    AdamW the rest, the two stepped as one `CombinedOptimizer`. Each group's `initial_lr` is
+    its peak rate, which train_step's schedule scales.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    hidden = muon_matrices(model) if cfg.optimizer == "muon" else []
+    in_muon = {id(p) for p in hidden}
+    rest = [p for p in params if id(p) not in in_muon]
+    adamw = _adamw(rest, cfg, device)
+    if not hidden:
+        return adamw
+    # momentum 0.95 with Nesterov, 5 Newton-Schulz steps: torch's defaults, Keller Jordan's Muon
+    muon = muon_class()(hidden, lr=cfg.muon_lr, weight_decay=0.0)
+    muon.param_groups[0]["initial_lr"] = cfg.muon_lr
+    return CombinedOptimizer({"muon": muon, "adamw": adamw})
+
+
+def _adamw(
+    params: list[torch.nn.Parameter], cfg: TrainConfig, device: torch.device
+) -> torch.optim.AdamW:
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    # one kernel per step instead of a dozen foreach passes; CPU kernels exist since torch 2.4
+    fused = {"fused": True} if device.type in ("cuda", "cpu") else {}
+    optimizer = torch.optim.AdamW(
+        groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), **fused
+    )
+    for group in optimizer.param_groups:
+        group["initial_lr"] = cfg.learning_rate
+    return optimizer
+
+
+def muon_matrices(model: GPT) -> list[torch.nn.Parameter]:
+    """The hidden weight matrices Muon updates: every 2-D parameter inside the blocks."""
+    return [p for p in model.transformer.h.parameters() if p.dim() == 2 and p.requires_grad]
+
+
+def optimizer_state(model: GPT, cfg: TrainConfig) -> tuple[str, int]:
+    """The name of the optimizer `make_optimizer` builds for `cfg` and the float32 bytes of its
+    state for the whole model, so that sizing (`gpt info`) counts what training allocates:
+    AdamW keeps two moments a parameter, Muon one momentum buffer."""
+    in_muon = sum(p.numel() for p in muon_matrices(model)) if cfg.optimizer == "muon" else 0
+    rest = sum(p.numel() for p in model.parameters() if p.requires_grad) - in_muon
+    return ("Muon + AdamW" if in_muon else "AdamW"), 8 * rest + 4 * in_muon
+
+
+def muon_class() -> type[torch.optim.Optimizer]:
+    """torch.optim.Muon, or a one-line error naming the fix on a torch without it."""
+    muon = getattr(torch.optim, "Muon", None)
+    if muon is None:
+        raise GPTError(
+            f"[train] optimizer = \"muon\" needs torch.optim.Muon (torch >= 2.9; this is torch "
+            f"{torch.__version__}); upgrade torch, or set train.optimizer = \"adamw\""
+        )
+    return muon
+
+
+class CombinedOptimizer:
+    """Optimizers over disjoint parameters, seen as one: the trainer, the GradScaler and
+    checkpoints use `param_groups`, `step`, `zero_grad` and the state dicts, nothing else.
+
+    The state dict holds each optimizer's under its name, plain tensors and numbers, so the
+    checkpoint still loads with `torch.load(weights_only=True)`.
+    """
+
+    def __init__(self, optimizers: dict[str, torch.optim.Optimizer]) -> None:
+        self.optimizers = optimizers
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        """Every optimizer's groups (the dicts themselves: setting a group's lr sets it)."""
+        return [group for opt in self.optimizers.values() for group in opt.param_groups]
+
+    def step(self) -> None:
+        for opt in self.optimizers.values():
+            opt.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for opt in self.optimizers.values():
+            opt.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {name: opt.state_dict() for name, opt in self.optimizers.items()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if sorted(state) != sorted(self.optimizers):
+            raise GPTError(
+                f"the saved optimizer state holds {sorted(state)}, this run uses "
+                f"{sorted(self.optimizers)}; resume with the train.optimizer it was trained with"
+            )
+        for name, opt in self.optimizers.items():
+            opt.load_state_dict(state[name])
+
+
+Optimizer = torch.optim.Optimizer | CombinedOptimizer
+
+
+# ---------------------------------------------------------------------------------------------
+# The non-finite step policy
+
+
+class NonFiniteSteps:
+    """The first step whose loss or gradient norm was not finite, noted on the device, so that
+    watching every step costs no host sync; `check` reads it (one sync) and stops the run."""
+
+    WHAT = {1: "loss", 2: "gradient norm"}
+
+    def __init__(self, device: torch.device) -> None:
+        self.first = torch.zeros(2, dtype=torch.int64, device=device)  # [iteration, what]; 0: none
+
+    def note(self, iteration: int, bad_loss: torch.Tensor, bad_norm: torch.Tensor) -> None:
+        """Remember `iteration` if it is the first bad one (bad_loss, bad_norm: 0-dim bool)."""
+        what = torch.where(bad_loss, 1, torch.where(bad_norm, 2, 0))
+        seen = torch.stack((what.clamp(max=1) * iteration, what))  # [0, 0] for a good step
+        self.first = torch.where(self.first[1] == 0, seen, self.first)
+
+    def check(self, last_checkpoint: Path | None) -> None:
+        """Raise if any step so far was bad; its update never reached the weights."""
+        iteration, what = self.first.tolist()
+        if what:
+            raise GPTError(
+                f"non-finite {self.WHAT[what]} at iteration {iteration}; stopped before the "
+                f"optimizer step; last good checkpoint: {last_checkpoint or 'none yet'}; lower "
+                "train.learning_rate or check the data"
+            )
+
+
+@functools.cache
+def found_inf_skips(device: torch.device) -> bool:
+    """Whether fused AdamW on `device` honours a `found_inf` flag as GradScaler sets it for fused
+    optimizers: a flagged step leaves the weights, moments and step count as they were.
+
+    One probe per device, run once: an optimizer that ignored the flag would apply a bad step, so
+    a torch (or device) that fails it gets the host check of `step_unless` instead.
+    """
+    try:
+        weight = torch.nn.Parameter(torch.ones(4, device=device))
+        weight.grad = torch.ones_like(weight)
+        optimizer = torch.optim.AdamW([weight], lr=0.5, fused=True)
+        optimizer.found_inf = torch.ones((), device=device)  # type: ignore[attr-defined]
+        optimizer.step()
+        state = optimizer.state[weight]
+        skipped = bool((weight == 1).all()) and state["step"].item() == 0
+        skipped = skipped and not state["exp_avg"].any()
+        optimizer.found_inf = torch.zeros((), device=device)  # type: ignore[attr-defined]
+        optimizer.step()
+        stepped = bool((weight < 1).all()) and state["step"].item() == 1
+        return skipped and stepped
+    except Exception:  # no fused AdamW on this device or in this torch
+        return False
+
+
+def skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether `step_unless` can skip this optimizer's step without reading the flag on the host:
+    fused AdamW (what `make_optimizer` builds on CUDA) where the probe passes."""
+    groups = optimizer.param_groups
+    return (
+        isinstance(optimizer, torch.optim.AdamW)
+        and all(group.get("fused") for group in groups)
+        and found_inf_skips(groups[0]["params"][0].device)
+    )
+
+
+def step_unless(optimizer: torch.optim.Optimizer, bad: torch.Tensor) -> None:
+    """`optimizer.step()`, unless the 0-dim bool `bad` on the device is set.
+
+    Fused AdamW reads the flag inside its kernel, so nothing waits for the device. Any other
+    optimizer is told nothing of it, so the flag is read on the host: exact, at the cost of one
+    sync per step (nothing on the CPU, where nothing runs ahead of the host). Masking the update
+    with torch.where instead would need a copy of the weights and moments every step.
+    """
+    if skips_on_device(optimizer):
+        optimizer.found_inf = bad.float()  # type: ignore[attr-defined]
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.found_inf  # type: ignore[attr-defined]
+    elif not bad.item():
+        optimizer.step()
