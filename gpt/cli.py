@@ -307,7 +307,7 @@ def prepare(
     """Tokenize [data] source into train.bin, val.bin and meta.json in [data] data_dir."""
     from gpt.data.prepare import prepare as prepare_data
     from gpt.hf.pretrained import is_pretrained, open_model
-    from gpt.train import base_tokenizer, config_from_pretrained
+    from gpt.resume import base_tokenizer, config_from_pretrained
 
     cfg = load_config(config, set_)
     record = None
