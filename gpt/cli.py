@@ -9,10 +9,8 @@ with exit code 1.
 from __future__ import annotations
 
 import contextlib
-import errno
 import functools
 import logging
-import os
 import sys
 import warnings
 from collections.abc import Callable, Iterator
@@ -25,6 +23,7 @@ import typer.core
 from gpt import __version__
 from gpt.config import RunConfig, load_config
 from gpt.errors import GPTError, compile_errors
+from gpt.stdout import failing_stdout_ends_here
 
 # the click that typer runs on: click itself, or the copy that newer typers carry inside
 _click_errors = sys.modules[typer.BadParameter.__module__]
@@ -599,73 +598,11 @@ def runs(
                    "listed", err=True)
 
 
-class _StdoutFailed(Exception):
-    """A write to standard output failed. Not an OSError, so that nothing on the way up takes
-    it for a failure of its own files (click ends a broken pipe itself, without a word)."""
-
-    def __init__(self, error: OSError) -> None:
-        super().__init__(error)
-        self.error = error
-
-
-class _Stdout:
-    """sys.stdout, whose failed writes (a full disk, a closed pipe) raise `_StdoutFailed`;
-    everything else passes through to the stream."""
-
-    def __init__(self, stream: TextIO) -> None:
-        self._stream = stream
-
-    def write(self, text: str) -> int:
-        try:
-            return self._stream.write(text)
-        except OSError as e:
-            raise _StdoutFailed(e) from e
-
-    def flush(self) -> None:
-        try:
-            self._stream.flush()
-        except OSError as e:
-            raise _StdoutFailed(e) from e
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._stream, name)
-
-
 def main() -> None:
     """Console-script entry point. Standard output that fails ends the command here, whichever
-    it is: a closed pipe (`gpt sample | head`) quietly, as Unix tools end; any other failure
-    (`> /dev/full`, a full disk) with one line on stderr. Both exit 1."""
-    if sys.stdout is not None:  # None: started without one (its descriptor closed)
-        sys.stdout = _Stdout(sys.stdout)  # type: ignore[assignment]
-    try:
-        try:
-            app(prog_name="gpt")
-        finally:  # what is still buffered fails here, not in the interpreter's flush at exit
-            if sys.stdout is not None:
-                sys.stdout.flush()
-    except _StdoutFailed as failure:
-        _discard_stdout()
-        if _state["debug"]:
-            raise failure.error from None
-        error = failure.error
-        if error.errno != errno.EPIPE:  # a closed pipe: its reader wants no more, nor a word
-            fix = ("free space on its disk, or redirect it elsewhere"
-                   if error.errno in (errno.ENOSPC, errno.EDQUOT) else "redirect it elsewhere")
-            with contextlib.suppress(OSError):
-                sys.stderr.write(f"error: cannot write to standard output "
-                                 f"({error.strerror or error}); {fix}\n")
-                sys.stderr.flush()
-        sys.exit(1)
-
-
-def _discard_stdout() -> None:
-    """Point standard output at the null device, so that the output still buffered goes
-    nowhere instead of failing again when the interpreter flushes it at exit (which would
-    print an "Exception ignored" message of its own): the remedy of Python's docs on SIGPIPE."""
-    with contextlib.suppress(OSError, ValueError):
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        os.close(devnull)
+    it is (gpt/stdout.py): a closed pipe quietly, any other failure with one line; both exit 1."""
+    with failing_stdout_ends_here(debug=lambda: _state["debug"]):
+        app(prog_name="gpt")
 
 
 if __name__ == "__main__":  # pragma: no cover
