@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import logging
 import sys
 import warnings
@@ -386,6 +387,11 @@ def sample(
     prompt_file: Annotated[
         Path | None, typer.Option("--prompt-file", help="Read the prompt from a file.")
     ] = None,
+    prompt_format: Annotated[
+        str, typer.Option("--prompt-format", help="How --prompt-file holds prompts: text (the "
+                          "whole file is one), lines (one per line), jsonl (JSON strings or "
+                          '{"prompt": ...} objects; the output is JSON Lines).')
+    ] = "text",
     max_new_tokens: Annotated[
         int | None, typer.Option("--max-new-tokens", help="Tokens to generate per sample.")
     ] = None,
@@ -398,11 +404,14 @@ def sample(
         typer.Option("--top-p", help="Nucleus: the fewest tokens holding this probability."),
     ] = None,
     num_samples: Annotated[
-        int | None, typer.Option("--num-samples", help="Samples generated as one batch.")
+        int | None, typer.Option("--num-samples", help="Samples of each prompt.")
     ] = None,
     seed: Annotated[int | None, typer.Option("--seed", help="Same seed, same text.")] = None,
     stop: Annotated[
         list[str] | None, typer.Option("--stop", help="End a sample before this text (repeatable).")
+    ] = None,
+    ignore_eos: Annotated[
+        bool | None, typer.Option("--ignore-eos", help="Keep going past the end-of-text token.")
     ] = None,
     stream: Annotated[
         bool | None, typer.Option("--stream/--no-stream", help="Print text as it is decoded.")
@@ -424,14 +433,26 @@ def sample(
     from gpt.config import SampleConfig, layer_on_checkpoint
     from gpt.device import memory_errors
     from gpt.hf.pretrained import open_model
-    from gpt.sample import encode_prompt, load_for_inference, read_prompt, sample_text
+    from gpt.sample import (
+        PROMPT_FORMATS,
+        encode_prompt,
+        load_for_inference,
+        read_prompt,
+        sample_texts,
+        split_prompts,
+    )
 
+    if prompt_format not in PROMPT_FORMATS:
+        raise GPTError(f"--prompt-format must be one of {', '.join(PROMPT_FORMATS)}, "
+                       f"got {prompt_format!r}")
+    if prompt_format != "text" and prompt_file is None:
+        raise GPTError(f"--prompt-format {prompt_format} reads --prompt-file; give one")
     path = _checkpoint_path(checkpoint, config, set_)
     flags = {
         k: v
         for k, v in dict(
             max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-            num_samples=num_samples, seed=seed, stop=stop or None,
+            num_samples=num_samples, seed=seed, stop=stop or None, ignore_eos=ignore_eos,
         ).items()
         if v is not None
     }
@@ -441,32 +462,58 @@ def sample(
     cfg = layer_on_checkpoint(found.config, config, set_, applies, "gpt sample")
     settings: SampleConfig = dataclasses.replace(cfg.sample, **flags)
     text = read_prompt(prompt, prompt_file, settings.prompt, settings.max_prompt_bytes)
-    streaming = (sys.stdout.isatty() if stream is None else stream) and settings.num_samples == 1
+    prompts = split_prompts(text, prompt_format, f"--prompt-file {prompt_file}")
+    single = len(prompts) == 1 and settings.num_samples == 1
+    streaming = (sys.stdout.isatty() if stream is None else stream) and single
     if not streaming and settings.max_new_tokens > MAX_HELD_TOKENS:
         raise GPTError(
             f"--max-new-tokens {settings.max_new_tokens:,} without streaming holds all the text "
             f"until the end; stream it (--stream, one sample) or ask for at most "
             f"{MAX_HELD_TOKENS:,}"
         )
+    held = settings.num_samples * len(prompts) * settings.max_new_tokens
+    if held > MAX_HELD_TOKENS_IN_ALL:
+        raise GPTError(
+            f"--num-samples {settings.num_samples:,} of {len(prompts):,} prompt(s) at "
+            f"--max-new-tokens {settings.max_new_tokens:,} holds up to {held:,} tokens of text "
+            f"until the end; ask for at most {MAX_HELD_TOKENS_IN_ALL:,} in all"
+        )
     with _stdout_for_text_only() as out, compile_errors("--compile"):
         model, tokenizer = load_for_inference(found, device, dtype, compile_model)
-        encode_prompt(tokenizer, text, model.config.block_size)  # refused before it is echoed
+        for p in prompts:  # refused before any is echoed
+            encode_prompt(tokenizer, p, model.config.block_size)
         on = next(model.parameters()).device  # the KV cache grows with samples and tokens:
         with memory_errors(on, "lower --num-samples or --max-new-tokens, or choose --device"):
             if streaming:
                 typer.echo(text, nl=False, file=out)
-                sample_text(model, tokenizer, text, settings,
-                            on_text=lambda t: typer.echo(t, nl=False, file=out))
+                sample_texts(model, tokenizer, prompts, settings,
+                             on_text=lambda t: typer.echo(t, nl=False, file=out))
                 typer.echo("", file=out)
                 return
-            samples = sample_text(model, tokenizer, text, settings)
-        for i, generated in enumerate(samples):
-            if i:
+            samples = sample_texts(model, tokenizer, prompts, settings)
+        _print_samples(prompts, samples, prompt_format == "jsonl", out)
+
+
+def _print_samples(
+    prompts: list[str], samples: list[list[str]], as_json: bool, out: TextIO
+) -> None:
+    """Each prompt with each of its continuations, separated by a rule; or one JSON object a
+    line (prompt, sample, text: the continuation alone)."""
+    first = True
+    for prompt, texts in zip(prompts, samples, strict=True):
+        for i, generated in enumerate(texts):
+            if as_json:
+                line = {"prompt": prompt, "sample": i, "text": generated}
+                typer.echo(json.dumps(line, ensure_ascii=False), file=out)
+                continue
+            if not first:
                 typer.echo("\n" + "-" * 40, file=out)
-            typer.echo(text + generated, file=out)
+            typer.echo(prompt + generated, file=out)
+            first = False
 
 
 MAX_HELD_TOKENS = 100_000  # per sample, when the text is printed only at the end
+MAX_HELD_TOKENS_IN_ALL = 100_000_000  # over all samples and prompts
 
 
 @contextlib.contextmanager

@@ -409,9 +409,16 @@ class SampleConfig(_Section):
     temperature: float = _key(0.8, "softmax temperature; 0 = greedy (deterministic)")
     top_k: int | None = _key(200, "sample among the k most likely tokens; unset = all")
     top_p: float = _key(1.0, "nucleus sampling: smallest set with this much probability")
-    num_samples: int = _key(1, "samples generated together as one batch")
+    num_samples: int = _key(1, "samples of each prompt (sample i draws with seed + i)")
     seed: int = _key(1337, "same seed, same text")
     stop: list[str] = _key([], "strings that end a sample (the output stops before them)")
+    ignore_eos: bool = _key(
+        False, "keep going past the end-of-text token (raw sampling); by default a sample ends "
+        "there"
+    )
+    max_batch: int = _key(
+        64, "sequences decoded at once (their KV cache is allocated together); more wait"
+    )
     max_prompt_bytes: int = _key(
         16 * 2**20, "the largest prompt read from --prompt-file or stdin, in bytes: a longer one "
         "is refused, rather than read until memory runs out"
@@ -419,7 +426,7 @@ class SampleConfig(_Section):
 
     def check(self) -> None:
         self._non_negative("max_new_tokens", "temperature")
-        self._positive("num_samples", "max_prompt_bytes")
+        self._positive("num_samples", "max_prompt_bytes", "max_batch")
         if self.top_k is not None and self.top_k < 1:
             self._fail("top_k", f"must be >= 1, got {self.top_k!r}")
         if not 0.0 < self.top_p <= 1.0:

@@ -94,6 +94,7 @@ class Engine:
     prefill_chunk: int = 256  # prompt tokens fed per step, over all rows that are prefilling
     _rows: list[_Sequence | None] = field(init=False, repr=False)
     _queue: deque[_Sequence] = field(init=False, repr=False)
+    _ended: list[Event] = field(init=False, repr=False)
     _ids: Iterator[int] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -108,6 +109,7 @@ class Engine:
         self.cache = self.model.new_cache(self.max_batch, self.context, cache_dtype(self.model))
         self._rows = [None] * self.max_batch
         self._queue = deque()
+        self._ended: list[Event] = []  # cancellations, reported by the next step
         self._ids = itertools.count()
 
     @property
@@ -120,7 +122,7 @@ class Engine:
 
     @property
     def busy(self) -> bool:
-        return bool(self._queue) or any(s is not None for s in self._rows)
+        return bool(self._queue or self._ended) or any(s is not None for s in self._rows)
 
     def check(self, request: Request) -> None:
         """Refuse a request that could never run, with what to change."""
@@ -153,17 +155,19 @@ class Engine:
         self._queue.append(_Sequence(seq, request, generator, list(request.prompt)))
         return seq
 
-    def cancel(self, seq: int) -> Event | None:
-        """End a request now, queued or running; its event, or None if it is not here."""
+    def cancel(self, seq: int) -> None:
+        """End a request now, queued or running (its row is free at once); the next step
+        reports it with a "cancelled" event. Unknown or finished ids are ignored."""
         for s in self._queue:
             if s.seq == seq:
                 self._queue.remove(s)
-                return Event(seq, None, "cancelled")
+                self._ended.append(Event(seq, None, "cancelled"))
+                return
         for row, s in enumerate(self._rows):
             if s is not None and s.seq == seq:
                 self._rows[row] = None
-                return Event(seq, None, "cancelled")
-        return None
+                self._ended.append(Event(seq, None, "cancelled"))
+                return
 
     def run(self, requests: Sequence[Request]) -> Iterator[Event]:
         """Submit every request and step until all have finished."""
@@ -177,12 +181,13 @@ class Engine:
         """One round: admit queued requests to free rows, then one forward pass that feeds each
         decoding row its last token and the prefilling rows a chunk of their prompts, then one
         new token for every row whose pending tokens are all in."""
+        ended, self._ended = self._ended, []
         self._admit()
         self._slide_full_windows()
         self._arrange()
         groups, fed_rows, tokens = self._plan()
         if not groups:
-            return []
+            return ended
         self.cache.plan(groups)
         idx = torch.tensor([tokens], dtype=torch.long, device=self.device)  # (1, N)
         logits, _ = self.model(idx, cache=self.cache, last_only=True)  # (rows, 1, V)
@@ -194,11 +199,11 @@ class Engine:
             if not s.pending:
                 ready.append((row, i))
         if not ready:
-            return []
+            return ended
         vocab = self.model.config.vocab_size
         last = logits[[i for _, i in ready], -1, :vocab]  # (r, V) the tokenizer's ids only
         chosen = self._sample(last, [self._rows[row] for row, _ in ready])
-        return [self._append(row, token) for (row, _), token in zip(ready, chosen, strict=True)]
+        return ended + [self._append(row, t) for (row, _), t in zip(ready, chosen, strict=True)]
 
     def _admit(self) -> None:
         """Queued requests into free rows, lowest first (their positions start again at 0)."""
@@ -305,6 +310,7 @@ class Engine:
         """End every request at once (after a failed step): an "error" event each."""
         seqs = [s.seq for s in self._queue] + [s.seq for s in self._rows if s is not None]
         self._queue.clear()
+        self._ended.clear()
         self._rows = [None] * self.max_batch
         return [Event(seq, None, "error") for seq in seqs]
 
@@ -378,12 +384,13 @@ class EngineThread:
                     return
             for seq, request in inbox:
                 engine.submit(request, seq=seq)
-            events = [e for e in map(engine.cancel, cancels) if e is not None]
+            for seq in cancels:
+                engine.cancel(seq)
             try:
-                events += engine.step()
+                events = engine.step()
             except Exception:  # a failed step (out of memory, say) ends what it was running
                 log.exception("a decoding step failed; its requests end with an error")
-                events += engine.abort()
+                events = engine.abort()
             self.tokens_generated += sum(e.token is not None for e in events)
             self._deliver(events)
 

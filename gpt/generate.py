@@ -31,16 +31,14 @@ def cache_length(block_size: int, prompt_len: int, max_new_tokens: int) -> int:
     return min(block_size, min(prompt_len, block_size) + max_new_tokens - 1)
 
 
-def decoding_bytes(model: GPT, batch: int, prompt_len: int, max_new_tokens: int) -> int:
-    """Bytes that decoding `batch` sequences holds at least: the prompts' ids, the KV cache
-    `generate` allocates and one step's logits, so that a batch too large for the device is
+def decoding_bytes(model: GPT, rows: int, positions: int) -> int:
+    """Bytes that decoding `rows` sequences of up to `positions` cached positions holds at
+    least: the KV cache and one step's logits, so that a batch too large for the device is
     refused before any of it is built."""
-    if max_new_tokens == 0:
-        return 0
     cfg = model.config
-    cache = (2 * cfg.n_layer * batch * cfg.kv_heads * cfg.head_dim * cache_dtype(model).itemsize
-             * cache_length(cfg.block_size, prompt_len, max_new_tokens))  # keys and values
-    return batch * prompt_len * 8 + cache + batch * cfg.padded_vocab_size * 4
+    cache = (2 * cfg.n_layer * rows * cfg.kv_heads * cfg.head_dim * cache_dtype(model).itemsize
+             * positions)  # keys and values
+    return cache + rows * cfg.padded_vocab_size * 4
 
 
 def sample_next(

@@ -6,8 +6,9 @@ streaming text as it is decoded.
 
 from __future__ import annotations
 
+import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -16,12 +17,13 @@ import torch
 from gpt.checkpoint import Checkpoint
 from gpt.config import SampleConfig
 from gpt.device import free_memory, memory_errors, resolve_device, resolve_dtype
+from gpt.engine import Engine, Request
 from gpt.errors import GPTError
 from gpt.fileio import TooLargeError, read_stream_bounded, read_text_bounded
-from gpt.generate import decoding_bytes, generate
+from gpt.generate import cache_length, decoding_bytes
 from gpt.model import GPT
 from gpt.onednn import pack_linears
-from gpt.tokenizer import Tokenizer, tokenizer_from_dict
+from gpt.tokenizer import CharTokenizer, Tokenizer, tokenizer_from_dict
 
 if TYPE_CHECKING:
     from gpt.hf.pretrained import Pretrained
@@ -76,19 +78,109 @@ def encode_prompt(tokenizer: Tokenizer, prompt: str, block_size: int) -> list[in
     return ids
 
 
-def check_batch_fits(model: GPT, prompt_len: int, settings: SampleConfig) -> None:
-    """Refuse a batch whose KV cache and logits alone pass the device's free memory before
-    building any of it: found out by allocating, a huge --num-samples takes minutes to fail."""
+def check_batch_fits(model: GPT, rows: int, context: int, fix: str) -> None:
+    """Refuse a KV cache of `rows` x `context` positions (and its logits) that passes the
+    device's free memory, before building any of it: found out by allocating, a huge batch
+    takes minutes to fail. `fix` says what to lower."""
     device = next(model.parameters()).device
-    needed = decoding_bytes(model, settings.num_samples, prompt_len, settings.max_new_tokens)
+    needed = decoding_bytes(model, rows, context)
     free = free_memory(device)
     if free is not None and needed > free:
         raise GPTError(
-            f"--num-samples {settings.num_samples:,} at --max-new-tokens "
-            f"{settings.max_new_tokens:,} needs at least {needed / 2**30:,.2f} GiB on {device} "
-            f"for the batch's KV cache and logits, more than the {free / 2**30:,.2f} GiB free "
-            f"there; lower --num-samples or --max-new-tokens"
+            f"decoding {rows:,} sequences of up to {context:,} positions needs at least "
+            f"{needed / 2**30:,.2f} GiB on {device} for their KV cache and logits, more than "
+            f"the {free / 2**30:,.2f} GiB free there; {fix}"
         )
+
+
+def stop_ids(tokenizer: Tokenizer, ignore_eos: bool) -> frozenset[int]:
+    """The ids that end a generation: the end-of-text id, unless `ignore_eos` or the tokenizer
+    is a char vocabulary (whose separator is a newline, which is text)."""
+    if ignore_eos or isinstance(tokenizer, CharTokenizer):
+        return frozenset()
+    return frozenset({tokenizer.eot_id})
+
+
+class TextStream:
+    """One sequence's text, decoded as its ids arrive and cut before the first stop string.
+
+    `add` returns only text that is safe to show: it holds back an incomplete UTF-8 character
+    and whatever could still turn out to be the start of a stop string.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, stop: Sequence[str] = ()) -> None:
+        self.tokenizer = tokenizer
+        self.stop = list(stop)
+        self.ids: list[int] = []
+        self.text = ""
+        self.stopped = False
+        self._shown = 0
+        self._hold = max((len(s) for s in self.stop), default=1) - 1
+
+    def add(self, token: int) -> str:
+        """Take one new id; return the text now ready to show."""
+        if self.stopped:
+            return ""
+        self.ids.append(token)
+        self.text, self.stopped = _cut_at_stop(self.tokenizer.decode(self.ids), self.stop)
+        ready = len(self.text) if self.stopped else max(self._shown, len(self.text) - self._hold)
+        while ready > self._shown and self.text[ready - 1] == "\ufffd":  # incomplete UTF-8
+            ready -= 1
+        return self._show(ready)
+
+    def flush(self) -> str:
+        """What was held back: the sequence has ended."""
+        return self._show(len(self.text))
+
+    def _show(self, upto: int) -> str:
+        piece, self._shown = self.text[self._shown:upto], max(self._shown, upto)
+        return piece
+
+
+def sample_texts(
+    model: GPT,
+    tokenizer: Tokenizer,
+    prompts: Sequence[str],
+    settings: SampleConfig,
+    on_text: Callable[[str], None] | None = None,
+) -> list[list[str]]:
+    """`settings.num_samples` continuations of each prompt, decoded together by the engine.
+
+    Sample i of every prompt draws with seed `settings.seed + i`, so a prompt gives the same
+    text alone as among others, and `--num-samples 1 --seed S+i` gives its sample i. With
+    `on_text` (one prompt, one sample) text is passed on as soon as it is decoded.
+    """
+    block_size = model.config.block_size
+    encoded = [encode_prompt(tokenizer, p, block_size) for p in prompts]
+    new_tokens = settings.max_new_tokens
+    if new_tokens == 0:
+        return [[""] * settings.num_samples for _ in prompts]
+    # positions a sequence holds: its prompt and all but its last token, at most block_size
+    # (past it the window slides)
+    context = max(cache_length(block_size, len(ids), new_tokens) for ids in encoded)
+    rows = min(len(prompts) * settings.num_samples, settings.max_batch)
+    check_batch_fits(model, rows, context, "lower --num-samples or --max-new-tokens, or decode "
+                     "fewer at once with --set sample.max_batch=N")
+    requests = [
+        Request(ids, new_tokens, settings.temperature, settings.top_k, settings.top_p,
+                settings.seed + i, stop_ids(tokenizer, settings.ignore_eos))
+        for ids in encoded for i in range(settings.num_samples)
+    ]
+    engine = Engine(model, max_batch=rows, context=context)
+    streams = [TextStream(tokenizer, settings.stop) for _ in requests]
+    for event in engine.run(requests):
+        stream = streams[event.seq]
+        if event.token is not None and event.finish != "stop":
+            piece = stream.add(event.token)
+            if on_text is not None and piece:
+                on_text(piece)
+            if stream.stopped:
+                engine.cancel(event.seq)
+    if on_text is not None and (rest := streams[0].flush()):
+        on_text(rest)
+    texts = [s.text for s in streams]
+    n = settings.num_samples
+    return [texts[i * n:(i + 1) * n] for i in range(len(prompts))]
 
 
 def sample_text(
@@ -98,44 +190,37 @@ def sample_text(
     settings: SampleConfig,
     on_text: Callable[[str], None] | None = None,
 ) -> list[str]:
-    """Generate `settings.num_samples` continuations of `prompt` (one batch).
+    """`settings.num_samples` continuations of one prompt (see sample_texts)."""
+    return sample_texts(model, tokenizer, [prompt], settings, on_text)[0]
 
-    With `on_text` (one sample only) text is passed on as soon as it is decoded, holding back
-    only what could still turn out to be the start of a stop string.
-    """
-    ids = encode_prompt(tokenizer, prompt, model.config.block_size)
-    check_batch_fits(model, len(ids), settings)
-    device = next(model.parameters()).device
-    batch = torch.tensor([ids], dtype=torch.long, device=device).repeat(settings.num_samples, 1)
-    generator = torch.Generator(device=device).manual_seed(settings.seed)
-    new_ids: list[list[int]] = [[] for _ in range(settings.num_samples)]
-    texts = [""] * settings.num_samples
-    finished = [False] * settings.num_samples
-    shown = 0
-    hold = max((len(s) for s in settings.stop), default=1) - 1
-    for step_ids in generate(
-        model, batch, settings.max_new_tokens, settings.temperature, settings.top_k,
-        settings.top_p, generator,
-    ):
-        for i, token in enumerate(step_ids.tolist()):
-            if finished[i]:
-                continue
-            new_ids[i].append(token)
-            text = tokenizer.decode(new_ids[i])
-            texts[i], finished[i] = _cut_at_stop(text, settings.stop)
-        if on_text is not None:
-            text = texts[0]
-            ready = len(text) if finished[0] else max(shown, len(text) - hold)
-            while ready > shown and text[ready - 1] == "\ufffd":  # an incomplete UTF-8 sequence
-                ready -= 1
-            if ready > shown:
-                on_text(text[shown:ready])
-                shown = ready
-        if all(finished):
-            break
-    if on_text is not None and len(texts[0]) > shown:
-        on_text(texts[0][shown:])
-    return texts
+
+PROMPT_FORMATS = ("text", "lines", "jsonl")
+
+
+def split_prompts(text: str, prompt_format: str, source: str) -> list[str]:
+    """The prompts a file holds: all of it (`text`), one per non-empty line (`lines`), or one
+    per line of JSON Lines, each a string or an object with a "prompt" string (`jsonl`)."""
+    if prompt_format == "text":
+        return [text]
+    lines = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+    if not lines:
+        raise GPTError(f"{source} holds no prompts; give one per line")
+    if prompt_format == "lines":
+        return [line for _, line in lines]
+    prompts = []
+    for n, line in lines:
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise GPTError(f"line {n} of {source} is not JSON ({e.msg}); write one JSON string "
+                           'or {"prompt": "..."} per line') from None
+        if isinstance(item, dict):
+            item = item.get("prompt")
+        if not isinstance(item, str):
+            raise GPTError(f'line {n} of {source} has no prompt; write one JSON string or '
+                           '{"prompt": "..."} per line')
+        prompts.append(item)
+    return prompts
 
 
 def read_prompt(prompt: str | None, prompt_file: Path | None, default: str, limit: int) -> str:

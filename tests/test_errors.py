@@ -1076,10 +1076,16 @@ SMALLER_CASES = [
           "--set", "train.out_dir=new"],
          r"the val split has \d+ tokens, fewer than block_size \+ 1 = 33; add text",
          write("aaa.txt", "a" * 200_000)),
-    Case("sample-batch-too-big-for-memory", [*SAMPLE, "--num-samples", "100000000"],
-         r"--num-samples 100,000,000 at --max-new-tokens 256 needs at least [\d,.]+ GiB on \S+ "
-         r"for the batch's KV cache and logits, more than the [\d,.]+ GiB free there; lower "
-         r"--num-samples or --max-new-tokens"),
+    Case("sample-batch-too-big-for-memory",
+         [*SAMPLE, "--num-samples", "50000000", "--max-new-tokens", "1",
+          "--set", "sample.max_batch=50000000"],
+         r"decoding 50,000,000 sequences of up to \d+ positions needs at least [\d,.]+ GiB on "
+         r"\S+ for their KV cache and logits, more than the [\d,.]+ GiB free there; lower "
+         r"--num-samples or --max-new-tokens, or decode fewer at once with --set "
+         r"sample.max_batch=N"),
+    Case("sample-too-much-text-held", [*SAMPLE, "--num-samples", "100000000"],
+         r"--num-samples 100,000,000 of 1 prompt\(s\) at --max-new-tokens 256 holds up to "
+         r"25,600,000,000 tokens of text until the end; ask for at most 100,000,000 in all"),
 ]
 
 BUFFERED = {k: v for k, v in ENV.items() if k != "PYTHONUNBUFFERED"}  # as a user's shell runs it

@@ -178,12 +178,13 @@ def test_sample_text_gives_one_character_per_token_with_a_padded_vocabulary(tiny
 
 
 @pytest.mark.parametrize(("prompt_len", "new_tokens"), [(3, 5), (10, 30), (16, 4), (1, 1)])
-def test_decoding_bytes_counts_the_cache_generate_allocates(
+def test_decoding_bytes_counts_the_cache_the_sampler_allocates(
     prompt_len: int, new_tokens: int, tiny: Callable[..., GPT], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The KV cache that generate really allocates (the slide past block_size 16 included),
-    plus the prompts' int64 ids and one step's float32 logits over the padded rows."""
+    """The KV cache that sampling really allocates for 3 samples (at most block_size 16
+    positions each, past which the window slides), plus one step's float32 logits."""
     model = tiny(n_kv_head=2)
+    tokenizer = CharTokenizer("abcdefgh\n")
     allocated = []
     new_cache = model.new_cache
 
@@ -193,11 +194,11 @@ def test_decoding_bytes_counts_the_cache_generate_allocates(
         return cache
 
     monkeypatch.setattr(model, "new_cache", recorded)
-    prompt = torch.zeros(3, prompt_len, dtype=torch.long)
-    list(generate(model, prompt, new_tokens, temperature=0))
-    assert decoding_bytes(model, 3, prompt_len, new_tokens) == (
-        allocated[0] + prompt.nbytes + 3 * model.config.padded_vocab_size * 4)
-    assert decoding_bytes(model, 3, prompt_len, 0) == 0  # nothing to generate: nothing held
+    settings = SampleConfig(max_new_tokens=new_tokens, num_samples=3, temperature=0)
+    sample_text(model, tokenizer, "a" * prompt_len, settings)
+    positions = min(16, prompt_len + new_tokens - 1)
+    assert decoding_bytes(model, 3, positions) == (
+        allocated[0] + 3 * model.config.padded_vocab_size * 4)
 
 
 def test_top_k_never_leaves_its_set() -> None:

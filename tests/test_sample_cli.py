@@ -117,7 +117,7 @@ def test_running_out_of_memory_while_generating_is_one_line(
     def no_memory(*args, **kwargs):  # type: ignore[no-untyped-def]
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr("gpt.sample.generate", no_memory)
+    monkeypatch.setattr("gpt.engine.Engine.step", no_memory)
     result = invoke(run, "sample", "--checkpoint", "out", "--num-samples", "64", "--no-stream")
     assert result.exit_code == 2
     assert result.output == ("error: out of memory on cpu (asked for 2.00 GiB); lower "
@@ -133,16 +133,18 @@ def test_a_batch_larger_than_free_memory_is_refused_before_it_is_built(
 
     model = Checkpoint.open(run / "out").load_model()
     prompt = len("def f1")  # one id a character
-    needed = decoding_bytes(model, 64, prompt, 40)  # the run's max_new_tokens
+    positions = min(model.config.block_size, prompt + 40 - 1)  # the run's max_new_tokens
+    needed = decoding_bytes(model, 64, positions)
     args = ["sample", "--checkpoint", "out", "--num-samples", "64", "--no-stream",
             "--prompt", "def f1", "--dtype", "float32"]
     monkeypatch.setattr("gpt.sample.free_memory", lambda device: needed - 1)
     result = invoke(run, *args)
     assert result.exit_code == 2
     assert result.output == (
-        f"error: --num-samples 64 at --max-new-tokens 40 needs at least {needed / 2**30:.2f} GiB "
-        f"on cpu for the batch's KV cache and logits, more than the {(needed - 1) / 2**30:.2f} "
-        "GiB free there; lower --num-samples or --max-new-tokens\n")
+        f"error: decoding 64 sequences of up to {positions} positions needs at least "
+        f"{needed / 2**30:.2f} GiB on cpu for their KV cache and logits, more than the "
+        f"{(needed - 1) / 2**30:.2f} GiB free there; lower --num-samples or --max-new-tokens, or "
+        "decode fewer at once with --set sample.max_batch=N\n")
     monkeypatch.setattr("gpt.sample.free_memory", lambda device: needed)
     assert invoke(run, *args).exit_code == 0
 
