@@ -3,6 +3,8 @@ the same weights and the same greedy tokens; what either side cannot hold is ref
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -243,6 +245,22 @@ def test_hf_config_carries_token_ids_and_float32() -> None:
     dtype = getattr(hf_config, "dtype", None) or hf_config.torch_dtype  # renamed in 4.56
     assert dtype in (torch.float32, "float32")
     assert "float32" in hf_config.to_json_string()
+
+
+@pytest.mark.parametrize("name", ["gpt2-tied-gelu_tanh", "llama-gqa-untied-manual"])
+def test_saved_config_carries_what_llama_cpp_reads(name: str, tmp_path) -> None:
+    """GPT-2's context length as n_ctx (which llama.cpp's converter reads, as GPT-2's own
+    config.json has it) and Llama's theta at the top level (which transformers 4.x reads), and
+    both configs load back into the same model config."""
+    config = ModelConfig(**{**SHAPE, **OURS[name]})
+    hf_config_from_model(config).save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    if config.pos_embedding == "learned":
+        assert saved["n_ctx"] == saved["n_positions"] == BLOCK
+    else:
+        assert saved["rope_theta"] == config.rope_base == 500000.0
+    loaded = transformers.AutoConfig.from_pretrained(tmp_path)
+    assert model_config_from_hf(loaded) == model_config_from_hf(hf_config_from_model(config))
 
 
 def greedy_hf(hf: transformers.PreTrainedModel, idx: torch.Tensor, n: int) -> torch.Tensor:

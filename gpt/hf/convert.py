@@ -235,6 +235,9 @@ def hf_config_from_model(
         hf_config = GPT2Config(
             vocab_size=config.padded_vocab_size,
             n_positions=config.block_size,
+            # not a GPT2Config parameter, but GPT-2's own config.json has it, and llama.cpp's
+            # converter reads the context length only from it
+            n_ctx=config.block_size,
             n_embd=config.n_embd,
             n_layer=config.n_layer,
             n_head=config.n_head,
@@ -270,6 +273,9 @@ def hf_config_from_model(
         params = getattr(hf_config, "rope_parameters", None)
         if isinstance(params, dict):  # in case a 5.x release stops translating rope_theta
             params.update(rope_type="default", rope_theta=config.rope_base)
+            # 5.x writes theta only inside rope_parameters, which 4.x (still what many serving
+            # tools pin) ignores for its default of 10000; both read the top-level key
+            hf_config.rope_theta = config.rope_base
         hf_config.architectures = ["LlamaForCausalLM"]
     if hasattr(hf_config, "dtype"):  # transformers >= 4.56 renamed torch_dtype to dtype
         hf_config.dtype = torch.float32
