@@ -29,14 +29,22 @@ COMMANDS = "/reset (forget the conversation), /system TEXT (set the system messa
 PROMPT = "> "
 
 
+def check_settings(settings: SampleConfig) -> None:
+    """Refuse settings a chat cannot reply with, before a model is loaded."""
+    if settings.max_new_tokens < 1:
+        raise GPTError(
+            f"[sample] max_new_tokens = {settings.max_new_tokens} leaves no room for a reply; "
+            "chat with --max-new-tokens 1 or more"
+        )
+
+
 class Chat:
     """A conversation: its system message, its turns, and the engine that writes the replies."""
 
     def __init__(
         self, model: GPT, tokenizer: Tokenizer, settings: SampleConfig, system: str = ""
     ) -> None:
-        if settings.max_new_tokens < 1:
-            raise GPTError("--max-new-tokens must be at least 1 to chat; raise it")
+        check_settings(settings)
         self.engine = Engine(model, max_batch=1)
         self.tokenizer = tokenizer
         self.settings = settings

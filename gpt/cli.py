@@ -500,7 +500,7 @@ def chat(
     stops a reply. Settings come from [sample], as for gpt sample."""
     import dataclasses
 
-    from gpt.chat import Chat, run_chat
+    from gpt.chat import Chat, check_settings, run_chat
     from gpt.config import SampleConfig, layer_on_checkpoint
     from gpt.hf.pretrained import open_model
     from gpt.sample import load_for_inference
@@ -513,6 +513,7 @@ def chat(
     applies = ("sample",) if checkpoint is not None else ("sample", "train.out_dir")
     cfg = layer_on_checkpoint(found.config, config, set_, applies, "gpt chat")
     settings: SampleConfig = dataclasses.replace(cfg.sample, **flags)
+    check_settings(settings)
     with _stdout_for_text_only() as out, compile_errors("--compile"):
         model, tokenizer = load_for_inference(found, device, dtype, compile_model)
         run_chat(Chat(model, tokenizer, settings, system.strip()), stdout=out)
