@@ -516,6 +516,56 @@ MAX_HELD_TOKENS = 100_000  # per sample, when the text is printed only at the en
 MAX_HELD_TOKENS_IN_ALL = 100_000_000  # over all samples and prompts
 
 
+@command()
+def chat(
+    checkpoint: CheckpointOption = None,
+    config: ConfigOption = None,
+    set_: SetOption = None,
+    which: WhichOption = "latest",
+    system: Annotated[str, typer.Option("--system", help="The system message to start with.")] = "",
+    max_new_tokens: Annotated[
+        int | None, typer.Option("--max-new-tokens", help="Tokens per reply at most.")
+    ] = None,
+    temperature: Annotated[float | None, typer.Option("--temperature", help="0 = greedy.")] = None,
+    top_k: Annotated[
+        int | None, typer.Option("--top-k", help="Sample among the k most likely tokens.")
+    ] = None,
+    top_p: Annotated[
+        float | None,
+        typer.Option("--top-p", help="Nucleus: the fewest tokens holding this probability."),
+    ] = None,
+    seed: Annotated[int | None, typer.Option("--seed", help="Same seed, same replies.")] = None,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N, mps.")] = "auto",
+    dtype: Annotated[
+        str, typer.Option("--dtype", help="auto, float32, bfloat16, float16.")
+    ] = "auto",
+    compile_model: Annotated[
+        bool, typer.Option("--compile", help="torch.compile the model.")
+    ] = False,
+) -> None:
+    """Talk with a checkpoint's model: a message a line; /reset, /system TEXT, /quit; Ctrl-C
+    stops a reply. Settings come from [sample], as for gpt sample."""
+    import dataclasses
+
+    from gpt.chat import Chat, check_settings, run_chat
+    from gpt.config import SampleConfig, layer_on_checkpoint
+    from gpt.hf.pretrained import open_model
+    from gpt.sample import load_for_inference
+
+    path = _checkpoint_path(checkpoint, config, set_)
+    flags = {k: v for k, v in dict(max_new_tokens=max_new_tokens, temperature=temperature,
+                                    top_k=top_k, top_p=top_p, seed=seed).items() if v is not None}
+    dataclasses.replace(SampleConfig(), **flags)  # bad flags fail before a large model loads
+    found = open_model(path, which)
+    applies = ("sample",) if checkpoint is not None else ("sample", "train.out_dir")
+    cfg = layer_on_checkpoint(found.config, config, set_, applies, "gpt chat")
+    settings: SampleConfig = dataclasses.replace(cfg.sample, **flags)
+    check_settings(settings)
+    with _stdout_for_text_only() as out, compile_errors("--compile"):
+        model, tokenizer = load_for_inference(found, device, dtype, compile_model)
+        run_chat(Chat(model, tokenizer, settings, system.strip()), stdout=out)
+
+
 @contextlib.contextmanager
 def _stdout_for_text_only() -> Iterator[TextIO]:
     """The real stdout, for the command's own output; meanwhile whatever libraries print goes to

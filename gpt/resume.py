@@ -18,6 +18,7 @@ from gpt.data.prepared import PreparedData
 from gpt.errors import GPTError
 from gpt.hf.pretrained import Pretrained, is_pretrained, model_from_pretrained, open_model
 from gpt.parallel import Dist
+from gpt.tokenizer import same_tokenizer
 
 
 @dataclass(frozen=True)
@@ -191,7 +192,7 @@ def _check_compatible(
 
     The tokenizer goes first: another vocabulary changes vocab_size too, which would be named
     instead of the cause."""
-    if start.tokenizer != tokenizer:
+    if not same_tokenizer(start.tokenizer, tokenizer):
         name, saved = tokenizer.get("name"), start.tokenizer.get("name")
         what = (f"a {name!r} vocabulary other than the one {start.path} was trained with"
                 if name == saved else

@@ -2,10 +2,11 @@
 from the training text, any tiktoken encoding, or an HF model's own tokenizer (tokenizer.json,
 through the `tokenizers` library).
 
-All share one small interface (`name`, `vocab_size`, `eot_id`, `bos_id`, `encode`,
-`encode_batch`, `decode`, `to_dict`) and are rebuilt from `to_dict()` with `tokenizer_from_dict`,
-which is how datasets (meta.json) and checkpoints carry them: sampling needs no data and no
-network.
+All share one small interface (`name`, `vocab_size`, `eot_id`, `bos_id`, `chat_template`,
+`encode`, `encode_batch`, `decode`, `to_dict`) and are rebuilt from `to_dict()` with
+`tokenizer_from_dict`, which is how datasets (meta.json) and checkpoints carry them: sampling
+needs no data and no network. `same_tokenizer` is the one rule for whether two records are one
+tokenizer.
 """
 
 from __future__ import annotations
@@ -36,6 +37,9 @@ class Tokenizer(Protocol):
     vocab_size: int
     eot_id: int
     bos_id: int | None  # what the tokenizer puts before a text (Llama's <s>); the sampler does too
+    # the Jinja template an HF model lays chat messages out with (gpt/template.py); None: the
+    # plain layout
+    chat_template: str | None
 
     def encode(self, text: str) -> list[int]: ...
 
@@ -62,6 +66,7 @@ class TiktokenTokenizer:
         self.vocab_size: int = encoding.n_vocab
         self.eot_id: int = encoding.eot_token
         self.bos_id: int | None = None
+        self.chat_template: str | None = None
 
     def encode(self, text: str) -> list[int]:
         return self.encoding.encode_ordinary(text)
@@ -104,6 +109,7 @@ class CharTokenizer:
 
     name = "char"
     bos_id: int | None = None
+    chat_template: str | None = None
 
     def __init__(self, chars: Iterable[str]) -> None:
         self.chars: list[str] = sorted(set(chars) | {"\n"})
@@ -210,10 +216,43 @@ class HFTokenizer:
                 )
             self._special_ids[key] = None if token is None else vocab[token]
         self.bos_id: int | None = self._added_before_text()
+        self._special_backend: Any = None  # built when first needed
 
     @property
     def _what(self) -> str:
         return f"HF tokenizer {self.label!r}" if self.label else "HF tokenizer"
+
+    @property
+    def chat_template(self) -> str | None:
+        """The model's chat template: tokenizer_config.json's `chat_template` (or the folder's
+        chat_template.jinja); of several named ones, "default", as transformers picks it."""
+        template = self.config.get("chat_template")
+        if isinstance(template, dict):
+            if "default" not in template:
+                names = ", ".join(repr(name) for name in template)
+                raise GPTError(
+                    f"{self._what} has chat templates named {names} but none named 'default'; "
+                    "name the one to use 'default' in the model folder and import it again"
+                )
+            template = template["default"]
+        if template is not None and not isinstance(template, str):
+            raise GPTError(
+                f"{self._what}: its chat_template is not text; fix tokenizer_config.json in the "
+                "model folder and import it again"
+            )
+        return template or None
+
+    def encode_with_special_tokens(self, text: str) -> list[int]:
+        """Ids of `text` in which special tokens' strings are the special ids, as HF encodes a
+        rendered chat template ("<|im_start|>" is one id here, text in `encode`)."""
+        if self._special_backend is None:
+            from tokenizers import Tokenizer as Backend
+
+            self._special_backend = Backend.from_str(self.tokenizer_json)  # matches specials
+        try:
+            return self._special_backend.encode(text, add_special_tokens=False).ids
+        except Exception as e:
+            raise self._cannot_encode(e) from None
 
     @property
     def eot_id(self) -> int:
@@ -517,6 +556,21 @@ def get_tokenizer(name: str) -> TiktokenTokenizer:
             ) from None
     _CACHE[name] = tok
     return tok
+
+
+def same_tokenizer(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether two tokenizer records give the same ids, the one rule for data, checkpoints and
+    finetunes: equal but for an HF record's chat template, which lays out chats and changes no
+    id (a model whose template was updated keeps its prepared data)."""
+    return _identity(a) == _identity(b)
+
+
+def _identity(record: dict[str, Any]) -> Any:
+    """The record without what changes no id."""
+    if not isinstance(record, dict) or not isinstance(record.get("config"), dict):
+        return record
+    config = {k: v for k, v in record["config"].items() if k != "chat_template"}
+    return {**record, "config": config}
 
 
 def tokenizer_from_dict(d: dict[str, Any]) -> Tokenizer:

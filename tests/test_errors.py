@@ -756,6 +756,32 @@ SAMPLING = [
 ]
 
 
+CHAT = ["chat", "--checkpoint", "out"]
+CHATTING = [
+    Case("chat-without-a-model", ["chat"],
+         r"no model given: pass --checkpoint OUT_DIR \(or --config FILE for its out_dir\)"),
+    Case("chat-checkpoint-missing", ["chat", "--checkpoint", "nowhere"],
+         r"checkpoint path nowhere does not exist; pass a run's out_dir or a ckpt-\* folder"),
+    Case("chat-checkpoint-truncated", CHAT,
+         r"out/ckpt-0000020/model\.safetensors is damaged \(its sha256 differs from state\.json\); "
+         r"use another checkpoint of the run, such as out/ckpt-0000010",
+         truncate(f"{LATEST}/model.safetensors", 100)),
+    Case("chat-negative-temperature", [*CHAT, "--temperature", "-1"],
+         r"\[sample\] temperature: must be >= 0, got -1\.0"),
+    Case("chat-top-p-over-one", [*CHAT, "--top-p", "1.5"],
+         r"\[sample\] top_p: must be in \(0, 1\], got 1\.5"),
+    Case("chat-no-room-for-a-reply", [*CHAT, "--max-new-tokens", "0"],
+         r"\[sample\] max_new_tokens = 0 leaves no room for a reply; chat with --max-new-tokens 1 "
+         r"or more"),
+    Case("chat-model-override", [*CHAT, "--set", "model.n_layer=4"],
+         r"--set model\.n_layer=4: gpt chat cannot apply model\.n_layer; it takes \[sample\] keys"),
+    Case("chat-unknown-device", [*CHAT, "--device", "tpu"],
+         r"--device 'tpu' is not a device; use auto, cpu, cuda, cuda:N or mps"),
+    Case("chat-unknown-option", [*CHAT, "--prompt", "hi"],
+         r"No such option: --prompt.*; see gpt chat --help"),
+]
+
+
 def non_finite_loss(scene: Scene) -> None:
     """Every training forward from now on gives a NaN loss (a learning rate that diverged)."""
     forward = GPT.forward
@@ -1280,8 +1306,8 @@ OUTPUT_CASES += [
          r"data\.source to another file or folder$", SECRET),
 ]
 
-CASES = [*CONFIG, *DATA_CASES, *CHECKPOINTS, *SAMPLING, *FAULTS, *READS, *SMALLER_CASES,
-         *OUTPUT_CASES]
+CASES = [*CONFIG, *DATA_CASES, *CHECKPOINTS, *SAMPLING, *CHATTING, *FAULTS, *READS,
+         *SMALLER_CASES, *OUTPUT_CASES]
 
 
 @pytest.mark.parametrize(
@@ -1311,7 +1337,7 @@ def test_what_happens_when(
             lines = error_lines(outcome.stderr)
             assert len(lines) == 1 and lines[0].startswith("error: "), shown
             assert re.search(case.message, lines[0]), f"{case.message!r} not in {lines[0]!r}"
-            if case.args[0] == "sample":  # its stdout carries the text alone: none, here
+            if case.args[0] in ("sample", "chat"):  # stdout carries the text alone: none, here
                 assert outcome.stdout == "", shown
         elif case.code == 1:  # a closed pipe: its reader wants no more output, nor a word
             assert error_lines(outcome.stderr) == [], shown

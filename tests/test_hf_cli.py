@@ -301,6 +301,24 @@ def test_gpt_prepare_tokenizes_a_finetunes_data_as_gpt_train_will(hf_folder: Pat
     assert "is already prepared from these settings" in capture_train_output(toml)
 
 
+def test_a_chat_template_changed_after_prepare_keeps_the_data_and_reaches_the_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A template lays out chats and changes no id: the prepared data stays valid, and the
+    finetune's checkpoint carries the model's template, not the one the data was prepared with."""
+    monkeypatch.chdir(tmp_path)
+    Path("corpus.txt").write_text(corpus())
+    folder = save_llama(tmp_path / "tiny-llama")
+    toml = finetune_toml(folder)
+    assert runner.invoke(app, ["prepare", "--config", str(toml)]).exit_code == 0
+    template = "{% for m in messages %}{{ m['content'] }}</s>{% endfor %}"
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": template}))
+    assert train(load_config(toml, ["train.max_iters=1"])) == 0
+    assert Checkpoint.open("tuned").tokenizer["config"]["chat_template"] == template
+    assert tokenizer_from_dict(Checkpoint.open("tuned").tokenizer).chat_template == template
+
+
 def capture_train_output(toml: Path) -> str:
     result = runner.invoke(app, ["train", "--config", str(toml), "--set", "train.max_iters=2"])
     assert result.exit_code == 0, result.output

@@ -318,3 +318,5 @@ def test_prepare_with_an_hf_record_in_workers_gives_direct_ids(tmp_path: Path) -
     assert prepare(cfg, progress=False, tokenizer_record=record) == meta  # already prepared
     with pytest.raises(GPTError, match=r"a tokenizer other than the base model's"):
         prepare(cfg, progress=False, tokenizer_record={**record, "label": "another"})
+    updated = {**record, "config": {**record["config"], "chat_template": "{{ 'new' }}"}}
+    assert prepare(cfg, progress=False, tokenizer_record=updated) == meta  # the same ids

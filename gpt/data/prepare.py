@@ -45,6 +45,7 @@ from gpt.tokenizer import (
     CharTokenizer,
     Tokenizer,
     get_tokenizer,
+    same_tokenizer,
     tokenizer_from_dict,
 )
 
@@ -394,15 +395,15 @@ def _existing_data(
     if force or not has_prepared_data(data_dir):
         return None
     meta = PreparedData(data_dir).meta
-    same_tokenizer = tokenizer_record is None or meta["tokenizer"] == tokenizer_record
-    if meta.get("fingerprint") == fingerprint and same_tokenizer:
+    same = tokenizer_record is None or same_tokenizer(meta["tokenizer"], tokenizer_record)
+    if meta.get("fingerprint") == fingerprint and same:
         _check_split_sizes(meta["tokens"], block_size, data_dir)
         if progress:
             print(f"{data_dir} is already prepared from these settings; nothing to do "
                   "(--force rebuilds)")
         return meta
     what = _what_changed(meta, cfg)
-    if not same_tokenizer:
+    if not same:
         what = "a tokenizer other than the base model's"
     raise GPTError(
         f"{data_dir} holds data prepared from other settings ({what}); rebuild it with "
