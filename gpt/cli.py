@@ -527,12 +527,12 @@ def serve(
     cfg = layer_on_checkpoint(found.config, config, set_, applies, "gpt serve")
     flags = {k: v for k, v in dict(host=host, port=port).items() if v is not None}
     settings = dataclasses.replace(cfg.serve, **flags)
-    sock = bind(settings.host, settings.port)  # a port in use fails before the model loads
-    with _stdout_for_text_only():
-        model, tokenizer = load_for_inference(found, device, dtype, False)
-    engine, context = build_engine(model, settings)
-    run(sock, engine, tokenizer, path, settings, context, api_key or None,
-        cors_origin or ())
+    with bind(settings.host, settings.port) as sock:  # a port in use fails before loading
+        with _stdout_for_text_only():
+            model, tokenizer = load_for_inference(found, device, dtype, False)
+        engine, context = build_engine(model, settings)
+        run(sock, engine, tokenizer, path, settings, context, api_key or None,
+            cors_origin or ())
 
 
 @command(name="eval")
