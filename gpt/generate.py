@@ -48,9 +48,13 @@ def sample_next(
     temperature: float,
     top_k: int | None,
     top_p: float,
-    generator: torch.Generator | None,
+    generator: torch.Generator | None = None,
+    uniforms: Tensor | None = None,
 ) -> Tensor:
     """Next ids (B,) from the last position's logits (B, V); temperature 0 is greedy.
+
+    The draw takes one uniform number per row: `uniforms` (B, 1) where each row has its own
+    generator (the engine's requests), else drawn from `generator` for the whole batch.
 
     Draws among the candidates only (the top k, sorted, when top_k is set) with one uniform
     number per row: `torch.multinomial` over a whole 50k vocabulary draws a random number per
@@ -58,10 +62,10 @@ def sample_next(
     """
     if temperature == 0:
         return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
     candidates = None  # (B, k) ids of `logits`' columns; None = the whole vocabulary
-    if top_k is not None and top_k < logits.size(-1):
+    if top_k is not None and top_k < logits.size(-1):  # before scaling: k values, not V
         logits, candidates = torch.topk(logits, top_k, dim=-1)  # (B, k), descending
+    logits = logits.float() / temperature
     if top_p < 1.0:  # the nucleus of the distribution left after top-k
         total = torch.logsumexp(logits, dim=-1, keepdim=True)  # (B, 1)
         if candidates is None:
@@ -69,7 +73,7 @@ def sample_next(
         probs = (logits - total).exp()  # (B, k) each candidate's probability, descending
         mass_before = probs.cumsum(dim=-1) - probs  # probability of the tokens ranked above
         logits = logits.masked_fill(mass_before >= top_p, float("-inf"))  # keeps the first
-    choice = draw(torch.softmax(logits, dim=-1), generator)  # (B,)
+    choice = draw(torch.softmax(logits, dim=-1), generator, uniforms)  # (B,)
     return choice if candidates is None else candidates.gather(-1, choice[:, None]).squeeze(-1)
 
 
@@ -87,10 +91,15 @@ def _head_holding(
     return torch.sort(logits, dim=-1, descending=True)  # (B, V)
 
 
-def draw(probs: Tensor, generator: torch.Generator | None) -> Tensor:
-    """One index per row of probs (B, N), by inverting the cumulative distribution."""
+def draw(
+    probs: Tensor, generator: torch.Generator | None, uniforms: Tensor | None = None
+) -> Tensor:
+    """One index per row of probs (B, N), by inverting the cumulative distribution at a uniform
+    number per row (`uniforms` (B, 1), or drawn from `generator`)."""
     cdf = probs.cumsum(dim=-1)  # (B, N)
-    u = torch.rand((probs.size(0), 1), generator=generator, device=probs.device)  # (B, 1)
+    u = uniforms if uniforms is not None else torch.rand(
+        (probs.size(0), 1), generator=generator, device=probs.device
+    )  # (B, 1)
     choice = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)  # zero-width bins never hit
     choice = choice.clamp_(max=probs.size(-1) - 1)  # u * total rounded up to the total
     # that clamp could land on a zero-probability tail entry (~1e-7 of draws): take the mode
@@ -127,7 +136,7 @@ def generate(
         prompt.size(0), cache_length(block_size, prompt.size(1), max_new_tokens),
         cache_dtype(model),
     )
-    logits, _ = model(window, cache=cache, start=0, last_only=True)  # prefill
+    logits, _ = model(window, cache=cache, last_only=True)  # prefill
     for step in range(max_new_tokens):
         last = logits[:, -1, :vocab_size]  # (B, V) the tokenizer's ids only
         next_ids = sample_next(last, temperature, top_k, top_p, generator)  # (B,)
@@ -135,8 +144,9 @@ def generate(
         if step == max_new_tokens - 1:
             break  # no forward pass for a token nobody will read
         if window.size(1) < block_size:  # one new position against the cache
-            logits, _ = model(next_ids[:, None], cache=cache, start=window.size(1), last_only=True)
+            logits, _ = model(next_ids[:, None], cache=cache, last_only=True)
             window = torch.cat([window, next_ids[:, None]], dim=1)
         else:  # slide: the window drops its oldest token and is computed afresh
             window = torch.cat([window[:, 1:], next_ids[:, None]], dim=1)
-            logits, _ = model(window, cache=cache, start=0, last_only=True)
+            cache.reset()
+            logits, _ = model(window, cache=cache, last_only=True)

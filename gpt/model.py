@@ -21,6 +21,7 @@ from torch.utils.checkpoint import checkpoint
 
 from gpt.config import ModelConfig
 from gpt.errors import GPTError
+from gpt.kvcache import Group, KVCache
 
 
 def relu_squared(x: Tensor) -> Tensor:
@@ -87,29 +88,6 @@ def soft_cap(logits: Tensor, cap: float) -> Tensor:
     return cap * torch.tanh(logits.float() / cap)
 
 
-class KVCache:
-    """Keys and values of one attention layer, preallocated for `max_len` positions.
-
-    Decoding writes the new positions in place and attends over the filled prefix, so each new
-    token costs one pass over the weights and no re-computation of earlier positions.
-    """
-
-    def __init__(
-        self, batch: int, n_kv_head: int, max_len: int, head_dim: int, device: torch.device,
-        dtype: torch.dtype,
-    ) -> None:
-        shape = (batch, n_kv_head, max_len, head_dim)  # unfilled positions are never read
-        self.k = torch.empty(shape, device=device, dtype=dtype)  # (B, nkv, L, hs)
-        self.v = torch.empty(shape, device=device, dtype=dtype)  # (B, nkv, L, hs)
-
-    def update(self, start: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Store k, v (B, nkv, T, hs) at positions start..start+T; return all keys/values so far."""
-        end = start + k.size(2)
-        self.k[:, :, start:end] = k
-        self.v[:, :, start:end] = v
-        return self.k[:, :, :end], self.v[:, :, :end]
-
-
 class Attention(nn.Module):
     """Multi-head attention with a fused QKV projection and optional grouped key/value heads.
 
@@ -144,9 +122,12 @@ class Attention(nn.Module):
         context: Tensor | None = None,
         rope: tuple[Tensor, Tensor] | None = None,
         cache: KVCache | None = None,
-        start: int = 0,
+        layer: int = 0,
     ) -> Tensor:
-        """Attention of x (B, T, C); with `cache`, x holds positions start..start+T-1 only."""
+        """Attention of x (B, T, C); with `cache`, x (1, N, C) holds the new tokens of the
+        cache's pass and attends over each row's cached keys too (incremental decoding)."""
+        if cache is not None:
+            return self.resid_dropout(self.c_proj(self._attend_cached(x, cache, layer)))
         B, T, _ = x.shape  # batch, sequence length, n_embd
         if context is None:
             q, k, v = self.c_attn(x).split([self.q_dim, self.kv_dim, self.kv_dim], dim=-1)
@@ -161,46 +142,69 @@ class Attention(nn.Module):
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, S, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, S, hs)
         v = v.view(B, S, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, S, hs)
-        if self.qk_norm_eps is not None:  # each head's q and k to unit RMS, then rotated
-            q, k = rms_norm(q, self.qk_norm_eps), rms_norm(k, self.qk_norm_eps)
-        if self.rope and rope is not None:
-            cos, sin = rope
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None:
-            k, v = cache.update(start, k, v)  # (B, nkv, start+T, hs), in the cache's dtype
-            q = q.to(k.dtype)  # a float32 cache under bfloat16 weights: attention in float32
-        if self.n_kv_head != self.n_head:  # grouped-query: each kv head serves n_head/n_kv queries
-            repeats = self.n_head // self.n_kv_head
-            k = k.repeat_interleave(repeats, dim=1)  # (B, nh, S, hs)
-            v = v.repeat_interleave(repeats, dim=1)  # (B, nh, S, hs)
+        q, k = self._normalise_and_rotate(q, k, rope)
+        k, v = self._repeat_kv(k, v)
         if self.manual:
-            y = self._manual_attention(q, k, v)
-        elif cache is not None and self.causal and start > 0 and T == 1:
-            y = F.scaled_dot_product_attention(q, k, v)  # one new query sees every cached key
-        elif cache is not None and self.causal and start > 0:
-            # query i sits at position start + i and may see keys 0..start+i
-            visible = self.mask_for(T, k.size(-2), start, x.device)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=visible)
+            mask = self.mask[:T, :S] if self.causal else None
+            y = self._manual_attention(q, k, v, mask)
         else:
             y = F.scaled_dot_product_attention(
                 q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=self.causal
             )
-        y = y.transpose(1, 2).contiguous().view(B, T, self.q_dim).to(x.dtype)  # (B, T, nh*hs)
+        y = y.transpose(1, 2).contiguous().view(B, T, self.q_dim)  # (B, T, nh*hs)
         return self.resid_dropout(self.c_proj(y))
 
-    @staticmethod
-    def mask_for(T: int, S: int, start: int, device: torch.device) -> Tensor:
-        """(T, S) bool: query i (at position start + i) sees keys 0..start + i."""
-        keys = torch.arange(S, device=device)
-        return keys[None, :] <= (start + torch.arange(T, device=device))[:, None]
+    def _attend_cached(self, x: Tensor, cache: KVCache, layer: int) -> Tensor:
+        """Each group of the pass: its queries against its rows' keys, old and new (1, N, nh*hs)."""
+        q, k, v = self.c_attn(x).split([self.q_dim, self.kv_dim, self.kv_dim], dim=-1)
+        outputs = []
+        for group in cache.groups:
+            b, T = group.size, group.T
+            span = slice(group.offset, group.offset + b * T)
+            qg = q[0, span].view(b, T, self.n_head, self.head_dim).transpose(1, 2)  # (b, nh, T, hs)
+            kg = k[0, span].view(b, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+            vg = v[0, span].view(b, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+            qg, kg = self._normalise_and_rotate(qg, kg, group.rope)
+            kg, vg = cache.update(layer, group, kg, vg)  # (b, nkv, S, hs) in the cache's dtype
+            qg = qg.to(kg.dtype)  # a float32 cache under bfloat16 weights: attention in float32
+            kg, vg = self._repeat_kv(kg, vg)
+            y = self._attend_group(qg, kg, vg, group)  # (b, nh, T, hs)
+            outputs.append(y.transpose(1, 2).reshape(1, b * T, self.q_dim))
+        y = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
+        return y.to(x.dtype)
 
-    def _manual_attention(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        """softmax(QK^T / sqrt(hs) + causal mask) V, written out."""
-        T, S = q.size(-2), k.size(-2)
+    def _attend_group(self, q: Tensor, k: Tensor, v: Tensor, group: Group) -> Tensor:
+        """Attention of one group: a mask where rows or positions differ, else plain causal
+        (fresh rows) or unmasked (one new token each, which sees every cached key)."""
+        if self.manual:
+            T, S = q.size(-2), k.size(-2)
+            mask = self.mask[:T, :S] if group.causal else group.mask
+            return self._manual_attention(q, k, v, mask)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=group.mask, is_causal=group.causal)
+
+    def _normalise_and_rotate(
+        self, q: Tensor, k: Tensor, rope: tuple[Tensor, Tensor] | None
+    ) -> tuple[Tensor, Tensor]:
+        """QK-norm (each head's q and k to unit RMS), then rotary positions, where enabled."""
+        if self.qk_norm_eps is not None:
+            q, k = rms_norm(q, self.qk_norm_eps), rms_norm(k, self.qk_norm_eps)
+        if self.rope and rope is not None:
+            cos, sin = rope
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        return q, k
+
+    def _repeat_kv(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Grouped-query: each kv head serves n_head / n_kv_head query heads (B, nh, S, hs)."""
+        if self.n_kv_head == self.n_head:
+            return k, v
+        repeats = self.n_head // self.n_kv_head
+        return k.repeat_interleave(repeats, dim=1), v.repeat_interleave(repeats, dim=1)
+
+    def _manual_attention(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+        """softmax(QK^T / sqrt(hs) + mask) V, written out; mask True = visible."""
         att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(self.head_dim))  # (B, nh, T, S)
-        if self.causal:
-            start = S - T  # queries are the last T positions (S - T > 0 when decoding)
-            att = att.masked_fill(~self.mask[start : start + T, :S], float("-inf"))
+        if mask is not None:
+            att = att.masked_fill(~mask, float("-inf"))
         att = self.attn_dropout(F.softmax(att, dim=-1))
         return att @ v  # (B, nh, T, hs)
 
@@ -252,13 +256,19 @@ class Block(nn.Module):
         context: Tensor | None = None,
         rope: tuple[Tensor, Tensor] | None = None,
         cache: KVCache | None = None,
-        start: int = 0,
+        layer: int = 0,
     ) -> Tensor:
-        attend = lambda h: self.attn(h, rope=rope, cache=cache, start=start)  # noqa: E731
+        attend = lambda h: self.attn(h, rope=rope, cache=cache, layer=layer)  # noqa: E731
         x = self._residual(x, self.ln_1, attend)
         if self.cross_attn is not None:
-            x = self._residual(x, self.ln_cross, lambda h: self.cross_attn(h, context=context))
+            x = self._residual(x, self.ln_cross, lambda h: self._cross(h, context))
         return self._residual(x, self.ln_2, self.mlp)
+
+    def _cross(self, h: Tensor, context: Tensor | None) -> Tensor:
+        """Cross-attention of h to context (B, S, C); a cached pass's tokens (1, B*T, C) are
+        viewed as the B rows they belong to."""
+        assert self.cross_attn is not None and context is not None
+        return self.cross_attn(h.view(context.size(0), -1, h.size(-1)), context=context).view_as(h)
 
 
 class GPT(nn.Module):
@@ -326,34 +336,39 @@ class GPT(nn.Module):
         idx: Tensor,
         targets: Tensor | None = None,
         context: Tensor | None = None,
-        cache: list[KVCache] | None = None,
-        start: int = 0,
+        cache: KVCache | None = None,
         last_only: bool = False,
     ) -> tuple[Tensor, Tensor | None]:
         """Logits (B, T, vocab) for every position of idx (B, T); loss if targets are given.
 
         The loss is the mean cross-entropy over targets that are not -1. `context` (B, S, n_embd)
         feeds the cross-attention sublayers of a model built with `cross_attention = true`.
-        With `cache` (from `new_cache`), idx holds positions start..start+T-1 and the keys and
-        values of earlier positions come from the cache (incremental decoding). `last_only`
-        computes the LM head for the last position only (B, 1, vocab): all sampling needs.
-        With `logit_softcap` set, the logits (training's and sampling's alike) are soft-capped.
+        With `cache` (from `new_cache`), idx holds only new tokens: row i's continue where row i
+        of the cache ends, and earlier keys and values come from the cache (incremental
+        decoding; see gpt/kvcache.py for passes that feed rows unequal numbers of tokens).
+        `last_only` computes the LM head for each row's last token only (B, 1, vocab): all
+        sampling needs. With `logit_softcap` set, the logits (training's and sampling's alike)
+        are soft-capped.
         """
         B, T = idx.shape
-        if start + T > self.config.block_size:
+        if cache is None and T > self.config.block_size:
             raise GPTError(
-                f"sequence of {start + T} tokens is longer than block_size = "
-                f"{self.config.block_size}"
+                f"sequence of {T} tokens is longer than block_size = {self.config.block_size}"
             )
         if self.config.cross_attention and context is None:
             raise GPTError("this model has cross-attention blocks; pass context=(B, S, n_embd)")
+        groups = None
+        if cache is not None:
+            groups = cache.begin((B, T))
+            idx = idx.reshape(1, -1)  # (1, N) the groups' tokens one after another
         x = self.transformer.wte(idx)  # (B, T, C)
         rope = None
-        if "wpe" in self.transformer:
-            positions = torch.arange(start, start + T, device=idx.device)
-            x = x + self.transformer.wpe(positions)  # (T, C) broadcast
+        if groups is not None:
+            x = self._place_cached(x, groups)
+        elif "wpe" in self.transformer:
+            x = x + self.transformer.wpe(torch.arange(T, device=idx.device))  # (T, C) broadcast
         else:
-            rope = (self.rope_cos[start : start + T], self.rope_sin[start : start + T])  # (T, hs/2)
+            rope = (self.rope_cos[:T], self.rope_sin[:T])  # (T, hs/2)
         x = self.transformer.drop(x)
         recompute = (self.activation_checkpointing and self.training and torch.is_grad_enabled()
                      and cache is None)
@@ -363,12 +378,18 @@ class GPT(nn.Module):
                 # same dropout masks (the RNG state is saved and replayed)
                 x = checkpoint(block, x, context=context, rope=rope, use_reentrant=False)
                 continue
-            layer_cache = cache[i] if cache is not None else None
-            x = block(x, context=context, rope=rope, cache=layer_cache, start=start)
+            x = block(x, context=context, rope=rope, cache=cache, layer=i)
+        if cache is not None:
+            cache.advance()
         if "ln_f" in self.transformer:
             x = self.transformer.ln_f(x)
-        if last_only:
+        if groups is not None and last_only:
+            last = [g.offset + i * g.T + n - 1 for g in groups for i, n in enumerate(g.fed)]
+            x = x[0, last][:, None]  # (rows, 1, C): each row's last real token
+        elif last_only:
             x = x[:, -1:]  # (B, 1, C): the head is the largest matmul; skip unused positions
+        elif groups is not None and len(groups) == 1:
+            x = x.view(groups[0].size, groups[0].T, -1)  # (b, T, C)
         logits = self.lm_head(x)  # (B, T, vocab)
         if self.config.logit_softcap is not None:
             logits = soft_cap(logits, self.config.logit_softcap)  # (B, T, vocab) float32
@@ -379,21 +400,33 @@ class GPT(nn.Module):
             )
         return logits, loss
 
+    def _place_cached(self, x: Tensor, groups: list[Group]) -> Tensor:
+        """Positions of a cached pass's tokens x (1, N, C): learned ones added, or each group's
+        rotary angles set for its attention."""
+        if "wpe" in self.transformer:
+            positions = [g.positions.expand(g.size, g.T).reshape(-1) for g in groups]
+            return x + self.transformer.wpe(torch.cat(positions))  # (N, C) broadcast
+        for g in groups:  # (T, hs/2) shared by lockstep rows, else (b, 1, T, hs/2)
+            cos, sin = self.rope_cos[g.positions], self.rope_sin[g.positions]
+            g.rope = (cos, sin) if g.positions.dim() == 1 else (cos[:, None], sin[:, None])
+        return x
+
     def new_cache(
         self, batch: int, max_len: int | None = None, dtype: torch.dtype | None = None
-    ) -> list[KVCache]:
-        """An empty per-layer KV cache for `batch` sequences of up to `max_len` positions.
+    ) -> KVCache:
+        """An empty KV cache for `batch` sequences of up to `max_len` positions (block_size).
 
         `dtype` defaults to the weights'; attention then runs in the cache's dtype (float32
         keys and values under bfloat16 weights: CPU attention kernels are far faster in float32).
         """
         cfg = self.config
+        max_len = max_len or cfg.block_size
+        if max_len > cfg.block_size:
+            raise GPTError(f"a cache of {max_len} positions is longer than block_size = "
+                           f"{cfg.block_size}")
         weight = self.transformer.wte.weight
-        return [
-            KVCache(batch, cfg.kv_heads, max_len or cfg.block_size, cfg.head_dim,
-                    weight.device, dtype or weight.dtype)
-            for _ in range(cfg.n_layer)
-        ]
+        return KVCache(cfg.n_layer, batch, cfg.kv_heads, max_len, cfg.head_dim, weight.device,
+                       dtype or weight.dtype)
 
     def load_weights(self, state: Mapping[str, Tensor]) -> tuple[list[str], list[str]]:
         """Copy `state` in, where a tied head may be left out (checkpoints store it once, as the

@@ -98,12 +98,12 @@ def decode_step_ms(model: GPT, n: int, without_matmuls: bool = False) -> float:
         PackedLinear.forward = lambda self, x: x.new_zeros(*x.shape[:-1], self.out_features)
     try:
         cache = model.new_cache(1, 16 + n, cache_dtype(model))
-        model(torch.zeros(1, 16, dtype=torch.long), cache=cache, start=0, last_only=True)
+        model(torch.zeros(1, 16, dtype=torch.long), cache=cache, last_only=True)
         token = torch.zeros(1, 1, dtype=torch.long)
         times = []
-        for i in range(n):
+        for _ in range(n):
             start = time.perf_counter()
-            model(token, cache=cache, start=16 + i, last_only=True)
+            model(token, cache=cache, last_only=True)
             times.append(time.perf_counter() - start)
     finally:
         PackedLinear.forward = forward

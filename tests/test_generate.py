@@ -71,10 +71,10 @@ def test_cached_logits_equal_uncached(variant: dict, tiny: Callable[..., GPT]) -
     assert isinstance(packed.lm_head, PackedLinear) == packing_works(torch.float32)
     for m in (model, packed):
         cache = m.new_cache(2)
-        prefill, _ = m(idx[:, :6], context=context, cache=cache, start=0)
+        prefill, _ = m(idx[:, :6], context=context, cache=cache)
         steps = [prefill]
         for t in range(6, 16):
-            logits, _ = m(idx[:, t : t + 1], context=context, cache=cache, start=t)
+            logits, _ = m(idx[:, t : t + 1], context=context, cache=cache)
             steps.append(logits)
         torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=0, atol=1e-5)
 
@@ -88,9 +88,9 @@ def test_float32_cache_under_bfloat16_weights(attention: str, tiny: Callable[...
     idx = torch.randint(0, 50, (2, 16))
     full, _ = model(idx)
     cache = model.new_cache(2, dtype=torch.float32)
-    assert cache[0].k.dtype == torch.float32
-    steps = [model(idx[:, :6], cache=cache, start=0)[0]]
-    steps += [model(idx[:, t : t + 1], cache=cache, start=t)[0] for t in range(6, 16)]
+    assert cache.k.dtype == torch.float32
+    steps = [model(idx[:, :6], cache=cache)[0]]
+    steps += [model(idx[:, t : t + 1], cache=cache)[0] for t in range(6, 16)]
     cached = torch.cat(steps, dim=1)
     assert cached.dtype == torch.bfloat16
     torch.testing.assert_close(cached.float(), full.float(), rtol=0, atol=0.05)
@@ -102,8 +102,8 @@ def test_chunked_prefill_after_cache(tiny: Callable[..., GPT]) -> None:
     idx = torch.randint(0, 50, (1, 16))
     full, _ = model(idx)
     cache = model.new_cache(1)
-    a, _ = model(idx[:, :5], cache=cache, start=0)
-    b, _ = model(idx[:, 5:12], cache=cache, start=5)
+    a, _ = model(idx[:, :5], cache=cache)
+    b, _ = model(idx[:, 5:12], cache=cache)
     torch.testing.assert_close(torch.cat([a, b], dim=1), full[:, :12], rtol=0, atol=1e-5)
 
 
@@ -189,7 +189,7 @@ def test_decoding_bytes_counts_the_cache_generate_allocates(
 
     def recorded(*args: object, **kwargs: object) -> list:
         cache = new_cache(*args, **kwargs)  # type: ignore[arg-type]
-        allocated.append(sum(layer.k.nbytes + layer.v.nbytes for layer in cache))
+        allocated.append(cache.k.nbytes + cache.v.nbytes)
         return cache
 
     monkeypatch.setattr(model, "new_cache", recorded)

@@ -122,7 +122,7 @@ def test_qk_norm_gives_attention_unit_rms_queries_and_keys(
     else:
         manual = Attention._manual_attention
         monkeypatch.setattr(Attention, "_manual_attention",
-                            lambda self, q, k, v: seen.append((q, k)) or manual(self, q, k, v))
+                            lambda self, q, k, v, mask: seen.append((q, k)) or manual(self, q, k, v, mask))
     idx = torch.randint(0, 64, (2, 16))
     for qk_norm in (True, False):
         seen.clear()
