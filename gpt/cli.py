@@ -584,6 +584,54 @@ def _stdout_for_text_only() -> Iterator[TextIO]:
             logging.disable(previous)
 
 
+@command()
+def serve(
+    checkpoint: CheckpointOption = None,
+    config: ConfigOption = None,
+    set_: SetOption = None,
+    which: WhichOption = "latest",
+    host: Annotated[str | None, typer.Option(
+        "--host", help="Address to listen on (default 127.0.0.1: this machine only).",
+        show_default=False)] = None,
+    port: Annotated[int | None, typer.Option(
+        "--port", help="TCP port (default 8000; 0 = any free one).", show_default=False)] = None,
+    api_key: Annotated[str | None, typer.Option(
+        "--api-key", envvar="GPT_API_KEY", show_envvar=True, show_default=False,
+        help="Require 'Authorization: Bearer KEY' on every API route.")] = None,
+    cors_origin: Annotated[list[str] | None, typer.Option(
+        "--cors-origin", show_default=False,
+        help="Let pages from this origin call the API (repeatable); none by default.")] = None,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N, mps.")] = "auto",
+    dtype: Annotated[str, typer.Option(
+        "--dtype", help="auto (bfloat16 where computed natively), float32, bfloat16, float16."
+    )] = "auto",
+) -> None:
+    """Serve a checkpoint over OpenAI's API (/v1/completions, /v1/chat/completions) with a chat
+    page at / (needs the serve extra: pip install 'gpt[serve]')."""
+    import dataclasses
+
+    from gpt.config import layer_on_checkpoint
+    from gpt.hf.pretrained import open_model
+    from gpt.sample import load_for_inference
+    from gpt.serve import require_extra
+
+    require_extra()
+    from gpt.serve.server import bind, build_engine, run
+
+    path = _checkpoint_path(checkpoint, config, set_)
+    found = open_model(path, which)
+    applies = ("serve",) if checkpoint is not None else ("serve", "train.out_dir")
+    cfg = layer_on_checkpoint(found.config, config, set_, applies, "gpt serve")
+    flags = {k: v for k, v in dict(host=host, port=port).items() if v is not None}
+    settings = dataclasses.replace(cfg.serve, **flags)
+    with bind(settings.host, settings.port) as sock:  # a port in use fails before loading
+        with _stdout_for_text_only():
+            model, tokenizer = load_for_inference(found, device, dtype, False)
+        engine, context = build_engine(model, settings)
+        run(sock, engine, tokenizer, path, settings, context, api_key or None,
+            cors_origin or ())
+
+
 @command(name="eval")
 def eval_(
     checkpoint: CheckpointOption = None,

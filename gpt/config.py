@@ -436,6 +436,46 @@ class SampleConfig(_Section):
 
 
 @dataclass(frozen=True)
+class ServeConfig(_Section):
+    """The `[serve]` section: `gpt serve`'s address, its engine's batch and its request limits."""
+
+    section = "serve"
+
+    host: str = _key(
+        "127.0.0.1", "address to listen on: loopback only by default; 0.0.0.0 opens it to the "
+        "network (set an API key then)"
+    )
+    port: int = _key(8000, "TCP port to listen on")
+    max_batch: int = _key(16, "sequences the engine decodes together; more requests wait")
+    context: int | None = _key(
+        None, "tokens a sequence may hold, prompt and completion together; unset = block_size"
+    )
+    prefill_chunk: int = _key(256, "prompt tokens the engine reads per step and sequence")
+    max_tokens: int = _key(
+        4096, "the most tokens one request may ask for (max_tokens); never more than context"
+    )
+    default_max_tokens: int = _key(
+        256, "max_tokens of a request that gives none (less where the context has less room)"
+    )
+    max_body_bytes: int = _key(2**20, "the largest request body accepted, in bytes")
+    max_connections: int = _key(
+        64, "open connections at once; more are answered 503 at once"
+    )
+    grace: float = _key(
+        10.0, "seconds a stop (SIGTERM, Ctrl-C) lets running requests finish before cancelling"
+    )
+
+    def check(self) -> None:
+        self._positive("max_batch", "context", "prefill_chunk", "max_tokens")
+        self._positive("default_max_tokens", "max_body_bytes", "max_connections")
+        self._non_negative("grace")
+        if not 0 <= self.port <= 65535:
+            self._fail("port", f"must be in [0, 65535] (0 = any free port), got {self.port!r}")
+        if not self.host.strip():
+            self._fail("host", "is empty; give an address such as 127.0.0.1")
+
+
+@dataclass(frozen=True)
 class LogConfig(_Section):
     """The `[log]` section: experiment tracking."""
 
@@ -455,6 +495,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
 
@@ -463,6 +504,7 @@ SECTIONS: dict[str, type[_Section]] = {
     "data": DataConfig,
     "train": TrainConfig,
     "sample": SampleConfig,
+    "serve": ServeConfig,
     "log": LogConfig,
 }
 

@@ -24,6 +24,7 @@ import re
 import resource
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -1082,6 +1083,44 @@ READS = [
          after=nothing_exported),
 ]
 
+# gpt serve: what it refuses before it serves (its requests' errors are in test_serve.py)
+SERVE = ["serve", "--checkpoint", "out"]
+
+
+def port_in_use(args: list[str]) -> Outcome:
+    """The command with --port naming a port another program listens on."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        return in_process([*args, "--port", str(taken.getsockname()[1])])
+
+
+def without_serve_extra(scene: Scene) -> None:
+    """FastAPI and uvicorn not installed, as after a plain `pip install gpt`."""
+    find_spec = importlib.util.find_spec
+    scene.patch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in (
+        "fastapi", "uvicorn") else find_spec(name, *a))
+
+
+SERVING = [
+    Case("serve-port-in-use", SERVE,
+         r"port \d+ on 127\.0\.0\.1 is in use \(another gpt serve\?\); stop that program or "
+         r"choose another port with --port", run=port_in_use),
+    Case("serve-without-the-extra", SERVE,
+         r"gpt serve needs the serve extra: pip install 'gpt\[serve\]'", without_serve_extra),
+    Case("serve-port-out-of-range", [*SERVE, "--port", "70000"],
+         r"\[serve\] port: must be in \[0, 65535\] \(0 = any free port\), got 70000"),
+    Case("serve-empty-host", [*SERVE, "--host", " "],
+         r"\[serve\] host: is empty; give an address such as 127\.0\.0\.1"),
+    Case("serve-context-over-block-size", [*SERVE, "--port", "0", "--set", "serve.context=64"],
+         r"\[serve\] context = 64 is more than the model's block_size \(32\); lower it or leave "
+         r"it unset"),
+    Case("serve-model-override", [*SERVE, "--set", "model.n_layer=4"],
+         r"--set model\.n_layer=4: gpt serve cannot apply model\.n_layer; it takes \[serve\] keys"),
+    Case("serve-zero-batch", [*SERVE, "--set", "serve.max_batch=0"],
+         r"\[serve\] max_batch: must be > 0, got 0"),
+]
+
 SMALLER_CASES = [
     Case("eval-hf-model-without-data", ["eval", "--checkpoint", "hf:gpt2-64"],
          r"hf:gpt2-64 is an HF model, not a run: no data was prepared for it \(/\S+/run/data/"
@@ -1307,7 +1346,7 @@ OUTPUT_CASES += [
 ]
 
 CASES = [*CONFIG, *DATA_CASES, *CHECKPOINTS, *SAMPLING, *CHATTING, *FAULTS, *READS,
-         *SMALLER_CASES, *OUTPUT_CASES]
+         *SMALLER_CASES, *OUTPUT_CASES, *SERVING]
 
 
 @pytest.mark.parametrize(
