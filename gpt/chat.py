@@ -21,7 +21,7 @@ from gpt.config import SampleConfig
 from gpt.engine import Engine, Request
 from gpt.errors import GPTError
 from gpt.model import GPT
-from gpt.sample import TextStream
+from gpt.sample import TextStream, stop_ids
 from gpt.template import chat_prompt, chat_stops
 from gpt.tokenizer import Tokenizer
 
@@ -106,7 +106,7 @@ class Chat:
             top_k=self.settings.top_k,
             top_p=self.settings.top_p,
             seed=self.settings.seed + self.replies,
-            stop_ids=frozenset({self.tokenizer.eot_id}),
+            stop_ids=stop_ids(self.tokenizer, ignore_eos=False),
         )
         self.replies += 1
         stream = TextStream(self.tokenizer, self.stops)

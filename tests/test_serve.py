@@ -246,9 +246,13 @@ def test_stop_string_cuts_the_text_and_frees_the_sequence(served: Served, model:
     wait_until(lambda: served.engine.running == 0, "the stopped sequence to leave the batch")
 
 
-def test_end_of_text_finishes_with_stop(served: Served, model: GPT,
-                                        tokenizer: CharTokenizer) -> None:
-    """The end-of-text id always ends a sequence: it counts as a token and has no text."""
+@pytest.mark.parametrize("ends", [True, False], ids=["end-of-text", "char-newline-is-text"])
+def test_end_of_text_finishes_with_stop(served: Served, model: GPT, tokenizer: CharTokenizer,
+                                        monkeypatch: pytest.MonkeyPatch, ends: bool) -> None:
+    """The end-of-text id ends a sequence: it counts as a token and has no text. A char
+    vocabulary has none (its separator, a newline, is text), so there the reply goes on."""
+    if ends:  # as for a tokenizer with a true end-of-text id
+        monkeypatch.setattr("gpt.serve.app.stop_ids", lambda t, ignore_eos: {t.eot_id})
     row = model.lm_head.weight[tokenizer.eot_id]
     with torch.no_grad():
         row.fill_(1.0)  # now it always wins
@@ -257,8 +261,11 @@ def test_end_of_text_finishes_with_stop(served: Served, model: GPT,
     finally:
         with torch.no_grad():
             row.fill_(-1.0)
-    assert reply.choices[0].text == "" and reply.choices[0].finish_reason == "stop"
-    assert reply.usage.completion_tokens == 1
+    if ends:
+        assert reply.choices[0].text == "" and reply.choices[0].finish_reason == "stop"
+        assert reply.usage.completion_tokens == 1
+    else:
+        assert reply.choices[0].text == "\n" * 10 and reply.choices[0].finish_reason == "length"
 
 
 def test_default_max_tokens_fits_the_context(served: Served, tokenizer: CharTokenizer) -> None:

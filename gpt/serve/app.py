@@ -28,7 +28,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from gpt.engine import EngineThread, Event
 from gpt.engine import Request as EngineRequest
 from gpt.errors import GPTError
-from gpt.sample import TextStream, prompt_ids
+from gpt.sample import TextStream, prompt_ids, stop_ids
 from gpt.serve import api
 from gpt.serve.api import APIError, Generation, Limits
 from gpt.serve.stats import Stats
@@ -87,7 +87,7 @@ class Answer:
                     prompt=prompt, max_tokens=g.max_tokens, temperature=g.temperature,
                     top_k=g.top_k, top_p=g.top_p,
                     seed=None if g.seed is None else g.seed + index,
-                    stop_ids=frozenset({self.tokenizer.eot_id}),
+                    stop_ids=stop_ids(self.tokenizer, ignore_eos=False),
                 )
                 seq = self.engine.submit(request, on_event)
                 self.choices[seq] = _Choice(index, TextStream(self.tokenizer, g.stop))
