@@ -57,6 +57,22 @@ def tiny_config() -> Callable[..., ModelConfig]:
     return make
 
 
+@pytest.fixture
+def tiny(tiny_config: Callable[..., ModelConfig]) -> Callable[..., GPT]:
+    """A tiny model with 50 token ids (padded to 64 rows), its biases and norm weights moved
+    away from their 0 / 1 init so that every parameter matters."""
+
+    def make(**overrides: object) -> GPT:
+        torch.manual_seed(0)
+        model = GPT(tiny_config(**{"vocab_size": 50, **overrides})).eval()
+        with torch.no_grad():
+            for param in model.parameters():
+                param.add_(torch.randn_like(param) * 0.05)
+        return model
+
+    return make
+
+
 # A whole run on a tiny char-level model: trains, evaluates and checkpoints in about a second.
 TINY_RUN = """
 [model]

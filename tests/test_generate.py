@@ -13,8 +13,8 @@ from gpt.config import ModelConfig, SampleConfig
 from gpt.generate import cache_dtype, decoding_bytes, draw, generate, sample_next
 from gpt.model import GPT
 from gpt.onednn import PackedLinear, pack_linears, packing_works
-from gpt.sample import sample_text
-from gpt.tokenizer import CharTokenizer
+from gpt.sample import sample_text, stop_ids
+from gpt.tokenizer import CharTokenizer, tokenizer_from_dict
 
 VARIANTS = [
     dict(norm=n, norm_position=p, mlp=m, pos_embedding=pe, attention=a, n_kv_head=kv)
@@ -23,22 +23,6 @@ VARIANTS = [
         ["sdpa", "manual"], [None, 2],
     )
 ]
-
-
-@pytest.fixture
-def tiny(tiny_config: Callable[..., ModelConfig]) -> Callable[..., GPT]:
-    """A tiny model with 50 token ids (padded to 64 rows), its biases and norm weights moved
-    away from their 0 / 1 init so that every parameter matters."""
-
-    def make(**overrides: object) -> GPT:
-        torch.manual_seed(0)
-        model = GPT(tiny_config(**{"vocab_size": 50, **overrides})).eval()
-        with torch.no_grad():
-            for param in model.parameters():
-                param.add_(torch.randn_like(param) * 0.05)
-        return model
-
-    return make
 
 
 def naive_greedy(model: GPT, prompt: torch.Tensor, steps: int) -> list[list[int]]:
@@ -244,3 +228,31 @@ def test_draw_follows_the_distribution_and_skips_zeros() -> None:
 def test_temperature_zero_is_argmax() -> None:
     logits = torch.tensor([[0.1, 3.0, 2.9], [5.0, 0.0, 0.0]])
     assert sample_next(logits, 0.0, None, 1.0, None).tolist() == [1, 0]
+
+
+def test_sampling_stops_at_the_end_of_text_id_unless_told_not_to(
+    tiny: Callable[..., GPT]
+) -> None:
+    """A tokenizer with an end-of-text id ends a sample there (a char vocabulary's newline is
+    text): the id is made certain to win from the third token on."""
+    tok = tokenizer_from_dict({"name": "gpt2"})
+    model = tiny(vocab_size=tok.vocab_size)
+    calls = []
+
+    class Ending(torch.nn.Module):  # lm_head stand-in: the eot id wins from the third call on
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            calls.append(1)
+            logits = torch.zeros(*x.shape[:-1], model.config.padded_vocab_size)
+            logits[..., 10 + len(calls)] = 5.0
+            if len(calls) >= 3:
+                logits[..., tok.eot_id] = 10.0
+            return logits
+
+    model.lm_head = Ending()
+    settings = SampleConfig(max_new_tokens=10, temperature=0.0)
+    assert sample_text(model, tok, "a", settings) == [tok.decode([11, 12])]
+    calls.clear()
+    settings = SampleConfig(max_new_tokens=10, temperature=0.0, ignore_eos=True)
+    assert sample_text(model, tok, "a", settings) == [tok.decode([11, 12] + [tok.eot_id] * 8)]
+    chars = CharTokenizer("ab\n")
+    assert stop_ids(chars, ignore_eos=False) == frozenset()  # its newline is text

@@ -435,3 +435,55 @@ def test_info_reads_a_char_vocabulary_from_prepared_data(run: Path, tmp_path: Pa
     assert f"vocab_size {vocab} from the char tokenizer, padded to 64" in result.output
     elsewhere = invoke(run, "info", "--config", "tiny.toml", "--set", f"data.data_dir={tmp_path}")
     assert elsewhere.exit_code == 2 and "run gpt prepare first" in elsewhere.output
+
+
+SEPARATOR = "\n" + "-" * 40 + "\n"  # between samples
+
+
+def old_sample_path(run: Path, prompt: str, seed: int, n: int) -> str:
+    """What `gpt sample` printed before the engine: generate's lockstep loop over one row with
+    one generator seeded once, the text decoded at the end."""
+    from gpt.generate import generate
+
+    found = Checkpoint.open(run / "out")
+    model, tok = found.load_model().eval(), tokenizer_from_dict(found.tokenizer)
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.tensor([tok.encode(prompt)])
+    new = [int(t) for t in torch.cat(list(generate(model, ids, n, 1.0, 5, 1.0, g)))]
+    return prompt + tok.decode(new) + "\n"
+
+
+def test_seed_gives_the_text_it_gave_before_the_engine(run: Path) -> None:
+    """--seed S with one sample: the same text as the lockstep loop; sample i of several is
+    what --num-samples 1 --seed S+i gives alone."""
+    args = ["sample", "--checkpoint", "out", "--prompt", "def", "--temperature", "1.0",
+            "--top-k", "5", "--no-stream", "--dtype", "float32", "--max-new-tokens", "40"]
+    for seed in (3, 4):
+        out = invoke(run, *args, "--seed", str(seed))
+        assert out.exit_code == 0, out.output
+        assert out.output == old_sample_path(run, "def", seed, 40)
+    three = invoke(run, *args, "--seed", "3", "--num-samples", "3").output.split(SEPARATOR)
+    assert three == [invoke(run, *args, "--seed", str(3 + i)).output for i in range(3)]
+
+
+@pytest.mark.parametrize("fmt", ["lines", "jsonl"])
+def test_a_prompt_file_with_several_prompts_runs_as_one_batch(run: Path, fmt: str) -> None:
+    """Prompts of different lengths decoded together give each what it gives alone."""
+    prompts = ["def f1", "def f22(x):", "d", "def f3(x):\n    return"]
+    lines = [json.dumps(p) if fmt == "jsonl" else p for p in prompts]
+    if fmt == "jsonl":
+        lines[1] = json.dumps({"prompt": prompts[1], "id": 7})
+    else:
+        prompts[3] = "def f3(x):"  # a line holds no newline
+        lines[3] = prompts[3]
+    (run / f"prompts.{fmt}").write_text("\n".join(lines) + "\n\n")
+    args = ["sample", "--checkpoint", "out", "--no-stream", "--temperature", "0.8", "--seed", "5"]
+    out = invoke(run, *args, "--prompt-file", f"prompts.{fmt}", "--prompt-format", fmt)
+    assert out.exit_code == 0, out.output
+    alone = [invoke(run, *args, "--prompt", p).output for p in prompts]
+    if fmt == "jsonl":
+        rows = [json.loads(line) for line in out.output.splitlines()]
+        assert [r["prompt"] for r in rows] == prompts and {r["sample"] for r in rows} == {0}
+        assert [r["prompt"] + r["text"] + "\n" for r in rows] == alone
+    else:
+        assert out.output.split(SEPARATOR) == alone
