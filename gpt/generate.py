@@ -59,7 +59,7 @@ def sample_next(
     entry, which on a CPU costs as much as a small model's forward pass.
     """
     if temperature == 0:
-        return logits.argmax(dim=-1)
+        return logits.float().argmax(dim=-1)  # the same ids; float32's kernel is twice as fast
     candidates = None  # (B, k) ids of `logits`' columns; None = the whole vocabulary
     if top_k is not None and top_k < logits.size(-1):  # before scaling: k values, not V
         logits, candidates = torch.topk(logits, top_k, dim=-1)  # (B, k), descending
