@@ -450,7 +450,10 @@ class ServeConfig(_Section):
     context: int | None = _key(
         None, "tokens a sequence may hold, prompt and completion together; unset = block_size"
     )
-    prefill_chunk: int = _key(256, "prompt tokens the engine reads per step and sequence")
+    prefill_chunk: int = _key(
+        128, "prompt tokens the engine reads per step, over all new sequences: lower keeps the "
+        "running streams smooth, higher gives a long prompt its first token sooner"
+    )
     max_tokens: int = _key(
         4096, "the most tokens one request may ask for (max_tokens); never more than context"
     )

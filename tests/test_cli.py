@@ -19,18 +19,20 @@ ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()
 
 
+COMMANDS = ["info", "prepare", "train", "sample", "chat", "serve", "eval", "export", "plot",
+            "runs", "tokenizer"]
+
+
 def test_help_lists_every_command() -> None:
     result = runner.invoke(app, ["--help"])
     assert result.exit_code == 0
     listed = {line.split()[0] for line in result.output.splitlines() if line.startswith("  ")}
     registered = {c.name or c.callback.__name__ for c in app.registered_commands}
-    assert registered == {"info", "prepare", "train", "sample", "eval", "export", "plot", "runs", "tokenizer"}
+    assert registered == set(COMMANDS)
     assert registered <= listed
 
 
-@pytest.mark.parametrize(
-    "command", ["info", "prepare", "train", "sample", "eval", "export", "plot", "runs", "tokenizer"]
-)
+@pytest.mark.parametrize("command", COMMANDS)
 def test_every_command_has_help(command: str) -> None:
     result = runner.invoke(app, [command, "--help"])
     # export writes a model as it is, plot and runs read run folders: no run config applies
