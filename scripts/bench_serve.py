@@ -84,7 +84,7 @@ WORDS = ("the river garden window music winter morning paper market letter stati
          "doctor village kitchen story engine evening forest island bridge teacher summer "
          "number family water light city road friend house table school voice money night "
          "machine ocean silver orange quiet early little famous strong simple ancient").split()
-CHUNK_LOG = 20  # lines of a failed server's log shown
+LOG_TAIL = 20  # lines of a failed server's log shown
 
 
 # ---------------------------------------------------------------------------------------------
@@ -186,7 +186,7 @@ class Server:
     label: str  # the table's row name
     argv: list[str]  # {port} is replaced by the port picked
     model: str | None  # the request's "model" field
-    fields: dict = field(default_factory=dict)  # extra request fields it takes
+    fields: dict[str, object] = field(default_factory=dict)  # extra request fields it takes
     env: dict[str, str] = field(default_factory=dict)
 
 
@@ -298,7 +298,7 @@ def running(server: Server, log: Path, timeout: float) -> Iterator[str]:
             if process.poll() is not None or time.monotonic() > deadline:
                 why = (f"exited with {process.returncode}" if process.poll() is not None
                        else f"not ready after {timeout:.0f} s")
-                tail = "\n".join(log.read_text(errors="replace").splitlines()[-CHUNK_LOG:])
+                tail = "\n".join(log.read_text(errors="replace").splitlines()[-LOG_TAIL:])
                 raise ServerFailed(f"{server.label} {why}: {' '.join(argv)}\n{tail}")
             with contextlib.suppress(httpx.HTTPError):
                 if httpx.get(url + "/health", timeout=5, trust_env=False).status_code == 200:
