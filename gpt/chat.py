@@ -60,9 +60,10 @@ class Chat:
         that is less (a long reply then ends at the context)."""
         return max(1, min(self.settings.max_new_tokens, self.engine.context // 2))
 
-    def messages(self) -> list[dict[str, str]]:
+    def messages(self, turns: list[dict[str, str]] | None = None) -> list[dict[str, str]]:
+        """The system message, if any, then `turns` (the conversation's by default)."""
         system = [{"role": "system", "content": self.system}] if self.system else []
-        return [*system, *self.turns]
+        return [*system, *(self.turns if turns is None else turns)]
 
     def reset(self) -> None:
         self.turns = []
@@ -71,19 +72,20 @@ class Chat:
         """The ids of the conversation, its oldest turns dropped (each a user message and the
         reply to it) until the prompt leaves room for a reply; an error when the last message
         alone (with the system message) leaves none."""
-        dropped = 0
+        dropped, kept = 0, self.turns
         while True:
-            ids = chat_prompt(self.tokenizer, self.messages())
+            ids = chat_prompt(self.tokenizer, self.messages(kept))
             if len(ids) + self.reply_room <= self.engine.context:
                 break
-            if len(self.turns) == 1:
+            if len(kept) == 1:  # the history stays whole: only the message is refused
                 raise GPTError(
                     f"the message is {len(ids):,} tokens with the layout and the system "
                     f"message; the model reads {self.engine.context:,}, less {self.reply_room:,} "
                     "kept for the reply: send a shorter one"
                 )
-            del self.turns[:2 if self.turns[1]["role"] == "assistant" else 1]
+            kept = kept[2 if kept[1]["role"] == "assistant" else 1:]
             dropped += 1
+        self.turns = kept
         if dropped:
             notice(f"(dropped the {dropped} oldest turn{'s' if dropped > 1 else ''} to keep the "
                    f"conversation within the model's {self.engine.context:,}-token context)")

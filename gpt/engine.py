@@ -309,10 +309,10 @@ class Engine:
     def abort(self) -> list[Event]:
         """End every request at once (after a failed step): an "error" event each."""
         seqs = [s.seq for s in self._queue] + [s.seq for s in self._rows if s is not None]
+        ended, self._ended = self._ended, []
         self._queue.clear()
-        self._ended.clear()
         self._rows = [None] * self.max_batch
-        return [Event(seq, None, "error") for seq in seqs]
+        return ended + [Event(seq, None, "error") for seq in seqs]
 
 
 class EngineThread:
@@ -338,6 +338,11 @@ class EngineThread:
     @property
     def waiting(self) -> int:
         return self.engine.waiting + len(self._inbox)
+
+    @property
+    def alive(self) -> bool:
+        """Whether the engine's thread runs (for a health check)."""
+        return self._thread.is_alive()
 
     def start(self) -> None:
         self._thread.start()
@@ -382,15 +387,18 @@ class EngineThread:
                     cancels += list(self._callbacks)
                 if self._deadline is not None and not inbox and not engine.busy:
                     return
-            for seq, request in inbox:
-                engine.submit(request, seq=seq)
-            for seq in cancels:
-                engine.cancel(seq)
             try:
+                for seq, request in inbox:
+                    engine.submit(request, seq=seq)
+                for seq in cancels:
+                    engine.cancel(seq)
                 events = engine.step()
             except Exception:  # a failed step (out of memory, say) ends what it was running
                 log.exception("a decoding step failed; its requests end with an error")
                 events = engine.abort()
+                queued = {e.seq for e in events}
+                events += [Event(seq, None, "error") for seq, _ in inbox if seq not in queued
+                           and seq in self._callbacks]
             self.tokens_generated += sum(e.token is not None for e in events)
             self._deliver(events)
 

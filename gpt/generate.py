@@ -41,6 +41,10 @@ def decoding_bytes(model: GPT, rows: int, positions: int) -> int:
     return cache + rows * cfg.padded_vocab_size * 4
 
 
+# Temperatures this small are greedy decoding: dividing by them overflows float32 (as vLLM does)
+GREEDY_BELOW = 1e-5
+
+
 def sample_next(
     logits: Tensor,
     temperature: float,
@@ -49,7 +53,8 @@ def sample_next(
     generator: torch.Generator | None = None,
     uniforms: Tensor | None = None,
 ) -> Tensor:
-    """Next ids (B,) from the last position's logits (B, V); temperature 0 is greedy.
+    """Next ids (B,) from the last position's logits (B, V); temperature 0 (below 1e-5) is
+    greedy.
 
     The draw takes one uniform number per row: `uniforms` (B, 1) where each row has its own
     generator (the engine's requests), else drawn from `generator` for the whole batch.
@@ -58,7 +63,7 @@ def sample_next(
     number per row: `torch.multinomial` over a whole 50k vocabulary draws a random number per
     entry, which on a CPU costs as much as a small model's forward pass.
     """
-    if temperature == 0:
+    if temperature < GREEDY_BELOW:
         return logits.float().argmax(dim=-1)  # the same ids; float32's kernel is twice as fast
     candidates = None  # (B, k) ids of `logits`' columns; None = the whole vocabulary
     if top_k is not None and top_k < logits.size(-1):  # before scaling: k values, not V

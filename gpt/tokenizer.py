@@ -128,7 +128,14 @@ class CharTokenizer:
 
     def encode_array(self, text: str) -> np.ndarray:
         """Ids of `text` as an int64 array, vectorised through the sorted code points."""
-        cps = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32).astype(np.int64)
+        try:
+            utf32 = text.encode("utf-32-le")
+        except UnicodeEncodeError as e:  # a lone surrogate: what undecodable input bytes become
+            raise GPTError(
+                f"the text is not valid Unicode (it holds {text[e.start]!r}, a lone surrogate, as "
+                "undecodable bytes become); give UTF-8 text"
+            ) from None
+        cps = np.frombuffer(utf32, dtype=np.uint32).astype(np.int64)
         ids = np.searchsorted(self._codepoints, cps)
         ids_clipped = np.minimum(ids, self.vocab_size - 1)
         unknown = self._codepoints[ids_clipped] != cps

@@ -149,6 +149,28 @@ def test_a_message_too_long_for_the_context_is_refused_and_the_chat_goes_on() ->
     assert [m["content"] for m in chat.turns[::2]] == ["Hi"]
 
 
+def test_a_message_too_long_keeps_the_history_whole() -> None:
+    """The refusal takes back only the message: no turn is dropped for it."""
+    chat = Chat(tiny_model(CHARS, 64), CHARS, GREEDY)
+    chat.reply("hi", lambda t: None, print)
+    before = list(chat.turns)
+    assert len(before) == 2
+    with pytest.raises(GPTError, match="send a shorter one"):
+        chat.reply("x" * 50, lambda t: None, print)
+    assert chat.turns == before
+
+
+def test_a_message_that_is_not_unicode_is_one_error_and_the_chat_goes_on() -> None:
+    """Undecodable input bytes reach the chat as lone surrogates: one error line each."""
+    chat = Chat(tiny_model(CHARS, 64), CHARS, GREEDY)
+    stdout, stderr = io.StringIO(), io.StringIO()
+    run_chat(chat, io.StringIO("hi\udcff\nHi\n"), stdout, stderr)
+    assert stderr.getvalue().splitlines()[0] == (
+        "error: the text is not valid Unicode (it holds '\\udcff', a lone surrogate, as "
+        "undecodable bytes become); give UTF-8 text")
+    assert [m["content"] for m in chat.turns[::2]] == ["Hi"]
+
+
 @pytest.mark.slow
 def test_ctrl_c_stops_a_reply_and_keeps_the_chat(tmp_path: Path) -> None:
     """SIGINT to a real `gpt chat` while it writes a long reply: the reply ends, the process

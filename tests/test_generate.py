@@ -256,3 +256,12 @@ def test_sampling_stops_at_the_end_of_text_id_unless_told_not_to(
     assert sample_text(model, tok, "a", settings) == [tok.decode([11, 12] + [tok.eot_id] * 8)]
     chars = CharTokenizer("ab\n")
     assert stop_ids(chars, ignore_eos=False) == frozenset()  # its newline is text
+
+
+@pytest.mark.parametrize("temperature", [1e-6, 1e-40, 5e-324])
+def test_temperatures_too_small_to_divide_by_are_greedy(temperature: float) -> None:
+    """Dividing by them overflows float32 (NaN probabilities); below 1e-5 is argmax."""
+    logits = torch.randn(4, 50)
+    for top_k, top_p in [(None, 1.0), (5, 1.0), (None, 0.9)]:
+        ids = sample_next(logits, temperature, top_k, top_p, torch.Generator().manual_seed(0))
+        assert torch.equal(ids, logits.argmax(-1))
