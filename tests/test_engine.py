@@ -280,3 +280,29 @@ def test_a_failed_step_ends_its_requests_with_an_error(
     runner.submit(Request([1], 4), lambda e: e.finish == "length" and ok.set())
     assert ok.wait(5)
     runner.stop(grace=1)
+
+
+def test_the_engine_thread_can_build_its_engine_itself(tiny: Callable[..., GPT]) -> None:
+    """A builder runs in the engine's thread (so all torch work happens there); what it
+    raises comes out of start()."""
+    built_in: list[str] = []
+
+    def build() -> Engine:
+        built_in.append(threading.current_thread().name)
+        return Engine(tiny())
+
+    runner = EngineThread(build)
+    runner.start()
+    assert built_in == ["gpt-engine"] and runner.engine.max_batch == 16
+    done = threading.Event()
+    runner.submit(Request([1], 3, temperature=0.0), lambda e: e.finish and done.set())
+    assert done.wait(5)
+    runner.stop(grace=1)
+
+    def fail() -> Engine:
+        raise GPTError("no model here")
+
+    failing = EngineThread(fail)
+    with pytest.raises(GPTError, match="no model here"):
+        failing.start()
+    assert not failing.alive
