@@ -462,7 +462,7 @@ class ServeConfig(_Section):
     )
     max_body_bytes: int = _key(2**20, "the largest request body accepted, in bytes")
     max_connections: int = _key(
-        64, "open connections at once; more are answered 503 at once"
+        64, "generation requests answered at once; more are answered 429 at once"
     )
     grace: float = _key(
         10.0, "seconds a stop (SIGTERM, Ctrl-C) lets running requests finish before cancelling"

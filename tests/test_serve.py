@@ -34,15 +34,18 @@ openai = pytest.importorskip("openai", reason="needs the openai client: pip inst
 import uvicorn  # noqa: E402
 
 import gpt.checkpoint as ckpt  # noqa: E402
-from gpt.config import ModelConfig, RunConfig, to_dict  # noqa: E402
+from gpt.chat import Chat  # noqa: E402
+from gpt.config import ModelConfig, RunConfig, SampleConfig, to_dict  # noqa: E402
 from gpt.engine import Engine, EngineThread  # noqa: E402
 from gpt.engine import Request as EngineRequest  # noqa: E402
+from gpt.errors import GPTError  # noqa: E402
 from gpt.generate import generate  # noqa: E402
 from gpt.model import GPT  # noqa: E402
 from gpt.sample import prompt_ids  # noqa: E402
-from gpt.serve.api import Limits  # noqa: E402
+from gpt.serve.api import APIError, Limits, parse_completion  # noqa: E402
 from gpt.serve.app import create_app  # noqa: E402
-from gpt.serve.server import bind  # noqa: E402
+from gpt.serve.server import bind, uvicorn_config  # noqa: E402
+from gpt.serve.stats import label  # noqa: E402
 from gpt.template import chat_prompt, chat_stops  # noqa: E402
 from gpt.tokenizer import CharTokenizer  # noqa: E402
 
@@ -94,15 +97,15 @@ class Served:
 
 @contextlib.contextmanager
 def serving(model: GPT, tokenizer: CharTokenizer, api_key: str | None = None,
-            cors: tuple[str, ...] = (), **limits: int) -> Iterator[Served]:
+            cors: tuple[str, ...] = (), loopback_only: bool = True,
+            **limits: int) -> Iterator[Served]:
     """uvicorn in a thread on a free port, with its own engine thread; stopped afterwards."""
     engine = EngineThread(Engine(model, max_batch=limits.get("max_batch", 4), context=CONTEXT))
     engine.start()
     app = create_app(engine, tokenizer, Limits(model="tiny", **{**LIMITS, **limits}), api_key,
-                     cors)
+                     cors, loopback_only)
     sock = bind("127.0.0.1", 0)
-    server = uvicorn.Server(uvicorn.Config(app, log_config=None, access_log=False,
-                                           lifespan="off", timeout_graceful_shutdown=2))
+    server = uvicorn.Server(uvicorn_config(app, grace=0))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + WAIT
@@ -137,6 +140,8 @@ def engine_ids(model: GPT, request: EngineRequest) -> list[int]:
 
 def post(served: Served, path: str, body: object = None, content: bytes | None = None,
          headers: dict[str, str] | None = None) -> httpx.Response:
+    """POST `body` as JSON, or `content` as it is (declared JSON unless `headers` say else)."""
+    headers = {"Content-Type": "application/json", **(headers or {})}
     return httpx.post(served.url + path, json=body if content is None else None,
                       content=content, headers=headers, timeout=WAIT)
 
@@ -195,6 +200,7 @@ def test_chat_renders_the_template_and_streams(served: Served, model: GPT,
     text = tokenizer.decode(reference(model, ids, 10))
     for stop in chat_stops(tokenizer):
         text = text.split(stop)[0]
+    text = text.lstrip()  # as gpt chat shows a reply
     assert reply.choices[0].message.role == "assistant"
     assert reply.choices[0].message.content == text
     assert reply.usage.prompt_tokens == len(ids)
@@ -204,6 +210,34 @@ def test_chat_renders_the_template_and_streams(served: Served, model: GPT,
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == text
     assert chunks[-1].choices[0].finish_reason == reply.choices[0].finish_reason
+
+
+def test_chat_reply_starts_as_gpt_chat_writes_it(tokenizer: CharTokenizer) -> None:
+    """A model that writes a space after "Assistant:", as a trained one does: serve's reply,
+    whole and streamed, is the text `gpt chat` writes, without that space."""
+    model = tiny_model(tokenizer)
+    colon, space = tokenizer.encode(":")[0], tokenizer.encode(" ")[0]
+    with torch.no_grad():  # a colon's embedding points along d, and so does the space's row
+        d = torch.zeros(model.config.n_embd)
+        d[0], d[1] = 1.0, -1.0
+        model.transformer.wte.weight[colon] = 20 * d
+        model.lm_head.weight[space] = 0.5 * d
+    written: list[str] = []
+    chat = Chat(model, tokenizer, SampleConfig(temperature=0.0, max_new_tokens=12))
+    chat.reply("Hi!", written.append, lambda notice: None)
+    expected = "".join(written)
+    messages = [{"role": "user", "content": "Hi!"}]
+    raw = tokenizer.decode(reference(model, chat_prompt(tokenizer, messages), 12))
+    assert raw[0] == " " and raw.lstrip() == expected and expected.strip()  # the case at hand
+    with serving(model, tokenizer) as s:
+        client = s.client()
+        reply = client.chat.completions.create(model="tiny", messages=messages, max_tokens=12,
+                                               temperature=0)
+        chunks = list(client.chat.completions.create(model="tiny", messages=messages,
+                                                     max_tokens=12, temperature=0, stream=True))
+    assert reply.choices[0].message.content == expected
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == expected
+    assert reply.usage.completion_tokens == 12  # the space is still a token generated
 
 
 def test_raw_stream_is_openai_server_sent_events(served: Served) -> None:
@@ -300,6 +334,34 @@ def test_models_health_and_metrics(served: Served) -> None:
         assert f"# TYPE {name}" in text or f"{name}" in text
 
 
+def test_metrics_count_routes_not_paths(model: GPT, tokenizer: CharTokenizer,
+                                        caplog: pytest.LogCaptureFixture) -> None:
+    """Unknown paths, keyless or not, are counted as "other": no client can add labels (or
+    memory) to /metrics, and log lines and messages repeat only the start of a path."""
+    key = {"Authorization": "Bearer k"}
+    long = "/v1/" + "x" * 5000
+    paths = [long + str(i) for i in range(30)] + ['/v1/a"b\\c', "/v1/%0Ainjected", "/nope"]
+    with serving(model, tokenizer, api_key="k") as s, caplog.at_level("INFO", "gpt.serve"):
+        with httpx.Client(timeout=WAIT) as client:
+            for path in paths:
+                assert client.get(s.url + path).status_code == 401 or path == "/nope"
+                assert client.get(s.url + path, headers=key).status_code == 404
+            message = client.get(s.url + long, headers=key).json()["error"]["message"]
+            assert client.get(s.url + "/v1/models/other", headers=key).status_code == 404
+            text = client.get(s.url + "/metrics", headers=key).text
+        requests = s.app.state.stats.requests  # type: ignore[attr-defined]
+    labels = set(re.findall(r'^gpt_requests_total\{route="([^"]*)",', text, re.M))
+    assert labels == {"other", "/v1/models/{model}"}, labels
+    assert {route for route, _ in requests} == labels
+    assert re.search(r'^gpt_requests_total\{route="other",status="401"\} 32$', text, re.M)
+    assert len(message) < 400 and message.startswith("GET /v1/xxx")
+    assert max(len(r.getMessage()) for r in caplog.records) < 600
+
+
+def test_metric_labels_are_escaped() -> None:
+    assert label('a\\b"c\nd') == 'a\\\\b\\"c\\nd'  # a\\b\"c\nd, as Prometheus reads it
+
+
 def test_a_log_line_per_request(served: Served, caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level("INFO", logger="gpt.serve"):
         reply = served.client().completions.create(model="tiny", prompt="log", max_tokens=4)
@@ -364,6 +426,14 @@ ERRORS = [  # (id, path, body as bytes or JSON, status, param, code)
      "invalid_value"),
     ("chat-too-long", CHAT, {"messages": [{"role": "user", "content": "a" * CONTEXT}]}, 400,
      "messages", "context_length_exceeded"),
+    ("temperature-400-digits", C, {"prompt": "a", "temperature": 10**400}, 400, "temperature",
+     "invalid_value"),
+    ("top-p-minus-400-digits", C, {"prompt": "a", "top_p": -10**400}, 400, "top_p",
+     "invalid_value"),
+    ("role-a-list", CHAT, {"messages": [{"role": ["user"], "content": "hi"}]}, 400,
+     "messages[0].role", "invalid_value"),
+    ("role-an-object", CHAT, {"messages": [{"role": {"a": 1}, "content": "hi"}]}, 400,
+     "messages[0].role", "invalid_value"),
     ("oversized-body", C, {"prompt": "a" * 5000}, 413, None, "request_too_large"),
     ("unknown-route", "/v1/embeddings", {"input": "a"}, 404, None, "not_found"),
 ]
@@ -394,6 +464,64 @@ def test_bad_request(served: Served, case: tuple) -> None:
     assert httpx.get(served.url + "/health", timeout=WAIT).status_code == 200
 
 
+ODD_VALUES = [10**400, -(10**400), 1e308, [1], ["user"], {"a": 1}, "x", True, None, 2.5, -1]
+FIELDS = {  # a valid body of each route, and the fields each takes
+    C: ({"prompt": "a", "max_tokens": 2}, ["prompt", "model", "max_tokens", "temperature",
+                                           "top_p", "top_k", "seed", "stop", "n", "stream",
+                                           "stream_options", "user", "logprobs", "echo"]),
+    CHAT: ({"messages": [{"role": "user", "content": "a"}], "max_tokens": 2},
+           ["messages", "model", "max_completion_tokens", "temperature", "stop", "n",
+            "tool_choice", "response_format", "metadata"]),
+}
+
+
+@pytest.mark.parametrize("path", [C, CHAT])
+def test_odd_values_in_every_field_are_never_a_500(served: Served, path: str) -> None:
+    """Huge integers where numbers go, unhashable values where strings go, in every field,
+    a stop item, a message's role, content and name: each a 2xx or a 4xx with OpenAI's error."""
+    valid, fields = FIELDS[path]
+    bodies = [{**valid, field: value} for field in fields for value in ODD_VALUES]
+    bodies += [{**valid, "stop": ["x", value]} for value in ODD_VALUES]
+    if path == CHAT:
+        bodies += [{**valid, "messages": [{"role": "user", "content": "a", key: value}]}
+                   for key in ("role", "content", "name") for value in ODD_VALUES]
+    with httpx.Client(timeout=WAIT) as client:
+        for body in bodies:
+            response = client.post(served.url + path, content=json.dumps(body),
+                                   headers={"Content-Type": "application/json"})
+            assert response.status_code < 500, (body, response.text)
+            if response.status_code >= 400:
+                assert len(response.json()["error"]["message"]) < 400, response.text
+    assert 'status="500"' not in httpx.get(served.url + "/metrics", timeout=WAIT).text
+
+
+def test_long_values_are_cut_in_messages(served: Served) -> None:
+    digits = 10**400
+    message = check_error(post(served, C, {"prompt": "a", "max_tokens": digits}), 400,
+                          "max_tokens", "invalid_value")
+    assert str(digits)[:30] in message and str(digits) not in message and "..." in message
+    assert len(message) < 200
+
+
+def test_prompts_are_counted_before_they_are_encoded(tokenizer: CharTokenizer) -> None:
+    """90,000 prompts are refused at once: none of them is encoded first."""
+    encoded = []
+
+    def counting(t: CharTokenizer, text: str) -> list[int]:
+        encoded.append(text)
+        return prompt_ids(t, text)
+
+    limits = Limits(model="tiny", **LIMITS)
+    with pytest.raises(APIError) as caught:
+        parse_completion({"prompt": ["a"] * 90_000}, tokenizer, limits, counting)
+    assert (caught.value.status, caught.value.param) == (400, "n") and encoded == []
+    with pytest.raises(APIError):
+        parse_completion({"prompt": ["a", "b"], "n": 3}, tokenizer, limits, counting)
+    assert encoded == []
+    parse_completion({"prompt": ["a", "b"], "n": 2}, tokenizer, limits, counting)
+    assert encoded == ["a", "b"]
+
+
 def test_error_messages_say_the_fix(served: Served) -> None:
     message = check_error(post(served, C, {"prompt": "a" * 30, "max_tokens": 40}), 400,
                           "prompt", "context_length_exceeded")
@@ -412,13 +540,19 @@ def test_body_without_length_is_cut_at_the_limit(served: Served) -> None:
             yield b"a" * 1000
         yield b'"}'
 
-    check_error(httpx.post(served.url + C, content=body(), timeout=WAIT), 413, None,
+    check_error(httpx.post(served.url + C, content=body(), timeout=WAIT,
+                           headers={"Content-Type": "application/json"}), 413, None,
                 "request_too_large")
 
 
-def test_wrong_method_is_an_openai_error(served: Served) -> None:
-    response = httpx.get(served.url + C, timeout=WAIT)
-    check_error(response, 405, None, None)
+def test_wrong_method_is_an_openai_error(served: Served,
+                                         caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level("INFO", logger="gpt.serve"):
+        check_error(httpx.get(served.url + C, timeout=WAIT), 405, None, "method_not_allowed")
+        check_error(httpx.post(served.url + "/v1/models", timeout=WAIT), 405, None,
+                    "method_not_allowed")
+    lines = [r.getMessage() for r in caplog.records if ": 405 " in r.getMessage()]
+    assert lines[0].startswith("cmpl-") and lines[1].startswith("req-"), lines
 
 
 def test_openai_client_sees_the_error(served: Served) -> None:
@@ -477,6 +611,7 @@ def test_no_cors_unless_an_origin_is_given(served: Served, model: GPT,
                                                   "Access-Control-Request-Method": "POST"},
                               timeout=WAIT)
         assert "access-control-allow-origin" not in other.headers
+        check_error(other, 400, None, "cors_refused")
 
 
 @contextlib.contextmanager
@@ -518,11 +653,29 @@ def test_client_disconnect_while_waiting_whole_reply(model: GPT,
         port = int(s.url.rsplit(":", 1)[1])
         body = json.dumps({"prompt": "go", "max_tokens": 45}).encode()
         with socket.create_connection(("127.0.0.1", port), timeout=WAIT) as raw:
-            raw.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
+            raw.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
                         b"application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
             wait_until(lambda: s.engine.running == 1, "the request to start")
         wait_until(lambda: s.engine.running == 0, "the engine to drop the sequence")
         assert s.engine.tokens_generated < 45
+
+
+def test_a_client_leaving_a_whole_reply_leaves_no_traceback(
+        model: GPT, tokenizer: CharTokenizer, caplog: pytest.LogCaptureFixture) -> None:
+    """Four sequences cancelled when the client goes; the server logs the 499, no error."""
+    with serving(model, tokenizer) as s, slow(model, 0.05), caplog.at_level("INFO"):
+        with pytest.raises(httpx.ReadTimeout):
+            post_timeout = httpx.Timeout(0.5)
+            httpx.post(s.url + C, json={"prompt": "User:", "max_tokens": 40, "n": 4},
+                       timeout=post_timeout)
+        wait_until(lambda: s.engine.running == 0 and s.engine.waiting == 0,
+                   "the engine to drop the sequences")
+        wait_until(lambda: any(": 499 " in r.getMessage() for r in caplog.records),
+                   "the 499 log line")
+        time.sleep(0.3)  # the request's task has ended: anything it logs is in by now
+    assert s.engine.tokens_generated < 4 * 40
+    assert [r.getMessage() for r in caplog.records if r.levelno >= 30] == []
+    assert not any(r.exc_info for r in caplog.records)
 
 
 def test_requests_past_the_limit_are_429(model: GPT, tokenizer: CharTokenizer) -> None:
@@ -532,8 +685,94 @@ def test_requests_past_the_limit_are_429(model: GPT, tokenizer: CharTokenizer) -
             lines = response.iter_lines()  # held: a dropped one closes the response
             next(lines)
             check_error(post(s, C, {"prompt": "a"}), 429, None, "rate_limit_exceeded")
+            for path in ("/metrics", "/v1/models", "/health", "/"):  # only generations count
+                assert httpx.get(s.url + path, timeout=WAIT).status_code == 200, path
             assert list(lines)[-2] == "data: [DONE]"  # the first is unharmed
         assert post(s, C, {"prompt": "a", "max_tokens": 1}).status_code == 200
+
+
+def test_idle_connections_turn_no_one_away(model: GPT, tokenizer: CharTokenizer) -> None:
+    """Connections holding half a request's head are not counted: requests still get in."""
+    with serving(model, tokenizer, max_in_flight=1) as s:
+        port = int(s.url.rsplit(":", 1)[1])
+        idle = [socket.create_connection(("127.0.0.1", port), timeout=WAIT) for _ in range(40)]
+        try:
+            for raw in idle:
+                raw.sendall(b"GET /health HTTP/1.1\r\nHo")
+            time.sleep(0.2)
+            assert httpx.get(s.url + "/health", timeout=WAIT).status_code == 200
+            assert post(s, C, {"prompt": "a", "max_tokens": 1}).status_code == 200
+        finally:
+            for raw in idle:
+                raw.close()
+
+
+def test_too_many_requests_at_once_is_an_openai_503(served: Served) -> None:
+    stats = served.app.state.stats  # type: ignore[attr-defined]
+    stats.open += LIMITS["max_in_flight"] + 64  # as if that many were being answered
+    try:
+        check_error(httpx.get(served.url + "/health", timeout=WAIT), 503, None,
+                    "server_overloaded")
+    finally:
+        stats.open -= LIMITS["max_in_flight"] + 64
+    assert httpx.get(served.url + "/health", timeout=WAIT).status_code == 200
+
+
+@pytest.mark.parametrize("content_type", [None, "text/plain", "application/x-www-form-urlencoded",
+                                          "multipart/form-data; boundary=x", "application/jsonx"])
+def test_a_body_not_declared_json_is_415(served: Served, content_type: str | None) -> None:
+    """A page elsewhere can POST these without a CORS preflight: refused before reading."""
+    headers = {} if content_type is None else {"Content-Type": content_type}
+    for path in (C, CHAT):
+        response = httpx.post(served.url + path, content=b'{"prompt": "a", "max_tokens": 1}',
+                              headers=headers, timeout=WAIT)
+        check_error(response, 415, None, "unsupported_media_type")
+
+
+def test_json_with_a_charset_is_accepted(served: Served) -> None:
+    response = httpx.post(served.url + C, content=b'{"prompt": "a", "max_tokens": 1}',
+                          headers={"Content-Type": "Application/JSON; charset=utf-8"},
+                          timeout=WAIT)
+    assert response.status_code == 200, response.text
+
+
+@pytest.mark.parametrize("host", ["evil.test", "evil.test:8000", "127.0.0.1.evil.test",
+                                  "localhost.evil.test:80", "[::2]:80", "10.0.0.1"])
+def test_a_loopback_server_refuses_other_host_names(served: Served, host: str) -> None:
+    """DNS rebinding: a page at evil.test whose name now resolves to 127.0.0.1."""
+    for path in ("/", "/health", "/v1/models"):
+        check_error(httpx.get(served.url + path, headers={"Host": host}, timeout=WAIT), 400,
+                    None, "invalid_host")
+
+
+@pytest.mark.parametrize("host", ["localhost", "LOCALHOST:8000", "127.0.0.1", "127.0.0.1:1",
+                                  "[::1]", "[::1]:8000"])
+def test_a_loopback_server_answers_loopback_names(served: Served, host: str) -> None:
+    response = httpx.get(served.url + "/v1/models", headers={"Host": host}, timeout=WAIT)
+    assert response.status_code == 200, response.text
+
+
+def test_another_address_answers_any_host_name(model: GPT, tokenizer: CharTokenizer) -> None:
+    with serving(model, tokenizer, loopback_only=False) as s:
+        response = httpx.get(s.url + "/v1/models", headers={"Host": "gpu-box.lan:8000"},
+                             timeout=WAIT)
+        assert response.status_code == 200, response.text
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_engine_refusing_at_shutdown_is_a_503_before_the_stream(
+        model: GPT, tokenizer: CharTokenizer, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture, stream: bool) -> None:
+    """The engine stops between the app's check and the submit: a 503, not a cut stream."""
+    with serving(model, tokenizer) as s, caplog.at_level("INFO"):
+        def refuse(request: EngineRequest, on_event: object) -> int:
+            s.app.state.stopping = True  # type: ignore[attr-defined]
+            raise GPTError("the engine is shutting down; retry on another server")
+
+        monkeypatch.setattr(s.engine, "submit", refuse)
+        response = post(s, C, {"prompt": "a", "max_tokens": 3, "stream": stream})
+        check_error(response, 503, None, "server_shutting_down")
+    assert not any(r.exc_info for r in caplog.records)
 
 
 # ---------------------------------------------------------------------------------------------

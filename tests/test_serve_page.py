@@ -111,6 +111,20 @@ def test_chat_reply_streams_in(page: object) -> None:
     assert page.is_hidden("#error")  # type: ignore[attr-defined]
 
 
+def test_a_long_chat_drops_its_oldest_exchanges(page: object) -> None:
+    """The context is 64 tokens: the second message and the first exchange do not fit, so the
+    page drops that exchange and asks again, saying so, as gpt chat does."""
+    page.fill("#max-tokens", "10")  # type: ignore[attr-defined]
+    for message in ["first message, quite long", "second one, long too"]:
+        page.fill("#chat-input", message)  # type: ignore[attr-defined]
+        page.press("#chat-input", "Enter")  # type: ignore[attr-defined]
+        lengths_while(page, ".message.assistant >> nth=-1", "finished")
+    assert page.is_hidden("#error"), page.inner_text("#error")  # type: ignore[attr-defined]
+    assert "(dropped the oldest exchange to fit the model's context)" in page.inner_text(
+        "#status")  # type: ignore[attr-defined]
+    assert page.locator(".message.user").count() == 2  # type: ignore[attr-defined]
+
+
 def test_a_bad_setting_shows_the_servers_error(page: object) -> None:
     page.click("#tab-completion")  # type: ignore[attr-defined]
     page.fill("#temperature", "5")  # type: ignore[attr-defined]

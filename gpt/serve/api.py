@@ -125,14 +125,15 @@ def _json_type(value: Any) -> str:
     return "an array" if isinstance(value, list) else "an object"
 
 
-def _shown(value: Any) -> str:
+def shown(value: Any) -> str:
+    """`value` as JSON, cut to 40 characters: an error message never repeats a whole body."""
     text = json.dumps(value, ensure_ascii=False)
     return text if len(text) <= 40 else text[:40] + "..."
 
 
 def _bad_type(param: str, expected: str, value: Any) -> APIError:
     return APIError(400, f"'{param}' must be {expected}, got {_json_type(value)} "
-                         f"({_shown(value)}); send {expected}", param, code="invalid_type")
+                         f"({shown(value)}); send {expected}", param, code="invalid_type")
 
 
 def _bad_value(param: str, problem: str) -> APIError:
@@ -153,7 +154,8 @@ def _int(body: Mapping[str, Any], key: str, low: int, high: int, default: int | 
     if not isinstance(value, int) or isinstance(value, bool):
         raise _bad_type(key, "an integer", value)
     if not low <= value <= high:
-        raise _bad_value(key, f"is {value}, outside [{low}, {high}]; {fix or 'send a value in it'}")
+        raise _bad_value(key, f"is {shown(value)}, outside [{low}, {high}]; "
+                              f"{fix or 'send a value in it'}")
     return value
 
 
@@ -164,9 +166,14 @@ def _number(body: Mapping[str, Any], key: str, low: float, high: float, default:
         return default
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         raise _bad_type(key, "a number", value)
-    if not math.isfinite(value) or not (low < value if low_open else low <= value) or value > high:
+    try:
+        finite = math.isfinite(value)
+    except OverflowError:  # an integer of hundreds of digits: no float holds it
+        finite = False
+    if not finite or not (low < value if low_open else low <= value) or value > high:
         interval = f"{'(' if low_open else '['}{low:g}, {high:g}]"
-        raise _bad_value(key, f"is {value:g}, outside {interval}; {fix or 'send a value in it'}")
+        raise _bad_value(key, f"is {shown(value)}, outside {interval}; "
+                              f"{fix or 'send a value in it'}")
     return float(value)
 
 
@@ -221,7 +228,7 @@ def _check_fields(body: Mapping[str, Any], known: set[str]) -> None:
         if key in NEUTRAL:
             if not NEUTRAL[key](value):
                 raise APIError(400, f"'{key}' is not supported by this server (got "
-                                    f"{_shown(value)}); remove it", key, code="unsupported_value")
+                                    f"{shown(value)}); remove it", key, code="unsupported_value")
         elif key not in known:
             allowed = ", ".join(sorted(known))
             raise APIError(400, f"unrecognized request argument '{key}'; remove it (this "
@@ -237,7 +244,7 @@ def check_model(body: Mapping[str, Any], model: str) -> None:
     if not isinstance(value, str):
         raise _bad_type("model", "a string", value)
     if value != model:
-        raise APIError(404, f"the model '{_shown(value)[1:-1]}' does not exist; this server "
+        raise APIError(404, f"the model '{shown(value)[1:-1]}' does not exist; this server "
                             f"serves '{model}' (GET /v1/models)", "model",
                        code="model_not_found")
 
@@ -258,21 +265,26 @@ def _stops(body: Mapping[str, Any]) -> list[str]:
     return stops
 
 
-def _sampling(body: Mapping[str, Any], prompts: list[list[int]], param: str, limits: Limits,
-              max_tokens_key: str, stop: list[str]) -> Generation:
-    """The settings every endpoint shares, checked, and the prompts checked against the context."""
+def _n(body: Mapping[str, Any], prompts: int, limits: Limits) -> int:
+    """Choices per prompt, with prompts times n within the sequences one request may ask for."""
     n = _int(body, "n", 1, limits.max_sequences, 1,
              f"this server generates at most {limits.max_sequences} sequences per request")
     assert n is not None
-    if len(prompts) * n > limits.max_sequences:
-        raise _bad_value("n", f"is {n} for {len(prompts)} prompts: {len(prompts) * n} sequences, "
-                              f"more than the {limits.max_sequences} this server generates per "
+    if prompts * n > limits.max_sequences:
+        raise _bad_value("n", f"is {n} for {prompts} prompts: {prompts * n} sequences, more "
+                              f"than the {limits.max_sequences} this server generates per "
                               "request; lower n or send fewer prompts")
+    return n
+
+
+def _sampling(body: Mapping[str, Any], prompts: list[list[int]], n: int, param: str,
+              limits: Limits, max_tokens_key: str, stop: list[str]) -> Generation:
+    """The settings every endpoint shares, checked, and the prompts checked against the context."""
     max_tokens = _int(body, max_tokens_key, 1, INT64_MAX, None)
     if max_tokens is not None and max_tokens > limits.max_tokens:
-        raise _bad_value(max_tokens_key, f"is {max_tokens}, more than the {limits.max_tokens} "
-                                         f"this server allows; ask for at most "
-                                         f"{limits.max_tokens}")
+        raise _bad_value(max_tokens_key, f"is {shown(max_tokens)}, more than the "
+                                         f"{limits.max_tokens} this server allows; ask for at "
+                                         f"most {limits.max_tokens}")
     longest = max(len(p) for p in prompts)
     room = limits.context - longest
     if room < 1 or (max_tokens is not None and max_tokens > room):
@@ -320,9 +332,10 @@ def parse_completion(body: Mapping[str, Any], tokenizer: Tokenizer, limits: Limi
     if "prompt" not in body:
         raise APIError(400, "'prompt' is missing; send the text to continue, for example "
                             '"prompt": "Once upon a time"', "prompt", code="missing_required")
-    prompts = [_prompt(item, param, tokenizer, prompt_ids)
-               for param, item in _prompt_list(body["prompt"])]
-    return _sampling(body, prompts, "prompt", limits, "max_tokens", _stops(body))
+    items = _prompt_list(body["prompt"])
+    n = _n(body, len(items), limits)  # before encoding: 90,000 prompts are refused at once
+    prompts = [_prompt(item, param, tokenizer, prompt_ids) for param, item in items]
+    return _sampling(body, prompts, n, "prompt", limits, "max_tokens", _stops(body))
 
 
 def _prompt_list(value: Any) -> list[tuple[str, Any]]:
@@ -348,8 +361,9 @@ def _prompt(item: Any, param: str, tokenizer: Tokenizer,
             if not isinstance(token, int) or isinstance(token, bool):
                 raise _bad_type(f"{param}[{i}]", "a token id (an integer)", token)
             if not 0 <= token < tokenizer.vocab_size:
-                raise _bad_value(f"{param}[{i}]", f"is {token}, not a token id of this model; "
-                                                  f"send ids in [0, {tokenizer.vocab_size - 1}]")
+                raise _bad_value(f"{param}[{i}]", f"is {shown(token)}, not a token id of this "
+                                                  f"model; send ids in [0, "
+                                                  f"{tokenizer.vocab_size - 1}]")
         return list(item)
     try:
         return prompt_ids(tokenizer, _text(item, param))
@@ -373,7 +387,7 @@ def parse_chat(body: Mapping[str, Any], tokenizer: Tokenizer, limits: Limits,
         raise _bad_value("messages", f"cannot be rendered: {e}") from None
     key = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
     stop = _stops(body)
-    return _sampling(body, [prompt], "messages", limits, key,
+    return _sampling(body, [prompt], _n(body, 1, limits), "messages", limits, key,
                      stop + [s for s in chat_stops if s not in stop])
 
 
@@ -398,8 +412,8 @@ def _messages(value: Any) -> list[dict[str, str]]:
             raise _bad_value(where, f"has {', '.join(sorted(extra))}, which this server does not "
                                     "support; send only role and content")
         role = message.get("role")
-        if role not in ROLES:
-            raise _bad_value(f"{where}.role", f"is {_shown(role)}; use one of "
+        if not isinstance(role, str) or role not in ROLES:  # a list or an object is unhashable
+            raise _bad_value(f"{where}.role", f"is {shown(role)}; use one of "
                                               + ", ".join(f'"{r}"' for r in ROLES))
         messages.append({"role": ROLES[role],
                          "content": _content(message.get("content"), f"{where}.content")})

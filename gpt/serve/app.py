@@ -9,7 +9,9 @@ reaches one is cancelled in the engine at once, freeing its place in the batch.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
+import ipaddress
 import logging
 import time
 import uuid
@@ -20,8 +22,15 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import (
+    FileResponse,
+    JSONResponse,
+    PlainTextResponse,
+    Response,
+    StreamingResponse,
+)
 from fastapi.staticfiles import StaticFiles
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -31,7 +40,7 @@ from gpt.errors import GPTError
 from gpt.sample import TextStream, prompt_ids, stop_ids
 from gpt.serve import api
 from gpt.serve.api import APIError, Generation, Limits
-from gpt.serve.stats import Stats
+from gpt.serve.stats import Stats, shown_path
 from gpt.template import chat_prompt, chat_stops
 from gpt.tokenizer import Tokenizer
 
@@ -57,16 +66,24 @@ class _Choice:
     text: TextStream
     tokens: int = 0  # generated for it, a final end-of-text id included
     finish: str | None = None  # "stop" or "length" once it ends
+    started: bool = False  # some text other than whitespace was given out
 
 
 class Answer:
-    """One request's sequences in the engine: their text as it is decoded, and what they cost."""
+    """One request's sequences in the engine: their text as it is decoded, and what they cost.
 
-    def __init__(self, engine: EngineThread, tokenizer: Tokenizer, generation: Generation) -> None:
+    A chat reply is given out without its leading whitespace (the plain layout's reply starts
+    with the space after "Assistant:"), as `gpt chat` writes it.
+    """
+
+    def __init__(self, engine: EngineThread, tokenizer: Tokenizer, generation: Generation,
+                 strip_leading: bool = False) -> None:
         self.engine, self.tokenizer, self.generation = engine, tokenizer, generation
+        self.strip_leading = strip_leading
         self.started = time.monotonic()
         self.first_token: float | None = None  # seconds from the start to the first token
         self.choices: dict[int, _Choice] = {}  # by the engine's seq id
+        self.events: asyncio.Queue[Event] | None = None  # filled by the engine's thread
 
     @property
     def completion_tokens(self) -> int:
@@ -77,8 +94,33 @@ class Answer:
         return [c.finish or "cancelled" for c in sorted(self.choices.values(),
                                                         key=lambda c: c.index)]
 
+    def start(self) -> None:
+        """Submit n sequences per prompt (seeds seed, seed + 1, ...), each ending at end-of-text.
+
+        Called before any response is sent, so that the engine refusing them (it is stopping)
+        is still an error status, not a stream cut after its headers. On the event loop.
+        """
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[Event] = asyncio.Queue()
+        self.events = events
+
+        def on_event(event: Event) -> None:  # in the engine's thread
+            loop.call_soon_threadsafe(events.put_nowait, event)
+
+        try:
+            self._submit(on_event)
+        except BaseException:
+            self.cancel()
+            raise
+
+    def cancel(self) -> None:
+        """Cancel the sequences still running, so their places go to other requests."""
+        for seq, choice in self.choices.items():
+            if choice.finish is None:
+                choice.finish = "cancelled"
+                self.engine.cancel(seq)
+
     def _submit(self, on_event: Callable[[Event], None]) -> None:
-        """n sequences per prompt (seeds seed, seed + 1, ...), each ending at end-of-text."""
         g = self.generation
         for i, prompt in enumerate(g.prompts):
             for j in range(g.n):
@@ -98,15 +140,10 @@ class Answer:
         Whatever way this ends (finished, the client gone, an error), sequences still running
         are cancelled, so their places in the batch go to other requests.
         """
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue[Event] = asyncio.Queue()
-
-        def on_event(event: Event) -> None:  # in the engine's thread
-            loop.call_soon_threadsafe(events.put_nowait, event)
-
+        events = self.events
+        assert events is not None, "start() submits the sequences first"
         try:
-            self._submit(on_event)
-            pending = len(self.choices)
+            pending = sum(c.finish is None for c in self.choices.values())
             while pending:
                 event = await events.get()
                 choice = self.choices[event.seq]
@@ -130,12 +167,13 @@ class Answer:
                     text += choice.text.flush()
                     choice.finish = finish
                     pending -= 1
+                if self.strip_leading and not choice.started:
+                    text = text.lstrip()
+                    choice.started = bool(text)
                 if text or finish is not None:
                     yield choice.index, text, finish
         finally:
-            for seq, choice in self.choices.items():
-                if choice.finish is None:
-                    self.engine.cancel(seq)
+            self.cancel()
 
 
 def create_app(
@@ -144,9 +182,11 @@ def create_app(
     limits: Limits,
     api_key: str | None = None,
     cors_origins: Sequence[str] = (),
+    loopback_only: bool = True,
 ) -> FastAPI:
     """The app, around an engine thread that is already started. `app.state.stopping` set true
-    makes it refuse new generations (503) while running ones finish."""
+    makes it refuse new generations (503) while running ones finish. `loopback_only` (a server
+    on a loopback address) refuses a Host header that is not a loopback name."""
     app = FastAPI(title="gpt serve", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.stopping = False
     stats = Stats(max_batch=limits.max_batch)
@@ -162,9 +202,11 @@ def create_app(
     async def http_error(request: Request, error: HTTPException) -> JSONResponse:
         fix = {404: "see GET /v1/models, POST /v1/completions and POST /v1/chat/completions",
                405: "check the method (GET or POST)"}.get(error.status_code, "check the request")
+        code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code)
         return await api_error(request, APIError(
-            error.status_code, f"{request.method} {request.url.path}: {error.detail}; {fix}",
-            code="not_found" if error.status_code == 404 else None))
+            error.status_code,
+            f"{request.method[:20]} {shown_path(request.url.path)}: {error.detail}; {fix}",
+            code=code))
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, error: Exception) -> JSONResponse:
@@ -198,39 +240,42 @@ def create_app(
         api.check_model({"model": model}, limits.model)
         return api.model_card(limits.model, created)
 
+    stopping = APIError(503, "the server is shutting down; retry on another server",
+                        type="server_error", code="server_shutting_down")
+
     async def generate(request: Request, parse: Callable[[dict[str, Any]], Generation],
-                       chat: bool) -> Any:
+                       chat: bool) -> Response:
+        _check_json(request.headers)
         body = api.parse_body(await _read_body(request, limits.max_body_bytes))
         generation = parse(body)
         if app.state.stopping:
-            raise APIError(503, "the server is shutting down; retry on another server",
-                           type="server_error", code="server_shutting_down")
-        answer = Answer(engine, tokenizer, generation)
-        reply = Reply(_request_id(request), request.url.path, limits.model, chat, answer, stats)
+            raise stopping
+        answer = Answer(engine, tokenizer, generation, strip_leading=chat)
         try:
-            if generation.stream:
-                return EventStream(reply.stream())
-            return JSONResponse(await reply.whole(request.is_disconnected))
+            answer.start()  # before any response starts: a refusal is still a status
         except GPTError as e:  # the engine refused a sequence: stopping, or a check missed
-            if app.state.stopping:
-                raise APIError(503, "the server is shutting down; retry on another server",
-                               type="server_error", code="server_shutting_down") from None
-            raise APIError(400, str(e)) from None
+            raise (stopping if app.state.stopping else APIError(400, str(e))) from None
+        reply = Reply(_request_id(request), request.url.path, limits.model, chat, answer, stats)
+        if generation.stream:
+            return EventStream(reply.stream(), on_close=answer.cancel)
+        whole = await reply.whole(request.is_disconnected)
+        return Response(status_code=499) if whole is None else JSONResponse(whole)
 
     @app.post("/v1/completions")
-    async def completions(request: Request) -> Any:
+    async def completions(request: Request) -> Response:
         return await generate(request, lambda body: api.parse_completion(
             body, tokenizer, limits, prompt_ids), chat=False)
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request) -> Any:
+    async def chat_completions(request: Request) -> Response:
         stops = chat_stops(tokenizer)
         return await generate(request, lambda body: api.parse_chat(
             body, tokenizer, limits, chat_prompt, stops), chat=True)
 
-    app.add_middleware(_Guard, api_key=api_key, max_in_flight=limits.max_in_flight, stats=stats)
+    app.add_middleware(_Guard, api_key=api_key, max_in_flight=limits.max_in_flight, stats=stats,
+                       loopback_only=loopback_only)
     if cors_origins:  # outermost: it answers preflights, which carry no key
-        app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins),
+        app.add_middleware(_CORS, allow_origins=list(cors_origins),
                            allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"])
     return app
@@ -261,8 +306,9 @@ class Reply:
     def _usage(self) -> dict[str, int]:
         return api.usage(self.answer.generation.prompt_tokens, self.answer.completion_tokens)
 
-    async def whole(self, disconnected: Callable[[], Awaitable[bool]]) -> dict[str, Any]:
-        """Every choice's text once all have finished; a client that leaves cancels them."""
+    async def whole(self, disconnected: Callable[[], Awaitable[bool]]) -> dict[str, Any] | None:
+        """Every choice's text once all have finished; a client that leaves cancels them (and
+        gets None: there is no one to answer)."""
         count = len(self.answer.generation.prompts) * self.answer.generation.n
         texts, finishes = [""] * count, ["length"] * count
 
@@ -278,8 +324,11 @@ class Reply:
                 await asyncio.wait({task}, timeout=0.25)
                 if not task.done() and await disconnected():
                     task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task  # its sequences are cancelled as it ends
                     self.stats.refused(self.id, self.route, 499, "the client left; its "
                                                                  "sequences were cancelled")
+                    return None
             task.result()
         except Ended as e:
             raise e.error() from None
@@ -327,23 +376,37 @@ class EventStream(StreamingResponse):
 
     media_type = "text/event-stream"
 
-    def __init__(self, events: AsyncIterator[bytes]) -> None:
+    def __init__(self, events: AsyncIterator[bytes], on_close: Callable[[], None]) -> None:
         super().__init__(events, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.on_close = on_close  # also when the client left before the first event
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
             await self.body_iterator.aclose()  # type: ignore[attr-defined]
+            self.on_close()
 
 
 def _request_id(request: Request) -> str:
-    """The request's id: `cmpl-...` or `chatcmpl-...`, made once and kept in its scope."""
+    """The request's id: `cmpl-...`, `chatcmpl-...` (OpenAI's prefixes), or `req-...` on
+    other routes; made once and kept in its scope."""
     state = request.scope.setdefault("state", {})
     if "request_id" not in state:
-        prefix = "chatcmpl" if request.url.path.endswith("chat/completions") else "cmpl"
+        prefix = {"/v1/completions": "cmpl", "/v1/chat/completions": "chatcmpl"}.get(
+            request.url.path, "req")
         state["request_id"] = f"{prefix}-{uuid.uuid4().hex[:24]}"
     return str(state["request_id"])
+
+
+def _check_json(headers: Headers) -> None:
+    """A POST's body must be declared JSON: a page elsewhere can send a text/plain or form body
+    without asking first (no CORS preflight), but not an application/json one."""
+    given = headers.get("content-type", "")
+    if given.partition(";")[0].strip().lower() != "application/json":
+        shown = f"'{api.shown(given)[1:-1]}'" if given else "missing"
+        raise APIError(415, f"the Content-Type is {shown}; send the body as JSON with the header "
+                            "'Content-Type: application/json'", code="unsupported_media_type")
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
@@ -363,7 +426,9 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return b"".join(parts)
 
 
-API_PATHS = ("/v1/", "/metrics")
+API_PATHS = ("/v1/", "/metrics")  # behind the API key
+GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions")  # limited by max_connections
+MORE_REQUESTS = 64  # answered at once past max_connections: the page, /health, /metrics, ...
 SECURITY_HEADERS = [
     (b"x-content-type-options", b"nosniff"),
     (b"content-security-policy",
@@ -372,14 +437,36 @@ SECURITY_HEADERS = [
 ]
 
 
-class _Guard:
-    """Before any route: the API key on the API's routes, the limit on API requests answered
-    at once (429 past it), and headers that keep the page from being framed or sniffed."""
+def is_loopback(host: str) -> bool:
+    """Whether `host` (an address, or a name) is this machine's own."""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
-    def __init__(self, app: ASGIApp, api_key: str | None, max_in_flight: int,
-                 stats: Stats) -> None:
+
+def _host_is_loopback(scope: Scope) -> bool:
+    """Whether the Host header names this machine (or is absent, as HTTP/1.0 allows). A page
+    elsewhere whose name was made to resolve to 127.0.0.1 (DNS rebinding) sends its own name."""
+    value = Headers(scope=scope).get("host")
+    if value is None:
+        return True
+    host = value.strip().lower()
+    host = host[1:].partition("]")[0] if host.startswith("[") else host.partition(":")[0]
+    return is_loopback(host)
+
+
+class _Guard:
+    """Before any route: the Host header of a server on a loopback address, the API key on the
+    API's routes, the limit on generations answered at once (429 past it), a bound on all
+    requests at once (503 past it), and headers that keep the page from being framed or
+    sniffed."""
+
+    def __init__(self, app: ASGIApp, api_key: str | None, max_in_flight: int, stats: Stats,
+                 loopback_only: bool) -> None:
         self.app, self.api_key, self.max_in_flight, self.stats = (
             app, api_key, max_in_flight, stats)
+        self.loopback_only = loopback_only
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -392,10 +479,7 @@ class _Guard:
             await send(message)
 
         path: str = scope["path"]
-        if not path.startswith(API_PATHS):
-            await self.app(scope, receive, send_with_headers)
-            return
-        refusal = self._refusal(scope)
+        refusal = self._refusal(scope, path)
         if refusal is not None:
             self.stats.refused("-", path, refusal.status, refusal.message)
             response = JSONResponse(refusal.body(), status_code=refusal.status,
@@ -403,13 +487,28 @@ class _Guard:
                                     if refusal.status == 401 else None)
             await response(scope, receive, send_with_headers)
             return
-        self.stats.in_flight += 1
+        generation = path in GENERATION_PATHS
+        self.stats.open += 1
+        self.stats.in_flight += generation
         try:
             await self.app(scope, receive, send_with_headers)
         finally:
-            self.stats.in_flight -= 1
+            self.stats.open -= 1
+            self.stats.in_flight -= generation
 
-    def _refusal(self, scope: Scope) -> APIError | None:
+    def _refusal(self, scope: Scope, path: str) -> APIError | None:
+        if self.stats.open >= self.max_in_flight + MORE_REQUESTS:
+            return APIError(503, f"the server is answering {self.stats.open} requests, its "
+                                 "limit; retry shortly", type="server_error",
+                            code="server_overloaded")
+        if self.loopback_only and not _host_is_loopback(scope):
+            return APIError(400, "the Host header does not name this machine; this server "
+                                 "listens on a loopback address and answers only localhost, "
+                                 "127.0.0.1 or [::1]; use one of those (--host 0.0.0.0 "
+                                 "serves every name)",
+                            code="invalid_host")
+        if not path.startswith(API_PATHS):
+            return None
         if self.api_key is not None:
             headers = dict(scope["headers"])
             given = headers.get(b"authorization", b"").decode("latin-1")
@@ -422,9 +521,24 @@ class _Guard:
                 return APIError(401, "incorrect API key; send 'Authorization: Bearer KEY' with "
                                      "the key the server was started with",
                                 code="invalid_api_key")
-        if self.stats.in_flight >= self.max_in_flight:
+        if path in GENERATION_PATHS and self.stats.in_flight >= self.max_in_flight:
             return APIError(429, f"the server is answering {self.max_in_flight} requests, its "
                                  "limit ([serve] max_connections); retry shortly",
                             type="requests", code="rate_limit_exceeded")
         return None
 
+
+class _CORS(CORSMiddleware):
+    """Starlette's CORS, whose refused preflight is OpenAI's error JSON, not plain text."""
+
+    def preflight_response(self, request_headers: Headers) -> Response:
+        response = super().preflight_response(request_headers)
+        if response.status_code < 400:
+            return response
+        reason = bytes(response.body).decode(errors="replace")
+        error = APIError(response.status_code, f"CORS preflight refused ({reason}); the page's "
+                                               "origin must be one given with --cors-origin",
+                         code="cors_refused")
+        headers = {k: v for k, v in response.headers.items()
+                   if k not in ("content-length", "content-type")}
+        return JSONResponse(error.body(), status_code=response.status_code, headers=headers)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import ipaddress
 import logging
 import signal
 import socket
@@ -24,7 +23,7 @@ from gpt.engine import Engine, EngineThread
 from gpt.errors import GPTError
 from gpt.model import GPT
 from gpt.serve.api import Limits
-from gpt.serve.app import create_app
+from gpt.serve.app import create_app, is_loopback
 from gpt.tokenizer import Tokenizer
 
 log = logging.getLogger("gpt.serve")
@@ -56,13 +55,6 @@ def bind(host: str, port: int) -> socket.socket:
                        "--host or --port") from None
     sock.set_inheritable(True)
     return sock
-
-
-def is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"
 
 
 class _Server(uvicorn.Server):
@@ -111,21 +103,17 @@ def run(
         max_in_flight=settings.max_connections,
     )
     _log_to_stderr()
+    host, port = sock.getsockname()[:2]
     engine.start()
-    app = create_app(engine, tokenizer, limits, api_key, cors_origins)
+    app = create_app(engine, tokenizer, limits, api_key, cors_origins,
+                     loopback_only=is_loopback(host))
 
     def drain() -> None:
         app.state.stopping = True
         engine.stop(settings.grace)
 
-    config = uvicorn.Config(
-        app, log_config=None, access_log=False, lifespan="off",
-        limit_concurrency=settings.max_connections + 16,  # past the API's own limit: the page
-        timeout_graceful_shutdown=int(settings.grace) + 5,  # the engine cancels by then
-        timeout_keep_alive=5,
-    )
-    server = _Server(config, threading.Thread(target=drain, name="drain", daemon=True))
-    host, port = sock.getsockname()[:2]
+    server = _Server(uvicorn_config(app, settings.grace),
+                     threading.Thread(target=drain, name="drain", daemon=True))
     shown = f"[{host}]" if ":" in host else host
     print(f"serving {model} on http://{shown}:{port} (the page at /, the API at /v1); "
           "Ctrl-C stops", file=sys.stderr, flush=True)
@@ -141,6 +129,18 @@ def run(
         elif not app.state.stopping:
             drain()
     print("stopped", file=sys.stderr, flush=True)
+
+
+def uvicorn_config(app: object, grace: float) -> uvicorn.Config:
+    """uvicorn's settings. No `limit_concurrency`: it counts open connections, so idle ones
+    (or ones holding half a request: uvicorn has no timeout for reading a request's head) would
+    turn everyone away with a plain-text 503; the app bounds requests itself, with OpenAI's
+    errors. An idle kept-alive connection is closed after 5 s."""
+    return uvicorn.Config(
+        app, log_config=None, access_log=False, lifespan="off",  # type: ignore[arg-type]
+        timeout_graceful_shutdown=int(grace) + 5,  # the engine cancels by then
+        timeout_keep_alive=5,
+    )
 
 
 def _log_to_stderr() -> None:

@@ -38,16 +38,20 @@ function settings() {
 }
 
 // POST `body` with stream: true; call onText with each new piece of text; resolve with the
-// finish reason. Rejects with the server's error message.
+// finish reason. Rejects with the server's error message (and its code, as `code`).
 async function stream(path, body, onText, signal) {
   const response = await fetch(path, {
     method: "POST", headers: headers(), signal,
     body: JSON.stringify({ ...body, stream: true, stream_options: { include_usage: true } }),
   });
   if (!response.ok) {
-    let message = `${response.status} ${response.statusText}`;
-    try { message = (await response.json()).error.message; } catch (e) { /* not JSON */ }
-    throw new Error(message);
+    let message = `${response.status} ${response.statusText}`, code = null;
+    try {
+      ({ message, code } = (await response.json()).error);
+    } catch (e) { /* not JSON */ }
+    const error = new Error(message);
+    error.code = code;
+    throw error;
   }
   const reader = response.body.getReader();
   const decoder = new TextDecoder();
@@ -95,10 +99,10 @@ async function run(stopButton, request) {
   setStatus("generating...");
   const started = performance.now();
   try {
-    const { finish, usage } = await request(body, running.signal);
+    const { finish, usage, notice } = await request(body, running.signal);
     const seconds = ((performance.now() - started) / 1000).toFixed(2);
     const tokens = usage ? `${usage.completion_tokens} tokens, ` : "";
-    setStatus(`${tokens}${seconds} s, finished: ${finish}`);
+    setStatus(`${notice ? `(${notice}) ` : ""}${tokens}${seconds} s, finished: ${finish}`);
   } catch (e) {
     if (e.name === "AbortError") {
       setStatus("stopped");
@@ -120,25 +124,39 @@ function addMessage(role, content) {
   return div;
 }
 
+// Send the conversation and the new message. When it no longer fits the model's context, the
+// oldest exchanges (a user message and its reply) are dropped one at a time until it does, as
+// `gpt chat` does; the page still shows them.
 async function sendChat(event) {
   event.preventDefault();
   const content = $("chat-input").value;
   if (!content.trim() || running) return;
   await run("chat-stop", async (body, signal) => {
-    const messages = [...chat, { role: "user", content }];
     const user = addMessage("user", content);
     const reply = addMessage("assistant", "");
-    let text = "";
-    try {
-      const result = await stream("/v1/chat/completions", { ...body, messages },
-        (piece) => { text += piece; reply.textContent = text; }, signal);
-      chat.push({ role: "user", content }, { role: "assistant", content: text });
-      $("chat-input").value = "";
-      return result;
-    } catch (e) {
-      if (e.name !== "AbortError") { user.remove(); reply.remove(); }
-      else chat.push({ role: "user", content }, { role: "assistant", content: text });
-      throw e;
+    let text = "", dropped = 0;
+    for (;;) {
+      try {
+        const messages = [...chat, { role: "user", content }];
+        const result = await stream("/v1/chat/completions", { ...body, messages },
+          (piece) => { text += piece; reply.textContent = text; }, signal);
+        chat.push({ role: "user", content }, { role: "assistant", content: text });
+        $("chat-input").value = "";
+        if (dropped) {
+          const turns = dropped > 1 ? `${dropped} oldest exchanges` : "oldest exchange";
+          result.notice = `dropped the ${turns} to fit the model's context`;
+        }
+        return result;
+      } catch (e) {
+        if (e.code === "context_length_exceeded" && chat.length >= 2) {
+          chat.splice(0, 2);
+          dropped += 1;
+          continue;
+        }
+        if (e.name !== "AbortError") { user.remove(); reply.remove(); }
+        else chat.push({ role: "user", content }, { role: "assistant", content: text });
+        throw e;
+      }
     }
   });
 }
