@@ -616,7 +616,8 @@ def serve(
     from gpt.serve import require_extra
 
     require_extra()
-    from gpt.serve.server import bind, build_engine, run
+    from gpt.serve.server import bind, run, start_engine
+    from gpt.tokenizer import tokenizer_from_dict
 
     path = _checkpoint_path(checkpoint, config, set_)
     found = open_model(path, which)
@@ -625,11 +626,11 @@ def serve(
     flags = {k: v for k, v in dict(host=host, port=port).items() if v is not None}
     settings = dataclasses.replace(cfg.serve, **flags)
     with bind(settings.host, settings.port) as sock:  # a port in use fails before loading
-        with _stdout_for_text_only():
-            model, tokenizer = load_for_inference(found, device, dtype, False)
-        engine, context = build_engine(model, settings)
-        run(sock, engine, tokenizer, path, settings, context, api_key or None,
-            cors_origin or ())
+        with _stdout_for_text_only():  # the model loads in the engine's thread
+            engine = start_engine(lambda: load_for_inference(found, device, dtype, False)[0],
+                                  settings)
+        run(sock, engine, tokenizer_from_dict(found.tokenizer), path, settings,
+            api_key or None, cors_origin or ())
 
 
 @command(name="eval")

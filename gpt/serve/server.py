@@ -14,7 +14,7 @@ import signal
 import socket
 import sys
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import uvicorn
 
@@ -91,11 +91,11 @@ def run(
     tokenizer: Tokenizer,
     model: str,
     settings: ServeConfig,
-    context: int,
     api_key: str | None = None,
     cors_origins: Sequence[str] = (),
 ) -> None:
-    """Serve `engine` on `sock` until SIGTERM or Ctrl-C, then drain and return."""
+    """Serve the started `engine` on `sock` until SIGTERM or Ctrl-C, then drain and return."""
+    context = engine.engine.context
     limits = Limits(
         model=model, context=context, max_tokens=min(settings.max_tokens, context),
         default_max_tokens=settings.default_max_tokens, max_sequences=settings.max_batch,
@@ -104,7 +104,6 @@ def run(
     )
     _log_to_stderr()
     host, port = sock.getsockname()[:2]
-    engine.start()
     app = create_app(engine, tokenizer, limits, api_key, cors_origins,
                      loopback_only=is_loopback(host))
 
@@ -155,12 +154,20 @@ def _log_to_stderr() -> None:
             logger.propagate = False
 
 
-def build_engine(model: GPT, settings: ServeConfig) -> tuple[EngineThread, int]:
-    """The engine thread (not started) for `model` with [serve]'s batch, and its context."""
-    block_size = model.config.block_size
-    if settings.context is not None and settings.context > block_size:
-        raise GPTError(f"[serve] context = {settings.context} is more than the model's "
-                       f"block_size ({block_size}); lower it or leave it unset")
-    engine = Engine(model, max_batch=settings.max_batch, context=settings.context,
-                    prefill_chunk=settings.prefill_chunk)
-    return EngineThread(engine), engine.context
+def start_engine(load: Callable[[], GPT], settings: ServeConfig) -> EngineThread:
+    """The engine with [serve]'s batch and context, started, its model loaded by `load` in the
+    engine's own thread: that thread then does all of the server's torch work, which keeps
+    OpenMP's threads spinning at full speed (see EngineThread)."""
+
+    def build() -> Engine:
+        model = load()
+        block_size = model.config.block_size
+        if settings.context is not None and settings.context > block_size:
+            raise GPTError(f"[serve] context = {settings.context} is more than the model's "
+                           f"block_size ({block_size}); lower it or leave it unset")
+        return Engine(model, max_batch=settings.max_batch, context=settings.context,
+                      prefill_chunk=settings.prefill_chunk)
+
+    engine = EngineThread(build)
+    engine.start()
+    return engine
