@@ -276,6 +276,23 @@ def stop(process: subprocess.Popen) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
         process.wait(15)
+    settle(process.pid)
+
+
+def settle(group: int, seconds: float = 15.0) -> None:
+    """Wait until every process of the server's group is gone (a server's workers can outlive
+    it by seconds), then a moment more: the next server measured must have the cores alone."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(group, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.2)
+    else:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(group, signal.SIGKILL)
+    time.sleep(3)
 
 
 class ServerFailed(Exception):

@@ -23,7 +23,8 @@ from gpt.engine import Engine, EngineThread
 from gpt.errors import GPTError
 from gpt.model import GPT
 from gpt.serve.api import Limits
-from gpt.serve.app import create_app, is_loopback
+from gpt.serve.app import create_app
+from gpt.serve.guard import is_loopback
 from gpt.tokenizer import Tokenizer
 
 log = logging.getLogger("gpt.serve")
