@@ -192,3 +192,27 @@ def test_free_memory_of_the_gpu_counts_what_the_allocator_holds_unused() -> None
     del block  # back to torch's cache, not to the driver
     assert 0 < held < before <= total
     assert free_memory(cuda) == pytest.approx(before, abs=2**20)
+
+
+def test_the_engine_on_cuda_gives_each_request_what_it_gives_alone() -> None:
+    """A busy batch on the GPU (rows at different positions, chunked prefill, per-request
+    generators on the device) against generate running each request by itself there."""
+    from gpt.config import ModelConfig
+    from gpt.engine import Engine, Request
+    from gpt.model import GPT
+
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(n_layer=2, n_head=4, n_embd=64, block_size=32, vocab_size=50,
+                            pos_embedding="rope", n_kv_head=2)).cuda().eval()
+    prompts = [torch.randint(0, 50, (n,)).tolist() for n in (1, 5, 9, 32, 3)]
+    requests = [Request(p, 20, temperature=0.0 if i % 2 else 0.9, top_k=8, seed=i)
+                for i, p in enumerate(prompts)]
+    got: dict[int, list[int]] = {}
+    for event in Engine(model, max_batch=3, prefill_chunk=4).run(requests):
+        if event.token is not None:
+            got.setdefault(event.seq, []).append(event.token)
+    for i, r in enumerate(requests):
+        g = torch.Generator(device="cuda").manual_seed(r.seed)
+        steps = generate(model, torch.tensor([r.prompt], device="cuda"), 20, r.temperature,
+                         r.top_k, 1.0, g)
+        assert got[i] == [int(ids[0]) for ids in steps], f"request {i}"
