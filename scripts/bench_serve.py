@@ -72,7 +72,8 @@ from gpt.sample import load_for_inference
 from gpt.tokenizer import Tokenizer, get_tokenizer, tokenizer_from_dict
 
 ROOT = docs.ROOT
-BLOCK = "bench-serve"
+BLOCK = "bench-serve"  # the random 124M-shaped model's table
+RUN_BLOCK = "bench-serve-run"  # a trained run's (--checkpoint), such as the quick start's
 # GPT-2 124M (12 layers, 12 heads, 768 wide, block 1024), its unpadded vocabulary and tanh GELU,
 # which llama.cpp's gpt2 architecture computes; `tiny` checks the plumbing in seconds
 SHAPES = {
@@ -682,7 +683,8 @@ def interrupt(signum: int, frame: object) -> None:
 
 def main() -> None:
     parser, args = parse_args()
-    doc = docs.docs_target(parser, args, BLOCK)
+    block = RUN_BLOCK if args.checkpoint is not None else BLOCK
+    doc = docs.docs_target(parser, args, block)
     signal.signal(signal.SIGTERM, interrupt)  # stops the servers as Ctrl-C does
     load_before = docs.load_average()
     args.work = args.work.resolve()
@@ -752,7 +754,7 @@ def main() -> None:
     print("\n" + tables[0] + "\n")
     for line in notes:
         print(f"- {line}")
-    docs.publish(doc, BLOCK, tables, load_before, notes)
+    docs.publish(doc, block, tables, load_before, notes)
 
 
 if __name__ == "__main__":

@@ -47,7 +47,7 @@ def test_markdown_table_escapes_pipes() -> None:
     )
 
 
-@pytest.mark.parametrize("name", ["bench-prepare", "bench-train", "bench-sample", "bench-serve"])
+@pytest.mark.parametrize("name", ["bench-prepare", "bench-train", "bench-sample", "bench-serve", "bench-serve-run"])
 def test_performance_page_holds_each_benchmark_block(name: str) -> None:
     assert doc_tables.marker_problem(ROOT / "docs" / "performance.md", name) is None
 
