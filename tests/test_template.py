@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import jinja2
 import pytest
 import torch
 
@@ -117,11 +118,18 @@ def imported(folder: Path) -> HFTokenizer:
     return tokenizer
 
 
-def hf_ids(folder: Path, messages: list[dict[str, str]]) -> list[int]:
+def hf_ids(folder: Path, messages: list[dict[str, str]], template: str | None = None
+           ) -> list[int]:
+    """transformers' ids for `messages`, with the folder's template or `template` given
+    outright (transformers before 4.50 does not read chat_template.jinja)."""
     hf = transformers.AutoTokenizer.from_pretrained(str(folder))
-    return list(hf.apply_chat_template(
-        messages, tokenize=True, add_generation_prompt=True, return_dict=False
-    ))
+    try:
+        return list(hf.apply_chat_template(
+            messages, chat_template=template, tokenize=True, add_generation_prompt=True,
+            return_dict=False,
+        ))
+    except jinja2.TemplateSyntaxError as e:  # {% continue %} needs a newer transformers
+        pytest.skip(f"this transformers cannot render the template: {e}")
 
 
 def test_plain_layout_text_and_ids() -> None:
@@ -159,7 +167,7 @@ def test_hf_template_ids_are_transformers_ids(
     assert ours.chat_template == text
     for messages in (MESSAGES, MESSAGES[1:2], MESSAGES[:2]):
         ids = chat_prompt(ours, messages)
-        assert ids == hf_ids(folder, messages)
+        assert ids == hf_ids(folder, messages, text)
         bos = ours.backend.token_to_id("<s>")
         assert ids.count(bos) == (template == "llama2")  # the template's own, and only once
 

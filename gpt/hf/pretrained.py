@@ -30,7 +30,7 @@ GPT2_NAMES = {  # nanoGPT's init_from names, on the hub under openai-community
 }
 # what a model is described by; its *.safetensors come only when its weights are needed, and
 # pickled weights never
-HUB_FILES = ["*.json", "*.txt", "tokenizer.model"]
+HUB_FILES = ["*.json", "*.txt", "tokenizer.model", "*.jinja"]  # *.jinja: a chat template
 HUB_WEIGHTS = ["*.safetensors", "*.safetensors.index.json"]
 DESCRIPTION_LIMIT = 512 * MiB  # bytes of one of HUB_FILES: the largest tokenizer.json is ~35 MB
 

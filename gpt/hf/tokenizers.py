@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from gpt.errors import GPTError, first_line
+from gpt.fileio import MiB, read_text_bounded
 from gpt.tokenizer import (
     GPT2_EOT,
     HF_SPECIAL_TOKENS,
@@ -46,6 +47,8 @@ CONFIG_KEYS = (
 )
 UNSET_LENGTH = 10**20  # transformers' "no limit" is 1e30
 CHAR_PATTERN = r"[\s\S]"  # any one character, newlines included
+TEMPLATE_LIMIT = 512 * MiB  # bytes of a chat_template.jinja, as for the other tokenizer files
+
 # what a slow tokenizer file needs to be read: module -> pip name
 SLOW_NEEDS = {"tokenizer.model": {"sentencepiece": "sentencepiece", "google.protobuf": "protobuf"}}
 PIP_NAMES = {"google": "protobuf"}  # where a missing module's package is named otherwise
@@ -61,6 +64,10 @@ def tokenizer_record_from_folder(folder: Path, label: str) -> dict[str, Any] | N
     hf = _load(folder)
     special_tokens = {key: _text(getattr(hf, key, None)) for key in HF_SPECIAL_TOKENS}
     config = _config(hf)
+    template_file = folder / "chat_template.jinja"
+    if "chat_template" not in config and template_file.is_file():  # transformers < 4.50
+        config["chat_template"] = read_text_bounded(template_file, TEMPLATE_LIMIT,
+                                                    "a chat template")
     tokenizer = HFTokenizer(hf.backend_tokenizer.to_str(), special_tokens, config, label)
     pipeline = json.loads(tokenizer.tokenizer_json)
     if _is_gpt2(tokenizer, pipeline):
