@@ -867,3 +867,13 @@ def test_port_in_use_is_one_line(checkpoint: Path) -> None:
     assert done.stderr.splitlines() == [
         f"error: port {port} on 127.0.0.1 is in use (another gpt serve?); stop that program or "
         "choose another port with --port"]
+
+
+def test_health_says_when_the_engine_thread_has_ended(model: GPT, tokenizer: CharTokenizer
+                                                      ) -> None:
+    """A server whose engine is gone answers 503, so a load balancer stops sending to it."""
+    with serving(model, tokenizer) as served:
+        assert httpx.get(served.url + "/health", timeout=WAIT).status_code == 200
+        served.engine.stop(0)
+        reply = httpx.get(served.url + "/health", timeout=WAIT)
+        assert reply.status_code == 503 and reply.json()["status"] == "engine_stopped"

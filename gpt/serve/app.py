@@ -219,9 +219,10 @@ def create_app(
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        status = "stopping" if app.state.stopping else "ok"
+        status = ("stopping" if app.state.stopping
+                  else "engine_stopped" if not engine.alive else "ok")
         return JSONResponse({"status": status, "model": limits.model},
-                            status_code=503 if app.state.stopping else 200)
+                            status_code=200 if status == "ok" else 503)
 
     @app.get("/metrics")
     async def metrics() -> PlainTextResponse:
