@@ -358,6 +358,23 @@ CheckpointOption = Annotated[
 WhichOption = Annotated[
     str, typer.Option("--which", help="latest or best checkpoint of an out_dir.")
 ]
+# the decoding options gpt sample, chat, serve and eval share, declared once
+TemperatureOption = Annotated[float | None, typer.Option("--temperature", help="0 = greedy.")]
+TopKOption = Annotated[
+    int | None, typer.Option("--top-k", help="Sample among the k most likely tokens.")
+]
+TopPOption = Annotated[
+    float | None,
+    typer.Option("--top-p", help="Nucleus: the fewest tokens holding this probability."),
+]
+DeviceOption = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N, mps.")]
+DtypeOption = Annotated[
+    str,
+    typer.Option(
+        "--dtype", help="auto (bfloat16 where computed natively), float32, bfloat16, float16."
+    ),
+]
+CompileOption = Annotated[bool, typer.Option("--compile", help="torch.compile the model.")]
 
 
 def _checkpoint_path(
@@ -395,14 +412,9 @@ def sample(
     max_new_tokens: Annotated[
         int | None, typer.Option("--max-new-tokens", help="Tokens to generate per sample.")
     ] = None,
-    temperature: Annotated[float | None, typer.Option("--temperature", help="0 = greedy.")] = None,
-    top_k: Annotated[
-        int | None, typer.Option("--top-k", help="Sample among the k most likely tokens.")
-    ] = None,
-    top_p: Annotated[
-        float | None,
-        typer.Option("--top-p", help="Nucleus: the fewest tokens holding this probability."),
-    ] = None,
+    temperature: TemperatureOption = None,
+    top_k: TopKOption = None,
+    top_p: TopPOption = None,
     num_samples: Annotated[
         int | None, typer.Option("--num-samples", help="Samples of each prompt.")
     ] = None,
@@ -416,16 +428,9 @@ def sample(
     stream: Annotated[
         bool | None, typer.Option("--stream/--no-stream", help="Print text as it is decoded.")
     ] = None,
-    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N, mps.")] = "auto",
-    dtype: Annotated[
-        str,
-        typer.Option(
-            "--dtype", help="auto (bfloat16 where computed natively), float32, bfloat16, float16."
-        ),
-    ] = "auto",
-    compile_model: Annotated[
-        bool, typer.Option("--compile", help="torch.compile the model.")
-    ] = False,
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = "auto",
+    compile_model: CompileOption = False,
 ) -> None:
     """Generate text from a trained checkpoint (model, tokenizer and defaults come from it)."""
     import dataclasses
@@ -526,22 +531,13 @@ def chat(
     max_new_tokens: Annotated[
         int | None, typer.Option("--max-new-tokens", help="Tokens per reply at most.")
     ] = None,
-    temperature: Annotated[float | None, typer.Option("--temperature", help="0 = greedy.")] = None,
-    top_k: Annotated[
-        int | None, typer.Option("--top-k", help="Sample among the k most likely tokens.")
-    ] = None,
-    top_p: Annotated[
-        float | None,
-        typer.Option("--top-p", help="Nucleus: the fewest tokens holding this probability."),
-    ] = None,
+    temperature: TemperatureOption = None,
+    top_k: TopKOption = None,
+    top_p: TopPOption = None,
     seed: Annotated[int | None, typer.Option("--seed", help="Same seed, same replies.")] = None,
-    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N, mps.")] = "auto",
-    dtype: Annotated[
-        str, typer.Option("--dtype", help="auto, float32, bfloat16, float16.")
-    ] = "auto",
-    compile_model: Annotated[
-        bool, typer.Option("--compile", help="torch.compile the model.")
-    ] = False,
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = "auto",
+    compile_model: CompileOption = False,
 ) -> None:
     """Talk with a checkpoint's model: a message a line; /reset, /system TEXT, /quit; Ctrl-C
     stops a reply. Settings come from [sample], as for gpt sample."""
@@ -601,10 +597,8 @@ def serve(
     cors_origin: Annotated[list[str] | None, typer.Option(
         "--cors-origin", show_default=False,
         help="Let pages from this origin call the API (repeatable); none by default.")] = None,
-    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N, mps.")] = "auto",
-    dtype: Annotated[str, typer.Option(
-        "--dtype", help="auto (bfloat16 where computed natively), float32, bfloat16, float16."
-    )] = "auto",
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = "auto",
 ) -> None:
     """Serve a checkpoint over OpenAI's API (/v1/completions, /v1/chat/completions) with a chat
     page at / (needs the serve extra: pip install 'gpt[serve]')."""
@@ -644,7 +638,7 @@ def eval_(
         str | None, typer.Option("--data", help="Evaluate on this text file or source instead.")
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
-    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N, mps.")] = "auto",
+    device: DeviceOption = "auto",
 ) -> None:
     """Loss, perplexity and bits per byte of a checkpoint over a whole split or a text."""
     import json
