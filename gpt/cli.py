@@ -16,7 +16,7 @@ import sys
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Annotated, Any, TextIO
+from typing import TYPE_CHECKING, Annotated, Any, TextIO
 
 import typer
 import typer.core
@@ -25,6 +25,11 @@ from gpt import __version__
 from gpt.config import RunConfig, load_config
 from gpt.errors import GPTError, compile_errors
 from gpt.stdout import failing_stdout_ends_here
+
+if TYPE_CHECKING:  # names for annotations only: each command imports what it runs
+    from gpt.checkpoint import Checkpoint
+    from gpt.config import SampleConfig
+    from gpt.hf.pretrained import Pretrained
 
 # the click that typer runs on: click itself, or the copy that newer typers carry inside
 _click_errors = sys.modules[typer.BadParameter.__module__]
@@ -392,6 +397,30 @@ def _checkpoint_path(
     return load_config(config, overrides).train.out_dir
 
 
+def _given(**flags: Any) -> dict[str, Any]:
+    """The flags the user gave (not None): each wins over its config key."""
+    return {k: v for k, v in flags.items() if v is not None}
+
+
+def _sample_settings(
+    checkpoint: str | None, config: Path | None, set_: list[str] | None, which: str,
+    flags: dict[str, Any], command: str,
+) -> tuple[str, Checkpoint | Pretrained, SampleConfig]:
+    """The model to decode with and its [sample] settings, layered: defaults, the checkpoint's
+    config, --config, --set, then the flags (checked before a large model loads)."""
+    import dataclasses
+
+    from gpt.config import SampleConfig, layer_on_checkpoint
+    from gpt.hf.pretrained import open_model
+
+    path = _checkpoint_path(checkpoint, config, set_)
+    dataclasses.replace(SampleConfig(), **flags)  # bad flags fail before a large model loads
+    found = open_model(path, which)
+    applies = ("sample",) if checkpoint is not None else ("sample", "train.out_dir")
+    cfg = layer_on_checkpoint(found.config, config, set_, applies, command)
+    return path, found, dataclasses.replace(cfg.sample, **flags)
+
+
 @command()
 def sample(
     checkpoint: CheckpointOption = None,
@@ -433,11 +462,8 @@ def sample(
     compile_model: CompileOption = False,
 ) -> None:
     """Generate text from a trained checkpoint (model, tokenizer and defaults come from it)."""
-    import dataclasses
 
-    from gpt.config import SampleConfig, layer_on_checkpoint
     from gpt.device import memory_errors
-    from gpt.hf.pretrained import open_model
     from gpt.sample import (
         PROMPT_FORMATS,
         encode_prompt,
@@ -452,20 +478,10 @@ def sample(
                        f"got {prompt_format!r}")
     if prompt_format != "text" and prompt_file is None:
         raise GPTError(f"--prompt-format {prompt_format} reads --prompt-file; give one")
-    path = _checkpoint_path(checkpoint, config, set_)
-    flags = {
-        k: v
-        for k, v in dict(
-            max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-            num_samples=num_samples, seed=seed, stop=stop or None, ignore_eos=ignore_eos,
-        ).items()
-        if v is not None
-    }
-    dataclasses.replace(SampleConfig(), **flags)  # bad flags fail before a large model loads
-    found = open_model(path, which)
-    applies = ("sample",) if checkpoint is not None else ("sample", "train.out_dir")
-    cfg = layer_on_checkpoint(found.config, config, set_, applies, "gpt sample")
-    settings: SampleConfig = dataclasses.replace(cfg.sample, **flags)
+    flags = _given(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                   top_p=top_p, num_samples=num_samples, seed=seed, stop=stop or None,
+                   ignore_eos=ignore_eos)
+    _, found, settings = _sample_settings(checkpoint, config, set_, which, flags, "gpt sample")
     text = read_prompt(prompt, prompt_file, settings.prompt, settings.max_prompt_bytes)
     prompts = split_prompts(text, prompt_format, f"--prompt-file {prompt_file}")
     single = len(prompts) == 1 and settings.num_samples == 1
@@ -541,21 +557,13 @@ def chat(
 ) -> None:
     """Talk with a checkpoint's model: a message a line; /reset, /system TEXT, /quit; Ctrl-C
     stops a reply. Settings come from [sample], as for gpt sample."""
-    import dataclasses
 
     from gpt.chat import Chat, check_settings, run_chat
-    from gpt.config import SampleConfig, layer_on_checkpoint
-    from gpt.hf.pretrained import open_model
     from gpt.sample import load_for_inference
 
-    path = _checkpoint_path(checkpoint, config, set_)
-    flags = {k: v for k, v in dict(max_new_tokens=max_new_tokens, temperature=temperature,
-                                    top_k=top_k, top_p=top_p, seed=seed).items() if v is not None}
-    dataclasses.replace(SampleConfig(), **flags)  # bad flags fail before a large model loads
-    found = open_model(path, which)
-    applies = ("sample",) if checkpoint is not None else ("sample", "train.out_dir")
-    cfg = layer_on_checkpoint(found.config, config, set_, applies, "gpt chat")
-    settings: SampleConfig = dataclasses.replace(cfg.sample, **flags)
+    flags = _given(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                   top_p=top_p, seed=seed)
+    _, found, settings = _sample_settings(checkpoint, config, set_, which, flags, "gpt chat")
     check_settings(settings)
     with _stdout_for_text_only() as out, compile_errors("--compile"):
         model, tokenizer = load_for_inference(found, device, dtype, compile_model)
@@ -617,8 +625,7 @@ def serve(
     found = open_model(path, which)
     applies = ("serve",) if checkpoint is not None else ("serve", "train.out_dir")
     cfg = layer_on_checkpoint(found.config, config, set_, applies, "gpt serve")
-    flags = {k: v for k, v in dict(host=host, port=port).items() if v is not None}
-    settings = dataclasses.replace(cfg.serve, **flags)
+    settings = dataclasses.replace(cfg.serve, **_given(host=host, port=port))
     with bind(settings.host, settings.port) as sock:  # a port in use fails before loading
         with _stdout_for_text_only():  # the model loads in the engine's thread
             engine = start_engine(lambda: load_for_inference(found, device, dtype, False)[0],
