@@ -38,6 +38,14 @@ class Start:
         """Where the model's weights come from: the resumed checkpoint, or the base."""
         return self.resumed or self.base
 
+    @property
+    def tokenizer(self) -> dict[str, Any]:
+        """The tokenizer record the run keeps: its start model's when it has one (the data's
+        gives the same ids, maybe with an older chat template: same_tokenizer), else the
+        data's."""
+        start = self.weights
+        return start.tokenizer if start is not None else self.data.tokenizer
+
 
 def resolve_start(cfg: RunConfig, resume: bool, world: Dist) -> Start:
     """Find the checkpoint to resume (or open init_from's model), check it against the config,

@@ -231,9 +231,7 @@ def setup_run(
         sharded=sharded,
         optimizer=make_optimizer(model, tcfg, device),
         scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
-        # the model's own record when it has one: the data's gives the same ids, maybe with an
-        # older chat template (same_tokenizer)
-        samplers=samplers, tokenizer=start.tokenizer if start is not None else data.tokenizer,
+        samplers=samplers, tokenizer=begin.tokenizer,
         state=TrainState(), metrics=None,
         last_checkpoint=resumed.path if resumed else None, nonfinite=NonFiniteSteps(device),
         damaged_checkpoints=begin.damaged,
