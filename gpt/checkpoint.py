@@ -22,84 +22,60 @@ Layout of a run folder (`[train] out_dir`):
 
 A checkpoint is written into a hidden temporary folder, every file flushed to disk, then renamed
 into place; the `latest` pointer is replaced atomically last. A crash at any point leaves the
-previous checkpoint and pointer intact. Saving is three steps (`begin_checkpoint`,
-`write_optimizer` on each writing process, `finish_checkpoint`), so that the processes of a
-sharded run can each write their part of one checkpoint.
+previous checkpoint and pointer intact.
+
+A run saves and restores through one `Checkpointer`, with which each part of its state registers
+once, so that what is saved and what is restored cannot drift apart. The names in a run folder
+are gpt/layout.py's.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import pickle
+import random
 import re
 import shutil
 import warnings
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
 from gpt.config import RunConfig, from_dict
 from gpt.errors import GPTError, first_line
-from gpt.fileio import MiB, fsync_dir, new_file_mode, read_bounded, sha256_file, write_atomic
+from gpt.fileio import fsync_dir, new_file_mode, sha256_file, write_failure
+from gpt.layout import (
+    STATE,
+    WEIGHTS,
+    Rows,
+    checkpoint_name,
+    iteration_of,
+    list_checkpoints,
+    load_state_json,
+    optimizer_files,
+    read_pointer,
+    temporary_folder,
+    write_pointer,
+)
 from gpt.model import GPT
+from gpt.parallel import Dist, unwrap
 from gpt.tokenizer import tokenizer_from_dict
 
-CKPT_PATTERN = re.compile(r"^ckpt-(\d+)$")
-WEIGHTS = "model.safetensors"
-OPTIMIZER = "optimizer.pt"  # the optimizer state, whole: inference needs only the weights
-OPTIMIZER_SHARD = re.compile(r"^optimizer-(\d{5})-of-(\d{5})\.pt$")  # one process's rows of it
-Rows = tuple[int, int]  # rows [start, stop) of a parameter's dim 0
-POINTER_LIMIT = 4096  # bytes of a `latest` or `best` file: one folder name
-STATE_LIMIT = 256 * MiB  # bytes of a state.json: the config, RNG states, a tokenizer's record
 
+class Stateful(Protocol):
+    """A part of a run's state that a checkpoint saves and restores."""
 
-def unwrap(model: torch.nn.Module) -> GPT:
-    """The plain GPT inside torch.compile and DDP wrappers, whose keys carry `_orig_mod.` and
-    `module.` prefixes that a checkpoint must never hold."""
-    while True:
-        if hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        elif isinstance(model, torch.nn.parallel.DistributedDataParallel):
-            model = model.module
-        else:
-            return model  # type: ignore[return-value]
+    def state_dict(self) -> Any: ...
 
-
-def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Weights to save, on the CPU: a tied head is the embedding itself, so it is stored once."""
-    model = unwrap(model)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    if model.config.tie_embeddings:
-        state.pop("lm_head.weight", None)
-    return state
-
-
-def save_checkpoint(
-    out_dir: Path,
-    iteration: int,
-    model: torch.nn.Module,
-    optimizer_state: dict[str, Any],
-    state: dict[str, Any],
-    keep_last: int,
-    is_best: bool,
-    damaged: Collection[str] = (),
-) -> Path:
-    """Write `ckpt-<iteration>` atomically from one process, then move `latest` (and `best`)
-    and prune: the three steps below, with the temporary folder removed if any fails."""
-    folder = begin_checkpoint(out_dir, iteration)
-    try:
-        hashes = write_optimizer(folder, OPTIMIZER, optimizer_state)
-        return finish_checkpoint(
-            folder, model_state(model), state, hashes, keep_last, is_best, damaged
-        )
-    except BaseException:  # a full disk, say: what was written goes, the rest stays as it was
-        shutil.rmtree(folder, ignore_errors=True)
-        raise
+    def load_state_dict(self, state: Any) -> None: ...
 
 
 def begin_checkpoint(out_dir: Path, iteration: int) -> Path:
@@ -111,22 +87,6 @@ def begin_checkpoint(out_dir: Path, iteration: int) -> Path:
     folder = temporary_folder(out_dir, iteration)
     folder.mkdir()
     return folder
-
-
-def checkpoint_name(iteration: int) -> str:
-    """The folder name of the checkpoint of `iteration`: `ckpt-0000640`."""
-    return f"ckpt-{iteration:07d}"
-
-
-def temporary_folder(out_dir: Path, iteration: int) -> Path:
-    """Where `ckpt-<iteration>` is written before it is renamed into place: the same path in
-    every process of a run."""
-    return out_dir / f".tmp-{checkpoint_name(iteration)}"
-
-
-def optimizer_file(rank: int, world_size: int) -> str:
-    """The name of one process's rows of a sharded optimizer state."""
-    return f"optimizer-{rank:05d}-of-{world_size:05d}.pt"
 
 
 def write_optimizer(folder: Path, name: str, optimizer_state: dict[str, Any]) -> dict[str, str]:
@@ -153,12 +113,12 @@ def finish_checkpoint(
     """
     out_dir = folder.parent
     final = out_dir / folder.name.removeprefix(".tmp-")
-    name, state = final.name, {**state, "iter": _iteration(final)}
+    name, state = final.name, {**state, "iter": iteration_of(final)}
     save_file(weights, str(folder / WEIGHTS))
     os.chmod(folder / WEIGHTS, new_file_mode())  # safetensors leaves it 0o600
     hashes = {WEIGHTS: sha256_file(folder / WEIGHTS), **optimizer_hashes}
-    (folder / "state.json").write_text(json.dumps({**state, "sha256": hashes}, indent=1))
-    for f in (WEIGHTS, "state.json"):
+    (folder / STATE).write_text(json.dumps({**state, "sha256": hashes}, indent=1))
+    for f in (WEIGHTS, STATE):
         _fsync(folder / f)
     fsync_dir(folder)
     if final.exists():  # a re-save of the same iteration (e.g. after a resume)
@@ -166,8 +126,8 @@ def finish_checkpoint(
     os.rename(folder, final)
     fsync_dir(out_dir)
     if is_best:
-        write_atomic(out_dir / "best", name + "\n")
-    write_atomic(out_dir / "latest", name + "\n")
+        write_pointer(out_dir, "best", name)
+    write_pointer(out_dir, "latest", name)
     _prune(out_dir, final, keep_last, damaged)
     return final
 
@@ -188,40 +148,15 @@ def _prune(out_dir: Path, saved: Path, keep_last: int, damaged: Collection[str])
       they do not count towards `keep_last` and go.
     - `saved` and the checkpoint `best` names are never deleted.
     """
-    best = _read_pointer(out_dir / "best")
+    best = read_pointer(out_dir / "best")
     kept = 0
     for old in list_checkpoints(out_dir):
-        if _iteration(old) > _iteration(saved):
+        if iteration_of(old) > iteration_of(saved):
             continue
         if old == saved or (old.name not in damaged and kept < keep_last):
             kept += 1
         elif old.name != best:
             shutil.rmtree(old, ignore_errors=True)
-
-
-def _read_pointer(path: Path) -> str | None:
-    """The checkpoint folder name a `latest` or `best` file holds; None where it holds none
-    (missing, unreadable, binary bytes, a path that is not a ckpt-* name in its folder)."""
-    try:
-        name = read_bounded(path, POINTER_LIMIT, "a checkpoint pointer").decode("utf-8").strip()
-    except (OSError, UnicodeDecodeError):
-        return None
-    return name if CKPT_PATTERN.match(name) else None
-
-
-def _iteration(ckpt: Path) -> int:
-    """The iteration in a `ckpt-<iteration>` folder's name."""
-    match = CKPT_PATTERN.match(ckpt.name)
-    assert match is not None, ckpt
-    return int(match.group(1))
-
-
-def list_checkpoints(out_dir: Path) -> list[Path]:
-    """Checkpoint folders of a run, newest first."""
-    if not out_dir.is_dir():
-        return []
-    found = [p for p in out_dir.iterdir() if p.is_dir() and CKPT_PATTERN.match(p.name)]
-    return sorted(found, key=_iteration, reverse=True)
 
 
 def find_checkpoint(path: str | Path, which: str = "latest") -> Path:
@@ -237,14 +172,14 @@ def find_checkpoint(path: str | Path, which: str = "latest") -> Path:
 
 
 def _find_checkpoint(path: Path, which: str) -> Path:
-    if (path / "state.json").exists():
+    if (path / STATE).exists():
         return path
     if not path.exists():
         raise GPTError(
             f"checkpoint path {path} does not exist; pass a run's out_dir or a ckpt-* folder"
         )
-    name = _read_pointer(path / which)
-    if name is not None and (path / name / "state.json").exists():
+    name = read_pointer(path / which)
+    if name is not None and (path / name / STATE).exists():
         return path / name
     candidates = list_checkpoints(path)
     if which == "latest" and candidates:
@@ -271,9 +206,9 @@ def read_state(ckpt: Path) -> dict[str, Any]:
     that needs them, checks `Checkpoint.has_optimizer` itself. Some of a sharded state's files
     but not all is a damaged checkpoint.
     """
-    state_path = ckpt / "state.json"
+    state_path = ckpt / STATE
     try:
-        state = json.loads(read_bounded(state_path, STATE_LIMIT, "a checkpoint's state.json"))
+        state = load_state_json(state_path)
         recorded = dict(state["sha256"])
     except FileNotFoundError:
         raise GPTError(f"{state_path} is missing: the checkpoint is incomplete") from None
@@ -298,17 +233,10 @@ def read_state(ckpt: Path) -> dict[str, Any]:
     return state
 
 
-def optimizer_files(state: dict[str, Any]) -> list[str]:
-    """The optimizer files a checkpoint's state.json records: optimizer.pt, or a sharded
-    run's files in rank order (only those names: nothing outside the folder is ever read)."""
-    names = state.get("sha256", {})
-    return sorted(f for f in names if f == OPTIMIZER or OPTIMIZER_SHARD.fullmatch(f))
-
-
 def load_weights(ckpt: Path, model: torch.nn.Module) -> None:
     """Load model.safetensors into `model` (re-tying a tied head)."""
     model = unwrap(model)
-    path = ckpt / "model.safetensors"
+    path = ckpt / WEIGHTS
     try:
         weights = load_file(str(path))
     except Exception as e:
@@ -482,3 +410,190 @@ class Checkpoint:
         model = GPT(self.config.model)
         self.load_into(model)
         return model.to(device).eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# A run's checkpoints: what is saved, when, by which process, and restored from them
+
+
+class Checkpointer:
+    """Saves a run's checkpoints and restores the run from one: the weights, the optimizer
+    state and every registered state, each written by the processes that hold it.
+
+    `states` register once, each under its key of state.json (None: its entries at the top
+    level, as the run's counters and RNG states are); `restore` loads them back in the same
+    order (the RNGs last), so a save and a restore cannot drift apart. `fixed` entries (the
+    config, the tokenizer) are written as they are: they describe the run, not restore it. It
+    decides for itself when to save (`due`) and what to prune.
+    """
+
+    def __init__(
+        self,
+        out_dir: Path,
+        world: Dist,
+        model: torch.nn.Module,
+        optimizer: Stateful,
+        *,
+        states: Sequence[tuple[str | None, Stateful]] = (),
+        fixed: Mapping[str, Any] | None = None,
+        interval: int = 1,
+        keep_last: int = 2,
+        latest: Path | None = None,
+        damaged: Collection[str] = (),
+    ) -> None:
+        self.out_dir, self.world, self.model, self.optimizer = out_dir, world, model, optimizer
+        self.states = list(states)
+        self.fixed = dict(fixed or {})
+        self.interval, self.keep_last = interval, keep_last
+        self.latest = latest  # the newest checkpoint on disk, for messages
+        # checkpoints newer than the resumed one that failed their check: never kept as good ones
+        self.damaged = set(damaged)
+
+    def due(self, step: int, last_step: bool = False, stopping: bool = False) -> bool:
+        """Whether `step` is saved: every `interval` steps, the last one, and on a signal."""
+        return step % self.interval == 0 or last_step or stopping
+
+    def save(self, step: int, *, last_step: bool = False, stopping: bool = False,
+             is_best: bool = False) -> Path | None:
+        """Save `step` when it is due (every process calls this): the checkpoint written, or
+        None when it was not due."""
+        if not self.due(step, last_step, stopping):
+            return None
+        self._write(step, is_best)
+        return self.latest
+
+    def restore(self, resumed: Checkpoint) -> None:
+        """The optimizer and every registered state as `resumed` left them (the optimizer's
+        state may come from another layout: under FSDP each process reads only its rows)."""
+        self.world.load_optimizer_state(self.optimizer, resumed.optimizer_state)
+        for key, state in self.states:
+            saved = resumed.state if key is None else resumed.state.get(key)
+            if saved:  # a disabled GradScaler's is saved as null
+                state.load_state_dict(saved)
+        self.latest = resumed.path
+
+    def _state(self) -> dict[str, Any]:
+        """What state.json holds besides the file hashes (a collective: states may gather)."""
+        state: dict[str, Any] = {}
+        for key, part in self.states:
+            saved = part.state_dict()
+            if key is None:
+                state.update(saved)
+            else:
+                state[key] = saved or None
+        return {**state, **self.fixed}
+
+    def _write(self, step: int, is_best: bool) -> None:
+        """Every process joins: rank 0 writes the weights (gathered from the shards under FSDP)
+        and state.json; the optimizer state is rank 0's, or under FSDP each process's rows of
+        it. A write that fails in any process stops every process with one error, and the
+        previous checkpoint stays as it was."""
+        world, out_dir = self.world, self.out_dir
+        state = self._state()
+        weights = world.model_state(self.model)
+        folder = temporary_folder(out_dir, step)
+        with self._writing(folder, step):
+            if world.main:
+                begin_checkpoint(out_dir, step)
+        hashes: dict[str, str] = {}
+        with self._writing(folder, step):
+            if (mine := world.optimizer_state(self.optimizer)) is not None:
+                hashes = write_optimizer(folder, *mine)
+        hashes = {name: sha for each in world.gather(hashes) for name, sha in each.items()}
+        with self._writing(folder, step):
+            if world.main:
+                finish_checkpoint(folder, weights, state, hashes, self.keep_last, is_best,
+                                  self.damaged)
+        self.latest = out_dir / checkpoint_name(step)  # every process names it in messages
+        self.damaged.discard(self.latest.name)  # overwritten: good now
+
+    @contextlib.contextmanager
+    def _writing(self, folder: Path, step: int) -> Iterator[None]:
+        """One step of a save, which every process enters: a failure in any (a full disk, say)
+        removes the temporary `folder` and raises the same one-line error in every process, so
+        none waits for the others at a collective. A failure that is no write failure is a
+        bug: in one process it goes up as it is."""
+        out_dir, world = folder.parent, self.world
+        problem = None
+        try:
+            yield
+        except Exception as e:
+            failure = write_failure(e, out_dir)
+            if failure is None and world.world_size == 1:
+                shutil.rmtree(folder, ignore_errors=True)
+                raise
+            problem = (_save_failed(out_dir, step, failure, self.latest)
+                       if failure is not None else
+                       f"saving the checkpoint failed on rank {world.rank}: {first_line(e, 200)}")
+        first = next((p for p in world.gather(problem) if p is not None), None)
+        if first is not None:
+            if world.main:
+                shutil.rmtree(folder, ignore_errors=True)
+            raise GPTError(first)
+
+
+def _save_failed(out_dir: Path, iteration: int, error: OSError, previous: Path | None) -> str:
+    """The one-line error of a checkpoint that could not be written: what failed, and that the
+    run goes on from the previous checkpoint, which a failed save leaves as it was."""
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        problem = (f"no space left on the disk of {out_dir} for the checkpoint of iteration "
+                   f"{iteration}; free some space (or lower train.keep_last)")
+    else:
+        problem = (f"cannot write the checkpoint of iteration {iteration} into {out_dir} "
+                   f"({error.strerror or error}); make it writable")
+    if previous is None:
+        return f"{problem}, then run gpt train again (no checkpoint was saved yet)"
+    return (f"{problem}, then run gpt train again to resume from {previous}, which is intact "
+            "(checkpoints are written atomically)")
+
+
+class Each(dict[str, Stateful]):
+    """Named states saved together under one key (the data samplers)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {name: part.state_dict() for name, part in self.items()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for name, part in self.items():
+            part.load_state_dict(state[name])
+
+
+class RandomStates:
+    """Every random number generator a run draws from (Python's, numpy's, torch's, CUDA's), in
+    every process, as plain data: each process restores its own (its dropout masks), or rank
+    0's when the number of processes changed."""
+
+    def __init__(self, world: Dist) -> None:
+        self.world = world
+
+    def state_dict(self) -> dict[str, Any]:
+        ranks = self.world.gather(rng_state())  # a collective: every process saves
+        return {"rng": ranks[0], "rng_ranks": ranks if len(ranks) > 1 else None}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        ranks = state.get("rng_ranks") or [state["rng"]]
+        same_world = len(ranks) == self.world.world_size
+        set_rng_state(ranks[self.world.rank] if same_world else ranks[0])
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's RNG states, as plain data."""
+    np_state = np.random.get_state()
+    state = {
+        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+        "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+        "torch": torch.get_rng_state().tolist(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), *rest))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])

@@ -369,6 +369,16 @@ class TrainConfig(_Section):
         None, "device peak FLOP/s for MFU; unset = a GPU's from the table, a CPU's measured"
     )
 
+    @property
+    def decay_iters(self) -> int:
+        """The step the learning rate's decay reaches min_lr: lr_decay_iters, or max_iters."""
+        return self.lr_decay_iters or self.max_iters
+
+    @property
+    def save_interval(self) -> int:
+        """Steps between checkpoints: checkpoint_interval, or eval_interval when unset."""
+        return self.checkpoint_interval or self.eval_interval
+
     def check(self) -> None:
         self._positive("batch_size", "grad_accum_steps", "eval_interval", "eval_iters")
         self._positive("log_interval", "checkpoint_interval", "keep_last", "peak_flops")

@@ -1,15 +1,18 @@
 """Optimizers, the learning-rate schedule and the non-finite step policy.
 
 `make_optimizer` builds AdamW (nanoGPT's groups) or Muon for the hidden matrices plus AdamW for
-the rest, stepped as one `CombinedOptimizer`; `lr_at` is every group's rate at a step; a step
+the rest, stepped as one `CombinedOptimizer`; `lr_at` is every group's rate at a step, which a
+`Schedule` sets once per step; a step
 whose loss or gradient norm is not finite is kept from the weights (`step_unless`) and noted on
 the device (`NonFiniteSteps`), so that watching for one costs no host sync.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +41,7 @@ def _lr_curve(iteration: int, cfg: TrainConfig) -> float:
         return cfg.learning_rate
     if iteration < cfg.warmup_iters:
         return cfg.learning_rate * (iteration + 1) / (cfg.warmup_iters + 1)
-    decay_iters = cfg.lr_decay_iters or cfg.max_iters
+    decay_iters = cfg.decay_iters
     if iteration >= decay_iters:
         return cfg.min_lr
     if cfg.lr_schedule == "wsd":
@@ -50,6 +53,37 @@ def _lr_curve(iteration: int, cfg: TrainConfig) -> float:
         progress = (iteration - cfg.warmup_iters) / max(1, decay_iters - cfg.warmup_iters)
         coeff = 0.5 * (1.0 + math.cos(math.pi * progress))  # 1 -> 0
     return cfg.min_lr + coeff * (cfg.learning_rate - cfg.min_lr)
+
+
+class Schedule:
+    """Sets every parameter group's rate for a step from its own peak (`initial_lr`), once a
+    step; `rates` reads back the rates last set, for the metrics."""
+
+    def __init__(self, optimizer: Optimizer, cfg: TrainConfig) -> None:
+        self.optimizer, self.cfg = optimizer, cfg
+
+    def apply(self, iteration: int) -> None:
+        """The rates of step `iteration` (from 0), set in every group."""
+        for group in self.optimizer.param_groups:  # each group's own peak, on one curve
+            group["lr"] = lr_at(iteration, self.cfg, group["initial_lr"])
+
+    def rates(self) -> dict[str, float]:
+        """The rates last set: AdamW's as `lr` and, with Muon, Muon's as `muon_lr`."""
+        if isinstance(self.optimizer, CombinedOptimizer):
+            named = self.optimizer.optimizers
+            return {"lr": named["adamw"].param_groups[0]["lr"],
+                    "muon_lr": named["muon"].param_groups[0]["lr"]}
+        return {"lr": self.optimizer.param_groups[0]["lr"]}
+
+
+@contextlib.contextmanager
+def config_peaks(optimizer: Optimizer) -> Iterator[None]:
+    """Keep the groups' peak rates (`initial_lr`, the config's) across loading a saved state,
+    which holds the peaks it was trained with: a resumed run with new rates uses the new ones."""
+    peaks = [group["initial_lr"] for group in optimizer.param_groups]
+    yield
+    for group, peak in zip(optimizer.param_groups, peaks, strict=True):
+        group["initial_lr"] = peak
 
 
 def make_optimizer(model: GPT, cfg: TrainConfig, device: torch.device) -> Optimizer:

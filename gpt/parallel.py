@@ -1,4 +1,9 @@
-"""One run over many processes: DDP or FSDP2, and the state that moves between those layouts.
+"""One run over one or many processes: the only module that touches torch.distributed.
+
+A `Dist` is built once per process (`start`): rank 0 of 1 for a plain run, one of N under
+torchrun. It wraps the model for the layout, reduces, gathers and agrees across the processes,
+and gives checkpoints the weights and optimizer state to write; each of these is a no-op in one
+process, so the trainer never asks how many processes there are.
 
 DDP (`[train] parallel = "ddp"`) keeps the whole model, its gradients and its optimizer state in
 every process and averages the gradients. FSDP2 (`"fsdp"`, `torch.distributed.fsdp.fully_shard`)
@@ -14,8 +19,9 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
-from dataclasses import dataclass
+import signal
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -23,19 +29,24 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from gpt.checkpoint import Rows
 from gpt.config import TrainConfig
+from gpt.errors import GPTError
+from gpt.layout import OPTIMIZER, Rows, optimizer_file
 from gpt.model import GPT
+
+EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
 
 @dataclass
 class Dist:
-    """This process's place in a torchrun launch (one process: rank 0 of 1), and the
-    collectives the trainer needs: each is a no-op in one process."""
+    """This process's place in the run (one process: rank 0 of 1) and its device, and every
+    collective the trainer and its checkpoints need."""
 
     rank: int = 0
     local_rank: int = 0
     world_size: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    sharded: bool = False  # FSDP: each process holds its rows of every weight and moment
 
     @property
     def main(self) -> bool:
@@ -57,11 +68,11 @@ class Dist:
             dist.all_reduce(tensor)
             tensor /= self.world_size
 
-    def any(self, flag: bool, device: torch.device) -> bool:
+    def any(self, flag: bool) -> bool:
         """Whether `flag` is set in any process, so that every process takes the same branch."""
         if self.world_size == 1:
             return flag
-        found = torch.tensor([1.0 if flag else 0.0], device=device)
+        found = torch.tensor([1.0 if flag else 0.0], device=self.device)
         dist.all_reduce(found)
         return found.item() > 0
 
@@ -73,6 +84,12 @@ class Dist:
         dist.all_gather_object(values, value)
         return values
 
+    def seed(self, seed: int) -> None:
+        """Different dropout masks in each process, as nanoGPT seeds them; one process keeps
+        the stream its model's initial weights came from."""
+        if self.world_size > 1:
+            torch.manual_seed(seed + self.rank)
+
     def barrier(self) -> None:
         """Wait until every process is here."""
         if self.world_size > 1:
@@ -83,28 +100,143 @@ class Dist:
         if self.world_size > 1 and dist.is_initialized():
             dist.destroy_process_group()
 
+    # the model and its state in this layout
 
-def setup_distributed(device: torch.device) -> Dist:
-    """DDP under torchrun (RANK/WORLD_SIZE set): NCCL on CUDA, gloo on CPU."""
+    def wrap(self, model: GPT, compile_model: bool, dtype: torch.dtype) -> nn.Module:
+        """Place `model` for this layout (FSDP: sharded in place, block by block; else moved to
+        the device whole) and return what the training step calls: compiled when asked, and
+        DDP-wrapped across several processes."""
+        if self.sharded:
+            shard(model, self.device, dtype)
+        else:
+            model.to(self.device)
+        trained: nn.Module = torch.compile(model) if compile_model else model
+        if self.world_size > 1 and not self.sharded:
+            ids = [self.local_rank] if self.device.type == "cuda" else None
+            trained = DDP(trained, device_ids=ids)
+        return trained
+
+    def model_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """Every weight, whole, on the CPU, in rank 0 (the others get an empty dict; a
+        collective under FSDP, which gathers the shards). A tied head is the embedding itself,
+        so it is left out: a checkpoint stores it once."""
+        if self.sharded:
+            return full_model_state(model)
+        if not self.main:
+            return {}
+        plain = unwrap(model)
+        state = {k: v.detach().cpu().contiguous() for k, v in plain.state_dict().items()}
+        if plain.config.tie_embeddings:
+            state.pop("lm_head.weight", None)
+        return state
+
+    def optimizer_state(self, optimizer: Any) -> tuple[str, dict[str, Any]] | None:
+        """The optimizer file this process writes into a checkpoint, and what it holds: under
+        FSDP each process's rows (`local_optimizer_state`), else rank 0's whole state."""
+        if self.sharded:
+            return optimizer_file(self.rank, self.world_size), local_optimizer_state(optimizer)
+        return (OPTIMIZER, optimizer.state_dict()) if self.main else None
+
+    def load_optimizer_state(
+        self, optimizer: Any, saved: Callable[[Mapping[int, Rows] | None], dict[str, Any]]
+    ) -> None:
+        """Load a saved optimizer state, which may come from any layout: `saved(rows)` reads
+        it, whole (rows None) or only the rows this process holds under FSDP."""
+        if not self.sharded:
+            optimizer.load_state_dict(saved(None))
+            return
+        params = optimizer_params(optimizer)
+        rows = {key: held for key, p in enumerate(params) if (held := rows_of(p))}
+        load_local_optimizer_state(optimizer, saved(rows))
+
+    @contextlib.contextmanager
+    def gradient_sync(self, trained: nn.Module, sync: bool) -> Iterator[None]:
+        """Whether this micro-batch's backward reduces the gradients across processes: only
+        the last of an accumulation does; the others add to the local gradients."""
+        if sync or self.world_size == 1:
+            yield
+        elif isinstance(trained, DDP):
+            with trained.no_sync():
+                yield
+        else:  # FSDP2: a setting, not a context
+            trained.set_requires_gradient_sync(False)  # type: ignore[operator]
+            try:
+                yield
+            finally:
+                trained.set_requires_gradient_sync(True)  # type: ignore[operator]
+
+
+def start(tcfg: TrainConfig, device: torch.device, dtype: torch.dtype) -> Dist:
+    """This process's `Dist`: one process, or its rank under torchrun (RANK/WORLD_SIZE set),
+    with the process group started (NCCL on CUDA, gloo on CPU) and the layout's own limits
+    checked."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return Dist()
-    world = Dist(
-        int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ["WORLD_SIZE"])
-    )
+        return Dist(device=device)
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    world = Dist(rank, local_rank, world_size, device, sharded=tcfg.parallel == "fsdp")
+    if tcfg.grad_accum_steps % world_size:
+        raise GPTError(
+            f"[train] grad_accum_steps = {tcfg.grad_accum_steps} is not divisible by the "
+            f"{world_size} processes; make it a multiple of the process count"
+        )
+    if world.sharded and dtype == torch.float16:
+        raise GPTError(
+            "[train] parallel = \"fsdp\" computes in bfloat16 or float32, not float16 (its "
+            "gradients would need loss scaling across shards); set train.dtype = \"bfloat16\" "
+            "(or \"float32\" on GPUs without it), or parallel = \"ddp\""
+        )
     return world
 
 
-def wrap(
-    model: GPT, compile_model: bool, world: Dist, device: torch.device, sharded: bool
-) -> nn.Module:
-    """The module the training step calls: compiled when asked, DDP-wrapped under torchrun
-    (an FSDP model is sharded in place already)."""
-    trained: nn.Module = torch.compile(model) if compile_model else model
-    if world.world_size > 1 and not sharded:
-        trained = DDP(trained, device_ids=[world.local_rank] if device.type == "cuda" else None)
-    return trained
+class StopFlag:
+    """SIGINT/SIGTERM set a flag; the loop finishes its step, saves and exits 130/143.
+
+    A second signal quits at once (the last checkpoint on disk stays intact: saves are atomic).
+    """
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopFlag:
+        for sig in EXIT_CODES:
+            self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is not None:
+            raise SystemExit(EXIT_CODES[signal.Signals(signum)])
+        self.signum = signum
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def seen(self, world: Dist) -> bool:
+        """Whether any rank was signalled, so every rank stops after the same step."""
+        return world.any(self.signum is not None)
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_CODES.get(self.signum or signal.SIGTERM, 143)
+
+
+def unwrap(model: nn.Module) -> GPT:
+    """The plain GPT inside torch.compile and DDP wrappers, whose keys carry `_orig_mod.` and
+    `module.` prefixes that a checkpoint must never hold."""
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif isinstance(model, DDP):
+            model = model.module
+        else:
+            return model  # type: ignore[return-value]
 
 
 def shard(model: GPT, device: torch.device, dtype: torch.dtype) -> None:
@@ -125,23 +257,6 @@ def shard(model: GPT, device: torch.device, dtype: torch.dtype) -> None:
     for block in model.transformer.h:
         fully_shard(block, **options)
     fully_shard(model, **options)
-
-
-@contextlib.contextmanager
-def gradient_sync(trained: nn.Module, sync: bool) -> Iterator[None]:
-    """Whether this micro-batch's backward reduces the gradients across processes: only the
-    last of an accumulation does; the others add to the local gradients."""
-    if sync:
-        yield
-    elif isinstance(trained, DDP):
-        with trained.no_sync():
-            yield
-    else:  # FSDP2: a setting, not a context
-        trained.set_requires_gradient_sync(False)  # type: ignore[operator]
-        try:
-            yield
-        finally:
-            trained.set_requires_gradient_sync(True)  # type: ignore[operator]
 
 
 def clip_grad_norm(model: nn.Module, max_norm: float) -> torch.Tensor:

@@ -24,7 +24,8 @@ from typing import TYPE_CHECKING, Any
 
 from gpt.errors import GPTError
 from gpt.fileio import write_atomic
-from gpt.runs import METRICS, read_metrics
+from gpt.layout import METRICS
+from gpt.runs import read_metrics
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

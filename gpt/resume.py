@@ -17,6 +17,7 @@ from gpt.data.prepare import prepare
 from gpt.data.prepared import PreparedData
 from gpt.errors import GPTError
 from gpt.hf.pretrained import Pretrained, is_pretrained, model_from_pretrained, open_model
+from gpt.layout import OPTIMIZER
 from gpt.parallel import Dist
 from gpt.tokenizer import same_tokenizer
 
@@ -96,7 +97,7 @@ def _resume_point(
             continue
         if not found.has_optimizer:
             raise GPTError(
-                f"{candidate / ckpt.OPTIMIZER} is missing, so training cannot resume from it; "
+                f"{candidate / OPTIMIZER} is missing, so training cannot resume from it; "
                 f"set train.out_dir to a new folder, with train.init_from = \"{candidate}\" "
                 "to finetune from its weights"
             )

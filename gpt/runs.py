@@ -11,18 +11,22 @@ from __future__ import annotations
 import io
 import json
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from gpt.errors import GPTError
-from gpt.fileio import MiB, open_regular, read_bounded
+from gpt.fileio import open_regular
+from gpt.layout import (
+    METRICS,
+    STATE,
+    is_checkpoint_name,
+    list_checkpoints,
+    load_state_json,
+    read_pointer,
+)
 from gpt.lock import holder
 
-METRICS = "metrics.jsonl"
-CKPT_NAME = re.compile(r"^ckpt-(\d+)$")  # checkpoint.CKPT_PATTERN, without importing torch
-POINTER_LIMIT, STATE_LIMIT = 4096, 256 * MiB  # checkpoint's bounds on what it reads, likewise
 NUMERIC = ("elapsed_s", "tokens", "lr", "muon_lr", "loss", "train_loss", "val_loss", "tok_per_s",
            "mfu")
 SEARCH_DEPTH = 2  # levels below the folder `gpt runs` is given
@@ -147,8 +151,9 @@ def _look_into(folder: Path) -> tuple[bool, list[Path]]:
             pass
         raise
     folders = [p for p, is_dir in entries if is_dir]
-    run = any(CKPT_NAME.match(p.name) for p in folders) or (folder / METRICS).is_file()
-    return run, [p for p in folders if not p.name.startswith(".") and not CKPT_NAME.match(p.name)]
+    run = any(is_checkpoint_name(p.name) for p in folders) or (folder / METRICS).is_file()
+    below = [p for p in folders if not p.name.startswith(".") and not is_checkpoint_name(p.name)]
+    return run, below
 
 
 @dataclass
@@ -201,15 +206,9 @@ def summarize(path: Path) -> RunSummary:
 def _latest_state(path: Path, notes: list[str]) -> tuple[str | None, dict[str, Any] | None]:
     """The newest checkpoint whose state.json reads (the one `latest` names first), skipping
     damaged ones with a note each."""
+    pointer = read_pointer(path / "latest")
     try:
-        pointer = read_bounded(path / "latest", POINTER_LIMIT, "a pointer").decode().strip()
-    except (OSError, UnicodeDecodeError):
-        pointer = ""
-    try:
-        names = sorted(
-            (p.name for p in path.iterdir() if CKPT_NAME.match(p.name) and p.is_dir()),
-            key=lambda n: int(n[5:]), reverse=True,
-        )
+        names = [p.name for p in list_checkpoints(path)]
     except OSError as e:
         notes.append(f"cannot list the folder ({e.strerror})")
         return None, None
@@ -217,7 +216,7 @@ def _latest_state(path: Path, notes: list[str]) -> tuple[str | None, dict[str, A
         names.remove(pointer)
         names.insert(0, pointer)
     for name in names:
-        problem, state = _read_state(path / name / "state.json")
+        problem, state = _read_state(path / name / STATE)
         if state is not None:
             return name, state
         notes.append(f"{name}/state.json {problem}")
@@ -231,7 +230,7 @@ def _read_state(path: Path) -> tuple[str, dict[str, Any] | None]:
     table needs only the counters.
     """
     try:
-        state = json.loads(read_bounded(path, STATE_LIMIT, "a checkpoint's state.json"))
+        state = load_state_json(path)
     except FileNotFoundError:
         return "is missing (an incomplete checkpoint)", None
     except OSError as e:

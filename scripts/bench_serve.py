@@ -62,12 +62,13 @@ import doc_tables as docs
 import httpx
 import torch
 
-from gpt.checkpoint import Checkpoint, save_checkpoint
+from gpt.checkpoint import Checkpoint, Checkpointer
 from gpt.config import DataConfig, ModelConfig, RunConfig, to_dict
 from gpt.device import resolve_dtype
 from gpt.generate import generate
 from gpt.hf.export import export
 from gpt.model import GPT
+from gpt.parallel import Dist
 from gpt.sample import load_for_inference
 from gpt.tokenizer import Tokenizer, get_tokenizer, tokenizer_from_dict
 
@@ -116,7 +117,7 @@ def random_checkpoint(folder: Path, shape: str, seed: int) -> Path:
     cfg = RunConfig(model=model.config, data=DataConfig(tokenizer="gpt2"))
     state = {"tokens": 0, "best_val_loss": None, "config": to_dict(cfg),
              "tokenizer": get_tokenizer("gpt2").to_dict()}
-    save_checkpoint(out, 0, model, {}, state, keep_last=1, is_best=False)
+    Checkpointer(out, Dist(), model, torch.optim.AdamW(model.parameters()), fixed=state).save(0)
     return out
 
 

@@ -24,6 +24,7 @@ from gpt.cli import app
 from gpt.config import ModelConfig, RunConfig, SampleConfig, to_dict
 from gpt.errors import GPTError
 from gpt.model import GPT
+from gpt.parallel import Dist
 from gpt.template import chat_prompt
 from gpt.tokenizer import CharTokenizer, Tokenizer, get_tokenizer
 
@@ -47,8 +48,8 @@ def save(folder: Path, model: GPT, tokenizer: Tokenizer, sample: SampleConfig) -
     config = RunConfig(model=model.config, sample=sample)
     state = {"tokens": 0, "best_val_loss": None, "wandb_id": None, "config": to_dict(config),
              "tokenizer": tokenizer.to_dict()}
-    optimizer = torch.optim.AdamW(model.parameters()).state_dict()
-    return ckpt.save_checkpoint(folder, 1, model, optimizer, state, 1, False)
+    optimizer = torch.optim.AdamW(model.parameters())
+    return ckpt.Checkpointer(folder, Dist(), model, optimizer, fixed=state, keep_last=1).save(1)
 
 
 @torch.no_grad()

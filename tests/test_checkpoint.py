@@ -11,9 +11,11 @@ import pytest
 import torch
 
 from gpt import checkpoint as ckpt
+from gpt import layout
 from gpt.config import ModelConfig, RunConfig, TrainConfig, load_config, to_dict
 from gpt.errors import GPTError
 from gpt.model import GPT
+from gpt.parallel import Dist, unwrap
 
 CONFIG = RunConfig(model=ModelConfig(n_layer=2, n_head=2, n_embd=16, block_size=8, vocab_size=64))
 TOKENIZER = {"name": "char", "chars": "abc\n"}
@@ -25,12 +27,16 @@ def tiny_model(seed: int = 0) -> GPT:
 
 
 def save(out: Path, iteration: int, model: torch.nn.Module, keep_last: int = 2,
-         is_best: bool = False) -> Path:
-    optimizer = torch.optim.AdamW(ckpt.unwrap(model).parameters(), lr=1e-3)
+         is_best: bool = False, damaged: set[str] | frozenset[str] = frozenset()) -> Path:
+    """A checkpoint written as training writes one: through a Checkpointer."""
+    optimizer = torch.optim.AdamW(unwrap(model).parameters(), lr=1e-3)
     state = {"tokens": iteration * 10, "best_val_loss": None, "wandb_id": None,
              "config": to_dict(CONFIG), "tokenizer": TOKENIZER}
-    return ckpt.save_checkpoint(out, iteration, model, optimizer.state_dict(), state,
-                                keep_last, is_best)
+    saver = ckpt.Checkpointer(out, Dist(), model, optimizer, fixed=state, keep_last=keep_last,
+                              damaged=damaged)
+    written = saver.save(iteration, is_best=is_best)
+    assert written is not None
+    return written
 
 
 def same_weights(a: GPT, b: GPT) -> bool:
@@ -82,14 +88,14 @@ def test_keep_last_prunes_old_checkpoints_but_keeps_best(tmp_path: Path) -> None
     model = tiny_model()
     for it in (10, 20, 30, 40):
         save(tmp_path, it, model, keep_last=2, is_best=it == 10)
-    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == [
+    assert [p.name for p in layout.list_checkpoints(tmp_path)] == [
         "ckpt-0000040", "ckpt-0000030", "ckpt-0000010"]
     assert ckpt.find_checkpoint(tmp_path, "best").name == "ckpt-0000010"
     assert ckpt.find_checkpoint(tmp_path, "latest").name == "ckpt-0000040"
 
 
 def names(out: Path) -> list[str]:
-    return [p.name.removeprefix("ckpt-").lstrip("0") for p in ckpt.list_checkpoints(out)]
+    return [p.name.removeprefix("ckpt-").lstrip("0") for p in layout.list_checkpoints(out)]
 
 
 def test_pruning_leaves_newer_checkpoints_and_never_keeps_damaged_ones(tmp_path: Path) -> None:
@@ -101,9 +107,9 @@ def test_pruning_leaves_newer_checkpoints_and_never_keeps_damaged_ones(tmp_path:
     save(tmp_path, 15, model, keep_last=2)  # resumed from 10; 20 and 30 are newer
     assert names(tmp_path) == ["30", "20", "15", "10"]
     damaged = {"ckpt-0000020", "ckpt-0000030"}
-    ckpt.save_checkpoint(tmp_path, 25, model, {}, {}, 2, False, damaged)
+    save(tmp_path, 25, model, keep_last=2, damaged=damaged)
     assert names(tmp_path) == ["30", "25", "15"]  # 20 is older than 25 and damaged: it goes
-    ckpt.save_checkpoint(tmp_path, 30, model, {}, {}, 2, False, damaged)  # rewritten: good
+    save(tmp_path, 30, model, keep_last=2, damaged=damaged)  # rewritten: good
     assert names(tmp_path) == ["30", "25"]
 
 
@@ -111,7 +117,7 @@ def test_pruning_never_deletes_the_best_even_damaged(tmp_path: Path) -> None:
     model = tiny_model()
     save(tmp_path, 10, model, keep_last=2, is_best=True)
     save(tmp_path, 20, model, keep_last=2)
-    ckpt.save_checkpoint(tmp_path, 30, model, {}, {}, 1, False, {"ckpt-0000010"})
+    save(tmp_path, 30, model, keep_last=1, damaged={"ckpt-0000010"})
     assert names(tmp_path) == ["30", "10"]
 
 
@@ -130,13 +136,13 @@ def test_a_crash_while_saving_leaves_the_previous_checkpoint(
     elif failing == "os.rename":  # just before the folder is moved into place
         monkeypatch.setattr(ckpt.os, "rename", crash)
     else:  # the folder is in place, the `latest` pointer not yet moved
-        monkeypatch.setattr(ckpt, "write_atomic", crash)
-    with pytest.raises(OSError, match="simulated crash"):
+        monkeypatch.setattr(layout, "write_atomic", crash)
+    with pytest.raises(GPTError, match=r"cannot write the checkpoint of iteration 20 .*\(simulated crash\)"):
         save(tmp_path, 20, tiny_model(1))
     monkeypatch.undo()
     assert (tmp_path / "latest").read_text().strip() == "ckpt-0000010"
     if failing != "pointer":
-        assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["ckpt-0000010"]
+        assert [p.name for p in layout.list_checkpoints(tmp_path)] == ["ckpt-0000010"]
     assert same_weights(first, ckpt.Checkpoint.open(tmp_path).load_model())
     save(tmp_path, 30, first)  # the next save clears what the crash left behind
     assert not list(tmp_path.glob(".tmp-*"))
@@ -289,7 +295,7 @@ def test_the_docs_quote_the_folders_the_default_run_leaves() -> None:
     default run name what configs/default.toml makes: its steps, data folder, out_dir and the
     last checkpoint, the one written at max_iters."""
     cfg = load_config(ROOT / "configs" / "default.toml")
-    last = ckpt.checkpoint_name(cfg.train.max_iters)
+    last = layout.checkpoint_name(cfg.train.max_iters)
     readme = (ROOT / "README.md").read_text()
     assert f"After {cfg.train.max_iters} steps" in readme
     assert f"`{cfg.data.resolved_data_dir}/` holds the tokenized corpus" in readme
@@ -301,5 +307,5 @@ def test_the_docs_quote_the_folders_the_default_run_leaves() -> None:
     row = next(line for line in (ROOT / "docs" / "observing.md").read_text().splitlines()
                if line.startswith(f"{cfg.train.out_dir} "))
     assert f" {cfg.train.max_iters}/{cfg.train.max_iters} " in row and f" {last} " in row
-    assert (ckpt.temporary_folder(Path("out"), cfg.train.max_iters).name
+    assert (layout.temporary_folder(Path("out"), cfg.train.max_iters).name
             == f".tmp-{last}")  # the name a save gives its folder

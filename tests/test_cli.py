@@ -14,6 +14,7 @@ from gpt import __version__
 from gpt import checkpoint as ckpt
 from gpt.cli import _bytes, _flop_rate, app
 from gpt.config import ModelConfig, RunConfig, to_dict, to_toml
+from gpt.parallel import Dist
 
 ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()
@@ -175,7 +176,8 @@ def save_run(out: Path, iteration: int, cfg: RunConfig, is_best: bool = False) -
     optimizer = torch.optim.AdamW(model.parameters())
     state = {"tokens": 0, "best_val_loss": None, "config": to_dict(cfg),
              "tokenizer": {"name": "char", "chars": "ab"}}
-    return ckpt.save_checkpoint(out, iteration, model, optimizer.state_dict(), state, 2, is_best)
+    return ckpt.Checkpointer(out, Dist(), model, optimizer, fixed=state).save(iteration,
+                                                                            is_best=is_best)
 
 
 def test_info_describes_a_checkpoint_as_its_config_would(tmp_path: Path) -> None:

@@ -61,8 +61,7 @@ def test_mixed_precision_training_learns(tiny_run: Path, dtype: str) -> None:
 
 
 def test_cuda_runs_use_fused_adamw_that_skips_on_the_device(tiny_run: Path) -> None:
-    run = setup_run(load_config("tiny.toml", CUDA), True, Dist(), torch.device("cuda"),
-                    torch.bfloat16)
+    run = setup_run(load_config("tiny.toml", CUDA), True, Dist(device=torch.device("cuda")), torch.bfloat16)
     try:
         assert all(group["fused"] for group in run.optimizer.param_groups)
         assert skips_on_device(run.optimizer)
@@ -73,8 +72,7 @@ def test_cuda_runs_use_fused_adamw_that_skips_on_the_device(tiny_run: Path) -> N
 
 def test_a_step_never_waits_for_the_device(tiny_run: Path) -> None:
     """No host sync anywhere in a training step (CUDA raises on one in this mode)."""
-    run = setup_run(load_config("tiny.toml", CUDA), True, Dist(), torch.device("cuda"),
-                    torch.bfloat16)
+    run = setup_run(load_config("tiny.toml", CUDA), True, Dist(device=torch.device("cuda")), torch.bfloat16)
     try:
         train_step(run)  # the first: optimizer state, the fused-AdamW probe
         torch.cuda.synchronize()
@@ -102,7 +100,7 @@ def test_a_non_finite_step_never_reaches_the_weights(
     next check; with the scaler, inf gradients alone are its business: skipped, no error."""
     torch_dtype = getattr(torch, dtype)
     cfg = load_config("tiny.toml", [*CUDA, f"train.dtype={dtype}", "model.dropout=0.0"])
-    run = setup_run(cfg, True, Dist(), torch.device("cuda"), torch_dtype)
+    run = setup_run(cfg, True, Dist(device=torch.device("cuda")), torch_dtype)
     try:
         assert run.scaler.is_enabled() == (dtype == "float16")
         train_step(run)

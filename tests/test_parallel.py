@@ -18,6 +18,7 @@ import torch
 from typer.testing import CliRunner
 
 from gpt import checkpoint as ckpt
+from gpt import layout
 from gpt.cli import app
 from gpt.config import load_config
 from gpt.errors import GPTError
@@ -162,7 +163,7 @@ def write_shards(folder: Path, whole: dict, world: int) -> list[str]:
             rows[key] = [start, stop]
             state[key] = {name: v if v.dim() == 0 else v[start:stop].clone()
                           for name, v in moments.items()}
-        name = ckpt.optimizer_file(rank, world)
+        name = layout.optimizer_file(rank, world)
         ckpt.write_optimizer(folder, name, {"state": state, "param_groups": whole["param_groups"],
                                             "rows": rows})
         names.append(name)
@@ -184,8 +185,8 @@ def test_any_rows_of_a_sharded_or_whole_optimizer_state(tmp_path: Path, world: i
     sharded, single = tmp_path / "sharded", tmp_path / "whole"
     sharded.mkdir(), single.mkdir()
     names = write_shards(sharded, whole, world)
-    ckpt.write_optimizer(single, ckpt.OPTIMIZER, whole)
-    for folder, files in ((sharded, names), (single, [ckpt.OPTIMIZER])):
+    ckpt.write_optimizer(single, layout.OPTIMIZER, whole)
+    for folder, files in ((sharded, names), (single, [layout.OPTIMIZER])):
         every = ckpt.load_optimizer_state(folder, files)
         assert every["param_groups"] == whole["param_groups"]
         for key, moments in whole["state"].items():

@@ -9,17 +9,18 @@ import math
 import os
 import re
 import shutil
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
-from gpt.checkpoint import CKPT_PATTERN
 from gpt.cli import app
 from gpt.config import load_config
 from gpt.lock import FolderLock
-from gpt.runs import CKPT_NAME, _count, _duration, find_runs, read_metrics, summarize, table
+from gpt.runs import _count, _duration, find_runs, read_metrics, summarize, table
 from gpt.train import train
 
 runner = CliRunner()
@@ -40,8 +41,12 @@ def copy_run(trained: Path, to: Path) -> Path:
     return to
 
 
-def test_the_checkpoint_name_pattern_is_checkpoint_py_s() -> None:
-    assert CKPT_NAME.pattern == CKPT_PATTERN.pattern
+def test_reading_run_folders_imports_no_torch() -> None:
+    """The layout of a run folder is named once, in a module that `gpt runs` and `gpt plot`
+    read without torch, and that checkpoint.py writes by."""
+    code = "import sys, gpt.runs, gpt.layout; print('torch' in sys.modules)"
+    found = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert found.stdout.strip() == "False"
 
 
 def test_runs_are_found_up_to_two_levels_down(tmp_path: Path) -> None:

@@ -41,6 +41,7 @@ from gpt.engine import Request as EngineRequest  # noqa: E402
 from gpt.errors import GPTError  # noqa: E402
 from gpt.generate import generate  # noqa: E402
 from gpt.model import GPT  # noqa: E402
+from gpt.parallel import Dist  # noqa: E402
 from gpt.sample import prompt_ids  # noqa: E402
 from gpt.serve.api import APIError, Limits, parse_completion  # noqa: E402
 from gpt.serve.app import create_app  # noqa: E402
@@ -787,7 +788,7 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory, tokenizer: CharTokenize
     out = tmp_path_factory.mktemp("served") / "out"
     state = {"tokens": 0, "best_val_loss": None, "config": to_dict(cfg),
              "tokenizer": tokenizer.to_dict()}
-    ckpt.save_checkpoint(out, 1, model, {}, state, 2, False)
+    ckpt.Checkpointer(out, Dist(), model, torch.optim.AdamW(model.parameters()), fixed=state).save(1)
     return out
 
 

@@ -20,6 +20,7 @@ from gpt.config import ModelConfig, RunConfig, to_dict  # noqa: E402
 from gpt.errors import GPTError  # noqa: E402
 from gpt.hf.tokenizers import save_hf_tokenizer, tokenizer_record_from_folder  # noqa: E402
 from gpt.model import GPT  # noqa: E402
+from gpt.parallel import Dist  # noqa: E402
 from gpt.sample import load_for_inference  # noqa: E402
 from gpt.template import chat_prompt, chat_stops  # noqa: E402
 from gpt.tokenizer import (  # noqa: E402
@@ -258,8 +259,8 @@ def test_checkpoint_written_before_templates_loads(kind: str, tmp_path: Path) ->
     model = GPT(config.model)
     state = {"tokens": 0, "best_val_loss": None, "wandb_id": None, "config": to_dict(config),
              "tokenizer": record}
-    optimizer = torch.optim.AdamW(model.parameters()).state_dict()
-    folder = ckpt.save_checkpoint(tmp_path / "out", 1, model, optimizer, state, 1, False)
+    optimizer = torch.optim.AdamW(model.parameters())
+    folder = ckpt.Checkpointer(tmp_path / "out", Dist(), model, optimizer, fixed=state).save(1)
     _, tokenizer = load_for_inference(ckpt.Checkpoint.open(folder), "cpu", "float32", False)
     assert tokenizer.chat_template is None
     ids = chat_prompt(tokenizer, MESSAGES)

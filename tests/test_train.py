@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from gpt.checkpoint import Checkpoint
+from gpt.checkpoint import Checkpoint, RandomStates, rng_state
 from gpt.cli import app
 from gpt.config import TrainConfig, load_config
 from gpt.data.prepared import BatchSampler
@@ -27,8 +27,8 @@ from gpt.errors import GPTError
 from gpt.lock import FolderLock
 from gpt.model import GPT
 from gpt.optim import NonFiniteSteps, found_inf_skips, lr_at, make_optimizer, skips_on_device
-from gpt.parallel import Dist
-from gpt.train import StopFlag, TrainState, setup_run, train, train_step
+from gpt.parallel import Dist, StopFlag
+from gpt.train import TrainState, setup_run, train, train_step
 
 runner = CliRunner()
 ROOT = Path(__file__).resolve().parents[1]
@@ -342,7 +342,7 @@ def test_a_non_finite_step_never_reaches_the_weights(
     """The skipped step leaves weights, moments and step counts as they were, and the error
     names the first bad step when the loop checks."""
     cfg = load_config("tiny.toml", ["model.dropout=0.0"])
-    run = setup_run(cfg, True, Dist(), torch.device("cpu"), torch.float32)
+    run = setup_run(cfg, True, Dist(), torch.float32)
     try:
         run.optimizer = adamw(run, fused)
         assert skips_on_device(run.optimizer) is fused  # fused: no host read of the flag
@@ -419,7 +419,7 @@ def test_train_step_is_one_adamw_step_on_the_accumulated_gradient(tiny_run: Path
     """train_step against the same step written out by hand: two micro-batches of the same
     stream, their mean loss, clipping, AdamW at the scheduled rate."""
     cfg = load_config("tiny.toml", ["train.grad_accum_steps=2", "model.dropout=0.0"])
-    run = setup_run(cfg, True, Dist(), torch.device("cpu"), torch.float32)
+    run = setup_run(cfg, True, Dist(), torch.float32)
     try:
         reference = GPT(run.cfg.model)
         reference.load_state_dict(run.model.state_dict())
@@ -494,7 +494,7 @@ def test_train_step_with_muon_is_muon_and_adamw_written_out(tiny_run: Path) -> N
     """train_step against torch's Muon on the blocks' matrices and AdamW on the rest, each at
     its own peak times the warmup's first factor."""
     cfg = load_config("tiny.toml", ["train.optimizer=muon", "train.muon_lr=0.05", "model.dropout=0.0"])
-    run = setup_run(cfg, True, Dist(), torch.device("cpu"), torch.float32)
+    run = setup_run(cfg, True, Dist(), torch.float32)
     try:
         reference = GPT(run.cfg.model)
         reference.load_state_dict(run.model.state_dict())
@@ -568,7 +568,7 @@ def test_resume_takes_the_configs_peak_rates_not_the_checkpoints(tiny_run: Path)
     assert train(load_config("tiny.toml", ["train.optimizer=muon", "train.max_iters=5"])) == 0
     cfg = load_config("tiny.toml", ["train.optimizer=muon", "train.max_iters=10",
                                     "train.learning_rate=1e-3", "train.muon_lr=0.01"])
-    run = setup_run(cfg, True, Dist(), torch.device("cpu"), torch.float32)
+    run = setup_run(cfg, True, Dist(), torch.float32)
     try:
         assert run.state.iteration == 5
         assert [g["initial_lr"] for g in run.optimizer.param_groups] == [0.01, 1e-3, 1e-3]
@@ -591,19 +591,39 @@ def test_muon_on_a_torch_without_it_is_one_line(tiny_run: Path, monkeypatch: pyt
 
 
 def test_train_state_round_trips_through_its_state_dict() -> None:
-    state = TrainState(iteration=7, tokens_seen=896, wandb_id="abc", rng_ranks=[{"torch": [1]}])
+    state = TrainState(iteration=7, tokens_seen=896, wandb_id="abc")
     saved = state.state_dict()
     assert saved["best_val_loss"] is None  # no evaluation yet: JSON has no infinity
-    assert saved["iter"] == 7 and saved["rng"] == {"torch": [1]} and saved["rng_ranks"] is None
+    assert saved["iter"] == 7
     restored = TrainState()
     restored.load_state_dict(json.loads(json.dumps(saved)))
     assert (restored.iteration, restored.tokens_seen, restored.wandb_id) == (7, 896, "abc")
-    assert restored.best_val_loss == math.inf and restored.rng_ranks == [{"torch": [1]}]
+    assert restored.best_val_loss == math.inf
     assert restored.elapsed() >= saved["elapsed_s"]  # time keeps adding up across resumes
-    restored.best_val_loss, restored.rng_ranks = 1.5, [{"torch": [1]}, {"torch": [2]}]
+    restored.best_val_loss = 1.5
     again = TrainState()
     again.load_state_dict(restored.state_dict())
-    assert again.best_val_loss == 1.5 and again.rng_ranks == restored.rng_ranks
+    assert again.best_val_loss == 1.5
+
+
+def test_random_states_round_trip_and_each_process_takes_its_own() -> None:
+    """One process saves its RNGs as `rng` (no `rng_ranks`); a process of several takes its
+    own rank's, and rank 0's when the number of processes changed."""
+    one = RandomStates(Dist())
+    saved = json.loads(json.dumps(one.state_dict()))
+    assert saved["rng_ranks"] is None
+    expected = torch.rand(3)
+    torch.rand(5)
+    one.load_state_dict(saved)
+    assert torch.equal(torch.rand(3), expected)
+    torch.manual_seed(1)
+    first = rng_state()
+    torch.manual_seed(2)
+    second = rng_state()
+    RandomStates(Dist(rank=1, world_size=2)).load_state_dict({"rng": first, "rng_ranks": [first, second]})
+    assert torch.equal(torch.get_rng_state(), torch.tensor(second["torch"], dtype=torch.uint8))
+    RandomStates(Dist(rank=2, world_size=3)).load_state_dict({"rng": first, "rng_ranks": [first, second]})
+    assert torch.equal(torch.get_rng_state(), torch.tensor(first["torch"], dtype=torch.uint8))
 
 
 def test_second_signal_quits_at_once() -> None:
@@ -766,15 +786,15 @@ def test_progress_bar_times_the_steps_and_ends_before_the_last_losses(
 ) -> None:
     import gpt.train
 
-    estimate, calls = gpt.train.estimate_loss, []
+    estimate, calls = gpt.train.Validator.estimate, []
 
-    def slow_first_estimate(run):  # the step-0 evaluation of a large model takes a while
+    def slow_first_estimate(validator):  # the step-0 evaluation of a large model takes a while
         calls.append(1)
         if len(calls) == 1:
             time.sleep(1.5)
-        return estimate(run)
+        return estimate(validator)
 
-    monkeypatch.setattr(gpt.train, "estimate_loss", slow_first_estimate)
+    monkeypatch.setattr(gpt.train.Validator, "estimate", slow_first_estimate)
     result = runner.invoke(app, ["train", "--config", "tiny.toml"])
     assert result.exit_code == 0, result.output
     frames = result.stderr.replace("\r", "\n").splitlines()
