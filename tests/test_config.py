@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 from typing import get_args, get_type_hints
 
@@ -13,6 +14,7 @@ from gpt.config import (
     SECTIONS,
     ModelConfig,
     RunConfig,
+    TrainConfig,
     from_dict,
     load_config,
     reference_markdown,
@@ -190,6 +192,24 @@ def test_every_shipped_config_but_the_speed_recipe_trains_a_model_that_exports(
 
 def test_shipped_configs_exist() -> None:
     assert any(p.name == "default.toml" for p in CONFIGS)
+
+
+def test_every_config_the_docs_quote_is_shipped() -> None:
+    """README.md and docs/ name only configs that exist, and README.md names every one."""
+    shipped, quoted = {p.name for p in CONFIGS}, set()
+    for doc in (ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))):
+        quoted |= set(re.findall(r"configs/([\w.-]+\.toml)", doc.read_text()))
+    assert quoted <= shipped
+    readme = (ROOT / "README.md").read_text()
+    assert all(f"`{name}`" in readme or f"configs/{name}" in readme for name in shipped)
+
+
+def test_unset_train_keys_mean_their_documented_defaults() -> None:
+    """"Unset means X" is derived in one place, the config."""
+    unset = TrainConfig(max_iters=500, eval_interval=50)
+    assert (unset.decay_iters, unset.save_interval) == (500, 50)
+    given = TrainConfig(max_iters=500, lr_decay_iters=400, eval_interval=50, checkpoint_interval=100)
+    assert (given.decay_iters, given.save_interval) == (400, 100)
 
 
 def test_config_reference_documents_every_key() -> None:
