@@ -9,6 +9,7 @@ with exit code 1.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import logging
@@ -16,20 +17,27 @@ import sys
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, TextIO
+from typing import TYPE_CHECKING, Annotated, Any, TextIO, get_origin, get_type_hints
 
 import typer
 import typer.core
 
 from gpt import __version__
-from gpt.config import RunConfig, load_config
+from gpt.config import (
+    SECTIONS,
+    RunConfig,
+    SampleConfig,
+    ServeConfig,
+    layer_on_checkpoint,
+    load_config,
+)
 from gpt.errors import GPTError, compile_errors
 from gpt.stdout import failing_stdout_ends_here
 
 if TYPE_CHECKING:  # names for annotations only: each command imports what it runs
     from gpt.checkpoint import Checkpoint
-    from gpt.config import SampleConfig
     from gpt.hf.pretrained import Pretrained
+    from gpt.model import GPT
 
 # the click that typer runs on: click itself, or the copy that newer typers carry inside
 _click_errors = sys.modules[typer.BadParameter.__module__]
@@ -363,15 +371,6 @@ CheckpointOption = Annotated[
 WhichOption = Annotated[
     str, typer.Option("--which", help="latest or best checkpoint of an out_dir.")
 ]
-# the decoding options gpt sample, chat, serve and eval share, declared once
-TemperatureOption = Annotated[float | None, typer.Option("--temperature", help="0 = greedy.")]
-TopKOption = Annotated[
-    int | None, typer.Option("--top-k", help="Sample among the k most likely tokens.")
-]
-TopPOption = Annotated[
-    float | None,
-    typer.Option("--top-p", help="Nucleus: the fewest tokens holding this probability."),
-]
 DeviceOption = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N, mps.")]
 DtypeOption = Annotated[
     str,
@@ -380,6 +379,49 @@ DtypeOption = Annotated[
     ),
 ]
 CompileOption = Annotated[bool, typer.Option("--compile", help="torch.compile the model.")]
+
+
+def _mirror(section: type[Any], key: str, *aliases: str, also: str = "") -> Any:
+    """The option of a flag that mirrors a config key: named after the key, of its type and
+    with its help text, as declared once in gpt/config.py (`also` adds what only the flag
+    does); None while not given, so that the config decides."""
+    (declared,) = [f for f in dataclasses.fields(section) if f.name == key]
+    default = (declared.default if declared.default is not dataclasses.MISSING
+               else declared.default_factory())
+    hint = get_type_hints(section)[key]
+    meaning = "; ".join(part for part in (declared.metadata["help"], also) if part)
+    repeatable = " Repeatable." if get_origin(hint) is list else ""
+    help_text = (f"{meaning[0].upper()}{meaning[1:]}.{repeatable} Default: "
+                 f"[{section.section}] {key}, else {json.dumps(default)}.")
+    flag = "--" + key.replace("_", "-")
+    return Annotated[hint | None, typer.Option(flag, *aliases, help=help_text, show_default=False)]
+
+
+# the flags of gpt sample, chat and serve that mirror a [sample] or [serve] key
+PromptOption = _mirror(SampleConfig, "prompt", "-p", also="- reads stdin")
+MaxNewTokensOption = _mirror(SampleConfig, "max_new_tokens")
+TemperatureOption = _mirror(SampleConfig, "temperature")
+TopKOption = _mirror(SampleConfig, "top_k")
+TopPOption = _mirror(SampleConfig, "top_p")
+NumSamplesOption = _mirror(SampleConfig, "num_samples")
+SeedOption = _mirror(SampleConfig, "seed")
+StopOption = _mirror(SampleConfig, "stop")
+IgnoreEosOption = _mirror(SampleConfig, "ignore_eos")
+HostOption = _mirror(ServeConfig, "host")
+PortOption = _mirror(ServeConfig, "port")
+
+# gpt sample's own flags
+PromptFileOption = Annotated[
+    Path | None, typer.Option("--prompt-file", help="Read the prompt from a file.")
+]
+PromptFormatOption = Annotated[
+    str, typer.Option("--prompt-format", help="How --prompt-file holds prompts: text (the "
+                      "whole file is one), lines (one per line), jsonl (JSON strings or "
+                      '{"prompt": ...} objects; the output is JSON Lines).')
+]
+StreamOption = Annotated[bool | None, typer.Option(
+    "--stream/--no-stream", help="Print text as it is decoded (default: on a terminal).")
+]
 
 
 def _checkpoint_path(
@@ -402,23 +444,23 @@ def _given(**flags: Any) -> dict[str, Any]:
     return {k: v for k, v in flags.items() if v is not None}
 
 
-def _sample_settings(
+def _checkpoint_config(
     checkpoint: str | None, config: Path | None, set_: list[str] | None, which: str,
-    flags: dict[str, Any], command: str,
-) -> tuple[str, Checkpoint | Pretrained, SampleConfig]:
-    """The model to decode with and its [sample] settings, layered: defaults, the checkpoint's
-    config, --config, --set, then the flags (checked before a large model loads)."""
-    import dataclasses
-
-    from gpt.config import SampleConfig, layer_on_checkpoint
+    section: str, command: str, flags: dict[str, Any] | None = None,
+) -> tuple[str, Checkpoint | Pretrained, RunConfig]:
+    """The model a command runs (its path and itself) and the config, layered: defaults, the
+    checkpoint's config, --config, --set (of `section`'s keys, and --config's out_dir), then the
+    `flags` given for `section`'s keys (checked before a large model loads)."""
     from gpt.hf.pretrained import open_model
 
     path = _checkpoint_path(checkpoint, config, set_)
-    dataclasses.replace(SampleConfig(), **flags)  # bad flags fail before a large model loads
+    flags = flags or {}
+    dataclasses.replace(SECTIONS[section](), **flags)  # bad flags fail before a model loads
     found = open_model(path, which)
-    applies = ("sample",) if checkpoint is not None else ("sample", "train.out_dir")
+    applies = (section,) if checkpoint is not None else (section, "train.out_dir")
     cfg = layer_on_checkpoint(found.config, config, set_, applies, command)
-    return path, found, dataclasses.replace(cfg.sample, **flags)
+    flagged = dataclasses.replace(getattr(cfg, section), **flags)
+    return path, found, dataclasses.replace(cfg, **{section: flagged})
 
 
 @command()
@@ -427,114 +469,36 @@ def sample(
     config: ConfigOption = None,
     set_: SetOption = None,
     which: WhichOption = "latest",
-    prompt: Annotated[
-        str | None, typer.Option("--prompt", "-p", help="Text to continue; - reads stdin.")
-    ] = None,
-    prompt_file: Annotated[
-        Path | None, typer.Option("--prompt-file", help="Read the prompt from a file.")
-    ] = None,
-    prompt_format: Annotated[
-        str, typer.Option("--prompt-format", help="How --prompt-file holds prompts: text (the "
-                          "whole file is one), lines (one per line), jsonl (JSON strings or "
-                          '{"prompt": ...} objects; the output is JSON Lines).')
-    ] = "text",
-    max_new_tokens: Annotated[
-        int | None, typer.Option("--max-new-tokens", help="Tokens to generate per sample.")
-    ] = None,
+    prompt: PromptOption = None,
+    prompt_file: PromptFileOption = None,
+    prompt_format: PromptFormatOption = "text",
+    max_new_tokens: MaxNewTokensOption = None,
     temperature: TemperatureOption = None,
     top_k: TopKOption = None,
     top_p: TopPOption = None,
-    num_samples: Annotated[
-        int | None, typer.Option("--num-samples", help="Samples of each prompt.")
-    ] = None,
-    seed: Annotated[int | None, typer.Option("--seed", help="Same seed, same text.")] = None,
-    stop: Annotated[
-        list[str] | None, typer.Option("--stop", help="End a sample before this text (repeatable).")
-    ] = None,
-    ignore_eos: Annotated[
-        bool | None, typer.Option("--ignore-eos", help="Keep going past the end-of-text token.")
-    ] = None,
-    stream: Annotated[
-        bool | None, typer.Option("--stream/--no-stream", help="Print text as it is decoded.")
-    ] = None,
+    num_samples: NumSamplesOption = None,
+    seed: SeedOption = None,
+    stop: StopOption = None,
+    ignore_eos: IgnoreEosOption = None,
+    stream: StreamOption = None,
     device: DeviceOption = "auto",
     dtype: DtypeOption = "auto",
     compile_model: CompileOption = False,
 ) -> None:
     """Generate text from a trained checkpoint (model, tokenizer and defaults come from it)."""
+    from gpt.sample import check_prompt_format, load_for_inference, read_prompts, write_samples
 
-    from gpt.device import memory_errors
-    from gpt.sample import (
-        PROMPT_FORMATS,
-        encode_prompt,
-        load_for_inference,
-        read_prompt,
-        sample_texts,
-        split_prompts,
-    )
-
-    if prompt_format not in PROMPT_FORMATS:
-        raise GPTError(f"--prompt-format must be one of {', '.join(PROMPT_FORMATS)}, "
-                       f"got {prompt_format!r}")
-    if prompt_format != "text" and prompt_file is None:
-        raise GPTError(f"--prompt-format {prompt_format} reads --prompt-file; give one")
+    check_prompt_format(prompt_format, prompt_file)
     flags = _given(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                    top_p=top_p, num_samples=num_samples, seed=seed, stop=stop or None,
                    ignore_eos=ignore_eos)
-    _, found, settings = _sample_settings(checkpoint, config, set_, which, flags, "gpt sample")
-    text = read_prompt(prompt, prompt_file, settings.prompt, settings.max_prompt_bytes)
-    prompts = split_prompts(text, prompt_format, f"--prompt-file {prompt_file}")
-    single = len(prompts) == 1 and settings.num_samples == 1
-    streaming = (sys.stdout.isatty() if stream is None else stream) and single
-    if not streaming and settings.max_new_tokens > MAX_HELD_TOKENS:
-        raise GPTError(
-            f"--max-new-tokens {settings.max_new_tokens:,} without streaming holds all the text "
-            f"until the end; stream it (--stream, one sample) or ask for at most "
-            f"{MAX_HELD_TOKENS:,}"
-        )
-    held = settings.num_samples * len(prompts) * settings.max_new_tokens
-    if held > MAX_HELD_TOKENS_IN_ALL:
-        raise GPTError(
-            f"--num-samples {settings.num_samples:,} of {len(prompts):,} prompt(s) at "
-            f"--max-new-tokens {settings.max_new_tokens:,} holds up to {held:,} tokens of text "
-            f"until the end; ask for at most {MAX_HELD_TOKENS_IN_ALL:,} in all"
-        )
-    with _stdout_for_text_only() as out, compile_errors("--compile"):
-        model, tokenizer = load_for_inference(found, device, dtype, compile_model)
-        for p in prompts:  # refused before any is echoed
-            encode_prompt(tokenizer, p, model.config.block_size)
-        on = next(model.parameters()).device  # the KV cache grows with samples and tokens:
-        with memory_errors(on, "lower --num-samples or --max-new-tokens, or choose --device"):
-            if streaming:
-                typer.echo(text, nl=False, file=out)
-                sample_texts(model, tokenizer, prompts, settings,
-                             on_text=lambda t: typer.echo(t, nl=False, file=out))
-                typer.echo("", file=out)
-                return
-            samples = sample_texts(model, tokenizer, prompts, settings)
-        _print_samples(prompts, samples, prompt_format == "jsonl", out)
-
-
-def _print_samples(
-    prompts: list[str], samples: list[list[str]], as_json: bool, out: TextIO
-) -> None:
-    """Each prompt with each of its continuations, separated by a rule; or one JSON object a
-    line (prompt, sample, text: the continuation alone)."""
-    first = True
-    for prompt, texts in zip(prompts, samples, strict=True):
-        for i, generated in enumerate(texts):
-            if as_json:
-                line = {"prompt": prompt, "sample": i, "text": generated}
-                typer.echo(json.dumps(line, ensure_ascii=False), file=out)
-                continue
-            if not first:
-                typer.echo("\n" + "-" * 40, file=out)
-            typer.echo(prompt + generated, file=out)
-            first = False
-
-
-MAX_HELD_TOKENS = 100_000  # per sample, when the text is printed only at the end
-MAX_HELD_TOKENS_IN_ALL = 100_000_000  # over all samples and prompts
+    _, found, cfg = _checkpoint_config(checkpoint, config, set_, which, "sample", "gpt sample",
+                                       flags)
+    prompts = read_prompts(prompt, prompt_file, prompt_format, cfg.sample)
+    stream = sys.stdout.isatty() if stream is None else stream  # before stdout is redirected
+    with _stdout_for_text_only() as out:
+        write_samples(lambda: load_for_inference(found, device, dtype, compile_model), prompts,
+                      cfg.sample, stream, lambda text: typer.echo(text, nl=False, file=out))
 
 
 @command()
@@ -544,30 +508,28 @@ def chat(
     set_: SetOption = None,
     which: WhichOption = "latest",
     system: Annotated[str, typer.Option("--system", help="The system message to start with.")] = "",
-    max_new_tokens: Annotated[
-        int | None, typer.Option("--max-new-tokens", help="Tokens per reply at most.")
-    ] = None,
+    max_new_tokens: MaxNewTokensOption = None,
     temperature: TemperatureOption = None,
     top_k: TopKOption = None,
     top_p: TopPOption = None,
-    seed: Annotated[int | None, typer.Option("--seed", help="Same seed, same replies.")] = None,
+    seed: SeedOption = None,
     device: DeviceOption = "auto",
     dtype: DtypeOption = "auto",
     compile_model: CompileOption = False,
 ) -> None:
     """Talk with a checkpoint's model: a message a line; /reset, /system TEXT, /quit; Ctrl-C
     stops a reply. Settings come from [sample], as for gpt sample."""
-
     from gpt.chat import Chat, check_settings, run_chat
     from gpt.sample import load_for_inference
 
     flags = _given(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                    top_p=top_p, seed=seed)
-    _, found, settings = _sample_settings(checkpoint, config, set_, which, flags, "gpt chat")
-    check_settings(settings)
+    _, found, cfg = _checkpoint_config(checkpoint, config, set_, which, "sample", "gpt chat",
+                                       flags)
+    check_settings(cfg.sample)
     with _stdout_for_text_only() as out, compile_errors("--compile"):
         model, tokenizer = load_for_inference(found, device, dtype, compile_model)
-        run_chat(Chat(model, tokenizer, settings, system.strip()), stdout=out)
+        run_chat(Chat(model, tokenizer, cfg.sample, system.strip()), stdout=out)
 
 
 @contextlib.contextmanager
@@ -594,11 +556,8 @@ def serve(
     config: ConfigOption = None,
     set_: SetOption = None,
     which: WhichOption = "latest",
-    host: Annotated[str | None, typer.Option(
-        "--host", help="Address to listen on (default 127.0.0.1: this machine only).",
-        show_default=False)] = None,
-    port: Annotated[int | None, typer.Option(
-        "--port", help="TCP port (default 8000; 0 = any free one).", show_default=False)] = None,
+    host: HostOption = None,
+    port: PortOption = None,
     api_key: Annotated[str | None, typer.Option(
         "--api-key", envvar="GPT_API_KEY", show_envvar=True, show_default=False,
         help="Require 'Authorization: Bearer KEY' on every API route.")] = None,
@@ -610,28 +569,23 @@ def serve(
 ) -> None:
     """Serve a checkpoint over OpenAI's API (/v1/completions, /v1/chat/completions) with a chat
     page at / (needs the serve extra: pip install 'gpt[serve]')."""
-    import dataclasses
-
-    from gpt.config import layer_on_checkpoint
-    from gpt.hf.pretrained import open_model
     from gpt.sample import load_for_inference
     from gpt.serve import require_extra
 
     require_extra()
-    from gpt.serve.server import bind, run, start_engine
+    from gpt.serve.server import serve as serve_model
     from gpt.tokenizer import tokenizer_from_dict
 
-    path = _checkpoint_path(checkpoint, config, set_)
-    found = open_model(path, which)
-    applies = ("serve",) if checkpoint is not None else ("serve", "train.out_dir")
-    cfg = layer_on_checkpoint(found.config, config, set_, applies, "gpt serve")
-    settings = dataclasses.replace(cfg.serve, **_given(host=host, port=port))
-    with bind(settings.host, settings.port) as sock:  # a port in use fails before loading
-        with _stdout_for_text_only():  # the model loads in the engine's thread
-            engine = start_engine(lambda: load_for_inference(found, device, dtype, False)[0],
-                                  settings)
-        run(sock, engine, tokenizer_from_dict(found.tokenizer), path, settings,
-            api_key or None, cors_origin or ())
+    flags = _given(host=host, port=port)
+    path, found, cfg = _checkpoint_config(checkpoint, config, set_, which, "serve", "gpt serve",
+                                          flags)
+
+    def load() -> GPT:  # in the engine's thread, once the port is bound
+        with _stdout_for_text_only():
+            return load_for_inference(found, device, dtype, False)[0]
+
+    serve_model(load, tokenizer_from_dict(found.tokenizer), path, cfg.serve, api_key or None,
+                cors_origin or ())
 
 
 @command(name="eval")
@@ -648,18 +602,12 @@ def eval_(
     device: DeviceOption = "auto",
 ) -> None:
     """Loss, perplexity and bits per byte of a checkpoint over a whole split or a text."""
-    import json
-
-    from gpt.config import layer_on_checkpoint
     from gpt.evaluate import evaluate, tokens_of_source, tokens_of_split
-    from gpt.hf.pretrained import open_model
     from gpt.sample import load_for_inference
 
     if split not in ("val", "train"):
         raise GPTError(f"--split {split!r} is not a split; use --split val or --split train")
-    found = open_model(_checkpoint_path(checkpoint, config, set_), which)
-    applies = ("data",) if checkpoint is not None else ("data", "train.out_dir")
-    cfg = layer_on_checkpoint(found.config, config, set_, applies, "gpt eval")
+    _, found, cfg = _checkpoint_config(checkpoint, config, set_, which, "data", "gpt eval")
     model, tokenizer = load_for_inference(found, device, "float32", False)
     if data is not None:
         tokens = tokens_of_source(cfg, data, tokenizer)

@@ -410,12 +410,13 @@ class TrainConfig(_Section):
 
 @dataclass(frozen=True)
 class SampleConfig(_Section):
-    """The `[sample]` section: defaults of `gpt sample`, each overridable by its flag."""
+    """The `[sample]` section: defaults of `gpt sample` and `gpt chat`, each overridable by its
+    flag."""
 
     section = "sample"
 
     prompt: str = _key("", "text to continue; empty = start from the end-of-text token")
-    max_new_tokens: int = _key(256, "tokens to generate per sample")
+    max_new_tokens: int = _key(256, "tokens to generate per sample (per reply in gpt chat)")
     temperature: float = _key(0.8, "softmax temperature; 0 = greedy (deterministic)")
     top_k: int | None = _key(200, "sample among the k most likely tokens; unset = all")
     top_p: float = _key(1.0, "nucleus sampling: smallest set with this much probability")
@@ -455,7 +456,7 @@ class ServeConfig(_Section):
         "127.0.0.1", "address to listen on: loopback only by default; 0.0.0.0 opens it to the "
         "network (set an API key then)"
     )
-    port: int = _key(8000, "TCP port to listen on")
+    port: int = _key(8000, "TCP port to listen on; 0 = any free one")
     max_batch: int = _key(16, "sequences the engine decodes together; more requests wait")
     context: int | None = _key(
         None, "tokens a sequence may hold, prompt and completion together; unset = block_size"

@@ -1,7 +1,7 @@
 """Text in, text out: a checkpoint's model and tokenizer around `gpt.generate`.
 
 Handles what ids cannot: the prompt's encoding, stop strings (the output ends before them) and
-streaming text as it is decoded.
+streaming text as it is decoded; and `gpt sample`'s whole run, from its prompts to its output.
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -18,7 +19,7 @@ from gpt.checkpoint import Checkpoint
 from gpt.config import SampleConfig
 from gpt.device import free_memory, memory_errors, resolve_device, resolve_dtype
 from gpt.engine import Engine, Request
-from gpt.errors import GPTError
+from gpt.errors import GPTError, compile_errors
 from gpt.fileio import TooLargeError, read_stream_bounded, read_text_bounded
 from gpt.generate import cache_length, decoding_bytes
 from gpt.model import GPT
@@ -195,6 +196,38 @@ def sample_text(
 
 
 PROMPT_FORMATS = ("text", "lines", "jsonl")
+MAX_HELD_TOKENS = 100_000  # per sample, when the text is printed only at the end
+MAX_HELD_TOKENS_IN_ALL = 100_000_000  # over all samples and prompts
+
+
+def check_prompt_format(prompt_format: str, prompt_file: Path | None) -> None:
+    """Refuse an unknown --prompt-format, or one that reads a --prompt-file not given, before
+    any model is opened."""
+    if prompt_format not in PROMPT_FORMATS:
+        raise GPTError(f"--prompt-format must be one of {', '.join(PROMPT_FORMATS)}, "
+                       f"got {prompt_format!r}")
+    if prompt_format != "text" and prompt_file is None:
+        raise GPTError(f"--prompt-format {prompt_format} reads --prompt-file; give one")
+
+
+@dataclass(frozen=True)
+class Prompts:
+    """What `gpt sample` continues: the text as given (echoed before a streamed sample), the
+    prompts it holds, and whether the output is JSON Lines (--prompt-format jsonl)."""
+
+    text: str
+    prompts: list[str]
+    as_json: bool
+
+
+def read_prompts(
+    prompt: str | None, prompt_file: Path | None, prompt_format: str, settings: SampleConfig
+) -> Prompts:
+    """The prompts of --prompt, --prompt-file (split as `prompt_format` says) or [sample]
+    prompt (see read_prompt and split_prompts)."""
+    text = read_prompt(prompt, prompt_file, settings.prompt, settings.max_prompt_bytes)
+    prompts = split_prompts(text, prompt_format, f"--prompt-file {prompt_file}")
+    return Prompts(text, prompts, prompt_format == "jsonl")
 
 
 def split_prompts(text: str, prompt_format: str, source: str) -> list[str]:
@@ -254,3 +287,66 @@ def read_prompt(prompt: str | None, prompt_file: Path | None, default: str, limi
         except UnicodeDecodeError:
             raise GPTError("the prompt on stdin is not UTF-8 text; convert it to UTF-8") from None
     return default if prompt is None else prompt
+
+
+def check_held_text(settings: SampleConfig, n_prompts: int, streaming: bool) -> None:
+    """Refuse more text than is sensible to hold until the end: a long sample not streamed, or
+    too many samples in all, before any model loads."""
+    if not streaming and settings.max_new_tokens > MAX_HELD_TOKENS:
+        raise GPTError(
+            f"--max-new-tokens {settings.max_new_tokens:,} without streaming holds all the text "
+            f"until the end; stream it (--stream, one sample) or ask for at most "
+            f"{MAX_HELD_TOKENS:,}"
+        )
+    held = settings.num_samples * n_prompts * settings.max_new_tokens
+    if held > MAX_HELD_TOKENS_IN_ALL:
+        raise GPTError(
+            f"--num-samples {settings.num_samples:,} of {n_prompts:,} prompt(s) at "
+            f"--max-new-tokens {settings.max_new_tokens:,} holds up to {held:,} tokens of text "
+            f"until the end; ask for at most {MAX_HELD_TOKENS_IN_ALL:,} in all"
+        )
+
+
+def write_samples(
+    load: Callable[[], tuple[GPT, Tokenizer]],
+    prompts: Prompts,
+    settings: SampleConfig,
+    stream: bool,
+    write: Callable[[str], None],
+) -> None:
+    """`gpt sample`: decode `settings.num_samples` continuations of each prompt with the model
+    and tokenizer `load` gives, and `write` them. One prompt and one sample with `stream` are
+    written as they are decoded, after the prompt; otherwise all at the end (see
+    format_samples). Every prompt is checked before any is written."""
+    streaming = stream and len(prompts.prompts) == 1 and settings.num_samples == 1
+    check_held_text(settings, len(prompts.prompts), streaming)
+    with compile_errors("--compile"):
+        model, tokenizer = load()
+        for p in prompts.prompts:  # refused before any is echoed
+            encode_prompt(tokenizer, p, model.config.block_size)
+        on = next(model.parameters()).device  # the KV cache grows with samples and tokens:
+        with memory_errors(on, "lower --num-samples or --max-new-tokens, or choose --device"):
+            if streaming:
+                write(prompts.text)
+                sample_texts(model, tokenizer, prompts.prompts, settings, on_text=write)
+                write("\n")
+                return
+            samples = sample_texts(model, tokenizer, prompts.prompts, settings)
+    for line in format_samples(prompts.prompts, samples, prompts.as_json):
+        write(line + "\n")
+
+
+def format_samples(prompts: list[str], samples: list[list[str]], as_json: bool) -> list[str]:
+    """The lines of each prompt with each of its continuations, separated by a rule; or one
+    JSON object a line (prompt, sample, text: the continuation alone)."""
+    lines: list[str] = []
+    for prompt, texts in zip(prompts, samples, strict=True):
+        for i, text in enumerate(texts):
+            if as_json:
+                lines.append(json.dumps({"prompt": prompt, "sample": i, "text": text},
+                                        ensure_ascii=False))
+                continue
+            if lines:
+                lines.append("\n" + "-" * 40)
+            lines.append(prompt + text)
+    return lines

@@ -31,6 +31,22 @@ log = logging.getLogger("gpt.serve")
 API_KEY_ENV = "GPT_API_KEY"
 
 
+def serve(
+    load: Callable[[], GPT],
+    tokenizer: Tokenizer,
+    model: str,
+    settings: ServeConfig,
+    api_key: str | None = None,
+    cors_origins: Sequence[str] = (),
+) -> None:
+    """`gpt serve`: listen on [serve] host and port (a port in use fails before the model
+    loads), start the engine on the model `load` gives, and serve it as `model` until SIGTERM
+    or Ctrl-C."""
+    with bind(settings.host, settings.port) as sock:
+        engine = start_engine(load, settings)
+        run(sock, engine, tokenizer, model, settings, api_key, cors_origins)
+
+
 def bind(host: str, port: int) -> socket.socket:
     """The listening socket, made before the model loads: a port in use is one line at once."""
     try:
