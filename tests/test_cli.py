@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +14,7 @@ from typer.testing import CliRunner
 from gpt import __version__
 from gpt import checkpoint as ckpt
 from gpt.cli import _bytes, _flop_rate, app
-from gpt.config import ModelConfig, RunConfig, to_dict, to_toml
+from gpt.config import ModelConfig, RunConfig, SampleConfig, ServeConfig, to_dict, to_toml
 from gpt.parallel import Dist
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,6 +40,26 @@ def test_every_command_has_help(command: str) -> None:
     # export writes a model as it is, plot and runs read run folders: no run config applies
     no_config = ("export", "plot", "runs")
     assert result.exit_code == 0 and ("--config" in result.output) == (command not in no_config)
+
+
+@pytest.mark.parametrize(
+    ("command", "section", "keys"),
+    [
+        ("sample", SampleConfig, ["prompt", "max_new_tokens", "temperature", "top_k", "top_p",
+                                  "num_samples", "seed", "stop", "ignore_eos"]),
+        ("chat", SampleConfig, ["max_new_tokens", "temperature", "top_k", "top_p", "seed"]),
+        ("serve", ServeConfig, ["host", "port"]),
+    ],
+)
+def test_flags_that_mirror_a_key_show_its_help(command: str, section: type, keys: list[str]) -> None:
+    """A flag that mirrors a config key is described by the key's own help text, declared once."""
+    result = runner.invoke(app, [command, "--help"], terminal_width=1000)
+    assert result.exit_code == 0
+    helps = {f.name: f.metadata["help"] for f in dataclasses.fields(section)}
+    for key in keys:
+        line = next(line for line in result.output.splitlines()
+                    if f"--{key.replace('_', '-')} " in line)
+        assert helps[key][1:] in line and f"[{section.section}] {key}" in line
 
 
 def test_version() -> None:
