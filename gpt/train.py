@@ -3,7 +3,7 @@
 `train(config)` runs in one process or, under torchrun, in each DDP or FSDP process. Everything
 a run needs to continue exactly (weights, optimizer, RNGs, data streams, counters) goes into
 checkpoints, so a run killed at any moment and resumed is, on CPU, bitwise the run that was
-never interrupted. Where it starts is resolved in gpt/resume.py, the processes are
+never interrupted. Where it starts is resolved in gpt/plan.py, the processes are
 gpt/parallel.py's, the optimizer and its schedule gpt/optim.py's, and what a checkpoint holds
 and when it is written gpt/checkpoint.py's.
 """
@@ -43,7 +43,7 @@ from gpt.optim import (
     step_unless,
 )
 from gpt.parallel import Dist, StopFlag
-from gpt.resume import resolve_start
+from gpt.plan import resolve_start
 
 # ---------------------------------------------------------------------------------------------
 # The run's state and setup

@@ -250,7 +250,7 @@ def test_resuming_a_weights_only_checkpoint_is_refused_and_init_from_takes_it(
     (out / "ckpt-0000020" / "optimizer.pt").unlink()
     before = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
     with monkeypatch.context() as patched:
-        patched.setattr("gpt.resume.prepare", lambda *a, **k: pytest.fail("prepare ran"))
+        patched.setattr("gpt.plan.prepare", lambda *a, **k: pytest.fail("prepare ran"))
         result = runner.invoke(app, ["train", "--config", "tiny.toml", "--set", "train.max_iters=30"])
     assert result.exit_code == 2, result.output
     assert result.output.count("\n") == 1 and "Traceback" not in result.output
@@ -555,7 +555,7 @@ def test_changing_the_optimizer_on_resume_is_refused_before_any_data_work(
     tiny_run: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     assert train(load_config("tiny.toml", ["train.max_iters=5"])) == 0
-    monkeypatch.setattr("gpt.resume.prepare", lambda *a, **k: pytest.fail("prepare ran"))
+    monkeypatch.setattr("gpt.plan.prepare", lambda *a, **k: pytest.fail("prepare ran"))
     with pytest.raises(GPTError, match=r"ckpt-0000005 was trained with train.optimizer = 'adamw', "
                        r"the config now says 'muon'; set it back, or .*train.init_from"):
         train(load_config("tiny.toml", ["train.optimizer=muon", "train.max_iters=10"]))
@@ -729,7 +729,7 @@ def test_cli_errors_and_refusals(tiny_run: Path, monkeypatch: pytest.MonkeyPatch
     assert result.exit_code == 2 and "cross_attention" in result.output
     assert runner.invoke(app, ["train", "--config", "tiny.toml", "--set", "train.max_iters=10"]).exit_code == 0
     with monkeypatch.context() as patched:  # refused before the data is looked at
-        patched.setattr("gpt.resume.prepare", lambda *a, **k: pytest.fail("prepare ran"))
+        patched.setattr("gpt.plan.prepare", lambda *a, **k: pytest.fail("prepare ran"))
         refused = runner.invoke(app, ["train", "--config", "tiny.toml", "--no-resume"])
     assert refused.exit_code == 2 and "already holds checkpoints (ckpt-0000010)" in refused.output
     changed = runner.invoke(app, ["train", "--config", "tiny.toml", "--set", "model.n_embd=64"])
