@@ -38,6 +38,7 @@ if TYPE_CHECKING:  # names for annotations only: each command imports what it ru
     from gpt.checkpoint import Checkpoint
     from gpt.hf.pretrained import Pretrained
     from gpt.model import GPT
+    from gpt.plan import Plan
 
 # the click that typer runs on: click itself, or the copy that newer typers carry inside
 _click_errors = sys.modules[typer.BadParameter.__module__]
@@ -184,64 +185,25 @@ def info(
 ) -> None:
     """Show the resolved config, parameter count, FLOPs per token, memory estimate and the
     device's peak FLOP/s (MFU's denominator)."""
-    import dataclasses
-
-    import torch
-
-    from gpt.config import SECTIONS, to_toml
     from gpt.hf.pretrained import is_pretrained
-    from gpt.model import GPT
+    from gpt.info import describe
 
-    cfg = _info_config(config, set_, checkpoint, which)
-    model_cfg = cfg.model
-    note = ""
-    if model_cfg.vocab_size is None:  # what training will take from the tokenizer
-        model_cfg = dataclasses.replace(model_cfg, vocab_size=_tokenizer_vocab(cfg))
-        note = (f" (vocab_size {model_cfg.vocab_size} from the {cfg.data.tokenizer} tokenizer, "
-                f"padded to {model_cfg.padded_vocab_size})")
-    with torch.device("meta"):  # shapes only: no memory, instant even for large models
-        model = GPT(model_cfg)
-    n_params = model.num_params()
+    planned = _info_plan(config, set_, checkpoint, which)
     hf_model = checkpoint is not None and is_pretrained(checkpoint)  # no run: only its model
-    typer.echo(to_toml(cfg, ("model",) if hf_model else tuple(SECTIONS)).rstrip())
-    typer.echo("")
-    typer.echo(f"parameters:        {n_params:,}{note}")
-    typer.echo(f"  non-embedding:   {model.num_params(exclude_embeddings=True):,}")
-    typer.echo(f"FLOPs per token:   {model.flops_per_token():,} (training, at block_size)")
-    typer.echo(f"memory (float32):  {_memory(model, n_params, cfg.train, 1)}")
-    if nproc > 1:
-        typer.echo(f"per process ({nproc} processes, parallel = \"{cfg.train.parallel}\"): "
-                   f"{_memory(model, n_params, cfg.train, nproc)}")
-    typer.echo(f"device peak:       {_peak(cfg)}")
+    typer.echo(describe(planned, ("model",) if hf_model else tuple(SECTIONS), nproc))
 
 
-def _memory(model: Any, n_params: int, tcfg: Any, nproc: int) -> str:
-    """What each of `nproc` processes holds under train.parallel (one: the whole model), the
-    optimizer named and sized as [train] optimizer builds it; both lines of `gpt info` come
-    from here, so they agree."""
-    from gpt.optim import optimizer_state
-    from gpt.parallel import memory_per_process
-
-    name, optimizer_bytes = optimizer_state(model, tcfg)
-    largest_block = max(sum(p.numel() for p in b.parameters()) for b in model.transformer.h)
-    memory = memory_per_process(n_params, optimizer_bytes, largest_block, tcfg, nproc)
-    total = memory["weights"] + memory["gradients"] + memory["optimizer"]
-    line = (f"weights {_bytes(memory['weights'])} + gradients {_bytes(memory['gradients'])} + "
-            f"{name} state {_bytes(memory['optimizer'])} = {_bytes(total)}")
-    if memory["gathered"]:
-        line += (f", plus {_bytes(memory['gathered'])} for two blocks gathered whole while "
-                 "they run (half that in bfloat16)")
-    return line + ", before activations"
-
-
-def _info_config(
+def _info_plan(
     config: Path | None, overrides: list[str] | None, checkpoint: str | None, which: str | None
-) -> RunConfig:
-    """The config `gpt info` describes: --config and --set, or a checkpoint's, as trained."""
+) -> Plan:
+    """The run `gpt info` describes: --config and --set planned as gpt train plans them, or a
+    checkpoint's model, as trained."""
+    from gpt.plan import Plan, plan_run
+
     if checkpoint is None:
         if which is not None:
             raise GPTError("--which picks one checkpoint of an out_dir; give --checkpoint with it")
-        return load_config(config, overrides)
+        return plan_run(load_config(config, overrides))
     if config is not None:
         raise GPTError("give either --checkpoint or --config, not both")
     if overrides:
@@ -251,62 +213,7 @@ def _info_config(
         )
     from gpt.hf.pretrained import open_model
 
-    return open_model(checkpoint, which or "latest").config
-
-
-def _bytes(n: float) -> str:
-    """A byte count in binary units: a tiny model's weights read "59.9 KiB", not "0.00 GiB"."""
-    return _in_units(n, (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)), "B")
-
-
-def _in_units(n: float, units: tuple[tuple[str, float], ...], base: str) -> str:
-    """`n` in the largest of `units` (largest first) that keeps it at 1 or more, else in `base`,
-    to about three figures."""
-    unit, scale = next(((u, s) for u, s in units if n >= s), (base, 1))
-    value = n / scale
-    return f"{value:.{2 if value < 10 else 1 if value < 100 else 0}f} {unit}"
-
-
-def _peak(cfg: RunConfig) -> str:
-    """The peak FLOP/s that training's MFU divides by, on [train] device in [train] dtype: a
-    CPU's is measured once and cached (gpt/peak.py), a GPU's comes from a table."""
-    from gpt.device import resolve_device, resolve_dtype
-    from gpt.metrics import describe_peak
-
-    if cfg.train.peak_flops is None:
-        try:
-            device = resolve_device(cfg.train.device, "[train] device")
-            dtype = resolve_dtype(cfg.train.dtype, device, "[train] dtype")
-        except GPTError as e:
-            return f"unknown here ({e})"
-        flops, source = describe_peak(cfg.train, device, dtype)
-    else:
-        flops, source = cfg.train.peak_flops, "[train] peak_flops"
-    return f"{_flop_rate(flops)} ({source})" if flops else f"unknown ({source})"
-
-
-def _flop_rate(n: float) -> str:
-    """FLOP/s in decimal units: "150 GFLOP/s", "989 TFLOP/s"."""
-    units = (("PFLOP/s", 1e15), ("TFLOP/s", 1e12), ("GFLOP/s", 1e9), ("MFLOP/s", 1e6))
-    return _in_units(n, units, "FLOP/s")
-
-
-def _tokenizer_vocab(cfg: RunConfig) -> int:
-    """The vocabulary `gpt train` would take: a named tokenizer's, or prepared char or bpe
-    data's (built from the text)."""
-    from gpt.data.prepared import PreparedData
-    from gpt.tokenizer import get_tokenizer
-
-    if cfg.data.tokenizer not in ("char", "bpe"):
-        return get_tokenizer(cfg.data.tokenizer).vocab_size
-    try:
-        return PreparedData(cfg.data.resolved_data_dir).vocab_size
-    except GPTError:
-        raise GPTError(
-            f"[model] vocab_size depends on the {cfg.data.tokenizer} tokenizer's data, which is "
-            "not prepared yet; "
-            "run gpt prepare first, or set it with --set model.vocab_size=N"
-        ) from None
+    return Plan(open_model(checkpoint, which or "latest").config)
 
 
 @command()
@@ -318,17 +225,9 @@ def prepare(
     ] = False,
 ) -> None:
     """Tokenize [data] source into train.bin, val.bin and meta.json in [data] data_dir."""
-    from gpt.data.prepare import prepare as prepare_data
-    from gpt.hf.pretrained import is_pretrained, open_model
-    from gpt.resume import base_tokenizer, config_from_pretrained
+    from gpt.plan import plan_run
 
-    cfg = load_config(config, set_)
-    record = None
-    if cfg.train.init_from and is_pretrained(cfg.train.init_from):  # as gpt train will
-        base = open_model(cfg.train.init_from)
-        cfg = config_from_pretrained(cfg, base)
-        record = base_tokenizer(cfg.data, base)
-    prepare_data(cfg.data, force=force, block_size=cfg.model.block_size, tokenizer_record=record)
+    plan_run(load_config(config, set_)).prepare_data(force=force)
 
 
 @command()

@@ -241,6 +241,25 @@ class ModelConfig(_Section):
         return 64 * math.ceil(8 * self.n_embd / 3 / 64)
 
 
+def fit_vocabulary(
+    model: ModelConfig, tokenizer_vocab: int, pretrained: str | None = None
+) -> ModelConfig:
+    """`model` for a tokenizer of `tokenizer_vocab` ids, the one rule of gpt train, gpt info and
+    HF models: vocab_size becomes the tokenizer's where unset (padded_vocab_size follows), or
+    where it only counts the embedding rows of `pretrained`, an HF model (the ids past the
+    tokenizer's are padding, never sampled); fewer ids than the tokenizer has are refused."""
+    given = model.vocab_size
+    if given is not None and given < tokenizer_vocab:
+        key, fix = (
+            (f"{pretrained}: its config.json's vocab_size", "the folder's tokenizer is not the "
+             "model's") if pretrained else ("[model] vocab_size", "raise it or leave it unset")
+        )
+        raise GPTError(f"{key} = {given} is smaller than the tokenizer's {tokenizer_vocab}; {fix}")
+    if given is None or pretrained is not None:
+        return dataclasses.replace(model, vocab_size=tokenizer_vocab)
+    return model
+
+
 @dataclass(frozen=True)
 class DataConfig(_Section):
     """The `[data]` section: where the text comes from and how it becomes token files."""

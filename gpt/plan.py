@@ -1,25 +1,112 @@
-"""Where a run starts, resolved once: the checkpoint of out_dir it resumes, or the model it
-finetunes (`init_from`: a run's checkpoint or an HF model), its data prepared, and every check
-that they fit the config (tokenizer, model shape, optimizer) before any training.
+"""A run resolved once, before anything is built: where it starts (new, resumed, finetuned from
+a run's checkpoint or an HF model), its config as it trains (an HF base's shape and tokenizer,
+the vocabulary fitted), the tokenizer its data is tokenized with, and every check that these
+fit (tokenizer, model shape, optimizer). gpt prepare and gpt info start from `plan_run`; gpt
+train from `resolve_start`, built on it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from gpt import checkpoint as ckpt
 from gpt.checkpoint import Checkpoint
-from gpt.config import RUNTIME_MODEL_KEYS, DataConfig, ModelConfig, RunConfig, TrainConfig
+from gpt.config import (
+    RUNTIME_MODEL_KEYS,
+    DataConfig,
+    RunConfig,
+    TrainConfig,
+    fit_vocabulary,
+)
 from gpt.data.prepare import prepare
 from gpt.data.prepared import PreparedData
 from gpt.errors import GPTError
 from gpt.hf.pretrained import Pretrained, is_pretrained, model_from_pretrained, open_model
 from gpt.layout import OPTIMIZER
 from gpt.parallel import Dist
-from gpt.tokenizer import same_tokenizer
+from gpt.tokenizer import (
+    check_same_tokenizer,
+    check_tokenizer_setting,
+    get_tokenizer,
+    tokenizer_from_dict,
+    tokenizer_kind,
+    tokenizer_setting,
+)
+
+Model = Checkpoint | Pretrained
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A run before its data is prepared: its config as it trains (an HF base's shape and
+    tokenizer; vocab_size still as the config sets it), the checkpoint it resumes, and the model
+    it finetunes (init_from's, for a run not yet started)."""
+
+    cfg: RunConfig
+    resumed: Checkpoint | None = None
+    base: Model | None = None
+
+    @property
+    def start(self) -> Model | None:
+        """Where the model's weights come from: the resumed checkpoint, or the base."""
+        return self.resumed or self.base
+
+    @property
+    def data_tokenizer(self) -> dict[str, Any] | None:
+        """The record the data is tokenized with when it is the finetuned model's (a char
+        vocabulary, an HF model's tokenizer), so that its ids mean the same; None when
+        `[data] tokenizer` names its own."""
+        finetuned = self.start if self.cfg.train.init_from else None
+        kind = tokenizer_kind(self.cfg.data.tokenizer)
+        if finetuned is None or finetuned.tokenizer["name"] != kind:
+            return None
+        return finetuned.tokenizer
+
+    def tokenizer_vocab(self) -> int:
+        """The ids of the tokenizer the run trains with, as its prepared data will count them:
+        the finetuned model's, a named tokenizer's, or the prepared data's (char and bpe are
+        built from the text)."""
+        record, data = self.data_tokenizer, self.cfg.data
+        if record is not None:
+            return tokenizer_from_dict(record).vocab_size
+        if data.tokenizer not in ("char", "bpe"):
+            return get_tokenizer(data.tokenizer).vocab_size
+        try:
+            return PreparedData(data.resolved_data_dir).vocab_size
+        except GPTError:
+            raise GPTError(
+                f"[model] vocab_size depends on the {data.tokenizer} tokenizer's data, which is "
+                "not prepared yet; run gpt prepare first, or set it with --set model.vocab_size=N"
+            ) from None
+
+    def prepare_data(self, force: bool = False) -> dict[str, Any]:
+        """Tokenize the run's data (a no-op when prepared already) and return its meta."""
+        return prepare(self.cfg.data, block_size=self.cfg.model.block_size, force=force,
+                       tokenizer_record=self.data_tokenizer)
+
+
+def plan_run(
+    cfg: RunConfig, resumed: Checkpoint | None = None,
+    open_base: Callable[[str], Model] = open_model,
+) -> Plan:
+    """The run `cfg` describes, resuming `resumed` or else finetuning init_from's model (opened
+    with `open_base`): its config as it trains, its tokenizer setting checked against that
+    model's before any data is prepared with it. gpt prepare, gpt info and gpt train all plan
+    a run here."""
+    init_from = cfg.train.init_from
+    base = open_base(init_from) if init_from and resumed is None else None
+    start = resumed or base
+    if start is None:
+        return Plan(cfg)
+    if init_from and is_pretrained(init_from):  # resumed too: the config is the base's
+        cfg = _config_from_pretrained(cfg, start)
+    instead = "use another train.out_dir" if resumed else "finetune another model"
+    check_tokenizer_setting(cfg.data.tokenizer, start.tokenizer, str(start.path), instead)
+    return Plan(cfg, resumed, base)
 
 
 @dataclass(frozen=True)
@@ -31,11 +118,11 @@ class Start:
     cfg: RunConfig
     data: PreparedData
     resumed: Checkpoint | None
-    base: Checkpoint | Pretrained | None  # init_from's model, for a run not yet started
+    base: Model | None  # init_from's model, for a run not yet started
     damaged: set[str]
 
     @property
-    def weights(self) -> Checkpoint | Pretrained | None:
+    def weights(self) -> Model | None:
         """Where the model's weights come from: the resumed checkpoint, or the base."""
         return self.resumed or self.base
 
@@ -49,25 +136,19 @@ class Start:
 
 
 def resolve_start(cfg: RunConfig, resume: bool, world: Dist) -> Start:
-    """Find the checkpoint to resume (or open init_from's model), check it against the config,
-    and prepare the data (rank 0) with the right tokenizer. Each checkpoint is read once."""
-    tcfg = cfg.train
-    resumed, damaged = _resume_point(Path(tcfg.out_dir), resume, world)
+    """Find the checkpoint to resume (or open init_from's model), plan the run on it, and
+    prepare the data (rank 0) with the right tokenizer. Each checkpoint is read once."""
+    resumed, damaged = _resume_point(Path(cfg.train.out_dir), resume, world)
     if resumed is not None:
-        _check_same_optimizer(resumed, tcfg)
-    base = _open_base(tcfg.init_from, world) if tcfg.init_from and resumed is None else None
-    # a finetune keeps the base model's tokenizer (a resumed one holds it too)
-    finetuned = (resumed or base) if tcfg.init_from else None
-    if finetuned is not None and is_pretrained(tcfg.init_from):
-        cfg = config_from_pretrained(cfg, finetuned)
-    start = resumed or base
-    if start is not None:  # before any data is prepared with another tokenizer
-        _check_same_tokenizer(start, cfg.data, resumed is not None)
-    data = _prepared_data(cfg, world, finetuned)
-    cfg = dataclasses.replace(cfg, model=_fit_vocabulary(cfg.model, data.vocab_size))
-    if start is not None:
-        _check_compatible(start, cfg, data.tokenizer)
-    return Start(cfg, data, resumed, base, damaged)
+        _check_same_optimizer(resumed, cfg.train)
+    planned = plan_run(cfg, resumed, lambda init_from: _open_base(init_from, world))
+    data = _prepared_data(planned, world)
+    cfg = dataclasses.replace(
+        planned.cfg, model=fit_vocabulary(planned.cfg.model, data.vocab_size)
+    )
+    if planned.start is not None:
+        _check_compatible(planned.start, cfg, data)
+    return Start(cfg, data, resumed, planned.base, damaged)
 
 
 def _resume_point(
@@ -109,7 +190,7 @@ def _resume_point(
     return None, damaged
 
 
-def _open_base(init_from: str, world: Dist) -> Checkpoint | Pretrained:
+def _open_base(init_from: str, world: Dist) -> Model:
     """The model a finetune starts from. An HF hub model is downloaded by rank 0 alone; the
     other ranks then find it in HF's cache."""
     if world.world_size > 1 and is_pretrained(init_from):
@@ -119,18 +200,17 @@ def _open_base(init_from: str, world: Dist) -> Checkpoint | Pretrained:
     return open_model(init_from)
 
 
-def config_from_pretrained(cfg: RunConfig, base: Checkpoint | Pretrained) -> RunConfig:
+def _config_from_pretrained(cfg: RunConfig, base: Model) -> RunConfig:
     """The config of a run started from an HF model (or resumed from such a run's checkpoint,
     `base`): the model's shape and tokenizer, the config's data and schedule."""
     model = model_from_pretrained(cfg.model, base.config.model, cfg.train.init_from or "")
     return dataclasses.replace(cfg, model=model, data=_data_config(cfg, base))
 
 
-def _data_config(cfg: RunConfig, base: Checkpoint | Pretrained) -> DataConfig:
+def _data_config(cfg: RunConfig, base: Model) -> DataConfig:
     """The data settings of a run started from an HF model: its own tokenizer (an HF one is
     named after the model, and the data folder's default name follows)."""
-    record = base.tokenizer
-    name = f"hf-{record.get('label') or 'model'}" if record["name"] == "hf" else record["name"]
+    name = tokenizer_setting(base.tokenizer)
     if cfg.data.tokenizer not in (DataConfig().tokenizer, name):
         raise GPTError(
             f"[data] tokenizer = {cfg.data.tokenizer!r} does not apply: the data is tokenized "
@@ -139,77 +219,27 @@ def _data_config(cfg: RunConfig, base: Checkpoint | Pretrained) -> DataConfig:
     return dataclasses.replace(cfg.data, tokenizer=name)
 
 
-def _prepared_data(
-    cfg: RunConfig, world: Dist, base: Checkpoint | Pretrained | None
-) -> PreparedData:
-    """The run's data: prepared once by rank 0 while the others wait, then opened by every rank.
-
-    A finetune with a char or HF tokenizer tokenizes with its `base` model's own (a char
-    vocabulary, an HF tokenizer), so its ids mean the same.
-    """
-    record = base_tokenizer(cfg.data, base)
+def _prepared_data(planned: Plan, world: Dist) -> PreparedData:
+    """The run's data: prepared once by rank 0 while the others wait, then opened by every
+    rank."""
     if world.main:
-        prepare(
-            cfg.data, progress=True, block_size=cfg.model.block_size, tokenizer_record=record
-        )
+        planned.prepare_data()
     world.barrier()
-    return PreparedData(cfg.data.resolved_data_dir)
+    return PreparedData(planned.cfg.data.resolved_data_dir)
 
 
-def base_tokenizer(data: DataConfig, base: Checkpoint | Pretrained | None) -> dict[str, Any] | None:
-    """The base model's tokenizer record when the data is to be tokenized with it (a char
-    vocabulary, an HF model's tokenizer); None when `data.tokenizer` names its own."""
-    kind = _tokenizer_kind(data)
-    return base.tokenizer if base is not None and base.tokenizer["name"] == kind else None
-
-
-def _tokenizer_kind(data: DataConfig) -> str:
-    """The record name of the tokenizer `data.tokenizer` names (an HF model's "hf-NAME": hf)."""
-    return "hf" if data.tokenizer.startswith("hf-") else data.tokenizer
-
-
-def _fit_vocabulary(model: ModelConfig, tokenizer_vocab: int) -> ModelConfig:
-    """The model config with `vocab_size` taken from the tokenizer when unset (padding follows)."""
-    if model.vocab_size is None:
-        return dataclasses.replace(model, vocab_size=tokenizer_vocab)
-    if model.vocab_size < tokenizer_vocab:
-        raise GPTError(
-            f"[model] vocab_size = {model.vocab_size} is smaller than the tokenizer's "
-            f"{tokenizer_vocab}; raise it or leave it unset"
-        )
-    return model
-
-
-def _check_same_tokenizer(start: Checkpoint | Pretrained, data: DataConfig, resumed: bool) -> None:
-    """A run goes on, and a finetune starts, with its model's tokenizer: another one in
-    `data.tokenizer` is refused by name, before the data is prepared with it."""
-    saved = start.tokenizer.get("name")
-    if _tokenizer_kind(data) != saved:
-        named = f"hf-{start.tokenizer.get('label') or 'model'}" if saved == "hf" else saved
-        instead = "use another train.out_dir" if resumed else "finetune another model"
-        raise GPTError(
-            f"{start.path} was trained with the {saved!r} tokenizer, the config now says "
-            f"data.tokenizer = {data.tokenizer!r}; set data.tokenizer = {named!r}, or {instead}"
-        )
-
-
-def _check_compatible(
-    start: Checkpoint | Pretrained, cfg: RunConfig, tokenizer: dict[str, Any]
-) -> None:
-    """A checkpoint continues only with the same tokenizer and model shape (an HF model's
-    shape is the run's already, but for a shorter block_size: see model_from_pretrained).
+def _check_compatible(start: Model, cfg: RunConfig, data: PreparedData) -> None:
+    """A checkpoint continues only with data of its tokenizer and with its model shape (an HF
+    model's shape is the run's already, but for a shorter block_size: see
+    model_from_pretrained).
 
     The tokenizer goes first: another vocabulary changes vocab_size too, which would be named
     instead of the cause."""
-    if not same_tokenizer(start.tokenizer, tokenizer):
-        name, saved = tokenizer.get("name"), start.tokenizer.get("name")
-        what = (f"a {name!r} vocabulary other than the one {start.path} was trained with"
-                if name == saved else
-                f"the {name!r} tokenizer, but {start.path} was trained with the {saved!r} one")
-        raise GPTError(
-            f"{cfg.data.resolved_data_dir} holds data of {what}; rebuild it from the text the "
-            "run was trained on (gpt prepare --force), or use another train.out_dir"
-        )
+    check_same_tokenizer(
+        data.tokenizer, start.tokenizer, f"{data.data_dir} holds data of", str(start.path),
+        "rebuild it from the text the run was trained on (gpt prepare --force), or use another "
+        "train.out_dir", models=f"the one {start.path} was trained with",
+    )
     saved = start.config.model
     for f in dataclasses.fields(saved):
         if isinstance(start, Pretrained) and f.name == "block_size":

@@ -6,7 +6,8 @@ All share one small interface (`name`, `vocab_size`, `eot_id`, `bos_id`, `chat_t
 `encode`, `encode_batch`, `decode`, `to_dict`) and are rebuilt from `to_dict()` with
 `tokenizer_from_dict`, which is how datasets (meta.json) and checkpoints carry them: sampling
 needs no data and no network. `same_tokenizer` is the one rule for whether two records are one
-tokenizer.
+tokenizer; `check_same_tokenizer` and `check_tokenizer_setting` are its refusals, each with one
+message per kind of mismatch.
 """
 
 from __future__ import annotations
@@ -578,6 +579,55 @@ def _identity(record: dict[str, Any]) -> Any:
         return record
     config = {k: v for k, v in record["config"].items() if k != "chat_template"}
     return {**record, "config": config}
+
+
+def check_same_tokenizer(
+    found: dict[str, Any], expected: dict[str, Any], data: str, model: str, fix: str,
+    models: str | None = None,
+) -> None:
+    """Refuse data tokenized as `found` for a model of tokenizer `expected` unless both give
+    the same ids (same_tokenizer): the one check of data against a model, one message per kind
+    of mismatch (another tokenizer; another vocabulary of the same one).
+
+    `data` begins the sentence ("data/x was prepared with"), `model` names the model ("the
+    model"), `models` its tokenizer (default "the model's"), `fix` says how to mend it.
+    """
+    if same_tokenizer(found, expected):
+        return
+    name, wanted = found.get("name"), expected.get("name")
+    if name != wanted:
+        problem = f"the {name!r} tokenizer but {model} uses {wanted!r}"
+    else:  # an HF model's tokenizer is its own, not one vocabulary of a kind
+        what = "tokenizer" if name == HFTokenizer.name else f"{name!r} vocabulary"
+        whose = models or f"{model}'s"
+        problem = f"a {what} other than {whose}"
+    raise GPTError(f"{data} {problem}; {fix}")
+
+
+def check_tokenizer_setting(setting: str, expected: dict[str, Any], model: str, fix: str) -> None:
+    """Refuse a `[data] tokenizer` setting of another kind than `expected`, the tokenizer of
+    `model` (a run's checkpoint), before any data is prepared with it; only the kind can be
+    compared then (a char or bpe vocabulary is built from the text)."""
+    saved = expected.get("name")
+    if tokenizer_kind(setting) != saved:
+        raise GPTError(
+            f"{model} was trained with the {saved!r} tokenizer, the config now says "
+            f"data.tokenizer = {setting!r}; set data.tokenizer = {tokenizer_setting(expected)!r}, "
+            f"or {fix}"
+        )
+
+
+def tokenizer_kind(setting: str) -> str:
+    """The record name of the tokenizer a `[data] tokenizer` setting names (an HF model's
+    "hf-NAME": hf)."""
+    return HFTokenizer.name if setting.startswith(f"{HFTokenizer.name}-") else setting
+
+
+def tokenizer_setting(record: dict[str, Any]) -> str:
+    """The `[data] tokenizer` setting that names a record's tokenizer: an HF model's is
+    "hf-LABEL" (the data folder's default name follows it)."""
+    name = record["name"]
+    return f"{name}-{record.get('label') or 'model'}" if name == HFTokenizer.name else name
 
 
 def tokenizer_from_dict(d: dict[str, Any]) -> Tokenizer:

@@ -13,8 +13,9 @@ from typer.testing import CliRunner
 
 from gpt import __version__
 from gpt import checkpoint as ckpt
-from gpt.cli import _bytes, _flop_rate, app
+from gpt.cli import app
 from gpt.config import ModelConfig, RunConfig, SampleConfig, ServeConfig, to_dict, to_toml
+from gpt.info import format_bytes, format_flop_rate
 from gpt.parallel import Dist
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -106,7 +107,7 @@ def test_info_takes_the_vocabulary_from_the_tokenizer() -> None:
      (497_759_232, "475 MiB"), (2**30, "1.00 GiB"), (1_991_036_928, "1.85 GiB")],
 )
 def test_byte_counts_read_in_a_unit_that_shows_them(n_bytes: float, text: str) -> None:
-    assert _bytes(n_bytes) == text
+    assert format_bytes(n_bytes) == text
 
 
 def test_info_memory_of_a_tiny_model_is_not_zero() -> None:
@@ -150,7 +151,7 @@ def test_info_sizes_the_optimizer_state_training_allocates(optimizer: str, name:
     lines = result.stdout.splitlines()
     one = next(line for line in lines if line.startswith("memory (float32):"))
     each = next(line for line in lines if line.startswith("per process (2 processes"))
-    assert f" + {name} state {_bytes(allocated_optimizer_bytes(sets))} = " in one
+    assert f" + {name} state {format_bytes(allocated_optimizer_bytes(sets))} = " in one
     assert one.split(":  ", 1)[1] == each.split("): ", 1)[1]
 
 
@@ -184,7 +185,7 @@ def test_info_without_the_configured_device_says_why_the_peak_is_unknown() -> No
      (989e12, "989 TFLOP/s"), (2e15, "2.00 PFLOP/s")],
 )
 def test_flop_rates_read_in_a_unit_that_shows_them(rate: float, text: str) -> None:
-    assert _flop_rate(rate) == text
+    assert format_flop_rate(rate) == text
 
 
 def save_run(out: Path, iteration: int, cfg: RunConfig, is_best: bool = False) -> Path:

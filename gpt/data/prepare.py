@@ -44,8 +44,8 @@ from gpt.tokenizer import (
     BPETokenizer,
     CharTokenizer,
     Tokenizer,
+    check_same_tokenizer,
     get_tokenizer,
-    same_tokenizer,
     tokenizer_from_dict,
 )
 
@@ -395,19 +395,18 @@ def _existing_data(
     if force or not has_prepared_data(data_dir):
         return None
     meta = PreparedData(data_dir).meta
-    same = tokenizer_record is None or same_tokenizer(meta["tokenizer"], tokenizer_record)
-    if meta.get("fingerprint") == fingerprint and same:
+    fix = "rebuild it with gpt prepare --force, or set data.data_dir to another folder"
+    if tokenizer_record is not None:
+        check_same_tokenizer(meta["tokenizer"], tokenizer_record, f"{data_dir} holds data of",
+                             "the base model", fix)
+    if meta.get("fingerprint") == fingerprint:
         _check_split_sizes(meta["tokens"], block_size, data_dir)
         if progress:
             print(f"{data_dir} is already prepared from these settings; nothing to do "
                   "(--force rebuilds)")
         return meta
-    what = _what_changed(meta, cfg)
-    if not same:
-        what = "a tokenizer other than the base model's"
     raise GPTError(
-        f"{data_dir} holds data prepared from other settings ({what}); rebuild it with "
-        "gpt prepare --force, or set data.data_dir to another folder"
+        f"{data_dir} holds data prepared from other settings ({_what_changed(meta, cfg)}); {fix}"
     )
 
 

@@ -24,7 +24,7 @@ import torch
 
 from gpt.errors import GPTError, first_line
 from gpt.fileio import MiB, read_bounded, sha256_file, write_json_atomic
-from gpt.tokenizer import Tokenizer
+from gpt.tokenizer import Tokenizer, check_same_tokenizer
 
 FORMAT_VERSION = 2  # 2: a folder's documents are split by their sizes, not their count
 SPLITS = ("train", "val")
@@ -122,14 +122,10 @@ class PreparedData:
 
     def check_tokenizer(self, expected: dict[str, Any]) -> None:
         """Refuse data tokenized differently from what the model was trained with."""
-        if self.tokenizer != expected:
-            name, model = self.tokenizer["name"], expected.get("name")
-            what = (f"a {name!r} vocabulary other than the model's" if name == model else
-                    f"the {name!r} tokenizer but the model uses {model!r}")
-            raise GPTError(
-                f"{self.data_dir} was prepared with {what}; prepare the data with the model's "
-                "tokenizer (data.tokenizer, gpt prepare --force)"
-            )
+        check_same_tokenizer(
+            self.tokenizer, expected, f"{self.data_dir} was prepared with", "the model",
+            "prepare the data with the model's tokenizer (data.tokenizer, gpt prepare --force)",
+        )
 
 
 class _TokenFile:

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from gpt.checkpoint import Checkpoint
-from gpt.config import RUNTIME_MODEL_KEYS, ModelConfig, RunConfig
+from gpt.config import RUNTIME_MODEL_KEYS, ModelConfig, RunConfig, fit_vocabulary
 from gpt.errors import GPTError, first_line
 from gpt.fileio import MiB, TooLargeError, open_regular, read_bounded
 from gpt.model import GPT
@@ -115,14 +115,7 @@ def open_pretrained(spec: str) -> Pretrained:
 
     model = model_config_from_hf(hf_config)
     tokenizer = _tokenizer_record(folder, spec, hf_config, model)
-    vocab = _tokenizer_vocab(tokenizer)
-    if vocab > model.padded_vocab_size:  # type: ignore[operator]
-        raise GPTError(
-            f"{spec}: its tokenizer has {vocab} ids but the model only {model.padded_vocab_size} "
-            "embeddings; the folder's tokenizer is not the model's"
-        )
-    # ids past the tokenizer's are padding: never sampled, as in models gpt train builds
-    model = dataclasses.replace(model, vocab_size=vocab)
+    model = fit_vocabulary(model, _tokenizer_vocab(tokenizer), pretrained=spec)
     return Pretrained(path=spec, folder=folder, model=model, tokenizer=tokenizer, repo=repo)
 
 
