@@ -8,6 +8,8 @@ from gpt.config import pad_vocab
 from gpt.errors import GPTError
 from gpt.tokenizer import (
     CharTokenizer,
+    check_same_tokenizer,
+    check_tokenizer_setting,
     get_tokenizer,
     tokenizer_from_dict,
 )
@@ -96,3 +98,30 @@ def test_padding_ids_decode_to_nothing(make) -> None:
 def test_nothing_goes_before_a_text(make) -> None:
     """Only HF tokenizers that add a bos token to texts (Llama's <s>) have a bos_id."""
     assert make().bos_id is None
+
+
+CHARS = {"name": "char", "chars": "abc"}
+
+
+@pytest.mark.parametrize(
+    ("found", "problem"),
+    [({"name": "gpt2"}, "the 'gpt2' tokenizer but the model uses 'char'"),
+     ({"name": "char", "chars": "abd"}, "a 'char' vocabulary other than the model's")],
+)
+def test_data_of_another_tokenizer_is_refused_with_one_message_per_kind(
+    found: dict, problem: str
+) -> None:
+    """Another tokenizer, or another vocabulary of the same one: each said one way, framed by
+    the caller's names for the data, the model and the fix."""
+    check_same_tokenizer(dict(CHARS), CHARS, "data/x was prepared with", "the model", "fix it")
+    with pytest.raises(GPTError) as refused:
+        check_same_tokenizer(found, CHARS, "data/x was prepared with", "the model", "fix it")
+    assert str(refused.value) == f"data/x was prepared with {problem}; fix it"
+
+
+def test_a_tokenizer_setting_is_compared_by_kind_before_any_data() -> None:
+    check_tokenizer_setting("char", CHARS, "out/ckpt-0000010", "use another train.out_dir")
+    with pytest.raises(GPTError, match=r"^out/ckpt-0000010 was trained with the 'char' tokenizer, "
+                       r"the config now says data.tokenizer = 'gpt2'; set data.tokenizer = "
+                       r"'char', or use another train.out_dir$"):
+        check_tokenizer_setting("gpt2", CHARS, "out/ckpt-0000010", "use another train.out_dir")
