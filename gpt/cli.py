@@ -213,7 +213,7 @@ def _info_plan(
         )
     from gpt.hf.pretrained import open_model
 
-    return Plan(open_model(checkpoint, which or "latest").config)
+    return Plan(open_model(checkpoint, which or "latest").config, None, None)
 
 
 @command()

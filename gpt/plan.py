@@ -47,11 +47,11 @@ class Plan:
     it finetunes (init_from's, for a run not yet started)."""
 
     cfg: RunConfig
-    resumed: Checkpoint | None = None
-    base: Model | None = None
+    resumed: Checkpoint | None
+    base: Model | None
 
     @property
-    def start(self) -> Model | None:
+    def weights(self) -> Model | None:
         """Where the model's weights come from: the resumed checkpoint, or the base."""
         return self.resumed or self.base
 
@@ -60,7 +60,7 @@ class Plan:
         """The record the data is tokenized with when it is the finetuned model's (a char
         vocabulary, an HF model's tokenizer), so that its ids mean the same; None when
         `[data] tokenizer` names its own."""
-        finetuned = self.start if self.cfg.train.init_from else None
+        finetuned = self.weights if self.cfg.train.init_from else None
         kind = tokenizer_kind(self.cfg.data.tokenizer)
         if finetuned is None or finetuned.tokenizer["name"] != kind:
             return None
@@ -101,7 +101,7 @@ def plan_run(
     base = open_base(init_from) if init_from and resumed is None else None
     start = resumed or base
     if start is None:
-        return Plan(cfg)
+        return Plan(cfg, None, None)
     if init_from and is_pretrained(init_from):  # resumed too: the config is the base's
         cfg = _config_from_pretrained(cfg, start)
     instead = "use another train.out_dir" if resumed else "finetune another model"
@@ -110,21 +110,12 @@ def plan_run(
 
 
 @dataclass(frozen=True)
-class Start:
-    """A run's starting point: its config as it trains (an HF base's shape, the vocabulary of
-    its data), the data, the checkpoint it resumes or the model it finetunes, and the newer
-    checkpoints that were skipped as damaged."""
+class Start(Plan):
+    """A run's plan carried out up to its model: the config with the vocabulary of its data,
+    the data prepared, and the newer checkpoints that were skipped as damaged."""
 
-    cfg: RunConfig
     data: PreparedData
-    resumed: Checkpoint | None
-    base: Model | None  # init_from's model, for a run not yet started
     damaged: set[str]
-
-    @property
-    def weights(self) -> Model | None:
-        """Where the model's weights come from: the resumed checkpoint, or the base."""
-        return self.resumed or self.base
 
     @property
     def tokenizer(self) -> dict[str, Any]:
@@ -146,9 +137,9 @@ def resolve_start(cfg: RunConfig, resume: bool, world: Dist) -> Start:
     cfg = dataclasses.replace(
         planned.cfg, model=fit_vocabulary(planned.cfg.model, data.vocab_size)
     )
-    if planned.start is not None:
-        _check_compatible(planned.start, cfg, data)
-    return Start(cfg, data, resumed, planned.base, damaged)
+    if planned.weights is not None:
+        _check_compatible(planned.weights, cfg, data)
+    return Start(cfg, resumed, planned.base, data, damaged)
 
 
 def _resume_point(
