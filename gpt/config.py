@@ -250,10 +250,10 @@ def fit_vocabulary(
     tokenizer's are padding, never sampled); fewer ids than the tokenizer has are refused."""
     given = model.vocab_size
     if given is not None and given < tokenizer_vocab:
-        key, fix = (
-            (f"{pretrained}: its config.json's vocab_size", "the folder's tokenizer is not the "
-             "model's") if pretrained else ("[model] vocab_size", "raise it or leave it unset")
-        )
+        key, fix = "[model] vocab_size", "raise it or leave it unset"
+        if pretrained is not None:
+            key = f"{pretrained}: its config.json's vocab_size"
+            fix = "the folder's tokenizer is not the model's"
         raise GPTError(f"{key} = {given} is smaller than the tokenizer's {tokenizer_vocab}; {fix}")
     if given is None or pretrained is not None:
         return dataclasses.replace(model, vocab_size=tokenizer_vocab)

@@ -15,6 +15,7 @@ from gpt.config import (
     ModelConfig,
     RunConfig,
     TrainConfig,
+    fit_vocabulary,
     from_dict,
     load_config,
     reference_markdown,
@@ -220,3 +221,20 @@ def test_config_reference_documents_every_key() -> None:
     for name, cls in SECTIONS.items():
         for f in dataclasses.fields(cls):
             assert f"`{name}.{f.name}`" in doc
+
+
+def test_the_vocabulary_is_fitted_to_the_tokenizer() -> None:
+    """Unset: the tokenizer's, padded; set: kept, never below the tokenizer's; an HF model's
+    vocab_size, which counts its embedding rows: the tokenizer's, within them."""
+    fitted = fit_vocabulary(ModelConfig(), 50257)
+    assert (fitted.vocab_size, fitted.padded_vocab_size) == (50257, 50304)
+    assert fit_vocabulary(ModelConfig(vocab_size=60000), 50257).vocab_size == 60000
+    with pytest.raises(GPTError, match=r"^\[model\] vocab_size = 100 is smaller than the "
+                       r"tokenizer's 256; raise it or leave it unset$"):
+        fit_vocabulary(ModelConfig(vocab_size=100), 256)
+    rows = ModelConfig(vocab_size=320, padded_vocab_size=320)
+    fitted = fit_vocabulary(rows, 300, pretrained="hf:x")
+    assert (fitted.vocab_size, fitted.padded_vocab_size) == (300, 320)
+    with pytest.raises(GPTError, match=r"^hf:x: its config.json's vocab_size = 320 is smaller "
+                       r"than the tokenizer's 321; the folder's tokenizer is not the model's$"):
+        fit_vocabulary(rows, 321, pretrained="hf:x")
