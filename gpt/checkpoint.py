@@ -473,15 +473,17 @@ class Checkpointer:
         self.latest = resumed.path
 
     def _state(self) -> dict[str, Any]:
-        """What state.json holds besides the file hashes (a collective: states may gather)."""
-        state: dict[str, Any] = {}
+        """What state.json holds besides the file hashes (a collective: states may gather):
+        the top-level entries, then the fixed ones, then the keyed states, as ever written."""
+        top: dict[str, Any] = {}
+        keyed: dict[str, Any] = {}
         for key, part in self.states:
             saved = part.state_dict()
             if key is None:
-                state.update(saved)
+                top.update(saved)
             else:
-                state[key] = saved or None
-        return {**state, **self.fixed}
+                keyed[key] = saved or None
+        return {**top, **self.fixed, **keyed}
 
     def _write(self, step: int, is_best: bool) -> None:
         """Every process joins: rank 0 writes the weights (gathered from the shards under FSDP)

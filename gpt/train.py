@@ -321,16 +321,19 @@ def fit(run: Run) -> int:
                 throughput.add(run.tokens_per_iter)
                 bar.update(1)
                 step, last = state.iteration, state.iteration == tcfg.max_iters
-                stopping = stop.seen(world)
                 # the host waits for the device only to log, evaluate or save, each time first
                 # checking that no step since was kept from the weights
-                if (logger.due(step, last) or validator.due(step, last)
-                        or checkpointer.due(step, last, stopping)):
+                if logger.due(step, last) or validator.due(step, last):
                     run.nonfinite.check(checkpointer.latest)
                 logger.log(step, last, loss)
-                with throughput.paused():  # evaluation and saving are not training time
+                with throughput.paused():  # evaluation is not training time
                     is_best = validator.validate(step, last, bar)
-                    checkpointer.save(step, last_step=last, stopping=stopping, is_best=is_best)
+                stopping = stop.seen(world)  # after evaluating: a signal during it stops here
+                if checkpointer.due(step, last, stopping):
+                    run.nonfinite.check(checkpointer.latest)
+                    with throughput.paused():  # nor is saving
+                        checkpointer.save(step, last_step=last, stopping=stopping,
+                                          is_best=is_best)
                 if stopping:
                     world.print0(f"stopped by signal after iteration {step}; "
                                  f"saved {checkpointer.latest}")

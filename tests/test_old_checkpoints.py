@@ -55,6 +55,15 @@ def test_a_checkpoint_from_before_the_redesign_resumes_the_same_run(
         assert got == pytest.approx(want, rel=1e-5, abs=1e-7), got["iter"]
 
 
+def test_state_json_keeps_the_order_of_its_keys_from_before_the_redesign(old_run: Path) -> None:
+    """A resumed run's new state.json lists its entries as the fixture's does, so the files of
+    the two versions read (and diff) alike."""
+    assert train(load_config("adamw.toml")) == 0
+    before = json.loads((old_run / "adamw" / "ckpt-0000004" / "state.json").read_text())
+    after = json.loads((old_run / "adamw" / "ckpt-0000008" / "state.json").read_text())
+    assert list(after) == list(before)
+
+
 @pytest.mark.parametrize("optimizer", ["adamw", "muon"])
 def test_a_checkpoint_from_before_the_redesign_samples_and_evaluates(
     old_run: Path, optimizer: str

@@ -28,7 +28,7 @@ from gpt.lock import FolderLock
 from gpt.model import GPT
 from gpt.optim import NonFiniteSteps, found_inf_skips, lr_at, make_optimizer, skips_on_device
 from gpt.parallel import Dist, StopFlag
-from gpt.train import TrainState, setup_run, train, train_step
+from gpt.train import TrainState, Validator, setup_run, train, train_step
 
 runner = CliRunner()
 ROOT = Path(__file__).resolve().parents[1]
@@ -160,6 +160,26 @@ def test_sigterm_saves_and_exits_143(tiny_run: Path) -> None:
     latest = (tiny_run / "out" / "latest").read_text().strip()
     saved = json.loads((tiny_run / "out" / latest / "state.json").read_text())["iter"]
     assert 0 < saved < 100000 and f"stopped by signal after iteration {saved}" in output
+
+
+def test_a_signal_during_an_evaluation_stops_after_the_step_it_evaluates(
+    tiny_run: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """The loop looks for a signal after evaluating: one that comes during the evaluation of
+    iteration 10 saves iteration 10 and stops, with no further step and no second save."""
+    estimate = Validator.estimate
+
+    def signalled_estimate(self):
+        if self.run.state.iteration == 10:
+            os.kill(os.getpid(), signal.SIGINT)
+        return estimate(self)
+
+    monkeypatch.setattr(Validator, "estimate", signalled_estimate)
+    assert train(load_config("tiny.toml", ["train.checkpoint_interval=20"])) == 130
+    assert "stopped by signal after iteration 10; saved out/ckpt-0000010" in capsys.readouterr().out
+    assert (tiny_run / "out" / "latest").read_text().strip() == "ckpt-0000010"
+    assert sorted(p.name for p in (tiny_run / "out").glob("ckpt-*")) == ["ckpt-0000010"]
+    assert max(record["iter"] for record in metrics(tiny_run / "out")) == 10
 
 
 def _file_size_limit(limit: int) -> Callable[[], None]:
