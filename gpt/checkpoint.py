@@ -491,8 +491,10 @@ class Checkpointer:
         it. A write that fails in any process stops every process with one error, and the
         previous checkpoint stays as it was."""
         world, out_dir = self.world, self.out_dir
+        # the collectives come first, joined by every process outside the steps that may fail
+        # in one of them; an unsharded model's weights are copied inside the last step
         state = self._state()
-        weights = world.model_state(self.model)
+        gathered = world.model_state(self.model) if world.sharded else None
         folder = temporary_folder(out_dir, step)
         with self._writing(folder, step):
             if world.main:
@@ -504,6 +506,7 @@ class Checkpointer:
         hashes = {name: sha for each in world.gather(hashes) for name, sha in each.items()}
         with self._writing(folder, step):
             if world.main:
+                weights = gathered if gathered is not None else world.model_state(self.model)
                 finish_checkpoint(folder, weights, state, hashes, self.keep_last, is_best,
                                   self.damaged)
         self.latest = out_dir / checkpoint_name(step)  # every process names it in messages

@@ -397,7 +397,8 @@ def _existing_data(
     meta = PreparedData(data_dir).meta
     fix = "rebuild it with gpt prepare --force, or set data.data_dir to another folder"
     if tokenizer_record is not None:
-        check_same_tokenizer(meta["tokenizer"], tokenizer_record, f"{data_dir} holds data of",
+        check_same_tokenizer(meta["tokenizer"], tokenizer_record,
+                             f"{data_dir} holds data prepared from other settings, with",
                              "the base model", fix)
     if meta.get("fingerprint") == fingerprint:
         _check_split_sizes(meta["tokens"], block_size, data_dir)
