@@ -438,14 +438,13 @@ class Checkpointer:
         fixed: Mapping[str, Any] | None = None,
         interval: int = 1,
         keep_last: int = 2,
-        latest: Path | None = None,
         damaged: Collection[str] = (),
     ) -> None:
         self.out_dir, self.world, self.model, self.optimizer = out_dir, world, model, optimizer
         self.states = list(states)
         self.fixed = dict(fixed or {})
         self.interval, self.keep_last = interval, keep_last
-        self.latest = latest  # the newest checkpoint on disk, for messages
+        self.latest: Path | None = None  # the newest checkpoint on disk (restored or saved)
         # checkpoints newer than the resumed one that failed their check: never kept as good ones
         self.damaged = set(damaged)
 

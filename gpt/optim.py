@@ -2,9 +2,9 @@
 
 `make_optimizer` builds AdamW (nanoGPT's groups) or Muon for the hidden matrices plus AdamW for
 the rest, stepped as one `CombinedOptimizer`; `lr_at` is every group's rate at a step, which a
-`Schedule` sets once per step; a step
-whose loss or gradient norm is not finite is kept from the weights (`step_unless`) and noted on
-the device (`NonFiniteSteps`), so that watching for one costs no host sync.
+`Schedule` sets once per step; a step whose loss or gradient norm is not finite is kept from
+the weights (`step_unless`) and noted on the device (`NonFiniteSteps`), so that watching for
+one costs no host sync.
 """
 
 from __future__ import annotations
