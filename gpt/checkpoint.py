@@ -4,7 +4,8 @@ Layout of a run folder (`[train] out_dir`):
 
     ckpt-0000600/            one checkpoint
       model.safetensors      weights, whole even from a sharded run (a tied LM head is stored
-                             once, as the token embedding)
+                             once, as the token embedding); a LoRA finetune's holds only its
+                             adapters (`*.lora_A`, `*.lora_B`: gpt/lora.py)
       optimizer.pt           optimizer state (AdamW's, or Muon's and AdamW's by name); read back
                              with torch.load(weights_only=True); only resuming needs it, so a
                              weights-only checkpoint (optimizer files deleted to save space)
@@ -16,7 +17,9 @@ Layout of a run folder (`[train] out_dir`):
                              layout reads the rows it needs from them
       state.json             iteration, tokens, best val loss, wandb id, the resolved config,
                              the tokenizer, data sampler and RNG states (every rank's),
-                             GradScaler state, and the sha256 of every file above
+                             GradScaler state, and the sha256 of every file above; a LoRA
+                             finetune's also `lora`: the base it adapts (init_from's checkpoint
+                             or HF model) with the sha256 of its weights, rank, alpha, targets
     latest                   name of the newest checkpoint folder
     best                     name of the checkpoint with the lowest val loss
 
@@ -43,7 +46,7 @@ import warnings
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
@@ -65,9 +68,13 @@ from gpt.layout import (
     temporary_folder,
     write_pointer,
 )
+from gpt.lora import LoRA, add_adapters, is_adapter_key, merge_adapters, weights_sha256
 from gpt.model import GPT
 from gpt.parallel import Dist, unwrap
 from gpt.tokenizer import tokenizer_from_dict
+
+if TYPE_CHECKING:
+    from gpt.hf.pretrained import Pretrained
 
 
 class Stateful(Protocol):
@@ -233,8 +240,9 @@ def read_state(ckpt: Path) -> dict[str, Any]:
     return state
 
 
-def load_weights(ckpt: Path, model: torch.nn.Module) -> None:
-    """Load model.safetensors into `model` (re-tying a tied head)."""
+def load_weights(ckpt: Path, model: torch.nn.Module, adapters: bool = False) -> None:
+    """Load model.safetensors into `model` (re-tying a tied head); with `adapters`, a LoRA
+    checkpoint's, which holds only the adapters of a model that carries them."""
     model = unwrap(model)
     path = ckpt / WEIGHTS
     try:
@@ -244,6 +252,8 @@ def load_weights(ckpt: Path, model: torch.nn.Module) -> None:
             f"{path} is damaged ({first_line(e, 120)}); {_another_checkpoint(ckpt)}"
         ) from None
     expected = model.state_dict()
+    if adapters:  # the base's weights are in already
+        expected = {k: v for k, v in expected.items() if is_adapter_key(k)}
     for key, tensor in weights.items():  # load_state_dict would raise a page of these
         if key in expected and tensor.shape != expected[key].shape:
             raise GPTError(
@@ -252,6 +262,7 @@ def load_weights(ckpt: Path, model: torch.nn.Module) -> None:
                 f"config was edited or belongs to other weights; {_another_checkpoint(ckpt)}"
             )
     missing, unexpected = model.load_weights(weights)
+    missing = [k for k in missing if k in expected]
     if missing or unexpected:
         raise GPTError(
             f"{path} does not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]}); "
@@ -401,9 +412,58 @@ class Checkpoint:
         """The tokenizer record (rebuilt with `tokenizer.tokenizer_from_dict`)."""
         return self.state["tokenizer"]
 
+    @property
+    def lora(self) -> dict[str, Any] | None:
+        """A LoRA finetune's record (`LoRA.record`): its base and the adapters' shape; None
+        for a checkpoint that holds every weight."""
+        return self.state.get("lora")
+
     def load_into(self, model: GPT) -> None:
-        """Copy the checkpoint's weights into `model` (built from its config)."""
-        load_weights(self.path, model)
+        """Copy the checkpoint's weights into `model` (built from its config): a LoRA
+        finetune's base with its adapters merged in, so that `model` stays a plain GPT."""
+        if self.lora is None:
+            load_weights(self.path, model)
+            return
+        self.load_adapted(model, LoRA.from_record(self.lora), seed=0)
+        merge_adapters(model)
+
+    def load_adapted(self, model: GPT, lora: LoRA, seed: int) -> None:
+        """A LoRA finetune's model as it trains: its base's weights, checked against the
+        recorded hash, then adapters of `lora`'s shape holding the saved ones."""
+        record = self.lora
+        assert record is not None
+        base = self.base()
+        base.load_into(model)
+        if weights_sha256(model) != record["base_sha256"]:
+            raise GPTError(
+                f"{self.path} holds LoRA adapters of {base.path}, whose weights have changed "
+                "since (their sha256 differs); restore the base it was trained on, or finetune "
+                "again from this one"
+            )
+        add_adapters(model, lora, seed)
+        load_weights(self.path, model, adapters=True)
+
+    def base(self) -> Checkpoint | Pretrained:
+        """The model a LoRA finetune adapts: a relative path is found from the folder training
+        ran in (where init_from named it), else from here."""
+        from gpt.hf.pretrained import HF_PREFIX, is_pretrained, open_model  # it imports this
+
+        record = self.lora
+        assert record is not None
+        spec = record["base"]
+        prefix = HF_PREFIX if spec.startswith(HF_PREFIX) else ""
+        path = Path(spec[len(prefix):])
+        root = self.trained_in
+        local = prefix or not is_pretrained(spec)  # not a hub name (gpt2, ...)
+        if local and root is not None and not path.is_absolute() and (root / path).exists():
+            spec = prefix + str(root / path)
+        try:
+            return open_model(spec)
+        except GPTError as e:
+            raise GPTError(
+                f"{self.path} holds LoRA adapters of {record['base']}, which cannot be opened "
+                f"({e}); put the base back where training found it"
+            ) from None
 
     def load_model(self, device: str | torch.device = "cpu") -> GPT:
         """The trained model, in eval mode, on `device`."""
@@ -439,8 +499,10 @@ class Checkpointer:
         interval: int = 1,
         keep_last: int = 2,
         damaged: Collection[str] = (),
+        adapters_only: bool = False,
     ) -> None:
         self.out_dir, self.world, self.model, self.optimizer = out_dir, world, model, optimizer
+        self.adapters_only = adapters_only  # a LoRA finetune saves its adapters, not its base
         self.states = list(states)
         self.fixed = dict(fixed or {})
         self.interval, self.keep_last = interval, keep_last
@@ -493,7 +555,8 @@ class Checkpointer:
         # the collectives come first, joined by every process outside the steps that may fail
         # in one of them; an unsharded model's weights are copied inside the last step
         state = self._state()
-        gathered = world.model_state(self.model) if world.sharded else None
+        keep = is_adapter_key if self.adapters_only else None
+        gathered = world.model_state(self.model, keep) if world.sharded else None
         folder = temporary_folder(out_dir, step)
         with self._writing(folder, step):
             if world.main:
@@ -505,7 +568,8 @@ class Checkpointer:
         hashes = {name: sha for each in world.gather(hashes) for name, sha in each.items()}
         with self._writing(folder, step):
             if world.main:
-                weights = gathered if gathered is not None else world.model_state(self.model)
+                weights = gathered if gathered is not None else world.model_state(self.model,
+                                                                                  keep)
                 finish_checkpoint(folder, weights, state, hashes, self.keep_last, is_best,
                                   self.damaged)
         self.latest = out_dir / checkpoint_name(step)  # every process names it in messages

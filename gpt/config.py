@@ -62,6 +62,9 @@ DType = Literal["auto", "float32", "bfloat16", "float16"]
 LRSchedule = Literal["cosine", "wsd"]
 OptimizerName = Literal["adamw", "muon"]
 Parallel = Literal["ddp", "fsdp"]
+Finetune = Literal["full", "lora"]
+LORA_TARGETS = ("c_attn", "c_proj", "c_fc", "c_up")  # the blocks' Linear layers, by module name
+QKV_NAMES = ("q_proj", "k_proj", "v_proj", "query", "key", "value", "q", "k", "v")
 WandbMode = Literal["online", "offline", "disabled"]
 DecodeErrors = Literal["skip", "fail"]
 
@@ -337,6 +340,19 @@ class TrainConfig(_Section):
         "start from another run's weights (finetuning): its out_dir; or an HF GPT-2 or Llama "
         "model (hf:FOLDER, hf:OWNER/NAME, gpt2 ... gpt2-xl), whose shape and tokenizer it takes",
     )
+    finetune: Finetune = _key(
+        "full",
+        "full: every weight of init_from's model trains; lora: it stays frozen and only low-rank "
+        "adapters on the blocks' layers (lora_targets) train (docs/finetuning.md)",
+    )
+    lora_rank: int = _key(8, "rank r of each LoRA adapter: B (out, r) times A (r, in)")
+    lora_alpha: float = _key(16.0, "LoRA's update B A is scaled by lora_alpha / lora_rank")
+    lora_dropout: float = _key(0.0, "dropout on the LoRA adapters' input, in training only")
+    lora_targets: list[str] | None = _key(
+        None,
+        "the blocks' layers LoRA adapts, by module name: c_attn (q, k and v), c_proj (attention's "
+        "and the MLP's output), c_fc, c_up (gated MLPs); unset = every one the model has",
+    )
     batch_size: int = _key(12, "sequences per micro-batch (per GPU)")
     grad_accum_steps: int = _key(1, "micro-batches per optimizer step, across all GPUs")
     max_iters: int = _key(5000, "optimizer steps in the run")
@@ -398,6 +414,32 @@ class TrainConfig(_Section):
         """Steps between checkpoints: checkpoint_interval, or eval_interval when unset."""
         return self.checkpoint_interval or self.eval_interval
 
+    def _check_lora(self) -> None:
+        """The lora_* keys are checked whatever finetune says; finetune = "lora" needs a model
+        to adapt and a layout that keeps the adapters whole."""
+        self._positive("lora_rank", "lora_alpha")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            self._fail("lora_dropout", f"must be in [0, 1), got {self.lora_dropout!r}")
+        targets = self.lora_targets
+        for target in targets or []:
+            if target not in LORA_TARGETS:
+                fused = " (c_attn holds q, k and v together)" if target in QKV_NAMES else ""
+                self._fail("lora_targets", f"{target!r} is not a layer of gpt's blocks{fused}; "
+                           f"choose among {', '.join(LORA_TARGETS)}"
+                           f"{_did_you_mean(target, list(LORA_TARGETS))}")
+        if targets is not None and (not targets or len(set(targets)) != len(targets)):
+            self._fail("lora_targets", "must name each layer once, and at least one; or leave "
+                       "it unset for every layer")
+        if self.finetune != "lora":
+            return
+        if not self.init_from:
+            self._fail("finetune", "\"lora\" adapts a trained model, but init_from is unset; set "
+                       "train.init_from to a run's out_dir or an HF model (hf:...), or "
+                       "finetune = \"full\"")
+        if self.parallel == "fsdp":
+            self._fail("parallel", "\"fsdp\" does not shard LoRA finetunes (their frozen base "
+                       "and small adapters); use parallel = \"ddp\" with finetune = \"lora\"")
+
     def check(self) -> None:
         self._positive("batch_size", "grad_accum_steps", "eval_interval", "eval_iters")
         self._positive("log_interval", "checkpoint_interval", "keep_last", "peak_flops")
@@ -416,6 +458,7 @@ class TrainConfig(_Section):
                 "\"fsdp\" shards each weight matrix, which Muon must see whole; use "
                 "optimizer = \"adamw\" with fsdp, or parallel = \"ddp\" with muon",
             )
+        self._check_lora()
         if not 0.0 < self.cooldown_fraction <= 1.0:
             self._fail("cooldown_fraction", f"must be in (0, 1], got {self.cooldown_fraction!r}")
         for key in ("beta1", "beta2"):

@@ -116,16 +116,20 @@ class Dist:
             trained = DDP(trained, device_ids=ids)
         return trained
 
-    def model_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        """Every weight, whole, on the CPU, in rank 0 (the others get an empty dict; a
-        collective under FSDP, which gathers the shards). A tied head is the embedding itself,
-        so it is left out: a checkpoint stores it once."""
+    def model_state(
+        self, model: nn.Module, keep: Callable[[str], bool] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Every weight (or those whose key `keep` keeps), whole, on the CPU, in rank 0 (the
+        others get an empty dict; a collective under FSDP, which gathers the shards). A tied
+        head is the embedding itself, so it is left out: a checkpoint stores it once."""
         if self.sharded:
-            return full_model_state(model)
+            gathered = full_model_state(model)
+            return {k: v for k, v in gathered.items() if keep is None or keep(k)}
         if not self.main:
             return {}
         plain = unwrap(model)
-        state = {k: v.detach().cpu().contiguous() for k, v in plain.state_dict().items()}
+        state = {k: v.detach().cpu().contiguous() for k, v in plain.state_dict().items()
+                 if keep is None or keep(k)}
         if plain.config.tie_embeddings:
             state.pop("lm_head.weight", None)
         return state

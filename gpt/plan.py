@@ -27,6 +27,7 @@ from gpt.data.prepared import PreparedData
 from gpt.errors import GPTError
 from gpt.hf.pretrained import Pretrained, is_pretrained, model_from_pretrained, open_model
 from gpt.layout import OPTIMIZER
+from gpt.lora import check_same_finetune
 from gpt.parallel import Dist
 from gpt.tokenizer import (
     check_same_tokenizer,
@@ -132,6 +133,7 @@ def resolve_start(cfg: RunConfig, resume: bool, world: Dist) -> Start:
     resumed, damaged = _resume_point(Path(cfg.train.out_dir), resume, world)
     if resumed is not None:
         _check_same_optimizer(resumed, cfg.train)
+        check_same_finetune(resumed.lora, cfg.train, resumed.config.model, str(resumed.path))
     planned = plan_run(cfg, resumed, lambda init_from: _open_base(init_from, world))
     data = _prepared_data(planned, world)
     cfg = dataclasses.replace(

@@ -31,6 +31,7 @@ from gpt.device import memory_errors, resolve_device, resolve_dtype
 from gpt.errors import GPTError, compile_errors
 from gpt.layout import METRICS
 from gpt.lock import FolderLock
+from gpt.lora import LoRA, add_adapters, weights_sha256
 from gpt.metrics import MetricsLog, Throughput, peak_flops, start_wandb
 from gpt.model import GPT
 from gpt.optim import (
@@ -43,7 +44,7 @@ from gpt.optim import (
     step_unless,
 )
 from gpt.parallel import Dist, StopFlag
-from gpt.plan import resolve_start
+from gpt.plan import Start, resolve_start
 
 # ---------------------------------------------------------------------------------------------
 # The run's state and setup
@@ -136,10 +137,11 @@ def setup_run(cfg: RunConfig, resume: bool, world: Dist, dtype: torch.dtype) -> 
     model = GPT(cfg.model)  # the same initial weights on every rank
     model.activation_checkpointing = tcfg.activation_checkpointing
     world.seed(tcfg.seed)
+    lora = None
     if (start := begin.weights) is not None:
-        start.load_into(model)  # whole, before any sharding: one file serves every layout
+        lora = load_start(begin, model)  # whole, before any sharding: one file, every layout
         world.print0(f"resuming from {start.path} (iteration {start.state['iter']})"
-                     if begin.resumed else f"initialised from {start.path} (finetuning)")
+                     if begin.resumed else f"initialised from {start.path} ({_finetune(model)})")
     trained = world.wrap(model, tcfg.compile, dtype)
     optimizer = make_optimizer(model, tcfg, world.device)
     scaler = torch.amp.GradScaler(world.device.type, enabled=dtype == torch.float16)
@@ -155,8 +157,10 @@ def setup_run(cfg: RunConfig, resume: bool, world: Dist, dtype: torch.dtype) -> 
         Path(tcfg.out_dir), world, model, optimizer,
         states=[(None, state), ("samplers", samplers), ("scaler", scaler),
                 (None, RandomStates(world))],
-        fixed={"config": to_dict(cfg), "tokenizer": begin.tokenizer},
+        fixed={"config": to_dict(cfg), "tokenizer": begin.tokenizer,
+               **({"lora": lora} if lora is not None else {})},
         interval=tcfg.save_interval, keep_last=tcfg.keep_last, damaged=begin.damaged,
+        adapters_only=lora is not None,
     )
     if begin.resumed is not None:
         with config_peaks(optimizer):  # a resumed run with new peak rates takes them
@@ -178,6 +182,33 @@ def setup_run(cfg: RunConfig, resume: bool, world: Dist, dtype: torch.dtype) -> 
         resume_iter = state.iteration if begin.resumed else None
         run.metrics = MetricsLog(Path(tcfg.out_dir) / METRICS, resume_iter, wandb_run)
     return run
+
+
+def load_start(begin: Start, model: GPT) -> dict[str, Any] | None:
+    """The start's weights into `model`. A LoRA finetune's are its base's, frozen, with
+    adapters added (fresh, or the resumed run's): it returns the record its checkpoints carry."""
+    tcfg, start = begin.cfg.train, begin.weights
+    assert start is not None
+    if tcfg.finetune != "lora":
+        start.load_into(model)
+        return None
+    lora = LoRA.from_config(tcfg, begin.cfg.model)
+    if begin.resumed is not None:
+        begin.resumed.load_adapted(model, lora, tcfg.seed)
+        return begin.resumed.lora
+    start.load_into(model)
+    record = lora.record(str(start.path), weights_sha256(model))
+    add_adapters(model, lora, tcfg.seed)
+    return record
+
+
+def _finetune(model: GPT) -> str:
+    """How a finetune trains, for its first line: every weight, or LoRA's adapters alone."""
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    if trained == total:
+        return "finetuning"
+    return f"LoRA finetuning: {trained:,} adapter parameters train, {total - trained:,} frozen"
 
 
 # ---------------------------------------------------------------------------------------------
