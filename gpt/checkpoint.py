@@ -436,7 +436,7 @@ class Checkpoint:
         base.load_into(model)
         if weights_sha256(model) != record["base_sha256"]:
             raise GPTError(
-                f"{self.path} holds LoRA adapters of {base.path}, whose weights have changed "
+                f"{self.path} holds LoRA adapters of {record['base']}, whose weights have changed "
                 "since (their sha256 differs); restore the base it was trained on, or finetune "
                 "again from this one"
             )

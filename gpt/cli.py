@@ -532,13 +532,24 @@ def export(
     force: Annotated[
         bool, typer.Option("--force", help="Replace --out even if it holds files.")
     ] = False,
+    peft: Annotated[
+        bool, typer.Option("--peft", help="Write a LoRA finetune's adapters alone, in PEFT's "
+                           "format, instead of the merged model.")
+    ] = False,
 ) -> None:
     """Write a model as an HF transformers folder: config.json, model.safetensors,
-    generation_config.json and the tokenizer (GPT2LMHeadModel or LlamaForCausalLM)."""
+    generation_config.json and the tokenizer (GPT2LMHeadModel or LlamaForCausalLM); a LoRA
+    finetune merged, or with --peft its adapters for PeftModel.from_pretrained."""
     from gpt.hf.export import export as export_model
+    from gpt.hf.export import export_adapter
     from gpt.hf.pretrained import open_model
 
     found = open_model(checkpoint, which)
+    if peft:
+        with _stdout_for_text_only():
+            folder = export_adapter(found, out, force)
+        typer.echo(f"wrote {folder} (load it with peft's PeftModel.from_pretrained on its base)")
+        return
     with _stdout_for_text_only():
         folder = export_model(found, out, force)
     typer.echo(f"wrote {folder} (load it with transformers' AutoModelForCausalLM.from_pretrained)")

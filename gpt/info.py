@@ -7,6 +7,7 @@ import torch
 
 from gpt.config import RunConfig, TrainConfig, fit_vocabulary, to_toml
 from gpt.errors import GPTError
+from gpt.lora import LoRA, add_adapters
 from gpt.model import GPT
 from gpt.plan import Plan
 
@@ -30,27 +31,38 @@ def describe(planned: Plan, sections: tuple[str, ...], nproc: int = 1) -> str:
         f"parameters:        {n_params:,}{note}",
         f"  non-embedding:   {model.num_params(exclude_embeddings=True):,}",
         f"FLOPs per token:   {model.flops_per_token():,} (training, at block_size)",
-        f"memory (float32):  {_memory(model, n_params, cfg.train, 1)}",
     ]
+    if cfg.train.finetune == "lora":
+        lora = LoRA.from_config(cfg.train, model_cfg)
+        adapters = add_adapters(model, lora, cfg.train.seed)  # on the meta device too
+        lines.append(f"LoRA adapters:     {adapters:,} trained (rank {lora.rank} on "
+                     f"{', '.join(lora.targets)}); the {n_params:,} above stay frozen")
+    lines.append(f"memory (float32):  {_memory(model, cfg.train, 1)}")
     if nproc > 1:
         lines.append(f"per process ({nproc} processes, parallel = \"{cfg.train.parallel}\"): "
-                     f"{_memory(model, n_params, cfg.train, nproc)}")
+                     f"{_memory(model, cfg.train, nproc)}")
     lines.append(f"device peak:       {_peak(cfg)}")
     return "\n".join(lines)
 
 
-def _memory(model: GPT, n_params: int, tcfg: TrainConfig, nproc: int) -> str:
+def _memory(model: GPT, tcfg: TrainConfig, nproc: int) -> str:
     """What each of `nproc` processes holds under train.parallel (one: the whole model), the
     optimizer named and sized as [train] optimizer builds it; both memory lines come from here,
-    so they agree."""
+    so they agree. A LoRA finetune's gradients and optimizer state are its adapters' alone."""
     from gpt.optim import optimizer_state
     from gpt.parallel import memory_per_process
 
     name, optimizer_bytes = optimizer_state(model, tcfg)
     largest_block = max(sum(p.numel() for p in b.parameters()) for b in model.transformer.h)
-    memory = memory_per_process(n_params, optimizer_bytes, largest_block, tcfg, nproc)
+    n_params = model.num_params()
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    memory = memory_per_process(n_params, trained, optimizer_bytes, largest_block, tcfg, nproc)
     total = memory["weights"] + memory["gradients"] + memory["optimizer"]
-    line = (f"weights {format_bytes(memory['weights'])} + gradients "
+    weights = format_bytes(memory["weights"])
+    if trained < n_params:
+        weights += (f" (frozen {format_bytes(4 * (n_params - trained))} + adapters "
+                    f"{format_bytes(4 * trained)})")
+    line = (f"weights {weights} + gradients "
             f"{format_bytes(memory['gradients'])} + {name} state "
             f"{format_bytes(memory['optimizer'])} = {format_bytes(total)}")
     if memory["gathered"]:

@@ -111,7 +111,7 @@ class LoRALinear(nn.Module):
     def merged(self) -> nn.Linear:
         """A plain Linear holding W + scale * B A (and the bias)."""
         linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                           device=self.weight.device, dtype=self.weight.dtype)
+                           device=self.weight.device, dtype=self.weight.dtype).train(self.training)
         with torch.no_grad():
             linear.weight.copy_(self.weight + self.delta())
             if self.bias is not None:
@@ -137,7 +137,8 @@ def add_adapters(model: GPT, lora: LoRA, seed: int) -> int:
     generator = torch.Generator().manual_seed(seed)
     trainable = 0
     for parent, name in _target_layers(model, lora.targets):
-        layer = LoRALinear(getattr(parent, name), lora, generator)
+        base = getattr(parent, name)
+        layer = LoRALinear(base, lora, generator).train(base.training)
         setattr(parent, name, layer)
         trainable += layer.lora_A.numel() + layer.lora_B.numel()
     return trainable

@@ -345,9 +345,11 @@ def load_local_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str
 
 
 def memory_per_process(
-    n_params: int, optimizer_bytes: int, largest_block: int, tcfg: TrainConfig, nproc: int
+    n_params: int, n_trained: int, optimizer_bytes: int, largest_block: int, tcfg: TrainConfig,
+    nproc: int,
 ) -> dict[str, float]:
-    """Bytes each of `nproc` processes holds for weights, gradients and optimizer state (all
+    """Bytes each of `nproc` processes holds for weights, gradients (of the `n_trained`
+    parameters that train: all, or a LoRA finetune's adapters) and optimizer state (all
     float32; `optimizer_bytes` for the whole model), before activations.
 
     DDP holds all of it in every process; FSDP 1/N of each, plus `gathered`: two blocks'
@@ -356,7 +358,7 @@ def memory_per_process(
     shards = nproc if tcfg.parallel == "fsdp" else 1
     return {
         "weights": 4 * n_params / shards,
-        "gradients": 4 * n_params / shards,
+        "gradients": 4 * n_trained / shards,
         "optimizer": optimizer_bytes / shards,
         "gathered": 2 * 4 * largest_block if shards > 1 else 0.0,
     }

@@ -403,6 +403,33 @@ def weights_to_hf(config: ModelConfig, state: Mapping[str, Tensor]) -> dict[str,
     return hf_state
 
 
+def adapters_to_peft(
+    config: ModelConfig, adapters: Mapping[str, Tensor]
+) -> tuple[dict[str, Tensor], list[str]]:
+    """LoRA adapters (`...c_attn.lora_A`, gpt/lora.py) -> PEFT's state dict for the HF model
+    of `config`, and the HF module names they target (PEFT's target_modules).
+
+    Each adapted Linear is the HF module(s) its weight exports to (`_hf_keys`). GPT-2's are
+    ours by name (its Conv1D stores W^T, but PEFT keeps A (r, in) and B (out, r) either way).
+    Llama's fused c_attn is three: each of q, k and v takes the shared A and its rows of B, the
+    rows its weight takes (`_to_hf_tensors`; no rows are permuted).
+    """
+    state: dict[str, Tensor] = {}
+    modules: set[str] = set()
+    for key, value in adapters.items():
+        layer, part = key.rsplit(".", 1)  # "transformer.h.0.attn.c_attn", "lora_A"
+        weight = f"{layer}.weight"
+        names = [name.removesuffix(".weight") for name in _hf_keys(config, weight)]
+        if part == "lora_A" or config.pos_embedding == "learned":
+            values = [value] * len(names)
+        else:  # B's rows follow the weight's, as they are split or permuted on export
+            values = _to_hf_tensors(config, weight, value)
+        for name, tensor in zip(names, values, strict=True):
+            state[f"base_model.model.{name}.{part}.weight"] = tensor.contiguous().clone()
+            modules.add(name.rsplit(".", 1)[1])
+    return state, sorted(modules)
+
+
 # ---------------------------------------------------------------------------------------------
 # Live models
 

@@ -3,25 +3,33 @@
 The folder holds config.json, model.safetensors, generation_config.json and the tokenizer's
 files: `AutoModelForCausalLM.from_pretrained(folder)` builds a `GPT2LMHeadModel` (learned
 positions) or a `LlamaForCausalLM` (RoPE) with every weight in place, and
-`AutoTokenizer.from_pretrained(folder)` encodes text to the ids `gpt` gives it. The folder is
-written beside its destination and renamed into place, so a failure leaves nothing half-written
-and `--force` replaces an old folder only once the new one is complete.
+`AutoTokenizer.from_pretrained(folder)` encodes text to the ids `gpt` gives it. A LoRA
+finetune exports merged (its base plus its adapters), or with `--peft` as its adapters alone, in
+PEFT's format. The folder is written beside its destination and renamed into place, so a failure
+leaves nothing half-written and `--force` replaces an old folder only once the new one is
+complete.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import json
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 from safetensors.torch import save_file
 
+from gpt.checkpoint import Checkpoint
 from gpt.config import RunConfig
 from gpt.errors import GPTError
 from gpt.fileio import fsync_dir, new_file_mode, write_failure
+from gpt.hf.pretrained import HF_PREFIX
+from gpt.lora import LoRA, adapter_state
 from gpt.model import GPT
 
 
@@ -53,6 +61,65 @@ def export(source: Exportable, out_dir: Path, force: bool) -> Path:
     check_hf_compatible(model_config)
     check_exportable_tokenizer(source.tokenizer)
     _check_destination(out_dir, force, _source_folder(source))
+    with _new_folder(out_dir) as tmp:
+        special = save_hf_tokenizer(source.tokenizer, tmp, model_max_length=model_config.block_size)
+        if source.tokenizer.get("name") == "char":
+            # the char tokenizer's end of text is the newline: HF generate would stop every line
+            special = {**special, "eos_token_id": None}
+        hf_config = hf_config_from_model(model_config, **special)
+        hf_config.save_pretrained(str(tmp))
+        _generation_config(special).save_pretrained(str(tmp))
+        model = source.load_model("cpu")  # a LoRA finetune's adapters merged in
+        weights = weights_to_hf(model_config, model.state_dict())
+        _save_safetensors(weights, tmp / "model.safetensors")
+    return out_dir
+
+
+def export_adapter(source: Exportable, out_dir: Path, force: bool) -> Path:
+    """Write a LoRA finetune's adapters into `out_dir` as PEFT writes them (adapter_config.json,
+    adapter_model.safetensors): `PeftModel.from_pretrained(base, out_dir)` loads them on its
+    base as HF holds it (the base exported with gpt export, or the HF model it adapts)."""
+    from gpt.hf.convert import adapters_to_peft, check_hf_compatible
+
+    record = source.lora if isinstance(source, Checkpoint) else None
+    if not isinstance(source, Checkpoint) or record is None:
+        raise GPTError(
+            f"{source.path} holds a whole model, not LoRA adapters (a run trained with "
+            "train.finetune = \"lora\"); export it without --peft"
+        )
+    model_config = source.config.model
+    check_hf_compatible(model_config)
+    _check_destination(out_dir, force, _source_folder(source))
+    lora = LoRA.from_record(record)
+    model = GPT(model_config)
+    source.load_adapted(model, lora, seed=0)  # the base too: its hash must still match
+    adapters, modules = adapters_to_peft(model_config, adapter_state(model))
+    learned = model_config.pos_embedding == "learned"
+    base = record["base"].removeprefix(HF_PREFIX)
+    config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base,
+        "r": lora.rank, "lora_alpha": lora.alpha, "lora_dropout": source.config.train.lora_dropout,
+        "target_modules": modules, "fan_in_fan_out": learned,  # GPT-2's Conv1D holds W^T
+        "bias": "none", "inference_mode": True, "init_lora_weights": True,
+        "use_rslora": False, "use_dora": False, "modules_to_save": None,
+    }
+    with _new_folder(out_dir) as tmp:
+        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+        os.chmod(tmp / "adapter_config.json", new_file_mode())
+        _save_safetensors(adapters, tmp / "adapter_model.safetensors")
+    return out_dir
+
+
+def _save_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    os.chmod(path, new_file_mode())  # safetensors leaves it 0o600
+
+
+@contextlib.contextmanager
+def _new_folder(out_dir: Path) -> Iterator[Path]:
+    """A temporary folder beside `out_dir` to write into; once written, every file is flushed
+    and it replaces `out_dir`. A failure removes it and leaves `out_dir` as it was (a write
+    failure as one line)."""
     target = out_dir.resolve()  # "." and "dir/.." have a parent and a name only when resolved
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -62,17 +129,7 @@ def export(source: Exportable, out_dir: Path, force: bool) -> Path:
     except OSError as e:
         raise GPTError(f"--out {out_dir}: cannot write there ({e.strerror or e})") from None
     try:
-        special = save_hf_tokenizer(source.tokenizer, tmp, model_max_length=model_config.block_size)
-        if source.tokenizer.get("name") == "char":
-            # the char tokenizer's end of text is the newline: HF generate would stop every line
-            special = {**special, "eos_token_id": None}
-        hf_config = hf_config_from_model(model_config, **special)
-        hf_config.save_pretrained(str(tmp))
-        _generation_config(special).save_pretrained(str(tmp))
-        model = source.load_model("cpu")
-        weights = weights_to_hf(model_config, model.state_dict())
-        save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        os.chmod(tmp / "model.safetensors", new_file_mode())  # safetensors leaves it 0o600
+        yield tmp
         for path in tmp.iterdir():
             with open(path, "rb") as handle:
                 os.fsync(handle.fileno())
@@ -89,7 +146,6 @@ def export(source: Exportable, out_dir: Path, force: bool) -> Path:
             f"--out {out_dir}: writing failed ({failure.strerror or failure}); {fix}choose "
             "another folder (nothing was replaced)"
         ) from None
-    return out_dir
 
 
 def _source_folder(source: Exportable) -> Path:
