@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from gpt import checkpoint as ckpt
@@ -116,6 +117,27 @@ def test_an_fsdp_run_stopped_and_resumed_is_bitwise_the_uninterrupted_one(
     (saved / shards[0]).unlink()  # all of them: a weights-only checkpoint, for inference
     assert not ckpt.Checkpoint.open(saved).has_optimizer
     assert sample(saved)
+
+
+@pytest.mark.slow
+def test_lora_under_ddp_gives_the_losses_of_one_process_and_resumes_in_one(
+    tiny_run: Path, torchrun: Callable[..., None]
+) -> None:
+    """A LoRA finetune in two DDP processes: one process's loss curve, checkpoints of the
+    adapters alone, and a resume in one process."""
+    one_process("--set", "train.out_dir=base", "--set", "train.max_iters=10")
+    lora = ["--set", "train.init_from=base", "--set", "train.finetune=lora",
+            "--set", "train.learning_rate=3e-2", "--set", "train.lr_decay_iters=12"]
+    common = [*STEPS, *NO_DROPOUT, *lora]
+    one_process(*common, "--set", "train.max_iters=12", "--set", "train.out_dir=one")
+    torchrun(*common, "--set", "train.max_iters=8", "--set", "train.out_dir=two")
+    one_process(*common, "--set", "train.max_iters=12", "--set", "train.out_dir=two")
+    assert_close_losses(losses(tiny_run / "one"), losses(tiny_run / "two"))
+    saved = ckpt.Checkpoint.open(tiny_run / "two")
+    assert saved.lora is not None and saved.lora["base"] == "base/ckpt-0000010"
+    assert all(k.endswith((".lora_A", ".lora_B"))
+               for k in load_file(str(saved.path / layout.WEIGHTS)))
+    assert sample(saved.path)
 
 
 @pytest.mark.slow
