@@ -424,9 +424,9 @@ class TrainConfig(_Section):
         for target in targets or []:
             if target not in LORA_TARGETS:
                 fused = " (c_attn holds q, k and v together)" if target in QKV_NAMES else ""
+                hint = "" if fused else _did_you_mean(target, list(LORA_TARGETS))
                 self._fail("lora_targets", f"{target!r} is not a layer of gpt's blocks{fused}; "
-                           f"choose among {', '.join(LORA_TARGETS)}"
-                           f"{_did_you_mean(target, list(LORA_TARGETS))}")
+                           f"choose among {', '.join(LORA_TARGETS)}{hint}")
         if targets is not None and (not targets or len(set(targets)) != len(targets)):
             self._fail("lora_targets", "must name each layer once, and at least one; or leave "
                        "it unset for every layer")

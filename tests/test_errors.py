@@ -1367,8 +1367,66 @@ OUTPUT_CASES += [
          r"data\.source to another file or folder$", SECRET),
 ]
 
+LORA = ["--set", "train.init_from=out", "--set", "train.finetune=lora"]
+TRAIN_LORA = [*TRAIN, *LORA, "--set", "train.out_dir=lora"]
+
+
+def lora_run(scene: Scene) -> None:
+    """A LoRA finetune of the template's run (out/ckpt-0000020) to iteration 4, in lora/."""
+    settings = [LORA[1], LORA[3], "train.out_dir=lora", "train.max_iters=4"]
+    assert train(load_config("tiny.toml", settings)) == 0
+
+
+def lora_base_changed(scene: Scene) -> None:
+    """The LoRA run, then its base's checkpoint replaced by the run's earlier one."""
+    lora_run(scene)
+    shutil.copytree("out/ckpt-0000010", "out/ckpt-0000020", dirs_exist_ok=True)
+
+
+def lora_base_gone(scene: Scene) -> None:
+    lora_run(scene)
+    shutil.rmtree("out/ckpt-0000020")
+
+
+LORA_CASES = [
+    Case("train-lora-without-init-from", [*TRAIN, "--set", "train.finetune=lora"],
+         r'\[train\] finetune: "lora" adapts a trained model, but init_from is unset; set '
+         r"train\.init_from to a run's out_dir or an HF model \(hf:\.\.\.\), or finetune = "
+         r'"full"$'),
+    Case("train-lora-rank-below-one", [*TRAIN_LORA, "--set", "train.lora_rank=0"],
+         r"\[train\] lora_rank: must be > 0, got 0$"),
+    Case("train-lora-unknown-target", [*TRAIN_LORA, "--set", "train.lora_targets=['q_proj']"],
+         r"\[train\] lora_targets: 'q_proj' is not a layer of gpt's blocks \(c_attn holds q, k "
+         r"and v together\); choose among c_attn, c_proj, c_fc, c_up$"),
+    Case("train-lora-target-the-model-lacks", [*TRAIN_LORA, "--set", "train.lora_targets=['c_up']"],
+         r"\[train\] lora_targets names 'c_up', which this model's blocks lack \(mlp = 'standard' "
+         r"has no c_up\); remove it, or choose among c_attn, c_proj, c_fc$"),
+    Case("train-lora-with-fsdp", [*TRAIN_LORA, "--set", "train.parallel=fsdp"],
+         r'\[train\] parallel: "fsdp" does not shard LoRA finetunes \(their frozen base and '
+         r'small adapters\); use parallel = "ddp" with finetune = "lora"$'),
+    Case("train-lora-resumed-with-another-rank",
+         [*TRAIN_LORA, "--set", "train.max_iters=8", "--set", "train.lora_rank=4"],
+         r"lora/ckpt-0000004 was trained with train\.lora_rank = 8, the config now says 4; set "
+         r"it back, or train into a new train\.out_dir with train\.init_from = "
+         r'"lora/ckpt-0000004"$', lora_run),
+    Case("train-lora-resumed-whose-base-changed", [*TRAIN_LORA, "--set", "train.max_iters=8"],
+         r"lora/ckpt-0000004 holds LoRA adapters of out/ckpt-0000020, whose weights have changed "
+         r"since \(their sha256 differs\); restore the base it was trained on, or finetune again "
+         r"from this one$", lora_base_changed),
+    Case("sample-lora-whose-base-changed", ["sample", "--checkpoint", "lora", "--no-stream"],
+         r"lora/ckpt-0000004 holds LoRA adapters of out/ckpt-0000020, whose weights have "
+         r"changed since", lora_base_changed),
+    Case("sample-lora-whose-base-is-gone", ["sample", "--checkpoint", "lora", "--no-stream"],
+         r"lora/ckpt-0000004 holds LoRA adapters of out/ckpt-0000020, which cannot be opened "
+         r"\(.*\); put the base back where training found it$", lora_base_gone),
+    Case("export-peft-of-a-whole-model", ["export", "--checkpoint", "out", "--out", "adapter",
+                                          "--peft"],
+         r"out/ckpt-0000020 holds a whole model, not LoRA adapters \(a run trained with "
+         r'train\.finetune = "lora"\); export it without --peft$'),
+]
+
 CASES = [*CONFIG, *DATA_CASES, *CHECKPOINTS, *SAMPLING, *CHATTING, *FAULTS, *READS,
-         *SMALLER_CASES, *OUTPUT_CASES, *SERVING]
+         *SMALLER_CASES, *OUTPUT_CASES, *SERVING, *LORA_CASES]
 
 
 @pytest.mark.parametrize(
