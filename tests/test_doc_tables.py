@@ -52,5 +52,9 @@ def test_performance_page_holds_each_benchmark_block(name: str) -> None:
     assert doc_tables.marker_problem(ROOT / "docs" / "performance.md", name) is None
 
 
+def test_finetuning_page_holds_the_lora_benchmark_block() -> None:
+    assert doc_tables.marker_problem(ROOT / "docs" / "finetuning.md", "bench-lora") is None
+
+
 def test_config_page_holds_the_reference_block() -> None:
     assert doc_tables.marker_problem(ROOT / "docs" / "config.md", "config-reference") is None
