@@ -263,6 +263,7 @@ def load_weights(ckpt: Path, model: torch.nn.Module, adapters: bool = False) -> 
             )
     missing, unexpected = model.load_weights(weights)
     missing = [k for k in missing if k in expected]
+    unexpected += [k for k in weights if k not in expected and k not in unexpected]
     if missing or unexpected:
         raise GPTError(
             f"{path} does not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]}); "
