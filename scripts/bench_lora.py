@@ -111,10 +111,10 @@ def main() -> None:
                       flush=True)
     rows = []
     for kind, runs in results.items():
-        median = lambda key: statistics.median(r[key] for r in runs)  # noqa: E731
+        median = {key: statistics.median(r[key] for r in runs) for key in runs[0]}
         rows.append([kind if kind == "full" else f"lora (rank {args.rank}, every layer)",
-                     mib(median("rss")), mib(median("bytes")), f"{median('tok_per_s'):,.0f}",
-                     f"{median('val_loss'):.4f}"])
+                     mib(median["rss"]), mib(median["bytes"]), f"{median['tok_per_s']:,.0f}",
+                     f"{median['val_loss']:.4f}"])
     table = docs.markdown_table(
         ["finetune", "peak RSS", "checkpoint (weights + optimizer)", "tokens/s",
          f"val loss after {args.steps} steps"], rows)
