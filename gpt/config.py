@@ -64,6 +64,9 @@ OptimizerName = Literal["adamw", "muon"]
 Parallel = Literal["ddp", "fsdp"]
 WandbMode = Literal["online", "offline", "disabled"]
 DecodeErrors = Literal["skip", "fail"]
+DataFormat = Literal["text", "chat"]
+BadRows = Literal["fail", "skip"]
+LongConversations = Literal["truncate", "fail"]
 
 
 class _Section:
@@ -269,7 +272,14 @@ class DataConfig(_Section):
     source: str = _key(
         "python-stdlib",
         "text file, folder, glob, .jsonl/.json/.parquet/.csv, a saved dataset folder, "
-        "hf:NAME[:CONFIG], or python-stdlib (the interpreter's own library sources)",
+        "hf:NAME[:CONFIG], or python-stdlib (the interpreter's own library sources); with "
+        "format = chat, python-docstrings (questions on the standard library, its answers)",
+    )
+    format: DataFormat = _key(
+        "text",
+        "text: documents, every token trained on; chat: conversations ({\"messages\": [...]} or "
+        "{\"prompt\", \"completion\"} rows) packed into rows of block_size + 1 tokens, the loss "
+        "on the assistant's tokens only",
     )
     data_dir: str | None = _key(
         None, "where train.bin/val.bin/meta.json go; unset = data/<source>-<tokenizer>"
@@ -293,6 +303,16 @@ class DataConfig(_Section):
     seed: int = _key(1337, "seed of the document-level train/val split")
     num_proc: int | None = _key(None, "tokenizer worker processes; unset = all cores")
     decode_errors: DecodeErrors = _key("skip", "files that are not UTF-8: skip (and count) or fail")
+    bad_rows: BadRows = _key(
+        "fail",
+        "format = chat: a row that is not JSON, has an unknown role, no assistant turn or a "
+        "content that is not text: fail naming its file and line, or skip (and count) it",
+    )
+    long_conversations: LongConversations = _key(
+        "truncate",
+        "format = chat: a conversation longer than block_size + 1 tokens: truncate it (and "
+        "count), or fail naming it",
+    )
 
     def check(self) -> None:
         self._positive("num_proc")
