@@ -449,6 +449,13 @@ def _write_chats(
             stats[split].turns += turns
             write(split, packers[split].add(ids, mask))
             bar.update(1)
+    dropped = sum(st.dropped for st in stats.values())
+    if dropped and not any(st.conversations for st in stats.values()):
+        raise GPTError(
+            f"[data] source: {source.description}: each of its {dropped:,} conversations is "
+            f"longer than a row of model.block_size + 1 = {row_len} tokens, and no assistant "
+            "token is left in the row; raise model.block_size, or shorten the conversations"
+        )
     for split, packer in packers.items():
         write(split, packer.finish())
         stats[split].tokens = stats[split].rows * row_len

@@ -352,7 +352,7 @@ class JsonlSource(Source):
             with _reading(path) as f:
                 for number, line in enumerate(f, 1):
                     if line.strip():
-                        yield f"{path}, line {number}", line
+                        yield f"{path}, line {number}", line.strip()
 
     def count(self) -> int | None:
         count = 0
