@@ -65,8 +65,9 @@ FOLDER_KEYS = ("data_dir", "source", "tokenizer")  # the [data] keys resolved_da
 
 
 def tokens_of_source(config: RunConfig, source: str, tokenizer: Tokenizer) -> np.ndarray:
-    """A text file or any `[data] source`, tokenized with the checkpoint's tokenizer."""
-    data_cfg = dataclasses.replace(config.data, source=source, data_dir=None)
+    """A text file or any `[data] source`, read as text (a chat run's too) and tokenized with
+    the checkpoint's tokenizer."""
+    data_cfg = dataclasses.replace(config.data, source=source, data_dir=None, format="text")
     found = open_source(data_cfg)
     pieces = []
     for text in found.documents():
