@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -81,3 +82,11 @@ def test_a_finetune_adding_the_chat_tokens_grows_the_vocabulary(
     assert saved.state["iter"] == 2 and saved.tokenizer == chat
     assert saved.state["chat_tokens_added"]["ids"] == [vocab, vocab + 1]
     assert saved.config.model.vocab_size == vocab + 2
+    transformers = pytest.importorskip("transformers")
+    from gpt.hf.export import export
+
+    export(saved, Path("exported"), force=False)
+    hf = transformers.AutoTokenizer.from_pretrained("exported")
+    assert hf.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"]) == [vocab, vocab + 1]
+    generation = json.loads(Path("exported/generation_config.json").read_text())
+    assert generation["eos_token_id"][-1] == vocab + 1
