@@ -6,6 +6,7 @@ offline)."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -87,14 +88,14 @@ LLAMA3 = (
     "{% endif %}"
 )
 LLAMA3_TOKENS = {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>"}
-SPECIALS = ["<s>", "</s>", "<|im_start|>", "<|im_end|>", "<|begin_of_text|>",
-            "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+SPECIALS = ("<s>", "</s>", "<|im_start|>", "<|im_end|>", "<|begin_of_text|>",
+            "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
 CONVERSATION = [*MESSAGES, {"role": "assistant", "content": "Fine, <|im_end|> thanks."}]
 
 
 def tokenizer_folder(
     tmp_path: Path, template: str | None, where: str = "config", add_bos: bool = False,
-    tokens: dict[str, str] | None = None,
+    tokens: dict[str, str] | None = None, specials: tuple[str, ...] = SPECIALS,
 ) -> Path:
     """A byte-level BPE trained here, saved as an HF model's tokenizer files by hand: its
     tokenizer.json, and a tokenizer_config.json holding the chat template as a string (`config`),
@@ -103,7 +104,7 @@ def tokenizer_folder(
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=400, special_tokens=SPECIALS, show_progress=False,
+        vocab_size=400, special_tokens=list(specials), show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     text = " ".join(m["content"] for m in CONVERSATION) + " system user assistant INST SYS"
@@ -112,7 +113,7 @@ def tokenizer_folder(
         backend.post_processor = processors.TemplateProcessing(
             single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", backend.token_to_id("<s>"))],
         )
-    folder = tmp_path / f"tok-{where}-{add_bos}-{bool(tokens)}"
+    folder = tmp_path / f"tok-{where}-{add_bos}-{bool(tokens)}-{len(specials)}"
     folder.mkdir()
     backend.save(str(folder / "tokenizer.json"))
     config: dict[str, Any] = {
@@ -370,4 +371,39 @@ def test_hf_template_conversation_ids_and_mask_are_transformers(
 def test_conversation_ids_need_a_chat_layout() -> None:
     with pytest.raises(GPTError, match="has no chat layout to train on") as e:
         conversation_ids(get_tokenizer("gpt2"), MESSAGES)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "char", "bpe", "hf"])
+def test_export_with_chat_tokens_gives_transformers_the_same_ids(kind: str, tmp_path: Path) -> None:
+    """The exported folder holds the chat tokens as special added tokens at our ids and the
+    built-in layout as tokenizer_config.json's chat_template: HF's apply_chat_template gives
+    our ids, with and without the generation prompt."""
+    text = PLAIN + "".join(m["content"] for m in CONVERSATION) + " system user assistant"
+    base: Any = {"gpt2": lambda: get_tokenizer("gpt2"), "char": lambda: CharTokenizer(text),
+                 "bpe": lambda: BPETokenizer.learn([text] * 3, 300),
+                 "hf": lambda: imported(tokenizer_folder(tmp_path, None, specials=("<s>", "</s>")))
+                 }[kind]()
+    chat = with_chat_tokens(base)
+    assert isinstance(chat, ChatTokenizer)
+    folder = tmp_path / "export"
+    save_hf_tokenizer(chat.to_dict(), folder, model_max_length=64)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    assert config["chat_template"] == chat.chat_template
+    added = {t["content"]: t for t in json.loads((folder / "tokenizer.json").read_text())
+             ["added_tokens"]}
+    for token, token_id in zip(["<|im_start|>", "<|im_end|>"], chat.chat_ids, strict=True):
+        assert added[token]["id"] == token_id and added[token]["special"]
+    hf = transformers.AutoTokenizer.from_pretrained(str(folder))
+    conversation = [*MESSAGES, {"role": "assistant", "content": "Fine, thanks."}]
+    whole = hf.apply_chat_template(conversation, tokenize=True, add_generation_prompt=False,
+                                   return_dict=False)
+    assert list(whole) == conversation_ids(chat, conversation)[0]
+    assert hf_ids(folder, MESSAGES) == chat_prompt(chat, MESSAGES)
+
+
+def test_hf_tokenizer_holding_the_chat_tokens_without_a_template_is_refused(tmp_path: Path) -> None:
+    message = re.escape("has <|im_start|> in its vocabulary but no chat template")
+    with pytest.raises(GPTError, match=message) as e:
+        with_chat_tokens(imported(tokenizer_folder(tmp_path, None)))
     assert "\n" not in str(e.value)
