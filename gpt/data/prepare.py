@@ -579,8 +579,8 @@ def _tokenize(
         tokenizer = CharTokenizer.from_texts(
             chat_texts(source, cfg) if chat else source.documents())
     elif cfg.tokenizer == BPETokenizer.name:
-        if block_size and not chat:  # learning takes long; a text whose splits cannot be long
-            bound = _token_bound(source, cfg, block_size + 1)  # enough, none
+        if block_size and not chat:  # learning takes long: none for a text whose splits
+            bound = _token_bound(source, cfg, block_size + 1)  # cannot be long enough
             _check_split_sizes(bound, block_size, data_dir, at_most=True)
         if progress:
             print(f"learning a {cfg.bpe_vocab_size}-id BPE from the train split of "
