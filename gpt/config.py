@@ -241,6 +241,19 @@ class ModelConfig(_Section):
         return 64 * math.ceil(8 * self.n_embd / 3 / 64)
 
 
+def grow_vocabulary(model: ModelConfig, tokenizer_vocab: int) -> ModelConfig:
+    """`model` with room for a tokenizer that a finetune grew to `tokenizer_vocab` ids (the
+    base's and the chat tokens): a vocab_size set smaller is raised to it, and a
+    padded_vocab_size that no longer holds it is derived again; fit_vocabulary does the rest."""
+    if model.vocab_size is None or model.vocab_size >= tokenizer_vocab:
+        return model
+    padded = model.padded_vocab_size
+    return dataclasses.replace(
+        model, vocab_size=tokenizer_vocab,
+        padded_vocab_size=padded if padded is not None and padded >= tokenizer_vocab else None,
+    )
+
+
 def fit_vocabulary(
     model: ModelConfig, tokenizer_vocab: int, pretrained: str | None = None
 ) -> ModelConfig:

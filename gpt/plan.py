@@ -3,6 +3,10 @@ a run's checkpoint or an HF model), its config as it trains (an HF base's shape 
 the vocabulary fitted), the tokenizer its data is tokenized with, and every check that these
 fit (tokenizer, model shape, optimizer). gpt prepare and gpt info start from `plan_run`; gpt
 train from `resolve_start`, built on it.
+
+A finetune whose data adds the chat tokens to the base's tokenizer (`with_chat_tokens`) grows
+the model's vocabulary by them: their rows of the embedding and head begin as the mean of the
+base's token rows, and the run's checkpoints record it (`CHAT_TOKENS_ADDED`).
 """
 
 from __future__ import annotations
@@ -21,14 +25,18 @@ from gpt.config import (
     RunConfig,
     TrainConfig,
     fit_vocabulary,
+    grow_vocabulary,
 )
 from gpt.data.prepare import prepare
 from gpt.data.prepared import PreparedData
 from gpt.errors import GPTError
 from gpt.hf.pretrained import Pretrained, is_pretrained, model_from_pretrained, open_model
 from gpt.layout import OPTIMIZER
+from gpt.model import GPT
 from gpt.parallel import Dist
 from gpt.tokenizer import (
+    CHAT_TOKENS,
+    adds_chat_tokens,
     check_same_tokenizer,
     check_tokenizer_setting,
     get_tokenizer,
@@ -38,6 +46,8 @@ from gpt.tokenizer import (
 )
 
 Model = Checkpoint | Pretrained
+CHAT_TOKENS_ADDED = "chat_tokens_added"  # state.json's record of a finetune that added them
+VOCABULARY_KEYS = ("vocab_size", "padded_vocab_size")  # what adding the chat tokens grows
 
 
 @dataclass(frozen=True)
@@ -121,9 +131,58 @@ class Start(Plan):
     def tokenizer(self) -> dict[str, Any]:
         """The tokenizer record the run keeps: its start model's when it has one (the data's
         gives the same ids, maybe with an older chat template: same_tokenizer), else the
-        data's."""
+        data's, which is also the one kept when it adds the chat tokens to the base's."""
         start = self.weights
-        return start.tokenizer if start is not None else self.data.tokenizer
+        if start is None or self.adds_chat_tokens:
+            return self.data.tokenizer
+        return start.tokenizer
+
+    @property
+    def adds_chat_tokens(self) -> bool:
+        """Whether this finetune adds the chat tokens to its base model."""
+        return _adds_chat_tokens(self, self.data)
+
+    @property
+    def chat_tokens_record(self) -> dict[str, Any]:
+        """The state.json entry of a run whose finetune added the chat tokens (its checkpoints
+        all carry it, those of a resumed run too), else nothing."""
+        if self.resumed is not None:
+            found = self.resumed.state.get(CHAT_TOKENS_ADDED)
+            return {} if found is None else {CHAT_TOKENS_ADDED: found}
+        if self.base is None or not self.adds_chat_tokens:
+            return {}
+        first = tokenizer_from_dict(self.base.tokenizer).vocab_size
+        return {CHAT_TOKENS_ADDED: {
+            "tokens": list(CHAT_TOKENS), "ids": [first, first + 1], "base": str(self.base.path),
+            "rows": "the mean of the base's token rows",
+        }}
+
+    def load_into(self, model: GPT) -> None:
+        """Copy the start's weights into `model`. Where this finetune adds the chat tokens,
+        `model` has their rows beyond the base's (and maybe more padding rows): they begin as
+        the mean of the base's token rows, so the new tokens start as an average token rather
+        than at random; the padding rows keep `model`'s own initialisation."""
+        start = self.weights
+        if start is None:
+            return
+        if not self.adds_chat_tokens:
+            start.load_into(model)
+            return
+        saved = start.config.model
+        base = GPT(dataclasses.replace(
+            model.config, **{key: getattr(saved, key) for key in VOCABULARY_KEYS}
+        ))
+        start.load_into(base)
+        tokens = tokenizer_from_dict(start.tokenizer).vocab_size
+        state = base.state_dict()
+        own = model.state_dict()
+        for key in ("transformer.wte.weight", "lm_head.weight"):  # (vocab, C) both
+            rows = state[key]
+            grown = own[key].detach().clone()
+            grown[: len(rows)] = rows
+            grown[tokens: tokens + len(CHAT_TOKENS)] = rows[:tokens].mean(dim=0)
+            state[key] = grown
+        model.load_weights(state)
 
 
 def resolve_start(cfg: RunConfig, resume: bool, world: Dist) -> Start:
@@ -134,12 +193,20 @@ def resolve_start(cfg: RunConfig, resume: bool, world: Dist) -> Start:
         _check_same_optimizer(resumed, cfg.train)
     planned = plan_run(cfg, resumed, lambda init_from: _open_base(init_from, world))
     data = _prepared_data(planned, world)
-    cfg = dataclasses.replace(
-        planned.cfg, model=fit_vocabulary(planned.cfg.model, data.vocab_size)
-    )
+    model = planned.cfg.model
+    if _adds_chat_tokens(planned, data):
+        model = grow_vocabulary(model, data.vocab_size)
+    cfg = dataclasses.replace(planned.cfg, model=fit_vocabulary(model, data.vocab_size))
     if planned.weights is not None:
-        _check_compatible(planned.weights, cfg, data)
+        _check_compatible(planned.weights, cfg, data, _adds_chat_tokens(planned, data))
     return Start(cfg, resumed, planned.base, data, damaged)
+
+
+def _adds_chat_tokens(planned: Plan, data: PreparedData) -> bool:
+    """Whether the run finetunes a base model with data whose tokenizer is the base's plus
+    the chat tokens (a resumed run has them in its checkpoint already)."""
+    return (planned.resumed is None and planned.base is not None
+            and adds_chat_tokens(data.tokenizer, planned.base.tokenizer))
 
 
 def _resume_point(
@@ -219,10 +286,12 @@ def _prepared_data(planned: Plan, world: Dist) -> PreparedData:
     return PreparedData(planned.cfg.data.resolved_data_dir)
 
 
-def _check_compatible(start: Model, cfg: RunConfig, data: PreparedData) -> None:
+def _check_compatible(
+    start: Model, cfg: RunConfig, data: PreparedData, chat_tokens_added: bool
+) -> None:
     """A checkpoint continues only with data of its tokenizer and with its model shape (an HF
     model's shape is the run's already, but for a shorter block_size: see
-    model_from_pretrained).
+    model_from_pretrained); a finetune that adds the chat tokens grows the vocabulary.
 
     The tokenizer goes first: another vocabulary changes vocab_size too, which would be named
     instead of the cause."""
@@ -230,11 +299,16 @@ def _check_compatible(start: Model, cfg: RunConfig, data: PreparedData) -> None:
         data.tokenizer, start.tokenizer, f"{data.data_dir} holds data of", str(start.path),
         "rebuild it from the text the run was trained on (gpt prepare --force), or use another "
         "train.out_dir", models=f"the one {start.path} was trained with",
+        chat_tokens_added=chat_tokens_added,
     )
     saved = start.config.model
     for f in dataclasses.fields(saved):
         if isinstance(start, Pretrained) and f.name == "block_size":
             continue
+        if chat_tokens_added and f.name in VOCABULARY_KEYS and (
+            getattr(cfg.model, f.name) >= getattr(saved, f.name)
+        ):
+            continue  # grown by grow_vocabulary
         old, new = getattr(saved, f.name), getattr(cfg.model, f.name)
         if f.name not in RUNTIME_MODEL_KEYS and old != new:
             raise GPTError(

@@ -43,7 +43,7 @@ from gpt.optim import (
     step_unless,
 )
 from gpt.parallel import Dist, StopFlag
-from gpt.plan import resolve_start
+from gpt.plan import CHAT_TOKENS_ADDED, resolve_start
 
 # ---------------------------------------------------------------------------------------------
 # The run's state and setup
@@ -137,9 +137,14 @@ def setup_run(cfg: RunConfig, resume: bool, world: Dist, dtype: torch.dtype) -> 
     model.activation_checkpointing = tcfg.activation_checkpointing
     world.seed(tcfg.seed)
     if (start := begin.weights) is not None:
-        start.load_into(model)  # whole, before any sharding: one file serves every layout
+        begin.load_into(model)  # whole, before any sharding: one file serves every layout
         world.print0(f"resuming from {start.path} (iteration {start.state['iter']})"
                      if begin.resumed else f"initialised from {start.path} (finetuning)")
+        if begin.adds_chat_tokens:
+            added = begin.chat_tokens_record[CHAT_TOKENS_ADDED]
+            world.print0(f"added the chat tokens {' and '.join(added['tokens'])} as ids "
+                         f"{added['ids'][0]} and {added['ids'][1]}: their rows begin as "
+                         f"{added['rows']}")
     trained = world.wrap(model, tcfg.compile, dtype)
     optimizer = make_optimizer(model, tcfg, world.device)
     scaler = torch.amp.GradScaler(world.device.type, enabled=dtype == torch.float16)
@@ -155,7 +160,7 @@ def setup_run(cfg: RunConfig, resume: bool, world: Dist, dtype: torch.dtype) -> 
         Path(tcfg.out_dir), world, model, optimizer,
         states=[(None, state), ("samplers", samplers), ("scaler", scaler),
                 (None, RandomStates(world))],
-        fixed={"config": to_dict(cfg), "tokenizer": begin.tokenizer},
+        fixed={"config": to_dict(cfg), "tokenizer": begin.tokenizer, **begin.chat_tokens_record},
         interval=tcfg.save_interval, keep_last=tcfg.keep_last, damaged=begin.damaged,
     )
     if begin.resumed is not None:
