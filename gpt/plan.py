@@ -43,6 +43,7 @@ from gpt.tokenizer import (
     tokenizer_from_dict,
     tokenizer_kind,
     tokenizer_setting,
+    with_chat_tokens,
 )
 
 Model = Checkpoint | Pretrained
@@ -79,12 +80,13 @@ class Plan:
     def tokenizer_vocab(self) -> int:
         """The ids of the tokenizer the run trains with, as its prepared data will count them:
         the finetuned model's, a named tokenizer's, or the prepared data's (char and bpe are
-        built from the text)."""
+        built from the text); chat data's adds the chat tokens."""
         record, data = self.data_tokenizer, self.cfg.data
+        chat = with_chat_tokens if data.format == "chat" else (lambda tokenizer: tokenizer)
         if record is not None:
-            return tokenizer_from_dict(record).vocab_size
+            return chat(tokenizer_from_dict(record)).vocab_size
         if data.tokenizer not in ("char", "bpe"):
-            return get_tokenizer(data.tokenizer).vocab_size
+            return chat(get_tokenizer(data.tokenizer)).vocab_size
         try:
             return PreparedData(data.resolved_data_dir).vocab_size
         except GPTError:

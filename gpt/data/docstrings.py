@@ -101,7 +101,8 @@ def _documented(tree: ast.Module, module: str) -> Iterator[tuple[str, str, str]]
 
 
 def _is_public_function(node: ast.AST) -> bool:
-    return isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and not node.name.startswith("_")
+    functions = (ast.FunctionDef, ast.AsyncFunctionDef)
+    return isinstance(node, functions) and not node.name.startswith("_")
 
 
 def _question(kind: str, name: str) -> str:
