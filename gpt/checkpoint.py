@@ -35,6 +35,7 @@ are gpt/layout.py's.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import json
 import os
@@ -71,7 +72,7 @@ from gpt.layout import (
 from gpt.lora import LoRA, add_adapters, is_adapter_key, merge_adapters, weights_sha256
 from gpt.model import GPT
 from gpt.parallel import Dist, unwrap
-from gpt.tokenizer import tokenizer_from_dict
+from gpt.tokenizer import CHAT_TOKENS, tokenizer_from_dict
 
 if TYPE_CHECKING:
     from gpt.hf.pretrained import Pretrained
@@ -271,6 +272,31 @@ def load_weights(ckpt: Path, model: torch.nn.Module, adapters: bool = False) -> 
         )
 
 
+VOCABULARY_KEYS = ("vocab_size", "padded_vocab_size")  # what adding the chat tokens grows
+
+
+def load_with_chat_tokens(start: Checkpoint | Pretrained, model: GPT) -> None:
+    """Copy `start`'s weights into `model`, whose vocabulary is the start's plus the chat
+    tokens (a finetune that adds them): their rows begin as the mean of the start's token rows,
+    so the new tokens start as an average token rather than at random; the padding rows keep
+    `model`'s own initialisation."""
+    saved = start.config.model
+    base = GPT(dataclasses.replace(
+        model.config, **{key: getattr(saved, key) for key in VOCABULARY_KEYS}
+    ))
+    start.load_into(base)
+    tokens = tokenizer_from_dict(start.tokenizer).vocab_size
+    state = base.state_dict()
+    own = model.state_dict()
+    for key in ("transformer.wte.weight", "lm_head.weight"):  # (vocab, C) both
+        rows = state[key]
+        grown = own[key].detach().clone()
+        grown[: len(rows)] = rows
+        grown[tokens: tokens + len(CHAT_TOKENS)] = rows[:tokens].mean(dim=0)
+        state[key] = grown
+    model.load_weights(state)
+
+
 def _another_checkpoint(damaged: Path) -> str:
     """The way out of a checkpoint that cannot be used: the run's newest other one that reads
     (the words of an error message)."""
@@ -434,7 +460,10 @@ class Checkpoint:
         record = self.lora
         assert record is not None
         base = self.base()
-        base.load_into(model)
+        if all(getattr(base.config.model, k) == getattr(model.config, k) for k in VOCABULARY_KEYS):
+            base.load_into(model)
+        else:  # a finetune that added the chat tokens: their rows as it began them
+            load_with_chat_tokens(base, model)
         if weights_sha256(model) != record["base_sha256"]:
             raise GPTError(
                 f"{self.path} holds LoRA adapters of {record['base']}, whose weights have changed "

@@ -25,6 +25,7 @@ import typer.core
 from gpt import __version__
 from gpt.config import (
     SECTIONS,
+    DataConfig,
     RunConfig,
     SampleConfig,
     ServeConfig,
@@ -223,11 +224,17 @@ def prepare(
     force: Annotated[
         bool, typer.Option("--force", help="Rebuild even if already prepared.")
     ] = False,
+    bad_rows: BadRowsOption = None,
+    long_conversations: LongConversationsOption = None,
 ) -> None:
-    """Tokenize [data] source into train.bin, val.bin and meta.json in [data] data_dir."""
+    """Tokenize [data] source into train.bin, val.bin and meta.json in [data] data_dir (chat
+    data: conversations packed into rows, with train.mask and val.mask)."""
     from gpt.plan import plan_run
 
-    plan_run(load_config(config, set_)).prepare_data(force=force)
+    cfg = load_config(config, set_)
+    flags = _given(bad_rows=bad_rows, long_conversations=long_conversations)
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, **flags))
+    plan_run(cfg).prepare_data(force=force)
 
 
 @command()
@@ -306,6 +313,8 @@ NumSamplesOption = _mirror(SampleConfig, "num_samples")
 SeedOption = _mirror(SampleConfig, "seed")
 StopOption = _mirror(SampleConfig, "stop")
 IgnoreEosOption = _mirror(SampleConfig, "ignore_eos")
+BadRowsOption = _mirror(DataConfig, "bad_rows")
+LongConversationsOption = _mirror(DataConfig, "long_conversations")
 HostOption = _mirror(ServeConfig, "host")
 PortOption = _mirror(ServeConfig, "port")
 
@@ -509,10 +518,10 @@ def eval_(
     _, found, cfg = _checkpoint_config(checkpoint, config, set_, which, "data", "gpt eval")
     model, tokenizer = load_for_inference(found, device, "float32", False)
     if data is not None:
-        tokens = tokens_of_source(cfg, data, tokenizer)
+        tokens, mask = tokens_of_source(cfg, data, tokenizer), None
     else:
-        tokens = tokens_of_split(cfg, split, found)
-    result = evaluate(model, tokens, tokenizer, progress=not as_json)
+        tokens, mask = tokens_of_split(cfg, split, found)
+    result = evaluate(model, tokens, tokenizer, progress=not as_json, mask=mask)
     if as_json:
         typer.echo(json.dumps(result))
     else:

@@ -67,6 +67,9 @@ LORA_TARGETS = ("c_attn", "c_proj", "c_fc", "c_up")  # the blocks' Linear layers
 QKV_NAMES = ("q_proj", "k_proj", "v_proj", "query", "key", "value", "q", "k", "v")
 WandbMode = Literal["online", "offline", "disabled"]
 DecodeErrors = Literal["skip", "fail"]
+DataFormat = Literal["text", "chat"]
+BadRows = Literal["fail", "skip"]
+LongConversations = Literal["truncate", "fail"]
 
 
 class _Section:
@@ -244,6 +247,19 @@ class ModelConfig(_Section):
         return 64 * math.ceil(8 * self.n_embd / 3 / 64)
 
 
+def grow_vocabulary(model: ModelConfig, tokenizer_vocab: int) -> ModelConfig:
+    """`model` with room for a tokenizer that a finetune grew to `tokenizer_vocab` ids (the
+    base's and the chat tokens): a vocab_size set smaller is raised to it, and a
+    padded_vocab_size that no longer holds it is derived again; fit_vocabulary does the rest."""
+    if model.vocab_size is None or model.vocab_size >= tokenizer_vocab:
+        return model
+    padded = model.padded_vocab_size
+    return dataclasses.replace(
+        model, vocab_size=tokenizer_vocab,
+        padded_vocab_size=padded if padded is not None and padded >= tokenizer_vocab else None,
+    )
+
+
 def fit_vocabulary(
     model: ModelConfig, tokenizer_vocab: int, pretrained: str | None = None
 ) -> ModelConfig:
@@ -272,7 +288,14 @@ class DataConfig(_Section):
     source: str = _key(
         "python-stdlib",
         "text file, folder, glob, .jsonl/.json/.parquet/.csv, a saved dataset folder, "
-        "hf:NAME[:CONFIG], or python-stdlib (the interpreter's own library sources)",
+        "hf:NAME[:CONFIG], or python-stdlib (the interpreter's own library sources); with "
+        "format = chat, python-docstrings (questions on the standard library, its answers)",
+    )
+    format: DataFormat = _key(
+        "text",
+        "text: documents, every token trained on; chat: conversations ({\"messages\": [...]} or "
+        "{\"prompt\", \"completion\"} rows) packed into rows of block_size + 1 tokens, the loss "
+        "on the assistant's tokens only",
     )
     data_dir: str | None = _key(
         None, "where train.bin/val.bin/meta.json go; unset = data/<source>-<tokenizer>"
@@ -296,6 +319,16 @@ class DataConfig(_Section):
     seed: int = _key(1337, "seed of the document-level train/val split")
     num_proc: int | None = _key(None, "tokenizer worker processes; unset = all cores")
     decode_errors: DecodeErrors = _key("skip", "files that are not UTF-8: skip (and count) or fail")
+    bad_rows: BadRows = _key(
+        "fail",
+        "format = chat: a row that is not JSON, has an unknown role, no assistant turn or a "
+        "content that is not text: fail naming its file and line, or skip (and count) it",
+    )
+    long_conversations: LongConversations = _key(
+        "truncate",
+        "format = chat: a conversation longer than block_size + 1 tokens: truncate it (and "
+        "count), or fail naming it",
+    )
 
     def check(self) -> None:
         self._positive("num_proc")

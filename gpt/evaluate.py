@@ -2,7 +2,8 @@
 
 Deterministic: consecutive, non-overlapping windows of block_size targets (the last one shorter)
 cover every token but the first once (each window's first token is predicted from the previous
-window's last), unlike the random batches training evaluates on.
+window's last), unlike the random batches training evaluates on. Chat data is evaluated row by
+row, on the tokens its mask trains on (the assistant's), as training counts them.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from tqdm import tqdm
 
 from gpt.checkpoint import Checkpoint
 from gpt.config import RunConfig
-from gpt.data.prepared import PreparedData, has_prepared_data
+from gpt.data.prepared import PreparedData, check_chat_rows, has_prepared_data
 from gpt.data.sources import open_source
 from gpt.errors import GPTError
 from gpt.hf.pretrained import Pretrained
@@ -28,9 +29,10 @@ from gpt.tokenizer import Tokenizer
 
 def tokens_of_split(
     config: RunConfig, split: str, found: Checkpoint | Pretrained
-) -> np.ndarray:
-    """The prepared split the checkpoint was trained on. An HF model has none of its own: data
-    prepared with its tokenizer (through a finetune's config), or a text with --data."""
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """The prepared split the checkpoint was trained on, and for chat data its mask. An HF
+    model has none of its own: data prepared with its tokenizer (through a finetune's config),
+    or a text with --data."""
     folder = data_folder(config, found)
     if isinstance(found, Pretrained) and not has_prepared_data(folder):
         raise GPTError(
@@ -41,7 +43,9 @@ def tokens_of_split(
         )
     data = PreparedData(folder)
     data.check_tokenizer(found.tokenizer)
-    return data.tokens(split)
+    if data.format == "chat":
+        check_chat_rows(data, found.config.model.block_size)
+    return data.tokens(split), data.mask(split)
 
 
 def data_folder(config: RunConfig, found: Checkpoint | Pretrained) -> Path:
@@ -61,8 +65,9 @@ FOLDER_KEYS = ("data_dir", "source", "tokenizer")  # the [data] keys resolved_da
 
 
 def tokens_of_source(config: RunConfig, source: str, tokenizer: Tokenizer) -> np.ndarray:
-    """A text file or any `[data] source`, tokenized with the checkpoint's tokenizer."""
-    data_cfg = dataclasses.replace(config.data, source=source, data_dir=None)
+    """A text file or any `[data] source`, read as text (a chat run's too) and tokenized with
+    the checkpoint's tokenizer."""
+    data_cfg = dataclasses.replace(config.data, source=source, data_dir=None, format="text")
     found = open_source(data_cfg)
     pieces = []
     for text in found.documents():
@@ -79,36 +84,38 @@ LOGITS_BYTES = 2**28  # float32 logits held at once: batches shrink for large vo
 
 @torch.inference_mode()
 def evaluate(
-    model: GPT, tokens: np.ndarray, tokenizer: Tokenizer, batch_size: int = 8, progress: bool = True
+    model: GPT, tokens: np.ndarray, tokenizer: Tokenizer, batch_size: int = 8,
+    progress: bool = True, mask: np.ndarray | None = None,
 ) -> dict[str, float]:
-    """Mean loss, perplexity and bits per byte over all of `tokens`.
+    """Mean loss, perplexity and bits per byte over all of `tokens`; with a chat split's `mask`,
+    over its rows' trained targets only (tokens and bytes counted of those).
 
     Up to `batch_size` windows run together, fewer when their logits would pass LOGITS_BYTES
     (one window of GPT-2's 50k vocabulary at block 1024 is 206 MB).
     """
     T = model.config.block_size
-    n_targets = len(tokens) - 1
-    if n_targets < 1:
-        raise GPTError(f"{len(tokens)} token(s) are too few to evaluate; give at least 2")
-    starts = range(0, n_targets, T)
-    full = [s for s in starts if s + T <= n_targets]
     per_batch = max(1, min(batch_size, LOGITS_BYTES // (T * model.config.padded_vocab_size * 4)))
-    batches = [full[i : i + per_batch] for i in range(0, len(full), per_batch)]
-    if starts[-1] + T > n_targets:
-        batches.append([starts[-1]])  # the shorter last window, alone
+    batches = _window_batches(len(tokens), T, per_batch, rows=mask is not None)
     device = next(model.parameters()).device
     total_nll, total_tokens, total_bytes = 0.0, 0, 0
     for rows in tqdm(batches, disable=not progress, unit="batch"):
         windows = np.stack([tokens[s : s + T + 1] for s in rows]).astype(np.int64)
-        batch = torch.from_numpy(windows).to(device)  # (B, T + 1), or (1, shorter) for the last
+        targets = windows[:, 1:].copy()  # (B, T), or (1, shorter) for the last
+        if mask is not None:
+            targets[np.stack([mask[s + 1 : s + T + 1] for s in rows]) == 0] = -1
+        batch = torch.from_numpy(windows).to(device)  # (B, T + 1)
         logits, _ = model(batch[:, :-1])
         nll = torch.nn.functional.cross_entropy(
-            logits.float().reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1), reduction="sum"
+            logits.float().reshape(-1, logits.size(-1)),
+            torch.from_numpy(targets).to(device).reshape(-1), ignore_index=-1, reduction="sum",
         )
         total_nll += nll.item()
-        total_tokens += batch[:, 1:].numel()
-        for row in windows:
-            total_bytes += len(tokenizer.decode(row[1:].tolist()).encode("utf-8"))
+        total_tokens += int((targets != -1).sum())
+        for row in targets:
+            total_bytes += len(tokenizer.decode(row[row != -1].tolist()).encode("utf-8"))
+    if total_tokens == 0:
+        raise GPTError("the split's mask trains on no token, so there is nothing to evaluate; "
+                       "prepare it again (gpt prepare --force)")
     loss = total_nll / total_tokens
     return {
         "loss": loss,
@@ -117,3 +124,21 @@ def evaluate(
         "tokens": total_tokens,
         "bytes": total_bytes,
     }
+
+
+def _window_batches(n_tokens: int, T: int, per_batch: int, rows: bool) -> list[list[int]]:
+    """The start of each window of T + 1 tokens, in batches of `per_batch`: chat data's rows
+    one after another (`rows`); else windows overlapping by one token, the last one shorter
+    and alone."""
+    if rows:
+        starts = list(range(0, n_tokens, T + 1))
+        return [starts[i : i + per_batch] for i in range(0, len(starts), per_batch)]
+    n_targets = n_tokens - 1
+    if n_targets < 1:
+        raise GPTError(f"{n_tokens} token(s) are too few to evaluate; give at least 2")
+    starts = range(0, n_targets, T)
+    full = [s for s in starts if s + T <= n_targets]
+    batches = [full[i : i + per_batch] for i in range(0, len(full), per_batch)]
+    if starts[-1] + T > n_targets:
+        batches.append([starts[-1]])  # the shorter last window, alone
+    return batches

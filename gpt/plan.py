@@ -3,6 +3,10 @@ a run's checkpoint or an HF model), its config as it trains (an HF base's shape 
 the vocabulary fitted), the tokenizer its data is tokenized with, and every check that these
 fit (tokenizer, model shape, optimizer). gpt prepare and gpt info start from `plan_run`; gpt
 train from `resolve_start`, built on it.
+
+A finetune whose data adds the chat tokens to the base's tokenizer (`with_chat_tokens`) grows
+the model's vocabulary by them: their rows of the embedding and head begin as the mean of the
+base's token rows, and the run's checkpoints record it (`CHAT_TOKENS_ADDED`).
 """
 
 from __future__ import annotations
@@ -14,13 +18,14 @@ from pathlib import Path
 from typing import Any
 
 from gpt import checkpoint as ckpt
-from gpt.checkpoint import Checkpoint
+from gpt.checkpoint import VOCABULARY_KEYS, Checkpoint, load_with_chat_tokens
 from gpt.config import (
     RUNTIME_MODEL_KEYS,
     DataConfig,
     RunConfig,
     TrainConfig,
     fit_vocabulary,
+    grow_vocabulary,
 )
 from gpt.data.prepare import prepare
 from gpt.data.prepared import PreparedData
@@ -28,17 +33,22 @@ from gpt.errors import GPTError
 from gpt.hf.pretrained import Pretrained, is_pretrained, model_from_pretrained, open_model
 from gpt.layout import OPTIMIZER
 from gpt.lora import check_same_finetune
+from gpt.model import GPT
 from gpt.parallel import Dist
 from gpt.tokenizer import (
+    CHAT_TOKENS,
+    adds_chat_tokens,
     check_same_tokenizer,
     check_tokenizer_setting,
     get_tokenizer,
     tokenizer_from_dict,
     tokenizer_kind,
     tokenizer_setting,
+    with_chat_tokens,
 )
 
 Model = Checkpoint | Pretrained
+CHAT_TOKENS_ADDED = "chat_tokens_added"  # state.json's record of a finetune that added them
 
 
 @dataclass(frozen=True)
@@ -70,12 +80,13 @@ class Plan:
     def tokenizer_vocab(self) -> int:
         """The ids of the tokenizer the run trains with, as its prepared data will count them:
         the finetuned model's, a named tokenizer's, or the prepared data's (char and bpe are
-        built from the text)."""
+        built from the text); chat data's adds the chat tokens."""
         record, data = self.data_tokenizer, self.cfg.data
+        chat = with_chat_tokens if data.format == "chat" else (lambda tokenizer: tokenizer)
         if record is not None:
-            return tokenizer_from_dict(record).vocab_size
+            return chat(tokenizer_from_dict(record)).vocab_size
         if data.tokenizer not in ("char", "bpe"):
-            return get_tokenizer(data.tokenizer).vocab_size
+            return chat(get_tokenizer(data.tokenizer)).vocab_size
         try:
             return PreparedData(data.resolved_data_dir).vocab_size
         except GPTError:
@@ -122,9 +133,43 @@ class Start(Plan):
     def tokenizer(self) -> dict[str, Any]:
         """The tokenizer record the run keeps: its start model's when it has one (the data's
         gives the same ids, maybe with an older chat template: same_tokenizer), else the
-        data's."""
+        data's, which is also the one kept when it adds the chat tokens to the base's."""
         start = self.weights
-        return start.tokenizer if start is not None else self.data.tokenizer
+        if start is None or self.adds_chat_tokens:
+            return self.data.tokenizer
+        return start.tokenizer
+
+    @property
+    def adds_chat_tokens(self) -> bool:
+        """Whether this finetune adds the chat tokens to its base model."""
+        return _adds_chat_tokens(self, self.data)
+
+    @property
+    def chat_tokens_record(self) -> dict[str, Any]:
+        """The state.json entry of a run whose finetune added the chat tokens (its checkpoints
+        all carry it, those of a resumed run too), else nothing."""
+        if self.resumed is not None:
+            found = self.resumed.state.get(CHAT_TOKENS_ADDED)
+            return {} if found is None else {CHAT_TOKENS_ADDED: found}
+        if self.base is None or not self.adds_chat_tokens:
+            return {}
+        first = tokenizer_from_dict(self.base.tokenizer).vocab_size
+        return {CHAT_TOKENS_ADDED: {
+            "tokens": list(CHAT_TOKENS), "ids": [first, first + 1], "base": str(self.base.path),
+            "rows": "the mean of the base's token rows",
+        }}
+
+    def load_into(self, model: GPT) -> None:
+        """Copy the start's weights into `model`. Where this finetune adds the chat tokens,
+        `model` has their rows beyond the base's (and maybe more padding rows): they begin as
+        the mean of the base's token rows (`load_with_chat_tokens`)."""
+        start = self.weights
+        if start is None:
+            return
+        if not self.adds_chat_tokens:
+            start.load_into(model)
+            return
+        load_with_chat_tokens(start, model)
 
 
 def resolve_start(cfg: RunConfig, resume: bool, world: Dist) -> Start:
@@ -136,12 +181,20 @@ def resolve_start(cfg: RunConfig, resume: bool, world: Dist) -> Start:
         check_same_finetune(resumed.lora, cfg.train, resumed.config.model, str(resumed.path))
     planned = plan_run(cfg, resumed, lambda init_from: _open_base(init_from, world))
     data = _prepared_data(planned, world)
-    cfg = dataclasses.replace(
-        planned.cfg, model=fit_vocabulary(planned.cfg.model, data.vocab_size)
-    )
+    model = planned.cfg.model
+    if _adds_chat_tokens(planned, data):
+        model = grow_vocabulary(model, data.vocab_size)
+    cfg = dataclasses.replace(planned.cfg, model=fit_vocabulary(model, data.vocab_size))
     if planned.weights is not None:
-        _check_compatible(planned.weights, cfg, data)
+        _check_compatible(planned.weights, cfg, data, _adds_chat_tokens(planned, data))
     return Start(cfg, resumed, planned.base, data, damaged)
+
+
+def _adds_chat_tokens(planned: Plan, data: PreparedData) -> bool:
+    """Whether the run finetunes a base model with data whose tokenizer is the base's plus
+    the chat tokens (a resumed run has them in its checkpoint already)."""
+    return (planned.resumed is None and planned.base is not None
+            and adds_chat_tokens(data.tokenizer, planned.base.tokenizer))
 
 
 def _resume_point(
@@ -221,10 +274,12 @@ def _prepared_data(planned: Plan, world: Dist) -> PreparedData:
     return PreparedData(planned.cfg.data.resolved_data_dir)
 
 
-def _check_compatible(start: Model, cfg: RunConfig, data: PreparedData) -> None:
+def _check_compatible(
+    start: Model, cfg: RunConfig, data: PreparedData, chat_tokens_added: bool
+) -> None:
     """A checkpoint continues only with data of its tokenizer and with its model shape (an HF
     model's shape is the run's already, but for a shorter block_size: see
-    model_from_pretrained).
+    model_from_pretrained); a finetune that adds the chat tokens grows the vocabulary.
 
     The tokenizer goes first: another vocabulary changes vocab_size too, which would be named
     instead of the cause."""
@@ -232,11 +287,16 @@ def _check_compatible(start: Model, cfg: RunConfig, data: PreparedData) -> None:
         data.tokenizer, start.tokenizer, f"{data.data_dir} holds data of", str(start.path),
         "rebuild it from the text the run was trained on (gpt prepare --force), or use another "
         "train.out_dir", models=f"the one {start.path} was trained with",
+        chat_tokens_added=chat_tokens_added,
     )
     saved = start.config.model
     for f in dataclasses.fields(saved):
         if isinstance(start, Pretrained) and f.name == "block_size":
             continue
+        if chat_tokens_added and f.name in VOCABULARY_KEYS and (
+            getattr(cfg.model, f.name) >= getattr(saved, f.name)
+        ):
+            continue  # grown by grow_vocabulary
         old, new = getattr(saved, f.name), getattr(cfg.model, f.name)
         if f.name not in RUNTIME_MODEL_KEYS and old != new:
             raise GPTError(

@@ -24,7 +24,7 @@ from gpt.fileio import TooLargeError, read_stream_bounded, read_text_bounded
 from gpt.generate import cache_length, decoding_bytes
 from gpt.model import GPT
 from gpt.onednn import pack_linears
-from gpt.tokenizer import CharTokenizer, Tokenizer, tokenizer_from_dict
+from gpt.tokenizer import CharTokenizer, ChatTokenizer, Tokenizer, tokenizer_from_dict
 
 if TYPE_CHECKING:
     from gpt.hf.pretrained import Pretrained
@@ -96,10 +96,14 @@ def check_batch_fits(model: GPT, rows: int, context: int, fix: str) -> None:
 
 def stop_ids(tokenizer: Tokenizer, ignore_eos: bool) -> frozenset[int]:
     """The ids that end a generation: the end-of-text id, unless `ignore_eos` or the tokenizer
-    is a char vocabulary (whose separator is a newline, which is text)."""
-    if ignore_eos or isinstance(tokenizer, CharTokenizer):
+    is a char vocabulary (whose separator is a newline, which is text); and the end of a chat
+    turn (<|im_end|>) of a tokenizer with the chat tokens."""
+    if ignore_eos:
         return frozenset()
-    return frozenset({tokenizer.eot_id})
+    turn = {tokenizer.chat_ids[1]} if isinstance(tokenizer, ChatTokenizer) else set()
+    if tokenizer.name == CharTokenizer.name:
+        return frozenset(turn)
+    return frozenset({tokenizer.eot_id, *turn})
 
 
 class TextStream:

@@ -5,9 +5,11 @@ through the `tokenizers` library).
 All share one small interface (`name`, `vocab_size`, `eot_id`, `bos_id`, `chat_template`,
 `encode`, `encode_batch`, `decode`, `to_dict`) and are rebuilt from `to_dict()` with
 `tokenizer_from_dict`, which is how datasets (meta.json) and checkpoints carry them: sampling
-needs no data and no network. `same_tokenizer` is the one rule for whether two records are one
-tokenizer; `check_same_tokenizer` and `check_tokenizer_setting` are its refusals, each with one
-message per kind of mismatch.
+needs no data and no network. `with_chat_tokens` gives any of them ChatML's turn boundaries as
+two new ids (`ChatTokenizer`), which its record carries. `same_tokenizer` is the one rule for
+whether two records are one tokenizer, `adds_chat_tokens` for whether one is the other plus
+the turn boundaries; `check_same_tokenizer` and `check_tokenizer_setting` are their refusals,
+each with one message per kind of mismatch.
 """
 
 from __future__ import annotations
@@ -28,6 +30,14 @@ GPT2_SPLIT_PATTERN = (
     r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 )
 GPT2_EOT = "<|endoftext|>"
+CHAT_TOKENS = ("<|im_start|>", "<|im_end|>")  # ChatML's start and end of a turn
+# the built-in layout as a Jinja chat template, what an export writes for HF's apply_chat_template
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + "
+    "message['content'] + '<|im_end|>' + '\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+_CHAT = " and ".join(CHAT_TOKENS)  # for messages
 ENCODE_THREADS = 2
 
 
@@ -504,6 +514,69 @@ class BPETokenizer(TiktokenTokenizer):
         return cls(d["tokenizer_json"], d.get("sha256"))
 
 
+class ChatTokenizer:
+    """A tokenizer with ChatML's turn boundaries, `<|im_start|>` and `<|im_end|>`, as two new
+    ids right after its own (gpt2: 50257 and 50258).
+
+    Text is still encoded by the tokenizer it extends, as text: a literal "<|im_start|>" in a
+    message is never the special id, which only the chat layout puts in (gpt/template.py).
+    Decoding writes the two ids out as their strings. The record is the extended tokenizer's
+    with `chat_tokens` added, so data and checkpoints carry the layout.
+    """
+
+    def __init__(self, base: Tokenizer) -> None:
+        if isinstance(base, HFTokenizer):
+            vocab = base.backend.get_vocab(with_added_tokens=True)
+            if present := [token for token in CHAT_TOKENS if token in vocab]:
+                raise GPTError(
+                    f"{base._what} has {present[0]} in its vocabulary but no chat template to "
+                    "use it with; add the model's chat_template to its tokenizer_config.json and "
+                    "import it again"
+                )
+        self.base = base
+        self.name = base.name
+        self.eot_id: int = base.eot_id
+        self.bos_id: int | None = base.bos_id
+        self.chat_template: str | None = CHATML_TEMPLATE
+        self.chat_ids: tuple[int, int] = (base.vocab_size, base.vocab_size + 1)
+        self.vocab_size: int = base.vocab_size + len(CHAT_TOKENS)
+
+    def encode(self, text: str) -> list[int]:
+        return self.base.encode(text)
+
+    def encode_array(self, text: str) -> np.ndarray:
+        return self.base.encode_array(text)
+
+    def encode_batch(self, texts: list[str], num_threads: int = ENCODE_THREADS) -> list[list[int]]:
+        return self.base.encode_batch(texts, num_threads)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text of `ids`, the turn boundaries written out as their strings."""
+        pieces: list[str] = []
+        run: list[int] = []
+        for token in ids:
+            if token in self.chat_ids:
+                pieces += [self.base.decode(run), CHAT_TOKENS[token - self.chat_ids[0]]]
+                run = []
+            else:
+                run.append(token)
+        return "".join([*pieces, self.base.decode(run)])
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.base.to_dict(), "chat_tokens": list(CHAT_TOKENS)}
+
+
+def with_chat_tokens(tokenizer: Tokenizer) -> Tokenizer:
+    """The tokenizer that lays out chats: `tokenizer` itself when it has a layout already (the
+    turn boundaries, or an HF model's own chat template), else it with ChatML's turn boundaries
+    as two new ids."""
+    if isinstance(tokenizer, ChatTokenizer):
+        return tokenizer
+    if isinstance(tokenizer, HFTokenizer) and tokenizer.chat_template is not None:
+        return tokenizer
+    return ChatTokenizer(tokenizer)
+
+
 def gpt2_ranks() -> dict[bytes, int]:
     """GPT-2's BPE ranks (token bytes -> id) from the bundled file, checked against its
     published hash; also what an HF export of the gpt2 tokenizer is derived from."""
@@ -573,6 +646,20 @@ def same_tokenizer(a: dict[str, Any], b: dict[str, Any]) -> bool:
     return _identity(a) == _identity(b)
 
 
+def adds_chat_tokens(found: dict[str, Any], base: dict[str, Any]) -> bool:
+    """Whether `found` is `base` plus the turn boundaries (`with_chat_tokens`): its ids are the
+    base's and two more, which a finetune of a model of `base` adds to the model."""
+    if not isinstance(found, dict) or "chat_tokens" not in found:
+        return False
+    if isinstance(base, dict) and "chat_tokens" in base:
+        return False
+    return same_tokenizer(_without_chat_tokens(found), base)
+
+
+def _without_chat_tokens(record: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in record.items() if k != "chat_tokens"}
+
+
 def _identity(record: dict[str, Any]) -> Any:
     """The record without what changes no id."""
     if not isinstance(record, dict) or not isinstance(record.get("config"), dict):
@@ -583,18 +670,30 @@ def _identity(record: dict[str, Any]) -> Any:
 
 def check_same_tokenizer(
     found: dict[str, Any], expected: dict[str, Any], data: str, model: str, fix: str,
-    models: str | None = None,
+    models: str | None = None, chat_tokens_added: bool = False,
 ) -> None:
     """Refuse data tokenized as `found` for a model of tokenizer `expected` unless both give
-    the same ids (same_tokenizer): the one check of data against a model, one message per kind
-    of mismatch (another tokenizer; another vocabulary of the same one).
+    the same ids (same_tokenizer), or, with `chat_tokens_added` (a finetune, which adds them to
+    the model), `found` is `expected` plus the turn boundaries (adds_chat_tokens): the one check
+    of data against a model, one message per kind of mismatch (another tokenizer; another
+    vocabulary of the same one; the turn boundaries, which only a finetune adds).
 
     `data` begins the sentence ("data/x was prepared with"), `model` names the model ("the
     model"), `models` its tokenizer (default "the model's"), `fix` says how to mend it.
     """
     if same_tokenizer(found, expected):
         return
+    if adds_chat_tokens(found, expected):
+        if chat_tokens_added:
+            return
+        raise GPTError(
+            f"{data} the {found.get('name')!r} tokenizer with the chat tokens {_CHAT} added, "
+            f"which {model} lacks and only a finetune adds; {fix}"
+        )
     name, wanted = found.get("name"), expected.get("name")
+    if adds_chat_tokens(expected, found):
+        raise GPTError(f"{data} the {name!r} tokenizer without the chat tokens {_CHAT} "
+                       f"{model} has; {fix}")
     if name != wanted:
         problem = f"the {name!r} tokenizer but {model} uses {wanted!r}"
     else:  # an HF model's tokenizer is its own, not one vocabulary of a kind
@@ -634,6 +733,13 @@ def tokenizer_from_dict(d: dict[str, Any]) -> Tokenizer:
     """Rebuild a tokenizer saved with `to_dict()` (in meta.json or a checkpoint)."""
     if not isinstance(d, dict) or "name" not in d:
         raise GPTError(f"tokenizer record {d!r} has no name; re-run gpt prepare")
+    if "chat_tokens" in d:
+        if d["chat_tokens"] != list(CHAT_TOKENS):
+            raise GPTError(
+                f"tokenizer record has chat_tokens {d['chat_tokens']!r}, not ChatML's "
+                f"{list(CHAT_TOKENS)!r}; re-run gpt prepare"
+            )
+        return ChatTokenizer(tokenizer_from_dict(_without_chat_tokens(d)))
     if d["name"] == "char":
         return CharTokenizer(d.get("chars", ""))
     if d["name"] == HFTokenizer.name:

@@ -44,7 +44,7 @@ from gpt.optim import (
     step_unless,
 )
 from gpt.parallel import Dist, StopFlag
-from gpt.plan import Start, resolve_start
+from gpt.plan import CHAT_TOKENS_ADDED, Start, resolve_start
 
 # ---------------------------------------------------------------------------------------------
 # The run's state and setup
@@ -142,6 +142,11 @@ def setup_run(cfg: RunConfig, resume: bool, world: Dist, dtype: torch.dtype) -> 
         lora = load_start(begin, model)  # whole, before any sharding: one file, every layout
         world.print0(f"resuming from {start.path} (iteration {start.state['iter']})"
                      if begin.resumed else f"initialised from {start.path} ({_finetune(model)})")
+        if begin.adds_chat_tokens:
+            added = begin.chat_tokens_record[CHAT_TOKENS_ADDED]
+            world.print0(f"added the chat tokens {' and '.join(added['tokens'])} as ids "
+                         f"{added['ids'][0]} and {added['ids'][1]}: their rows begin as "
+                         f"{added['rows']}")
     trained = world.wrap(model, tcfg.compile, dtype)
     optimizer = make_optimizer(model, tcfg, world.device)
     scaler = torch.amp.GradScaler(world.device.type, enabled=dtype == torch.float16)
@@ -157,7 +162,7 @@ def setup_run(cfg: RunConfig, resume: bool, world: Dist, dtype: torch.dtype) -> 
         Path(tcfg.out_dir), world, model, optimizer,
         states=[(None, state), ("samplers", samplers), ("scaler", scaler),
                 (None, RandomStates(world))],
-        fixed={"config": to_dict(cfg), "tokenizer": begin.tokenizer,
+        fixed={"config": to_dict(cfg), "tokenizer": begin.tokenizer, **begin.chat_tokens_record,
                **({"lora": lora} if lora is not None else {})},
         interval=tcfg.save_interval, keep_last=tcfg.keep_last, damaged=begin.damaged,
         adapters_only=lora is not None,
@@ -190,13 +195,13 @@ def load_start(begin: Start, model: GPT) -> dict[str, Any] | None:
     tcfg, start = begin.cfg.train, begin.weights
     assert start is not None
     if tcfg.finetune != "lora":
-        start.load_into(model)
+        begin.load_into(model)
         return None
     lora = LoRA.from_config(tcfg, begin.cfg.model)
     if begin.resumed is not None:
         begin.resumed.load_adapted(model, lora, tcfg.seed)
         return begin.resumed.lora
-    start.load_into(model)
+    begin.load_into(model)
     record = lora.record(str(start.path), weights_sha256(model))
     add_adapters(model, lora, tcfg.seed)
     return record

@@ -1367,6 +1367,56 @@ OUTPUT_CASES += [
          r"data\.source to another file or folder$", SECRET),
 ]
 
+# chat data: gpt prepare of a JSONL chat set with one bad row, at line 2
+CHAT_PREPARE = ["prepare", "--config", "tiny.toml", "--set", "data.format=chat",
+                "--set", "data.source=chat.jsonl", "--set", "data.data_dir=data/chat"]
+GOOD_ROW = '{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]}'
+
+
+def chat_rows(second: str) -> Setup:
+    """chat.jsonl: a good row, `second`, and another good row."""
+    return write("chat.jsonl", f"{GOOD_ROW}\n{second}\n{GOOD_ROW}\n")
+
+
+def chat_prepared(scene: Scene) -> None:
+    """A chat set prepared for the tiny run's block_size (32) into data/chat."""
+    chat_rows(GOOD_ROW)(scene)
+    with working_directory(scene.folder):
+        cfg = load_config("tiny.toml", CHAT_PREPARE[4::2])
+        prepare(cfg.data, block_size=cfg.model.block_size, progress=False)
+
+
+CHAT_DATA = [
+    Case("chat-data-row-not-json", CHAT_PREPARE,
+         r"chat\.jsonl, line 2: is not JSON \(Expecting property name enclosed in double quotes, "
+         r"column 2\); fix the row, or set data\.bad_rows = \"skip\" to skip such rows$",
+         chat_rows("{messages: []}")),
+    Case("chat-data-unknown-role", CHAT_PREPARE,
+         r"chat\.jsonl, line 2: message 1 has role 'bot'; use one of system, user, assistant; "
+         r"fix the row, or set data\.bad_rows = \"skip\"",
+         chat_rows(GOOD_ROW.replace('"assistant"', '"bot"'))),
+    Case("chat-data-no-assistant-turn", CHAT_PREPARE,
+         r"chat\.jsonl, line 2: has no assistant turn, so nothing to train on; fix the row, or "
+         r"set data\.bad_rows = \"skip\"",
+         chat_rows('{"prompt": [{"role": "user", "content": "Hi"}], "completion": []}')),
+    Case("chat-data-content-not-text", CHAT_PREPARE,
+         r"chat\.jsonl, line 2: message 1 has content of type list; give it as text; fix the "
+         r"row, or set data\.bad_rows = \"skip\"",
+         chat_rows(GOOD_ROW.replace('"Yo"', '["Yo"]'))),
+    Case("chat-data-conversation-too-long", [*CHAT_PREPARE, "--long-conversations", "fail"],
+         r"chat\.jsonl, line 2: the conversation has 123 tokens, more than a row of "
+         r"model\.block_size \+ 1 = 33; shorten it, raise model\.block_size, or set "
+         r"data\.long_conversations = \"truncate\"$",
+         chat_rows(GOOD_ROW.replace('"Yo"', '"' + "x" * 100 + '"'))),
+    Case("chat-data-from-a-text-source", [*CHAT_PREPARE, "--set", "data.source=corpus.txt"],
+         r"\[data\] source: text file corpus\.txt holds text, not conversations; give a \.jsonl "
+         r"file or a dataset of chat rows, or set data\.format = \"text\"$"),
+    Case("chat-data-of-another-block-size",
+         [*TRAIN, "--set", "train.out_dir=new", *CHAT_PREPARE[3:], "--set", "model.block_size=64"],
+         r"data/chat holds data prepared from other settings \(block_size 32 -> 64\); rebuild it "
+         r"with gpt prepare --force", chat_prepared),
+]
+
 LORA = ["--set", "train.init_from=out", "--set", "train.finetune=lora"]
 TRAIN_LORA = [*TRAIN, *LORA, "--set", "train.out_dir=lora"]
 
@@ -1426,7 +1476,7 @@ LORA_CASES = [
 ]
 
 CASES = [*CONFIG, *DATA_CASES, *CHECKPOINTS, *SAMPLING, *CHATTING, *FAULTS, *READS,
-         *SMALLER_CASES, *OUTPUT_CASES, *SERVING, *LORA_CASES]
+         *SMALLER_CASES, *OUTPUT_CASES, *SERVING, *CHAT_DATA, *LORA_CASES]
 
 
 @pytest.mark.parametrize(

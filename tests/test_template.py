@@ -1,10 +1,12 @@
-"""Chat templates shared by gpt chat and gpt serve: the plain layout's exact text and ids, and an
-HF chat template's ids equal to transformers' `apply_chat_template` (tokenizer folders written
-here, offline)."""
+"""Chat templates shared by gpt chat, gpt serve and chat training: the plain layout's exact text
+and ids, the built-in ChatML layout's ids and masks checked by hand, and an HF chat template's
+ids and masks equal to transformers' `apply_chat_template` (tokenizer folders written here,
+offline)."""
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -22,13 +24,16 @@ from gpt.hf.tokenizers import save_hf_tokenizer, tokenizer_record_from_folder  #
 from gpt.model import GPT  # noqa: E402
 from gpt.parallel import Dist  # noqa: E402
 from gpt.sample import load_for_inference  # noqa: E402
-from gpt.template import chat_prompt, chat_stops  # noqa: E402
+from gpt.template import chat_prompt, chat_stops, conversation_ids  # noqa: E402
 from gpt.tokenizer import (  # noqa: E402
+    BPETokenizer,
     CharTokenizer,
+    ChatTokenizer,
     HFTokenizer,
     get_tokenizer,
     same_tokenizer,
     tokenizer_from_dict,
+    with_chat_tokens,
 )
 
 MESSAGES = [
@@ -72,11 +77,25 @@ FANCY = """{%- set ns = namespace(n=0) -%}
 {% if add_generation_prompt %}
 <|im_start|>assistant ({{ ns.n }} system, <b>&</b>)
 {% endif %}"""
-SPECIALS = ["<s>", "</s>", "<|im_start|>", "<|im_end|>"]
+# Llama 3's own, with transformers' {% generation %} marks around what the assistant writes
+LLAMA3 = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}"
+    "{{ (bos_token if loop.index0 == 0 else '') + '<|start_header_id|>' + message['role'] "
+    "+ '<|end_header_id|>\n\n' }}{% if message['role'] == 'assistant' %}{% generation %}"
+    "{{ message['content'] | trim + '<|eot_id|>' }}{% endgeneration %}{% else %}"
+    "{{ message['content'] | trim + '<|eot_id|>' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}"
+    "{% endif %}"
+)
+LLAMA3_TOKENS = {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>"}
+SPECIALS = ("<s>", "</s>", "<|im_start|>", "<|im_end|>", "<|begin_of_text|>",
+            "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
+CONVERSATION = [*MESSAGES, {"role": "assistant", "content": "Fine, <|im_end|> thanks."}]
 
 
 def tokenizer_folder(
-    tmp_path: Path, template: str | None, where: str = "config", add_bos: bool = False
+    tmp_path: Path, template: str | None, where: str = "config", add_bos: bool = False,
+    tokens: dict[str, str] | None = None, specials: tuple[str, ...] = SPECIALS,
 ) -> Path:
     """A byte-level BPE trained here, saved as an HF model's tokenizer files by hand: its
     tokenizer.json, and a tokenizer_config.json holding the chat template as a string (`config`),
@@ -85,20 +104,21 @@ def tokenizer_folder(
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=400, special_tokens=SPECIALS, show_progress=False,
+        vocab_size=400, special_tokens=list(specials), show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
-    text = " ".join(m["content"] for m in MESSAGES) + " system user assistant INST SYS"
+    text = " ".join(m["content"] for m in CONVERSATION) + " system user assistant INST SYS"
     backend.train_from_iterator([text] * 3, trainer)
     if add_bos:
         backend.post_processor = processors.TemplateProcessing(
             single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", backend.token_to_id("<s>"))],
         )
-    folder = tmp_path / f"tok-{where}-{add_bos}"
+    folder = tmp_path / f"tok-{where}-{add_bos}-{bool(tokens)}-{len(specials)}"
     folder.mkdir()
     backend.save(str(folder / "tokenizer.json"))
     config: dict[str, Any] = {
         "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
+        **(tokens or {}),
     }
     if template is not None and where == "config":
         config["chat_template"] = template
@@ -157,20 +177,21 @@ def test_plain_layout_starts_with_the_bos_a_tokenizer_puts_before_text(tmp_path:
 
 
 @pytest.mark.parametrize("where", ["config", "list", "jinja"])
-@pytest.mark.parametrize("template", ["chatml", "llama2", "fancy"])
+@pytest.mark.parametrize("template", ["chatml", "llama2", "llama3", "fancy"])
 @pytest.mark.parametrize("add_bos", [False, True])
 def test_hf_template_ids_are_transformers_ids(
     template: str, where: str, add_bos: bool, tmp_path: Path
 ) -> None:
-    text = {"chatml": CHATML, "llama2": LLAMA2, "fancy": FANCY}[template]
-    folder = tokenizer_folder(tmp_path, text, where, add_bos)
+    text = {"chatml": CHATML, "llama2": LLAMA2, "llama3": LLAMA3, "fancy": FANCY}[template]
+    tokens = LLAMA3_TOKENS if template == "llama3" else None
+    folder = tokenizer_folder(tmp_path, text, where, add_bos, tokens)
     ours = imported(folder)
     assert ours.chat_template == text
     for messages in (MESSAGES, MESSAGES[1:2], MESSAGES[:2]):
         ids = chat_prompt(ours, messages)
         assert ids == hf_ids(folder, messages, text)
-        bos = ours.backend.token_to_id("<s>")
-        assert ids.count(bos) == (template == "llama2")  # the template's own, and only once
+        bos = ours.backend.token_to_id(ours.special_tokens["bos_token"])
+        assert ids.count(bos) == (template in ("llama2", "llama3"))  # the template's, once
 
 
 def test_hf_template_special_tokens_are_ids_and_stops(tmp_path: Path) -> None:
@@ -266,3 +287,123 @@ def test_checkpoint_written_before_templates_loads(kind: str, tmp_path: Path) ->
     ids = chat_prompt(tokenizer, MESSAGES)
     assert tokenizer.decode(ids).endswith(PLAIN)
     assert chat_stops(tokenizer) == ["\n\nUser:"]
+
+
+def masked_runs(tokenizer: Any, ids: list[int], mask: list[int]) -> list[str]:
+    """The text of each run of masked ids."""
+    runs: list[list[int]] = []
+    for i, (token, on) in enumerate(zip(ids, mask, strict=True)):
+        if on:
+            if i == 0 or not mask[i - 1]:
+                runs.append([])
+            runs[-1].append(token)
+    return [tokenizer.decode(run) for run in runs]
+
+
+def test_builtin_layout_ids_and_mask_by_hand() -> None:
+    """gpt2 with the chat tokens: each message is <|im_start|>, its role and content encoded
+    together, <|im_end|> and a newline; the mask is on the reply and its <|im_end|> alone."""
+    gpt2 = get_tokenizer("gpt2")
+    chat = with_chat_tokens(gpt2)
+    assert isinstance(chat, ChatTokenizer) and with_chat_tokens(chat) is chat
+    assert chat.chat_ids == (50257, 50258) and chat.vocab_size == 50259
+    start, end = 50257, 50258
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    ids, mask = conversation_ids(chat, messages)
+    user, reply, newline = gpt2.encode("user\nHi"), gpt2.encode("Hello"), gpt2.encode("\n")
+    header = gpt2.encode("assistant\n")
+    assert ids == [start, *user, end, *newline, start, *header, *reply, end, *newline]
+    assert mask == ([0] * (len(user) + 2 + len(newline) + 1 + len(header)) + [1] * len(reply)
+                    + [1] + [0] * len(newline))
+    assert chat.decode(ids) == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello<|im_end|>\n"
+    prompt = chat_prompt(chat, messages[:1])
+    assert prompt == [start, *user, end, *newline, start, *header]
+    assert ids[: len(prompt)] == prompt  # training and chat lay the turn out alike
+    assert chat_stops(chat) == ["<|im_end|>"]
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "char", "bpe"])
+def test_builtin_layout_never_forges_the_turn_tokens(kind: str) -> None:
+    """A message that holds the strings of the turn tokens is text: the ids appear only where
+    the layout puts them, and the text decodes back."""
+    base: Any = {"gpt2": lambda: get_tokenizer("gpt2"),
+                 "char": lambda: CharTokenizer(PLAIN + "".join(m["content"] for m in CONVERSATION)
+                                               + "<|>_ system user assistant"),
+                 "bpe": lambda: BPETokenizer.learn([PLAIN] * 3, 300)}[kind]()
+    chat = with_chat_tokens(base)
+    assert chat.chat_ids == (base.vocab_size, base.vocab_size + 1)
+    ids, mask = conversation_ids(chat, CONVERSATION)
+    start, end = chat.chat_ids
+    assert ids.count(start) == ids.count(end) == len(CONVERSATION)
+    assert chat.encode("<|im_start|><|im_end|>") == base.encode("<|im_start|><|im_end|>")
+    assert start not in chat.encode("<|im_start|>")
+    assert masked_runs(chat, ids, mask) == [" Hi! 🙂 <|im_end|>", "Fine, <|im_end|> thanks.<|im_end|>"]
+    rebuilt = tokenizer_from_dict(json.loads(json.dumps(chat.to_dict())))
+    assert rebuilt.to_dict() == chat.to_dict() and rebuilt.vocab_size == chat.vocab_size
+    assert conversation_ids(rebuilt, CONVERSATION) == (ids, mask)
+
+
+@pytest.mark.parametrize("template", ["chatml", "llama3"])
+def test_hf_template_conversation_ids_and_mask_are_transformers(
+    template: str, tmp_path: Path
+) -> None:
+    """A whole conversation's ids are transformers' (no generation prompt); the mask covers
+    each reply and its end-of-turn token: by hand for ChatML, and transformers' own assistant
+    mask for the Llama 3 template, which marks the replies with {% generation %}."""
+    text, tokens = (CHATML, None) if template == "chatml" else (LLAMA3, LLAMA3_TOKENS)
+    folder = tokenizer_folder(tmp_path, text, tokens=tokens)
+    ours = imported(folder)
+    assert with_chat_tokens(ours) is ours  # a model's own template is kept
+    ids, mask = conversation_ids(ours, CONVERSATION)
+    hf = transformers.AutoTokenizer.from_pretrained(str(folder))
+    out = hf.apply_chat_template(CONVERSATION, tokenize=True, add_generation_prompt=False,
+                                 return_dict=True, return_assistant_tokens_mask=template == "llama3")
+    assert ids == list(out["input_ids"])
+    end = "<|im_end|>" if template == "chatml" else "<|eot_id|>"
+    assert masked_runs(ours, ids, mask) == [
+        " Hi! 🙂 " + end if template == "chatml" else "Hi! 🙂" + end,
+        "Fine, <|im_end|> thanks." + end,
+    ]
+    if template == "llama3":
+        assert mask == list(out["assistant_masks"])
+
+
+def test_conversation_ids_need_a_chat_layout() -> None:
+    with pytest.raises(GPTError, match="has no chat layout to train on") as e:
+        conversation_ids(get_tokenizer("gpt2"), MESSAGES)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "char", "bpe", "hf"])
+def test_export_with_chat_tokens_gives_transformers_the_same_ids(kind: str, tmp_path: Path) -> None:
+    """The exported folder holds the chat tokens as special added tokens at our ids and the
+    built-in layout as tokenizer_config.json's chat_template: HF's apply_chat_template gives
+    our ids, with and without the generation prompt."""
+    text = PLAIN + "".join(m["content"] for m in CONVERSATION) + " system user assistant"
+    base: Any = {"gpt2": lambda: get_tokenizer("gpt2"), "char": lambda: CharTokenizer(text),
+                 "bpe": lambda: BPETokenizer.learn([text] * 3, 300),
+                 "hf": lambda: imported(tokenizer_folder(tmp_path, None, specials=("<s>", "</s>")))
+                 }[kind]()
+    chat = with_chat_tokens(base)
+    assert isinstance(chat, ChatTokenizer)
+    folder = tmp_path / "export"
+    save_hf_tokenizer(chat.to_dict(), folder, model_max_length=64)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    assert config["chat_template"] == chat.chat_template
+    added = {t["content"]: t for t in json.loads((folder / "tokenizer.json").read_text())
+             ["added_tokens"]}
+    for token, token_id in zip(["<|im_start|>", "<|im_end|>"], chat.chat_ids, strict=True):
+        assert added[token]["id"] == token_id and added[token]["special"]
+    hf = transformers.AutoTokenizer.from_pretrained(str(folder))
+    conversation = [*MESSAGES, {"role": "assistant", "content": "Fine, thanks."}]
+    whole = hf.apply_chat_template(conversation, tokenize=True, add_generation_prompt=False,
+                                   return_dict=False)
+    assert list(whole) == conversation_ids(chat, conversation)[0]
+    assert hf_ids(folder, MESSAGES) == chat_prompt(chat, MESSAGES)
+
+
+def test_hf_tokenizer_holding_the_chat_tokens_without_a_template_is_refused(tmp_path: Path) -> None:
+    message = re.escape("has <|im_start|> in its vocabulary but no chat template")
+    with pytest.raises(GPTError, match=message) as e:
+        with_chat_tokens(imported(tokenizer_folder(tmp_path, None)))
+    assert "\n" not in str(e.value)

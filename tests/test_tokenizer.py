@@ -6,12 +6,17 @@ import pytest
 
 from gpt.config import pad_vocab
 from gpt.errors import GPTError
+from gpt.sample import stop_ids
 from gpt.tokenizer import (
+    CHAT_TOKENS,
     CharTokenizer,
+    adds_chat_tokens,
     check_same_tokenizer,
     check_tokenizer_setting,
     get_tokenizer,
+    same_tokenizer,
     tokenizer_from_dict,
+    with_chat_tokens,
 )
 
 TEXT = "Hello world! def f(x):\n    return x**2  # ünïcödé 日本語\n\n<|endoftext|>"
@@ -101,12 +106,16 @@ def test_nothing_goes_before_a_text(make) -> None:
 
 
 CHARS = {"name": "char", "chars": "abc"}
+CHAT_CHARS = {**CHARS, "chat_tokens": list(CHAT_TOKENS)}
 
 
 @pytest.mark.parametrize(
     ("found", "problem"),
     [({"name": "gpt2"}, "the 'gpt2' tokenizer but the model uses 'char'"),
-     ({"name": "char", "chars": "abd"}, "a 'char' vocabulary other than the model's")],
+     ({"name": "char", "chars": "abd"}, "a 'char' vocabulary other than the model's"),
+     (CHAT_CHARS, "the 'char' tokenizer with the chat tokens <|im_start|> and <|im_end|> added, "
+                  "which the model lacks and only a finetune adds"),
+     ({**CHAT_CHARS, "chars": "abd"}, "a 'char' vocabulary other than the model's")],
 )
 def test_data_of_another_tokenizer_is_refused_with_one_message_per_kind(
     found: dict, problem: str
@@ -125,3 +134,44 @@ def test_a_tokenizer_setting_is_compared_by_kind_before_any_data() -> None:
                        r"the config now says data.tokenizer = 'gpt2'; set data.tokenizer = "
                        r"'char', or use another train.out_dir$"):
         check_tokenizer_setting("gpt2", CHARS, "out/ckpt-0000010", "use another train.out_dir")
+
+
+@pytest.mark.parametrize("make", [lambda: get_tokenizer("gpt2"), lambda: CharTokenizer("ab")])
+def test_chat_tokens_are_two_ids_after_the_tokenizers_own(make) -> None:
+    """The chat tokens extend a tokenizer by two ids that decode to their strings; text is
+    encoded as before (their strings too), and the record carries them and rebuilds."""
+    base = make()
+    chat = with_chat_tokens(base)
+    assert chat.vocab_size == base.vocab_size + 2 and chat.eot_id == base.eot_id
+    assert chat.chat_ids == (base.vocab_size, base.vocab_size + 1)
+    assert chat.encode("ab") == base.encode("ab")
+    ids = [*base.encode("ab"), *chat.chat_ids, pad_vocab(chat.vocab_size) - 1, *base.encode("b")]
+    assert chat.decode(ids) == "ab<|im_start|><|im_end|>b"
+    assert chat.to_dict() == {**base.to_dict(), "chat_tokens": ["<|im_start|>", "<|im_end|>"]}
+    assert tokenizer_from_dict(chat.to_dict()).to_dict() == chat.to_dict()
+    assert tokenizer_from_dict(base.to_dict()).to_dict() == base.to_dict()  # as ever
+    assert with_chat_tokens(chat) is chat
+    assert stop_ids(chat, ignore_eos=False) == stop_ids(base, False) | {chat.chat_ids[1]}
+    assert stop_ids(chat, ignore_eos=True) == frozenset()
+
+
+def test_chat_tokens_are_not_the_same_tokenizer_but_extend_it() -> None:
+    """A record with the chat tokens is another tokenizer than without them (old records keep
+    their identity), but one a finetune may add to its base: check_same_tokenizer lets it
+    through only then, and names data without the tokens of a model that has them."""
+    assert same_tokenizer(CHAT_CHARS, dict(CHAT_CHARS)) and same_tokenizer(CHARS, dict(CHARS))
+    assert not same_tokenizer(CHAT_CHARS, CHARS)
+    assert adds_chat_tokens(CHAT_CHARS, CHARS)
+    assert not adds_chat_tokens(CHARS, CHAT_CHARS) and not adds_chat_tokens(CHAT_CHARS, CHAT_CHARS)
+    assert not adds_chat_tokens({**CHAT_CHARS, "chars": "abd"}, CHARS)
+    check_same_tokenizer(CHAT_CHARS, CHARS, "data/x holds", "out", "fix it", chat_tokens_added=True)
+    with pytest.raises(GPTError) as refused:
+        check_same_tokenizer(CHARS, CHAT_CHARS, "data/x holds", "out", "fix it",
+                             chat_tokens_added=True)
+    assert str(refused.value) == ("data/x holds the 'char' tokenizer without the chat tokens "
+                                  "<|im_start|> and <|im_end|> out has; fix it")
+
+
+def test_a_record_with_other_chat_tokens_is_refused() -> None:
+    with pytest.raises(GPTError, match=r"has chat_tokens \['<s>'\], not ChatML's"):
+        tokenizer_from_dict({"name": "gpt2", "chat_tokens": ["<s>"]})

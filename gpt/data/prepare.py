@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import functools
 import hashlib
 import json
 import multiprocessing
@@ -21,15 +22,24 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from tqdm import tqdm
 
 from gpt.config import DataConfig
+from gpt.data.chat import (
+    BestFitPacker,
+    ChatItem,
+    Encoded,
+    SplitStats,
+    chat_report,
+    encode_chats,
+    messages_of,
+)
 from gpt.data.prepared import (
     FORMAT_VERSION,
     SPLITS,
@@ -47,6 +57,7 @@ from gpt.tokenizer import (
     check_same_tokenizer,
     get_tokenizer,
     tokenizer_from_dict,
+    with_chat_tokens,
 )
 
 PREPARE_LOCK = ".prepare.lock"  # in the data folder: one prepare writes it at a time
@@ -54,13 +65,25 @@ BATCH_CHARS = 2_000_000  # text per worker task: amortises the round trip, bound
 NEAR = 1.25  # a random choice of validation documents within this factor of val_fraction is kept
 FAR = 2.0  # a validation share of the text further off than this factor is warned about
 
+CHAT_BATCH = 1000  # conversations per worker task
+
 Piece = tuple[str, str, bool]  # (split, text, ends_document): a unit of tokenizer work
+ChatRow = tuple[str, str, "list[dict[str, str]] | GPTError"]  # (split, where, messages or why not)
+Batch = TypeVar("Batch")
+Result = TypeVar("Result")
 
 
-def _settings(cfg: DataConfig) -> dict[str, Any]:
+def _settings(cfg: DataConfig, block_size: int) -> dict[str, Any]:
     """The settings that decide the token files' contents (num_proc does not); a learned
-    vocabulary's size only where one is learned, so other folders keep their fingerprints."""
+    vocabulary's size only where one is learned, and chat data's settings (its rows' block_size
+    among them) only for chat data, so other folders keep their fingerprints."""
     learned = {"bpe_vocab_size": cfg.bpe_vocab_size} if cfg.tokenizer == BPETokenizer.name else {}
+    chat = {
+        "format": cfg.format,
+        "block_size": block_size,
+        "bad_rows": cfg.bad_rows,
+        "long_conversations": cfg.long_conversations,
+    } if cfg.format == "chat" else {}
     return {
         "version": FORMAT_VERSION,
         "source": cfg.source,
@@ -72,23 +95,26 @@ def _settings(cfg: DataConfig) -> dict[str, Any]:
         "seed": cfg.seed,
         "decode_errors": cfg.decode_errors,
         **learned,
+        **chat,
     }
 
 
-def _fingerprint(cfg: DataConfig, source: Source) -> str:
+def _fingerprint(cfg: DataConfig, source: Source, block_size: int) -> str:
     """A hash of the settings and of the source's identity (its files' sizes and times)."""
-    record = {**_settings(cfg), "identity": source.identity}
+    record = {**_settings(cfg, block_size), "identity": source.identity}
     return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _what_changed(meta: dict[str, Any], cfg: DataConfig) -> str:
+def _what_changed(meta: dict[str, Any], cfg: DataConfig, block_size: int) -> str:
     """The settings that differ from those `meta` was prepared with, for the refusal message."""
     before = meta.get("settings")
     if not isinstance(before, dict):  # prepared before meta.json recorded its settings
         return f"tokenizer {meta['tokenizer']['name']!r}, source {meta.get('source')!r}"
-    now = json.loads(json.dumps(_settings(cfg)))  # as meta.json holds them
-    changed = [f"{key} {before.get(key)!r} -> {now[key]!r}" for key in now
-               if before.get(key) != now[key]]
+    now = json.loads(json.dumps(_settings(cfg, block_size)))  # as meta.json holds them
+    was = before.get("format", "text")  # a folder prepared without the key holds text
+    changed = [f"format {was!r} -> {cfg.format!r}"] if was != cfg.format else []
+    changed += [f"{key} {before.get(key)!r} -> {now[key]!r}" for key in now
+                if before.get(key) != now[key] and (key in before or was == cfg.format)]
     return ", ".join(changed) or "the source's files changed since"
 
 
@@ -259,6 +285,12 @@ def _encode_in_worker(batch: list[Piece]) -> tuple[dict[str, np.ndarray], int]:
     return _encode_batch(batch, *_worker_state)
 
 
+def _encode_chats_in_worker(batch: list[ChatItem]) -> list[Encoded]:
+    """Worker-process side of `_write_chats`."""
+    assert _worker_state is not None
+    return encode_chats(batch, *_worker_state)
+
+
 def _worker_pool(workers: int, tokenizer: Tokenizer, dtype: np.dtype) -> ProcessPoolExecutor:
     """Processes rather than threads: tiktoken keeps the GIL for part of its work, so threads
     leave part of every extra core idle where processes use all of it."""
@@ -279,12 +311,8 @@ def _encode_stream(
     workers: int,
     bar: tqdm,
 ) -> None:
-    """Tokenize pieces in batches of about BATCH_CHARS on `workers` processes.
-
-    Batches are written in corpus order; while workers encode, this process reads the next
-    batch and writes finished ones, so reading, encoding and writing overlap. At most
-    `workers + 1` batches are in memory at once, whatever the corpus size.
-    """
+    """Tokenize pieces in batches of about BATCH_CHARS on `workers` processes, written in
+    corpus order (`_in_order`)."""
     dtype = writer.dtype
 
     def write(encoded: tuple[dict[str, np.ndarray], int]) -> None:
@@ -306,18 +334,136 @@ def _encode_stream(
         if batch:
             yield batch
 
+    encode = functools.partial(_encode_batch, tokenizer=tokenizer, dtype=dtype)
+    for encoded in _in_order(batches(), encode, _encode_in_worker, workers, tokenizer, dtype):
+        write(encoded)
+
+
+def _in_order(
+    batches: Iterator[Batch], encode: Callable[[Batch], Result],
+    encode_in_worker: Callable[[Batch], Result], workers: int, tokenizer: Tokenizer,
+    dtype: np.dtype,
+) -> Iterator[Result]:
+    """Each batch encoded, in order: by `encode` here, or with more than one worker by
+    `encode_in_worker` on `workers` processes. While workers encode, this process reads the
+    next batch and uses finished ones, so reading, encoding and writing overlap; at most
+    `workers + 1` batches are in memory at once, whatever the corpus size."""
     if workers <= 1:
-        for batch in batches():
-            write(_encode_batch(batch, tokenizer, dtype))
+        for batch in batches:
+            yield encode(batch)
         return
-    in_flight: deque[Future[tuple[dict[str, np.ndarray], int]]] = deque()
+    in_flight: deque[Future[Result]] = deque()
     with _worker_pool(workers, tokenizer, dtype) as pool:
-        for batch in batches():
-            in_flight.append(pool.submit(_encode_in_worker, batch))
+        for batch in batches:
+            in_flight.append(pool.submit(encode_in_worker, batch))
             while len(in_flight) > workers:
-                write(in_flight.popleft().result())
+                yield in_flight.popleft().result()
         while in_flight:
-            write(in_flight.popleft().result())
+            yield in_flight.popleft().result()
+
+
+def _conversations(source: Source, cfg: DataConfig) -> Iterator[ChatRow]:
+    """(split, where, messages or what is wrong with the row) of each chat row, in order. Rows
+    go to train or validation whole, as documents do: by their index among all rows (bad ones
+    included, so that skipping one does not reshuffle the others)."""
+    count = source.count()
+    val_set = _choose_val(count, None, cfg) if count is not None and count > 1 else None
+    for index, (where, row) in enumerate(source.records()):
+        split = "val" if _is_val(index, val_set, cfg) else "train"
+        try:
+            yield split, where, messages_of(row)
+        except GPTError as e:
+            yield split, where, e
+
+
+def chat_texts(source: Source, cfg: DataConfig, split: str | None = None) -> Iterator[str]:
+    """The roles and contents of the readable conversations (of `split` only, when given):
+    what a char vocabulary is built from, and a BPE learned from (the train split)."""
+    for in_split, _, messages in _conversations(source, cfg):
+        if isinstance(messages, GPTError) or split not in (None, in_split):
+            continue
+        for message in messages:
+            yield message["role"]
+            yield message["content"]
+
+
+def _write_chats(
+    source: Source, cfg: DataConfig, block_size: int, writer: PreparedDataWriter, workers: int,
+    bar: tqdm,
+) -> dict[str, Any]:
+    """Encode the conversations (on `workers` processes), best-fit pack each split's into rows
+    of block_size + 1 tokens and write them with their masks; returns what went in, for
+    meta.json and the report. A bad row (or one over a row's length) fails or is counted as
+    `cfg` says."""
+    row_len, tokenizer = block_size + 1, writer.tokenizer
+    packers = {split: BestFitPacker(row_len, tokenizer.eot_id) for split in SPLITS}
+    stats = {split: SplitStats() for split in SPLITS}
+    skipped: list[str] = []
+
+    def refuse_or_skip(where: str, problem: str) -> None:
+        if cfg.bad_rows == "fail":
+            raise GPTError(f"{where}: {problem}; fix the row, or set data.bad_rows = \"skip\" to "
+                           "skip such rows")
+        skipped.append(f"{where}: {problem}")
+
+    def batches() -> Iterator[list[ChatItem]]:
+        batch: list[ChatItem] = []
+        for split, where, messages in _conversations(source, cfg):
+            if isinstance(messages, GPTError):
+                refuse_or_skip(where, str(messages))
+                continue
+            batch.append((split, where, messages))
+            if len(batch) == CHAT_BATCH:
+                yield batch
+                batch = []
+        if batch:
+            yield batch
+
+    def write(split: str, rows: Iterator[tuple[np.ndarray, np.ndarray]]) -> None:
+        for ids, mask in rows:
+            writer.write(split, ids.astype(writer.dtype, copy=False), mask)
+            stats[split].rows += 1
+            stats[split].trained += int(mask[1:].sum())  # a row's first token is no target
+
+    encode = functools.partial(encode_chats, tokenizer=tokenizer, dtype=writer.dtype)
+    for encoded in _in_order(batches(), encode, _encode_chats_in_worker, workers, tokenizer,
+                             writer.dtype):
+        for split, where, result in encoded:
+            if isinstance(result, str):
+                refuse_or_skip(where, result)
+                continue
+            ids, mask, turns = result
+            if len(ids) > row_len:
+                if cfg.long_conversations == "fail":
+                    raise GPTError(
+                        f"{where}: the conversation has {len(ids):,} tokens, more than a row of "
+                        f"model.block_size + 1 = {row_len}; shorten it, raise model.block_size, "
+                        "or set data.long_conversations = \"truncate\""
+                    )
+                stats[split].truncated += 1
+                ids, mask = ids[:row_len], mask[:row_len]
+                if not mask[1:].any():  # nothing of the assistant's is left to train on
+                    stats[split].dropped += 1
+                    continue
+            stats[split].conversations += 1
+            stats[split].turns += turns
+            write(split, packers[split].add(ids, mask))
+            bar.update(1)
+    dropped = sum(st.dropped for st in stats.values())
+    if dropped and not any(st.conversations for st in stats.values()):
+        raise GPTError(
+            f"[data] source: {source.description}: each of its {dropped:,} conversations is "
+            f"longer than a row of model.block_size + 1 = {row_len} tokens, and no assistant "
+            "token is left in the row; raise model.block_size, or shorten the conversations"
+        )
+    for split, packer in packers.items():
+        write(split, packer.finish())
+        stats[split].tokens = stats[split].rows * row_len
+        stats[split].padding = packer.padding
+    if skipped:
+        print(f"warning: skipped {len(skipped):,} bad row(s), the first: {skipped[0]}",
+              file=sys.stderr)
+    return {**{split: st.as_dict() for split, st in stats.items()}, "skipped": len(skipped)}
 
 
 def prepare(
@@ -334,9 +480,17 @@ def prepare(
     each split must hold at least `block_size + 1` tokens. `tokenizer_record` (a `to_dict()`:
     a char vocabulary, an HF model's tokenizer) is the tokenizer used instead of the one
     `cfg.tokenizer` names or builds from the text: finetuning keeps the base model's ids.
+    Chat data (`cfg.format`) is packed into rows of `block_size + 1` tokens, so it needs one,
+    and its tokenizer is that tokenizer with the chat layout's tokens (`with_chat_tokens`).
     """
+    if cfg.format == "chat":
+        if block_size < 1:
+            raise GPTError("[data] format = \"chat\" packs conversations into rows of "
+                           "model.block_size + 1 tokens; prepare it with a block_size")
+        if tokenizer_record is not None:
+            tokenizer_record = with_chat_tokens(tokenizer_from_dict(tokenizer_record)).to_dict()
     source = open_source(cfg)
-    fingerprint = _fingerprint(cfg, source)
+    fingerprint = _fingerprint(cfg, source, block_size)
     data_dir = cfg.resolved_data_dir
     # finished data is read without the lock (meta.json is written last), so a read-only
     # folder of prepared data still works
@@ -406,9 +560,8 @@ def _existing_data(
             print(f"{data_dir} is already prepared from these settings; nothing to do "
                   "(--force rebuilds)")
         return meta
-    raise GPTError(
-        f"{data_dir} holds data prepared from other settings ({_what_changed(meta, cfg)}); {fix}"
-    )
+    changed = _what_changed(meta, cfg, block_size)
+    raise GPTError(f"{data_dir} holds data prepared from other settings ({changed}); {fix}")
 
 
 def _tokenize(
@@ -418,52 +571,70 @@ def _tokenize(
     """Encode the source into data_dir's token files and meta.json (the caller holds the lock),
     with the tokenizer of `tokenizer_record` when given, else the one `cfg.tokenizer` names."""
     data_dir = cfg.resolved_data_dir
+    chat = cfg.format == "chat"
     tokenizer: Tokenizer
     if tokenizer_record is not None:
         tokenizer = tokenizer_from_dict(tokenizer_record)
     elif cfg.tokenizer == CharTokenizer.name:
-        tokenizer = CharTokenizer.from_texts(source.documents())
+        tokenizer = CharTokenizer.from_texts(
+            chat_texts(source, cfg) if chat else source.documents())
     elif cfg.tokenizer == BPETokenizer.name:
-        if block_size:  # learning takes long; a text whose splits cannot be long enough, none
-            bound = _token_bound(source, cfg, block_size + 1)
+        if block_size and not chat:  # learning takes long: none for a text whose splits
+            bound = _token_bound(source, cfg, block_size + 1)  # cannot be long enough
             _check_split_sizes(bound, block_size, data_dir, at_most=True)
         if progress:
             print(f"learning a {cfg.bpe_vocab_size}-id BPE from the train split of "
                   f"{source.description}")
         started = time.perf_counter()
-        tokenizer = BPETokenizer.learn(_train_texts(source, cfg), cfg.bpe_vocab_size)
+        texts = chat_texts(source, cfg, "train") if chat else _train_texts(source, cfg)
+        tokenizer = BPETokenizer.learn(texts, cfg.bpe_vocab_size)
         if progress:
             print(f"learned {tokenizer.vocab_size} ids in {time.perf_counter() - started:.1f} s")
     else:
         tokenizer = get_tokenizer(cfg.tokenizer)
+    if chat:
+        tokenizer = with_chat_tokens(tokenizer)
     workers = cfg.num_proc or os.cpu_count() or 1
-    bar = tqdm(
-        desc=f"tokenizing {source.description}", unit="B", unit_scale=True, disable=not progress
-    )
+    bar = tqdm(desc=f"tokenizing {source.description}", unit=" conversations" if chat else "B",
+               unit_scale=not chat, disable=not progress)
     try:
-        with _write_errors(data_dir), PreparedDataWriter(data_dir, tokenizer) as writer:
-            _encode_stream(_split_pieces(source, cfg), tokenizer, writer, workers, bar)
+        with _write_errors(data_dir), PreparedDataWriter(
+            data_dir, tokenizer, block_size if chat else None
+        ) as writer:
+            if chat:
+                report = {"chat": _write_chats(source, cfg, block_size, writer, workers, bar)}
+            else:
+                _encode_stream(_split_pieces(source, cfg), tokenizer, writer, workers, bar)
+                report = {}
             counts = writer.tokens
             if sum(counts.values()) == 0:
+                what = "no conversations" if chat else "no text"
                 raise GPTError(
-                    f"[data] source: {source.description} holds no text; point it at a corpus"
+                    f"[data] source: {source.description} holds {what}; point it at a corpus"
                 )
             _check_split_sizes(counts, block_size, data_dir)
             meta = writer.commit({
                 "source": cfg.source,
                 "fingerprint": fingerprint,
-                "settings": _settings(cfg),
+                "settings": _settings(cfg, block_size),
                 "skipped_files": len(source.skipped),
+                **report,
             })
     finally:
         bar.close()
     if progress:
-        skipped = f", skipped {len(source.skipped)} non-UTF-8 file(s)" if source.skipped else ""
-        print(
-            f"wrote {data_dir}: train {counts['train']:,} tokens, val {counts['val']:,} tokens "
-            f"({meta['dtype']}, {cfg.tokenizer}){skipped}"
-        )
+        print(_wrote_line(meta, cfg, data_dir, source))
     return meta
+
+
+def _wrote_line(meta: dict[str, Any], cfg: DataConfig, data_dir: Path, source: Source) -> str:
+    """What prepare wrote, in a line: each split's tokens, or a chat set's report."""
+    if "chat" in meta:
+        return f"wrote {data_dir} ({meta['dtype']}, {cfg.tokenizer}): {chat_report(meta['chat'])}"
+    skipped = f", skipped {len(source.skipped)} non-UTF-8 file(s)" if source.skipped else ""
+    counts = meta["tokens"]
+    return (f"wrote {data_dir}: train {counts['train']:,} tokens, val {counts['val']:,} tokens "
+            f"({meta['dtype']}, {cfg.tokenizer}){skipped}")
 
 
 WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)

@@ -5,6 +5,13 @@
     train.bin     the train split's token ids, flat, in `dtype` (uint16, or uint32 for vocabularies
     val.bin       over 65,536 ids); documents separated by the eot id
 
+Chat data (meta.json's `format` is "chat"; without the key a folder holds text) holds rows of
+exactly `block_size + 1` tokens, conversations best-fit packed into them and padded, and beside
+each split a mask of one byte per token, 1 where the loss counts the token (the assistant's):
+
+    train.mask    uint8, one per token of train.bin
+    val.mask
+
 `PreparedDataWriter` writes a folder: token files under temporary names, renamed into place on
 `commit`, meta.json last, so a folder with a meta.json is complete. `PreparedData` opens one,
 checked against its meta.json, and hands out read-only memmaps; `BatchSampler` draws training
@@ -30,10 +37,15 @@ FORMAT_VERSION = 2  # 2: a folder's documents are split by their sizes, not thei
 SPLITS = ("train", "val")
 META_FILE = "meta.json"
 META_LIMIT = 256 * MiB  # bytes of a meta.json: the tokenizer's record is most of it
+MASK_DTYPE = np.dtype(np.uint8)  # chat data's loss mask: 0 or 1 per token
 
 
 def _token_path(data_dir: Path, split: str) -> Path:
     return data_dir / f"{split}.bin"
+
+
+def _mask_path(data_dir: Path, split: str) -> Path:
+    return data_dir / f"{split}.mask"
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -68,6 +80,12 @@ class PreparedData:
             self._counts = {split: int(self.meta["tokens"][split]) for split in SPLITS}
             int(self.meta["vocab_size"])
             self.meta["tokenizer"]["name"]
+            self.format: str = self.meta.get("format", "text")
+            if self.format not in ("text", "chat"):
+                raise ValueError(f"unknown format {self.format!r}")
+            self.block_size: int | None = (
+                int(self.meta["block_size"]) if self.format == "chat" else None
+            )
         except OSError as e:
             raise GPTError(
                 f"cannot read {meta_path} ({e.strerror}); make it readable, or rebuild with gpt "
@@ -78,11 +96,19 @@ class PreparedData:
                 f"{meta_path} is damaged ({first_line(e, 120)}); rebuild with gpt prepare --force"
             ) from None
         for split in SPLITS:
-            self._check_file(split, self._counts[split], verify_hash)
+            hashes = self.meta["sha256"] if verify_hash else {}
+            self._check_file(_token_path(self.data_dir, split), self.dtype, split, hashes)
+            if self.format == "chat":
+                hashes = self.meta["mask_sha256"] if verify_hash else {}
+                self._check_file(_mask_path(self.data_dir, split), MASK_DTYPE, split, hashes)
 
-    def _check_file(self, split: str, count: int, verify_hash: bool) -> None:
-        path = _token_path(self.data_dir, split)
-        expected = count * self.dtype.itemsize
+    def _check_file(
+        self, path: Path, dtype: np.dtype, split: str, hashes: dict[str, str]
+    ) -> None:
+        """The file holds the split's count of `dtype` values, and the sha256 `hashes` gives
+        (when given: checking it reads the whole file)."""
+        count = self._counts[split]
+        expected = count * dtype.itemsize
         actual = path.stat().st_size if path.exists() else None
         if actual != expected:
             found = "is missing" if actual is None else f"has {actual:,} bytes"
@@ -90,7 +116,7 @@ class PreparedData:
                 f"{path} {found} but meta.json says {count:,} tokens ({expected:,} bytes): "
                 "truncated or corrupted; rebuild with gpt prepare --force"
             )
-        if verify_hash and sha256_file(path) != self.meta["sha256"][split]:
+        if hashes and sha256_file(path) != hashes[split]:
             raise GPTError(
                 f"{path} does not match its sha256 in meta.json; rebuild with gpt prepare --force"
             )
@@ -107,13 +133,22 @@ class PreparedData:
 
     def tokens(self, split: str) -> np.ndarray:
         """A split's token ids as a read-only memmap: nothing is read until it is indexed."""
+        return self._map(_token_path(self.data_dir, split), self.dtype, split)
+
+    def mask(self, split: str) -> np.ndarray | None:
+        """Chat data: a split's loss mask (1 where the loss counts the token), as a read-only
+        memmap beside its tokens; None for text, every token of which is trained on."""
+        if self.format != "chat":
+            return None
+        return self._map(_mask_path(self.data_dir, split), MASK_DTYPE, split)
+
+    def _map(self, path: Path, dtype: np.dtype, split: str) -> np.ndarray:
         if split not in SPLITS:
             raise GPTError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
         if self._counts[split] == 0:  # a file of no bytes cannot be mapped
-            return np.empty(0, dtype=self.dtype)
-        path = _token_path(self.data_dir, split)
+            return np.empty(0, dtype=dtype)
         try:
-            return np.memmap(path, dtype=self.dtype, mode="r")
+            return np.memmap(path, dtype=dtype, mode="r")
         except OSError as e:  # not readable by this user
             raise GPTError(
                 f"cannot read {path} ({e.strerror}); make it readable, or rebuild with gpt "
@@ -125,6 +160,17 @@ class PreparedData:
         check_same_tokenizer(
             self.tokenizer, expected, f"{self.data_dir} was prepared with", "the model",
             "prepare the data with the model's tokenizer (data.tokenizer, gpt prepare --force)",
+        )
+
+
+def check_chat_rows(data: PreparedData, block_size: int) -> None:
+    """Chat data's rows hold block_size + 1 tokens: a model of another block_size cannot read
+    them as rows."""
+    if data.block_size != block_size:
+        raise GPTError(
+            f"{data.data_dir} holds chat data packed for model.block_size = {data.block_size}, "
+            f"the model's is {block_size}; prepare it again for this block_size (gpt prepare "
+            "--force), or set data.data_dir to another folder"
         )
 
 
@@ -158,19 +204,26 @@ class _TokenFile:
 class PreparedDataWriter:
     """Writes a data folder for `tokenizer`; used as a context manager, it removes everything it
     wrote unless `commit` was reached, so an error or an interrupt leaves nothing that looks
-    finished."""
+    finished. With `block_size`, chat data: rows of block_size + 1 tokens, each with its mask."""
 
-    def __init__(self, data_dir: Path, tokenizer: Tokenizer) -> None:
+    def __init__(self, data_dir: Path, tokenizer: Tokenizer, block_size: int | None = None) -> None:
         self.data_dir = data_dir
         self.tokenizer = tokenizer
+        self.block_size = block_size
         self.dtype = token_dtype(tokenizer.vocab_size)
         data_dir.mkdir(parents=True, exist_ok=True)
         self._files = {s: _TokenFile(_token_path(data_dir, s), self.dtype) for s in SPLITS}
+        self._masks = {} if block_size is None else {
+            s: _TokenFile(_mask_path(data_dir, s), MASK_DTYPE) for s in SPLITS
+        }
         self._committed = False
 
-    def write(self, split: str, ids: np.ndarray) -> None:
-        """Append ids (already checked to fit `dtype`) to a split."""
+    def write(self, split: str, ids: np.ndarray, mask: np.ndarray | None = None) -> None:
+        """Append ids (already checked to fit `dtype`) to a split, and for chat data their
+        mask."""
         self._files[split].write(ids)
+        if mask is not None:
+            self._masks[split].write(mask)
 
     @property
     def tokens(self) -> dict[str, int]:
@@ -180,10 +233,17 @@ class PreparedDataWriter:
     def commit(self, info: dict[str, Any]) -> dict[str, Any]:
         """Move the token files into place, then write meta.json (with `info`, what the caller
         records of how the data was made) last; returns the meta."""
-        for f in self._files.values():
+        files = [*self._files.values(), *self._masks.values()]
+        for f in files:
             f.close()
+        chat = {} if self.block_size is None else {
+            "format": "chat",
+            "block_size": self.block_size,
+            "mask_sha256": {split: f.sha.hexdigest() for split, f in self._masks.items()},
+        }
         meta = {
             "format_version": FORMAT_VERSION,
+            **chat,
             **info,
             "tokenizer": self.tokenizer.to_dict(),
             "vocab_size": self.tokenizer.vocab_size,
@@ -194,15 +254,15 @@ class PreparedDataWriter:
         }
         meta_path = self.data_dir / META_FILE
         meta_path.unlink(missing_ok=True)  # a crash between the renames leaves "not prepared"
-        for f in self._files.values():
+        for f in files:
             os.replace(f.tmp, f.path)
         write_json_atomic(meta_path, meta)  # flushes the folder, the renames with it
         self._committed = True
         return meta
 
     def discard(self) -> None:
-        """Remove the temporary token files."""
-        for f in self._files.values():
+        """Remove the temporary token (and mask) files."""
+        for f in [*self._files.values(), *self._masks.values()]:
             f.discard()
 
     def __enter__(self) -> PreparedDataWriter:
@@ -214,7 +274,8 @@ class PreparedDataWriter:
 
 
 class BatchSampler:
-    """Random windows of block_size + 1 tokens from one split, reproducible and resumable.
+    """Random windows of block_size + 1 tokens from one split, reproducible and resumable; of
+    chat data, random rows, whose targets are -1 (ignored by the loss) where the mask is 0.
 
     All ranks of a distributed run share one generator stream per (seed, split): each call draws
     the start positions of `world_size` batches and rank r reads the r-th, so every rank sees
@@ -240,6 +301,9 @@ class BatchSampler:
     ) -> None:
         prepared = data if isinstance(data, PreparedData) else PreparedData(data)  # opened once
         self.data = prepared.tokens(split)
+        self.mask = prepared.mask(split)
+        if self.mask is not None:
+            check_chat_rows(prepared, block_size)
         if len(self.data) < block_size + 1:
             raise GPTError(
                 f"{prepared.data_dir}: the {split} split has {len(self.data)} tokens, fewer than "
@@ -272,14 +336,19 @@ class BatchSampler:
             self._held = (self._draw(), state)
 
     def _draw(self) -> tuple[torch.Tensor, torch.Tensor]:
+        row = self.block_size + 1
         starts = torch.randint(
-            len(self.data) - self.block_size,
+            len(self.data) - self.block_size if self.mask is None else len(self.data) // row,
             (self.world_size, self.batch_size),
             generator=self.generator,
         )[self.rank]  # (B,): this rank's row of the world's batches
-        windows = self.data[starts.numpy()[:, None] + self._offsets]  # (B, T + 1)
-        batch = torch.from_numpy(windows.astype(np.int64))
+        if self.mask is not None:  # chat data: whole packed rows
+            starts = starts * row
+        index = starts.numpy()[:, None] + self._offsets  # (B, T + 1)
+        batch = torch.from_numpy(self.data[index].astype(np.int64))
         x, y = batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
+        if self.mask is not None:
+            y[torch.from_numpy(self.mask[index[:, 1:]] == 0)] = -1  # trained on the assistant's
         if self.device.type == "cuda":  # page-locked host memory lets the copy overlap compute
             return (
                 x.pin_memory().to(self.device, non_blocking=True),

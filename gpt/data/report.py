@@ -3,8 +3,10 @@ into tokens, for the learned BPE (once prepared), GPT-2's BPE and characters."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from gpt.config import DataConfig
-from gpt.data.prepare import _split_pieces
+from gpt.data.prepare import _split_pieces, chat_texts
 from gpt.data.prepared import PreparedData, has_prepared_data
 from gpt.data.sources import open_source
 from gpt.errors import GPTError
@@ -15,14 +17,20 @@ EXAMPLES = 3
 
 
 def _val_text(cfg: DataConfig) -> str:
-    """Up to REPORT_CHARS of the validation split, the text no learned vocabulary has seen."""
+    """Up to REPORT_CHARS of the validation split, the text no learned vocabulary has seen (of
+    chat data, its conversations' roles and contents, a line each)."""
+    source = open_source(cfg)
+    if cfg.format == "chat":
+        texts: Iterator[str] = (text + "\n" for text in chat_texts(source, cfg, "val"))
+    else:
+        texts = (text for split, text, _ in _split_pieces(source, cfg, warn=False)
+                 if split == "val")
     parts, size = [], 0
-    for split, text, _ in _split_pieces(open_source(cfg), cfg, warn=False):
-        if split == "val":
-            parts.append(text[: REPORT_CHARS - size])
-            size += len(parts[-1])
-            if size >= REPORT_CHARS:
-                break
+    for text in texts:
+        parts.append(text[: REPORT_CHARS - size])
+        size += len(parts[-1])
+        if size >= REPORT_CHARS:
+            break
     return "".join(parts)
 
 

@@ -4,7 +4,9 @@
 text files (one document each), tabular files (.jsonl/.json/.parquet/.csv) or a saved dataset
 read with HF `datasets`, `hf:NAME[:CONFIG]` on the hub, an http(s) URL of a text file
 (downloaded once with the standard library into a `downloads` folder beside the data folder),
-or `python-stdlib`, the running interpreter's standard library.
+or `python-stdlib`, the running interpreter's standard library. With `[data] format = "chat"`
+the same sources hold conversations, read as rows by `Source.records` (a .jsonl file line by
+line, so that a bad row is named by its line), and `python-docstrings` is the built-in chat set.
 """
 
 from __future__ import annotations
@@ -71,6 +73,14 @@ class Source:
     def documents(self) -> Iterator[str]:
         """The non-empty documents, in order."""
         return (text for text in self.rows() if text)
+
+    def records(self) -> Iterator[tuple[str, Any]]:
+        """Chat rows in order (a JSON line or a dataset's row), each with where it is, for a
+        message naming a bad one: a file and line, or a dataset's row."""
+        raise GPTError(
+            f"[data] source: {self.description} holds text, not conversations; give a .jsonl "
+            "file or a dataset of chat rows, or set data.format = \"text\""
+        )
 
 
 def _stat_identity(paths: list[Path]) -> list[tuple[str, int, int]]:
@@ -329,15 +339,72 @@ def _broken_off(url: str, why: str) -> GPTError:
     )
 
 
+class JsonlSource(Source):
+    """Chat rows in JSON Lines files, read line by line so that a bad row is named by its file
+    and line (HF `datasets` would refuse the whole file)."""
+
+    def __init__(self, paths: list[Path], description: str) -> None:
+        self.paths = sorted(paths)
+        super().__init__(description, _stat_identity(self.paths))
+
+    def records(self) -> Iterator[tuple[str, Any]]:
+        for path in self.paths:
+            with _reading(path) as f:
+                for number, line in enumerate(f, 1):
+                    if line.strip():
+                        yield f"{path}, line {number}", line.strip()
+
+    def count(self) -> int | None:
+        count = 0
+        for path in self.paths:
+            with _reading(path) as f:
+                count += sum(1 for line in f if line.strip())
+        return count
+
+
+@contextlib.contextmanager
+def _reading(path: Path) -> Iterator[BinaryIO]:
+    """`path` open for reading in binary (each line is decoded as a row); a failure to read it
+    as one line."""
+    try:
+        with open(path, "rb") as f:
+            yield f
+    except OSError as e:
+        raise GPTError(
+            f"cannot read {path} ({e.strerror}); make it readable, or leave it out of data.source"
+        ) from None
+
+
+class GeneratedChats(Source):
+    """A chat set built by a function (the built-in `python-docstrings`), rows in a fixed
+    order; `identity` is what it is built from."""
+
+    def __init__(
+        self, rows: Callable[[], Iterator[dict[str, Any]]], description: str, identity: Any
+    ) -> None:
+        super().__init__(description, identity)
+        self.build = rows
+
+    def rows(self) -> Iterator[str]:
+        raise GPTError(
+            f"[data] source: {self.description} is a chat set; set data.format = \"chat\""
+        )
+
+    def records(self) -> Iterator[tuple[str, Any]]:
+        for number, row in enumerate(self.build(), 1):
+            yield f"{self.description}, row {number}", row
+
+
 class DatasetSource(Source):
-    """Rows of an HF `datasets` Dataset (or IterableDataset), the text in `text_column`.
+    """Rows of an HF `datasets` Dataset (or IterableDataset), the text in `text_column` (None
+    for chat rows, read whole by `records`).
 
     `load` returns the dataset and runs when it is first needed; the kinds of dataset source
     (tabular files, a saved dataset, the hub) differ only by it.
     """
 
     def __init__(
-        self, load: Callable[[], Any], description: str, identity: Any, text_column: str
+        self, load: Callable[[], Any], description: str, identity: Any, text_column: str | None
     ) -> None:
         super().__init__(description, identity)
         self.load, self.text_column = load, text_column
@@ -347,7 +414,7 @@ class DatasetSource(Source):
         """The loaded dataset, checked for the text column where its columns are known."""
         ds = self.load()
         columns = getattr(ds, "column_names", None)
-        if columns is not None and self.text_column not in columns:
+        if None not in (self.text_column, columns) and self.text_column not in columns:
             raise GPTError(
                 f"{self.description} has no column {self.text_column!r}; its columns are "
                 f"{', '.join(map(str, columns))}: set data.text_column to one of them"
@@ -362,6 +429,13 @@ class DatasetSource(Source):
                 )
             for text in batch[self.text_column]:
                 yield "" if text is None else str(text)
+
+    def records(self) -> Iterator[tuple[str, Any]]:
+        number = 0
+        for batch in self.dataset.iter(batch_size=1000):
+            for values in zip(*batch.values(), strict=True):
+                number += 1
+                yield f"{self.description}, row {number}", dict(zip(batch, values, strict=True))
 
     def count(self) -> int | None:
         ds = self.dataset
@@ -381,6 +455,11 @@ def stdlib_files() -> list[Path]:
 def open_source(cfg: DataConfig) -> Source:
     """Interpret `[data] source`; nothing is read yet."""
     spec = cfg.source
+    if spec == "python-docstrings":
+        from gpt.data import docstrings  # it reads the library through this module
+
+        return GeneratedChats(docstrings.conversations, "python-docstrings",
+                              _stat_identity(stdlib_files()))
     if spec == "python-stdlib":
         return FileSource(stdlib_files(), "the Python standard library", cfg.decode_errors)
     if spec.startswith("hf:"):
@@ -447,7 +526,10 @@ def _many_files(paths: list[Path], description: str, cfg: DataConfig) -> Source:
     return FileSource(paths, description, cfg.decode_errors)
 
 
-def _tabular_source(paths: list[Path], cfg: DataConfig) -> DatasetSource:
+def _tabular_source(paths: list[Path], cfg: DataConfig) -> Source:
+    if cfg.format == "chat" and all(p.suffix.lower() == ".jsonl" for p in paths):
+        description = f"{len(paths)} jsonl file(s)" if len(paths) > 1 else str(paths[0])
+        return JsonlSource(paths, description)
     builders = {TABULAR[p.suffix.lower()] for p in paths}
     if len(builders) > 1:
         raise GPTError(
@@ -466,7 +548,7 @@ def _tabular_source(paths: list[Path], cfg: DataConfig) -> DatasetSource:
         except Exception as e:
             raise GPTError(f"cannot read {description}: {first_line(e)}") from None
 
-    return DatasetSource(load, description, _stat_identity(paths), cfg.text_column)
+    return DatasetSource(load, description, _stat_identity(paths), _text_column(cfg))
 
 
 def _saved_source(path: Path, cfg: DataConfig) -> DatasetSource:
@@ -486,7 +568,7 @@ def _saved_source(path: Path, cfg: DataConfig) -> DatasetSource:
         return ds
 
     files = sorted(p for p in path.rglob("*") if p.is_file())
-    return DatasetSource(load, f"saved dataset {path}", _stat_identity(files), cfg.text_column)
+    return DatasetSource(load, f"saved dataset {path}", _stat_identity(files), _text_column(cfg))
 
 
 def _hub_source(spec: str, cfg: DataConfig) -> DatasetSource:
@@ -510,5 +592,10 @@ def _hub_source(spec: str, cfg: DataConfig) -> DatasetSource:
                 "local files"
             ) from None
 
-    return DatasetSource(load, f"hub dataset {name}", [spec, cfg.split], cfg.text_column)
+    return DatasetSource(load, f"hub dataset {name}", [spec, cfg.split], _text_column(cfg))
+
+
+def _text_column(cfg: DataConfig) -> str | None:
+    """The column a dataset's text is in; None for chat rows, whose columns say their format."""
+    return cfg.text_column if cfg.format == "text" else None
 

@@ -31,6 +31,7 @@ from gpt.fileio import fsync_dir, new_file_mode, write_failure
 from gpt.hf.pretrained import HF_PREFIX
 from gpt.lora import LoRA, adapter_state
 from gpt.model import GPT
+from gpt.tokenizer import ChatTokenizer, tokenizer_from_dict
 
 
 class Exportable(Protocol):
@@ -68,7 +69,7 @@ def export(source: Exportable, out_dir: Path, force: bool) -> Path:
             special = {**special, "eos_token_id": None}
         hf_config = hf_config_from_model(model_config, **special)
         hf_config.save_pretrained(str(tmp))
-        _generation_config(special).save_pretrained(str(tmp))
+        _generation_config(special, source.tokenizer).save_pretrained(str(tmp))
         model = source.load_model("cpu")  # a LoRA finetune's adapters merged in
         weights = weights_to_hf(model_config, model.state_dict())
         _save_safetensors(weights, tmp / "model.safetensors")
@@ -176,11 +177,17 @@ def _check_folder(out_dir: Path, force: bool, source: Path) -> None:
         )
 
 
-def _generation_config(special: dict[str, int | None]) -> Any:
-    """Sampling defaults for HF `generate`: its special ids, nothing else."""
+def _generation_config(special: dict[str, int | None], tokenizer: dict[str, Any]) -> Any:
+    """Sampling defaults for HF `generate`: its special ids, nothing else; a tokenizer with the
+    chat tokens ends a generation at <|im_end|> too, as `gpt chat` does."""
     from transformers import GenerationConfig
 
-    return GenerationConfig(**{k: v for k, v in special.items() if v is not None})
+    ids: dict[str, Any] = {k: v for k, v in special.items() if v is not None}
+    chat = tokenizer_from_dict(tokenizer)
+    if isinstance(chat, ChatTokenizer):
+        eos, end_of_turn = special["eos_token_id"], chat.chat_ids[1]
+        ids["eos_token_id"] = [end_of_turn] if eos is None else [eos, end_of_turn]
+    return GenerationConfig(**ids)
 
 
 def _replace(tmp: Path, out_dir: Path) -> None:

@@ -8,7 +8,10 @@ recognised and given their own records, so data prepared with those stays compat
 Export: `save_hf_tokenizer` writes tokenizer files that `AutoTokenizer.from_pretrained` loads
 into a tokenizer giving the ids ours gives: GPT-2's BPE derived from the bundled ranks (no
 download), a char vocabulary as a one-character-per-token WordLevel, a learned BPE as its own
-tokenizer.json, or an HF record written back.
+tokenizer.json, or an HF record written back. A tokenizer with the chat tokens gets them as
+special added tokens at their ids and the built-in layout as its chat template, so HF's
+`apply_chat_template` gives the ids `gpt.template` gives; every chat template is written into
+tokenizer_config.json, which every transformers release reads.
 """
 
 from __future__ import annotations
@@ -23,13 +26,17 @@ from typing import Any
 from gpt.errors import GPTError, first_line
 from gpt.fileio import MiB, read_text_bounded
 from gpt.tokenizer import (
+    CHAT_TOKENS,
+    CHATML_TEMPLATE,
     GPT2_EOT,
     HF_SPECIAL_TOKENS,
     BPETokenizer,
     CharTokenizer,
+    ChatTokenizer,
     HFTokenizer,
     byte_chars,
     gpt2_ranks,
+    tokenizer_from_dict,
 )
 
 # files that hold a vocabulary: tokenizer.json, or what a slow tokenizer is converted from
@@ -83,22 +90,42 @@ def save_hf_tokenizer(
     """Write the tokenizer of `record` into `out_dir` as transformers saves one, and return the
     special ids that config.json and generation_config.json carry."""
     check_exportable_tokenizer(record)
+    tokenizer = tokenizer_from_dict(record)  # checks the record
+    plain = {k: v for k, v in record.items() if k != "chat_tokens"}
     name = record["name"]
     if name == "gpt2":
         hf = _gpt2_hf(model_max_length)
     elif name == CharTokenizer.name:
-        hf = _char_hf(record, model_max_length)
+        hf = _char_hf(plain, model_max_length)
     elif name == BPETokenizer.name:
-        hf = _bpe_hf(record, model_max_length)
+        hf = _bpe_hf(plain, model_max_length)
     else:
-        hf = _hf_hf(record, model_max_length)
-    hf.save_pretrained(str(out_dir))
+        hf = _hf_hf(plain, model_max_length)
+    if isinstance(tokenizer, ChatTokenizer):
+        _add_chat_tokens(hf, tokenizer.chat_ids)
+    hf.save_pretrained(str(out_dir), save_jinja_files=False)  # the template in the config
     _portable_class(out_dir)
     return {
         "bos_token_id": hf.bos_token_id,
         "eos_token_id": hf.eos_token_id,
         "pad_token_id": hf.pad_token_id,
     }
+
+
+def _add_chat_tokens(hf: Any, ids: tuple[int, int]) -> None:
+    """Give `hf` the chat tokens as special added tokens at `ids`, ours, and the built-in
+    layout as its chat template."""
+    from tokenizers import AddedToken
+
+    hf.add_tokens([AddedToken(token, special=True, normalized=False) for token in CHAT_TOKENS],
+                  special_tokens=True)
+    given = tuple(hf.convert_tokens_to_ids(list(CHAT_TOKENS)))
+    if given != ids:
+        raise GPTError(
+            f"the exported tokenizer would give the chat tokens ids {given}, not the model's "
+            f"{ids}; export a model whose tokenizer has no gaps in its ids"
+        )
+    hf.chat_template = CHATML_TEMPLATE
 
 
 def check_exportable_tokenizer(record: dict[str, Any]) -> None:
