@@ -365,3 +365,41 @@ def test_peft_export_of_a_whole_model_is_refused(base_run: Path) -> None:
     assert result.exit_code == 2
     assert ("holds a whole model, not LoRA adapters (a run trained with train.finetune = "
             "\"lora\"); export it without --peft") in result.output
+
+
+def test_a_lora_finetune_on_chat_data_adds_the_chat_tokens_and_resumes_exactly(
+    base_run: Path,
+) -> None:
+    """Chat data with the base's tokenizer plus the chat tokens: the base grows by their two
+    rows (the mean of its token rows) under the adapters, the same way on every load, so the
+    run resumes bit for bit and loads for sampling."""
+    corpus = Path("corpus.txt")  # the roles' letters, for the char base to know
+    corpus.write_text(corpus.read_text() + "# the user asks, the assistant answers\n" * 20)
+    assert train(load_config("tiny.toml", ["train.out_dir=roles", "train.max_iters=10",
+                                           "data.data_dir=data/roles"])) == 0
+    turn = [{"role": "user", "content": "f(x)"}, {"role": "assistant", "content": "x * 2"}]
+    Path("chats.jsonl").write_text((json.dumps({"messages": turn}) + "\n") * 20)
+    chat = ["train.init_from=roles", "data.format=chat", "data.source=chats.jsonl",
+            "data.data_dir=data/chat", "train.lr_decay_iters=8", "train.eval_interval=4"]
+    assert finetune("train.out_dir=straight", "train.max_iters=8", *chat) == 0
+    assert finetune("train.max_iters=4", *chat) == 0
+    assert finetune("train.max_iters=8", *chat) == 0
+    wa = load_file(str(base_run / "straight" / "ckpt-0000008" / "model.safetensors"))
+    wb = load_file(str(base_run / "tuned" / "ckpt-0000008" / "model.safetensors"))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    tuned, base = Checkpoint.open("tuned"), Checkpoint.open("roles")
+    vocab = base.config.model.vocab_size
+    assert tuned.lora is not None and tuned.lora["base"] == "roles/ckpt-0000010"
+    assert tuned.state["chat_tokens_added"]["ids"] == [vocab, vocab + 1]
+    model = tuned.load_model()
+    assert model.config.vocab_size == vocab + 2
+    base_rows = base.load_model().transformer.wte.weight[:vocab]
+    torch.testing.assert_close(model.transformer.wte.weight[vocab:vocab + 2],
+                               base_rows.mean(0).expand(2, -1))
+    result = runner.invoke(app, ["sample", "--checkpoint", "tuned", "--max-new-tokens", "8",
+                                 "--no-stream"])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["export", "--checkpoint", "tuned", "--out", "x", "--peft"])
+    assert result.exit_code == 2 and ("tuned/ckpt-0000008 added the chat tokens to its base's "
+                                      "vocabulary, whose new rows PEFT's adapters cannot carry; "
+                                      "export it merged, without --peft") in result.output

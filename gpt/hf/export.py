@@ -90,6 +90,11 @@ def export_adapter(source: Exportable, out_dir: Path, force: bool) -> Path:
         )
     model_config = source.config.model
     check_hf_compatible(model_config)
+    if source.base().config.model.vocab_size != model_config.vocab_size:
+        raise GPTError(
+            f"{source.path} added the chat tokens to its base's vocabulary, whose new rows "
+            "PEFT's adapters cannot carry; export it merged, without --peft"
+        )
     _check_destination(out_dir, force, _source_folder(source))
     lora = LoRA.from_record(record)
     model = GPT(model_config)
