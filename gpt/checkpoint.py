@@ -278,8 +278,9 @@ VOCABULARY_KEYS = ("vocab_size", "padded_vocab_size")  # what adding the chat to
 def load_with_chat_tokens(start: Checkpoint | Pretrained, model: GPT) -> None:
     """Copy `start`'s weights into `model`, whose vocabulary is the start's plus the chat
     tokens (a finetune that adds them): their rows begin as the mean of the start's token rows,
-    so the new tokens start as an average token rather than at random; the padding rows keep
-    `model`'s own initialisation."""
+    so the new tokens start as an average token rather than at random; new padding rows are
+    zero (not `model`'s own initialisation, so that a LoRA finetune's base hashes the same at
+    every load)."""
     saved = start.config.model
     base = GPT(dataclasses.replace(
         model.config, **{key: getattr(saved, key) for key in VOCABULARY_KEYS}
@@ -290,7 +291,7 @@ def load_with_chat_tokens(start: Checkpoint | Pretrained, model: GPT) -> None:
     own = model.state_dict()
     for key in ("transformer.wte.weight", "lm_head.weight"):  # (vocab, C) both
         rows = state[key]
-        grown = own[key].detach().clone()
+        grown = torch.zeros_like(own[key])
         grown[: len(rows)] = rows
         grown[tokens: tokens + len(CHAT_TOKENS)] = rows[:tokens].mean(dim=0)
         state[key] = grown

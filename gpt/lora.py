@@ -8,6 +8,11 @@ The layer keeps the base's `weight` and `bias` under their own names and adds `l
 checkpoint holds only the `*.lora_A` / `*.lora_B` tensors. Merging folds B A into W, after
 which the model is a plain `GPT` again (inference, export).
 
+A finetune that adds the chat tokens (gpt/plan.py) must also train their embedding and head
+rows: the base never saw those tokens, and adapters on the blocks alone cannot make a model
+write `<|im_end|>`, whose head row is the mean of the others. Those rows (`LoRA.rows`) train as
+`*.added_rows` beside the frozen table, as PEFT's trainable token indices do.
+
 Written here rather than taken from PEFT: gpt's attention projects q, k and v with one fused
 Linear (`c_attn`) where HF Llama has three, a checkpoint must hold the adapters under gpt's own
 names and resume bit for bit, and DDP must see plain parameters; the PEFT export (gpt/hf/
@@ -29,7 +34,7 @@ from gpt.config import LORA_TARGETS, ModelConfig, TrainConfig
 from gpt.errors import GPTError
 from gpt.model import GPT
 
-ADAPTER_SUFFIXES = (".lora_A", ".lora_B")
+ADAPTER_SUFFIXES = (".lora_A", ".lora_B", ".added_rows")
 
 
 def is_adapter_key(key: str) -> bool:
@@ -45,19 +50,23 @@ def model_targets(config: ModelConfig) -> tuple[str, ...]:
 
 @dataclass(frozen=True)
 class LoRA:
-    """A LoRA finetune's shape: rank, scale numerator, input dropout and the adapted layers."""
+    """A LoRA finetune's shape: rank, scale numerator, input dropout, the adapted layers, and
+    the token ids whose embedding and head rows train (the chat tokens the finetune added)."""
 
     rank: int
     alpha: float
     dropout: float
     targets: tuple[str, ...]
+    rows: tuple[int, ...] = ()
 
     @property
     def scale(self) -> float:
         return self.alpha / self.rank
 
     @classmethod
-    def from_config(cls, tcfg: TrainConfig, model: ModelConfig) -> LoRA:
+    def from_config(
+        cls, tcfg: TrainConfig, model: ModelConfig, rows: tuple[int, ...] = ()
+    ) -> LoRA:
         """The [train] lora_* keys for `model`: unset targets are every layer it has; a named
         one it lacks (c_up of a standard MLP) is refused."""
         has = model_targets(model)
@@ -69,18 +78,19 @@ class LoRA:
                     f"(mlp = {model.mlp!r} has no c_up); remove it, or choose among "
                     f"{', '.join(has)}"
                 )
-        return cls(tcfg.lora_rank, tcfg.lora_alpha, tcfg.lora_dropout, targets)
+        return cls(tcfg.lora_rank, tcfg.lora_alpha, tcfg.lora_dropout, targets, rows)
 
     def record(self, base: str, base_sha256: str) -> dict[str, Any]:
         """What state.json keeps of a LoRA checkpoint: the base it adapts and the adapters'
         shape."""
         return {"base": base, "base_sha256": base_sha256, "rank": self.rank,
-                "alpha": self.alpha, "targets": list(self.targets)}
+                "alpha": self.alpha, "targets": list(self.targets), "rows": list(self.rows)}
 
     @classmethod
     def from_record(cls, record: dict[str, Any]) -> LoRA:
         """The adapters' shape as a checkpoint recorded it (dropout does not matter there)."""
-        return cls(record["rank"], record["alpha"], 0.0, tuple(record["targets"]))
+        return cls(record["rank"], record["alpha"], 0.0, tuple(record["targets"]),
+                   tuple(record.get("rows", ())))
 
 
 class LoRALinear(nn.Module):
@@ -119,6 +129,68 @@ class LoRALinear(nn.Module):
         return linear
 
 
+class TrainedRows(nn.Module):
+    """A frozen token embedding whose rows `ids` train: `added_rows` (k, C) begin as those rows
+    and replace them."""
+
+    def __init__(self, embedding: nn.Embedding, ids: tuple[int, ...]) -> None:
+        super().__init__()
+        self.weight = embedding.weight  # the base's own Parameter, frozen
+        self.register_buffer("ids", torch.tensor(ids, device=self.weight.device), persistent=False)
+        self.added_rows = nn.Parameter(self.weight.detach()[self.ids].clone())  # (k, C)
+
+    def change(self) -> Tensor:
+        """What the trained rows add to the frozen ones (zero at the start): (k, C)."""
+        return self.added_rows - self.weight[self.ids]
+
+    def forward(self, idx: Tensor) -> Tensor:
+        x = F.embedding(idx, self.weight)  # (B, T, C)
+        hits = (idx.unsqueeze(-1) == self.ids).to(x.dtype)  # (B, T, k)
+        return x + hits @ self.change()
+
+    def merged(self) -> nn.Embedding:
+        """A plain Embedding holding the trained rows."""
+        embedding = nn.Embedding(*self.weight.shape, device=self.weight.device,
+                                 dtype=self.weight.dtype)
+        with torch.no_grad():
+            embedding.weight.copy_(self.weight.index_copy(0, self.ids, self.added_rows))
+        return embedding
+
+
+class TrainedHeadRows(nn.Module):
+    """A frozen LM head whose rows `ids` train: its own `added_rows`, or, tied, the token
+    embedding's (one set of rows, as the tied weight is one table)."""
+
+    def __init__(self, head: nn.Linear, ids: tuple[int, ...], tied: TrainedRows | None) -> None:
+        super().__init__()
+        self.weight = head.weight  # frozen
+        self.register_buffer("ids", torch.tensor(ids, device=self.weight.device), persistent=False)
+        self._tied = [tied] if tied is not None else []  # a list: not a submodule, no keys
+        if tied is None:
+            self.added_rows = nn.Parameter(self.weight.detach()[self.ids].clone())  # (k, C)
+
+    def change(self) -> Tensor:
+        if self._tied:
+            return self._tied[0].change()
+        return self.added_rows - self.weight[self.ids]
+
+    def forward(self, x: Tensor) -> Tensor:
+        logits = F.linear(x, self.weight)  # (B, T, V)
+        return logits.index_add(-1, self.ids, F.linear(x, self.change()))  # (B, T, k) added
+
+    def merged(self, embedding: nn.Embedding) -> nn.Linear:
+        """A plain head holding the trained rows: tied to the merged `embedding`, or its own."""
+        out, width = self.weight.shape
+        head = nn.Linear(width, out, bias=False, device=self.weight.device,
+                         dtype=self.weight.dtype)
+        if self._tied:
+            head.weight = embedding.weight
+        else:
+            with torch.no_grad():
+                head.weight.copy_(self.weight.index_copy(0, self.ids, self.added_rows))
+        return head
+
+
 def _target_layers(model: GPT, targets: tuple[str, ...]) -> list[tuple[nn.Module, str]]:
     """(parent, name) of every Linear in the blocks whose name is a target."""
     return [(parent, name) for parent in model.transformer.h.modules()
@@ -141,6 +213,12 @@ def add_adapters(model: GPT, lora: LoRA, seed: int) -> int:
         layer = LoRALinear(base, lora, generator).train(base.training)
         setattr(parent, name, layer)
         trainable += layer.lora_A.numel() + layer.lora_B.numel()
+    if lora.rows:
+        embedding = TrainedRows(model.transformer.wte, lora.rows)
+        tied = embedding if model.config.tie_embeddings else None
+        model.transformer.wte = embedding
+        model.lm_head = TrainedHeadRows(model.lm_head, lora.rows, tied)
+        trainable += embedding.added_rows.numel() * (1 if tied is not None else 2)
     return trainable
 
 
@@ -150,6 +228,10 @@ def merge_adapters(model: GPT) -> GPT:
         for name, child in list(parent.named_children()):
             if isinstance(child, LoRALinear):
                 setattr(parent, name, child.merged())
+    if isinstance(embedding := model.transformer.wte, TrainedRows):
+        model.transformer.wte = embedding.merged()
+        assert isinstance(model.lm_head, TrainedHeadRows)
+        model.lm_head = model.lm_head.merged(model.transformer.wte)
     for param in model.parameters():
         param.requires_grad_(True)
     return model

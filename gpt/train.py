@@ -197,7 +197,8 @@ def load_start(begin: Start, model: GPT) -> dict[str, Any] | None:
     if tcfg.finetune != "lora":
         begin.load_into(model)
         return None
-    lora = LoRA.from_config(tcfg, begin.cfg.model)
+    added = begin.chat_tokens_record.get(CHAT_TOKENS_ADDED, {})  # their rows train too
+    lora = LoRA.from_config(tcfg, begin.cfg.model, rows=tuple(added.get("ids", ())))
     if begin.resumed is not None:
         begin.resumed.load_adapted(model, lora, tcfg.seed)
         return begin.resumed.lora

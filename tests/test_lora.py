@@ -64,6 +64,39 @@ def test_an_adapted_model_starts_as_exactly_its_base(tiny: Callable[..., GPT],
     assert torch.equal(adapted(idx)[0], base_train)
 
 
+@pytest.mark.parametrize("tie", [True, False])
+def test_trained_token_rows_start_as_the_base_train_alone_and_merge(
+    tiny: Callable[..., GPT], tie: bool
+) -> None:
+    """The rows of added tokens (ids 48, 49) train beside the adapters: the adapted model starts
+    as exactly its base, only adapters and those rows get gradients, and the merged model (one
+    table again when tied) gives the unmerged logits."""
+    base = tiny(tie_embeddings=tie)
+    model = tiny(tie_embeddings=tie)
+    add_adapters(model, LoRA(4, 8.0, 0.0, ("c_attn",), rows=(48, 49)), seed=0)
+    idx = torch.tensor([[1, 48, 3, 49, 5, 48]])
+    assert torch.equal(model(idx)[0], base(idx)[0])
+    model.train()
+    model(idx, targets=idx)[1].backward()
+    trained = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert trained == {n for n, _ in model.named_parameters() if n.endswith(
+        ("lora_A", "lora_B", "added_rows"))}
+    assert (model.transformer.wte.added_rows.grad != 0).all(dim=1).all()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(("lora_B", "added_rows")):
+                param.add_(torch.randn_like(param) * 0.1)
+    model.eval()
+    unmerged = model(idx)[0]
+    merge_adapters(model)
+    assert type(model.transformer.wte) is torch.nn.Embedding
+    assert (model.lm_head.weight is model.transformer.wte.weight) == tie
+    torch.testing.assert_close(model(idx)[0], unmerged, rtol=0, atol=1e-5)
+    untouched = [i for i in range(64) if i not in (48, 49)]
+    assert torch.equal(model.transformer.wte.weight[untouched],
+                       base.transformer.wte.weight[untouched])
+
+
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_merged_is_the_base_plus_scaled_b_a(tiny: Callable[..., GPT], variant: str) -> None:
     model = with_random_adapters(tiny(**VARIANTS[variant]), lora_rank=4, lora_alpha=6.0)
@@ -371,8 +404,9 @@ def test_a_lora_finetune_on_chat_data_adds_the_chat_tokens_and_resumes_exactly(
     base_run: Path,
 ) -> None:
     """Chat data with the base's tokenizer plus the chat tokens: the base grows by their two
-    rows (the mean of its token rows) under the adapters, the same way on every load, so the
-    run resumes bit for bit and loads for sampling."""
+    rows (the mean of its token rows) the same way on every load, those rows train beside the
+    adapters (the checkpoint holds them), and the run resumes bit for bit and loads for
+    sampling."""
     corpus = Path("corpus.txt")  # the roles' letters, for the char base to know
     corpus.write_text(corpus.read_text() + "# the user asks, the assistant answers\n" * 20)
     assert train(load_config("tiny.toml", ["train.out_dir=roles", "train.max_iters=10",
@@ -391,11 +425,15 @@ def test_a_lora_finetune_on_chat_data_adds_the_chat_tokens_and_resumes_exactly(
     vocab = base.config.model.vocab_size
     assert tuned.lora is not None and tuned.lora["base"] == "roles/ckpt-0000010"
     assert tuned.state["chat_tokens_added"]["ids"] == [vocab, vocab + 1]
+    assert "transformer.wte.added_rows" in wa and wa["transformer.wte.added_rows"].shape[0] == 2
     model = tuned.load_model()
     assert model.config.vocab_size == vocab + 2
     base_rows = base.load_model().transformer.wte.weight[:vocab]
-    torch.testing.assert_close(model.transformer.wte.weight[vocab:vocab + 2],
-                               base_rows.mean(0).expand(2, -1))
+    assert torch.equal(model.transformer.wte.weight[:vocab], base_rows)
+    assert torch.equal(model.transformer.wte.weight[vocab:vocab + 2],
+                       wa["transformer.wte.added_rows"])  # trained from the mean
+    assert not torch.allclose(wa["transformer.wte.added_rows"], base_rows.mean(0).expand(2, -1))
+    assert model.lm_head.weight is model.transformer.wte.weight
     result = runner.invoke(app, ["sample", "--checkpoint", "tuned", "--max-new-tokens", "8",
                                  "--no-stream"])
     assert result.exit_code == 0, result.output
