@@ -1,12 +1,16 @@
-"""Conversion between `gpt.model.GPT` and HF transformers' GPT-2 and Llama. transformers is
-imported inside functions, so the checks here run without it.
+"""Conversion between `gpt.model.GPT` and HF transformers' GPT-2, Llama and Qwen3. transformers
+is imported inside functions, so the checks here run without it.
 
 `pos_embedding` picks the family. Learned positions convert to `GPT2LMHeadModel`: LayerNorm
 with biases, a standard MLP, multi-head attention; its names are ours key for key, but its
 `Conv1D` projections store (in, out) weights, the transpose of `nn.Linear`. Rotary positions
 convert to `LlamaForCausalLM`: RMSNorm, SwiGLU, no biases, grouped-query heads; it keeps q, k
 and v in three matrices where we fuse them row-wise, and its `rotate_half` RoPE rotates the same
-(i, i + hs/2) pairs as ours, so no rows are permuted. Both are Pre-LN with uncapped logits.
+(i, i + hs/2) pairs as ours, so no rows are permuted. Rotary positions with QK-norm convert to
+`Qwen3ForCausalLM`, which is Llama's network and names plus what our QK-norm computes: each
+head's queries and keys RMS-normalised over head_dim, with the blocks' `rms_norm_eps`, before
+RoPE, attention still scaled by 1/sqrt(head_dim). Its norms have a gain (`q_norm`, `k_norm`),
+ours none: export writes ones, import takes only ones. All three are Pre-LN with uncapped logits.
 
 Configs and weights convert separately, so that a loader (config.json and safetensors files)
 and an exporter need no HF model; `from_hf` and `to_hf` join the two for live models.
@@ -14,6 +18,7 @@ and an exporter need no HF model; `from_hf` and `to_hf` join the two for live mo
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
@@ -71,6 +76,15 @@ _LLAMA_BLOCK = {
 _LLAMA_QKV = ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight")
 _LLAMA_TOP = {"transformer.wte.weight": "model.embed_tokens.weight",
               "transformer.ln_f.weight": "model.norm.weight", "lm_head.weight": "lm_head.weight"}
+# Qwen3's per-head QK-norm gains, which ours lacks (one, always), under model.layers.N.
+_QWEN3_QK_GAINS = ("self_attn.q_norm.weight", "self_attn.k_norm.weight")
+# what each family exports as
+_ARCHITECTURES = {"HF GPT-2": "GPT2LMHeadModel", "HF Llama": "LlamaForCausalLM",
+                  "HF Qwen3": "Qwen3ForCausalLM"}
+# logit soft-capping's refusal: the HF models that cap logits so differ in more than the cap
+_SOFTCAP_NEEDS = ("it unset (HF's models with cap * tanh(logits / cap), Gemma 2 and its "
+                  "successors, also norm every sublayer's output and scale the embeddings by "
+                  "sqrt(n_embd), which gpt does not)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -79,21 +93,33 @@ _LLAMA_TOP = {"transformer.wte.weight": "model.embed_tokens.weight",
 
 def _family(config: ModelConfig) -> str:
     """Which HF family holds `config`, as messages name it."""
-    return "HF GPT-2" if config.pos_embedding == "learned" else "HF Llama"
+    if config.pos_embedding == "learned":
+        return "HF GPT-2"
+    return "HF Qwen3" if config.qk_norm else "HF Llama"
+
+
+def _family_in_refusals(config: ModelConfig) -> str:
+    """The family and the keys that pick it, as refusals name them."""
+    picked_by = f"pos_embedding = {config.pos_embedding!r}"
+    if _family(config) == "HF Qwen3":
+        picked_by += " with qk_norm"
+    return f"{_family(config)}, the family of {picked_by},"
 
 
 def check_hf_compatible(config: ModelConfig) -> None:
     """Raise unless an HF family computes what `config` does: GPT-2 for learned positions,
-    Llama for rotary ones. The runtime-only keys (dropout, attention, zero_init_proj) pass."""
+    Llama for rotary ones, Qwen3 for rotary ones with QK-norm. The runtime-only keys (dropout,
+    attention, zero_init_proj) pass."""
     gpt2 = config.pos_embedding == "learned"
     needs: list[tuple[str, bool, str]] = [  # (key, holds, what the family needs)
         ("norm_position", config.norm_position == "pre", "'pre'"),
         ("cross_attention", not config.cross_attention, "False"),
-        ("qk_norm", not config.qk_norm, "False"),
-        ("logit_softcap", config.logit_softcap is None, "it unset"),
+        ("logit_softcap", config.logit_softcap is None, _SOFTCAP_NEEDS),
     ]
     if gpt2:
         needs += [
+            ("qk_norm", not config.qk_norm,
+             "False (QK-norm exports as HF Qwen3, with pos_embedding = 'rope')"),
             ("mlp", config.mlp == "standard",
              "'standard' (gated MLPs export as HF Llama, with pos_embedding = 'rope')"),
             ("norm", config.norm == "layernorm", "'layernorm'"),
@@ -104,12 +130,15 @@ def check_hf_compatible(config: ModelConfig) -> None:
              f"it unset or n_head = {config.n_head} (GPT-2 has no grouped-query attention)"),
         ]
     else:
+        standard = config.mlp == "standard"  # Llama's network with it is HF Arcee's
         needs += [
-            ("mlp", config.mlp == "swiglu", "'swiglu'"),
+            ("mlp", config.mlp == "swiglu", "'swiglu'" + (
+                " (a standard MLP, ReLU² included, with RoPE would need HF Arcee, which gpt "
+                "does not export to)" if standard else "")),
             ("norm", config.norm == "rmsnorm", "'rmsnorm'"),
-            ("bias", not config.bias, "False (the Llama export has no biases)"),
+            ("bias", not config.bias, "False (the RoPE export has no biases)"),
         ]
-    family = f"{_family(config)}, the family of pos_embedding = {config.pos_embedding!r},"
+    family = _family_in_refusals(config)
     for key, holds, needed in needs:
         if not holds:
             raise GPTError(f"[model] {key} = {getattr(config, key)!r}: {family} needs {needed}")
@@ -202,17 +231,27 @@ def _model_config_from_llama(c: PretrainedConfig) -> ModelConfig:
     )
 
 
+def _model_config_from_qwen3(c: PretrainedConfig) -> ModelConfig:
+    """Llama's mapping plus QK-norm; a sliding window, which limits what a token attends to,
+    is refused (its gains, which ours lacks, are checked with the weights)."""
+    if getattr(c, "use_sliding_window", False):
+        raise _refuse("use_sliding_window", True, "gpt's attention sees every earlier position")
+    return dataclasses.replace(_model_config_from_llama(c), qk_norm=True)
+
+
 def model_config_from_hf(hf_config: PretrainedConfig) -> ModelConfig:
-    """The ModelConfig of an HF GPT-2 or Llama config; GPTError naming the HF key of anything
-    our model would compute differently."""
+    """The ModelConfig of an HF GPT-2, Llama or Qwen3 config; GPTError naming the HF key of
+    anything our model would compute differently."""
     model_type = getattr(hf_config, "model_type", None)
     if model_type == "gpt2":
         return _model_config_from_gpt2(hf_config)
     if model_type == "llama":
         return _model_config_from_llama(hf_config)
+    if model_type == "qwen3":
+        return _model_config_from_qwen3(hf_config)
     raise GPTError(
-        f"HF model_type {model_type!r} does not convert; gpt converts 'gpt2' (GPT2LMHeadModel) "
-        "and 'llama' (LlamaForCausalLM)"
+        f"HF model_type {model_type!r} does not convert; gpt converts 'gpt2' (GPT2LMHeadModel), "
+        "'llama' (LlamaForCausalLM) and 'qwen3' (Qwen3ForCausalLM)"
     )
 
 
@@ -222,13 +261,15 @@ def hf_config_from_model(
     eos_token_id: int | None = None,
     pad_token_id: int | None = None,
 ) -> PretrainedConfig:
-    """The HF config of `config`: GPT2Config for learned positions, LlamaConfig for RoPE.
+    """The HF config of `config`: GPT2Config for learned positions, LlamaConfig for RoPE,
+    Qwen3Config for RoPE with QK-norm.
 
     The vocabulary is the padded one (the embedding's rows); HF's position limit is block_size.
     """
     from transformers import GPT2Config, LlamaConfig
 
     check_hf_compatible(config)
+    family = _family(config)
     tokens = dict(bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
     hf_config: PretrainedConfig
     if config.pos_embedding == "learned":
@@ -250,9 +291,8 @@ def hf_config_from_model(
             tie_word_embeddings=config.tie_embeddings,
             **tokens,
         )
-        hf_config.architectures = ["GPT2LMHeadModel"]
     else:
-        hf_config = LlamaConfig(
+        llama = dict(
             vocab_size=config.padded_vocab_size,
             max_position_embeddings=config.block_size,
             hidden_size=config.n_embd,
@@ -262,21 +302,27 @@ def hf_config_from_model(
             num_key_value_heads=config.kv_heads,
             head_dim=config.head_dim,  # a plain attribute before transformers 4.45, unread
             hidden_act="silu",
-            rms_norm_eps=config.norm_eps,
+            rms_norm_eps=config.norm_eps,  # Qwen3's QK-norm takes it too, as ours does
             rope_theta=config.rope_base,  # transformers 5 moves it into rope_parameters
             attention_bias=False,
-            mlp_bias=False,
-            attention_dropout=config.dropout,  # Llama has no embedding or residual dropout
+            attention_dropout=config.dropout,  # neither has embedding or residual dropout
             tie_word_embeddings=config.tie_embeddings,
             **tokens,
         )
+        if family == "HF Qwen3":  # every layer attends to every earlier position
+            hf_config = _qwen3_config_class()(
+                **llama, use_sliding_window=False, sliding_window=None,
+                max_window_layers=config.n_layer,
+            )
+        else:
+            hf_config = LlamaConfig(**llama, mlp_bias=False)
         params = getattr(hf_config, "rope_parameters", None)
         if isinstance(params, dict):  # in case a 5.x release stops translating rope_theta
             params.update(rope_type="default", rope_theta=config.rope_base)
             # 5.x writes theta only inside rope_parameters, which 4.x (still what many serving
             # tools pin) ignores for its default of 10000; both read the top-level key
             hf_config.rope_theta = config.rope_base
-        hf_config.architectures = ["LlamaForCausalLM"]
+    hf_config.architectures = [_ARCHITECTURES[family]]
     if hasattr(hf_config, "dtype"):  # transformers >= 4.56 renamed torch_dtype to dtype
         hf_config.dtype = torch.float32
     else:
@@ -284,8 +330,21 @@ def hf_config_from_model(
     return hf_config
 
 
+def _qwen3_config_class() -> type[PretrainedConfig]:
+    """transformers' Qwen3Config, which came in 4.51; GPTError naming the upgrade before it."""
+    import transformers
+
+    if not hasattr(transformers, "Qwen3Config"):
+        raise GPTError(
+            f"[model] qk_norm exports as HF Qwen3, which transformers {transformers.__version__} "
+            "lacks; upgrade it to 4.51 or later (pip install -U transformers)"
+        )
+    return transformers.Qwen3Config
+
+
 # ---------------------------------------------------------------------------------------------
-# Weights: each of our keys stands for one HF key (GPT-2, Llama), or three (Llama's q, k, v)
+# Weights: each of our keys stands for one HF key (GPT-2, Llama), or three (Llama's q, k, v);
+# Qwen3 adds QK-norm gains that stand for none of ours
 
 
 def _hf_keys(config: ModelConfig, key: str) -> list[str]:
@@ -300,8 +359,17 @@ def _hf_keys(config: ModelConfig, key: str) -> list[str]:
         return [f"model.layers.{layer}.{name}" for name in _LLAMA_QKV]
     if rest in _LLAMA_BLOCK:
         return [f"model.layers.{layer}.{_LLAMA_BLOCK[rest]}"]
-    raise GPTError(f"weight {key} has no place in HF Llama; export a model that passes "
-                   "check_hf_compatible")
+    raise GPTError(f"weight {key} has no place in {_family(config)}; export a model that "
+                   "passes check_hf_compatible")
+
+
+def _qk_norm_gains(config: ModelConfig, dtype: torch.dtype) -> dict[str, Tensor]:
+    """The HF QK-norm gains that compute what ours does: Qwen3's q_norm and k_norm of every
+    layer, at one; none for the other families."""
+    if _family(config) != "HF Qwen3":
+        return {}
+    return {f"model.layers.{layer}.{name}": torch.ones(config.head_dim, dtype=dtype)
+            for layer in range(config.n_layer) for name in _QWEN3_QK_GAINS}
 
 
 def _to_hf_tensors(config: ModelConfig, key: str, value: Tensor) -> list[Tensor]:
@@ -346,8 +414,9 @@ def _hf_prefixed(config: ModelConfig, key: str) -> str:
 
 
 def weights_from_hf(config: ModelConfig, hf_state: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """An HF GPT-2 or Llama state dict (keys with or without the transformer./model. prefix)
-    -> ours for `config`, a tied head left out: load it with `GPT(config).load_state_dict`."""
+    """An HF GPT-2, Llama or Qwen3 state dict (keys with or without the transformer./model.
+    prefix) -> ours for `config`, a tied head left out: load it with
+    `GPT(config).load_state_dict`. Qwen3's QK-norm gains must be ones, as ours has none."""
     check_hf_compatible(config)
     buffers = _GPT2_BUFFERS if config.pos_embedding == "learned" else _LLAMA_BUFFERS
     given = {_hf_prefixed(config, key): key for key in hf_state if not key.endswith(buffers)}
@@ -370,6 +439,19 @@ def weights_from_hf(config: ModelConfig, hf_state: Mapping[str, Tensor]) -> dict
                     f"config needs {tuple(want.shape)}; pass the config of these weights"
                 )
         state[key] = _from_hf_tensors(config, key, values).contiguous()
+    for name, one in _qk_norm_gains(config, torch.float32).items():
+        if name not in given:
+            missing.append(name)
+            continue
+        gain = hf_state[given.pop(name)]
+        if gain.shape != one.shape:
+            raise GPTError(
+                f"HF weight {name} has shape {tuple(gain.shape)}, but the {_family(config)} "
+                f"config needs {tuple(one.shape)}; pass the config of these weights"
+            )
+        if not torch.equal(gain.float(), one):
+            raise GPTError(f"HF weight {name} is not all ones: gpt's QK-norm learns no gain; "
+                           "gpt cannot convert this model")
     if missing or given:
         raise GPTError(
             f"HF weights do not fit the {_family(config)} config: missing {_few(missing)}; "
@@ -379,8 +461,9 @@ def weights_from_hf(config: ModelConfig, hf_state: Mapping[str, Tensor]) -> dict
 
 
 def weights_to_hf(config: ModelConfig, state: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """Our state dict -> the HF model's (keys as GPT2LMHeadModel/LlamaForCausalLM name them),
-    contiguous; the head only when untied."""
+    """Our state dict -> the HF model's (keys as GPT2LMHeadModel, LlamaForCausalLM or
+    Qwen3ForCausalLM name them, Qwen3's QK-norm gains at one), contiguous; the head only when
+    untied."""
     check_hf_compatible(config)
     shapes = _our_shapes(config)
     extra = [k for k in state if k not in shapes and not (k == "lm_head.weight" and
@@ -400,6 +483,7 @@ def weights_to_hf(config: ModelConfig, state: Mapping[str, Tensor]) -> dict[str,
             _hf_keys(config, key), _to_hf_tensors(config, key, state[key]), strict=True
         ):
             hf_state[name] = value.contiguous()
+    hf_state.update(_qk_norm_gains(config, state["transformer.wte.weight"].dtype))
     return hf_state
 
 
@@ -435,8 +519,8 @@ def adapters_to_peft(
 
 
 def from_hf(hf_model: PreTrainedModel) -> GPT:
-    """A `GPT` (eval mode) holding the weights of an HF `GPT2LMHeadModel` or `LlamaForCausalLM`,
-    in their dtype and on their device."""
+    """A `GPT` (eval mode) holding the weights of an HF `GPT2LMHeadModel`, `LlamaForCausalLM` or
+    `Qwen3ForCausalLM`, in their dtype and on their device."""
     config = model_config_from_hf(hf_model.config)
     weight = next(hf_model.parameters())
     model = GPT(config).to(device=weight.device, dtype=weight.dtype)
@@ -449,8 +533,9 @@ def from_hf(hf_model: PreTrainedModel) -> GPT:
 
 
 def to_hf(model: GPT) -> PreTrainedModel:
-    """An HF `GPT2LMHeadModel` (learned positions) or `LlamaForCausalLM` (RoPE), in eval mode
-    and float32, holding the weights of `model`."""
+    """An HF `GPT2LMHeadModel` (learned positions), `LlamaForCausalLM` (RoPE) or
+    `Qwen3ForCausalLM` (RoPE and QK-norm), in eval mode and float32, holding the weights of
+    `model`."""
     from transformers import AutoModelForCausalLM
 
     hf_model = AutoModelForCausalLM.from_config(hf_config_from_model(model.config))
