@@ -547,8 +547,9 @@ def export(
     ] = False,
 ) -> None:
     """Write a model as an HF transformers folder: config.json, model.safetensors,
-    generation_config.json and the tokenizer (GPT2LMHeadModel or LlamaForCausalLM); a LoRA
-    finetune merged, or with --peft its adapters for PeftModel.from_pretrained."""
+    generation_config.json and the tokenizer (GPT2LMHeadModel, LlamaForCausalLM, or
+    Qwen3ForCausalLM for QK-norm); a LoRA finetune merged, or with --peft its adapters for
+    PeftModel.from_pretrained."""
     from gpt.hf.export import export as export_model
     from gpt.hf.export import export_adapter
     from gpt.hf.pretrained import open_model

@@ -370,8 +370,9 @@ class TrainConfig(_Section):
     out_dir: str = _key("out", "run folder: checkpoints, metrics.jsonl")
     init_from: str | None = _key(
         None,
-        "start from another run's weights (finetuning): its out_dir; or an HF GPT-2 or Llama "
-        "model (hf:FOLDER, hf:OWNER/NAME, gpt2 ... gpt2-xl), whose shape and tokenizer it takes",
+        "start from another run's weights (finetuning): its out_dir; or an HF GPT-2, Llama or "
+        "Qwen3 model (hf:FOLDER, hf:OWNER/NAME, gpt2 ... gpt2-xl), whose shape and tokenizer it "
+        "takes",
     )
     finetune: Finetune = _key(
         "full",

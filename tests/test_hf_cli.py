@@ -33,6 +33,7 @@ runner = CliRunner()
 PROMPT = "def function_1(x):\n"
 LLAMA_RUN = ["model.norm=rmsnorm", "model.mlp=swiglu", "model.pos_embedding=rope",
              "model.bias=false", "model.n_kv_head=1"]
+QWEN3_RUN = [*LLAMA_RUN, "model.qk_norm=true", "model.tie_embeddings=false"]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -239,8 +240,8 @@ def in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 GPT2_BPE_RUN = ["data.tokenizer=gpt2", "model.n_embd=16", "model.n_head=2"]
 
 
-@pytest.mark.parametrize("shape", [[], LLAMA_RUN, GPT2_BPE_RUN],
-                         ids=["gpt2-shaped", "llama-shaped", "gpt2-bpe"])
+@pytest.mark.parametrize("shape", [[], LLAMA_RUN, QWEN3_RUN, GPT2_BPE_RUN],
+                         ids=["gpt2-shaped", "llama-shaped", "qwen3-shaped", "gpt2-bpe"])
 def test_an_exported_run_loads_in_transformers_and_back(
     in_tmp: Path, shape: list[str], caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -261,7 +262,8 @@ def test_an_exported_run_loads_in_transformers_and_back(
     tokenizer_class = json.loads(Path("exported/tokenizer_config.json").read_text())["tokenizer_class"]
     assert tokenizer_class in ("GPT2Tokenizer", "PreTrainedTokenizerFast")  # 4.x loads them too
     assert not any(info[key] for key in ("missing_keys", "unexpected_keys", "mismatched_keys"))
-    assert type(hf).__name__ == ("LlamaForCausalLM" if shape == LLAMA_RUN else "GPT2LMHeadModel")
+    assert type(hf).__name__ == ("Qwen3ForCausalLM" if shape == QWEN3_RUN else
+                                 "LlamaForCausalLM" if shape == LLAMA_RUN else "GPT2LMHeadModel")
     found = Checkpoint.open(run)
     ours = found.load_model()
     ids = torch.randint(0, found.config.model.vocab_size, (2, 32))
@@ -361,7 +363,8 @@ def test_export_refuses_a_folder_with_files_unless_forced(in_tmp: Path) -> None:
 @pytest.mark.parametrize("setting, message", [
     ("model.norm_position=post", r"\[model\] norm_position = 'post'"),
     ("model.mlp=geglu", r"\[model\] mlp = 'geglu'"),
-    ("model.qk_norm=true", r"\[model\] qk_norm = True"),
+    ("model.qk_norm=true", r"\[model\] qk_norm = True: .* \(QK-norm exports as HF Qwen3"),
+    ("model.logit_softcap=30", r"\[model\] logit_softcap = 30.0: .* Gemma 2"),
 ])
 def test_export_refuses_what_hf_cannot_hold_before_writing(
     in_tmp: Path, setting: str, message: str

@@ -2,7 +2,8 @@
 
 The folder holds config.json, model.safetensors, generation_config.json and the tokenizer's
 files: `AutoModelForCausalLM.from_pretrained(folder)` builds a `GPT2LMHeadModel` (learned
-positions) or a `LlamaForCausalLM` (RoPE) with every weight in place, and
+positions), a `LlamaForCausalLM` (RoPE) or a `Qwen3ForCausalLM` (RoPE and QK-norm) with every
+weight in place, and
 `AutoTokenizer.from_pretrained(folder)` encodes text to the ids `gpt` gives it. A LoRA
 finetune exports merged (its base plus its adapters), or with `--peft` as its adapters alone, in
 PEFT's format. The folder is written beside its destination and renamed into place, so a failure
