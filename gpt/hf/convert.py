@@ -76,7 +76,7 @@ _LLAMA_BLOCK = {
 _LLAMA_QKV = ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight")
 _LLAMA_TOP = {"transformer.wte.weight": "model.embed_tokens.weight",
               "transformer.ln_f.weight": "model.norm.weight", "lm_head.weight": "lm_head.weight"}
-# Qwen3's per-head QK-norm gains, which ours lacks (one, always), under model.layers.N.
+# Qwen3's per-head QK-norm gains, under model.layers.N.: ours has none, so they are ones
 _QWEN3_QK_GAINS = ("self_attn.q_norm.weight", "self_attn.k_norm.weight")
 # what each family exports as
 _ARCHITECTURES = {"HF GPT-2": "GPT2LMHeadModel", "HF Llama": "LlamaForCausalLM",
