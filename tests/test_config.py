@@ -205,6 +205,11 @@ def test_every_config_the_docs_quote_is_shipped() -> None:
     assert all(f"`{name}`" in readme or f"configs/{name}" in readme for name in shipped)
 
 
+def test_the_readme_stays_a_front_door() -> None:
+    """README.md holds the quick start, the commands and a file map; depth goes in docs/."""
+    assert len((ROOT / "README.md").read_bytes()) <= 16_000
+
+
 def test_unset_train_keys_mean_their_documented_defaults() -> None:
     """"Unset means X" is derived in one place, the config."""
     unset = TrainConfig(max_iters=500, eval_interval=50)
