@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 from tqdm import tqdm
 
 from gpt.checkpoint import Checkpoint
@@ -32,6 +33,7 @@ from gpt.errors import GPTError, first_line
 from gpt.evaluate import LOGITS_BYTES
 from gpt.fileio import write_atomic
 from gpt.hf.pretrained import Pretrained, open_model
+from gpt.kvcache import KVCache
 from gpt.model import GPT
 from gpt.sample import TextStream, load_for_inference, stop_ids
 from gpt.tokenizer import Tokenizer
@@ -188,40 +190,63 @@ class GPTLM(TemplateLM):
     def _score(
         self, batch: list[tuple[tuple[int, ...], list[int]]], scored: list[Scored]
     ) -> list[tuple[int, tuple[float, bool]]]:
-        """One batch: its contexts in one pass (a cache row each), each row copied for the
-        context's other continuations, then every continuation but its last token in a second
-        pass; (request index, result) of each."""
-        contexts = [list(context) for context, _ in batch]
-        slots = [(members[0], c) for c, (_, members) in enumerate(batch)]  # (request, context)
-        slots += [(i, c) for c, (_, members) in enumerate(batch) for i in members[1:]]
+        """One batch: its contexts in one pass, into the cache rows after the continuations',
+        each copied into the rows of its continuations, then every continuation but its last
+        token in a second pass; (request index, result) of each. Rows are sorted by length and
+        split into groups of similar lengths, so that little of a pass is padding."""
+        contexts = sorted(range(len(batch)), key=lambda c: -len(batch[c][0]))
+        slots = sorted(((i, c) for c, (_, members) in enumerate(batch) for i in members),
+                       key=lambda slot: -len(scored[slot[0]][1]))  # (request, context)
+        R = len(slots)
+        cache = self.model.new_cache(R + len(batch), max(
+            len(batch[c][0]) + len(scored[i][1]) - 1 for i, c in slots))
+        last = self._pass(cache, R, [list(batch[c][0]) for c in contexts], last_only=True)
+        context_row = {c: R + k for k, c in enumerate(contexts)}
+        for row, (_, c) in enumerate(slots):
+            cache.move(context_row[c], row)
         conts = [scored[i][1] for i, _ in slots]
-        length = max(len(contexts[c]) + len(scored[i][1]) - 1 for i, c in slots)
-        cache = self.model.new_cache(len(slots), length)
-        cache.plan([(slice(0, len(contexts)), [len(c) for c in contexts])])
-        last, _ = self.model(self._ids(contexts), cache=cache, last_only=True)  # (C, 1, V)
-        for row in range(len(contexts), len(slots)):
-            cache.move(slots[row][1], row)
-        fed = [len(cont) - 1 for cont in conts]
-        logits = None
-        if max(fed) > 0:
-            cache.plan([(slice(0, len(slots)), fed)])
-            logits, _ = self.model(self._ids([c[:-1] for c in conts]), cache=cache)  # (R, T, V)
+        rest = self._pass(cache, 0, [cont[:-1] for cont in conts], last_only=False)
         vocab = self.model.config.vocab_size
         results = []
         for row, ((i, c), cont) in enumerate(zip(slots, conts, strict=True)):
-            head = last[c, :, :vocab]  # (1, V): predicts the continuation's first token
-            rest = logits[row, :fed[row], :vocab] if logits is not None else head[:0]
-            logprobs = F.log_softmax(torch.cat([head, rest]).float(), dim=-1)  # (n, V)
-            target = torch.tensor(cont, device=logprobs.device)
+            first = last[context_row[c] - R][None, :vocab]  # (1, V) predicts cont[0]
+            logprobs = F.log_softmax(torch.cat([first, rest[row][:, :vocab]]).float(), dim=-1)
+            target = torch.tensor(cont, device=logprobs.device)  # (n,) and logprobs (n, V)
             picked = logprobs.gather(-1, target[:, None]).sum().item()
             results.append((i, (picked, bool((logprobs.argmax(-1) == target).all()))))
         return results
 
-    def _ids(self, sequences: list[list[int]]) -> torch.Tensor:
-        """A cached pass's input (1, N): each sequence padded to the longest with id 0."""
-        T = max(map(len, sequences))
-        flat = [t for s in sequences for t in [*s, *[0] * (T - len(s))]]
-        return torch.tensor([flat], dtype=torch.long, device=self._device)
+    def _pass(
+        self, cache: KVCache, first_row: int, sequences: list[list[int]], last_only: bool
+    ) -> list[Tensor]:
+        """Feed `sequences` (longest first) to the cache rows from `first_row` on, in groups
+        whose rows are at least 3/4 as long as their first; each row's logits: its last
+        position's (V,) with `last_only`, else each of its positions' (n, V)."""
+        groups: list[tuple[slice, list[int]]] = []
+        for row, seq in enumerate(sequences, first_row):
+            if seq and groups and len(seq) * 4 >= groups[-1][1][0] * 3:
+                rows, fed = groups[-1]
+                groups[-1] = (slice(rows.start, row + 1), [*fed, len(seq)])
+            elif seq:
+                groups.append((slice(row, row + 1), [len(seq)]))
+        if not groups:  # one-token continuations alone: nothing to feed
+            return [torch.empty(0, self.model.config.padded_vocab_size)] * len(sequences)
+        ids: list[int] = []
+        for rows, fed in groups:  # each row padded to its group's longest, with id 0
+            for seq in sequences[rows.start - first_row:rows.stop - first_row]:
+                ids += [*seq, *[0] * (fed[0] - len(seq))]
+        cache.plan(groups)
+        logits, _ = self.model(torch.tensor([ids], device=self._device), cache=cache,
+                               last_only=last_only)
+        flat = logits.reshape(-1, logits.size(-1))  # (rows, V) or (N, V), in the pass's order
+        if last_only:
+            return list(flat)
+        out, at = [], 0
+        for _, fed in groups:
+            for n in fed:
+                out.append(flat[at:at + n])
+                at += fed[0]
+        return out + [flat[:0]] * (len(sequences) - len(out))  # empty ones come last
 
     def loglikelihood_rolling(
         self, requests: list[Any], disable_tqdm: bool = False
