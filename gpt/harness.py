@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
@@ -200,28 +199,45 @@ class GPTLM(TemplateLM):
         R = len(slots)
         cache = self.model.new_cache(R + len(batch), max(
             len(batch[c][0]) + len(scored[i][1]) - 1 for i, c in slots))
-        last = self._pass(cache, R, [list(batch[c][0]) for c in contexts], last_only=True)
+        last, _ = self._pass(cache, R, [list(batch[c][0]) for c in contexts], last_only=True)
         context_row = {c: R + k for k, c in enumerate(contexts)}
         for row, (_, c) in enumerate(slots):
             cache.move(context_row[c], row)
         conts = [scored[i][1] for i, _ in slots]
-        rest = self._pass(cache, 0, [cont[:-1] for cont in conts], last_only=False)
-        vocab = self.model.config.vocab_size
-        results = []
-        for row, ((i, c), cont) in enumerate(zip(slots, conts, strict=True)):
-            first = last[context_row[c] - R][None, :vocab]  # (1, V) predicts cont[0]
-            logprobs = F.log_softmax(torch.cat([first, rest[row][:, :vocab]]).float(), dim=-1)
-            target = torch.tensor(cont, device=logprobs.device)  # (n,) and logprobs (n, V)
-            picked = logprobs.gather(-1, target[:, None]).sum().item()
-            results.append((i, (picked, bool((logprobs.argmax(-1) == target).all()))))
-        return results
+        rest, starts = self._pass(cache, 0, [cont[:-1] for cont in conts], last_only=False)
+        # each scored token: the logits row predicting it (its context's last, or its own
+        # row's previous position), its id, and its continuation's row
+        first = [context_row[c] - R for _, c in slots]
+        rest_at = [p for row, cont in enumerate(conts)
+                   for p in range(starts[row], starts[row] + len(cont) - 1)]
+        picked, missed = self._token_scores(last, first, [cont[0] for cont in conts])
+        if rest_at:
+            rest_picked, rest_missed = self._token_scores(rest, rest_at,
+                                                          [t for c in conts for t in c[1:]])
+            owners = torch.tensor([r for r, c in enumerate(conts) for _ in c[1:]],
+                                  device=picked.device)
+            picked = picked.index_add(0, owners, rest_picked)
+            missed = missed.index_add(0, owners, rest_missed)
+        return [(i, (lp, misses == 0)) for (i, _), lp, misses
+                in zip(slots, picked.tolist(), missed.tolist(), strict=True)]
+
+    def _token_scores(
+        self, logits: Tensor, at: list[int], targets: list[int]
+    ) -> tuple[Tensor, Tensor]:
+        """Log-probability of each target id under the logits row `at` names (the vocabulary's
+        ids only, not the padding's), and 1 where it is not that row's most likely id."""
+        rows = logits[at, :self.model.config.vocab_size].float()  # (n, V)
+        ids = torch.tensor(targets, device=rows.device)
+        picked = rows.gather(-1, ids[:, None]).squeeze(-1) - rows.logsumexp(-1)  # (n,)
+        return picked, (rows.argmax(-1) != ids).float()
 
     def _pass(
         self, cache: KVCache, first_row: int, sequences: list[list[int]], last_only: bool
-    ) -> list[Tensor]:
+    ) -> tuple[Tensor, list[int]]:
         """Feed `sequences` (longest first) to the cache rows from `first_row` on, in groups
-        whose rows are at least 3/4 as long as their first; each row's logits: its last
-        position's (V,) with `last_only`, else each of its positions' (n, V)."""
+        whose rows are at least 3/4 as long as their first. The logits (M, V): each row's last
+        position's with `last_only` (M = rows), else every position's; and where each row's
+        begin among them."""
         groups: list[tuple[slice, list[int]]] = []
         for row, seq in enumerate(sequences, first_row):
             if seq and groups and len(seq) * 4 >= groups[-1][1][0] * 3:
@@ -230,7 +246,7 @@ class GPTLM(TemplateLM):
             elif seq:
                 groups.append((slice(row, row + 1), [len(seq)]))
         if not groups:  # one-token continuations alone: nothing to feed
-            return [torch.empty(0, self.model.config.padded_vocab_size)] * len(sequences)
+            return torch.empty(0, self.model.config.padded_vocab_size), [0] * len(sequences)
         ids: list[int] = []
         for rows, fed in groups:  # each row padded to its group's longest, with id 0
             for seq in sequences[rows.start - first_row:rows.stop - first_row]:
@@ -238,15 +254,15 @@ class GPTLM(TemplateLM):
         cache.plan(groups)
         logits, _ = self.model(torch.tensor([ids], device=self._device), cache=cache,
                                last_only=last_only)
-        flat = logits.reshape(-1, logits.size(-1))  # (rows, V) or (N, V), in the pass's order
+        flat = logits.reshape(-1, logits.size(-1))  # (M, V) in the pass's order
         if last_only:
-            return list(flat)
-        out, at = [], 0
+            return flat, list(range(len(sequences)))
+        starts, at = [], 0
         for _, fed in groups:
-            for n in fed:
-                out.append(flat[at:at + n])
+            for _ in fed:
+                starts.append(at)
                 at += fed[0]
-        return out + [flat[:0]] * (len(sequences) - len(out))  # empty ones come last
+        return flat, starts + [at] * (len(sequences) - len(starts))  # empty ones come last
 
     def loglikelihood_rolling(
         self, requests: list[Any], disable_tqdm: bool = False

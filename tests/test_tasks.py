@@ -22,10 +22,12 @@ from test_hf_cli import save_gpt2, save_llama  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
 from gpt.cli import app  # noqa: E402
+from gpt.config import load_config  # noqa: E402
 from gpt.evaluate import evaluate  # noqa: E402
 from gpt.harness import GPTLM  # noqa: E402
 from gpt.model import GPT  # noqa: E402
 from gpt.tokenizer import CharTokenizer  # noqa: E402
+from gpt.train import train  # noqa: E402
 
 runner = CliRunner()
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -36,9 +38,9 @@ LONG = "".join(f"def function_{i}(x):\n    return x * {i}\n" for i in range(30))
 
 def multiple_choice_rows() -> list[dict]:
     rows = [{"ctx": f"def function_{i}(x):\n    return", "label": i % 4,
-             "endings": [f" x * {i}", f" x + {i % 7}", " None", f" x * {i} + {i % 7}\n"]}
+             "endings": [f" x * {i}", f" x + {i % 7}", " 0", f" x * {i} + {i % 7}\n"]}
             for i in range(10)]
-    rows.append({"ctx": LONG + "    return", "endings": [" x", " 1", " x * 2", " y"], "label": 0})
+    rows.append({"ctx": LONG + "    return", "endings": [" x", " 1", " x * 2", " 2"], "label": 0})
     return rows
 
 
@@ -175,6 +177,22 @@ def test_the_harness_finds_gpt_by_name(tasks: Path, tmp_path: Path) -> None:
     by_name = ours("gpt", tasks, model_args=f"checkpoint=hf:{folder},device=cpu", limit=4)
     by_object = ours(GPTLM.load(f"hf:{folder}", device="cpu"), tasks, limit=4)
     assert_same_samples(by_object, by_name)
+
+
+MODERN = ["model.norm=rmsnorm", "model.pos_embedding=rope", "model.bias=false",
+          "model.qk_norm=true", "model.logit_softcap=15", "model.activation=relu2"]
+
+
+def test_a_lora_finetune_of_a_modern_run_is_evaluated(tiny_run: Path, tasks: Path) -> None:
+    """A char-level run of the modern recipe, finetuned with LoRA: its adapters merged at load,
+    its scores printed (the tasks' text is within its vocabulary)."""
+    assert train(load_config("tiny.toml", [*MODERN, "train.max_iters=4"])) == 0
+    assert train(load_config("tiny.toml", [*MODERN, "train.max_iters=2", "train.out_dir=lora",
+                                           "train.init_from=out", "train.finetune=lora"])) == 0
+    result = runner.invoke(app, ["eval", "--checkpoint", "lora", "--tasks", ",".join(TASKS),
+                                 "--include-path", str(tasks), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "|tiny_mc |" in result.stdout and "|tiny_gen|" in result.stdout
 
 
 def requests(texts: list[tuple[str, str]]) -> list[Instance]:
