@@ -1503,23 +1503,26 @@ def without_eval_extra(scene: Scene) -> None:
 
 
 TASKS = ["eval", "--checkpoint", "out", "--device", "cpu", "--tasks"]
+HARNESS = (pytest.mark.skipif(importlib.util.find_spec("lm_eval") is None,
+                              reason="needs lm-eval (gpt[eval])"),)
 TASK_CASES = [
     Case("eval-tasks-unknown", [*TASKS, "hellaswg"],
          r"--tasks 'hellaswg' is not a task of lm-evaluation-harness; did you mean hellaswag"
-         r".*\? see lm-eval ls tasks, or give a folder of task YAML files with --include-path$"),
+         r".*\? see lm-eval ls tasks, or give a folder of task YAML files with --include-path$",
+         marks=HARNESS),
     Case("eval-tasks-with-data", [*TASKS, "hellaswag", "--data", "corpus.txt"],
          r"--tasks runs on the tasks' own data; give --data or --split without it$"),
     Case("eval-tasks-data-not-available-offline", [*TASKS, "net", "--include-path", "tasks"],
          r"--tasks net needs a data set that is not in the HF cache and cannot be downloaded "
          r"\(Couldn't reach 'gpt-tests/absent'.*\); run the same command once with network "
          r"access \(HF_DATASETS_OFFLINE unset\) to cache it, then it runs offline$",
-         a_task("net", "gpt-tests/absent")),
+         a_task("net", "gpt-tests/absent"), marks=HARNESS),
     Case("eval-tasks-text-outside-a-char-vocabulary", [*TASKS, "upper", "--include-path", "tasks"],
          r"a task's text cannot be encoded with the model's char tokenizer \(text has 1 "
          r"character\(s\) not in the char vocabulary: 'Z'\); evaluate it on tasks its "
          r"vocabulary covers, or evaluate a model whose tokenizer covers this one$",
          a_task("upper", "json", '{"q": "Zed", "choices": [" x", " y"]}\n'),
-         writes=("tasks/cache*",)),
+         writes=("tasks/cache*",), marks=HARNESS),
     Case("eval-tasks-without-the-extra", [*TASKS, "hellaswag"],
          r"gpt eval --tasks runs EleutherAI's lm-evaluation-harness, which is not installed; "
          r"pip install 'gpt\[eval\]'$", without_eval_extra),
