@@ -543,9 +543,8 @@ def eval_(
     if tasks is not None:
         from gpt.harness import TaskOptions, evaluate_tasks, parse_tasks  # needs gpt[eval]
 
-        options = TaskOptions(parse_tasks(tasks), num_fewshot, limit, batch_size, include_path,
-                              output)
-        typer.echo(evaluate_tasks(found, options, device))
+        typer.echo(evaluate_tasks(found, TaskOptions(
+            parse_tasks(tasks), num_fewshot, limit, batch_size, include_path, output), device))
         return
     model, tokenizer = load_for_inference(found, device, "float32", False)
     if data is not None:
