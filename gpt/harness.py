@@ -428,8 +428,12 @@ def run_tasks(lm: GPTLM, options: TaskOptions, manager: TaskManager) -> dict[str
                        "dataset_kwargs (data_files) to name files that exist") from None
     assert results is not None  # one process: rank 0
     if options.output is not None:
-        write_atomic(options.output, json.dumps(results, indent=2, default=handle_non_serializable,
-                                                ensure_ascii=False) + "\n")
+        text = json.dumps(results, indent=2, default=handle_non_serializable, ensure_ascii=False)
+        try:
+            write_atomic(options.output, text + "\n")
+        except OSError as e:
+            raise GPTError(f"cannot write --output {options.output} ({e.strerror}); choose a "
+                           "file in a folder that exists and is writable") from None
     return results
 
 
@@ -449,6 +453,9 @@ def report(results: dict[str, Any], lm: GPTLM) -> str:
 
 def evaluate_tasks(found: Checkpoint | Pretrained, options: TaskOptions, device: str) -> str:
     """`gpt eval --tasks`: the tasks found (before the model loads), run, and their tables."""
+    if options.output is not None and not options.output.parent.is_dir():
+        raise GPTError(f"--output {options.output}: its folder does not exist; create it or "
+                       "choose another file")
     manager = task_manager(options.tasks, options.include_path)
     lm = GPTLM.load(found, device=device, batch_size=options.batch_size)
     return report(run_tasks(lm, options, manager), lm)

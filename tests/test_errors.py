@@ -1523,6 +1523,9 @@ TASK_CASES = [
          r"vocabulary covers, or evaluate a model whose tokenizer covers this one$",
          a_task("upper", "json", '{"q": "Zed", "choices": [" x", " y"]}\n'),
          writes=("tasks/cache*",), marks=HARNESS),
+    Case("eval-tasks-output-in-a-missing-folder", [*TASKS, "hellaswag", "--output", "no/r.json"],
+         r"--output no/r\.json: its folder does not exist; create it or choose another file$",
+         marks=HARNESS),
     Case("eval-tasks-without-the-extra", [*TASKS, "hellaswag"],
          r"gpt eval --tasks runs EleutherAI's lm-evaluation-harness, which is not installed; "
          r"pip install 'gpt\[eval\]'$", without_eval_extra),
