@@ -496,31 +496,61 @@ def serve(
                 cors_origin or ())
 
 
+TasksOption = Annotated[str | None, typer.Option(
+    "--tasks", help="Run these lm-evaluation-harness tasks instead (hellaswag,arc_easy,...; "
+    "needs gpt[eval]).")]
+IncludePathOption = Annotated[Path | None, typer.Option(
+    "--include-path", help="A folder of your own task YAML files, for --tasks.")]
+NumFewshotOption = Annotated[int | None, typer.Option(
+    "--num-fewshot", help="Examples before each question (default: the task's).")]
+LimitOption = Annotated[float | None, typer.Option(
+    "--limit", help="Items per task (below 1: a fraction of them), for a quick check.")]
+BatchSizeOption = Annotated[int, typer.Option(
+    "--batch-size", help="Continuations scored or sequences decoded at once, for --tasks.")]
+OutputOption = Annotated[Path | None, typer.Option(
+    "--output", help="Write the harness's results to this JSON file.")]
+
+
 @command(name="eval")
 def eval_(
     checkpoint: CheckpointOption = None,
     config: ConfigOption = None,
     set_: SetOption = None,
     which: WhichOption = "latest",
-    split: Annotated[str, typer.Option("--split", help="val or train.")] = "val",
+    split: Annotated[str | None, typer.Option("--split", help="val or train.")] = None,
     data: Annotated[
         str | None, typer.Option("--data", help="Evaluate on this text file or source instead.")
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
     device: DeviceOption = "auto",
+    tasks: TasksOption = None,
+    include_path: IncludePathOption = None,
+    num_fewshot: NumFewshotOption = None,
+    limit: LimitOption = None,
+    batch_size: BatchSizeOption = 16,
+    output: OutputOption = None,
 ) -> None:
-    """Loss, perplexity and bits per byte of a checkpoint over a whole split or a text."""
+    """Loss, perplexity and bits per byte of a checkpoint over a whole split or a text; or its
+    scores on lm-evaluation-harness tasks (--tasks)."""
     from gpt.evaluate import evaluate, tokens_of_source, tokens_of_split
     from gpt.sample import load_for_inference
 
-    if split not in ("val", "train"):
+    if tasks is not None and (data is not None or split is not None):
+        raise GPTError("--tasks runs on the tasks' own data; give --data or --split without it")
+    if split not in (None, "val", "train"):
         raise GPTError(f"--split {split!r} is not a split; use --split val or --split train")
     _, found, cfg = _checkpoint_config(checkpoint, config, set_, which, "data", "gpt eval")
+    if tasks is not None:
+        from gpt.harness import TaskOptions, evaluate_tasks, parse_tasks  # needs gpt[eval]
+
+        typer.echo(evaluate_tasks(found, TaskOptions(
+            parse_tasks(tasks), num_fewshot, limit, batch_size, include_path, output), device))
+        return
     model, tokenizer = load_for_inference(found, device, "float32", False)
     if data is not None:
         tokens, mask = tokens_of_source(cfg, data, tokenizer), None
     else:
-        tokens, mask = tokens_of_split(cfg, split, found)
+        tokens, mask = tokens_of_split(cfg, split or "val", found)
     result = evaluate(model, tokens, tokenizer, progress=not as_json, mask=mask)
     if as_json:
         typer.echo(json.dumps(result))

@@ -56,5 +56,9 @@ def test_finetuning_page_holds_the_lora_benchmark_block() -> None:
     assert doc_tables.marker_problem(ROOT / "docs" / "finetuning.md", "bench-lora") is None
 
 
+def test_evaluation_page_holds_the_tasks_benchmark_block() -> None:
+    assert doc_tables.marker_problem(ROOT / "docs" / "evaluation.md", "bench-tasks") is None
+
+
 def test_config_page_holds_the_reference_block() -> None:
     assert doc_tables.marker_problem(ROOT / "docs" / "config.md", "config-reference") is None

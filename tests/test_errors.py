@@ -1475,8 +1475,64 @@ LORA_CASES = [
          r'train\.finetune = "lora"\); export it without --peft$'),
 ]
 
+def task_yaml(name: str, dataset: str) -> str:
+    """A multiple-choice task of lm-evaluation-harness over `dataset` (a hub name, or json for
+    tasks/NAME.jsonl), its cache kept in the scene."""
+    local = f"json\ndataset_kwargs:\n  data_files:\n    test: tasks/{name}.jsonl\n" \
+        "  cache_dir: tasks/cache"
+    return (f"task: {name}\ndataset_path: {local if dataset == 'json' else dataset}\n"
+            "test_split: test\noutput_type: multiple_choice\ndoc_to_text: '{{q}}'\n"
+            "doc_to_choice: '{{choices}}'\ndoc_to_target: 0\nmetric_list:\n  - metric: acc\n"
+            "    aggregation: mean\n    higher_is_better: true\n")
+
+
+def a_task(name: str, dataset: str, rows: str = "") -> Setup:
+    """tasks/NAME.yaml (see task_yaml), and for a local one its rows, tasks/NAME.jsonl."""
+    def setup(scene: Scene) -> None:
+        write(f"tasks/{name}.yaml", task_yaml(name, dataset))(scene)
+        if rows:
+            write(f"tasks/{name}.jsonl", rows)(scene)
+
+    return setup
+
+
+def without_eval_extra(scene: Scene) -> None:
+    """lm-evaluation-harness not installed, as after a plain `pip install gpt`."""
+    scene.patch.setitem(sys.modules, "lm_eval", None)  # import lm_eval raises ImportError
+    scene.patch.delitem(sys.modules, "gpt.harness", raising=False)
+
+
+TASKS = ["eval", "--checkpoint", "out", "--device", "cpu", "--tasks"]
+HARNESS = (pytest.mark.skipif(importlib.util.find_spec("lm_eval") is None,
+                              reason="needs lm-eval (gpt[eval])"),)
+TASK_CASES = [
+    Case("eval-tasks-unknown", [*TASKS, "hellaswg"],
+         r"--tasks 'hellaswg' is not a task of lm-evaluation-harness; did you mean hellaswag"
+         r".*\? see lm-eval ls tasks, or give a folder of task YAML files with --include-path$",
+         marks=HARNESS),
+    Case("eval-tasks-with-data", [*TASKS, "hellaswag", "--data", "corpus.txt"],
+         r"--tasks runs on the tasks' own data; give --data or --split without it$"),
+    Case("eval-tasks-data-not-available-offline", [*TASKS, "net", "--include-path", "tasks"],
+         r"--tasks net needs a data set that is not in the HF cache and cannot be downloaded "
+         r"\(Couldn't reach 'gpt-tests/absent'.*\); run the same command once with network "
+         r"access \(HF_DATASETS_OFFLINE unset\) to cache it, then it runs offline$",
+         a_task("net", "gpt-tests/absent"), marks=HARNESS),
+    Case("eval-tasks-text-outside-a-char-vocabulary", [*TASKS, "upper", "--include-path", "tasks"],
+         r"a task's text cannot be encoded with the model's char tokenizer \(text has 1 "
+         r"character\(s\) not in the char vocabulary: 'Z'\); evaluate it on tasks its "
+         r"vocabulary covers, or evaluate a model whose tokenizer covers this one$",
+         a_task("upper", "json", '{"q": "Zed", "choices": [" x", " y"]}\n'),
+         writes=("tasks/cache*",), marks=HARNESS),
+    Case("eval-tasks-output-in-a-missing-folder", [*TASKS, "hellaswag", "--output", "no/r.json"],
+         r"--output no/r\.json: its folder does not exist; create it or choose another file$",
+         marks=HARNESS),
+    Case("eval-tasks-without-the-extra", [*TASKS, "hellaswag"],
+         r"gpt eval --tasks runs EleutherAI's lm-evaluation-harness, which is not installed; "
+         r"pip install 'gpt\[eval\]'$", without_eval_extra),
+]
+
 CASES = [*CONFIG, *DATA_CASES, *CHECKPOINTS, *SAMPLING, *CHATTING, *FAULTS, *READS,
-         *SMALLER_CASES, *OUTPUT_CASES, *SERVING, *CHAT_DATA, *LORA_CASES]
+         *SMALLER_CASES, *OUTPUT_CASES, *SERVING, *CHAT_DATA, *LORA_CASES, *TASK_CASES]
 
 
 @pytest.mark.parametrize(
