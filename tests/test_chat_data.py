@@ -135,6 +135,14 @@ def test_a_bad_row_is_refused_naming_its_file_and_line(tmp_path: Path, row: Any,
     assert not (tmp_path / "prepared").exists()  # nothing half-written, no folder left
 
 
+def test_a_file_that_starts_with_a_byte_order_mark_is_read(tmp_path: Path) -> None:
+    """Editors on Windows write UTF-8 with a BOM; it begins the file, not its first row."""
+    source = tmp_path / "chat.jsonl"
+    source.write_bytes(b"\xef\xbb\xbf" + write_rows(source, [HI, HI]).read_bytes())
+    meta = prepare(chat_cfg(tmp_path, source, val_fraction=0.5), block_size=31, progress=False)
+    assert meta["chat"]["train"]["conversations"] + meta["chat"]["val"]["conversations"] == 2
+
+
 def test_skipping_bad_rows_counts_them(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     rows = [row for row, _ in BAD_ROWS.values()]
     source = write_rows(tmp_path / "chat.jsonl", [HI, *rows, HI, HI])
