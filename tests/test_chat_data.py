@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
 from pathlib import Path
 from typing import Any
 
@@ -152,6 +153,17 @@ def test_skipping_bad_rows_counts_them(tmp_path: Path, capsys: pytest.CaptureFix
     out, err = capsys.readouterr()
     assert f"{len(rows)} bad rows skipped" in out
     assert "warning: skipped 6 bad row(s), the first: " in err and "chat.jsonl, line 2: is not JSON" in err
+
+
+def test_the_skipped_rows_warning_is_a_line_of_its_own(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Not glued to the end of the progress bar it interrupts."""
+    source = write_rows(tmp_path / "chat.jsonl", [HI, "not JSON", HI, HI])
+    prepare(chat_cfg(tmp_path, source, bad_rows="skip", val_fraction=0.3), block_size=31)
+    err = capsys.readouterr().err
+    assert "tokenizing" in err  # the bar was drawn
+    assert any(line.startswith("warning: skipped 1 bad row(s)") for line in re.split(r"[\r\n]", err))
 
 
 def test_a_bad_row_of_a_dataset_is_named_by_its_row(tmp_path: Path) -> None:
