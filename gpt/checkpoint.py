@@ -486,15 +486,22 @@ class Checkpoint:
         path = Path(spec[len(prefix):])
         root = self.trained_in
         local = prefix or not is_pretrained(spec)  # not a hub name (gpt2, ...)
-        if local and root is not None and not path.is_absolute() and (root / path).exists():
-            spec = prefix + str(root / path)
-        try:
-            return open_model(spec)
-        except GPTError as e:
-            raise GPTError(
-                f"{self.path} holds LoRA adapters of {record['base']}, which cannot be opened "
-                f"({e}); put the base back where training found it"
-            ) from None
+        places = [root / path, path] if root is not None and not path.is_absolute() else [path]
+        found = next((place for place in places if place.exists()), None)
+        if local and found is not None:
+            spec = prefix + str(found)
+        if found is None and not is_pretrained(spec):  # a run's checkpoint, gone
+            looked = dict.fromkeys(os.path.abspath(place) for place in places)
+            problem = f"it is not at {' nor at '.join(looked)}"
+        else:
+            try:
+                return open_model(spec)
+            except GPTError as e:
+                problem = str(e)
+        raise GPTError(
+            f"{self.path} holds LoRA adapters of {record['base']}, which cannot be opened "
+            f"({problem}); put the base back where training found it"
+        )
 
     def load_model(self, device: str | torch.device = "cpu") -> GPT:
         """The trained model, in eval mode, on `device`."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
 from pathlib import Path
 from typing import Any
 
@@ -135,6 +136,14 @@ def test_a_bad_row_is_refused_naming_its_file_and_line(tmp_path: Path, row: Any,
     assert not (tmp_path / "prepared").exists()  # nothing half-written, no folder left
 
 
+def test_a_file_that_starts_with_a_byte_order_mark_is_read(tmp_path: Path) -> None:
+    """Editors on Windows write UTF-8 with a BOM; it begins the file, not its first row."""
+    source = tmp_path / "chat.jsonl"
+    source.write_bytes(b"\xef\xbb\xbf" + write_rows(source, [HI, HI]).read_bytes())
+    meta = prepare(chat_cfg(tmp_path, source, val_fraction=0.5), block_size=31, progress=False)
+    assert meta["chat"]["train"]["conversations"] + meta["chat"]["val"]["conversations"] == 2
+
+
 def test_skipping_bad_rows_counts_them(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     rows = [row for row, _ in BAD_ROWS.values()]
     source = write_rows(tmp_path / "chat.jsonl", [HI, *rows, HI, HI])
@@ -144,6 +153,17 @@ def test_skipping_bad_rows_counts_them(tmp_path: Path, capsys: pytest.CaptureFix
     out, err = capsys.readouterr()
     assert f"{len(rows)} bad rows skipped" in out
     assert "warning: skipped 6 bad row(s), the first: " in err and "chat.jsonl, line 2: is not JSON" in err
+
+
+def test_the_skipped_rows_warning_is_a_line_of_its_own(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Not glued to the end of the progress bar it interrupts."""
+    source = write_rows(tmp_path / "chat.jsonl", [HI, "not JSON", HI, HI])
+    prepare(chat_cfg(tmp_path, source, bad_rows="skip", val_fraction=0.3), block_size=31)
+    err = capsys.readouterr().err
+    assert "tokenizing" in err  # the bar was drawn
+    assert any(line.startswith("warning: skipped 1 bad row(s)") for line in re.split(r"[\r\n]", err))
 
 
 def test_a_bad_row_of_a_dataset_is_named_by_its_row(tmp_path: Path) -> None:

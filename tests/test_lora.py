@@ -265,6 +265,19 @@ def test_the_base_is_found_from_where_training_ran(base_run: Path, monkeypatch) 
     assert Checkpoint.open(".").load_model() is not None
 
 
+def test_a_moved_run_whose_base_is_not_found_names_where_it_looked(
+    base_run: Path, monkeypatch
+) -> None:
+    assert finetune("train.max_iters=4", "train.eval_interval=4") == 0
+    shutil.copytree(base_run / "tuned", base_run / "elsewhere" / "copied")
+    monkeypatch.chdir(base_run / "elsewhere")
+    with pytest.raises(GPTError, match=rf"holds LoRA adapters of base/ckpt-0000010, which cannot "
+                                       rf"be opened \(it is not at {base_run / 'elsewhere'}/base/"
+                                       rf"ckpt-0000010\); put the base back") as raised:
+        Checkpoint.open("copied").load_model()
+    assert "\n" not in str(raised.value)
+
+
 @pytest.mark.parametrize("overrides, message", [
     (["train.finetune=full"], r"tuned/ckpt-0000004 was trained with train.finetune = 'lora', "
                               r"the config now says 'full'"),

@@ -461,8 +461,8 @@ def _write_chats(
         stats[split].tokens = stats[split].rows * row_len
         stats[split].padding = packer.padding
     if skipped:
-        print(f"warning: skipped {len(skipped):,} bad row(s), the first: {skipped[0]}",
-              file=sys.stderr)
+        bar.write(f"warning: skipped {len(skipped):,} bad row(s), the first: {skipped[0]}",
+                  file=sys.stderr)  # on a line of its own, not after the progress bar
     return {**{split: st.as_dict() for split, st in stats.items()}, "skipped": len(skipped)}
 
 

@@ -349,17 +349,22 @@ class JsonlSource(Source):
 
     def records(self) -> Iterator[tuple[str, Any]]:
         for path in self.paths:
-            with _reading(path) as f:
-                for number, line in enumerate(f, 1):
-                    if line.strip():
-                        yield f"{path}, line {number}", line.strip()
+            for number, line in _lines(path):
+                yield f"{path}, line {number}", line
 
     def count(self) -> int | None:
-        count = 0
-        for path in self.paths:
-            with _reading(path) as f:
-                count += sum(1 for line in f if line.strip())
-        return count
+        return sum(1 for path in self.paths for _ in _lines(path))
+
+
+def _lines(path: Path) -> Iterator[tuple[int, bytes]]:
+    """The non-blank lines of a JSON Lines file, stripped, with their numbers; a byte order
+    mark (as Windows editors write) begins the file, not its first row."""
+    with _reading(path) as f:
+        for number, line in enumerate(f, 1):
+            if number == 1:
+                line = line.removeprefix(codecs.BOM_UTF8)
+            if line.strip():
+                yield number, line.strip()
 
 
 @contextlib.contextmanager
