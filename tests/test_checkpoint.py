@@ -298,8 +298,8 @@ def test_the_docs_quote_the_folders_the_default_run_leaves() -> None:
     last = layout.checkpoint_name(cfg.train.max_iters)
     readme = (ROOT / "README.md").read_text()
     assert f"After {cfg.train.max_iters} steps" in readme
-    assert f"`{cfg.data.resolved_data_dir}/` holds the tokenized corpus" in readme
-    assert f"`{cfg.train.out_dir}/` is the run" in readme
+    assert f"`{cfg.data.resolved_data_dir}/` (the tokenized corpus" in readme
+    assert f"`{cfg.train.out_dir}/`, the run" in readme
     training = (ROOT / "docs" / "training.md").read_text()
     assert f"```text\n{cfg.train.out_dir}/\n  {last}/\n" in training
     for text in (readme, training):
