@@ -33,10 +33,11 @@ def describe(planned: Plan, sections: tuple[str, ...], nproc: int = 1) -> str:
         f"FLOPs per token:   {model.flops_per_token():,} (training, at block_size)",
     ]
     if cfg.train.finetune == "lora":
-        lora = LoRA.from_config(cfg.train, model_cfg)
+        lora = LoRA.from_config(cfg.train, model_cfg, rows=planned.chat_token_ids)
         adapters = add_adapters(model, lora, cfg.train.seed)  # on the meta device too
+        rows = " and the chat tokens' rows" if lora.rows else ""
         lines.append(f"LoRA adapters:     {adapters:,} trained (rank {lora.rank} on "
-                     f"{', '.join(lora.targets)}); the {n_params:,} above stay frozen")
+                     f"{', '.join(lora.targets)}{rows}); the {n_params:,} above stay frozen")
     lines.append(f"memory (float32):  {_memory(model, cfg.train, 1)}")
     if nproc > 1:
         lines.append(f"per process ({nproc} processes, parallel = \"{cfg.train.parallel}\"): "

@@ -37,6 +37,7 @@ from gpt.model import GPT
 from gpt.parallel import Dist
 from gpt.tokenizer import (
     CHAT_TOKENS,
+    ChatTokenizer,
     adds_chat_tokens,
     check_same_tokenizer,
     check_tokenizer_setting,
@@ -76,6 +77,16 @@ class Plan:
         if finetuned is None or finetuned.tokenizer["name"] != kind:
             return None
         return finetuned.tokenizer
+
+    @property
+    def chat_token_ids(self) -> tuple[int, ...]:
+        """The ids of the chat tokens a finetune on chat data adds to its base's tokenizer (the
+        rows a LoRA finetune trains beside its adapters); none for any other run."""
+        if self.cfg.data.format != "chat" or self.base is None or self.resumed is not None:
+            return ()
+        base = tokenizer_from_dict(self.base.tokenizer)
+        chat = with_chat_tokens(base)
+        return tuple(chat.chat_ids) if isinstance(chat, ChatTokenizer) and chat is not base else ()
 
     def tokenizer_vocab(self) -> int:
         """The ids of the tokenizer the run trains with, as its prepared data will count them:

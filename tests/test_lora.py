@@ -428,7 +428,14 @@ def test_a_lora_finetune_on_chat_data_adds_the_chat_tokens_and_resumes_exactly(
     Path("chats.jsonl").write_text((json.dumps({"messages": turn}) + "\n") * 20)
     chat = ["train.init_from=roles", "data.format=chat", "data.source=chats.jsonl",
             "data.data_dir=data/chat", "train.lr_decay_iters=8", "train.eval_interval=4"]
+    sets = [f"--set={s}" for s in [*LORA, *chat, "train.out_dir=straight"]]
+    info = runner.invoke(app, ["info", "--config", "tiny.toml", *sets])
+    assert info.exit_code == 0, info.output
     assert finetune("train.out_dir=straight", "train.max_iters=8", *chat) == 0
+    saved = load_file(str(Checkpoint.open("straight").path / "model.safetensors"))
+    adapters = sum(tensor.numel() for tensor in saved.values())
+    assert f"LoRA adapters:     {adapters:,} trained" in info.output  # rows included
+    assert "and the chat tokens' rows" in info.output
     assert finetune("train.max_iters=4", *chat) == 0
     assert finetune("train.max_iters=8", *chat) == 0
     wa = load_file(str(base_run / "straight" / "ckpt-0000008" / "model.safetensors"))
