@@ -32,6 +32,25 @@ os.environ["GPT_CACHE_DIR"] = tempfile.mkdtemp(prefix="gpt-test-cache-")
 atexit.register(shutil.rmtree, os.environ["GPT_CACHE_DIR"], ignore_errors=True)
 
 
+def _transformers_has_qwen3() -> bool:
+    try:
+        import transformers
+    except ImportError:
+        return False
+    return hasattr(transformers, "Qwen3Config")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests of Qwen3 models (their ids name qwen3) need a transformers that has them (4.51 or
+    later); with an older one, what gpt says instead is tested by name."""
+    if _transformers_has_qwen3():
+        return
+    skip = pytest.mark.skip(reason="this transformers has no Qwen3 (it came in 4.51)")
+    for item in items:
+        if "qwen3" in item.nodeid.lower():
+            item.add_marker(skip)
+
+
 @pytest.fixture
 def one_thread() -> Iterator[None]:
     """One intra-op thread (modules that train take it with `pytestmark`): tiny models gain

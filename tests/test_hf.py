@@ -149,6 +149,9 @@ def test_hf_configs_map_to_the_matching_variants() -> None:
     assert (llama.n_kv_head, llama.rope_base, llama.norm_eps) == (1, 500000.0, 3e-6)
     assert model_config_from_hf(tiny_hf("llama-mha-tied").config).n_kv_head is None
     assert not llama.qk_norm
+
+
+def test_hf_qwen3_config_maps_to_the_qk_norm_variant() -> None:
     qwen3 = model_config_from_hf(tiny_hf("qwen3-gqa-untied").config)
     assert (qwen3.norm, qwen3.mlp, qwen3.pos_embedding, qwen3.bias, qwen3.qk_norm) == (
         "rmsnorm", "swiglu", "rope", False, True)
