@@ -97,9 +97,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     docs.add_doc_options(parser)
     args = parser.parse_args()
-    if args.write_docs and args.docs is None:
-        args.docs = ROOT / "docs" / "finetuning.md"
-    doc = docs.docs_target(parser, args, "bench-lora")
+    doc = docs.docs_target(parser, args, "bench-lora", default=ROOT / "docs" / "finetuning.md")
     load_before = docs.load_average()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     print(f"load average {load_before:.2f}, {cores} cores", flush=True)

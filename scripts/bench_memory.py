@@ -60,9 +60,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     docs.add_doc_options(parser)
     args = parser.parse_args()
-    if args.write_docs and args.docs is None:
-        args.docs = ROOT / "docs" / "training.md"
-    doc = docs.docs_target(parser, args, "bench-memory")
+    doc = docs.docs_target(parser, args, "bench-memory", default=ROOT / "docs" / "training.md")
     load_before = docs.load_average()
     layouts = [("ddp", False), ("ddp", True)]
     if args.nproc > 1:

@@ -153,9 +153,7 @@ def main() -> None:
     docs.add_doc_options(parser)
     args = parser.parse_args()
     items = 40 if args.items == "small" else int(args.items)
-    if args.write_docs and args.docs is None:
-        args.docs = ROOT / "docs" / "evaluation.md"
-    doc = docs.docs_target(parser, args, "bench-tasks")
+    doc = docs.docs_target(parser, args, "bench-tasks", default=ROOT / "docs" / "evaluation.md")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch

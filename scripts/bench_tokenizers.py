@@ -148,9 +148,8 @@ def main() -> None:
                         help="the non-English UTF-8 text (default: Vim's translations)")
     docs.add_doc_options(parser)
     args = parser.parse_args()
-    if args.write_docs and args.docs is None:
-        args.docs = ROOT / "docs" / "data.md"  # beside the learned BPE's description
-    doc = docs.docs_target(parser, args, "bench-tokenizers")
+    # beside the learned BPE's description
+    doc = docs.docs_target(parser, args, "bench-tokenizers", default=ROOT / "docs" / "data.md")
     load_before = docs.load_average()
     with tempfile.TemporaryDirectory(prefix="bench-tokenizers-") as tmp:
         work = Path(tmp)

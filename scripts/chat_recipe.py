@@ -82,9 +82,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, help="the folder to run in (default: a temporary one)")
     docs.add_doc_options(parser)
     args = parser.parse_args()
-    if args.write_docs and args.docs is None:
-        args.docs = ROOT / "docs" / "finetuning.md"
-    doc = docs.docs_target(parser, args, "chat-recipe")
+    doc = docs.docs_target(parser, args, "chat-recipe", default=ROOT / "docs" / "finetuning.md")
     load_before = docs.load_average()
     print(f"load average {load_before:.2f}", flush=True)
     with tempfile.TemporaryDirectory(prefix="chat-recipe-") as tmp:

@@ -80,15 +80,17 @@ def add_doc_options(parser: argparse.ArgumentParser) -> None:
 
 
 def docs_target(
-    parser: argparse.ArgumentParser, args: argparse.Namespace, name: str
+    parser: argparse.ArgumentParser, args: argparse.Namespace, name: str,
+    default: Path = PERFORMANCE_MD,
 ) -> Path | None:
-    """The file to write block `name` into, or None without --write-docs. Checked before any
-    measurement, so a long run cannot end on a missing marker."""
+    """The file to write block `name` into (--docs, else `default`), or None without
+    --write-docs. Checked before any measurement, so a long run cannot end on a missing
+    marker."""
     if args.docs is not None and not args.write_docs:
         parser.error("--docs names where --write-docs writes; add --write-docs")
     if not args.write_docs:
         return None
-    doc = args.docs if args.docs is not None else PERFORMANCE_MD
+    doc = args.docs if args.docs is not None else default
     problem = marker_problem(doc, name)
     if problem is not None:
         parser.error(problem)
