@@ -193,11 +193,12 @@ def resolve_start(cfg: RunConfig, resume: bool, world: Dist) -> Start:
     planned = plan_run(cfg, resumed, lambda init_from: _open_base(init_from, world))
     data = _prepared_data(planned, world)
     model = planned.cfg.model
-    if _adds_chat_tokens(planned, data):
+    chat_tokens_added = _adds_chat_tokens(planned, data)
+    if chat_tokens_added:
         model = grow_vocabulary(model, data.vocab_size)
     cfg = dataclasses.replace(planned.cfg, model=fit_vocabulary(model, data.vocab_size))
     if planned.weights is not None:
-        _check_compatible(planned.weights, cfg, data, _adds_chat_tokens(planned, data))
+        _check_compatible(planned.weights, cfg, data, chat_tokens_added)
     return Start(cfg, resumed, planned.base, data, damaged)
 
 
