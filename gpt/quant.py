@@ -1,0 +1,186 @@
+"""int8 inference (`--quantize int8`): the Linear layers' weights in int8, quantized at load.
+
+Decoding a token reads every weight once, so at batch 1 it runs at the speed of memory, and
+int8 weights are half of bfloat16's bytes. The checkpoint is never changed: each Linear weight
+is quantized when the model loads (a fraction of a second for 124M parameters), one scale per
+output channel, W ~ w_int8 * scale with scale = max|W_row| / 127.
+
+The matmul is gpt/kernels/int8_linear.c, built once per host with its C compiler and loaded
+through ctypes. It quantizes each activation row (each token) to int8 as well and sums the
+products in integers with the CPU's VNNI instruction (AVX512-VNNI or AVX-VNNI). torch's own
+int8 weight-only kernel converts every weight back to a float first, which measured barely
+faster than bfloat16 on two cores. Where the kernel cannot be built or run (another CPU, no C
+compiler, a GPU), `--quantize int8` is refused in one line instead of falling back to
+something slow.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from importlib import resources
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from gpt.errors import GPTError
+
+if TYPE_CHECKING:
+    from gpt.model import GPT
+
+METHODS = ("int8",)
+PAD = 64  # weight rows are zero-padded to a multiple of the widest vector the kernel loads
+
+
+def check_method(method: str | None) -> None:
+    """Refuse a --quantize value that is not a method, before anything loads."""
+    if method is not None and method not in METHODS:
+        raise GPTError(f"--quantize {method!r} is not a quantization; use --quantize int8 or "
+                       "leave it out")
+
+
+def _cpu_flags() -> set[str] | None:
+    """The CPU's feature flags (Linux's /proc/cpuinfo), or None where they cannot be read."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
+    return set(line.partition(":")[2].split()) or None
+
+
+def _kernel_cache() -> Path:
+    """Where built kernels are kept: $XDG_CACHE_HOME/gpt/kernels (~/.cache by default)."""
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "gpt" / "kernels"
+
+
+def build(compiler: str, source: Path, target: Path, extra: tuple[str, ...] = ()) -> None:
+    """Build the shared library into `target` through a temporary file, so that a process
+    reading the cache never finds half a library. `extra` flags come last (the tests build the
+    AVX-VNNI variant on an AVX-512 host with -mno-avx512f)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        built = Path(tmp) / target.name
+        cmd = [compiler, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", str(source),
+               "-o", str(built), *extra]
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        if result.returncode != 0:
+            errors = [ln for ln in result.stderr.splitlines() if "error" in ln]
+            reason = errors[0].split("error:", 1)[-1].strip() if errors else "it failed"
+            raise GPTError(f"--quantize int8: building its kernel with {compiler} failed "
+                           f"({reason}); run without --quantize")
+        os.replace(built, target)
+
+
+@functools.cache
+def _library() -> ctypes.CDLL:
+    """The int8 kernel, built for this host on first use and kept in the cache."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        raise GPTError(f"--quantize int8 needs an x86-64 CPU with VNNI; this is "
+                       f"{platform.machine()}; run without --quantize")
+    flags = _cpu_flags()
+    if flags is not None and not ({"avx512_vnni", "avx512bw"} <= flags or "avx_vnni" in flags):
+        raise GPTError("--quantize int8 needs a CPU with AVX512-VNNI or AVX-VNNI, which this one "
+                       "lacks; run without --quantize")
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        raise GPTError("--quantize int8 builds its kernel with a C compiler, and none was found "
+                       "(cc, gcc or $CC); install one (such as gcc) or run without --quantize")
+    source = resources.files("gpt") / "kernels" / "int8_linear.c"
+    with resources.as_file(source) as path:
+        code = path.read_bytes()
+        # -march=native: a library is only valid on the CPU it was built for
+        host = " ".join(sorted(flags or ())) + platform.processor()
+        key = hashlib.sha256(code + host.encode() + compiler.encode()).hexdigest()[:16]
+        target = _kernel_cache() / f"int8_linear-{key}.so"
+        if not target.is_file():
+            build(compiler, path, target)
+    return load(target)
+
+
+def load(target: Path) -> ctypes.CDLL:
+    """The built kernel, its function's argument types declared."""
+    library = ctypes.CDLL(str(target))
+    fn = library.int8_linear
+    fn.restype = None
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, *[ctypes.c_void_p] * 4,
+                   *[ctypes.c_int64] * 4, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+    return library
+
+
+def quantize_weight(weight: Tensor) -> tuple[Tensor, Tensor]:
+    """int8 rows (N, K) and their scales (N,) float32: weight ~ rows * scales[:, None]."""
+    w = weight.detach().float()
+    scale = w.abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny) / 127
+    return torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8), scale
+
+
+class Int8Linear(nn.Module):
+    """A Linear layer whose weight is int8 with one scale per output channel (inference only).
+
+    Its buffers are not part of the state dict: what a checkpoint holds stays the float weights.
+    """
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        rows, scale = quantize_weight(linear.weight)  # (N, K), (N,)
+        padded = -(-self.in_features // PAD) * PAD
+        self.register_buffer("weight_int8", F.pad(rows, (0, padded - self.in_features)),
+                             persistent=False)  # (N, Kp)
+        self.register_buffer("weight_scale", scale, persistent=False)
+        self.register_buffer("weight_sum", rows.sum(dim=1, dtype=torch.int32), persistent=False)
+        bias = None if linear.bias is None else linear.bias.detach().float()
+        self.register_buffer("bias", bias, persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dtype not in (torch.float32, torch.bfloat16):
+            raise GPTError(f"int8 layers compute in float32 or bfloat16, not {x.dtype}")
+        K, N = self.in_features, self.out_features
+        rows = x.reshape(-1, K).contiguous()  # (M, K)
+        M, Kp = rows.size(0), self.weight_int8.size(1)
+        out = torch.empty(M, N, dtype=x.dtype)
+        scratch = torch.empty(M, Kp, dtype=torch.uint8)  # the quantized activation rows
+        row_scales = torch.empty(M, dtype=torch.float32)
+        _library().int8_linear(
+            rows.data_ptr(), out.data_ptr(), int(x.dtype == torch.bfloat16),
+            self.weight_int8.data_ptr(), self.weight_scale.data_ptr(), self.weight_sum.data_ptr(),
+            None if self.bias is None else self.bias.data_ptr(), M, N, K, Kp,
+            scratch.data_ptr(), row_scales.data_ptr(), torch.get_num_threads(),
+        )
+        return out.view(*x.shape[:-1], N)
+
+
+def quantize(model: GPT, method: str) -> GPT:
+    """Swap, in place, the model's Linear layers (the LM head included) for int8 ones.
+
+    Cross-attention keeps its Linear: it splits the fused weight at run time. The token
+    embedding stays as it is: a lookup reads one row per token. Raises GPTError where no kernel
+    runs here (see the module's docstring).
+    """
+    check_method(method)
+    weight = model.transformer.wte.weight
+    if weight.device.type != "cpu":
+        raise GPTError(f"--quantize int8 runs on the CPU, not {weight.device.type}; give "
+                       "--device cpu or run without --quantize")
+    if weight.dtype not in (torch.float32, torch.bfloat16):
+        raise GPTError(f"--quantize int8 computes in float32 or bfloat16, not {weight.dtype}; "
+                       "give --dtype bfloat16 or --dtype float32")
+    _library()  # refuse before touching the model
+    for name, module in list(model.named_modules()):
+        if name.endswith("cross_attn"):
+            continue
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, nn.Linear):
+                setattr(module, child_name, Int8Linear(child))
+    return model
