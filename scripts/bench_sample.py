@@ -1,30 +1,59 @@
-"""Benchmark decoding speed on the CPU: gpt's KV-cached sampler vs HF generate vs no cache.
+"""Benchmark decoding speed on the CPU: gpt's KV-cached sampler vs HF generate vs llama.cpp.
 
 A GPT-2-124M-shaped model (12 layers, 12 heads, 768 wide, block 1024, vocab 50257) with the same
 random weights in `gpt` and in `transformers.GPT2LMHeadModel` (copied through gpt/hf/convert.py).
 Batch 1, a 16-token prompt, top-k sampling; tokens/s are medians of several runs in this one
-process.
+process. With `gpt.quant`, an int8 copy of the model is measured as well.
 The memory-bandwidth bound is the measured read bandwidth divided by the bytes of weights read
 per token. `--write-docs` puts the table into docs/performance.md (or `--docs PATH`).
 
-    python scripts/bench_sample.py [--new-tokens 256] [--runs 3] [--write-docs [--docs PATH]]
+llama.cpp decodes the same weights: exported with `gpt.hf.export`, converted by llama.cpp's own
+`convert_hf_to_gguf.py` to each of `--gguf-types` (cached in `--work` for later runs), and
+generated from the same prompt ids with as many threads as torch uses, by scripts/llama_decode.py
+in a python that has llama-cpp-python, a process of its own started once per round. The anchors
+are not dependencies: rows whose anchor is not named are skipped, saying why.
+
+    --llama-python PATH    GPT_BENCH_LLAMA_PYTHON    a python with llama-cpp-python
+    --convert PATH         GPT_BENCH_CONVERT         llama.cpp's convert_hf_to_gguf.py
+    --convert-python PATH  GPT_BENCH_CONVERT_PYTHON  a python with the converter's requirements
+
+    python scripts/bench_sample.py [--new-tokens 256] [--runs 3] [--gguf-types bf16,f16,q8_0]
+        [--work DIR] [--write-docs [--docs PATH]]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import os
 import statistics
+import subprocess
+import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
 
+import anchors
 import doc_tables as docs
 import torch
 
-from gpt.config import ModelConfig
+from gpt.errors import GPTError
 from gpt.generate import cache_dtype, generate
 from gpt.hf.convert import to_hf
+from gpt.hf.export import export
 from gpt.model import GPT
 from gpt.onednn import PackedLinear, pack_linears
+
+try:
+    from gpt.quant import quantize
+except ImportError:  # a checkout from before int8 decoding: its row is skipped
+    quantize = None
+
+DECODE = Path(__file__).resolve().parent / "llama_decode.py"  # run by the llama-cpp-python python
+GGUF_TYPES = ("bf16", "f16", "q8_0", "f32")  # what llama.cpp's converter writes
+CHILD_TIMEOUT = 1800  # seconds one llama.cpp process may take, load included
 
 
 def bandwidth_gb_s() -> float:
@@ -110,6 +139,168 @@ def decode_step_ms(model: GPT, n: int, without_matmuls: bool = False) -> float:
     return statistics.median(times) * 1e3
 
 
+def tensor_bytes(model: GPT) -> int:
+    """Bytes of the weights a quantized model reads per token: every parameter and buffer (int8
+    rows, their scales and sums, biases, norms) but the token embedding, of which a lookup reads
+    one row, the head being an int8 copy of it."""
+    lookup = model.transformer.wte.weight
+    if getattr(model.lm_head, "weight", None) is lookup:  # a head still tied to it reads it all
+        lookup = None
+    tensors = {t.data_ptr(): t for t in (*model.parameters(), *model.buffers())}
+    return sum(t.numel() * t.element_size() for t in tensors.values() if t is not lookup)
+
+
+@dataclass
+class Decoded:
+    """One llama_decode.py run, as it printed it."""
+
+    tokens: int  # N, the new tokens
+    tokens_s: float  # the prompt's evaluation and the N tokens
+    decode_tokens_s: float  # the N - 1 tokens after the first
+    tensor_bytes: int  # all the tensors of the file: what a token reads
+    version: str  # llama-cpp-python's
+
+
+def child_result(returncode: int, stdout: str, stderr: str) -> Decoded | str:
+    """What a llama_decode.py process printed, or why it gave no figure (a crash by a signal, an
+    exit status, output without its JSON line)."""
+    if returncode < 0:
+        return f"crashed (signal {-returncode})"
+    if returncode != 0:
+        lines = stderr.strip().splitlines() or ["no output"]
+        return f"failed (exit {returncode}): {lines[-1][:200]}"
+    try:
+        printed = json.loads([line for line in stdout.splitlines() if line.startswith("{")][-1])
+        return Decoded(int(printed["tokens"]), float(printed["tokens_s"]),
+                       float(printed["decode_tokens_s"]), int(printed["tensor_bytes"]),
+                       str(printed.get("version", "unknown")))
+    except (IndexError, json.JSONDecodeError, KeyError, TypeError, ValueError):
+        return f"printed no result: {(stdout.strip().splitlines() or ['nothing'])[-1][:200]}"
+
+
+@dataclass
+class LlamaDecode:
+    """llama.cpp decoding one GGUF file: each call a llama_decode.py process of the python with
+    llama-cpp-python. One that fails keeps its reason and is not started again, so that a crash
+    (Q8_0's, repacked, on AMX-INT8 CPUs) costs its row, not the benchmark."""
+
+    python: str
+    gguf: Path
+    outtype: str
+    threads: int
+    no_repack: bool = False
+    failure: str | None = None
+    runs: list[Decoded] = field(default_factory=list)
+
+    def __call__(self, prompt: torch.Tensor, n: int) -> float:
+        """Tokens/s of the prompt's evaluation and `n` new tokens (nan once it has failed)."""
+        if self.failure is not None:
+            return math.nan
+        command = [self.python, str(DECODE), str(self.gguf), "--new-tokens", str(n),
+                   "--prompt", ",".join(str(t) for t in prompt[0].tolist()),
+                   "--threads", str(self.threads), *(["--no-repack"] if self.no_repack else [])]
+        try:
+            done = subprocess.run(command, capture_output=True, text=True, timeout=CHILD_TIMEOUT)
+            result = child_result(done.returncode, done.stdout, done.stderr)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            result = f"did not run ({e})"
+        if isinstance(result, str):
+            self.failure = result
+            print(f"llama.cpp {self.outtype.upper()}: {result}", flush=True)
+            return math.nan
+        self.runs.append(result)
+        return result.tokens_s
+
+
+def llama_decoders(args: argparse.Namespace, model: GPT) -> tuple[dict[str, LlamaDecode],
+                                                                  list[str]]:
+    """llama.cpp on `model`'s weights, by row label, and a line for each row that cannot run."""
+    python = anchors.find_program(args.llama_python, "GPT_BENCH_LLAMA_PYTHON", None)
+    if python is None:
+        named = args.llama_python or os.environ.get("GPT_BENCH_LLAMA_PYTHON")
+        return {}, [f"llama.cpp: --llama-python {named} is not a file" if named else
+                    "llama.cpp: no python with llama-cpp-python is named (--llama-python or "
+                    "GPT_BENCH_LLAMA_PYTHON)"]
+    folder = args.work.resolve() / f"model-{anchors.weights_digest(model)}"
+    hf_folder = folder / "hf"
+    if not (hf_folder / "config.json").is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        export(anchors.InMemory(model, folder / "model"), hf_folder, force=True)
+    decoders, skipped = {}, []
+    threads = torch.get_num_threads()
+    files = anchors.gguf_files(hf_folder, folder, args.gguf_types, args.convert,
+                               args.convert_python)
+    for outtype, gguf in files.items():
+        label = f"llama.cpp {outtype.upper()}"
+        if isinstance(gguf, str):
+            skipped.append(f"{label}: {gguf}")
+            continue
+        decoders[label] = LlamaDecode(python, gguf, outtype, threads)
+        if outtype == "q8_0":  # the weights as stored too: repacked, they crashed on AMX-INT8
+            decoders[f"{label}, --no-repack"] = LlamaDecode(python, gguf, outtype, threads, True)
+    return decoders, skipped
+
+
+def decoding_rows(results: dict[str, list[float]], bandwidth: list[float],
+                  weight_bytes: dict[str, int], llama: dict[str, LlamaDecode],
+                  ) -> tuple[list[list[str]], dict[str, float]]:
+    """The first table's rows (printed as they come), and each row's median tokens/s."""
+    reference = statistics.median(results["HF transformers generate, fp32"])
+    rows, rates = [], {}
+    for label, measured in results.items():
+        decoder = llama.get(label)
+        if decoder is not None and decoder.failure is not None:
+            print(f"{label:35s} {decoder.failure}")
+            rows.append([label, decoder.failure, "", ""])
+            continue
+        size = weight_bytes[f"{decoder.outtype.upper()} GGUF" if decoder is not None else
+                            next((k for k in ("int8", "bf16") if k in label), "fp32")]
+        # each round's rate against the bound measured in that round (no cache: the first)
+        of_bound = statistics.median(
+            rate / (bw * 1e9 / size) for rate, bw in zip(measured, bandwidth, strict=False)
+        )
+        rate = rates[label] = statistics.median(measured)
+        print(f"{label:35s} {rate:7.1f} tok/s  {rate / reference:5.2f}x HF  "
+              f"{of_bound:4.0%} of the bound")
+        name = f"{label} (reference)" if label.startswith("HF") else label
+        rows.append([name, f"{rate:.1f}", f"{rate / reference:.2f}x", f"{of_bound:.0%}"])
+    return rows, rates
+
+
+def goal_lines(rates: dict[str, float]) -> list[str]:
+    """gpt's sample path against llama.cpp on the same weights, as ratios of median tokens/s."""
+    pairs = [("gpt sample path, bf16", "llama.cpp BF16"),
+             ("gpt sample path, int8", "llama.cpp Q8_0"),
+             ("gpt sample path, int8", "llama.cpp Q8_0, --no-repack")]
+    return [f"{ours} / {theirs}, tokens/s: {rates[ours] / rates[theirs]:.2f}x"
+            for ours, theirs in pairs
+            if ours in rates and math.isfinite(rates.get(theirs, math.nan))]
+
+
+def llama_notes(llama: dict[str, LlamaDecode], n: int) -> list[str]:
+    """How the llama.cpp rows were measured, and their rates without the prompt."""
+    runs = {label: [r for r in d.runs if r.tokens == n] for label, d in llama.items()}
+    runs = {label: measured for label, measured in runs.items() if measured}
+    if not runs:
+        return []
+    first = next(iter(runs.values()))[0]
+    threads = next(iter(llama.values())).threads
+    lines = [
+        f"llama.cpp rows: llama-cpp-python {first.version} on GGUF files llama.cpp's converter "
+        "wrote from the same weights; a process of its own in every round (loading outside the "
+        f"timer, 8 tokens of warm-up), {threads} threads as torch's, the same 16 prompt ids, "
+        "top-k 50 at temperature 1 (top-p, min-p and repeat penalty off), the end-of-text token "
+        f"not stopping it; timed from the prompt's evaluation to the {n}th token, as gpt's rows",
+        f"llama.cpp without the prompt (the {n - 1} tokens after the first), tokens/s: "
+        + ", ".join(f"{label} {statistics.median(r.decode_tokens_s for r in measured):.1f}"
+                    for label, measured in runs.items()),
+    ]
+    if any(d.no_repack for d in llama.values()):
+        lines.append("--no-repack: the weights as the file holds them, as llama-server's flag of "
+                     "that name loads them; llama.cpp's default repacks them for the CPU's kernels")
+    return lines
+
+
 def rounds(runs: int, measurements: dict) -> dict[str, list[float]]:
     """Each measurement `runs` times, taking turns so that load drifts hit all alike."""
     for fn, *fn_args in measurements.values():
@@ -126,31 +317,69 @@ def medians(runs: int, measurements: dict) -> dict[str, float]:
     return {label: statistics.median(v) for label, v in rounds(runs, measurements).items()}
 
 
-def main() -> None:
+def parse_args() -> tuple[argparse.ArgumentParser, argparse.Namespace]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+
+    def gguf_types(text: str) -> list[str]:
+        found = [x.strip().lower() for x in text.split(",") if x.strip()]
+        for outtype in found:
+            if outtype not in GGUF_TYPES:
+                raise argparse.ArgumentTypeError(f"unknown GGUF type {outtype!r}; choose from "
+                                                 f"{', '.join(GGUF_TYPES)}")
+        return found
+
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--gguf-types", type=gguf_types, default=["bf16", "f16", "q8_0"],
+                        help=f"llama.cpp rows, comma-separated, from {', '.join(GGUF_TYPES)}")
+    parser.add_argument("--llama-python", default=None, metavar="PATH",
+                        help="a python with llama-cpp-python (or GPT_BENCH_LLAMA_PYTHON)")
+    anchors.add_convert_options(parser)
+    parser.add_argument("--work", type=Path,
+                        default=Path(tempfile.gettempdir()) / "gpt-bench-sample",
+                        help="where the export and its GGUF files are kept for later runs")
     docs.add_doc_options(parser)
     args = parser.parse_args()
+    if args.new_tokens < 2 or args.runs < 1:
+        parser.error("--new-tokens must be at least 2 and --runs at least 1")
+    return parser, args
+
+
+def main() -> None:
+    parser, args = parse_args()
     doc = docs.docs_target(parser, args, "bench-sample")
     load_before = docs.load_average()
-    torch.manual_seed(0)
-    gpt2 = ModelConfig(vocab_size=50257, padded_vocab_size=50257, activation="gelu_tanh")
-    model = GPT(gpt2).eval()  # GPT-2 124M's shape, HF's unpadded vocabulary
+    model = anchors.gpt2_model(seed=0).eval()  # GPT-2 124M's shape, HF's unpadded vocabulary
     hf_model = to_hf(model)
 
-    def sampling_copy(dtype: torch.dtype) -> GPT:
-        """The model as `gpt sample` runs it: in dtype, Linear weights packed for the CPU."""
+    def sampling_copy(dtype: torch.dtype, prepare: Callable[[GPT], GPT] = pack_linears) -> GPT:
+        """The model as `gpt sample` runs it: in dtype, Linear weights packed for the CPU (or
+        as `prepare` makes them)."""
         copy = GPT(model.config).eval()
         copy.load_state_dict(model.state_dict())
-        return pack_linears(copy.to(dtype))
+        return prepare(copy.to(dtype))
 
     model_fp32, model_bf16 = sampling_copy(torch.float32), sampling_copy(torch.bfloat16)
     prompt = torch.randint(0, 50257, (1, 16))
     n = args.new_tokens
+    weight_bytes = {"fp32": model.num_params() * 4, "bf16": model.num_params() * 2}
+    skipped, int8 = [], {}
+    if quantize is None:
+        skipped.append("gpt sample path, int8: this checkout has no gpt.quant")
+    else:
+        try:  # in place of pack_linears: the int8 kernels take the bf16 copy's Linear layers
+            model_int8 = sampling_copy(torch.bfloat16, lambda m: quantize(m, "int8"))
+        except GPTError as e:  # no int8 kernel on this CPU
+            skipped.append(f"gpt sample path, int8: {e}")
+        else:
+            int8["gpt sample path, int8"] = (ours, model_int8, prompt, n)
+            weight_bytes["int8"] = tensor_bytes(model_int8)
+    llama, cannot = llama_decoders(args, model)
+    skipped += cannot
+    for line in skipped:
+        print(f"skipped: {line}")
 
     print(f"threads: {torch.get_num_threads()}, load average before: {os.getloadavg()[0]:.2f}")
-    weight_bytes = {"fp32": model.num_params() * 4, "bf16": model.num_params() * 2}
     # the bandwidth is measured in every round, next to the runs it bounds: on a shared host
     # it moves by tens of percent from one minute to the next
     results = rounds(args.runs, {
@@ -158,12 +387,17 @@ def main() -> None:
         "HF transformers generate, fp32": (hf, hf_model, prompt, n),
         "gpt sample path, fp32": (ours, model_fp32, prompt, n),
         "gpt sample path, bf16": (ours, model_bf16, prompt, n),
+        **int8,
         "gpt, fp32, unpacked Linear": (ours, model, prompt, n),
         "bf16 matmuls alone (no sampler)": (matmuls_alone, model_bf16, n),
+        **{label: (decoder, prompt, n) for label, decoder in llama.items()},
     })
     bandwidth = results.pop("read bandwidth, GB/s")
     print(f"read bandwidth per round: {', '.join(f'{bw:.1f}' for bw in bandwidth)} GB/s")
     notes = [f"read bandwidth per round: {', '.join(f'{bw:.1f}' for bw in bandwidth)} GB/s"]
+    for decoder in llama.values():
+        if decoder.runs:
+            weight_bytes[f"{decoder.outtype.upper()} GGUF"] = decoder.runs[0].tensor_bytes
     for dtype, size in weight_bytes.items():
         bounds = [bw * 1e9 / size for bw in bandwidth]
         print(f"bound ({dtype}, {size / 1e6:.0f} MB read per token): "
@@ -171,19 +405,11 @@ def main() -> None:
         notes.append(f"bound ({dtype}, {size / 1e6:.0f} MB of weights read per token): "
                      f"{statistics.median(bounds):.1f} tokens/s (median of rounds)")
     results["no cache (nanoGPT's loop), fp32"] = [no_cache(model, prompt, min(n, 64))]
-    reference = statistics.median(results["HF transformers generate, fp32"])
-    rows = []
-    for label, rates in results.items():
-        size = weight_bytes["bf16" if "bf16" in label else "fp32"]
-        # each round's rate against the bound measured in that round (no cache: the first)
-        of_bound = statistics.median(
-            rate / (bw * 1e9 / size) for rate, bw in zip(rates, bandwidth, strict=False)
-        )
-        rate = statistics.median(rates)
-        print(f"{label:35s} {rate:7.1f} tok/s  {rate / reference:5.2f}x HF  "
-              f"{of_bound:4.0%} of the bound")
-        name = f"{label} (reference)" if label.startswith("HF") else label
-        rows.append([name, f"{rate:.1f}", f"{rate / reference:.2f}x", f"{of_bound:.0%}"])
+    rows, rates = decoding_rows(results, bandwidth, weight_bytes, llama)
+    for line in [*goal_lines(rates), *llama_notes(llama, n)]:
+        print(line)
+        notes.append(line)
+    notes += [f"skipped: {line}" for line in skipped]
     steps = rounds(args.runs, {
         "whole": (decode_step_ms, model_bf16, n),
         "without matmuls": (lambda m, k: decode_step_ms(m, k, without_matmuls=True), model_bf16, n),

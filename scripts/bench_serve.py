@@ -46,7 +46,6 @@ import json
 import math
 import os
 import random
-import shutil
 import signal
 import socket
 import statistics
@@ -58,25 +57,24 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import anchors
 import doc_tables as docs
 import httpx
 import torch
 
 from gpt.checkpoint import Checkpoint, Checkpointer
-from gpt.config import DataConfig, ModelConfig, RunConfig, to_dict
+from gpt.config import to_dict
 from gpt.device import resolve_dtype
 from gpt.generate import generate
 from gpt.hf.export import export
-from gpt.model import GPT
 from gpt.parallel import Dist
 from gpt.sample import load_for_inference
-from gpt.tokenizer import Tokenizer, get_tokenizer, tokenizer_from_dict
+from gpt.tokenizer import Tokenizer, tokenizer_from_dict
 
 ROOT = docs.ROOT
 BLOCK = "bench-serve"  # the random 124M-shaped model's table
 RUN_BLOCK = "bench-serve-run"  # a trained run's (--checkpoint), such as the quick start's
-# GPT-2 124M (12 layers, 12 heads, 768 wide, block 1024), its unpadded vocabulary and tanh GELU,
-# which llama.cpp's gpt2 architecture computes; `tiny` checks the plumbing in seconds
+# changes to GPT-2 124M's shape (anchors.gpt2_model); `tiny` checks the plumbing in seconds
 SHAPES = {
     "124m": {},
     "tiny": {"n_layer": 2, "n_head": 4, "n_embd": 128, "block_size": 256},
@@ -111,38 +109,11 @@ def random_checkpoint(folder: Path, shape: str, seed: int) -> Path:
     out = folder / "run"
     if (out / "latest").is_file():
         return out
-    torch.manual_seed(seed)
-    model = GPT(ModelConfig(vocab_size=50257, padded_vocab_size=50257, activation="gelu_tanh",
-                            **SHAPES[shape]))
-    cfg = RunConfig(model=model.config, data=DataConfig(tokenizer="gpt2"))
-    state = {"tokens": 0, "best_val_loss": None, "config": to_dict(cfg),
-             "tokenizer": get_tokenizer("gpt2").to_dict()}
+    model = anchors.gpt2_model(seed, **SHAPES[shape])
+    source = anchors.InMemory(model, out)
+    state = {"tokens": 0, "best_val_loss": None, "config": to_dict(source.config),
+             "tokenizer": source.tokenizer}
     Checkpointer(out, Dist(), model, torch.optim.AdamW(model.parameters()), fixed=state).save(0)
-    return out
-
-
-def convert_gguf(hf_folder: Path, outtype: str, out: Path, convert: Path | None,
-                 python: str) -> Path | str:
-    """`hf_folder` converted by llama.cpp's converter into `out` (kept from an earlier run), or
-    the reason it was not."""
-    if out.is_file() or convert is None:
-        return out
-    gguf_py = convert.parent / "gguf-py"  # the converter's own package, beside it in llama.cpp
-    env = dict(os.environ)
-    if gguf_py.is_dir():
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(gguf_py), env.get("PYTHONPATH")) if p)
-    tmp = out.with_name(out.name + ".tmp")
-    command = [python, str(convert), str(hf_folder), "--outtype", outtype, "--outfile", str(tmp)]
-    print(f"converting to {outtype}: {' '.join(command)}", flush=True)
-    try:
-        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=1800)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        return f"the converter did not run ({e})"
-    if done.returncode != 0 or not tmp.is_file():
-        tmp.unlink(missing_ok=True)
-        lines = (done.stderr or done.stdout).strip().splitlines() or ["no output"]
-        return f"the converter failed: {lines[-1][:200]}"
-    os.replace(tmp, out)
     return out
 
 
@@ -164,15 +135,9 @@ def prepare_weights(args: argparse.Namespace) -> Weights:
         export(found, hf_folder, force=True)
     weights = Weights(label, checkpoint, hf_folder.resolve(), folder,
                       found.config.model.block_size)
-    for outtype in args.gguf_types if "llama" in args.servers else []:
-        gguf = folder / f"model-{outtype}.gguf"
-        if gguf.is_file() or (args.convert is not None and args.convert.is_file()):
-            weights.gguf[outtype] = convert_gguf(hf_folder, outtype, gguf, args.convert,
-                                                 args.convert_python)
-        else:
-            weights.gguf[outtype] = (
-                "llama.cpp's converter is not named (--convert or GPT_BENCH_CONVERT)"
-                if args.convert is None else f"--convert {args.convert} is not a file")
+    weights.gguf = anchors.gguf_files(hf_folder, folder,
+                                      args.gguf_types if "llama" in args.servers else [],
+                                      args.convert, args.convert_python)
     return weights
 
 
@@ -195,12 +160,6 @@ class Server:
 USAGE = {"stream_options": {"include_usage": True}}  # a last chunk holding the token counts
 
 
-def find_program(given: str | None, env_var: str, name: str) -> str | None:
-    """The flag's path, the environment variable's, or `name` on PATH."""
-    path = given or os.environ.get(env_var) or shutil.which(name)
-    return path if path and Path(path).is_file() else None
-
-
 def plan_servers(args: argparse.Namespace, weights: Weights, device: str, gpt_dtype: str,
                  slots: int, slot_context: int) -> tuple[list[Server], list[str]]:
     """The servers to run, and a line for each one asked for that cannot run here."""
@@ -217,7 +176,8 @@ def plan_servers(args: argparse.Namespace, weights: Weights, device: str, gpt_dt
             ], None, USAGE, {"PYTHONPATH": os.pathsep.join(
                 p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}))
         elif name in ("hf", "hf-cb"):
-            program = find_program(args.transformers, "GPT_BENCH_TRANSFORMERS", "transformers")
+            program = anchors.find_program(args.transformers, "GPT_BENCH_TRANSFORMERS",
+                                           "transformers")
             if program is None:
                 skipped.append(f"{name}: `transformers` not found (--transformers or "
                                "GPT_BENCH_TRANSFORMERS; pip install 'transformers[serving]')")
@@ -230,7 +190,8 @@ def plan_servers(args: argparse.Namespace, weights: Weights, device: str, gpt_dt
                 folder,
             ], folder, {}, {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}))
         elif name == "llama":
-            program = find_program(args.llama_server, "GPT_BENCH_LLAMA_SERVER", "llama-server")
+            program = anchors.find_program(args.llama_server, "GPT_BENCH_LLAMA_SERVER",
+                                           "llama-server")
             for outtype, gguf in weights.gguf.items():
                 if program is None:
                     skipped.append(f"llama ({outtype}): llama-server not found (--llama-server "
@@ -247,7 +208,7 @@ def plan_servers(args: argparse.Namespace, weights: Weights, device: str, gpt_dt
                         "--port", "{port}",
                     ], None, {**USAGE, "ignore_eos": True}))
         elif name == "vllm":
-            program = find_program(args.vllm, "GPT_BENCH_VLLM", "vllm")
+            program = anchors.find_program(args.vllm, "GPT_BENCH_VLLM", "vllm")
             if device != "cuda":
                 skipped.append("vllm: needs a CUDA GPU")
             elif program is None:
@@ -646,15 +607,7 @@ def parse_args() -> tuple[argparse.ArgumentParser, argparse.Namespace]:
                         default=["bf16"], help="llama-server rows: bf16, f16, q8_0, f32")
     parser.add_argument("--llama-server", default=None, metavar="PATH",
                         help="llama.cpp's llama-server (or GPT_BENCH_LLAMA_SERVER, or on PATH)")
-    parser.add_argument("--convert", type=Path, metavar="PATH",
-                        help="llama.cpp's convert_hf_to_gguf.py (or GPT_BENCH_CONVERT)",
-                        default=os.environ.get("GPT_BENCH_CONVERT")
-                        or os.environ.get("GPT_LLAMA_CPP_CONVERT"))
-    parser.add_argument("--convert-python", metavar="PATH",
-                        help="the python to run the converter with (or GPT_BENCH_CONVERT_PYTHON; "
-                        "default: this one)",
-                        default=os.environ.get("GPT_BENCH_CONVERT_PYTHON")
-                        or os.environ.get("GPT_LLAMA_CPP_PYTHON") or sys.executable)
+    anchors.add_convert_options(parser)
     parser.add_argument("--transformers", default=None, metavar="PATH",
                         help="the `transformers` command (or GPT_BENCH_TRANSFORMERS, or on PATH)")
     parser.add_argument("--vllm", default=None, metavar="PATH",
