@@ -167,11 +167,8 @@ class Attention(nn.Module):
             qg, kg = self._normalise_and_rotate(qg, kg, group.rope)
             kg, vg = cache.update(layer, group, kg, vg)  # (b, nkv, S, hs) in the cache's dtype
             qg = qg.to(kg.dtype)  # a float32 cache under bfloat16 weights: attention in float32
-            if T == 1 and not self.manual:  # decoding: one new token per row
-                y = self._attend_one(qg, kg, vg, group.mask)
-            else:
-                kg, vg = self._repeat_kv(kg, vg)
-                y = self._attend_group(qg, kg, vg, group)  # (b, nh, T, hs)
+            kg, vg = self._repeat_kv(kg, vg)
+            y = self._attend_group(qg, kg, vg, group)  # (b, nh, T, hs)
             outputs.append(y.transpose(1, 2).reshape(1, b * T, self.q_dim))
         y = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
         return y.to(x.dtype)
@@ -184,19 +181,6 @@ class Attention(nn.Module):
             mask = self.mask[:T, :S] if group.causal else group.mask
             return self._manual_attention(q, k, v, mask)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=group.mask, is_causal=group.causal)
-
-    def _attend_one(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
-        """Attention of one query per row q (b, nh, 1, hs) over its row's keys and values
-        (b, nkv, S, hs), mask (b, 1, 1, S) or None: two small matmuls, several times cheaper
-        than SDPA's kernel at this size on a CPU, and grouped query heads read their shared
-        keys in place rather than from copies."""
-        b, nh, _, hs = q.shape
-        nkv = k.size(1)
-        q = q.view(b, nkv, nh // nkv, hs)  # each kv head's query heads as its rows
-        scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(hs))  # (b, nkv, nh/nkv, S)
-        if mask is not None:
-            scores = scores.masked_fill(~mask, float("-inf"))
-        return (torch.softmax(scores, dim=-1) @ v).view(b, nh, 1, hs)
 
     def _normalise_and_rotate(
         self, q: Tensor, k: Tensor, rope: tuple[Tensor, Tensor] | None
