@@ -142,21 +142,42 @@ class Int8Linear(nn.Module):
         self.register_buffer("weight_sum", rows.sum(dim=1, dtype=torch.int32), persistent=False)
         bias = None if linear.bias is None else linear.bias.detach().float()
         self.register_buffer("bias", bias, persistent=False)
+        self._point_at_buffers()
+
+    def _point_at_buffers(self) -> None:
+        """The kernel's weight arguments, taken once: a decode step calls each layer once, and
+        looking them up per call cost as much as a fifth of the int8 matmul itself."""
+        self._weights = (self.weight_int8.data_ptr(), self.weight_scale.data_ptr(),
+                         self.weight_sum.data_ptr(),
+                         None if self.bias is None else self.bias.data_ptr())
+        self._cpu = self.weight_int8.device.type == "cpu"
+
+    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
+        """`.to()` and the like: the scales and bias stay float32 (the kernel reads float32),
+        and the kernel's pointers follow the buffers wherever they went."""
+        scale, bias = self.weight_scale, self.bias
+        super()._apply(fn, recurse)
+        device = self.weight_int8.device
+        self.weight_scale = scale.to(device)
+        self.bias = None if bias is None else bias.to(device)
+        self._point_at_buffers()
+        return self
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.dtype not in (torch.float32, torch.bfloat16):
-            raise GPTError(f"int8 layers compute in float32 or bfloat16, not {x.dtype}")
+        if x.dtype not in (torch.float32, torch.bfloat16) or not self._cpu or x.is_cuda:
+            raise GPTError(f"int8 layers compute on the CPU in float32 or bfloat16, not "
+                           f"{x.dtype} on {x.device}")
         K, N = self.in_features, self.out_features
-        rows = x.reshape(-1, K).contiguous()  # (M, K)
+        rows = x.reshape(-1, K)  # (M, K)
+        if not rows.is_contiguous():
+            rows = rows.contiguous()
         M, Kp = rows.size(0), self.weight_int8.size(1)
-        out = torch.empty(M, N, dtype=x.dtype)
-        scratch = torch.empty(M, Kp, dtype=torch.uint8)  # the quantized activation rows
-        row_scales = torch.empty(M, dtype=torch.float32)
+        out = torch.empty(M, N, dtype=x.dtype)  # (M, N)
+        scratch = torch.empty(M * (Kp + 4), dtype=torch.uint8)  # quantized rows, then scales
         _library().int8_linear(
-            rows.data_ptr(), out.data_ptr(), int(x.dtype == torch.bfloat16),
-            self.weight_int8.data_ptr(), self.weight_scale.data_ptr(), self.weight_sum.data_ptr(),
-            None if self.bias is None else self.bias.data_ptr(), M, N, K, Kp,
-            scratch.data_ptr(), row_scales.data_ptr(), torch.get_num_threads(),
+            rows.data_ptr(), out.data_ptr(), x.dtype == torch.bfloat16, *self._weights,
+            M, N, K, Kp, scratch.data_ptr(), scratch.data_ptr() + M * Kp,
+            torch.get_num_threads(),
         )
         return out.view(*x.shape[:-1], N)
 

@@ -39,17 +39,18 @@ import anchors
 import doc_tables as docs
 import torch
 
+import gpt.generate as gpt_generate
 from gpt.errors import GPTError
 from gpt.generate import cache_dtype, generate
 from gpt.hf.convert import to_hf
 from gpt.hf.export import export
-from gpt.model import GPT
+from gpt.model import GPT, Attention
 from gpt.onednn import PackedLinear, pack_linears
 
 try:
-    from gpt.quant import quantize
+    from gpt.quant import Int8Linear, quantize
 except ImportError:  # a checkout from before int8 decoding: its row is skipped
-    quantize = None
+    Int8Linear = quantize = None
 
 DECODE = Path(__file__).resolve().parent / "llama_decode.py"  # run by the llama-cpp-python python
 GGUF_TYPES = ("bf16", "f16", "q8_0", "f32")  # what llama.cpp's converter writes
@@ -122,9 +123,11 @@ def decode_step_ms(model: GPT, n: int, without_matmuls: bool = False) -> float:
     `without_matmuls` makes every Linear return zeros of its output's shape: what is left is
     the rest of the step (attention, norms, adds, cache writes, Python).
     """
-    forward = PackedLinear.forward
+    kinds = [PackedLinear] + ([Int8Linear] if Int8Linear is not None else [])
+    forwards = [kind.forward for kind in kinds]
     if without_matmuls:
-        PackedLinear.forward = lambda self, x: x.new_zeros(*x.shape[:-1], self.out_features)
+        for kind in kinds:
+            kind.forward = lambda self, x: x.new_zeros(*x.shape[:-1], self.out_features)
     try:
         cache = model.new_cache(1, 16 + n, cache_dtype(model))
         model(torch.zeros(1, 16, dtype=torch.long), cache=cache, last_only=True)
@@ -135,7 +138,8 @@ def decode_step_ms(model: GPT, n: int, without_matmuls: bool = False) -> float:
             model(token, cache=cache, last_only=True)
             times.append(time.perf_counter() - start)
     finally:
-        PackedLinear.forward = forward
+        for kind, forward in zip(kinds, forwards, strict=True):
+            kind.forward = forward
     return statistics.median(times) * 1e3
 
 
@@ -301,6 +305,95 @@ def llama_notes(llama: dict[str, LlamaDecode], n: int) -> list[str]:
     return lines
 
 
+class TorchInt8Linear(torch.nn.Module):
+    """torch's own int8 weight-only matmul (`_weight_int8pack_mm`): each weight is turned back
+    into a float inside the kernel. The alternative to gpt.quant's kernel, measured beside it."""
+
+    def __init__(self, linear: torch.nn.Linear) -> None:
+        super().__init__()
+        w = linear.weight.detach().float()
+        self.scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127  # (N,)
+        self.weight = torch.round(w / self.scale[:, None]).to(torch.int8)  # (N, K)
+        self.bias = None if linear.bias is None else linear.bias.detach()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, x.size(-1))
+        y = torch.ops.aten._weight_int8pack_mm(rows, self.weight, self.scale.to(x.dtype))
+        y = y if self.bias is None else y + self.bias
+        return y.view(*x.shape[:-1], -1)
+
+
+def torch_int8(model: GPT) -> GPT:
+    """`model` with every Linear (the tied head included) a TorchInt8Linear."""
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, torch.nn.Linear):
+                setattr(module, name, TorchInt8Linear(child))
+    return model
+
+
+def two_matmul_attention(self, q, k, v, group):  # noqa: ANN001, ANN201 (Attention's signature)
+    """One-token decode attention written as softmax(q k^T / sqrt(hs)) v: two small matmuls,
+    the alternative to SDPA's kernel measured beside it."""
+    if q.size(-2) != 1:
+        return ORIGINAL_ATTEND(self, q, k, v, group)
+    scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))  # (b, nh, 1, S)
+    if group.mask is not None:
+        scores = scores.masked_fill(~group.mask, float("-inf"))
+    return torch.softmax(scores, dim=-1) @ v
+
+
+ORIGINAL_ATTEND = Attention._attend_group
+
+
+def patched(fn: Callable[..., float], target: object, name: str, value: object
+            ) -> Callable[..., float]:
+    """`fn` run with `target.name` replaced by `value`, restored afterwards."""
+    def run(*args: object) -> float:
+        original = getattr(target, name)
+        setattr(target, name, value)
+        try:
+            return fn(*args)
+        finally:
+            setattr(target, name, original)
+    return run
+
+
+def ablation(copy: Callable[..., GPT], shipped: dict[str, GPT], prompt: torch.Tensor, n: int,
+             runs: int) -> list[list[str]]:
+    """The decode path with one of its choices undone at a time, against the path as shipped:
+    batch-1 tokens/s, medians of alternating rounds. `shipped` holds the bf16 and int8 models as
+    `gpt sample` runs them; `copy(dtype, prepare)` makes another."""
+    bf16 = shipped["bf16"]
+    variants: dict[str, tuple] = {
+        "bf16, as shipped": (ours, bf16, prompt, n),
+        "bf16, Linear weights unpacked (F.linear)": (ours, copy(torch.bfloat16, lambda m: m),
+                                                    prompt, n),
+        "bf16, KV cache in bf16 (not float32)": (
+            patched(ours, gpt_generate, "cache_dtype", lambda m: torch.bfloat16), bf16, prompt, n),
+        "bf16, one-token attention as two matmuls (not SDPA)": (
+            patched(ours, Attention, "_attend_group", two_matmul_attention), bf16, prompt, n),
+    }
+    if "int8" in shipped:
+        int8 = shipped["int8"]
+        other = torch.float32 if int8.transformer.wte.weight.dtype == torch.bfloat16 else \
+            torch.bfloat16
+        variants.update({
+            "int8, as shipped": (ours, int8, prompt, n),
+            f"int8, activations in {str(other)[6:]}": (
+                ours, copy(other, lambda m: quantize(m, "int8")), prompt, n),
+            "int8, torch's weight-only kernel (_weight_int8pack_mm)": (
+                ours, copy(int8.transformer.wte.weight.dtype, torch_int8), prompt, n),
+        })
+    rates = medians(runs, variants)
+    rows = []
+    for label, rate in rates.items():
+        base = rates["int8, as shipped" if label.startswith("int8") else "bf16, as shipped"]
+        print(f"{label:55s} {rate:7.1f} tok/s  {rate / base:5.2f}x as shipped")
+        rows.append([label, f"{rate:.1f}", f"{rate / base:.2f}x"])
+    return rows
+
+
 def rounds(runs: int, measurements: dict) -> dict[str, list[float]]:
     """Each measurement `runs` times, taking turns so that load drifts hit all alike."""
     for fn, *fn_args in measurements.values():
@@ -410,15 +503,20 @@ def main() -> None:
         print(line)
         notes.append(line)
     notes += [f"skipped: {line}" for line in skipped]
-    steps = rounds(args.runs, {
-        "whole": (decode_step_ms, model_bf16, n),
-        "without matmuls": (lambda m, k: decode_step_ms(m, k, without_matmuls=True), model_bf16, n),
-    })
-    whole, rest = (statistics.median(v) for v in steps.values())
-    print(f"bf16 decode step: {whole:.2f} ms; without its matmuls (Linear layers return zeros): "
-          f"{rest:.2f} ms ({rest / whole:.0%})")
-    more = [["bf16 decode step, whole / Linear layers returning zeros",
-             f"{whole:.2f} ms / {rest:.2f} ms ({rest / whole:.0%})"]]
+    more = []
+    shipped = {"bf16": model_bf16}
+    if int8:
+        shipped["int8"] = int8["gpt sample path, int8"][1]
+    for label, m in shipped.items():
+        steps = medians(args.runs, {
+            "whole": (decode_step_ms, m, n),
+            "rest": (lambda m, k: decode_step_ms(m, k, without_matmuls=True), m, n),
+        })
+        whole, rest = steps["whole"], steps["rest"]
+        print(f"{label} decode step: {whole:.2f} ms; without its matmuls (Linear layers return "
+              f"zeros): {rest:.2f} ms ({rest / whole:.0%})")
+        more.append([f"{label} decode step, whole / Linear layers returning zeros",
+                     f"{whole:.2f} ms / {rest:.2f} ms ({rest / whole:.0%})"])
     batch = prompt.repeat(8, 1)
     batch_rates = medians(
         args.runs, {"fp32": (ours, model_fp32, batch, n), "bf16": (ours, model_bf16, batch, n)}
@@ -451,8 +549,11 @@ def main() -> None:
                  f"top-50 sets {overlap:.1%} shared, argmax agreement {agree:.2%}")
     print(closeness)
     print(f"load average after: {os.getloadavg()[0]:.2f} (other processes slow every row)")
+    ablated = ablation(sampling_copy, shipped, prompt, n, args.runs)
     tables = [docs.markdown_table(["decoding path", "tokens/s", "vs HF", "of the bound"], rows),
-              docs.markdown_table(["measurement", "median"], more)]
+              docs.markdown_table(["measurement", "median"], more),
+              docs.markdown_table(["ablation: one choice undone", "tokens/s", "vs as shipped"],
+                                  ablated)]
     docs.publish(doc, "bench-sample", tables, load_before, [
         "model: GPT-2-124M shape, random weights; batch 1 unless stated, a 16-token prompt, "
         f"{n} new tokens (no cache: {min(n, 64)}), top-k 50; medians of {args.runs} rounds",
