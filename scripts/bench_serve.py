@@ -2,7 +2,8 @@
 
 Every server answers the same load on the same weights, one server at a time:
 
-- `gpt serve` on a `gpt` checkpoint (`--dtype`, auto: bfloat16 where the CPU computes it);
+- `gpt serve` on a `gpt` checkpoint (`--dtype`, auto: bfloat16 where the CPU computes it), and
+  with `--quantize int8` (server `gpt-int8`);
 - `transformers serve` on the folder `gpt export` writes from it, with and without
   `--continuous-batching` (float32, its fastest on a CPU);
 - llama.cpp's `llama-server` on that folder converted to GGUF by llama.cpp's own
@@ -31,7 +32,7 @@ is not named or found is skipped, saying why):
     --transformers PATH    GPT_BENCH_TRANSFORMERS   `transformers` (of transformers[serving])
     --vllm PATH            GPT_BENCH_VLLM           the `vllm` command (GPU only)
 
-    python scripts/bench_serve.py [--clients 1,4,16,64] [--servers gpt,hf,hf-cb,llama]
+    python scripts/bench_serve.py [--clients 1,4,16,64] [--servers gpt,gpt-int8,hf,hf-cb,llama]
         [--rounds 2] [--repeats 1] [--new-tokens 128] [--prompt-tokens 32]
         [--shape 124m | --checkpoint RUN] [--work DIR] [--write-docs [--docs PATH]]
 """
@@ -79,7 +80,7 @@ SHAPES = {
     "124m": {},
     "tiny": {"n_layer": 2, "n_head": 4, "n_embd": 128, "block_size": 256},
 }
-SERVERS = ("gpt", "hf", "hf-cb", "llama", "vllm")
+SERVERS = ("gpt", "gpt-int8", "hf", "hf-cb", "llama", "vllm")
 WORDS = ("the river garden window music winter morning paper market letter station mountain "
          "doctor village kitchen story engine evening forest island bridge teacher summer "
          "number family water light city road friend house table school voice money night "
@@ -167,10 +168,11 @@ def plan_servers(args: argparse.Namespace, weights: Weights, device: str, gpt_dt
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     folder = str(weights.hf_folder)
     for name in args.servers:
-        if name == "gpt":
-            servers.append(Server("gpt", f"gpt serve ({gpt_dtype})", [
+        if name in ("gpt", "gpt-int8"):
+            int8 = ["--quantize", "int8"] if name == "gpt-int8" else []
+            servers.append(Server(name, f"gpt serve ({'int8' if int8 else gpt_dtype})", [
                 sys.executable, "-m", "gpt", "serve", "--checkpoint", str(weights.checkpoint),
-                "--port", "{port}", "--device", device, "--dtype", args.dtype,
+                "--port", "{port}", "--device", device, "--dtype", args.dtype, *int8,
                 "--set", f"serve.max_batch={slots}", "--set", f"serve.context={slot_context}",
                 "--set", f"serve.max_connections={slots + 8}",
             ], None, USAGE, {"PYTHONPATH": os.pathsep.join(
@@ -593,7 +595,8 @@ def parse_args() -> tuple[argparse.ArgumentParser, argparse.Namespace]:
                         help="times the whole set of servers runs, in alternating order")
     parser.add_argument("--new-tokens", type=int, default=128, help="max_tokens of each request")
     parser.add_argument("--prompt-tokens", type=int, default=32, help="tokens of each prompt")
-    parser.add_argument("--servers", type=names, default=["gpt", "hf", "hf-cb", "llama"],
+    parser.add_argument("--servers", type=names,
+                        default=["gpt", "gpt-int8", "hf", "hf-cb", "llama"],
                         help=f"comma-separated, from {', '.join(SERVERS)}")
     parser.add_argument("--shape", choices=sorted(SHAPES), default="124m",
                         help="the random model's shape (tiny: a quick check of the plumbing)")
