@@ -39,6 +39,9 @@ if TYPE_CHECKING:
 
 METHODS = ("int8",)
 PAD = 64  # weight rows are zero-padded to a multiple of the widest vector the kernel loads
+MANY_ROWS = 16  # rows from which torch's int8 matrix product beats the kernel
+# no fused multiply-adds: the kernel's arithmetic must be Int8Linear._many_rows', bit for bit
+FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC")
 
 
 def check_method(method: str | None) -> None:
@@ -71,8 +74,7 @@ def build(compiler: str, source: Path, target: Path, extra: tuple[str, ...] = ()
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         built = Path(tmp) / target.name
-        cmd = [compiler, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", str(source),
-               "-o", str(built), *extra]
+        cmd = [compiler, *FLAGS, str(source), "-o", str(built), *extra]
         result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         if result.returncode != 0:
             errors = [ln for ln in result.stderr.splitlines() if "error" in ln]
@@ -101,7 +103,7 @@ def _library() -> ctypes.CDLL:
         code = path.read_bytes()
         # -march=native: a library is only valid on the CPU it was built for
         host = " ".join(sorted(flags or ())) + platform.processor()
-        key = hashlib.sha256(code + host.encode() + compiler.encode()).hexdigest()[:16]
+        key = hashlib.sha256(code + " ".join([host, compiler, *FLAGS]).encode()).hexdigest()[:16]
         target = _kernel_cache() / f"int8_linear-{key}.so"
         if not target.is_file():
             build(compiler, path, target)
@@ -172,6 +174,8 @@ class Int8Linear(nn.Module):
         if not rows.is_contiguous():
             rows = rows.contiguous()
         M, Kp = rows.size(0), self.weight_int8.size(1)
+        if M >= MANY_ROWS:
+            return self._many_rows(rows).view(*x.shape[:-1], N)
         out = torch.empty(M, N, dtype=x.dtype)  # (M, N)
         scratch = torch.empty(M * (Kp + 4), dtype=torch.uint8)  # quantized rows, then scales
         _library().int8_linear(
@@ -180,6 +184,25 @@ class Int8Linear(nn.Module):
             torch.get_num_threads(),
         )
         return out.view(*x.shape[:-1], N)
+
+    def _many_rows(self, rows: Tensor) -> Tensor:
+        """The kernel's arithmetic for many rows (a prompt, an evaluation batch) on torch's int8
+        matrix product, which keeps the CPU's matrix units busy where the kernel, made for one
+        row at a time, would not. Every step is the kernel's, in its order, so a row gives
+        bitwise the same values by either path (whichever its batch takes)."""
+        x = rows.float()  # (M, K)
+        amax = x.abs().amax(dim=1, keepdim=True)  # (M, 1)
+        # full tensors, not Python numbers: torch turns `127 / t` into 127 * (1 / t), two
+        # roundings where the kernel has one
+        limit = torch.full_like(amax, 127.0)
+        inverse = torch.where(amax > 0, limit / amax, torch.zeros_like(amax))
+        quantized = torch.round(x * inverse).to(torch.int8)  # (M, K)
+        weight = self.weight_int8[:, : self.in_features].t()  # (K, N)
+        dots = torch._int_mm(quantized, weight)  # (M, N) int32, exact
+        y = (amax / limit * self.weight_scale) * dots.float()
+        if self.bias is not None:
+            y = y + self.bias
+        return y.to(rows.dtype)
 
 
 def quantize(model: GPT, method: str) -> GPT:
