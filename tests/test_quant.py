@@ -368,6 +368,20 @@ def test_a_cache_folder_that_cannot_be_written_is_one_line(tmp_path: Path) -> No
                        "(Not a directory); set GPT_CACHE_DIR to a writable folder")
 
 
+def test_no_cache_folder_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No $GPT_CACHE_DIR, no $XDG_CACHE_HOME and no home folder: nowhere to keep the kernel."""
+    monkeypatch.delenv("GPT_CACHE_DIR")
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+
+    def no_home() -> Path:
+        raise RuntimeError("Could not determine home directory.")
+
+    monkeypatch.setattr(Path, "home", no_home)
+    assert refusal(quant._kernel_cache) == (
+        "--quantize int8 keeps the kernel it builds in a cache folder, and there is no home "
+        "folder for one; set GPT_CACHE_DIR to a writable folder")
+
+
 def test_a_gpu_and_float16_are_refused(tiny: Callable[..., GPT]) -> None:
     """A model on another device (the meta device stands in for a GPU: nothing is computed),
     and one in float16, which the kernel does not read."""
