@@ -285,6 +285,10 @@ DtypeOption = Annotated[
     ),
 ]
 CompileOption = Annotated[bool, typer.Option("--compile", help="torch.compile the model.")]
+QuantizeOption = Annotated[str | None, typer.Option(
+    "--quantize", show_default=False,
+    help="int8: the Linear layers' weights in int8, quantized at load (the checkpoint is not "
+    "changed); on CPUs with AVX512-VNNI or AVX-VNNI, with a C compiler.")]
 
 
 def _mirror(section: type[Any], key: str, *aliases: str, also: str = "") -> Any:
@@ -392,11 +396,14 @@ def sample(
     device: DeviceOption = "auto",
     dtype: DtypeOption = "auto",
     compile_model: CompileOption = False,
+    quantize: QuantizeOption = None,
 ) -> None:
     """Generate text from a trained checkpoint (model, tokenizer and defaults come from it)."""
+    from gpt.quant import check_method
     from gpt.sample import check_prompt_format, load_for_inference, read_prompts, write_samples
 
     check_prompt_format(prompt_format, prompt_file)
+    check_method(quantize, compile_model)
     flags = _given(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                    top_p=top_p, num_samples=num_samples, seed=seed, stop=stop or None,
                    ignore_eos=ignore_eos)
@@ -405,8 +412,9 @@ def sample(
     prompts = read_prompts(prompt, prompt_file, prompt_format, cfg.sample)
     stream = sys.stdout.isatty() if stream is None else stream  # before stdout is redirected
     with _stdout_for_text_only() as out:
-        write_samples(lambda: load_for_inference(found, device, dtype, compile_model), prompts,
-                      cfg.sample, stream, lambda text: typer.echo(text, nl=False, file=out))
+        load = functools.partial(load_for_inference, found, device, dtype, compile_model, quantize)
+        write_samples(load, prompts, cfg.sample, stream,
+                      lambda text: typer.echo(text, nl=False, file=out))
 
 
 @command()
@@ -424,19 +432,22 @@ def chat(
     device: DeviceOption = "auto",
     dtype: DtypeOption = "auto",
     compile_model: CompileOption = False,
+    quantize: QuantizeOption = None,
 ) -> None:
     """Talk with a checkpoint's model: a message a line; /reset, /system TEXT, /quit; Ctrl-C
     stops a reply. Settings come from [sample], as for gpt sample."""
     from gpt.chat import Chat, check_settings, run_chat
+    from gpt.quant import check_method
     from gpt.sample import load_for_inference
 
+    check_method(quantize, compile_model)
     flags = _given(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                    top_p=top_p, seed=seed)
     _, found, cfg = _checkpoint_config(checkpoint, config, set_, which, "sample", "gpt chat",
                                        flags)
     check_settings(cfg.sample)
     with _stdout_for_text_only() as out, compile_errors("--compile"):
-        model, tokenizer = load_for_inference(found, device, dtype, compile_model)
+        model, tokenizer = load_for_inference(found, device, dtype, compile_model, quantize)
         run_chat(Chat(model, tokenizer, cfg.sample, system.strip()), stdout=out)
 
 
@@ -474,13 +485,16 @@ def serve(
         help="Let pages from this origin call the API (repeatable); none by default.")] = None,
     device: DeviceOption = "auto",
     dtype: DtypeOption = "auto",
+    quantize: QuantizeOption = None,
 ) -> None:
     """Serve a checkpoint over OpenAI's API (/v1/completions, /v1/chat/completions) with a chat
     page at / (needs the serve extra: pip install 'gpt[serve]')."""
+    from gpt.quant import check_method
     from gpt.sample import load_for_inference
     from gpt.serve import require_extra
 
     require_extra()
+    check_method(quantize)
     from gpt.serve.server import serve as serve_model
     from gpt.tokenizer import tokenizer_from_dict
 
@@ -490,7 +504,7 @@ def serve(
 
     def load() -> GPT:  # in the engine's thread, once the port is bound
         with _stdout_for_text_only():
-            return load_for_inference(found, device, dtype, False)[0]
+            return load_for_inference(found, device, dtype, False, quantize)[0]
 
     serve_model(load, tokenizer_from_dict(found.tokenizer), path, cfg.serve, api_key or None,
                 cors_origin or ())
@@ -523,6 +537,7 @@ def eval_(
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
     device: DeviceOption = "auto",
+    quantize: QuantizeOption = None,
     tasks: TasksOption = None,
     include_path: IncludePathOption = None,
     num_fewshot: NumFewshotOption = None,
@@ -533,8 +548,10 @@ def eval_(
     """Loss, perplexity and bits per byte of a checkpoint over a whole split or a text; or its
     scores on lm-evaluation-harness tasks (--tasks)."""
     from gpt.evaluate import evaluate, tokens_of_source, tokens_of_split
+    from gpt.quant import check_method
     from gpt.sample import load_for_inference
 
+    check_method(quantize)
     if tasks is not None and (data is not None or split is not None):
         raise GPTError("--tasks runs on the tasks' own data; give --data or --split without it")
     if split not in (None, "val", "train"):
@@ -544,9 +561,10 @@ def eval_(
         from gpt.harness import TaskOptions, evaluate_tasks, parse_tasks  # needs gpt[eval]
 
         typer.echo(evaluate_tasks(found, TaskOptions(
-            parse_tasks(tasks), num_fewshot, limit, batch_size, include_path, output), device))
+            parse_tasks(tasks), num_fewshot, limit, batch_size, include_path, output), device,
+            quantize))
         return
-    model, tokenizer = load_for_inference(found, device, "float32", False)
+    model, tokenizer = load_for_inference(found, device, "float32", False, quantize)
     if data is not None:
         tokens, mask = tokens_of_source(cfg, data, tokenizer), None
     else:

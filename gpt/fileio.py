@@ -19,6 +19,20 @@ MiB = 2**20
 LOW_SPACE = 256 * MiB  # free bytes below which a failed write is taken for a full disk
 
 
+def cache_folder() -> Path | None:
+    """gpt's folder in the user's cache (the CPU's peak figures, built kernels): $GPT_CACHE_DIR,
+    else $XDG_CACHE_HOME/gpt, else ~/.cache/gpt; None when there is no home folder for it."""
+    if folder := os.environ.get("GPT_CACHE_DIR"):
+        return Path(folder)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    if xdg and os.path.isabs(xdg):
+        return Path(xdg) / "gpt"
+    try:
+        return Path.home() / ".cache" / "gpt"
+    except RuntimeError:  # no HOME and no password entry
+        return None
+
+
 def fsync_dir(path: Path) -> None:
     """Flush a folder's entries, so that a rename or a new file in it survives a power loss."""
     fd = os.open(path, os.O_RDONLY)

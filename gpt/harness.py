@@ -80,19 +80,20 @@ class GPTLM(TemplateLM):
     @classmethod
     def load(
         cls, checkpoint: str | Checkpoint | Pretrained, which: str = "latest",
-        device: str = "auto", batch_size: int = DEFAULT_BATCH_SIZE,
+        device: str = "auto", batch_size: int = DEFAULT_BATCH_SIZE, quantize: str | None = None,
     ) -> GPTLM:
-        """A run's checkpoint (LoRA merged) or an HF model (hf:...), in float32 on `device`."""
+        """A run's checkpoint (LoRA merged) or an HF model (hf:...), in float32 on `device`;
+        `quantize="int8"` as `gpt sample --quantize int8` runs it."""
         found = open_model(checkpoint, which) if isinstance(checkpoint, str) else checkpoint
-        model, tokenizer = load_for_inference(found, device, "float32", False)
+        model, tokenizer = load_for_inference(found, device, "float32", False, quantize)
         return cls(model, tokenizer, batch_size)
 
     @classmethod
     def create_from_arg_string(
         cls, arg_string: str, additional_config: dict | None = None
     ) -> GPTLM:
-        """`model_args="checkpoint=out/default,which=best,batch_size=8"`, as the harness passes
-        them for `simple_evaluate(model="gpt", ...)`."""
+        """`model_args="checkpoint=out/default,which=best,batch_size=8,quantize=int8"`, as the
+        harness passes them for `simple_evaluate(model="gpt", ...)`."""
         return cls.create_from_arg_obj(simple_parse_args_string(arg_string), additional_config)
 
     @classmethod
@@ -102,16 +103,18 @@ class GPTLM(TemplateLM):
         given = {k: v for k, v in (additional_config or {}).items() if v is not None}
         args = {**arg_dict, **given}
         args.pop("max_batch_size", None)  # the harness's search for a batch size: not used
-        unknown = sorted(set(args) - {"checkpoint", "which", "device", "batch_size"})
+        unknown = sorted(set(args) - {"checkpoint", "which", "device", "batch_size", "quantize"})
         if unknown or "checkpoint" not in args:
             raise GPTError(
-                f"the gpt model takes checkpoint=RUN|hf:..., and optionally which, device and "
-                f"batch_size; got {', '.join(unknown) or 'no checkpoint'}"
+                f"the gpt model takes checkpoint=RUN|hf:..., and optionally which, device, "
+                f"batch_size and quantize; got {', '.join(unknown) or 'no checkpoint'}"
             )
         batch = str(args.get("batch_size", DEFAULT_BATCH_SIZE))
+        quantize = args.get("quantize")
         return cls.load(str(args["checkpoint"]), str(args.get("which", "latest")),
                         str(args.get("device") or "auto"),
-                        int(batch) if batch.isdigit() else DEFAULT_BATCH_SIZE)  # "auto"
+                        int(batch) if batch.isdigit() else DEFAULT_BATCH_SIZE,  # "auto"
+                        None if quantize is None else str(quantize))
 
     @property
     def eot_token_id(self) -> int:
@@ -451,11 +454,14 @@ def report(results: dict[str, Any], lm: GPTLM) -> str:
     return "\n".join(tables)
 
 
-def evaluate_tasks(found: Checkpoint | Pretrained, options: TaskOptions, device: str) -> str:
-    """`gpt eval --tasks`: the tasks found (before the model loads), run, and their tables."""
+def evaluate_tasks(
+    found: Checkpoint | Pretrained, options: TaskOptions, device: str, quantize: str | None = None
+) -> str:
+    """`gpt eval --tasks`: the tasks found (before the model loads), run, and their tables; the
+    model quantized as `quantize` says (`--quantize int8`)."""
     if options.output is not None and not options.output.parent.is_dir():
         raise GPTError(f"--output {options.output}: its folder does not exist; create it or "
                        "choose another file")
     manager = task_manager(options.tasks, options.include_path)
-    lm = GPTLM.load(found, device=device, batch_size=options.batch_size)
+    lm = GPTLM.load(found, device=device, batch_size=options.batch_size, quantize=quantize)
     return report(run_tasks(lm, options, manager), lm)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import platform
 import time
 from pathlib import Path
@@ -21,7 +20,7 @@ from typing import Any
 
 import torch
 
-from gpt.fileio import write_json_atomic
+from gpt.fileio import cache_folder, write_json_atomic
 
 CPUINFO = Path("/proc/cpuinfo")  # Linux: the CPU's "model name"
 CACHE_NAME = "peak_flops.json"
@@ -88,17 +87,9 @@ def cpu_name() -> str:
 
 
 def default_cache_file() -> Path | None:
-    """`peak_flops.json` in $GPT_CACHE_DIR, else $XDG_CACHE_HOME/gpt, else ~/.cache/gpt; None
-    when there is no home folder to put it in."""
-    if folder := os.environ.get("GPT_CACHE_DIR"):
-        return Path(folder) / CACHE_NAME
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    if xdg and os.path.isabs(xdg):
-        return Path(xdg) / "gpt" / CACHE_NAME
-    try:
-        return Path.home() / ".cache" / "gpt" / CACHE_NAME
-    except RuntimeError:  # no HOME and no password entry
-        return None
+    """`peak_flops.json` in gpt's cache folder (fileio.cache_folder); None when there is none."""
+    folder = cache_folder()
+    return None if folder is None else folder / CACHE_NAME
 
 
 def _entry_key(entry: dict[str, Any]) -> tuple[Any, ...]:

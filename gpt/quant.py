@@ -21,6 +21,7 @@ import functools
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -33,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gpt.errors import GPTError
+from gpt.fileio import cache_folder
 
 if TYPE_CHECKING:
     from gpt.model import GPT
@@ -44,11 +46,15 @@ MANY_ROWS = 16  # rows from which torch's int8 matrix product beats the kernel
 FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC")
 
 
-def check_method(method: str | None) -> None:
-    """Refuse a --quantize value that is not a method, before anything loads."""
+def check_method(method: str | None, compiled: bool = False) -> None:
+    """Refuse a --quantize value that is not a method, or one given with --compile (`compiled`:
+    torch.compile cannot trace into the ctypes kernel), before anything loads."""
     if method is not None and method not in METHODS:
         raise GPTError(f"--quantize {method!r} is not a quantization; use --quantize int8 or "
                        "leave it out")
+    if method is not None and compiled:
+        raise GPTError(f"--compile cannot compile --quantize {method}'s kernel; give one of "
+                       "them, not both")
 
 
 def _cpu_flags() -> set[str] | None:
@@ -62,26 +68,60 @@ def _cpu_flags() -> set[str] | None:
 
 
 def _kernel_cache() -> Path:
-    """Where built kernels are kept: $XDG_CACHE_HOME/gpt/kernels (~/.cache by default)."""
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "gpt" / "kernels"
+    """Where built kernels are kept: `kernels` in gpt's cache folder (~/.cache/gpt by default)."""
+    folder = cache_folder()
+    if folder is None:
+        raise GPTError("--quantize int8 keeps the kernel it builds in a cache folder, and there "
+                       "is no home folder for one; set GPT_CACHE_DIR to a writable folder")
+    return folder / "kernels"
+
+
+def _compiler() -> str:
+    """The C compiler: $CC (a command, flags allowed), else cc, else gcc."""
+    given = os.environ.get("CC", "").strip()
+    if given:
+        if shutil.which(shlex.split(given)[0]) is None:
+            raise GPTError(f"--quantize int8 builds its kernel with $CC, {given!r}, which is not "
+                           "a program here; set CC to a C compiler (such as gcc), or unset it")
+        return given
+    found = shutil.which("cc") or shutil.which("gcc")
+    if found is None:
+        raise GPTError("--quantize int8 builds its kernel with a C compiler, and none was found "
+                       "(cc, gcc or $CC); install one (such as gcc) or run without --quantize")
+    return found
 
 
 def build(compiler: str, source: Path, target: Path, extra: tuple[str, ...] = ()) -> None:
     """Build the shared library into `target` through a temporary file, so that a process
-    reading the cache never finds half a library. `extra` flags come last (the tests build the
-    AVX-VNNI variant on an AVX-512 host with -mno-avx512f)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        built = Path(tmp) / target.name
-        cmd = [compiler, *FLAGS, str(source), "-o", str(built), *extra]
-        result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-        if result.returncode != 0:
-            errors = [ln for ln in result.stderr.splitlines() if "error" in ln]
-            reason = errors[0].split("error:", 1)[-1].strip() if errors else "it failed"
-            raise GPTError(f"--quantize int8: building its kernel with {compiler} failed "
-                           f"({reason}); run without --quantize")
-        os.replace(built, target)
+    reading the cache never finds half a library. `compiler` is a command (flags allowed);
+    `extra` flags come last (the tests build the AVX-VNNI variant on an AVX-512 host with
+    -mno-avx512f)."""
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+            built = Path(tmp) / target.name
+            _compile(compiler, [*shlex.split(compiler), *FLAGS, str(source), "-o", str(built),
+                                *extra])
+            os.replace(built, target)
+    except OSError as e:
+        raise GPTError(f"--quantize int8 cannot write its kernel into {target.parent} "
+                       f"({e.strerror}); set GPT_CACHE_DIR to a writable folder") from None
+
+
+def _compile(compiler: str, command: list[str]) -> None:
+    """Run `command`; where it fails, its first error line (or why it could not run) in one
+    GPTError."""
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    except OSError as e:
+        reason = e.strerror or str(e)
+    else:
+        if result.returncode == 0:
+            return
+        errors = [ln for ln in result.stderr.splitlines() if "error" in ln]
+        reason = errors[0].split("error:", 1)[-1].strip() if errors else "it failed"
+    raise GPTError(f"--quantize int8: building its kernel with {compiler} failed ({reason}); "
+                   "run without --quantize")
 
 
 @functools.cache
@@ -94,10 +134,7 @@ def _library() -> ctypes.CDLL:
     if flags is not None and not ({"avx512_vnni", "avx512bw"} <= flags or "avx_vnni" in flags):
         raise GPTError("--quantize int8 needs a CPU with AVX512-VNNI or AVX-VNNI, which this one "
                        "lacks; run without --quantize")
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
-        raise GPTError("--quantize int8 builds its kernel with a C compiler, and none was found "
-                       "(cc, gcc or $CC); install one (such as gcc) or run without --quantize")
+    compiler = _compiler()
     source = resources.files("gpt") / "kernels" / "int8_linear.c"
     with resources.as_file(source) as path:
         code = path.read_bytes()
@@ -205,22 +242,30 @@ class Int8Linear(nn.Module):
         return y.to(rows.dtype)
 
 
+def check_runs_here(method: str, device: torch.device, dtype: torch.dtype) -> None:
+    """Refuse `method` for a model on `device` in `dtype` where its kernel cannot run (see the
+    module's docstring), building the kernel if this host has none yet: before a checkpoint
+    loads, and again before a model is touched."""
+    check_method(method)
+    if device.type != "cpu":
+        raise GPTError(f"--quantize {method} runs on the CPU, not {device.type}; give "
+                       "--device cpu or run without --quantize")
+    if dtype not in (torch.float32, torch.bfloat16):
+        name = str(dtype).removeprefix("torch.")
+        raise GPTError(f"--quantize {method} computes in float32 or bfloat16, not {name}; "
+                       "give --dtype bfloat16 or --dtype float32")
+    _library()
+
+
 def quantize(model: GPT, method: str) -> GPT:
     """Swap, in place, the model's Linear layers (the LM head included) for int8 ones.
 
     Cross-attention keeps its Linear: it splits the fused weight at run time. The token
     embedding stays as it is: a lookup reads one row per token. Raises GPTError where no kernel
-    runs here (see the module's docstring).
+    runs here (check_runs_here).
     """
-    check_method(method)
     weight = model.transformer.wte.weight
-    if weight.device.type != "cpu":
-        raise GPTError(f"--quantize int8 runs on the CPU, not {weight.device.type}; give "
-                       "--device cpu or run without --quantize")
-    if weight.dtype not in (torch.float32, torch.bfloat16):
-        raise GPTError(f"--quantize int8 computes in float32 or bfloat16, not {weight.dtype}; "
-                       "give --dtype bfloat16 or --dtype float32")
-    _library()  # refuse before touching the model
+    check_runs_here(method, weight.device, weight.dtype)
     for name, module in list(model.named_modules()):
         if name.endswith("cross_attn"):
             continue

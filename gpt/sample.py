@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from gpt import quant
 from gpt.checkpoint import Checkpoint
 from gpt.config import SampleConfig
 from gpt.device import free_memory, memory_errors, resolve_device, resolve_dtype
@@ -31,19 +32,26 @@ if TYPE_CHECKING:
 
 
 def load_for_inference(
-    checkpoint: Checkpoint | Pretrained, device: str, dtype: str, compile_model: bool
+    checkpoint: Checkpoint | Pretrained, device: str, dtype: str, compile_model: bool,
+    quantize: str | None = None,
 ) -> tuple[GPT, Tokenizer]:
-    """The checkpoint's (or HF model's) model, in eval mode, on device, in dtype, and tokenizer.
+    """The checkpoint's (or HF model's) model, in eval mode, on device, in dtype, and tokenizer;
+    its Linear layers quantized as `quantize` says (`--quantize int8`, gpt/quant.py).
 
     `dtype = "auto"` takes bfloat16 where it is computed natively (decoding reads every weight
     once per token, so half the bytes is nearly twice the speed), float32 elsewhere.
     """
+    quant.check_method(quantize, compile_model)
     torch_device = resolve_device(device, "--device")
     torch_dtype = resolve_dtype(dtype, torch_device, "--dtype", inference=True)
+    if quantize is not None:  # before the weights load
+        quant.check_runs_here(quantize, torch_device, torch_dtype)
     tokenizer = tokenizer_from_dict(checkpoint.tokenizer)
     with memory_errors(torch_device, "run it on a device with more memory (--device)"):
         model = checkpoint.load_model(torch_device).to(torch_dtype)
-    if compile_model:
+    if quantize is not None:
+        model = quant.quantize(model, quantize)  # int8 layers instead of packed ones
+    elif compile_model:
         model = torch.compile(model, dynamic=True)  # type: ignore[assignment]
     else:
         model = pack_linears(model)  # CPU: weights in oneDNN's layout once, not per call

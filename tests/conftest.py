@@ -25,9 +25,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# the CPU peak's cache, never the user's: set at import, so the environments that test modules
-# copy for their subprocesses hold it too; training measures the peak once a session per thread
-# count and dtype
+# gpt's cache (the CPU peak, the int8 kernel), never the user's: set at import, so the
+# environments that test modules copy for their subprocesses hold it too; training measures the
+# peak once a session per thread count and dtype, and --quantize int8 builds its kernel once
 os.environ["GPT_CACHE_DIR"] = tempfile.mkdtemp(prefix="gpt-test-cache-")
 atexit.register(shutil.rmtree, os.environ["GPT_CACHE_DIR"], ignore_errors=True)
 
@@ -49,6 +49,19 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if "qwen3" in item.nodeid.lower():
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def int8_kernel() -> None:
+    """Skip, saying why, where `--quantize int8` cannot run: a CPU without VNNI, no C compiler
+    (the kernel is built here once a session)."""
+    from gpt import quant
+    from gpt.errors import GPTError
+
+    try:
+        quant._library()
+    except GPTError as e:
+        pytest.skip(str(e))
 
 
 @pytest.fixture

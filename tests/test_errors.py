@@ -20,6 +20,7 @@ import importlib.util
 import io
 import json
 import os
+import platform
 import re
 import resource
 import shutil
@@ -39,6 +40,7 @@ from click.testing import Result
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
+from gpt import quant
 from gpt.checkpoint import Checkpoint
 from gpt.cli import app
 from gpt.config import load_config
@@ -1531,8 +1533,76 @@ TASK_CASES = [
          r"pip install 'gpt\[eval\]'$", without_eval_extra),
 ]
 
+# --quantize int8: what it refuses, on every command that takes it
+
+def kernel_looked_for_afresh(scene: Scene) -> None:
+    """The int8 kernel's lookup forgotten (it is cached per process), now and after the case."""
+    quant._library.cache_clear()
+    scene.cleanup.callback(quant._library.cache_clear)
+
+
+def without_vnni(scene: Scene) -> None:
+    """A CPU with AVX2 but neither AVX512-VNNI nor AVX-VNNI."""
+    scene.patch.setattr(quant, "_cpu_flags", lambda: {"avx2"})
+    kernel_looked_for_afresh(scene)
+
+
+def without_a_compiler(scene: Scene) -> None:
+    """A CPU with VNNI, and no C compiler: CC unset, neither cc nor gcc on the PATH."""
+    scene.patch.setattr(quant, "_cpu_flags", lambda: {"avx_vnni"})
+    scene.patch.delenv("CC", raising=False)
+    which = shutil.which
+    scene.patch.setattr(shutil, "which", lambda name, *args, **kwargs: None if name in (
+        "cc", "gcc") else which(name, *args, **kwargs))
+    kernel_looked_for_afresh(scene)
+
+
+def on_a_gpu_host(scene: Scene) -> None:
+    """torch sees a CUDA GPU with bfloat16, so --device auto picks it (the refusal comes before
+    anything reaches the GPU)."""
+    scene.patch.setattr(torch.cuda, "is_available", lambda: True)
+    scene.patch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
+
+
+X86 = (pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"),
+                          reason="on another CPU the refusal names the CPU instead"),)
+NO_VNNI = (r"--quantize int8 needs a CPU with AVX512-VNNI or AVX-VNNI, which this one lacks; run "
+           r"without --quantize$")
+QUANTIZE_CASES = [
+    Case("sample-quantize-unknown-method", [*SAMPLE, "--quantize", "int4"],
+         r"--quantize 'int4' is not a quantization; use --quantize int8 or leave it out$"),
+    Case("sample-quantize-with-compile", [*SAMPLE, "--quantize", "int8", "--compile"],
+         r"--compile cannot compile --quantize int8's kernel; give one of them, not both$"),
+    Case("sample-quantize-without-vnni", [*SAMPLE, "--quantize", "int8"], NO_VNNI,
+         without_vnni, marks=X86),
+    Case("sample-quantize-without-a-compiler", [*SAMPLE, "--quantize", "int8"],
+         r"--quantize int8 builds its kernel with a C compiler, and none was found \(cc, gcc or "
+         r"\$CC\); install one \(such as gcc\) or run without --quantize$", without_a_compiler,
+         marks=X86),
+    Case("sample-quantize-on-a-gpu", [*SAMPLE, "--quantize", "int8"],
+         r"--quantize int8 runs on the CPU, not cuda; give --device cpu or run without "
+         r"--quantize$", on_a_gpu_host),
+    Case("chat-quantize-with-compile", [*CHAT, "--quantize", "int8", "--compile"],
+         r"--compile cannot compile --quantize int8's kernel; give one of them, not both$"),
+    Case("chat-quantize-without-vnni", [*CHAT, "--quantize", "int8"], NO_VNNI, without_vnni,
+         marks=X86),
+    Case("serve-quantize-unknown-method", [*SERVE, "--quantize", "int4"],
+         r"--quantize 'int4' is not a quantization; use --quantize int8 or leave it out$"),
+    Case("serve-quantize-without-vnni", [*SERVE, "--port", "0", "--quantize", "int8"], NO_VNNI,
+         without_vnni, marks=X86),
+    Case("eval-quantize-unknown-method", ["eval", "--checkpoint", "out", "--quantize", "int4"],
+         r"--quantize 'int4' is not a quantization; use --quantize int8 or leave it out$"),
+    Case("eval-quantize-without-vnni", ["eval", "--checkpoint", "out", "--quantize", "int8"],
+         NO_VNNI, without_vnni, marks=X86),
+    Case("eval-tasks-quantize-without-vnni",
+         [*TASKS, "local", "--include-path", "tasks", "--quantize", "int8"], NO_VNNI,
+         both(a_task("local", "json", '{"q": "def", "choices": [" x", " y"]}\n'), without_vnni),
+         marks=(*HARNESS, *X86)),
+]
+
 CASES = [*CONFIG, *DATA_CASES, *CHECKPOINTS, *SAMPLING, *CHATTING, *FAULTS, *READS,
-         *SMALLER_CASES, *OUTPUT_CASES, *SERVING, *CHAT_DATA, *LORA_CASES, *TASK_CASES]
+         *SMALLER_CASES, *OUTPUT_CASES, *SERVING, *CHAT_DATA, *LORA_CASES, *TASK_CASES,
+         *QUANTIZE_CASES]
 
 
 @pytest.mark.parametrize(

@@ -34,7 +34,12 @@ CORPUS = "".join(f"def f{i}(x):\n    return x + {i}\n\n" for i in range(300))
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory, write_tiny_run) -> Path:
     """The tiny run trained once (60 steps, no dropout) for every test of this module."""
-    root = write_tiny_run(tmp_path_factory.mktemp("run"), CORPUS, SAMPLE)
+    return train_run(write_tiny_run(tmp_path_factory.mktemp("run"), CORPUS, SAMPLE))
+
+
+def train_run(root: Path) -> Path:
+    """Train the tiny run written in `root` for 60 steps without dropout (tests/test_quant.py
+    samples from it too)."""
     longer = ["train.batch_size=8", "train.max_iters=60", "train.eval_interval=30",
               "train.checkpoint_interval=30", "train.log_interval=30", "model.dropout=0.0"]
     cwd = Path.cwd()

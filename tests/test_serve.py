@@ -42,7 +42,7 @@ from gpt.errors import GPTError  # noqa: E402
 from gpt.generate import generate  # noqa: E402
 from gpt.model import GPT  # noqa: E402
 from gpt.parallel import Dist  # noqa: E402
-from gpt.sample import prompt_ids  # noqa: E402
+from gpt.sample import load_for_inference, prompt_ids  # noqa: E402
 from gpt.serve.api import APIError, Limits, parse_completion  # noqa: E402
 from gpt.serve.app import create_app  # noqa: E402
 from gpt.serve.server import bind, uvicorn_config  # noqa: E402
@@ -868,6 +868,22 @@ def test_port_in_use_is_one_line(checkpoint: Path) -> None:
     assert done.stderr.splitlines() == [
         f"error: port {port} on 127.0.0.1 is in use (another gpt serve?); stop that program or "
         "choose another port with --port"]
+
+
+@pytest.mark.usefixtures("int8_kernel")
+def test_serve_quantize_int8_serves_the_int8_model(checkpoint: Path,
+                                                  tokenizer: CharTokenizer) -> None:
+    """`gpt serve --quantize int8`: a greedy completion is the int8 model's, as the engine gives
+    it in this process."""
+    found = ckpt.Checkpoint.open(checkpoint)
+    model, _ = load_for_inference(found, "cpu", "float32", False, "int8")
+    ids = prompt_ids(tokenizer, "Hello")
+    expected = tokenizer.decode(engine_ids(model, EngineRequest(ids, 20, temperature=0.0)))
+    with gpt_serve("--checkpoint", str(checkpoint), "--device", "cpu", "--dtype", "float32",
+                   "--quantize", "int8") as (_, url):
+        reply = httpx.post(url + C, json={"prompt": "Hello", "max_tokens": 20, "temperature": 0},
+                           timeout=WAIT)
+    assert reply.status_code == 200 and reply.json()["choices"][0]["text"] == expected
 
 
 def test_health_says_when_the_engine_thread_has_ended(model: GPT, tokenizer: CharTokenizer
