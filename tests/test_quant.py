@@ -109,12 +109,14 @@ def test_int8_linear_is_near_the_float_layer(dtype: torch.dtype) -> None:
 
 @needs_kernel
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_each_row_gives_what_it_gives_alone(dtype: torch.dtype) -> None:
+@pytest.mark.parametrize("rows", [9, quant.MANY_ROWS + 3], ids=["kernel", "many-rows"])
+def test_each_row_gives_what_it_gives_alone(dtype: torch.dtype, rows: int) -> None:
     """Every row is quantized on its own: a batch changes no row by a bit (the engine's
-    promise that a request decodes the same alone or among others)."""
+    promise that a request decodes the same alone or among others), also where many rows take
+    torch's int8 matrix product instead of the kernel."""
     torch.manual_seed(0)
     layer = Int8Linear(nn.Linear(130, 30))
-    x = torch.randn(9, 130).to(dtype)
+    x = (torch.randn(rows, 130) * torch.logspace(-3, 3, rows)[:, None]).to(dtype)
     x[3] = 0  # an all-zero row: scale 0, output the bias
     together = layer(x)
     for i in range(len(x)):
