@@ -151,6 +151,35 @@ def test_an_int8_copy_reads_its_head_not_the_embedding_table(bench, tiny_config)
     assert bench.tensor_bytes(model) == model.num_params() * 4 - table + vocab * width + vocab * 4
 
 
+def test_the_ablation_undoes_one_choice_at_a_time_and_restores_it(bench, tiny_config) -> None:
+    """Every variant decodes (torch's int8 matmul included), each rate is against its own
+    kind's path as shipped, and what a variant patches is put back."""
+    from gpt.model import GPT, Attention
+    from gpt.onednn import pack_linears
+    from gpt.quant import quantize
+
+    torch.manual_seed(0)
+    model = GPT(tiny_config()).eval()
+
+    def copy(dtype: torch.dtype, prepare=pack_linears) -> GPT:
+        c = GPT(model.config).eval()
+        c.load_state_dict(model.state_dict())
+        return prepare(c.to(dtype))
+
+    shipped = {"bf16": copy(torch.bfloat16)}
+    try:
+        shipped["int8"] = copy(torch.bfloat16, lambda m: quantize(m, "int8"))
+    except Exception:  # no int8 kernel on this CPU: the bf16 variants alone
+        pass
+    attend, dtype_of = Attention._attend_group, bench.gpt_generate.cache_dtype
+    rows = bench.ablation(copy, shipped, torch.randint(0, 64, (1, 4)), 4, 1)
+    labels = [row[0] for row in rows]
+    assert len(labels) == (7 if "int8" in shipped else 4)
+    assert all(float(row[1]) > 0 for row in rows)
+    assert [row[2] for row in rows if "as shipped" in row[0]] == ["1.00x"] * len(shipped)
+    assert Attention._attend_group is attend and bench.gpt_generate.cache_dtype is dtype_of
+
+
 def llama_cpp_stand_in(folder: Path) -> Path:
     """A `llama_cpp` package with what llama_decode.py calls; it logs to llama.log."""
     package = folder / "llama_cpp"
