@@ -8,8 +8,8 @@ output channel, W ~ w_int8 * scale with scale = max|W_row| / 127.
 The matmul is gpt/kernels/int8_linear.c, built once per host with its C compiler and loaded
 through ctypes. It quantizes each activation row (each token) to int8 as well and sums the
 products in integers with the CPU's VNNI instruction (AVX512-VNNI or AVX-VNNI). torch's own
-int8 weight-only kernel converts every weight back to a float first, which measured barely
-faster than bfloat16 on two cores. Where the kernel cannot be built or run (another CPU, no C
+int8 weight-only kernel converts every weight back to a float first, which measured at 0.6x
+this kernel's speed on two cores (docs/performance.md's ablation). Where the kernel cannot be built or run (another CPU, no C
 compiler, a GPU), `--quantize int8` is refused in one line instead of falling back to
 something slow.
 """
@@ -184,8 +184,8 @@ class Int8Linear(nn.Module):
         self._point_at_buffers()
 
     def _point_at_buffers(self) -> None:
-        """The kernel's weight arguments, taken once: a decode step calls each layer once, and
-        looking them up per call cost as much as a fifth of the int8 matmul itself."""
+        """The kernel's weight arguments, taken once: a decode step calls every layer, and what
+        each call spends in Python beside the kernel is a share of the step int8 made short."""
         self._weights = (self.weight_int8.data_ptr(), self.weight_scale.data_ptr(),
                          self.weight_sum.data_ptr(),
                          None if self.bias is None else self.bias.data_ptr())
