@@ -91,21 +91,24 @@ def _compiler() -> str:
     return found
 
 
-def build(compiler: str, source: Path, target: Path, extra: tuple[str, ...] = ()) -> None:
-    """Build the shared library into `target` through a temporary file, so that a process
-    reading the cache never finds half a library. `compiler` is a command (flags allowed);
-    `extra` flags come last (the tests build the AVX-VNNI variant on an AVX-512 host with
-    -mno-avx512f)."""
+def build(compiler: str, source: Path, folder: Path, name: str,
+          extra: tuple[str, ...] = ()) -> Path:
+    """Build the shared library into `folder` as `name-DIGEST.so`, DIGEST its bytes' (see
+    `_intact`), through a temporary file, so that a process reading the cache never finds half
+    a library. `compiler` is a command (flags allowed); `extra` flags come last (the tests build
+    the AVX-VNNI variant on an AVX-512 host with -mno-avx512f)."""
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-            built = Path(tmp) / target.name
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=folder) as tmp:
+            built = Path(tmp) / f"{name}.so"
             _compile(compiler, [*shlex.split(compiler), *FLAGS, str(source), "-o", str(built),
                                 *extra])
+            target = folder / f"{name}-{_digest(built.read_bytes())}.so"
             os.replace(built, target)
     except OSError as e:
-        raise GPTError(f"--quantize int8 cannot write its kernel into {target.parent} "
+        raise GPTError(f"--quantize int8 cannot write its kernel into {folder} "
                        f"({e.strerror}); set GPT_CACHE_DIR to a writable folder") from None
+    return target
 
 
 def _compile(compiler: str, command: list[str]) -> None:
@@ -124,6 +127,25 @@ def _compile(compiler: str, command: list[str]) -> None:
                    "run without --quantize")
 
 
+def _digest(data: bytes) -> str:
+    """16 hex digits of data's SHA-256: short enough for a file name, enough to tell a change."""
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def _intact(folder: Path, name: str) -> Path | None:
+    """A library `build` left in `folder` as `name`, whose bytes still match the digest in its
+    file name: one cut short (a full disk, a crash before the data reached it) or otherwise
+    damaged is built again, since loading it would kill the process (SIGBUS) rather than
+    raise."""
+    for path in folder.glob(f"{name}-*.so"):
+        try:
+            if path.stem.removeprefix(f"{name}-") == _digest(path.read_bytes()):
+                return path
+        except OSError:
+            continue
+    return None
+
+
 @functools.cache
 def _library() -> ctypes.CDLL:
     """The int8 kernel, built for this host on first use and kept in the cache."""
@@ -140,17 +162,20 @@ def _library() -> ctypes.CDLL:
         code = path.read_bytes()
         # -march=native: a library is only valid on the CPU it was built for
         host = " ".join(sorted(flags or ())) + platform.processor()
-        key = hashlib.sha256(code + " ".join([host, compiler, *FLAGS]).encode()).hexdigest()[:16]
-        target = _kernel_cache() / f"int8_linear-{key}.so"
-        if not target.is_file():
-            build(compiler, path, target)
+        name = f"int8_linear-{_digest(code + ' '.join([host, compiler, *FLAGS]).encode())}"
+        folder = _kernel_cache()
+        target = _intact(folder, name) or build(compiler, path, folder, name)
     return load(target)
 
 
 def load(target: Path) -> ctypes.CDLL:
     """The built kernel, its function's argument types declared."""
-    library = ctypes.CDLL(str(target))
-    fn = library.int8_linear
+    try:
+        library = ctypes.CDLL(str(target))
+        fn = library.int8_linear
+    except (OSError, AttributeError) as e:  # not a shared library, or C++'s mangled name
+        raise GPTError(f"--quantize int8 cannot load the kernel it built ({e}); set CC to a C "
+                       "compiler (such as gcc), or unset it") from None
     fn.restype = None
     fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, *[ctypes.c_void_p] * 4,
                    *[ctypes.c_int64] * 4, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]

@@ -131,8 +131,8 @@ def test_the_avx_vnni_variant_is_the_reference_arithmetic(
 ) -> None:
     """The 256-bit kernel that CPUs with AVX-VNNI but no AVX-512 run, built here with AVX-512
     turned off."""
-    target = tmp_path / "int8_linear-avx.so"
-    quant.build(quant._compiler(), SOURCE, target, extra=("-mno-avx512f",))
+    target = quant.build(quant._compiler(), SOURCE, tmp_path, "int8_linear-avx",
+                         extra=("-mno-avx512f",))
     library = quant.load(target)
     assert library.int8_linear_vector_bytes() == 32
     monkeypatch.setattr(quant, "_library", lambda: library)
@@ -357,15 +357,45 @@ def test_a_compiler_that_fails_is_one_line(tmp_path: Path) -> None:
     compiler = shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         pytest.skip("needs a C compiler")
-    message = refusal(lambda: quant.build(compiler, broken, tmp_path / "k" / "broken.so"))
+    message = refusal(lambda: quant.build(compiler, broken, tmp_path / "k", "broken"))
     assert message.startswith(f"--quantize int8: building its kernel with {compiler} failed (")
     assert "missing" in message and message.endswith("); run without --quantize")
-    assert not (tmp_path / "k" / "broken.so").exists()
+    assert list((tmp_path / "k").iterdir()) == []
+
+
+def test_a_library_that_does_not_load_is_one_line(tmp_path: Path) -> None:
+    """What a C++ compiler (a mangled name) or `cc -c` (an object file) would build."""
+    target = tmp_path / "k.so"
+    target.write_bytes(b"\x7fELF, or not")
+    message = refusal(lambda: quant.load(target))
+    assert message.startswith(f"--quantize int8 cannot load the kernel it built ({target}: ")
+    assert message.endswith("); set CC to a C compiler (such as gcc), or unset it")
+
+
+@needs_kernel
+@pytest.mark.parametrize("damage", [
+    lambda whole: whole[:4096], lambda whole: b"",
+    lambda whole: whole[:5000] + bytes([whole[5000] ^ 1]) + whole[5001:],
+], ids=["cut-short", "empty", "a-bit-flipped"])
+def test_a_damaged_kernel_in_the_cache_is_built_again(
+    damage: Callable[[bytes], bytes], fresh_library: None, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A library cut short by a full disk or a crash would kill the process loading it (SIGBUS),
+    so one whose bytes no longer match the digest in its name is built again instead."""
+    monkeypatch.setenv("GPT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(quant, "load", lambda target: target)  # the path it would load
+    built = quant._library()
+    whole = built.read_bytes()
+    built.write_bytes(damage(whole))
+    quant._library.cache_clear()
+    rebuilt = quant._library()
+    assert rebuilt.stem.rpartition("-")[2] == quant._digest(rebuilt.read_bytes())  # whole
 
 
 def test_a_cache_folder_that_cannot_be_written_is_one_line(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("")
-    message = refusal(lambda: quant.build("cc", SOURCE, tmp_path / "file" / "kernels" / "k.so"))
+    message = refusal(lambda: quant.build("cc", SOURCE, tmp_path / "file" / "kernels", "k"))
     assert message == (f"--quantize int8 cannot write its kernel into {tmp_path}/file/kernels "
                        "(Not a directory); set GPT_CACHE_DIR to a writable folder")
 
