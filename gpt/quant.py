@@ -80,7 +80,11 @@ def _compiler() -> str:
     """The C compiler: $CC (a command, flags allowed), else cc, else gcc."""
     given = os.environ.get("CC", "").strip()
     if given:
-        if shutil.which(shlex.split(given)[0]) is None:
+        try:
+            program = shlex.split(given)[0]
+        except ValueError:  # an unclosed quote
+            program = ""
+        if not program or shutil.which(program) is None:
             raise GPTError(f"--quantize int8 builds its kernel with $CC, {given!r}, which is not "
                            "a program here; set CC to a C compiler (such as gcc), or unset it")
         return given
@@ -102,7 +106,7 @@ def build(compiler: str, source: Path, folder: Path, name: str,
         with tempfile.TemporaryDirectory(dir=folder) as tmp:
             built = Path(tmp) / f"{name}.so"
             _compile(compiler, [*shlex.split(compiler), *FLAGS, str(source), "-o", str(built),
-                                *extra])
+                                *extra], built)
             target = folder / f"{name}-{_digest(built.read_bytes())}.so"
             os.replace(built, target)
     except OSError as e:
@@ -111,18 +115,21 @@ def build(compiler: str, source: Path, folder: Path, name: str,
     return target
 
 
-def _compile(compiler: str, command: list[str]) -> None:
-    """Run `command`; where it fails, its first error line (or why it could not run) in one
-    GPTError."""
+def _compile(compiler: str, command: list[str], output: Path) -> None:
+    """Run `command`, which writes `output`; where it fails, its first error line (or why it
+    could not run) in one GPTError."""
     try:
         result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     except OSError as e:
         reason = e.strerror or str(e)
+    except subprocess.TimeoutExpired:
+        reason = "it ran for 300 seconds"
     else:
-        if result.returncode == 0:
+        if result.returncode == 0 and output.is_file():
             return
         errors = [ln for ln in result.stderr.splitlines() if "error" in ln]
-        reason = errors[0].split("error:", 1)[-1].strip() if errors else "it failed"
+        reason = (errors[0].split("error:", 1)[-1].strip() if errors
+                  else "it wrote no library" if result.returncode == 0 else "it failed")
     raise GPTError(f"--quantize int8: building its kernel with {compiler} failed ({reason}); "
                    "run without --quantize")
 

@@ -1557,6 +1557,16 @@ def without_a_compiler(scene: Scene) -> None:
     kernel_looked_for_afresh(scene)
 
 
+def with_cc(command: str) -> Setup:
+    """A CPU with VNNI, and $CC set to `command`."""
+    def setup(scene: Scene) -> None:
+        scene.patch.setattr(quant, "_cpu_flags", lambda: {"avx_vnni"})
+        scene.patch.setenv("CC", command)
+        kernel_looked_for_afresh(scene)
+
+    return setup
+
+
 def on_a_gpu_host(scene: Scene) -> None:
     """torch sees a CUDA GPU with bfloat16, so --device auto picks it (the refusal comes before
     anything reaches the GPU)."""
@@ -1579,6 +1589,12 @@ QUANTIZE_CASES = [
          r"--quantize int8 builds its kernel with a C compiler, and none was found \(cc, gcc or "
          r"\$CC\); install one \(such as gcc\) or run without --quantize$", without_a_compiler,
          marks=X86),
+    Case("sample-quantize-cc-with-an-unclosed-quote", [*SAMPLE, "--quantize", "int8"],
+         r"--quantize int8 builds its kernel with \$CC, '\"cc -O2', which is not a program here; "
+         r"set CC to a C compiler \(such as gcc\), or unset it$", with_cc('"cc -O2'), marks=X86),
+    Case("chat-quantize-cc-writes-no-library", [*CHAT, "--quantize", "int8"],
+         r"--quantize int8: building its kernel with true failed \(it wrote no library\); run "
+         r"without --quantize$", with_cc("true"), marks=X86),
     Case("sample-quantize-on-a-gpu", [*SAMPLE, "--quantize", "int8"],
          r"--quantize int8 runs on the CPU, not cuda; give --device cpu or run without "
          r"--quantize$", on_a_gpu_host),

@@ -345,10 +345,11 @@ def test_no_c_compiler_is_refused(
     assert refusal(lambda: quantize(tiny(), "int8")) == (
         "--quantize int8 builds its kernel with a C compiler, and none was found (cc, gcc or "
         "$CC); install one (such as gcc) or run without --quantize")
-    monkeypatch.setenv("CC", "/nowhere/cc -O2")
-    assert refusal(lambda: quantize(tiny(), "int8")) == (
-        "--quantize int8 builds its kernel with $CC, '/nowhere/cc -O2', which is not a program "
-        "here; set CC to a C compiler (such as gcc), or unset it")
+    for given in ("/nowhere/cc -O2", '"cc -O2'):  # the second: an unclosed quote
+        monkeypatch.setenv("CC", given)
+        assert refusal(lambda: quantize(tiny(), "int8")) == (
+            f"--quantize int8 builds its kernel with $CC, {given!r}, which is not a program "
+            "here; set CC to a C compiler (such as gcc), or unset it")
 
 
 def test_a_compiler_that_fails_is_one_line(tmp_path: Path) -> None:
@@ -361,6 +362,14 @@ def test_a_compiler_that_fails_is_one_line(tmp_path: Path) -> None:
     assert message.startswith(f"--quantize int8: building its kernel with {compiler} failed (")
     assert "missing" in message and message.endswith("); run without --quantize")
     assert list((tmp_path / "k").iterdir()) == []
+
+
+def test_a_compiler_that_writes_nothing_is_one_line(tmp_path: Path) -> None:
+    """A $CC that succeeds without writing the library (true, a wrapper that forgot -o)."""
+    assert refusal(lambda: quant.build("true", SOURCE, tmp_path, "k")) == (
+        "--quantize int8: building its kernel with true failed (it wrote no library); run "
+        "without --quantize")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_library_that_does_not_load_is_one_line(tmp_path: Path) -> None:
