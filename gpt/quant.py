@@ -9,9 +9,9 @@ The matmul is gpt/kernels/int8_linear.c, built once per host with its C compiler
 through ctypes. It quantizes each activation row (each token) to int8 as well and sums the
 products in integers with the CPU's VNNI instruction (AVX512-VNNI or AVX-VNNI). torch's own
 int8 weight-only kernel converts every weight back to a float first, which measured at 0.6x
-this kernel's speed on two cores (docs/performance.md's ablation). Where the kernel cannot be built or run (another CPU, no C
-compiler, a GPU), `--quantize int8` is refused in one line instead of falling back to
-something slow.
+this kernel's speed on two cores (docs/performance.md's ablation). Where the kernel cannot be
+built or run (another CPU, no C compiler, a GPU), `--quantize int8` is refused in one line
+instead of falling back to something slow.
 """
 
 from __future__ import annotations
