@@ -60,5 +60,9 @@ def test_evaluation_page_holds_the_tasks_benchmark_block() -> None:
     assert doc_tables.marker_problem(ROOT / "docs" / "evaluation.md", "bench-tasks") is None
 
 
+def test_sampling_page_holds_the_int8_quality_block() -> None:
+    assert doc_tables.marker_problem(ROOT / "docs" / "sampling.md", "bench-quant") is None
+
+
 def test_config_page_holds_the_reference_block() -> None:
     assert doc_tables.marker_problem(ROOT / "docs" / "config.md", "config-reference") is None
