@@ -428,6 +428,17 @@ class GPT(nn.Module):
         return KVCache(cfg.n_layer, batch, cfg.kv_heads, max_len, cfg.head_dim, weight.device,
                        dtype or weight.dtype)
 
+    def replace_linears(self, make: Callable[[nn.Linear], nn.Module]) -> None:
+        """Swap, in place, every Linear layer (the LM head included) for `make(linear)`, an
+        inference-only layer such as a packed or an int8 one. Cross-attention keeps its Linear:
+        it splits the fused weight at run time."""
+        for name, module in list(self.named_modules()):
+            if name.endswith("cross_attn"):
+                continue
+            for child_name, child in list(module.named_children()):
+                if isinstance(child, nn.Linear):
+                    setattr(module, child_name, make(child))
+
     def load_weights(self, state: Mapping[str, Tensor]) -> tuple[list[str], list[str]]:
         """Copy `state` in, where a tied head may be left out (checkpoints store it once, as the
         token embedding); return the keys it lacks and those the model does not have."""

@@ -73,12 +73,6 @@ def pack_linears(model: GPT) -> GPT:
     gets its own packed copy of `wte`.
     """
     weight = model.transformer.wte.weight
-    if weight.device.type != "cpu" or not packing_works(weight.dtype):
-        return model
-    for name, module in list(model.named_modules()):
-        if name.endswith("cross_attn"):
-            continue
-        for child_name, child in list(module.named_children()):
-            if isinstance(child, nn.Linear):
-                setattr(module, child_name, PackedLinear(child))
+    if weight.device.type == "cpu" and packing_works(weight.dtype):
+        model.replace_linears(PackedLinear)
     return model

@@ -298,10 +298,5 @@ def quantize(model: GPT, method: str) -> GPT:
     """
     weight = model.transformer.wte.weight
     check_runs_here(method, weight.device, weight.dtype)
-    for name, module in list(model.named_modules()):
-        if name.endswith("cross_attn"):
-            continue
-        for child_name, child in list(module.named_children()):
-            if isinstance(child, nn.Linear):
-                setattr(module, child_name, Int8Linear(child))
+    model.replace_linears(Int8Linear)
     return model
