@@ -90,12 +90,10 @@ def evaluate(
     """Mean loss, perplexity and bits per byte over all of `tokens`; with a chat split's `mask`,
     over its rows' trained targets only (tokens and bytes counted of those).
 
-    Up to `batch_size` windows run together, fewer when their logits would pass LOGITS_BYTES
-    (one window of GPT-2's 50k vocabulary at block 1024 is 206 MB).
+    Up to `batch_size` windows run together (`window_batches`).
     """
     T = model.config.block_size
-    per_batch = max(1, min(batch_size, LOGITS_BYTES // (T * model.config.padded_vocab_size * 4)))
-    batches = _window_batches(len(tokens), T, per_batch, rows=mask is not None)
+    batches = window_batches(model, len(tokens), batch_size, rows=mask is not None)
     device = next(model.parameters()).device
     total_nll, total_tokens, total_bytes = 0.0, 0, 0
     for rows in tqdm(batches, disable=not progress, unit="batch"):
@@ -126,10 +124,15 @@ def evaluate(
     }
 
 
-def _window_batches(n_tokens: int, T: int, per_batch: int, rows: bool) -> list[list[int]]:
-    """The start of each window of T + 1 tokens, in batches of `per_batch`: chat data's rows
-    one after another (`rows`); else windows overlapping by one token, the last one shorter
-    and alone."""
+def window_batches(
+    model: GPT, n_tokens: int, batch_size: int = 8, rows: bool = False
+) -> list[list[int]]:
+    """The start of each window of block_size + 1 tokens `evaluate` reads, in batches of up to
+    `batch_size`, fewer when their logits would pass LOGITS_BYTES (one window of GPT-2's 50k
+    vocabulary at block 1024 is 206 MB): chat data's rows one after another (`rows`); else
+    windows overlapping by one token, the last one shorter and alone."""
+    T = model.config.block_size
+    per_batch = max(1, min(batch_size, LOGITS_BYTES // (T * model.config.padded_vocab_size * 4)))
     if rows:
         starts = list(range(0, n_tokens, T + 1))
         return [starts[i : i + per_batch] for i in range(0, len(starts), per_batch)]

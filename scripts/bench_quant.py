@@ -2,7 +2,7 @@
 
 Each model is loaded in float32 (as `gpt eval` runs it), in bfloat16 (as `gpt sample` runs it
 on a CPU that computes bfloat16 natively), and in each of the two with its Linear layers
-quantized to int8 (`quantize(model, "int8")`). Every precision reads the same text, the first
+quantized to int8 (`--quantize int8`). Every precision reads the same text, the first
 `--max-tokens` tokens of a run's validation split or, for an HF model, of `--data`:
 
 - loss and bits per byte from `gpt.evaluate.evaluate`, the same figures as `gpt eval`;
@@ -49,12 +49,11 @@ from torch import Tensor
 
 from gpt.checkpoint import Checkpoint
 from gpt.errors import GPTError
-from gpt.evaluate import LOGITS_BYTES, evaluate, tokens_of_source, tokens_of_split
+from gpt.evaluate import evaluate, tokens_of_source, tokens_of_split, window_batches
 from gpt.generate import generate
 from gpt.hf.pretrained import Pretrained, open_model
 from gpt.model import GPT
 from gpt.onednn import bfloat16_is_native
-from gpt.quant import quantize
 from gpt.sample import load_for_inference
 from gpt.tokenizer import Tokenizer, tokenizer_from_dict
 
@@ -88,25 +87,17 @@ HEADER = ["precision", "loss (nats)", "bits/byte", "KL to float32, mean (nats)",
 
 
 def load(found: Checkpoint | Pretrained, precision: str) -> GPT:
-    """The model in `precision`: float32 and bfloat16 as `gpt eval` and `gpt sample` load it,
-    int8 quantized from the plain model (quantize swaps nn.Linear, which packing replaces)."""
+    """The model in `precision`, as `gpt eval` and `gpt sample` load it (`--quantize int8`)."""
     dtype, int8 = PRECISIONS[precision]
-    if not int8:
-        return load_for_inference(found, "cpu", dtype, False)[0]
-    return quantize(found.load_model("cpu").to(getattr(torch, dtype)), "int8")
+    return load_for_inference(found, "cpu", dtype, False, "int8" if int8 else None)[0]
 
 
 def windows(tokens: np.ndarray, model: GPT) -> Iterator[Tensor]:
-    """Batches (B, T) of the inputs `evaluate` feeds the model: consecutive windows of
-    block_size tokens up to the last but one, the shorter last window alone."""
-    T, n = model.config.block_size, len(tokens) - 1
-    per_batch = max(1, min(8, LOGITS_BYTES // (T * model.config.padded_vocab_size * 4)))
-    starts = list(range(0, n, T))
-    full = [s for s in starts if s + T <= n]
-    for i in range(0, len(full), per_batch):
-        yield torch.from_numpy(np.stack([tokens[s : s + T] for s in full[i : i + per_batch]]))
-    if starts and starts[-1] + T > n:
-        yield torch.from_numpy(tokens[starts[-1] : n][None])
+    """Batches (B, T) of the inputs `evaluate` feeds the model: each of its windows but the
+    last token, whose only part is as a target."""
+    T = model.config.block_size
+    for starts in window_batches(model, len(tokens)):
+        yield torch.from_numpy(np.stack([tokens[s : s + T + 1][:-1] for s in starts]))
 
 
 def log_probs(model: GPT, inputs: Tensor) -> Tensor:
