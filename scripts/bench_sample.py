@@ -48,9 +48,9 @@ from gpt.model import GPT, Attention
 from gpt.onednn import PackedLinear, pack_linears
 
 try:
-    from gpt.quant import Int8Linear, quantize
+    from gpt.quant import Int8Linear, quantize, quantize_weight
 except ImportError:  # a checkout from before int8 decoding: its row is skipped
-    Int8Linear = quantize = None
+    Int8Linear = quantize = quantize_weight = None
 
 DECODE = Path(__file__).resolve().parent / "llama_decode.py"  # run by the llama-cpp-python python
 GGUF_TYPES = ("bf16", "f16", "q8_0", "f32")  # what llama.cpp's converter writes
@@ -311,9 +311,7 @@ class TorchInt8Linear(torch.nn.Module):
 
     def __init__(self, linear: torch.nn.Linear) -> None:
         super().__init__()
-        w = linear.weight.detach().float()
-        self.scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127  # (N,)
-        self.weight = torch.round(w / self.scale[:, None]).to(torch.int8)  # (N, K)
+        self.weight, self.scale = quantize_weight(linear.weight)  # (N, K) int8, (N,): gpt's own
         self.bias = None if linear.bias is None else linear.bias.detach()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -325,10 +323,7 @@ class TorchInt8Linear(torch.nn.Module):
 
 def torch_int8(model: GPT) -> GPT:
     """`model` with every Linear (the tied head included) a TorchInt8Linear."""
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if isinstance(child, torch.nn.Linear):
-                setattr(module, name, TorchInt8Linear(child))
+    model.replace_linears(TorchInt8Linear)
     return model
 
 
