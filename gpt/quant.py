@@ -235,7 +235,8 @@ class Int8Linear(nn.Module):
         return self
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.dtype not in (torch.float32, torch.bfloat16) or not self._cpu or x.is_cuda:
+        on_cpu = self._cpu and x.device.type == "cpu"  # the kernel reads host memory only
+        if x.dtype not in (torch.float32, torch.bfloat16) or not on_cpu:
             raise GPTError(f"int8 layers compute on the CPU in float32 or bfloat16, not "
                            f"{x.dtype} on {x.device}")
         K, N = self.in_features, self.out_features
