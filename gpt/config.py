@@ -434,8 +434,9 @@ class TrainConfig(_Section):
     )
     hsdp_replicas: int | None = _key(
         None,
-        "parallel = \"hsdp\": replica groups, each sharding over world_size / hsdp_replicas "
-        "processes; unset = one per node (torchrun's WORLD_SIZE / LOCAL_WORLD_SIZE)",
+        "parallel = \"hsdp\": replica groups (a divisor of the process count), each sharding "
+        "over world_size / hsdp_replicas processes; unset = one per node (torchrun's "
+        "WORLD_SIZE / LOCAL_WORLD_SIZE)",
     )
     activation_checkpointing: bool = _key(
         False, "recompute each block in the backward pass: less activation memory, more compute"
