@@ -14,7 +14,8 @@ Layout of a run folder (`[train] out_dir`):
                              instead of optimizer.pt, from an FSDP run: each process's rows of
                              the state (torch's state dict of the local rows, plus `rows`:
                              {key: [start, stop]}), so no process ever holds it whole; any
-                             layout reads the rows it needs from them
+                             layout reads the rows it needs from them. An HSDP run's first
+                             replica writes them, as an FSDP run of its S processes would
       state.json             iteration, tokens, best val loss, wandb id, the resolved config,
                              the tokenizer, data sampler and RNG states (every rank's),
                              GradScaler state, and the sha256 of every file above; a LoRA
@@ -587,8 +588,9 @@ class Checkpointer:
     def _write(self, step: int, is_best: bool) -> None:
         """Every process joins: rank 0 writes the weights (gathered from the shards under FSDP)
         and state.json; the optimizer state is rank 0's, or under FSDP each process's rows of
-        it. A write that fails in any process stops every process with one error, and the
-        previous checkpoint stays as it was."""
+        it (under HSDP the first replica's processes': `Dist.optimizer_state`). A write that
+        fails in any process stops every process with one error, and the previous checkpoint
+        stays as it was."""
         world, out_dir = self.world, self.out_dir
         # the collectives come first, joined by every process outside the steps that may fail
         # in one of them; an unsharded model's weights are copied inside the last step

@@ -180,7 +180,7 @@ def info(
         typer.Option(
             "--nproc", min=1,
             help="Also show the memory of each of this many training processes, as "
-            "train.parallel (ddp or fsdp) splits it.",
+            "train.parallel (ddp, fsdp or hsdp) splits it.",
         ),
     ] = 1,
 ) -> None:

@@ -61,7 +61,8 @@ AttentionImpl = Literal["sdpa", "manual"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 LRSchedule = Literal["cosine", "wsd"]
 OptimizerName = Literal["adamw", "muon"]
-Parallel = Literal["ddp", "fsdp"]
+Parallel = Literal["ddp", "fsdp", "hsdp"]
+SHARDED = ("fsdp", "hsdp")  # the layouts that split each weight by rows across processes
 Finetune = Literal["full", "lora"]
 LORA_TARGETS = ("c_attn", "c_proj", "c_fc", "c_up")  # the blocks' Linear layers, by module name
 QKV_NAMES = ("q_proj", "k_proj", "v_proj", "query", "key", "value", "q", "k", "v")
@@ -428,7 +429,14 @@ class TrainConfig(_Section):
     parallel: Parallel = _key(
         "ddp",
         "under torchrun, ddp: every process holds the whole model, gradients and optimizer "
-        "state; fsdp: FSDP2 shards all three across the processes (adamw only)",
+        "state; fsdp: FSDP2 shards all three across the processes (adamw only); hsdp: FSDP2 "
+        "within each of hsdp_replicas groups, the groups replicas of each other (adamw only)",
+    )
+    hsdp_replicas: int | None = _key(
+        None,
+        "parallel = \"hsdp\": replica groups (a divisor of the process count), each sharding "
+        "over world_size / hsdp_replicas processes; unset = one per node (torchrun's "
+        "WORLD_SIZE / LOCAL_WORLD_SIZE)",
     )
     activation_checkpointing: bool = _key(
         False, "recompute each block in the backward pass: less activation memory, more compute"
@@ -470,9 +478,19 @@ class TrainConfig(_Section):
             self._fail("finetune", "\"lora\" adapts a trained model, but init_from is unset; set "
                        "train.init_from to a run's out_dir or an HF model (hf:...), or "
                        "finetune = \"full\"")
-        if self.parallel == "fsdp":
-            self._fail("parallel", "\"fsdp\" does not shard LoRA finetunes (their frozen base "
-                       "and small adapters); use parallel = \"ddp\" with finetune = \"lora\"")
+        if self.parallel in SHARDED:
+            self._fail("parallel", f"\"{self.parallel}\" does not shard LoRA finetunes (their "
+                       "frozen base and small adapters); use parallel = \"ddp\" with "
+                       "finetune = \"lora\"")
+
+    def _check_hsdp(self) -> None:
+        """hsdp_replicas is checked whatever parallel says; how it splits the processes is
+        checked at launch, where their number is known (gpt/parallel.py)."""
+        self._positive("hsdp_replicas")
+        if self.parallel == "hsdp" and self.optimizer == "muon":
+            self._fail("parallel", "\"hsdp\" shards each weight matrix within a replica, which "
+                       "Muon must see whole; use optimizer = \"adamw\" with hsdp, or "
+                       "parallel = \"ddp\" with muon")
 
     def check(self) -> None:
         self._positive("batch_size", "grad_accum_steps", "eval_interval", "eval_iters")
@@ -493,6 +511,7 @@ class TrainConfig(_Section):
                 "optimizer = \"adamw\" with fsdp, or parallel = \"ddp\" with muon",
             )
         self._check_lora()
+        self._check_hsdp()
         if not 0.0 < self.cooldown_fraction <= 1.0:
             self._fail("cooldown_fraction", f"must be in (0, 1], got {self.cooldown_fraction!r}")
         for key in ("beta1", "beta2"):

@@ -40,10 +40,22 @@ def describe(planned: Plan, sections: tuple[str, ...], nproc: int = 1) -> str:
                      f"{', '.join(lora.targets)}{rows}); the {n_params:,} above stay frozen")
     lines.append(f"memory (float32):  {_memory(model, cfg.train, 1)}")
     if nproc > 1:
-        lines.append(f"per process ({nproc} processes, parallel = \"{cfg.train.parallel}\"): "
+        lines.append(f"per process ({_layout(cfg.train, nproc)}): "
                      f"{_memory(model, cfg.train, nproc)}")
     lines.append(f"device peak:       {_peak(cfg)}")
     return "\n".join(lines)
+
+
+def _layout(tcfg: TrainConfig, nproc: int) -> str:
+    """How `nproc` processes share the model: `8 processes, parallel = "hsdp", 2 replicas of 4`
+    (HSDP's groups as training counts them, all on one node when hsdp_replicas is unset)."""
+    from gpt.parallel import replica_groups
+
+    layout = f"{nproc} processes, parallel = \"{tcfg.parallel}\""
+    if tcfg.parallel != "hsdp":
+        return layout
+    replicas = replica_groups(tcfg, nproc, nproc)
+    return f"{layout}, {replicas} replica{'s' if replicas > 1 else ''} of {nproc // replicas}"
 
 
 def _memory(model: GPT, tcfg: TrainConfig, nproc: int) -> str:

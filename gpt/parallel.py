@@ -9,10 +9,14 @@ DDP (`[train] parallel = "ddp"`) keeps the whole model, its gradients and its op
 every process and averages the gradients. FSDP2 (`"fsdp"`, `torch.distributed.fsdp.fully_shard`)
 splits every parameter by rows (dim 0) across the processes: each block is gathered just before
 it runs and freed after, and the gradients are reduce-scattered, so a process holds 1/N of the
-weights, gradients and optimizer state.
+weights, gradients and optimizer state. HSDP (`"hsdp"`) is FSDP2 on a 2-D mesh: the processes form
+R replica groups of S = N / R (one per node by default), each group shards as FSDP does over
+its S processes, and the groups hold the same rows: gradients are reduce-scattered within a
+group, then all-reduced across groups, so the slow links between nodes carry only 1/S of them.
 
 Only this module sees DTensors. Checkpoints hold plain tensors: the weights gathered whole, the
-optimizer state as each process's rows of it (`rows_of`), which any other layout can slice.
+optimizer state as each process's rows of it (`rows_of`), which any other layout can slice;
+under HSDP the first replica's S processes write theirs, as an FSDP run of S processes does.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from gpt.config import TrainConfig
+from gpt.config import SHARDED, TrainConfig
 from gpt.errors import GPTError
 from gpt.layout import OPTIMIZER, Rows, optimizer_file
 from gpt.model import GPT
@@ -46,11 +50,18 @@ class Dist:
     local_rank: int = 0
     world_size: int = 1
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    sharded: bool = False  # FSDP: each process holds its rows of every weight and moment
+    sharded: bool = False  # FSDP, HSDP: each process holds its rows of every weight and moment
+    replicas: int = 1  # HSDP's replica groups, each sharding over `shards` processes
 
     @property
     def main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def shards(self) -> int:
+        """The processes that split each weight by rows: all under FSDP, a replica's under HSDP,
+        one (whole weights) under DDP."""
+        return self.world_size // self.replicas if self.sharded else 1
 
     def print0(self, *args: Any) -> None:
         """Print from rank 0 only, so N processes say things once."""
@@ -107,7 +118,7 @@ class Dist:
         the device whole) and return what the training step calls: compiled when asked, and
         DDP-wrapped across several processes."""
         if self.sharded:
-            shard(model, self.device, dtype)
+            shard(model, self.device, dtype, self.replicas)
         else:
             model.to(self.device)
         trained: nn.Module = torch.compile(model) if compile_model else model
@@ -136,16 +147,20 @@ class Dist:
 
     def optimizer_state(self, optimizer: Any) -> tuple[str, dict[str, Any]] | None:
         """The optimizer file this process writes into a checkpoint, and what it holds: under
-        FSDP each process's rows (`local_optimizer_state`), else rank 0's whole state."""
+        FSDP each process's rows (`local_optimizer_state`), under HSDP those of the first
+        replica's processes (ranks 0 to S - 1: the other replicas hold the same rows), else
+        rank 0's whole state."""
         if self.sharded:
-            return optimizer_file(self.rank, self.world_size), local_optimizer_state(optimizer)
+            if self.rank >= self.shards:
+                return None
+            return optimizer_file(self.rank, self.shards), local_optimizer_state(optimizer)
         return (OPTIMIZER, optimizer.state_dict()) if self.main else None
 
     def load_optimizer_state(
         self, optimizer: Any, saved: Callable[[Mapping[int, Rows] | None], dict[str, Any]]
     ) -> None:
         """Load a saved optimizer state, which may come from any layout: `saved(rows)` reads
-        it, whole (rows None) or only the rows this process holds under FSDP."""
+        it, whole (rows None) or only the rows this process holds under FSDP or HSDP."""
         if not self.sharded:
             optimizer.load_state_dict(saved(None))
             return
@@ -178,12 +193,15 @@ def start(tcfg: TrainConfig, device: torch.device, dtype: torch.dtype) -> Dist:
         return Dist(device=device)
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    local_world_size = os.environ.get("LOCAL_WORLD_SIZE")
+    replicas = replica_groups(tcfg, world_size, int(local_world_size) if local_world_size else None)
     if device.type == "cuda":
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    world = Dist(rank, local_rank, world_size, device, sharded=tcfg.parallel == "fsdp")
+    world = Dist(rank, local_rank, world_size, device, sharded=tcfg.parallel in SHARDED,
+                 replicas=replicas)
     if tcfg.grad_accum_steps % world_size:
         raise GPTError(
             f"[train] grad_accum_steps = {tcfg.grad_accum_steps} is not divisible by the "
@@ -191,11 +209,35 @@ def start(tcfg: TrainConfig, device: torch.device, dtype: torch.dtype) -> Dist:
         )
     if world.sharded and dtype == torch.float16:
         raise GPTError(
-            "[train] parallel = \"fsdp\" computes in bfloat16 or float32, not float16 (its "
-            "gradients would need loss scaling across shards); set train.dtype = \"bfloat16\" "
-            "(or \"float32\" on GPUs without it), or parallel = \"ddp\""
+            f"[train] parallel = \"{tcfg.parallel}\" computes in bfloat16 or float32, not "
+            "float16 (its gradients would need loss scaling across shards); set train.dtype = "
+            "\"bfloat16\" (or \"float32\" on GPUs without it), or parallel = \"ddp\""
         )
     return world
+
+
+def replica_groups(tcfg: TrainConfig, world_size: int, local_world_size: int | None) -> int:
+    """HSDP's replica groups of the `world_size` processes: [train] hsdp_replicas, or one per
+    node (`local_world_size` processes each, torchrun's LOCAL_WORLD_SIZE); 1 for DDP and FSDP.
+    Checked before the processes meet, so a bad split fails at once in every process."""
+    if tcfg.parallel != "hsdp":
+        return 1
+    replicas = tcfg.hsdp_replicas
+    if replicas is None:
+        if not local_world_size or world_size % local_world_size:
+            raise GPTError(
+                "[train] hsdp_replicas is unset and the processes do not form equal nodes "
+                f"({world_size} processes, LOCAL_WORLD_SIZE {local_world_size or 'unset'}); set "
+                "train.hsdp_replicas to the number of replica groups, such as the node count"
+            )
+        replicas = world_size // local_world_size
+    if world_size % replicas:
+        raise GPTError(
+            f"[train] hsdp_replicas = {replicas} does not split the {world_size} processes into "
+            f"equal replica groups; choose a divisor of {world_size} (one replica per node: the "
+            "node count)"
+        )
+    return replicas
 
 
 class StopFlag:
@@ -243,8 +285,10 @@ def unwrap(model: nn.Module) -> GPT:
             return model  # type: ignore[return-value]
 
 
-def shard(model: GPT, device: torch.device, dtype: torch.dtype) -> None:
-    """FSDP2 on each block, then on the root (embeddings, final norm, head), in place.
+def shard(model: GPT, device: torch.device, dtype: torch.dtype, replicas: int = 1) -> None:
+    """FSDP2 on each block, then on the root (embeddings, final norm, head), in place: over
+    every process, or as HSDP over a 2-D mesh of `replicas` groups (rows of the mesh: replica r
+    is ranks r * S to r * S + S - 1) that each shard over their S processes.
 
     The model may still be on the CPU: fully_shard moves one block at a time to `device` and
     keeps its rows there, so a GPU never holds the whole model. With a compute dtype below
@@ -255,7 +299,11 @@ def shard(model: GPT, device: torch.device, dtype: torch.dtype) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    options: dict[str, Any] = {"mesh": init_device_mesh(device.type, (dist.get_world_size(),))}
+    world = dist.get_world_size()
+    mesh = (init_device_mesh(device.type, (world,)) if replicas == 1 else
+            init_device_mesh(device.type, (replicas, world // replicas),
+                             mesh_dim_names=("replicate", "shard")))
+    options: dict[str, Any] = {"mesh": mesh}
     if dtype != torch.float32:
         options["mp_policy"] = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
     for block in model.transformer.h:
@@ -286,16 +334,18 @@ def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
 def rows_of(param: torch.Tensor) -> Rows | None:
     """The rows of `param` this process holds: None for a whole (unsharded) parameter.
 
-    FSDP2 splits dim 0 as torch.chunk does: ceil(n / N) rows a process, the last ones fewer
-    or none.
+    FSDP2 splits dim 0 as torch.chunk does over the mesh dimension that shards it (FSDP's only
+    one, HSDP's second: every replica holds the same rows): ceil(n / S) rows a process of the
+    S, the last ones fewer or none.
     """
     from torch.distributed.tensor import DTensor
 
     if not isinstance(param, DTensor):
         return None
-    n, world = param.shape[0], param.device_mesh.size()
-    rank = param.device_mesh.get_local_rank()
-    chunk = -(-n // world)
+    dim = next(i for i, p in enumerate(param.placements) if p.is_shard(0))
+    n, shards = param.shape[0], param.device_mesh.size(dim)
+    rank = param.device_mesh.get_local_rank(dim)
+    chunk = -(-n // shards)
     start, stop = min(rank * chunk, n), min((rank + 1) * chunk, n)
     held = param.to_local().shape[0]
     assert stop - start == held, f"{tuple(param.shape)}: rows {start}:{stop}, local {held}"
@@ -352,10 +402,12 @@ def memory_per_process(
     parameters that train: all, or a LoRA finetune's adapters) and optimizer state (all
     float32; `optimizer_bytes` for the whole model), before activations.
 
-    DDP holds all of it in every process; FSDP 1/N of each, plus `gathered`: two blocks'
-    weights whole (the one running and the next, gathered ahead), in float32 (half in bfloat16).
+    DDP holds all of it in every process; FSDP 1/N of each, HSDP 1/S (S = N / its replica
+    groups, as `replica_groups` counts them on one node), plus `gathered`: two blocks' weights
+    whole (the one running and the next, gathered ahead), in float32 (half in bfloat16).
     """
-    shards = nproc if tcfg.parallel == "fsdp" else 1
+    sharded = tcfg.parallel in SHARDED and nproc > 1  # one process holds the whole model
+    shards = nproc // replica_groups(tcfg, nproc, nproc) if sharded else 1
     return {
         "weights": 4 * n_params / shards,
         "gradients": 4 * n_trained / shards,

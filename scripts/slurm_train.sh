@@ -1,13 +1,19 @@
 #!/usr/bin/env bash
 # `gpt train` on several machines under SLURM: one torchrun per node, each starting one process
 # per GPU; torchrun's c10d rendezvous on the job's first node joins them into one run. gpt reads
-# only what torchrun sets (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT).
+# only what torchrun sets (RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR,
+# MASTER_PORT).
 #
-#   sbatch --nodes=4 scripts/slurm_train.sh configs/gpt2_124m.toml --set train.parallel=fsdp
+#   sbatch --nodes=4 scripts/slurm_train.sh configs/gpt2_124m.toml --set train.parallel=hsdp
+#
+# HSDP shards the model within each node, over its fast links, and replicates it across the
+# nodes: with train.hsdp_replicas unset, one replica per node (WORLD_SIZE / LOCAL_WORLD_SIZE),
+# so the links between nodes carry only an all-reduce of each node's gradient shards.
+# train.parallel=fsdp shards over every GPU of every node instead, ddp shards nothing.
 #
 # data_dir and out_dir must be on a filesystem every node sees: rank 0 prepares the data that
-# all ranks read, and under FSDP every rank writes its part of each checkpoint. Resubmitting
-# the same command resumes from the newest checkpoint, on any number of nodes.
+# all ranks read, and under FSDP and HSDP several ranks write their parts of each checkpoint.
+# Resubmitting the same command resumes from the newest checkpoint, on any number of nodes.
 #
 #SBATCH --job-name=gpt-train
 #SBATCH --nodes=2

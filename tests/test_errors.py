@@ -256,6 +256,19 @@ def truncate(path: str, remove: int) -> Setup:
     return setup
 
 
+def torchrun_env(world: int, per_node: int) -> Setup:
+    """Rank 0 of `world` processes, `per_node` a node, as torchrun starts them: the processes'
+    split is checked before they meet, so the others need not exist."""
+
+    def setup(scene: Scene) -> None:
+        env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": str(world),
+               "LOCAL_WORLD_SIZE": str(per_node)}
+        for key, value in env.items():
+            scene.patch.setenv(key, value)
+
+    return setup
+
+
 def edit_json(path: str, change: Callable[[dict], None]) -> Setup:
     """Change a JSON file's data in place, as someone editing it by hand would."""
 
@@ -388,6 +401,22 @@ CONFIG = [
          r"\[model\] vocab_size = 10 is smaller than the tokenizer's 29; raise it or leave it unset"),
     Case("config-unknown-device", [*TRAIN, "--set", "train.device=tpu"],
          r"\[train\] device: unknown device 'tpu'; use auto, cpu, cuda, cuda:N or mps"),
+    Case("config-hsdp-replicas-below-one",
+         [*TRAIN, "--set", "train.parallel=hsdp", "--set", "train.hsdp_replicas=0"],
+         r"\[train\] hsdp_replicas: must be > 0, got 0$"),
+    Case("config-hsdp-with-muon",
+         [*TRAIN, "--set", "train.parallel=hsdp", "--set", "train.optimizer=muon"],
+         r'\[train\] parallel: "hsdp" shards each weight matrix within a replica, which Muon '
+         r'must see whole; use optimizer = "adamw" with hsdp, or parallel = "ddp" with muon$'),
+    Case("train-hsdp-replicas-not-dividing-the-processes",
+         [*TRAIN, "--set", "train.parallel=hsdp", "--set", "train.hsdp_replicas=3"],
+         r"\[train\] hsdp_replicas = 3 does not split the 4 processes into equal replica "
+         r"groups; choose a divisor of 4 \(one replica per node: the node count\)$",
+         torchrun_env(4, 4)),
+    Case("train-hsdp-unset-on-unequal-nodes", [*TRAIN, "--set", "train.parallel=hsdp"],
+         r"\[train\] hsdp_replicas is unset and the processes do not form equal nodes \(6 "
+         r"processes, LOCAL_WORLD_SIZE 4\); set train\.hsdp_replicas to the number of replica "
+         r"groups, such as the node count$", torchrun_env(6, 4)),
     Case("config-set-without-equals", [*TRAIN, "--set", "train.max_iters"],
          r"--set train\.max_iters: expected section\.key=value, for example --set train\.max_iters=100"),
     Case("config-missing-file", ["train", "--config", "nowhere.toml"],
@@ -1455,6 +1484,9 @@ LORA_CASES = [
          r"has no c_up\); remove it, or choose among c_attn, c_proj, c_fc$"),
     Case("train-lora-with-fsdp", [*TRAIN_LORA, "--set", "train.parallel=fsdp"],
          r'\[train\] parallel: "fsdp" does not shard LoRA finetunes \(their frozen base and '
+         r'small adapters\); use parallel = "ddp" with finetune = "lora"$'),
+    Case("train-lora-with-hsdp", [*TRAIN_LORA, "--set", "train.parallel=hsdp"],
+         r'\[train\] parallel: "hsdp" does not shard LoRA finetunes \(their frozen base and '
          r'small adapters\); use parallel = "ddp" with finetune = "lora"$'),
     Case("train-lora-resumed-with-another-rank",
          [*TRAIN_LORA, "--set", "train.max_iters=8", "--set", "train.lora_rank=4"],

@@ -1,6 +1,6 @@
-"""FSDP2 across processes, activation checkpointing in training, and checkpoints that move
-between layouts (one process, DDP, FSDP). The multi-process tests run 2 gloo processes on the
-CPU through torchrun."""
+"""FSDP2 and HSDP across processes, activation checkpointing in training, and checkpoints that
+move between layouts (one process, DDP, FSDP, HSDP). The multi-process tests run 2 gloo
+processes on the CPU through torchrun, 4 for HSDP (2 replicas of 2)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from gpt import checkpoint as ckpt
-from gpt import layout
+from gpt import layout, parallel
 from gpt.cli import app
 from gpt.config import load_config
 from gpt.errors import GPTError
@@ -31,6 +31,8 @@ runner = CliRunner()
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 # the same global batch in every layout: 2 micro-batches a step, one per process under torchrun
 STEPS = ["--set", "train.grad_accum_steps=2", "--set", "train.log_interval=1"]
+STEPS4 = ["--set", "train.grad_accum_steps=4", "--set", "train.log_interval=1"]  # 4 processes
+HSDP = ["--set", "train.parallel=hsdp", "--set", "train.hsdp_replicas=2"]
 NO_DROPOUT = ["--set", "model.dropout=0.0"]
 
 
@@ -160,17 +162,49 @@ def test_checkpoints_move_between_one_process_fsdp_and_ddp(
     ref, fsdp = ckpt.Checkpoint.open(tiny_run / "ref" / "ckpt-0000008"), ckpt.Checkpoint.open(
         tiny_run / "moved" / "ckpt-0000008")
     assert fsdp.optimizer_files == ["optimizer-00000-of-00002.pt", "optimizer-00001-of-00002.pt"]
-    ref_weights, fsdp_weights = ref.load_model().state_dict(), fsdp.load_model().state_dict()
-    for name, tensor in ref_weights.items():
-        torch.testing.assert_close(fsdp_weights[name], tensor, rtol=0, atol=1e-5)
-    ref_state, fsdp_state = ref.optimizer_state(), fsdp.optimizer_state()  # whole, from shards
-    assert sorted(ref_state["state"]) == sorted(fsdp_state["state"])
-    for key, moments in ref_state["state"].items():
-        for name, value in moments.items():
-            torch.testing.assert_close(fsdp_state["state"][key][name], value, rtol=1e-4,
-                                       atol=1e-7)
+    assert_same_state(ref, fsdp)
     # the weights gathered from the shards sample in one process as the unsharded run's do
     assert sample(fsdp.path) == sample(ref.path)
+
+
+def assert_same_state(ref: ckpt.Checkpoint, moved: ckpt.Checkpoint) -> None:
+    """The weights and the optimizer's moments (whole, from any layout's files) of two
+    checkpoints, to float rounding."""
+    ref_weights, moved_weights = ref.load_model().state_dict(), moved.load_model().state_dict()
+    for name, tensor in ref_weights.items():
+        torch.testing.assert_close(moved_weights[name], tensor, rtol=0, atol=1e-5)
+    ref_state, moved_state = ref.optimizer_state(), moved.optimizer_state()
+    assert sorted(ref_state["state"]) == sorted(moved_state["state"])
+    for key, moments in ref_state["state"].items():
+        for name, value in moments.items():
+            torch.testing.assert_close(moved_state["state"][key][name], value, rtol=1e-4,
+                                       atol=1e-7)
+
+
+@pytest.mark.slow
+def test_checkpoints_move_between_hsdp_and_the_other_layouts(
+    tiny_run: Path, torchrun: Callable[..., None]
+) -> None:
+    """One process to 2 steps, HSDP (4 processes: 2 replicas of 2) to 4, FSDP over 4 to 6,
+    HSDP to 8, DDP over 2 to 10, one process to 12: the loss curve of a run that never moved.
+    Each move reads optimizer rows another shard count wrote; HSDP's first replica writes its
+    2 processes' rows, and the other replica's identical rows are not written."""
+    common = [*STEPS4, *NO_DROPOUT, "--set", "train.lr_decay_iters=12",
+              "--set", "train.checkpoint_interval=2", "--set", "train.keep_last=10"]
+    moved = [*common, "--set", "train.out_dir=moved"]
+    one_process(*common, "--set", "train.max_iters=12", "--set", "train.out_dir=ref")
+    one_process(*moved, "--set", "train.max_iters=2")
+    torchrun(*moved, *HSDP, "--set", "train.max_iters=4", nproc=4)
+    torchrun(*moved, "--set", "train.parallel=fsdp", "--set", "train.max_iters=6", nproc=4)
+    torchrun(*moved, *HSDP, "--set", "train.max_iters=8", nproc=4)
+    torchrun(*moved, "--set", "train.max_iters=10")
+    one_process(*moved, "--set", "train.max_iters=12")
+    assert_close_losses(losses(tiny_run / "ref"), losses(tiny_run / "moved"))
+
+    for step, files in (("0000004", 2), ("0000006", 4), ("0000008", 2)):
+        saved = ckpt.Checkpoint.open(tiny_run / "moved" / f"ckpt-{step}")
+        assert saved.optimizer_files == [layout.optimizer_file(i, files) for i in range(files)]
+        assert_same_state(ckpt.Checkpoint.open(tiny_run / "ref" / f"ckpt-{step}"), saved)
 
 
 def write_shards(folder: Path, whole: dict, world: int) -> list[str]:
@@ -240,6 +274,66 @@ def test_a_hostile_optimizer_shard_is_refused_without_running(tmp_path: Path) ->
     assert not marker.exists()
 
 
+@pytest.mark.parametrize("settings, world, per_node, replicas", [
+    (["train.parallel=hsdp", "train.hsdp_replicas=2"], 4, 4, 2),
+    (["train.parallel=hsdp", "train.hsdp_replicas=4"], 4, 4, 4),  # DDP's layout, in FSDP2
+    (["train.parallel=hsdp"], 16, 8, 2),  # unset: one replica per node
+    (["train.parallel=hsdp"], 8, 8, 1),  # one node: FSDP
+    (["train.parallel=fsdp", "train.hsdp_replicas=3"], 4, 4, 1),  # only hsdp reads it
+    (["train.parallel=ddp"], 6, None, 1),
+])
+def test_hsdp_forms_replica_groups_of_the_processes(
+    settings: list[str], world: int, per_node: int | None, replicas: int
+) -> None:
+    tcfg = load_config(None, settings).train
+    assert parallel.replica_groups(tcfg, world, per_node) == replicas
+
+
+@pytest.mark.parametrize("settings, world, per_node, message", [
+    (["train.hsdp_replicas=3"], 4, 4, r"hsdp_replicas = 3 does not split the 4 processes"),
+    (["train.hsdp_replicas=8"], 4, 4, r"hsdp_replicas = 8 does not split the 4 processes"),
+    ([], 6, 4, r"hsdp_replicas is unset and the processes do not form equal nodes \(6 "
+               r"processes, LOCAL_WORLD_SIZE 4\)"),
+    ([], 4, None, r"\(4 processes, LOCAL_WORLD_SIZE unset\); set train\.hsdp_replicas"),
+])
+def test_hsdp_refuses_unequal_replica_groups(
+    settings: list[str], world: int, per_node: int | None, message: str
+) -> None:
+    tcfg = load_config(None, ["train.parallel=hsdp", *settings]).train
+    with pytest.raises(GPTError, match=message):
+        parallel.replica_groups(tcfg, world, per_node)
+
+
+def test_rows_of_hsdp_are_the_rows_within_a_replica() -> None:
+    """Each of 4 processes in 2 replicas of 2, in turn, on torch's fake process group (no
+    communication): a parameter's rows are those an FSDP process of 2 holds (uneven and empty
+    shards included), and only the first replica's processes write optimizer rows, named as
+    FSDP's of 2."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    for rank in range(4):
+        dist.init_process_group("fake", rank=rank, world_size=4, store=FakeStore())
+        try:
+            mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
+            for shape in ((7, 3), (4,), (1, 5)):
+                whole = torch.randn(shape)
+                chunk = -(-shape[0] // 2)
+                start, stop = min(rank % 2 * chunk, shape[0]), min((rank % 2 + 1) * chunk, shape[0])
+                param = DTensor.from_local(whole[start:stop], mesh, [Replicate(), Shard(0)],
+                                           run_check=False, shape=whole.shape,
+                                           stride=whole.stride())
+                assert parallel.rows_of(param) == (start, stop)
+            world = parallel.Dist(rank=rank, world_size=4, sharded=True, replicas=2)
+            written = world.optimizer_state(torch.optim.AdamW([torch.nn.Parameter(whole)]))
+            assert (written[0] if written else None) == (
+                layout.optimizer_file(rank, 2) if rank < 2 else None)  # replica 1: the same rows
+        finally:
+            dist.destroy_process_group()
+
+
 def test_fsdp_refuses_muon_by_name() -> None:
     with pytest.raises(GPTError, match=r'\[train\] parallel: "fsdp" shards each weight matrix, '
                                        r'which Muon must see whole; use optimizer = "adamw"'):
@@ -267,6 +361,10 @@ def test_info_shows_the_memory_of_each_process() -> None:
     assert f"weights {mib(params)} + gradients {mib(params)}" in fsdp
     assert f"AdamW state {mib(2 * params)}" in fsdp
     assert "two blocks gathered whole" in fsdp
+    hsdp = per_process("--nproc", "4", "--set", "train.parallel=hsdp",
+                       "--set", "train.hsdp_replicas=2")  # each replica shards over 2
+    assert hsdp.startswith('per process (4 processes, parallel = "hsdp", 2 replicas of 2)')
+    assert f"weights {mib(2 * params)} + gradients {mib(2 * params)}" in hsdp
     bad = runner.invoke(app, ["info", "--nproc", "0"])
     assert bad.exit_code == 2 and "--nproc" in bad.output
 
@@ -295,13 +393,21 @@ def free_port() -> int:
 
 
 @pytest.mark.slow
-def test_two_machines_joined_by_rendezvous_train_as_one(tiny_run: Path) -> None:
-    """The multi-node launch of docs/training.md, as two nodes of one process each on this
-    machine: two torchrun agents meet at a c10d rendezvous endpoint, and the FSDP run they make
-    gives the losses of one process."""
-    common = [*STEPS, *NO_DROPOUT, "--set", "train.max_iters=6", "--set", "train.parallel=fsdp"]
+@pytest.mark.parametrize("per_node, parallel, files", [(1, "fsdp", 2), (2, "hsdp", 2)],
+                         ids=["fsdp", "hsdp-one-replica-per-node"])
+def test_two_machines_joined_by_rendezvous_train_as_one(
+    tiny_run: Path, per_node: int, parallel: str, files: int
+) -> None:
+    """The multi-node launch of docs/training.md, as two nodes on this machine: two torchrun
+    agents meet at a c10d rendezvous endpoint, and the run they make gives the losses of one
+    process. FSDP with one process a node; HSDP with two, and hsdp_replicas unset: one replica
+    per node, so its checkpoint holds the rows of one node's 2 processes."""
+    steps = ["--set", f"train.grad_accum_steps={2 * per_node}", "--set", "train.log_interval=1"]
+    common = [*steps, *NO_DROPOUT, "--set", "train.max_iters=6",
+              "--set", f"train.parallel={parallel}"]
     one_process(*common, "--set", "train.out_dir=one")
-    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1",
+    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2",
+               f"--nproc-per-node={per_node}",
                "--rdzv-id=test", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}",
                "-m", "gpt", "train", "--config", "tiny.toml", *common, "--set", "train.out_dir=two"]
     nodes = [subprocess.Popen(command, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -309,6 +415,8 @@ def test_two_machines_joined_by_rendezvous_train_as_one(tiny_run: Path) -> None:
     outputs = [node.communicate(timeout=300) for node in nodes]
     assert [node.returncode for node in nodes] == [0, 0], outputs[0][1][-3000:]
     assert_close_losses(losses(tiny_run / "one"), losses(tiny_run / "two"))
+    saved = ckpt.Checkpoint.open(tiny_run / "two")
+    assert saved.optimizer_files == [layout.optimizer_file(i, files) for i in range(files)]
 
 
 def test_the_slurm_script_starts_one_torchrun_per_node_at_the_first_node(tmp_path: Path) -> None:
@@ -325,12 +433,13 @@ def test_the_slurm_script_starts_one_torchrun_per_node_at_the_first_node(tmp_pat
            "SLURM_GPUS_ON_NODE": "8"}
     script = Path(__file__).parents[1] / "scripts" / "slurm_train.sh"
     done = subprocess.run(["bash", str(script), "configs/gpt2_124m.toml", "--set",
-                           "train.parallel=fsdp"], env=env, capture_output=True, text=True)
+                           "train.parallel=hsdp"], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+    # 8 processes a node (torchrun's LOCAL_WORLD_SIZE): HSDP's one replica per node
     assert done.stdout.split() == [
         "torchrun", "--nnodes=3", "--nproc-per-node=8", "--rdzv-id=4242", "--rdzv-backend=c10d",
         "--rdzv-endpoint=gpu-a17:29500", "-m", "gpt", "train", "--config",
-        "configs/gpt2_124m.toml", "--set", "train.parallel=fsdp",
+        "configs/gpt2_124m.toml", "--set", "train.parallel=hsdp",
     ]
     no_config = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True)
     assert no_config.returncode != 0 and "usage: sbatch" in no_config.stderr
