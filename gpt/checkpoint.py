@@ -242,42 +242,39 @@ def read_state(ckpt: Path) -> dict[str, Any]:
 
 
 class SafetensorsFiles:
-    """safetensors files opened for reading in parts (memory-mapped): every tensor's shape, and
-    any slice of one, which is all that is read; so a process reads its rows of a model, never
-    the whole. A file that cannot be parsed is refused with `damaged(path, error)`."""
+    """safetensors files read in parts: every tensor's shape, and any slice of one, which is all
+    that is read; so a process reads its rows of a model, never the whole. Each read maps the
+    file only while it copies the slice out, so no more than one tensor's pages count in the
+    process's memory at a time. A file that cannot be parsed is refused with
+    `damaged(path, error)`."""
 
     def __init__(self, paths: Sequence[Path],
                  damaged: Callable[[Path, Exception], GPTError]) -> None:
-        self.paths, self.damaged = paths, damaged
+        self.damaged = damaged
         self.shapes: dict[str, tuple[int, ...]] = {}
-        self._where: dict[str, tuple[Any, Path]] = {}  # key -> (its open file, its path)
-        self._files = contextlib.ExitStack()
+        self._path: dict[str, Path] = {}  # key -> the file that holds it
+        for path in paths:
+            with self._open(path) as file:
+                for key in file.keys():
+                    self._path[key] = path
+                    self.shapes[key] = tuple(file.get_slice(key).get_shape())
 
-    def __enter__(self) -> SafetensorsFiles:
+    @contextlib.contextmanager
+    def _open(self, path: Path) -> Iterator[Any]:
         from safetensors import safe_open
 
-        with self._files as files:
-            for path in self.paths:
-                try:
-                    handle = files.enter_context(safe_open(str(path), framework="pt"))
-                    for key in handle.keys():
-                        self._where[key] = (handle, path)
-                        self.shapes[key] = tuple(handle.get_slice(key).get_shape())
-                except Exception as e:
-                    raise self.damaged(path, e) from None
-            self._files = files.pop_all()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._files.close()
-
-    def read(self, key: str, index: slice | tuple[slice, ...]) -> torch.Tensor:
-        """`tensor[index]` of tensor `key`, read from its file alone."""
-        handle, path = self._where[key]
         try:
-            return handle.get_slice(key)[index]
+            with safe_open(str(path), framework="pt") as file:
+                yield file
+        except GPTError:
+            raise
         except Exception as e:
             raise self.damaged(path, e) from None
+
+    def read(self, key: str, index: slice | tuple[slice, ...]) -> torch.Tensor:
+        """`tensor[index]` of tensor `key`, a copy read from its file alone."""
+        with self._open(self._path[key]) as file:
+            return file.get_slice(key)[index]
 
 
 @dataclass(frozen=True)
@@ -309,9 +306,8 @@ class Weights:
                 fill_rows(param, functools.partial(self.read, key))
 
 
-@contextlib.contextmanager
-def open_weights(ckpt: Path) -> Iterator[Weights]:
-    """The checkpoint's model.safetensors, open to be read by rows."""
+def open_weights(ckpt: Path) -> Weights:
+    """The checkpoint's model.safetensors, to be read by rows."""
     path = ckpt / WEIGHTS
     again = lambda: _another_checkpoint(ckpt)  # noqa: E731  (only when it fails)
 
@@ -324,16 +320,15 @@ def open_weights(ckpt: Path) -> Iterator[Weights]:
             f"config was edited or belongs to other weights; {again()}"
         )
 
-    with SafetensorsFiles([path], damaged) as files:
-        yield Weights(files.shapes, lambda key, rows: files.read(key, rows).float(), misfit)
+    files = SafetensorsFiles([path], damaged)
+    return Weights(files.shapes, lambda key, rows: files.read(key, rows).float(), misfit)
 
 
 def load_weights(ckpt: Path, model: torch.nn.Module, adapters: bool = False) -> None:
     """Load model.safetensors into `model` (whole, or each process's rows of a sharded one);
     with `adapters`, a LoRA checkpoint's, which holds only the adapters of a model that
     carries them."""
-    with open_weights(ckpt) as weights:
-        weights.load_into(model, is_adapter_key if adapters else None)
+    open_weights(ckpt).load_into(model, is_adapter_key if adapters else None)
 
 
 VOCABULARY_KEYS = ("vocab_size", "padded_vocab_size")  # what adding the chat tokens grows
@@ -348,8 +343,7 @@ def load_with_chat_tokens(start: Checkpoint | Pretrained, model: GPT) -> None:
     tokens = tokenizer_from_dict(start.tokenizer).vocab_size
     vocab = model.config.padded_vocab_size
     assert vocab is not None
-    with start.weights_for(model.config) as weights:
-        _with_chat_token_rows(weights, tokens, vocab).load_into(model)
+    _with_chat_token_rows(start.weights_for(model.config), tokens, vocab).load_into(model)
 
 
 def _with_chat_token_rows(weights: Weights, tokens: int, vocab: int) -> Weights:
@@ -525,7 +519,7 @@ class Checkpoint:
         for a checkpoint that holds every weight."""
         return self.state.get("lora")
 
-    def weights_for(self, config: ModelConfig) -> contextlib.AbstractContextManager[Weights]:
+    def weights_for(self, config: ModelConfig) -> Weights:
         """The checkpoint's weights, read by rows (a model of `config` must have its shape)."""
         return open_weights(self.path)
 

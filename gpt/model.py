@@ -369,10 +369,13 @@ class GPT(nn.Module):
         with torch.device("meta"):
             twin = GPT(config)
         for module in twin.modules():  # the order they are constructed in
-            if hasattr(module, "reset_parameters") and next(module.parameters(False), None) is not None:
-                module.to_empty(device="cpu")
+            shapes = {name: p.shape for name, p in module.named_parameters(recurse=False)}
+            if shapes and hasattr(module, "reset_parameters"):
+                for name, shape in shapes.items():  # plain CPU tensors, freed after the draw
+                    setattr(module, name, nn.Parameter(torch.empty(shape), requires_grad=False))
                 module.reset_parameters()
-                module.to_empty(device="meta")
+                for name in shapes:
+                    setattr(module, name, None)
 
     def forward(
         self,

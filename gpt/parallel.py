@@ -117,7 +117,7 @@ class Dist:
             init_rows(model)
         return model
 
-    def wrap(self, model: GPT, compile_model: bool, dtype: torch.dtype) -> nn.Module:
+    def wrap(self, model: GPT, compile_model: bool) -> nn.Module:
         """Place `model` for this layout (FSDP: sharded by `build` already; else moved to the
         device whole) and return what the training step calls: compiled when asked, and
         DDP-wrapped across several processes."""
@@ -260,8 +260,8 @@ def shard(model: GPT, device: torch.device, dtype: torch.dtype) -> None:
     """FSDP2 on each block, then on the root (embeddings, final norm, head), in place.
 
     The model is on the meta device (`Dist.build`): fully_shard splits its parameters' shapes
-    and `to_empty` then allocates only this process's rows on `device`. With a compute dtype below
-    float32, the weights are gathered in it and the gradients reduced in float32 (a
+    and `to_empty` then allocates only this process's rows on `device`. With a compute dtype
+    below float32, the weights are gathered in it and the gradients reduced in float32 (a
     MixedPrecisionPolicy, instead of autocast); the sharded weights and the optimizer state
     stay float32.
     """

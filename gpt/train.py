@@ -148,7 +148,7 @@ def setup_run(cfg: RunConfig, resume: bool, world: Dist, dtype: torch.dtype) -> 
             world.print0(f"added the chat tokens {' and '.join(added['tokens'])} as ids "
                          f"{added['ids'][0]} and {added['ids'][1]}: their rows begin as "
                          f"{added['rows']}")
-    trained = world.wrap(model, tcfg.compile, dtype)
+    trained = world.wrap(model, tcfg.compile)
     optimizer = make_optimizer(model, tcfg, world.device)
     scaler = torch.amp.GradScaler(world.device.type, enabled=dtype == torch.float16)
     samplers = Each({

@@ -6,8 +6,8 @@ Each row is `gpt train` itself for one step under torchrun with 2 gloo processes
 float32, batch 1 of 256 tokens. "Before" is the `gpt` package of another commit (`--before`,
 one that predates sharded loading), extracted with `git archive` and run the same way. Each
 process records its peak resident memory (VmHWM of /proc/self/status) when the run's setup
-returns, the model built and loaded, and at exit, after the step and the final checkpoint
-(whose weights rank 0 gathers whole).
+starts (the imports done) and returns (the model built and loaded), and at exit, after the
+step and the final checkpoint (whose weights rank 0 gathers whole).
 
     python scripts/bench_sharded_load.py --before COMMIT [--write-docs]
 
@@ -51,7 +51,7 @@ def peak_rss() -> int:
 
 def rank_of_run(out: Path, argv: list[str]) -> None:
     """One torchrun process: `gpt argv` (from the `gpt` that PYTHONPATH finds) with its peak
-    memory recorded into `out` when setup_run returns and at exit."""
+    memory recorded into `out` as setup_run starts (imports done) and returns, and at exit."""
     import gpt.train
     from gpt.cli import main
 
@@ -65,6 +65,7 @@ def rank_of_run(out: Path, argv: list[str]) -> None:
     setup = gpt.train.setup_run
 
     def setup_and_note(*args: object, **kwargs: object) -> object:
+        note("start")
         run = setup(*args, **kwargs)  # type: ignore[arg-type]
         note("loaded")
         return run
@@ -81,8 +82,9 @@ def extract(commit: str, into: Path) -> Path:
         tar = subprocess.run(["git", "-C", str(ROOT), "archive", commit, "gpt"],
                              capture_output=True, check=True).stdout
     except subprocess.CalledProcessError as e:
-        raise SystemExit(f"--before {commit}: git archive failed "
-                         f"({e.stderr.decode().strip()}); pass a commit of this repository")
+        why = e.stderr.decode().strip()
+        raise SystemExit(f"--before {commit}: git archive failed ({why}); pass a commit of "
+                         "this repository") from None
     with tarfile.open(fileobj=BytesIO(tar)) as archive:
         archive.extractall(into, filter="data")
     return into
@@ -135,17 +137,20 @@ def main() -> None:
                 peaks = run(trees[name], work / tag, work, extra)
                 rows.append([start_from, "sharded (now)" if name == "now" else "whole, then "
                              "sharded (before)",
-                             *(f"{p['loaded'] / MiB:,.0f} MiB" for p in peaks),
+                             *(f"{p['start'] / MiB:,.0f} → {p['loaded'] / MiB:,.0f} MiB"
+                               for p in peaks),
                              *(f"{p['exit'] / MiB:,.0f} MiB" for p in peaks)])
                 print(" | ".join(rows[-1]), flush=True)
     table = docs.markdown_table(
-        ["start", "loading", "rank 0, built", "rank 1, built", "rank 0, whole run",
+        ["start", "loading", "rank 0, setup", "rank 1, setup", "rank 0, whole run",
          "rank 1, whole run"], rows)
     print(table)
-    notes = [f"peak resident memory (VmHWM) of each of 2 gloo processes, when the setup returns "
-             f"(built) and at exit (whole run: one step of batch 1 x 256 tokens and the final "
-             f"checkpoint, whose weights rank 0 gathers whole); GPT-2-124M shape (12 x 768, "
-             f"GPT-2's vocabulary), float32; 'before' is commit {args.before}"]
+    notes = ["peak resident memory (VmHWM) of each of 2 gloo processes: setup, as the run's "
+             "setup starts (imports done) → as it returns (the model built and loaded); whole "
+             "run, at exit (one step of batch 1 x 256 tokens, then the final checkpoint, whose "
+             "weights rank 0 gathers whole); mapped file pages count too",
+             f"GPT-2-124M shape (12 x 768, GPT-2's vocabulary), float32; 'before' is the gpt "
+             f"of commit {args.before}"]
     docs.publish(doc, "bench-sharded-load", [table], load_before, notes)
 
 

@@ -9,11 +9,9 @@ run never need the hub again.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,13 +56,9 @@ class Pretrained:
         """A run config holding the model; every other section at its defaults."""
         return RunConfig(model=self.model)
 
-    def weights_for(self, config: ModelConfig) -> contextlib.AbstractContextManager[Weights]:
+    def weights_for(self, config: ModelConfig) -> Weights:
         """The weights as ours name them, read by slices from the safetensors files, in float32,
         for a model of `config`, which may have fewer positions (a shorter context)."""
-        return self._weights(config.block_size)
-
-    @contextlib.contextmanager
-    def _weights(self, block_size: int) -> Iterator[Weights]:
         from gpt.hf.convert import hf_names, hf_rows, our_shapes
 
         folder = self.folder if self.repo is None else _download(self.repo, self.path, HUB_WEIGHTS)
@@ -75,23 +69,22 @@ class Pretrained:
         def misfit(detail: str) -> GPTError:
             return GPTError(f"{self.path}: weights do not fit the model ({detail})")
 
-        with SafetensorsFiles(_safetensors_files(folder, self.path), damaged) as files:
-            names = hf_names(self.model, files.shapes, lambda name: files.read(name, slice(None)))
-            shapes = {key: tuple(shape) for key, shape in our_shapes(self.model).items()}
-            if "transformer.wpe.weight" in shapes:  # (T, C): the first block_size positions
-                positions = shapes["transformer.wpe.weight"]
-                shapes["transformer.wpe.weight"] = (min(block_size, positions[0]), positions[1])
+        files = SafetensorsFiles(_safetensors_files(folder, self.path), damaged)
+        names = hf_names(self.model, files.shapes, lambda name: files.read(name, slice(None)))
+        shapes = {key: tuple(shape) for key, shape in our_shapes(self.model).items()}
+        if "transformer.wpe.weight" in shapes:  # (T, C): the first block_size positions
+            positions = shapes["transformer.wpe.weight"]
+            shapes["transformer.wpe.weight"] = (min(config.block_size, positions[0]), positions[1])
 
-            def read(key: str, rows: slice) -> torch.Tensor:
-                return hf_rows(self.model, key, names[key], files.shapes, files.read, rows).float()
+        def read(key: str, rows: slice) -> torch.Tensor:
+            return hf_rows(self.model, key, names[key], files.shapes, files.read, rows).float()
 
-            yield Weights(shapes, read, misfit)
+        return Weights(shapes, read, misfit)
 
     def load_into(self, model: GPT) -> None:
         """Copy the weights into `model` (whole, or each process's rows of a sharded one),
         which may have fewer positions (a shorter context)."""
-        with self.weights_for(model.config) as weights:
-            weights.load_into(model)
+        self.weights_for(model.config).load_into(model)
 
     def load_model(self, device: str | torch.device = "cpu") -> GPT:
         """The model, in eval mode, on `device`."""
