@@ -16,6 +16,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import transformers
 from safetensors.torch import save_file
+from test_parallel import NO_DROPOUT, STEPS, assert_close_losses, losses, one_process
 
 from gpt.checkpoint import Checkpoint, load_weights, load_with_chat_tokens
 from gpt.config import ModelConfig
@@ -276,3 +277,17 @@ def test_a_checkpoint_of_another_shape_is_named_in_one_message(tmp_path: Path) -
         untied = config(pos_embedding="rope", tie_embeddings=False)
         save_checkpoint(tmp_path / "rope", perturbed(untied))
         load_weights(tmp_path / "rope", GPT(config(tie_embeddings=False)))
+
+
+@pytest.mark.slow
+def test_an_fsdp_finetune_of_a_checkpoint_gives_the_losses_of_one_process(
+    tiny_run: Path, torchrun: Callable[..., None]
+) -> None:
+    """`gpt train` end to end: init_from a checkpoint, read by slices under FSDP, trains as the
+    same finetune in one process, to float rounding."""
+    common = [*STEPS, *NO_DROPOUT]
+    one_process(*common, "--set", "train.max_iters=2", "--set", "train.out_dir=base")
+    finetune = [*common, "--set", "train.max_iters=4", "--set", "train.init_from=base"]
+    one_process(*finetune, "--set", "train.out_dir=one")
+    torchrun(*finetune, "--set", "train.parallel=fsdp", "--set", "train.out_dir=two")
+    assert_close_losses(losses(tiny_run / "one"), losses(tiny_run / "two"))
