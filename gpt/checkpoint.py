@@ -36,8 +36,8 @@ are gpt/layout.py's.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import errno
+import functools
 import json
 import os
 import pickle
@@ -45,16 +45,16 @@ import random
 import re
 import shutil
 import warnings
-from collections.abc import Collection, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from gpt.config import RunConfig, from_dict
+from gpt.config import ModelConfig, RunConfig, from_dict
 from gpt.errors import GPTError, first_line
 from gpt.fileio import fsync_dir, new_file_mode, sha256_file, write_failure
 from gpt.layout import (
@@ -72,7 +72,7 @@ from gpt.layout import (
 )
 from gpt.lora import LoRA, add_adapters, is_adapter_key, merge_adapters, weights_sha256
 from gpt.model import GPT
-from gpt.parallel import Dist, unwrap
+from gpt.parallel import Dist, fill_rows, unwrap
 from gpt.tokenizer import CHAT_TOKENS, tokenizer_from_dict
 
 if TYPE_CHECKING:
@@ -242,35 +242,94 @@ def read_state(ckpt: Path) -> dict[str, Any]:
     return state
 
 
-def load_weights(ckpt: Path, model: torch.nn.Module, adapters: bool = False) -> None:
-    """Load model.safetensors into `model` (re-tying a tied head); with `adapters`, a LoRA
-    checkpoint's, which holds only the adapters of a model that carries them."""
-    model = unwrap(model)
+class SafetensorsFiles:
+    """safetensors files read in parts: every tensor's shape, and any slice of one, which is all
+    that is read; so a process reads its rows of a model, never the whole. Each read maps the
+    file only while it copies the slice out, so no more than one tensor's pages count in the
+    process's memory at a time. A file that cannot be parsed is refused with
+    `damaged(path, error)`."""
+
+    def __init__(self, paths: Sequence[Path],
+                 damaged: Callable[[Path, Exception], GPTError]) -> None:
+        self.damaged = damaged
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        self._path: dict[str, Path] = {}  # key -> the file that holds it
+        for path in paths:
+            with self._open(path) as file:
+                for key in file.keys():
+                    self._path[key] = path
+                    self.shapes[key] = tuple(file.get_slice(key).get_shape())
+
+    @contextlib.contextmanager
+    def _open(self, path: Path) -> Iterator[Any]:
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as file:
+                yield file
+        except GPTError:
+            raise
+        except Exception as e:
+            raise self.damaged(path, e) from None
+
+    def read(self, key: str, index: slice | tuple[slice, ...]) -> torch.Tensor:
+        """`tensor[index]` of tensor `key`, a copy read from its file alone."""
+        with self._open(self._path[key]) as file:
+            return file.get_slice(key)[index]
+
+
+@dataclass(frozen=True)
+class Weights:
+    """A start's weights as our keys name them (a tied head left out), read by rows: each one's
+    shape, and `read(key, rows)`, its rows [start:stop] in float32. A weight that does not fit
+    the model is refused with `misfit(detail)`, the message of the start's kind."""
+
+    shapes: Mapping[str, tuple[int, ...]]
+    read: Callable[[str, slice], torch.Tensor]
+    misfit: Callable[[str], GPTError]
+
+    def load_into(self, model: torch.nn.Module, keep: Callable[[str], bool] | None = None) -> None:
+        """Check the weights against `model`'s (those whose key `keep` keeps), then copy each
+        in: a sharded model's processes read only the rows they hold (`fill_rows`)."""
+        model = unwrap(model)
+        params = {k: p for k, p in model.named_parameters(remove_duplicate=False)
+                  if keep is None or keep(k)}
+        for key, shape in self.shapes.items():
+            if key in params and shape != tuple(params[key].shape):
+                raise self.misfit(f"{key}: {shape} saved, {tuple(params[key].shape)} expected")
+        tied = "lm_head.weight" if model.config.tie_embeddings else None
+        missing = [k for k in params if k not in self.shapes and k != tied]
+        unexpected = [k for k in self.shapes if k not in params]
+        if missing or unexpected:
+            raise self.misfit(f"missing {missing[:3]}, unexpected {unexpected[:3]}")
+        for key, param in params.items():
+            if key in self.shapes:
+                fill_rows(param, functools.partial(self.read, key))
+
+
+def open_weights(ckpt: Path) -> Weights:
+    """The checkpoint's model.safetensors, to be read by rows."""
     path = ckpt / WEIGHTS
-    try:
-        weights = load_file(str(path))
-    except Exception as e:
-        raise GPTError(
-            f"{path} is damaged ({first_line(e, 120)}); {_another_checkpoint(ckpt)}"
-        ) from None
-    expected = model.state_dict()
-    if adapters:  # the base's weights are in already
-        expected = {k: v for k, v in expected.items() if is_adapter_key(k)}
-    for key, tensor in weights.items():  # load_state_dict would raise a page of these
-        if key in expected and tensor.shape != expected[key].shape:
-            raise GPTError(
-                f"{path} does not fit the model that {ckpt / 'state.json'} describes ({key}: "
-                f"{tuple(tensor.shape)} saved, {tuple(expected[key].shape)} expected): its "
-                f"config was edited or belongs to other weights; {_another_checkpoint(ckpt)}"
-            )
-    missing, unexpected = model.load_weights(weights)
-    missing = [k for k in missing if k in expected]
-    unexpected += [k for k in weights if k not in expected and k not in unexpected]
-    if missing or unexpected:
-        raise GPTError(
-            f"{path} does not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]}); "
-            f"{_another_checkpoint(ckpt)}"
+    again = lambda: _another_checkpoint(ckpt)  # noqa: E731  (only when it fails)
+
+    def damaged(_: Path, e: Exception) -> GPTError:
+        return GPTError(f"{path} is damaged ({first_line(e, 120)}); {again()}")
+
+    def misfit(detail: str) -> GPTError:
+        return GPTError(
+            f"{path} does not fit the model that {ckpt / STATE} describes ({detail}): its "
+            f"config was edited or belongs to other weights; {again()}"
         )
+
+    files = SafetensorsFiles([path], damaged)
+    return Weights(files.shapes, lambda key, rows: files.read(key, rows).float(), misfit)
+
+
+def load_weights(ckpt: Path, model: torch.nn.Module, adapters: bool = False) -> None:
+    """Load model.safetensors into `model` (whole, or each process's rows of a sharded one);
+    with `adapters`, a LoRA checkpoint's, which holds only the adapters of a model that
+    carries them."""
+    open_weights(ckpt).load_into(model, is_adapter_key if adapters else None)
 
 
 VOCABULARY_KEYS = ("vocab_size", "padded_vocab_size")  # what adding the chat tokens grows
@@ -281,22 +340,36 @@ def load_with_chat_tokens(start: Checkpoint | Pretrained, model: GPT) -> None:
     tokens (a finetune that adds them): their rows begin as the mean of the start's token rows,
     so the new tokens start as an average token rather than at random; new padding rows are
     zero (not `model`'s own initialisation, so that a LoRA finetune's base hashes the same at
-    every load)."""
-    saved = start.config.model
-    base = GPT(dataclasses.replace(
-        model.config, **{key: getattr(saved, key) for key in VOCABULARY_KEYS}
-    ))
-    start.load_into(base)
+    every load). Each process reads only its rows (the mean reads one table's token rows)."""
     tokens = tokenizer_from_dict(start.tokenizer).vocab_size
-    state = base.state_dict()
-    own = model.state_dict()
-    for key in ("transformer.wte.weight", "lm_head.weight"):  # (vocab, C) both
-        rows = state[key]
-        grown = torch.zeros_like(own[key])
-        grown[: len(rows)] = rows
-        grown[tokens: tokens + len(CHAT_TOKENS)] = rows[:tokens].mean(dim=0)
-        state[key] = grown
-    model.load_weights(state)
+    vocab = model.config.padded_vocab_size
+    assert vocab is not None
+    _with_chat_token_rows(start.weights_for(model.config), tokens, vocab).load_into(model)
+
+
+def _with_chat_token_rows(weights: Weights, tokens: int, vocab: int) -> Weights:
+    """`weights` with the embedding and head (vocab, C) grown to `vocab` rows: the chat tokens'
+    (ids tokens, tokens + 1) the mean of the first `tokens` rows, the others past the saved
+    rows zero."""
+    tables = ("transformer.wte.weight", "lm_head.weight")
+    shapes = {k: (vocab, *shape[1:]) if k in tables else shape
+              for k, shape in weights.shapes.items()}
+
+    def read(key: str, rows: slice) -> torch.Tensor:
+        if key not in tables:
+            return weights.read(key, rows)
+        saved = weights.shapes[key]
+        grown = torch.zeros(rows.stop - rows.start, *saved[1:])  # (rows, C)
+        kept = max(min(rows.stop, saved[0]) - rows.start, 0)
+        if kept:
+            grown[:kept] = weights.read(key, slice(rows.start, rows.start + kept))
+        chat = range(max(rows.start, tokens), min(rows.stop, tokens + len(CHAT_TOKENS)))
+        if chat:
+            mean = weights.read(key, slice(0, tokens)).mean(dim=0)  # (C,)
+            grown[chat.start - rows.start: chat.stop - rows.start] = mean
+        return grown
+
+    return Weights(shapes, read, weights.misfit)
 
 
 def _another_checkpoint(damaged: Path) -> str:
@@ -447,9 +520,14 @@ class Checkpoint:
         for a checkpoint that holds every weight."""
         return self.state.get("lora")
 
+    def weights_for(self, config: ModelConfig) -> Weights:
+        """The checkpoint's weights, read by rows (a model of `config` must have its shape)."""
+        return open_weights(self.path)
+
     def load_into(self, model: GPT) -> None:
-        """Copy the checkpoint's weights into `model` (built from its config): a LoRA
-        finetune's base with its adapters merged in, so that `model` stays a plain GPT."""
+        """Copy the checkpoint's weights into `model` (built from its config; whole, or
+        sharded: each process reads its rows): a LoRA finetune's base with its adapters merged
+        in, so that `model` stays a plain GPT."""
         if self.lora is None:
             load_weights(self.path, model)
             return

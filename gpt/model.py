@@ -11,7 +11,7 @@ Parameter names follow GPT-2 / nanoGPT (`wte`, `wpe`, `h`, `ln_1`, `attn.c_attn`
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from functools import partial
 
 import torch
@@ -112,9 +112,16 @@ class Attention(nn.Module):
         self.manual = config.attention == "manual"
         self.rope = config.pos_embedding == "rope" and causal
         self.qk_norm_eps = config.norm_eps if config.qk_norm else None
+        self.block_size = config.block_size
         if self.manual and causal:
-            mask = torch.ones(config.block_size, config.block_size, dtype=torch.bool).tril()
-            self.register_buffer("mask", mask, persistent=False)
+            self.register_buffer("mask", None, persistent=False)
+            self.init_buffers()
+
+    def init_buffers(self) -> None:
+        """The causal mask of manual attention (not saved: computed where the model is)."""
+        if self.manual and self.causal:
+            T = self.block_size
+            self.mask = torch.ones(T, T, dtype=torch.bool).tril().to(self.c_attn.weight.device)
 
     def forward(
         self,
@@ -293,43 +300,82 @@ class GPT(nn.Module):
         if config.pos_embedding == "learned":
             self.transformer["wpe"] = nn.Embedding(config.block_size, config.n_embd)
         else:
-            cos, sin = rope_cache(config.block_size, config.head_dim, config.rope_base)
-            self.register_buffer("rope_cos", cos, persistent=False)
-            self.register_buffer("rope_sin", sin, persistent=False)
+            self.register_buffer("rope_cos", None, persistent=False)
+            self.register_buffer("rope_sin", None, persistent=False)
         if config.norm_position == "pre":
             self.transformer["ln_f"] = make_norm(config)
         self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.transformer.wte.weight  # one Parameter, not a copy
-        self.apply(self._init_weights)
-        self.init_residual_projections()
+        self.init_buffers()
+        self.init_weights()
 
-    def _init_weights(self, module: nn.Module) -> None:
-        """GPT-2 initialisation: every Linear and Embedding weight ~ N(0, 0.02), biases zero.
+    def init_buffers(self) -> None:
+        """The buffers that are not saved (rotary tables, manual attention's mask), computed
+        on the CPU and placed where the weights are: after a model built on the meta device
+        is materialised (`to_empty`), they are computed again."""
+        device = self.transformer.wte.weight.device
+        if "wpe" not in self.transformer:
+            cos, sin = rope_cache(self.config.block_size, self.config.head_dim,
+                                  self.config.rope_base)  # (T, hs/2) each
+            self.rope_cos, self.rope_sin = cos.to(device), sin.to(device)
+        for module in self.modules():
+            if isinstance(module, Attention):
+                module.init_buffers()
 
-        Norm weights start at one (their constructors). `init_residual_projections` then sets
-        the projections that write into the residual stream (attention, cross-attention and MLP
-        `c_proj`): N(0, 0.02 / sqrt(2 * n_layer)) so that the stream's variance does not grow
-        with depth, or zero with `zero_init_proj` (modded-nanogpt, nanochat) so that every
-        block starts as the identity and each sublayer's output grows from nothing.
+    def init_weights(self) -> None:
+        """Draw every weight (`init_steps`), in place."""
+        with torch.no_grad():
+            for name, init in self.init_steps():
+                init(self.get_parameter(name))
+
+    def init_steps(self) -> Iterator[tuple[str, Callable[[Tensor], Tensor]]]:
+        """The initialisation, as (parameter name, in-place init) in the order the steps draw
+        from the global RNG; a sharded model draws each whole, in this order, and keeps its rows.
+
+        The layers' constructors drew their own defaults before these steps (nn.Linear's
+        and nn.Embedding's `reset_parameters`): the steps overwrite them, but they moved the
+        RNG, so a model built on the meta device replays them first (`draw_as_constructed`).
+
+        GPT-2's scheme: every Linear and Embedding weight ~ N(0, 0.02), biases zero, norm
+        weights one (a tied head is drawn twice, as the embedding then as the head: the head's
+        draw stays). Then the projections that write into the residual stream (attention,
+        cross-attention and MLP `c_proj`) again: N(0, 0.02 / sqrt(2 * n_layer)) so that the
+        stream's variance does not grow with depth, or zero with `zero_init_proj`
+        (modded-nanogpt, nanochat) so that every block starts as the identity and each
+        sublayer's output grows from nothing.
         """
-        if isinstance(module, nn.Linear):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
-
-    def init_residual_projections(self) -> None:
-        """The residual-stream writers' weights: scaled down by depth, or zero (see above)."""
+        normal = partial(nn.init.normal_, mean=0.0, std=0.02)
+        for prefix, module in self.named_modules(prefix="", remove_duplicate=False):
+            at = f"{prefix}." if prefix else ""
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                yield f"{at}weight", normal
+            elif isinstance(module, (nn.LayerNorm, RMSNorm)):
+                yield f"{at}weight", nn.init.ones_
+            if isinstance(module, (nn.Linear, nn.LayerNorm)) and module.bias is not None:
+                yield f"{at}bias", nn.init.zeros_
         std = 0.02 / math.sqrt(2 * self.config.n_layer)
-        for name, param in self.named_parameters():
-            if not name.endswith("c_proj.weight"):
-                continue
-            if self.config.zero_init_proj:
-                nn.init.zeros_(param)
-            else:
-                nn.init.normal_(param, mean=0.0, std=std)
+        projection = nn.init.zeros_ if self.config.zero_init_proj else partial(
+            nn.init.normal_, mean=0.0, std=std)
+        for name, _ in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                yield name, projection
+
+    @staticmethod
+    def draw_as_constructed(config: ModelConfig) -> None:
+        """Draw from the global RNG what GPT(config)'s layer constructors draw, one layer at a
+        time on the CPU, and drop it: a model built on the meta device draws nothing, so this
+        puts its `init_steps` on the stream they take in GPT(config)."""
+        with torch.device("meta"):
+            twin = GPT(config)
+        for module in twin.modules():  # the order they are constructed in
+            shapes = {name: p.shape for name, p in module.named_parameters(recurse=False)}
+            if shapes and hasattr(module, "reset_parameters"):
+                for name, shape in shapes.items():  # plain CPU tensors, freed after the draw
+                    setattr(module, name, nn.Parameter(torch.empty(shape), requires_grad=False))
+                module.reset_parameters()
+                for name in shapes:
+                    setattr(module, name, None)
 
     def forward(
         self,

@@ -33,7 +33,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from gpt.config import SHARDED, TrainConfig
+from gpt.config import SHARDED, ModelConfig, TrainConfig
 from gpt.errors import GPTError
 from gpt.layout import OPTIMIZER, Rows, optimizer_file
 from gpt.model import GPT
@@ -113,13 +113,26 @@ class Dist:
 
     # the model and its state in this layout
 
-    def wrap(self, model: GPT, compile_model: bool, dtype: torch.dtype) -> nn.Module:
-        """Place `model` for this layout (FSDP: sharded in place, block by block; else moved to
-        the device whole) and return what the training step calls: compiled when asked, and
+    def build(self, config: ModelConfig, dtype: torch.dtype, draw: bool = True) -> GPT:
+        """The model with its initial weights: whole, on the CPU; or under FSDP built on the
+        meta device, sharded, materialised on the device and its rows drawn (`init_rows`; not
+        `draw`n when a start's weights fill them), so that no process holds it whole."""
+        if not self.sharded:
+            return GPT(config)
+        with torch.device("meta"):
+            model = GPT(config)
+        shard(model, self.device, dtype, self.replicas)
+        model.to_empty(device=self.device)
+        model.init_buffers()
+        if draw:
+            init_rows(model)
+        return model
+
+    def wrap(self, model: GPT, compile_model: bool) -> nn.Module:
+        """Place `model` for this layout (FSDP: sharded by `build` already; else moved to the
+        device whole) and return what the training step calls: compiled when asked, and
         DDP-wrapped across several processes."""
-        if self.sharded:
-            shard(model, self.device, dtype, self.replicas)
-        else:
+        if not self.sharded:
             model.to(self.device)
         trained: nn.Module = torch.compile(model) if compile_model else model
         if self.world_size > 1 and not self.sharded:
@@ -290,9 +303,9 @@ def shard(model: GPT, device: torch.device, dtype: torch.dtype, replicas: int = 
     every process, or as HSDP over a 2-D mesh of `replicas` groups (rows of the mesh: replica r
     is ranks r * S to r * S + S - 1) that each shard over their S processes.
 
-    The model may still be on the CPU: fully_shard moves one block at a time to `device` and
-    keeps its rows there, so a GPU never holds the whole model. With a compute dtype below
-    float32, the weights are gathered in it and the gradients reduced in float32 (a
+    The model is on the meta device (`Dist.build`): fully_shard splits its parameters' shapes
+    and `to_empty` then allocates only this process's rows on `device`. With a compute dtype
+    below float32, the weights are gathered in it and the gradients reduced in float32 (a
     MixedPrecisionPolicy, instead of autocast); the sharded weights and the optimizer state
     stay float32.
     """
@@ -309,6 +322,28 @@ def shard(model: GPT, device: torch.device, dtype: torch.dtype, replicas: int = 
     for block in model.transformer.h:
         fully_shard(block, **options)
     fully_shard(model, **options)
+
+
+def init_rows(model: GPT) -> None:
+    """GPT's initialisation (`GPT.init_steps`) on a sharded model: each step draws its
+    parameter whole on the CPU, from the global RNG as one process does, and keeps this
+    process's rows; the weights are bitwise GPT(config)'s, and at most one parameter is whole."""
+    GPT.draw_as_constructed(model.config)
+    for name, init in model.init_steps():
+        param = model.get_parameter(name)
+        whole = torch.empty(param.shape)  # float32 on the CPU, where GPT(config) draws it
+        init(whole)
+        fill_rows(param, whole.__getitem__)
+
+
+def fill_rows(param: torch.Tensor, read: Callable[[slice], torch.Tensor]) -> None:
+    """Copy into `param` the rows this process holds (all of a whole parameter), as
+    `read(rows)` gives them: a sharded model is filled without reading any weight whole."""
+    held = rows_of(param)
+    start, stop = held if held is not None else (0, param.shape[0])
+    local = param.to_local() if held is not None else param  # type: ignore[attr-defined]
+    with torch.no_grad():
+        local.copy_(read(slice(start, stop)))
 
 
 def clip_grad_norm(model: nn.Module, max_norm: float) -> torch.Tensor:

@@ -134,12 +134,13 @@ def setup_run(cfg: RunConfig, resume: bool, world: Dist, dtype: torch.dtype) -> 
     torch.manual_seed(tcfg.seed)
     random.seed(tcfg.seed)
     np.random.seed(tcfg.seed % 2**32)  # numpy's takes 32 bits: the same seed for all that fit
-    model = GPT(cfg.model)  # the same initial weights on every rank
+    # the same initial weights on every rank (under FSDP, each rank's rows of them)
+    model = world.build(cfg.model, dtype, draw=begin.weights is None)
     model.activation_checkpointing = tcfg.activation_checkpointing
     world.seed(tcfg.seed)
     lora = None
     if (start := begin.weights) is not None:
-        lora = load_start(begin, model)  # whole, before any sharding: one file, every layout
+        lora = load_start(begin, model)  # one file, every layout: FSDP reads each rank's rows
         world.print0(f"resuming from {start.path} (iteration {start.state['iter']})"
                      if begin.resumed else f"initialised from {start.path} ({_finetune(model)})")
         if begin.adds_chat_tokens:
@@ -147,7 +148,7 @@ def setup_run(cfg: RunConfig, resume: bool, world: Dist, dtype: torch.dtype) -> 
             world.print0(f"added the chat tokens {' and '.join(added['tokens'])} as ids "
                          f"{added['ids'][0]} and {added['ids'][1]}: their rows begin as "
                          f"{added['rows']}")
-    trained = world.wrap(model, tcfg.compile, dtype)
+    trained = world.wrap(model, tcfg.compile)
     optimizer = make_optimizer(model, tcfg, world.device)
     scaler = torch.amp.GradScaler(world.device.type, enabled=dtype == torch.float16)
     samplers = Each({

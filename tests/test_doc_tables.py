@@ -52,6 +52,10 @@ def test_performance_page_holds_each_benchmark_block(name: str) -> None:
     assert doc_tables.marker_problem(ROOT / "docs" / "performance.md", name) is None
 
 
+def test_training_page_holds_the_sharded_loading_benchmark_block() -> None:
+    assert doc_tables.marker_problem(ROOT / "docs" / "training.md", "bench-sharded-load") is None
+
+
 def test_finetuning_page_holds_the_lora_benchmark_block() -> None:
     assert doc_tables.marker_problem(ROOT / "docs" / "finetuning.md", "bench-lora") is None
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -389,7 +389,7 @@ def _from_hf_tensors(config: ModelConfig, key: str, values: list[Tensor]) -> Ten
     return torch.cat(values, dim=0) if len(values) > 1 else values[0]
 
 
-def _our_shapes(config: ModelConfig) -> dict[str, torch.Size]:
+def our_shapes(config: ModelConfig) -> dict[str, torch.Size]:
     """Our state dict's keys and shapes, a tied head left out; from a model on the meta device,
     which allocates nothing."""
     with torch.device("meta"):
@@ -417,39 +417,49 @@ def weights_from_hf(config: ModelConfig, hf_state: Mapping[str, Tensor]) -> dict
     """An HF GPT-2, Llama or Qwen3 state dict (keys with or without the transformer./model.
     prefix) -> ours for `config`, a tied head left out: load it with
     `GPT(config).load_state_dict`. Qwen3's QK-norm gains must be ones, as ours has none."""
+    shapes = {key: tuple(value.shape) for key, value in hf_state.items()}
+    return {key: _from_hf_tensors(config, key, [hf_state[n] for n in names]).contiguous()
+            for key, names in hf_names(config, shapes, hf_state.__getitem__).items()}
+
+
+def hf_names(
+    config: ModelConfig, hf_shapes: Mapping[str, tuple[int, ...]], read: Callable[[str], Tensor]
+) -> dict[str, list[str]]:
+    """Our keys for `config` (a tied head left out) -> the HF keys, as `hf_shapes` names them,
+    that hold each; every shape checked, and Qwen3's QK-norm gains, read whole with `read`,
+    checked to be ones. Reads no weight: `hf_rows` then reads each one's rows."""
     check_hf_compatible(config)
     buffers = _GPT2_BUFFERS if config.pos_embedding == "learned" else _LLAMA_BUFFERS
-    given = {_hf_prefixed(config, key): key for key in hf_state if not key.endswith(buffers)}
+    given = {_hf_prefixed(config, key): key for key in hf_shapes if not key.endswith(buffers)}
     if config.tie_embeddings:
         given.pop("lm_head.weight", None)  # HF ties it to the embedding, as we do
-    state: dict[str, Tensor] = {}
+    found: dict[str, list[str]] = {}
     missing: list[str] = []
-    for key, shape in _our_shapes(config).items():
+    for key, shape in our_shapes(config).items():
         names = _hf_keys(config, key)
         absent = [name for name in names if name not in given]
         if absent:
             missing += absent
             continue
-        values = [hf_state[given.pop(name)] for name in names]
+        found[key] = [given.pop(name) for name in names]
         wanted = _to_hf_tensors(config, key, torch.empty(shape, device="meta"))
-        for name, value, want in zip(names, values, wanted, strict=True):
-            if value.shape != want.shape:
+        for name, stored, want in zip(names, found[key], wanted, strict=True):
+            if hf_shapes[stored] != tuple(want.shape):
                 raise GPTError(
-                    f"HF weight {name} has shape {tuple(value.shape)}, but the {_family(config)} "
+                    f"HF weight {name} has shape {hf_shapes[stored]}, but the {_family(config)} "
                     f"config needs {tuple(want.shape)}; pass the config of these weights"
                 )
-        state[key] = _from_hf_tensors(config, key, values).contiguous()
     for name, one in _qk_norm_gains(config, torch.float32).items():
         if name not in given:
             missing.append(name)
             continue
-        gain = hf_state[given.pop(name)]
-        if gain.shape != one.shape:
+        stored = given.pop(name)
+        if hf_shapes[stored] != tuple(one.shape):
             raise GPTError(
-                f"HF weight {name} has shape {tuple(gain.shape)}, but the {_family(config)} "
+                f"HF weight {name} has shape {hf_shapes[stored]}, but the {_family(config)} "
                 f"config needs {tuple(one.shape)}; pass the config of these weights"
             )
-        if not torch.equal(gain.float(), one):
+        if not torch.equal(read(stored).float(), one):
             raise GPTError(f"HF weight {name} is not all ones: gpt's QK-norm learns no gain; "
                            "gpt cannot convert this model")
     if missing or given:
@@ -457,7 +467,28 @@ def weights_from_hf(config: ModelConfig, hf_state: Mapping[str, Tensor]) -> dict
             f"HF weights do not fit the {_family(config)} config: missing {_few(missing)}; "
             f"unexpected {_few(list(given.values()))}; pass the weights the config describes"
         )
-    return state
+    return found
+
+
+def hf_rows(
+    config: ModelConfig, key: str, names: list[str], hf_shapes: Mapping[str, tuple[int, ...]],
+    read: Callable[[str, Any], Tensor], rows: slice,
+) -> Tensor:
+    """Rows [start:stop] of our weight `key`, read by slices (`read(name, index)`) from the HF
+    tensors `names` (`hf_names`): GPT-2's Conv1D weights are the transpose of the columns
+    [start:stop]; Llama's fused q, k and v rows come from each of the three where they fall."""
+    if config.pos_embedding == "learned" and key.endswith(_GPT2_CONV1D):
+        return read(names[0], (slice(None), rows)).t()  # Conv1D: (in, out)
+    parts, first = [], 0
+    for name in names:  # the row-wise concatenation of `_from_hf_tensors`
+        size = hf_shapes[name][0]
+        lo, hi = max(rows.start - first, 0), min(rows.stop - first, size)
+        if hi > lo:
+            parts.append(read(name, slice(lo, hi)))
+        first += size
+    if not parts:  # a process that holds none of its rows
+        return read(names[0], slice(0, 0))
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
 
 
 def weights_to_hf(config: ModelConfig, state: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -465,7 +496,7 @@ def weights_to_hf(config: ModelConfig, state: Mapping[str, Tensor]) -> dict[str,
     Qwen3ForCausalLM name them, Qwen3's QK-norm gains at one), contiguous; the head only when
     untied."""
     check_hf_compatible(config)
-    shapes = _our_shapes(config)
+    shapes = our_shapes(config)
     extra = [k for k in state if k not in shapes and not (k == "lm_head.weight" and
                                                           config.tie_embeddings)]
     missing = [k for k in shapes if k not in state]

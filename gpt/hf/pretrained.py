@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from gpt.checkpoint import Checkpoint
+from gpt.checkpoint import Checkpoint, SafetensorsFiles, Weights
 from gpt.config import RUNTIME_MODEL_KEYS, ModelConfig, RunConfig, fit_vocabulary
 from gpt.errors import GPTError, first_line
 from gpt.fileio import MiB, TooLargeError, open_regular, read_bounded
@@ -56,26 +56,35 @@ class Pretrained:
         """A run config holding the model; every other section at its defaults."""
         return RunConfig(model=self.model)
 
-    def weights(self) -> dict[str, torch.Tensor]:
-        """Our state dict of the model's weights, in float32."""
-        from gpt.hf.convert import weights_from_hf
+    def weights_for(self, config: ModelConfig) -> Weights:
+        """The weights as ours name them, read by slices from the safetensors files, in float32,
+        for a model of `config`, which may have fewer positions (a shorter context)."""
+        from gpt.hf.convert import hf_names, hf_rows, our_shapes
 
         folder = self.folder if self.repo is None else _download(self.repo, self.path, HUB_WEIGHTS)
-        state = weights_from_hf(self.model, _read_safetensors(folder, self.path))
-        return {k: v.float() for k, v in state.items()}
+
+        def damaged(path: Path, e: Exception) -> GPTError:
+            return GPTError(f"{self.path}: {path} is damaged or missing ({first_line(e, 120)})")
+
+        def misfit(detail: str) -> GPTError:
+            return GPTError(f"{self.path}: weights do not fit the model ({detail})")
+
+        files = SafetensorsFiles(_safetensors_files(folder, self.path), damaged)
+        names = hf_names(self.model, files.shapes, lambda name: files.read(name, slice(None)))
+        shapes = {key: tuple(shape) for key, shape in our_shapes(self.model).items()}
+        if "transformer.wpe.weight" in shapes:  # (T, C): the first block_size positions
+            positions = shapes["transformer.wpe.weight"]
+            shapes["transformer.wpe.weight"] = (min(config.block_size, positions[0]), positions[1])
+
+        def read(key: str, rows: slice) -> torch.Tensor:
+            return hf_rows(self.model, key, names[key], files.shapes, files.read, rows).float()
+
+        return Weights(shapes, read, misfit)
 
     def load_into(self, model: GPT) -> None:
-        """Copy the weights into `model`, which may have fewer positions (a shorter context)."""
-        state = self.weights()
-        wpe = state.get("transformer.wpe.weight")
-        if wpe is not None:
-            state["transformer.wpe.weight"] = wpe[: model.config.block_size]  # (T, C)
-        missing, unexpected = model.load_weights(state)
-        if missing or unexpected:
-            raise GPTError(
-                f"{self.path}: weights do not fit the model (missing {missing[:3]}, "
-                f"unexpected {unexpected[:3]})"
-            )
+        """Copy the weights into `model` (whole, or each process's rows of a sharded one),
+        which may have fewer positions (a shorter context)."""
+        self.weights_for(model.config).load_into(model)
 
     def load_model(self, device: str | torch.device = "cpu") -> GPT:
         """The model, in eval mode, on `device`."""
@@ -219,10 +228,8 @@ def _tokenizer_vocab(record: dict[str, Any]) -> int:
     return tokenizer_from_dict(record).vocab_size
 
 
-def _read_safetensors(folder: Path, spec: str) -> dict[str, torch.Tensor]:
-    """Every tensor of the folder's safetensors files (one file, or the shards of an index)."""
-    from safetensors.torch import load_file
-
+def _safetensors_files(folder: Path, spec: str) -> list[Path]:
+    """The folder's safetensors files (one file, or the shards of an index), each readable."""
     index = folder / "model.safetensors.index.json"
     if index.is_file():
         try:
@@ -240,17 +247,12 @@ def _read_safetensors(folder: Path, spec: str) -> dict[str, torch.Tensor]:
         hint = (f" (it has {pickled[0]}, a pickle, which gpt does not load: re-save it with "
                 "save_pretrained(folder, safe_serialization=True))") if pickled else ""
         raise GPTError(f"{spec}: {folder} holds no *.safetensors weights{hint}")
-    state: dict[str, torch.Tensor] = {}
     for path in files:
         try:
             open_regular(path).close()  # safetensors says "No such file" for an unreadable one
         except OSError as e:
             raise GPTError(f"{spec}: cannot read {path} ({e.strerror}){_FIX_READ}") from None
-        try:
-            state.update(load_file(str(path)))
-        except Exception as e:
-            raise GPTError(f"{spec}: {path} is damaged or missing ({first_line(e, 120)})") from None
-    return state
+    return files
 
 
 def model_from_pretrained(user: ModelConfig, base: ModelConfig, init_from: str) -> ModelConfig:
