@@ -428,7 +428,7 @@ class TrainConfig(_Section):
     parallel: Parallel = _key(
         "ddp",
         "under torchrun, ddp: every process holds the whole model, gradients and optimizer "
-        "state; fsdp: FSDP2 shards all three across the processes (adamw only)",
+        "state; fsdp: FSDP2 shards all three across the processes",
     )
     activation_checkpointing: bool = _key(
         False, "recompute each block in the backward pass: less activation memory, more compute"
@@ -485,12 +485,6 @@ class TrainConfig(_Section):
                 "learning_rate",
                 "must be > 0 with optimizer = \"muon\": muon_lr follows the schedule as a "
                 "multiple of it",
-            )
-        if self.parallel == "fsdp" and self.optimizer == "muon":
-            self._fail(
-                "parallel",
-                "\"fsdp\" shards each weight matrix, which Muon must see whole; use "
-                "optimizer = \"adamw\" with fsdp, or parallel = \"ddp\" with muon",
             )
         self._check_lora()
         if not 0.0 < self.cooldown_fraction <= 1.0:
