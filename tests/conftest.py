@@ -229,12 +229,14 @@ TRANSPORT_FLAKES = ("Connection closed by peer", "Connection reset by peer", "Br
 
 @pytest.fixture
 def torchrun() -> Callable[..., None]:
-    """`torchrun(*args)`: `gpt train --config tiny.toml ARGS` in two gloo processes on a free
-    port (--standalone), so parallel test runs never collide; one thread each."""
+    """`torchrun(*args)`: `gpt train --config tiny.toml ARGS` (or `script ARGS`) in two gloo
+    processes on a free port (--standalone), so parallel test runs never collide; one thread
+    each."""
 
-    def launch(*args: str) -> None:
+    def launch(*args: str, script: Path | None = None) -> None:
+        what = [str(script)] if script else ["-m", "gpt", "train", "--config", "tiny.toml"]
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                   "--nproc_per_node=2", "-m", "gpt", "train", "--config", "tiny.toml", *args]
+                   "--nproc_per_node=2", *what, *args]
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         for attempt in (1, 2):
             done = subprocess.run(command, timeout=300, capture_output=True, text=True, env=env)

@@ -1,11 +1,12 @@
 """Run under torchrun by tests/test_parallel.py: `Muon` on matrices split by rows over a device
-mesh, stepped with given gradients; rank 0 saves the whole weights and momentum buffers of
-each layout to the file named on the command line, for the test to hold against
-torch.optim.Muon on whole tensors."""
+mesh, and torch.optim.Muon on the whole matrices, stepped with the same gradients; rank 0
+saves the whole weights and momentum buffers of each to the file named on the command line."""
 
 from __future__ import annotations
 
+import functools
 import sys
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -19,19 +20,21 @@ SHAPES = [(7, 5), (5, 7), (1, 4), (4, 9), (12, 3)]
 STEPS = 3
 
 
-def inputs() -> tuple[list[torch.Tensor], list[list[torch.Tensor]]]:
-    """The initial weights and each step's gradients, the same in every process and the test."""
-    torch.manual_seed(0)
-    weights = [torch.randn(shape) for shape in SHAPES]
-    return weights, [[torch.randn(shape) for shape in SHAPES] for _ in range(STEPS)]
-
-
-def make(params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
-    """Two groups, to step both of torch's momentum kinds, with weight decay."""
-    return (Muon if params and hasattr(params[0], "device_mesh") else torch.optim.Muon)(
-        [{"params": params[:3]}, {"params": params[3:], "nesterov": False}],
-        lr=0.02, weight_decay=0.1,
-    )
+def stepped(
+    optimizer_class: type[torch.optim.Optimizer], params: list[torch.nn.Parameter],
+    grads: list[list[torch.Tensor]], place: Callable[[torch.Tensor], torch.Tensor],
+) -> dict[str, list[torch.Tensor]]:
+    """The whole weights and momentum buffers after a step with each of `grads` (placed like
+    the weights); two groups, to step both of torch's momentum kinds, with weight decay."""
+    groups = [{"params": params[:3]}, {"params": params[3:], "nesterov": False}]
+    optimizer = optimizer_class(groups, lr=0.02, weight_decay=0.1)
+    for step in grads:
+        for param, grad in zip(params, step, strict=True):
+            param.grad = place(grad)
+        optimizer.step()
+    whole = lambda t: t.full_tensor() if hasattr(t, "full_tensor") else t  # noqa: E731
+    return {"weights": [whole(p.detach()) for p in params],
+            "momentum": [whole(optimizer.state[p]["momentum_buffer"]) for p in params]}
 
 
 def main(out: str) -> None:
@@ -42,19 +45,14 @@ def main(out: str) -> None:
         "hsdp-shards": (init_device_mesh("cpu", (1, world)), [Replicate(), Shard(0)]),
         "hsdp-replicas": (init_device_mesh("cpu", (world, 1)), [Replicate(), Shard(0)]),
     }
-    weights, grads = inputs()
-    saved = {}
+    torch.manual_seed(0)  # the same in every process
+    weights = [torch.randn(shape) for shape in SHAPES]
+    grads = [[torch.randn(shape) for shape in SHAPES] for _ in range(STEPS)]
+    saved = {"torch": stepped(torch.optim.Muon, [torch.nn.Parameter(w.clone()) for w in weights],
+                              grads, torch.clone)}
     for name, (mesh, placements) in layouts.items():
-        params = [torch.nn.Parameter(distribute_tensor(w, mesh, placements)) for w in weights]
-        optimizer = make(params)
-        for step in grads:
-            for param, grad in zip(params, step, strict=True):
-                param.grad = distribute_tensor(grad, mesh, placements)
-            optimizer.step()
-        saved[name] = {
-            "weights": [p.full_tensor() for p in params],
-            "momentum": [optimizer.state[p]["momentum_buffer"].full_tensor() for p in params],
-        }
+        place = functools.partial(distribute_tensor, device_mesh=mesh, placements=placements)
+        saved[name] = stepped(Muon, [torch.nn.Parameter(place(w)) for w in weights], grads, place)
     if dist.get_rank() == 0:
         torch.save(saved, out)
     dist.barrier()
