@@ -282,20 +282,15 @@ def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def rows_of(param: torch.Tensor) -> Rows | None:
-    """The rows of `param` this process holds: None for a whole (unsharded) parameter.
-
-    FSDP2 splits dim 0 as torch.chunk does: ceil(n / N) rows a process, the last ones fewer
-    or none.
-    """
-    from torch.distributed.tensor import DTensor
-
-    if not isinstance(param, DTensor):
+    """The rows of `param` this process holds (`_row_counts`): None for a whole (unsharded)
+    parameter."""
+    if not is_sharded(param):
         return None
-    n, world = param.shape[0], param.device_mesh.size()
-    rank = param.device_mesh.get_local_rank()
-    chunk = -(-n // world)
-    start, stop = min(rank * chunk, n), min((rank + 1) * chunk, n)
-    held = param.to_local().shape[0]
+    _, rank, size = _shard_group(param)
+    counts = _row_counts(param.shape[0], size)
+    start = sum(counts[:rank])
+    stop = start + counts[rank]
+    held = local_rows(param).shape[0]
     assert stop - start == held, f"{tuple(param.shape)}: rows {start}:{stop}, local {held}"
     return start, stop
 
