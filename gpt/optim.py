@@ -1,10 +1,10 @@
 """Optimizers, the learning-rate schedule and the non-finite step policy.
 
 `make_optimizer` builds AdamW (nanoGPT's groups) or Muon for the hidden matrices plus AdamW for
-the rest, stepped as one `CombinedOptimizer`; `lr_at` is every group's rate at a step, which a
-`Schedule` sets once per step; a step whose loss or gradient norm is not finite is kept from
-the weights (`step_unless`) and noted on the device (`NonFiniteSteps`), so that watching for
-one costs no host sync.
+the rest, stepped as one `CombinedOptimizer` (`Muon` is torch's, also on FSDP's sharded rows);
+`lr_at` is every group's rate at a step, which a `Schedule` sets once per step; a step whose
+loss or gradient norm is not finite is kept from the weights (`step_unless`) and noted on the
+device (`NonFiniteSteps`), so that watching for one costs no host sync.
 """
 
 from __future__ import annotations

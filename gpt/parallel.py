@@ -13,6 +13,8 @@ weights, gradients and optimizer state.
 
 Only this module sees DTensors. Checkpoints hold plain tensors: the weights gathered whole, the
 optimizer state as each process's rows of it (`rows_of`), which any other layout can slice.
+Muon, which needs whole matrices, has each one orthogonalised by one process of its shard group
+(`on_whole_matrices`).
 """
 
 from __future__ import annotations
