@@ -60,6 +60,7 @@ from gpt.fileio import fsync_dir, new_file_mode, sha256_file, write_failure
 from gpt.layout import (
     STATE,
     WEIGHTS,
+    OptimizerRows,
     Rows,
     checkpoint_name,
     iteration_of,
@@ -387,18 +388,34 @@ def _another_checkpoint(damaged: Path) -> str:
 
 
 def load_optimizer_state(
-    ckpt: Path, files: list[str], rows: Mapping[int, Rows] | None = None
+    ckpt: Path, files: list[str], rows: OptimizerRows | None = None
 ) -> dict[str, Any]:
     """The optimizer state saved with the weights, loaded without executing pickled code.
 
     `files` are the checkpoint's optimizer files (`optimizer_files`): optimizer.pt, or a
-    sharded run's. `rows` asks for part of each parameter (by state key) instead of all of it:
-    this process's rows under FSDP. The files are memory-mapped, so only the rows asked for
-    are read, whatever layout wrote them.
+    sharded run's. `rows` asks for part of each parameter (by state key, under each
+    optimizer's name for Muon's and AdamW's) instead of all of it: this process's rows under
+    FSDP. The files are memory-mapped, so only the rows asked for are read, whatever layout
+    wrote them.
     """
     parts = [_load_tensors(ckpt, f) for f in files]
     if len(parts) == 1 and "rows" not in parts[0] and not rows:
         return parts[0]  # a whole state, wanted whole (AdamW's, or Muon's and AdamW's by name)
+    return _rows_of_state(parts, rows)
+
+
+def _named(state: dict[str, Any]) -> bool:
+    """Whether a saved optimizer state holds several optimizers' by name (Muon's and AdamW's),
+    rather than one optimizer's `state` and `param_groups`."""
+    return "state" not in state
+
+
+def _rows_of_state(parts: list[dict[str, Any]], rows: OptimizerRows | None) -> dict[str, Any]:
+    """The `rows` (all if None) of one optimizer's state, or of each named one's, from the
+    parts that hold them."""
+    if _named(parts[0]):
+        return {name: _rows_of_state([part[name] for part in parts], (rows or {}).get(name))
+                for name in parts[0]}
     entries = {}
     for key, first in parts[0]["state"].items():
         entries[key] = {
@@ -505,7 +522,7 @@ class Checkpoint:
         files = self.optimizer_files
         return bool(files) and all((self.path / f).exists() for f in files)
 
-    def optimizer_state(self, rows: Mapping[int, Rows] | None = None) -> dict[str, Any]:
+    def optimizer_state(self, rows: OptimizerRows | None = None) -> dict[str, Any]:
         """The saved optimizer state, whole or the `rows` of it (`load_optimizer_state`)."""
         return load_optimizer_state(self.path, self.optimizer_files, rows)
 

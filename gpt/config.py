@@ -429,8 +429,8 @@ class TrainConfig(_Section):
     parallel: Parallel = _key(
         "ddp",
         "under torchrun, ddp: every process holds the whole model, gradients and optimizer "
-        "state; fsdp: FSDP2 shards all three across the processes (adamw only); hsdp: FSDP2 "
-        "within each of hsdp_replicas groups, the groups replicas of each other (adamw only)",
+        "state; fsdp: FSDP2 shards all three across the processes; hsdp: FSDP2 "
+        "within each of hsdp_replicas groups, the groups replicas of each other",
     )
     hsdp_replicas: int | None = _key(
         None,
@@ -483,19 +483,10 @@ class TrainConfig(_Section):
                        "frozen base and small adapters); use parallel = \"ddp\" with "
                        "finetune = \"lora\"")
 
-    def _check_hsdp(self) -> None:
-        """hsdp_replicas is checked whatever parallel says; how it splits the processes is
-        checked at launch, where their number is known (gpt/parallel.py)."""
-        self._positive("hsdp_replicas")
-        if self.parallel == "hsdp" and self.optimizer == "muon":
-            self._fail("parallel", "\"hsdp\" shards each weight matrix within a replica, which "
-                       "Muon must see whole; use optimizer = \"adamw\" with hsdp, or "
-                       "parallel = \"ddp\" with muon")
-
     def check(self) -> None:
         self._positive("batch_size", "grad_accum_steps", "eval_interval", "eval_iters")
         self._positive("log_interval", "checkpoint_interval", "keep_last", "peak_flops")
-        self._positive("lr_decay_iters", "muon_lr")
+        self._positive("lr_decay_iters", "muon_lr", "hsdp_replicas")
         self._non_negative("max_iters", "learning_rate", "min_lr", "warmup_iters")
         self._non_negative("weight_decay", "grad_clip")
         if self.optimizer == "muon" and self.learning_rate == 0:
@@ -504,14 +495,7 @@ class TrainConfig(_Section):
                 "must be > 0 with optimizer = \"muon\": muon_lr follows the schedule as a "
                 "multiple of it",
             )
-        if self.parallel == "fsdp" and self.optimizer == "muon":
-            self._fail(
-                "parallel",
-                "\"fsdp\" shards each weight matrix, which Muon must see whole; use "
-                "optimizer = \"adamw\" with fsdp, or parallel = \"ddp\" with muon",
-            )
         self._check_lora()
-        self._check_hsdp()
         if not 0.0 < self.cooldown_fraction <= 1.0:
             self._fail("cooldown_fraction", f"must be in (0, 1], got {self.cooldown_fraction!r}")
         for key in ("beta1", "beta2"):

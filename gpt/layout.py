@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,9 @@ POINTERS = ("latest", "best")
 POINTER_LIMIT = 4096  # bytes of a `latest` or `best` file: one folder name
 STATE_LIMIT = 256 * MiB  # bytes of a state.json: the config, RNG states, a tokenizer's record
 Rows = tuple[int, int]  # rows [start, stop) of a parameter's dim 0, as optimizer shards record
+# the rows of each parameter a process reads of a saved optimizer state, by state key (a combined
+# optimizer's under each one's name first, as its state dict holds them)
+OptimizerRows = Mapping[int, Rows] | Mapping[str, Mapping[int, Rows]]
 
 
 def checkpoint_name(iteration: int) -> str:

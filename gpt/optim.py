@@ -1,10 +1,10 @@
 """Optimizers, the learning-rate schedule and the non-finite step policy.
 
 `make_optimizer` builds AdamW (nanoGPT's groups) or Muon for the hidden matrices plus AdamW for
-the rest, stepped as one `CombinedOptimizer`; `lr_at` is every group's rate at a step, which a
-`Schedule` sets once per step; a step whose loss or gradient norm is not finite is kept from
-the weights (`step_unless`) and noted on the device (`NonFiniteSteps`), so that watching for
-one costs no host sync.
+the rest, stepped as one `CombinedOptimizer` (`Muon` is torch's, also on FSDP's sharded rows);
+`lr_at` is every group's rate at a step, which a `Schedule` sets once per step; a step whose
+loss or gradient norm is not finite is kept from the weights (`step_unless`) and noted on the
+device (`NonFiniteSteps`), so that watching for one costs no host sync.
 """
 
 from __future__ import annotations
@@ -12,15 +12,16 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
 from gpt.config import TrainConfig
 from gpt.errors import GPTError
 from gpt.model import GPT
+from gpt.parallel import is_sharded, local_rows, on_whole_matrices
 
 
 def lr_at(iteration: int, cfg: TrainConfig, peak: float | None = None) -> float:
@@ -139,14 +140,116 @@ def optimizer_state(model: GPT, cfg: TrainConfig) -> tuple[str, int]:
 
 
 def muon_class() -> type[torch.optim.Optimizer]:
-    """torch.optim.Muon, or a one-line error naming the fix on a torch without it."""
-    muon = getattr(torch.optim, "Muon", None)
-    if muon is None:
+    """`Muon` (torch.optim.Muon's), or a one-line error naming the fix on a torch without it."""
+    if getattr(torch.optim, "Muon", None) is None:
         raise GPTError(
             f"[train] optimizer = \"muon\" needs torch.optim.Muon (torch >= 2.9; this is torch "
             f"{torch.__version__}); upgrade torch, or set train.optimizer = \"adamw\""
         )
-    return muon
+    return Muon
+
+
+class Muon(getattr(torch.optim, "Muon", torch.optim.Optimizer)):  # type: ignore[misc]
+    """torch.optim.Muon, also for weights FSDP splits by rows across processes, with the same
+    result whatever the layout: its state dict is torch's (a `momentum_buffer` a matrix, shaped
+    and sharded like it), so checkpoints move between layouts and from before.
+
+    Plain tensors take torch's own step. Sharded ones (DTensors) update the momentum on each
+    process's rows; each whole update is orthogonalised once, by the process that owns the
+    matrix (`on_whole_matrices`), with torch's Newton-Schulz; each process applies its rows.
+    """
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        if not any(is_sharded(p) for group in self.param_groups for p in group["params"]):
+            return super().step(closure)
+        assert closure is None, "a sharded Muon step takes no closure"
+        for group in self.param_groups:
+            self._step_by_rows(group)
+        return None
+
+    def _step_by_rows(self, group: dict[str, Any]) -> None:
+        """torch's step for one group (`_single_tensor_muon`), on the rows each process holds."""
+        lr, momentum = group["lr"], group["momentum"]
+        params = [p for p in group["params"] if p.grad is not None]
+        updates = []
+        for param in params:
+            state = self.state[param]
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(param.grad)
+            grad, buf = local_rows(param.grad), local_rows(state["momentum_buffer"])
+            buf.lerp_(grad, 1 - momentum)
+            updates.append(grad.lerp(buf, momentum) if group["nesterov"] else buf)
+        fns = muon_math()
+
+        def orthogonalise(update: torch.Tensor) -> torch.Tensor:
+            return fns.zeropower(update, group["ns_coefficients"], group["ns_steps"],
+                                   group["eps"])
+
+        for param, update in zip(params, on_whole_matrices(params, updates, orthogonalise,
+                                                           torch.bfloat16), strict=True):
+            rows = local_rows(param)
+            rows.mul_(1 - lr * group["weight_decay"])
+            rows.add_(update, alpha=-fns.adjust_lr(lr, group["adjust_lr_fn"], param.shape))
+
+
+class MuonMath(NamedTuple):
+    """Newton-Schulz orthogonalisation, computed in bfloat16 (so an update may travel in it),
+    and the learning-rate scaling by a matrix's shape: Muon's two functions."""
+
+    zeropower: Callable[[torch.Tensor, tuple[float, float, float], int, float], torch.Tensor]
+    adjust_lr: Callable[[float, str | None, torch.Size], float]
+
+
+@functools.cache
+def muon_math() -> MuonMath:
+    """torch's own functions, which its Muon steps a whole matrix with, so that a sharded
+    matrix gets the same numbers; our copy where a torch no longer has them as they were
+    (private names): an upgrade then costs sameness with one process, never a working step.
+
+    torch's Newton-Schulz must compute in bfloat16, as ours does: the same result from the
+    update in float32 and in bfloat16.
+    """
+    try:
+        from torch.optim._muon import _adjust_lr, _zeropower_via_newtonschulz
+
+        probe = torch.randn(3, 2, generator=torch.Generator().manual_seed(0))
+        coefficients = (3.4445, -4.7750, 2.0315)
+        out = _zeropower_via_newtonschulz(probe, coefficients, 2, 1e-7)
+        same = _zeropower_via_newtonschulz(probe.bfloat16(), coefficients, 2, 1e-7)
+        if out.dtype == torch.bfloat16 and torch.equal(out, same):
+            _adjust_lr(0.1, None, probe.shape)
+            return MuonMath(_zeropower_via_newtonschulz, _adjust_lr)
+    except Exception:  # moved, renamed or changed
+        pass
+    return MuonMath(zeropower_via_newtonschulz, adjust_lr)
+
+
+def zeropower_via_newtonschulz(
+    grad: torch.Tensor, ns_coefficients: tuple[float, float, float], ns_steps: int, eps: float
+) -> torch.Tensor:
+    """The nearest semi-orthogonal matrix to `grad`, roughly (singular values near 1), by a
+    quintic Newton-Schulz iteration in bfloat16: torch 2.9's (Keller Jordan's Muon)."""
+    a, b, c = ns_coefficients
+    ortho = grad.bfloat16()
+    if grad.size(0) > grad.size(1):
+        ortho = ortho.T
+    ortho.div_(ortho.norm().clamp(min=eps))  # spectral norm at most 1
+    for _ in range(ns_steps):
+        gram = ortho @ ortho.T
+        ortho = torch.addmm(ortho, torch.addmm(gram, gram, gram, beta=b, alpha=c), ortho, beta=a)
+    return ortho.T if grad.size(0) > grad.size(1) else ortho
+
+
+def adjust_lr(lr: float, adjust_lr_fn: str | None, shape: torch.Size) -> float:
+    """A matrix's learning rate: scaled by sqrt(max(1, rows / cols)) (Keller Jordan's, torch's
+    default) or by 0.2 sqrt(max(rows, cols)) ("match_rms_adamw", Moonshot's): torch 2.9's."""
+    rows, cols = shape[:2]
+    if adjust_lr_fn is None or adjust_lr_fn == "original":
+        return lr * math.sqrt(max(1, rows / cols))
+    if adjust_lr_fn == "match_rms_adamw":
+        return lr * 0.2 * math.sqrt(max(rows, cols))
+    return lr
 
 
 class CombinedOptimizer:

@@ -17,6 +17,8 @@ group, then all-reduced across groups, so the slow links between nodes carry onl
 Only this module sees DTensors. Checkpoints hold plain tensors: the weights gathered whole, the
 optimizer state as each process's rows of it (`rows_of`), which any other layout can slice;
 under HSDP the first replica's S processes write theirs, as an FSDP run of S processes does.
+Muon, which needs whole matrices, has each one orthogonalised by one process of its shard group
+(`on_whole_matrices`).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,7 +37,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from gpt.config import SHARDED, ModelConfig, TrainConfig
 from gpt.errors import GPTError
-from gpt.layout import OPTIMIZER, Rows, optimizer_file
+from gpt.layout import OPTIMIZER, OptimizerRows, Rows, optimizer_file
 from gpt.model import GPT
 
 EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
@@ -170,16 +172,14 @@ class Dist:
         return (OPTIMIZER, optimizer.state_dict()) if self.main else None
 
     def load_optimizer_state(
-        self, optimizer: Any, saved: Callable[[Mapping[int, Rows] | None], dict[str, Any]]
+        self, optimizer: Any, saved: Callable[[OptimizerRows | None], dict[str, Any]]
     ) -> None:
         """Load a saved optimizer state, which may come from any layout: `saved(rows)` reads
         it, whole (rows None) or only the rows this process holds under FSDP or HSDP."""
         if not self.sharded:
             optimizer.load_state_dict(saved(None))
             return
-        params = optimizer_params(optimizer)
-        rows = {key: held for key, p in enumerate(params) if (held := rows_of(p))}
-        load_local_optimizer_state(optimizer, saved(rows))
+        load_local_optimizer_state(optimizer, saved(optimizer_rows(optimizer)))
 
     @contextlib.contextmanager
     def gradient_sync(self, trained: nn.Module, sync: bool) -> Iterator[None]:
@@ -367,24 +367,130 @@ def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def rows_of(param: torch.Tensor) -> Rows | None:
-    """The rows of `param` this process holds: None for a whole (unsharded) parameter.
-
-    FSDP2 splits dim 0 as torch.chunk does over the mesh dimension that shards it (FSDP's only
-    one, HSDP's second: every replica holds the same rows): ceil(n / S) rows a process of the
-    S, the last ones fewer or none.
-    """
-    from torch.distributed.tensor import DTensor
-
-    if not isinstance(param, DTensor):
+    """The rows of `param` this process holds (`_row_counts`): None for a whole (unsharded)
+    parameter."""
+    if not is_sharded(param):
         return None
-    dim = next(i for i, p in enumerate(param.placements) if p.is_shard(0))
-    n, shards = param.shape[0], param.device_mesh.size(dim)
-    rank = param.device_mesh.get_local_rank(dim)
-    chunk = -(-n // shards)
-    start, stop = min(rank * chunk, n), min((rank + 1) * chunk, n)
-    held = param.to_local().shape[0]
+    _, rank, size = _shard_group(param)
+    counts = _row_counts(param.shape[0], size)
+    start = sum(counts[:rank])
+    stop = start + counts[rank]
+    held = local_rows(param).shape[0]
     assert stop - start == held, f"{tuple(param.shape)}: rows {start}:{stop}, local {held}"
     return start, stop
+
+
+def local_rows(tensor: torch.Tensor) -> torch.Tensor:
+    """The rows of `tensor` this process holds, as a plain tensor sharing its memory (an
+    in-place change changes `tensor`): all of it where it is not sharded."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
+def on_whole_matrices(
+    params: list[torch.Tensor], rows: list[torch.Tensor],
+    fn: Callable[[torch.Tensor], torch.Tensor], dtype: torch.dtype,
+) -> list[torch.Tensor]:
+    """`fn` of each whole matrix whose rows this process holds (`rows[i]`, laid out like
+    `params[i]`), and this process's rows of each result, in `dtype`.
+
+    A plain parameter's matrix is whole here. A sharded one's is sent to one process of its
+    shard group, its owner, which applies `fn` once; the owners share the work (balanced by
+    its cost), and the rows travel in `dtype` both ways, in one all-to-all each way. Under
+    HSDP each replica group does the same, over its own shard group.
+    """
+    done: dict[int, torch.Tensor] = {}
+    groups: dict[tuple[Any, int, int], list[int]] = {}  # split ones by shard group (FSDP: one)
+    for i, param in enumerate(params):
+        split = _shard_group(param) if is_sharded(param) else None
+        if split is None or split[2] == 1:  # whole in this process
+            done[i] = fn(rows[i]).to(dtype)
+        else:
+            groups.setdefault(split, []).append(i)
+    for (group, rank, size), which in groups.items():
+        results = _owned_and_returned([params[i].shape for i in which],
+                                      [rows[i] for i in which], fn, dtype, group, rank, size)
+        done.update(zip(which, results, strict=True))
+    return [done[i] for i in range(len(params))]
+
+
+def is_sharded(tensor: torch.Tensor) -> bool:
+    """Whether `tensor` is split across processes (an FSDP parameter, its gradient or state)."""
+    return hasattr(tensor, "device_mesh")
+
+
+def _shard_group(param: torch.Tensor) -> tuple[Any, int, int]:
+    """The process group `param`'s rows are split over (the mesh dimension placed Shard(0),
+    every other one a replica), this process's rank in it and its size."""
+    placements = param.placements  # type: ignore[attr-defined]
+    (dim,) = [d for d, placed in enumerate(placements) if placed.is_shard(0)]
+    assert all(placed.is_replicate() for d, placed in enumerate(placements) if d != dim)
+    mesh = param.device_mesh  # type: ignore[attr-defined]
+    return mesh.get_group(dim), mesh.get_local_rank(dim), mesh.size(dim)
+
+
+def _owned_and_returned(
+    shapes: list[torch.Size], rows: list[torch.Tensor], fn: Callable[[torch.Tensor], torch.Tensor],
+    dtype: torch.dtype, group: Any, rank: int, size: int,
+) -> list[torch.Tensor]:
+    """`on_whole_matrices` within one shard group: every process's rows of each matrix to
+    its owner, `fn` there, and each process's rows of the result back."""
+    held = [_row_counts(shape[0], size) for shape in shapes]  # rows of each matrix, by rank
+    width = [shape[1:].numel() for shape in shapes]
+    owner = _owners(shapes, size)
+    mine = [i for i in range(len(shapes)) if owner[i] == rank]
+    # there: to each owner, this process's rows of its matrices; from each process, its rows
+    # of this process's matrices
+    to_owner = [[rows[i].to(dtype).flatten() for i in range(len(shapes)) if owner[i] == dest]
+                for dest in range(size)]
+    from_each = [[held[i][src] * width[i] for i in mine] for src in range(size)]
+    received = _all_to_all(to_owner, from_each, group, rows[0].new_empty(0, dtype=dtype))
+    whole = {i: torch.cat([received[src][k] for src in range(size)]).view(shapes[i])
+             for k, i in enumerate(mine)}
+    # back: to each process, its rows of the results of this process's matrices
+    start = [[sum(counts[:r]) for r in range(size)] for counts in held]
+    results = {i: fn(whole[i]).to(dtype) for i in mine}
+    to_each = [[results[i][start[i][dest]: start[i][dest] + held[i][dest]].flatten()
+                for i in mine] for dest in range(size)]
+    from_owner = [[rows[i].numel() for i in range(len(shapes)) if owner[i] == src]
+                  for src in range(size)]
+    returned = _all_to_all(to_each, from_owner, group, rows[0].new_empty(0, dtype=dtype))
+    ordered = iter(piece for src in range(size) for piece in returned[src])
+    by_owner = sorted(range(len(shapes)), key=lambda i: owner[i])  # the order they came in
+    out: dict[int, torch.Tensor] = {i: next(ordered).view_as(rows[i]) for i in by_owner}
+    return [out[i] for i in range(len(shapes))]
+
+
+def _row_counts(n: int, size: int) -> list[int]:
+    """The rows of an n-row parameter each of `size` processes holds: FSDP2 splits dim 0 as
+    torch.chunk does, ceil(n / size) a process, the last ones fewer or none."""
+    chunk = -(-n // size)
+    return [min(n, (r + 1) * chunk) - min(n, r * chunk) for r in range(size)]
+
+
+def _owners(shapes: list[torch.Size], size: int) -> list[int]:
+    """The process that works on each matrix: the largest first, each to the least loaded so
+    far, by the cost of a Newton-Schulz step (rows x cols x the smaller of the two)."""
+    cost = [shape.numel() * min(shape) for shape in shapes]
+    load, owner = [0] * size, [0] * len(shapes)
+    for i in sorted(range(len(shapes)), key=lambda i: -cost[i]):  # stable: the same everywhere
+        owner[i] = min(range(size), key=load.__getitem__)
+        load[owner[i]] += cost[i]
+    return owner
+
+
+def _all_to_all(
+    send: list[list[torch.Tensor]], receive: list[list[int]], group: Any, empty: torch.Tensor
+) -> list[list[torch.Tensor]]:
+    """Send each process its list of flat tensors (`send[dest]`); the flat tensors each process
+    sent here, of `receive[src]` elements each, in one all-to-all (`empty`: their dtype and
+    device, for a process that sends nothing)."""
+    sent = torch.cat([empty, *(t for pieces in send for t in pieces)])
+    counts = [sum(sizes) for sizes in receive]
+    got = sent.new_empty(sum(counts))
+    dist.all_to_all_single(got, sent, counts, [sum(t.numel() for t in p) for p in send],
+                           group=group)
+    return [list(part.split(sizes)) for part, sizes in zip(got.split(counts), receive,
+                                                         strict=True)]
 
 
 def optimizer_params(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
@@ -392,9 +498,27 @@ def optimizer_params(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
     return [p for group in optimizer.param_groups for p in group["params"]]
 
 
-def local_optimizer_state(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+def _named(optimizer: Any) -> dict[str, torch.optim.Optimizer] | None:
+    """The optimizers of a combined one (Muon's and AdamW's, whose state dicts are kept under
+    their names), or None for one torch optimizer."""
+    return None if isinstance(optimizer, torch.optim.Optimizer) else optimizer.optimizers
+
+
+def optimizer_rows(optimizer: Any) -> OptimizerRows:
+    """The rows this process holds of each sharded parameter, {key: (start, stop)} by state key
+    (a combined optimizer's by name first), which is what it reads of a saved state."""
+    if (named := _named(optimizer)) is not None:
+        return {name: optimizer_rows(opt) for name, opt in named.items()}
+    return {key: held for key, p in enumerate(optimizer_params(optimizer))
+            if (held := rows_of(p))}
+
+
+def local_optimizer_state(optimizer: Any) -> dict[str, Any]:
     """The optimizer's state dict with this process's rows as plain tensors, and `rows`:
-    {key: [start, stop]} for each sharded parameter."""
+    {key: [start, stop]} for each sharded parameter (a combined optimizer: each one's, by name).
+    """
+    if (named := _named(optimizer)) is not None:
+        return {name: local_optimizer_state(opt) for name, opt in named.items()}
     state = optimizer.state_dict()  # its per-parameter dicts are the optimizer's own: not edited
     rows = {}
     for key, param in enumerate(optimizer_params(optimizer)):
@@ -408,10 +532,14 @@ def local_optimizer_state(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     return {"state": local, "param_groups": state["param_groups"], "rows": rows}
 
 
-def load_local_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+def load_local_optimizer_state(optimizer: Any, state: dict[str, Any]) -> None:
     """Load a state dict whose tensors hold this process's rows (as `rows_of` gives them)."""
     from torch.distributed.tensor import DTensor
 
+    if (named := _named(optimizer)) is not None:
+        for name, opt in named.items():
+            load_local_optimizer_state(opt, state[name])
+        return
     params = optimizer_params(optimizer)
 
     def shard_like(param: torch.Tensor, value: torch.Tensor) -> torch.Tensor:

@@ -229,14 +229,14 @@ TRANSPORT_FLAKES = ("Connection closed by peer", "Connection reset by peer", "Br
 
 @pytest.fixture
 def torchrun() -> Callable[..., None]:
-    """`torchrun(*args)`: `gpt train --config tiny.toml ARGS` in two gloo processes (or
-    `nproc=`) on a free port (--standalone), so parallel test runs never collide; one thread
-    each."""
+    """`torchrun(*args)`: `gpt train --config tiny.toml ARGS` (or `script ARGS`) in two gloo
+    processes (or `nproc=`) on a free port (--standalone), so parallel test runs never collide;
+    one thread each."""
 
-    def launch(*args: str, nproc: int = 2) -> None:
+    def launch(*args: str, nproc: int = 2, script: Path | None = None) -> None:
+        what = [str(script)] if script else ["-m", "gpt", "train", "--config", "tiny.toml"]
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                   f"--nproc_per_node={nproc}", "-m", "gpt", "train", "--config", "tiny.toml",
-                   *args]
+                   f"--nproc_per_node={nproc}", *what, *args]
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         for attempt in (1, 2):
             done = subprocess.run(command, timeout=300, capture_output=True, text=True, env=env)

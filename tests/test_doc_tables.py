@@ -70,3 +70,7 @@ def test_sampling_page_holds_the_int8_quality_block() -> None:
 
 def test_config_page_holds_the_reference_block() -> None:
     assert doc_tables.marker_problem(ROOT / "docs" / "config.md", "config-reference") is None
+
+
+def test_training_page_holds_the_communication_block() -> None:
+    assert doc_tables.marker_problem(ROOT / "docs" / "training.md", "comm-bytes") is None

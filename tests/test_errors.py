@@ -404,10 +404,6 @@ CONFIG = [
     Case("config-hsdp-replicas-below-one",
          [*TRAIN, "--set", "train.parallel=hsdp", "--set", "train.hsdp_replicas=0"],
          r"\[train\] hsdp_replicas: must be > 0, got 0$"),
-    Case("config-hsdp-with-muon",
-         [*TRAIN, "--set", "train.parallel=hsdp", "--set", "train.optimizer=muon"],
-         r'\[train\] parallel: "hsdp" shards each weight matrix within a replica, which Muon '
-         r'must see whole; use optimizer = "adamw" with hsdp, or parallel = "ddp" with muon$'),
     Case("train-hsdp-replicas-not-dividing-the-processes",
          [*TRAIN, "--set", "train.parallel=hsdp", "--set", "train.hsdp_replicas=3"],
          r"\[train\] hsdp_replicas = 3 does not split the 4 processes into equal replica "

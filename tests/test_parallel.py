@@ -77,6 +77,25 @@ def test_two_processes_give_the_losses_of_one(
     assert len(losses(tiny_run / "one")) == 12
 
 
+# Muon without gradient clipping: FSDP sums the clipping norm's squares in another order, and
+# Muon's Newton-Schulz, in bfloat16, turns the last bit of the clipping factor into ~1e-4 in the
+# loss within a few steps (AdamW's update does not change with the gradient's scale)
+MUON = ["--set", "train.optimizer=muon", "--set", "train.grad_clip=0"]
+
+
+@pytest.mark.slow
+def test_muon_under_fsdp_gives_the_losses_of_one_process(
+    tiny_run: Path, torchrun: Callable[..., None]
+) -> None:
+    """Muon for the blocks' matrices and AdamW for the rest, FSDP in two processes against one
+    process accumulating two micro-batches: the same loss curve."""
+    common = [*STEPS, *NO_DROPOUT, *MUON, "--set", "train.max_iters=12"]
+    one_process(*common, "--set", "train.out_dir=one")
+    torchrun(*common, "--set", "train.parallel=fsdp", "--set", "train.out_dir=two")
+    assert_close_losses(losses(tiny_run / "one"), losses(tiny_run / "two"))
+    assert len(losses(tiny_run / "one")) == 12
+
+
 def test_activation_checkpointing_trains_bit_for_bit_the_same(tiny_run: Path) -> None:
     """In one process, with dropout: recomputing the blocks replays their dropout masks."""
     base = ["train.max_iters=6", "train.log_interval=1", "train.eval_interval=6"]
@@ -142,15 +161,26 @@ def test_lora_under_ddp_gives_the_losses_of_one_process_and_resumes_in_one(
     assert sample(saved.path)
 
 
+def moments(state: dict) -> dict[tuple, torch.Tensor]:
+    """Every tensor of a saved optimizer state by its path (Muon's and AdamW's by name first)."""
+    if "state" not in state:
+        return {(name, *path): v for name, part in state.items()
+                for path, v in moments(part).items()}
+    return {(key, name): v for key, entry in state["state"].items() for name, v in entry.items()}
+
+
 @pytest.mark.slow
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
 def test_checkpoints_move_between_one_process_fsdp_and_ddp(
-    tiny_run: Path, torchrun: Callable[..., None]
+    tiny_run: Path, torchrun: Callable[..., None], optimizer: str
 ) -> None:
     """One process to 4 steps, FSDP to 8, one process to 10, DDP to 12: the loss curve, the
-    weights and the optimizer state of a run that never changed layout, to float rounding.
-    Had a move lost the optimizer state, the next steps' losses would differ far more."""
+    weights and the optimizer state (AdamW's moments; Muon's momentum buffers and AdamW's) of
+    a run that never changed layout, to float rounding. Had a move lost the optimizer state,
+    the next steps' losses would differ far more."""
     common = [*STEPS, *NO_DROPOUT, "--set", "train.lr_decay_iters=12",
-              "--set", "train.checkpoint_interval=2", "--set", "train.keep_last=10"]
+              "--set", "train.checkpoint_interval=2", "--set", "train.keep_last=10",
+              *(MUON if optimizer == "muon" else [])]
     one_process(*common, "--set", "train.max_iters=12", "--set", "train.out_dir=ref")
     one_process(*common, "--set", "train.max_iters=4", "--set", "train.out_dir=moved")
     torchrun(*common, "--set", "train.parallel=fsdp", "--set", "train.max_iters=8",
@@ -163,6 +193,8 @@ def test_checkpoints_move_between_one_process_fsdp_and_ddp(
         tiny_run / "moved" / "ckpt-0000008")
     assert fsdp.optimizer_files == ["optimizer-00000-of-00002.pt", "optimizer-00001-of-00002.pt"]
     assert_same_state(ref, fsdp)
+    has_momentum = any("momentum_buffer" in path for path in moments(ref.optimizer_state()))
+    assert has_momentum == (optimizer == "muon")
     # the weights gathered from the shards sample in one process as the unsharded run's do
     assert sample(fsdp.path) == sample(ref.path)
 
@@ -173,12 +205,11 @@ def assert_same_state(ref: ckpt.Checkpoint, moved: ckpt.Checkpoint) -> None:
     ref_weights, moved_weights = ref.load_model().state_dict(), moved.load_model().state_dict()
     for name, tensor in ref_weights.items():
         torch.testing.assert_close(moved_weights[name], tensor, rtol=0, atol=1e-5)
-    ref_state, moved_state = ref.optimizer_state(), moved.optimizer_state()
-    assert sorted(ref_state["state"]) == sorted(moved_state["state"])
-    for key, moments in ref_state["state"].items():
-        for name, value in moments.items():
-            torch.testing.assert_close(moved_state["state"][key][name], value, rtol=1e-4,
-                                       atol=1e-7)
+    ref_state = moments(ref.optimizer_state())
+    moved_state = moments(moved.optimizer_state())  # whole, from any layout's files
+    assert sorted(ref_state) == sorted(moved_state)
+    for path, value in ref_state.items():
+        torch.testing.assert_close(moved_state[path], value, rtol=1e-4, atol=1e-7)
 
 
 @pytest.mark.slow
@@ -207,22 +238,27 @@ def test_checkpoints_move_between_hsdp_and_the_other_layouts(
         assert_same_state(ckpt.Checkpoint.open(tiny_run / "ref" / f"ckpt-{step}"), saved)
 
 
+def shard_of(whole: dict, rank: int, world: int) -> dict:
+    """A process's rows of a whole optimizer state, as FSDP splits them, in the file it writes
+    (Muon's and AdamW's by name)."""
+    if "state" not in whole:
+        return {name: shard_of(part, rank, world) for name, part in whole.items()}
+    state, rows = {}, {}
+    for key, moments in whole["state"].items():
+        n = next(v for v in moments.values() if v.dim()).shape[0]
+        chunk = -(-n // world)
+        start, stop = min(rank * chunk, n), min((rank + 1) * chunk, n)
+        rows[key] = [start, stop]
+        state[key] = {name: v if v.dim() == 0 else v[start:stop].clone()
+                      for name, v in moments.items()}
+    return {"state": state, "param_groups": whole["param_groups"], "rows": rows}
+
+
 def write_shards(folder: Path, whole: dict, world: int) -> list[str]:
     """`whole`'s moments split by rows as FSDP splits them, one file per process."""
-    names = []
-    for rank in range(world):
-        state, rows = {}, {}
-        for key, moments in whole["state"].items():
-            n = moments["exp_avg"].shape[0]
-            chunk = -(-n // world)
-            start, stop = min(rank * chunk, n), min((rank + 1) * chunk, n)
-            rows[key] = [start, stop]
-            state[key] = {name: v if v.dim() == 0 else v[start:stop].clone()
-                          for name, v in moments.items()}
-        name = layout.optimizer_file(rank, world)
-        ckpt.write_optimizer(folder, name, {"state": state, "param_groups": whole["param_groups"],
-                                            "rows": rows})
-        names.append(name)
+    names = [layout.optimizer_file(rank, world) for rank in range(world)]
+    for rank, name in enumerate(names):
+        ckpt.write_optimizer(folder, name, shard_of(whole, rank, world))
     return names
 
 
@@ -256,6 +292,37 @@ def test_any_rows_of_a_sharded_or_whole_optimizer_state(tmp_path: Path, world: i
                 assert torch.equal(part["state"][key]["exp_avg"],
                                    whole["state"][key]["exp_avg"][start:stop])
                 assert part["state"][key]["step"].item() == 3.0
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_rows_of_muon_and_adamw_states_by_name(tmp_path: Path, world: int) -> None:
+    """Muon's momentum buffers and AdamW's moments, saved by name: whole, or the rows of each
+    that a process of another layout holds, from a sharded run's files or one whole file."""
+    torch.manual_seed(0)
+    whole = {
+        "muon": {"state": {0: {"momentum_buffer": torch.randn(7, 3)},
+                           1: {"momentum_buffer": torch.randn(1, 5)}},
+                 "param_groups": [{"lr": 0.02, "params": [0, 1]}]},
+        "adamw": {"state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.randn(4),
+                                "exp_avg_sq": torch.rand(4)}},
+                  "param_groups": [{"lr": 0.1, "params": [0]}]},
+    }
+    sharded, single = tmp_path / "sharded", tmp_path / "whole"
+    sharded.mkdir(), single.mkdir()
+    names = write_shards(sharded, whole, world)
+    ckpt.write_optimizer(single, layout.OPTIMIZER, whole)
+    rows = {"muon": {0: (2, 6), 1: (1, 1)}, "adamw": {0: (1, 3)}}
+    for folder, files in ((sharded, names), (single, [layout.OPTIMIZER])):
+        every = ckpt.load_optimizer_state(folder, files)
+        assert [every[name]["param_groups"] for name in whole] == [
+            whole[name]["param_groups"] for name in whole]
+        assert moments(every).keys() == moments(whole).keys()
+        assert all(torch.equal(v, moments(whole)[path]) for path, v in moments(every).items())
+        part = moments(ckpt.load_optimizer_state(folder, files, rows))
+        for (name, key, moment), value in moments(whole).items():
+            start, stop = rows[name][key]
+            assert torch.equal(part[name, key, moment], value if value.dim() == 0 else
+                               value[start:stop])
 
 
 def test_a_hostile_optimizer_shard_is_refused_without_running(tmp_path: Path) -> None:
@@ -334,10 +401,21 @@ def test_rows_of_hsdp_are_the_rows_within_a_replica() -> None:
             dist.destroy_process_group()
 
 
-def test_fsdp_refuses_muon_by_name() -> None:
-    with pytest.raises(GPTError, match=r'\[train\] parallel: "fsdp" shards each weight matrix, '
-                                       r'which Muon must see whole; use optimizer = "adamw"'):
-        load_config(None, ["train.parallel=fsdp", "train.optimizer=muon"])
+@pytest.mark.slow
+def test_muon_on_rows_across_processes_is_torchs_muon_on_whole_matrices(
+    tmp_path: Path, torchrun: Callable[..., None]
+) -> None:
+    """Matrices split by rows over 2 processes (FSDP's mesh, and HSDP's 2-D mesh both ways
+    round), uneven and empty shards included, stepped 3 times with and without Nesterov: the
+    weights and momentum buffers of torch.optim.Muon on the whole matrices, bit for bit."""
+    torchrun(str(tmp_path / "steps.pt"), script=Path(__file__).parent / "muon_worker.py")
+    saved = torch.load(tmp_path / "steps.pt")
+    whole = saved.pop("torch")
+    assert sorted(saved) == ["fsdp", "hsdp-replicas", "hsdp-shards"]
+    for got in saved.values():
+        for key in ("weights", "momentum"):
+            pairs = zip(got[key], whole[key], strict=True)
+            assert all(torch.equal(ours, theirs) for ours, theirs in pairs), key
 
 
 def test_info_shows_the_memory_of_each_process() -> None:

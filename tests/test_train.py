@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
+from gpt import optim
 from gpt.checkpoint import Checkpoint, RandomStates, rng_state
 from gpt.cli import app
 from gpt.config import TrainConfig, load_config
@@ -26,7 +27,15 @@ from gpt.data.prepared import BatchSampler
 from gpt.errors import GPTError
 from gpt.lock import FolderLock
 from gpt.model import GPT
-from gpt.optim import NonFiniteSteps, found_inf_skips, lr_at, make_optimizer, skips_on_device
+from gpt.optim import (
+    Muon,
+    NonFiniteSteps,
+    found_inf_skips,
+    lr_at,
+    make_optimizer,
+    muon_math,
+    skips_on_device,
+)
 from gpt.parallel import Dist, StopFlag
 from gpt.train import TrainState, Validator, setup_run, train, train_step
 
@@ -483,6 +492,69 @@ def test_muon_takes_the_blocks_matrices_and_adamw_the_rest(tiny_config) -> None:
     assert {"transformer.wte.weight", "transformer.wpe.weight", "lm_head.weight"} <= set(in_adamw)
     assert [g["initial_lr"] for g in optimizer.param_groups] == [0.02, 1e-3, 1e-3]
     assert muon.param_groups[0]["weight_decay"] == 0.0
+
+
+def muon_steps(step: Callable[[torch.optim.Optimizer], None], optimizer_class: type,
+               adjust_lr_fn: str | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The weights and momentum buffers after three steps of random gradients (with and
+    without Nesterov, with weight decay), from the same start every call."""
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(shape)) for shape in ((7, 5), (5, 7), (1, 4))]
+    optimizer = optimizer_class([{"params": params[:2]}, {"params": params[2:], "nesterov": False}],
+                                lr=0.02, weight_decay=0.1, adjust_lr_fn=adjust_lr_fn)
+    for _ in range(3):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        step(optimizer)
+    return params, [optimizer.state[p]["momentum_buffer"] for p in params]
+
+
+def by_rows(optimizer: torch.optim.Optimizer) -> None:
+    """The step sharded weights take, on whole ones: the rows of one process holding them all."""
+    with torch.no_grad():
+        for group in optimizer.param_groups:
+            optimizer._step_by_rows(group)
+
+
+@needs_muon
+@pytest.mark.parametrize("adjust_lr_fn", [None, "match_rms_adamw"])
+def test_muon_steps_as_torchs_bit_for_bit(adjust_lr_fn: str | None) -> None:
+    """Our Muon is torch's: its step on whole tensors, and the step by rows that sharded weights
+    take, give torch.optim.Muon's weights and momentum buffers, bit for bit."""
+    want = muon_steps(lambda o: o.step(), torch.optim.Muon, adjust_lr_fn)
+    for step in (lambda o: o.step(), by_rows):
+        got = muon_steps(step, Muon, adjust_lr_fn)
+        for ours, theirs in zip(got, want, strict=True):
+            assert all(torch.equal(a, b) for a, b in zip(ours, theirs, strict=True))
+
+
+@needs_muon
+def test_muon_math_is_torchs_with_our_copy_where_torch_changed_it(
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """torch's private Newton-Schulz and learning-rate scaling where they are as probed, and
+    our copies, which give the same bits, where they are not."""
+    from torch.optim import _muon
+
+    assert muon_math() == (_muon._zeropower_via_newtonschulz, _muon._adjust_lr)
+    torch.manual_seed(0)
+    coefficients = (3.4445, -4.7750, 2.0315)
+    for shape in ((7, 5), (5, 7), (6, 6)):
+        grad = torch.randn(shape)
+        assert torch.equal(optim.zeropower_via_newtonschulz(grad, coefficients, 5, 1e-7),
+                           _muon._zeropower_via_newtonschulz(grad, coefficients, 5, 1e-7))
+        for fn in (None, "original", "match_rms_adamw"):
+            assert optim.adjust_lr(0.02, fn, grad.shape) == _muon._adjust_lr(0.02, fn, grad.shape)
+    torch_muon = muon_steps(lambda o: o.step(), torch.optim.Muon)
+    monkeypatch.delattr(_muon, "_zeropower_via_newtonschulz")  # torch's own step fails now
+    muon_math.cache_clear()
+    try:
+        assert muon_math() == (optim.zeropower_via_newtonschulz, optim.adjust_lr)
+        ours = muon_steps(by_rows, Muon)
+        for a, b in zip(ours, torch_muon, strict=True):
+            assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    finally:
+        muon_math.cache_clear()
 
 
 @needs_muon
