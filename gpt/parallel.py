@@ -347,10 +347,28 @@ def fill_rows(param: torch.Tensor, read: Callable[[slice], torch.Tensor]) -> Non
 
 
 def clip_grad_norm(model: nn.Module, max_norm: float) -> torch.Tensor:
-    """Clip the gradients to `max_norm` in total; the norm before clipping, a plain 0-dim tensor
-    (FSDP's is a DTensor, the same on every process)."""
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+    """Clip the gradients to `max_norm` in total, as torch's clip_grad_norm_ does; the norm
+    before clipping, a plain 0-dim float32 tensor, the same in every process.
+
+    The squares are summed in float64, each process over its rows and then across its shard
+    group, so the norm rounds to the same float32 in every layout. torch's own sums FSDP's
+    shards in another order than one process's whole tensors; the last bit of the clipping
+    factor that changes is enough for Muon's bfloat16 Newton-Schulz to move the loss by 1e-4
+    within a few steps.
+    """
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    squares = torch.zeros((), dtype=torch.float64, device=local_rows(grads[0]).device)
+    for grad in grads:
+        squares += torch.linalg.vector_norm(local_rows(grad), dtype=torch.float64).square()
+    if is_sharded(grads[0]):  # under FSDP2 every parameter is; replicas hold the same rows
+        dist.all_reduce(squares, group=_shard_group(grads[0])[0])
+    norm = squares.sqrt().float()
+    coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)  # torch's factor, from our norm
+    for grad in grads:
+        local_rows(grad).mul_(coef)
+    return norm
 
 
 def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
