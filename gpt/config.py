@@ -62,6 +62,7 @@ DType = Literal["auto", "float32", "bfloat16", "float16"]
 LRSchedule = Literal["cosine", "wsd"]
 OptimizerName = Literal["adamw", "muon"]
 Parallel = Literal["ddp", "fsdp"]
+CompileScope = Literal["model", "blocks"]
 Finetune = Literal["full", "lora"]
 LORA_TARGETS = ("c_attn", "c_proj", "c_fc", "c_up")  # the blocks' Linear layers, by module name
 QKV_NAMES = ("q_proj", "k_proj", "v_proj", "query", "key", "value", "q", "k", "v")
@@ -425,6 +426,27 @@ class TrainConfig(_Section):
     device: str = _key("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
     dtype: DType = _key("auto", "auto: bfloat16 on capable GPUs, float16 on older, float32 on CPU")
     compile: bool = _key(False, "wrap the model in torch.compile")
+    compile_scope: CompileScope = _key(
+        "model",
+        "with compile = true, model: the whole model in one graph; blocks: each transformer "
+        "block on its own (they share one compiled graph: faster to compile)",
+    )
+    loss_chunk: int | None = _key(
+        None,
+        "compute the LM head and the loss over this many tokens at a time, each chunk's logits "
+        "recomputed in the backward pass, so the (tokens, vocabulary) logits are never whole; "
+        "unset = all at once",
+    )
+    document_masking: bool = _key(
+        False,
+        "each token attends only within its own document, which starts at an end-of-text token "
+        "(FlexAttention on CUDA, a dense mask elsewhere); sampling stays plainly causal",
+    )
+    fp8: bool = _key(
+        False,
+        "float8 matmuls in the blocks' linear layers through torchao (pip install torchao); "
+        "CUDA GPUs of compute capability 8.9 or higher (Ada, Hopper and later) only",
+    )
     parallel: Parallel = _key(
         "ddp",
         "under torchrun, ddp: every process holds the whole model, gradients and optimizer "
@@ -477,7 +499,7 @@ class TrainConfig(_Section):
     def check(self) -> None:
         self._positive("batch_size", "grad_accum_steps", "eval_interval", "eval_iters")
         self._positive("log_interval", "checkpoint_interval", "keep_last", "peak_flops")
-        self._positive("lr_decay_iters", "muon_lr")
+        self._positive("lr_decay_iters", "muon_lr", "loss_chunk")
         self._non_negative("max_iters", "learning_rate", "min_lr", "warmup_iters")
         self._non_negative("weight_decay", "grad_clip")
         if self.optimizer == "muon" and self.learning_rate == 0:

@@ -102,15 +102,26 @@ class Dist:
 
     # the model and its state in this layout
 
-    def wrap(self, model: GPT, compile_model: bool, dtype: torch.dtype) -> nn.Module:
+    def wrap(
+        self, model: GPT, compile_model: bool, dtype: torch.dtype, per_block: bool = False
+    ) -> nn.Module:
         """Place `model` for this layout (FSDP: sharded in place, block by block; else moved to
         the device whole) and return what the training step calls: compiled when asked, and
-        DDP-wrapped across several processes."""
+        DDP-wrapped across several processes.
+
+        `per_block` compiles each block in place instead of the whole model, before sharding
+        (as torchtitan does): the blocks are alike, so one graph serves them all and compiling
+        takes a block's time, not the model's; FSDP's gathers and frees stay between blocks.
+        """
+        if compile_model and per_block:
+            for block in model.transformer.h:
+                block.compile()  # in place: the keys and the module tree stay the same
         if self.sharded:
             shard(model, self.device, dtype)
         else:
             model.to(self.device)
-        trained: nn.Module = torch.compile(model) if compile_model else model
+        whole = compile_model and not per_block
+        trained: nn.Module = torch.compile(model) if whole else model
         if self.world_size > 1 and not self.sharded:
             ids = [self.local_rank] if self.device.type == "cuda" else None
             trained = DDP(trained, device_ids=ids)

@@ -27,7 +27,7 @@ from gpt import parallel
 from gpt.checkpoint import Checkpointer, Each, RandomStates
 from gpt.config import RunConfig, to_dict
 from gpt.data.prepared import BatchSampler
-from gpt.device import memory_errors, resolve_device, resolve_dtype
+from gpt.device import check_fp8, memory_errors, resolve_device, resolve_dtype, to_float8
 from gpt.errors import GPTError, compile_errors
 from gpt.layout import METRICS
 from gpt.lock import FolderLock
@@ -136,6 +136,9 @@ def setup_run(cfg: RunConfig, resume: bool, world: Dist, dtype: torch.dtype) -> 
     np.random.seed(tcfg.seed % 2**32)  # numpy's takes 32 bits: the same seed for all that fit
     model = GPT(cfg.model)  # the same initial weights on every rank
     model.activation_checkpointing = tcfg.activation_checkpointing
+    model.loss_chunk = tcfg.loss_chunk
+    if tcfg.document_masking:
+        model.document_eot = int(begin.data.meta["eot_id"])
     world.seed(tcfg.seed)
     lora = None
     if (start := begin.weights) is not None:
@@ -147,7 +150,9 @@ def setup_run(cfg: RunConfig, resume: bool, world: Dist, dtype: torch.dtype) -> 
             world.print0(f"added the chat tokens {' and '.join(added['tokens'])} as ids "
                          f"{added['ids'][0]} and {added['ids'][1]}: their rows begin as "
                          f"{added['rows']}")
-    trained = world.wrap(model, tcfg.compile, dtype)
+    if tcfg.fp8:
+        to_float8(model)  # before sharding and compiling, as torchao asks
+    trained = world.wrap(model, tcfg.compile, dtype, per_block=tcfg.compile_scope == "blocks")
     optimizer = make_optimizer(model, tcfg, world.device)
     scaler = torch.amp.GradScaler(world.device.type, enabled=dtype == torch.float16)
     samplers = Each({
@@ -394,9 +399,16 @@ def train(cfg: RunConfig, resume: bool = True) -> int:
             "[model] cross_attention = true needs a context sequence, which gpt train has no "
             "source for; train decoder-only models (cross_attention = false)"
         )
+    if tcfg.document_masking and cfg.model.dropout > 0:
+        raise GPTError(
+            "[train] document_masking = true attends through FlexAttention, which has no "
+            "attention dropout; set model.dropout = 0, or document_masking = false"
+        )
     if tcfg.optimizer == "muon":
         muon_class()  # a torch without Muon is refused before any work
     device = resolve_device(tcfg.device, "[train] device")
+    if tcfg.fp8:
+        check_fp8(device)
     dtype = resolve_dtype(tcfg.dtype, device, "[train] dtype")
     world = parallel.start(tcfg, device, dtype)
     if device.type == "cuda":

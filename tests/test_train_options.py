@@ -1,0 +1,139 @@
+"""The trainer's speed options on the CPU: blocks compiled one by one (one process, DDP, FSDP),
+the chunked loss and document masking in a run, and fp8's refusals where it cannot run. Their
+speed is measured on a GPU by scripts/bench_gpu.py."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+from gpt import device as gpt_device
+from gpt.checkpoint import Checkpoint
+from gpt.config import load_config
+from gpt.errors import GPTError
+from gpt.train import train
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+BASE = ["train.max_iters=6", "model.dropout=0.0", "train.eval_interval=6",
+        "train.checkpoint_interval=6", "train.log_interval=1"]
+
+
+def losses(out: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {r["iter"]: r["loss"] for r in records if "loss" in r}
+
+
+def assert_close_losses(a: dict[int, float], b: dict[int, float], tolerance: float) -> None:
+    assert sorted(a) == sorted(b) and len(a) == 6
+    worst = max(abs(a[i] - b[i]) for i in a)
+    assert worst < tolerance, f"losses differ by up to {worst}"
+
+
+@pytest.mark.slow
+def test_blocks_compiled_one_by_one_train_as_eager(tiny_run: Path) -> None:
+    assert train(load_config("tiny.toml", [*BASE, "train.out_dir=eager"])) == 0
+    assert train(load_config("tiny.toml", [*BASE, "train.out_dir=blocks", "train.compile=true",
+                                           "train.compile_scope=blocks"])) == 0
+    assert_close_losses(losses(tiny_run / "eager"), losses(tiny_run / "blocks"), 1e-4)
+    model = Checkpoint.open(tiny_run / "blocks").load_model()  # plain keys: an uncompiled GPT
+    assert isinstance(model, torch.nn.Module)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_blocks_compiled_one_by_one_under_two_processes(
+    tiny_run: Path, torchrun: Callable[..., None], parallel: str
+) -> None:
+    """Compiled before DDP wraps the model or FSDP shards it, as torchtitan does: the losses
+    of one eager process with the same global batch."""
+    common = [*BASE, "train.grad_accum_steps=2"]
+    assert train(load_config("tiny.toml", [*common, "train.out_dir=one"])) == 0
+    args = [f"--set={s}" for s in [*common, f"train.parallel={parallel}", "train.compile=true",
+                                   "train.compile_scope=blocks", "train.out_dir=two"]]
+    torchrun(*args)
+    assert_close_losses(losses(tiny_run / "one"), losses(tiny_run / "two"), 1e-4)
+
+
+def test_the_chunked_loss_trains_as_the_plain_one(tiny_run: Path) -> None:
+    """Chunks of 7 tokens (not dividing the 4 x 32 of a batch): the same losses to rounding."""
+    assert train(load_config("tiny.toml", [*BASE, "train.out_dir=plain"])) == 0
+    assert train(load_config("tiny.toml", [*BASE, "train.out_dir=chunked",
+                                           "train.loss_chunk=7"])) == 0
+    assert_close_losses(losses(tiny_run / "plain"), losses(tiny_run / "chunked"), 1e-5)
+
+
+def test_document_masking_trains(tiny_run: Path) -> None:
+    """The char tokenizer's end-of-text is the newline: many documents in every row."""
+    settings = [*BASE, "train.max_iters=20", "train.document_masking=true"]
+    assert train(load_config("tiny.toml", settings)) == 0
+    records = [json.loads(line) for line in (tiny_run / "out" / "metrics.jsonl").read_text()
+               .splitlines()]
+    assert all(math.isfinite(r["loss"]) for r in records if "loss" in r)
+    evals = [r["val_loss"] for r in records if "val_loss" in r]
+    assert evals[-1] < evals[0] - 0.3
+
+
+def test_document_masking_refuses_dropout(tiny_run: Path) -> None:
+    with pytest.raises(GPTError, match=r"document_masking = true attends through FlexAttention, "
+                                       r"which has no attention dropout; set model.dropout = 0"):
+        train(load_config("tiny.toml", ["train.document_masking=true", "model.dropout=0.1"]))
+
+
+@pytest.fixture
+def a_gpu(monkeypatch: pytest.MonkeyPatch) -> Callable[[tuple[int, int], bool], None]:
+    """`a_gpu(capability, torchao)`: the CUDA GPU and torchao check_fp8 sees."""
+
+    def fake(capability: tuple[int, int], torchao: bool) -> None:
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Some GPU")
+        found = importlib.util.find_spec
+        monkeypatch.setattr(importlib.util, "find_spec",
+                            lambda name, *a: (object() if torchao else None) if name == "torchao"
+                            else found(name, *a))
+
+    return fake
+
+
+@pytest.mark.parametrize(("where", "capability", "torchao", "message"), [
+    ("cpu", (0, 0), True, r"needs a CUDA GPU of compute capability 8\.9 or higher, and this run "
+                          r"is on cpu; set train\.fp8 = false$"),
+    ("cuda", (8, 0), True, r"needs float8 tensor cores \(compute capability 8\.9 or higher\), "
+                           r"and Some GPU has 8\.0; set train\.fp8 = false$"),
+    ("cuda", (9, 0), False, r"torchao's float8, which is not installed; pip install torchao "
+                            r"\(or gpt\[fp8\]\), or set train\.fp8 = false$"),
+], ids=["cpu", "ampere", "without-torchao"])
+def test_fp8_is_refused_where_it_cannot_run(
+    a_gpu: Callable[..., None], where: str, capability: tuple[int, int], torchao: bool,
+    message: str
+) -> None:
+    a_gpu(capability, torchao)
+    with pytest.raises(GPTError, match=message):
+        gpt_device.check_fp8(torch.device(where))
+
+
+@pytest.mark.parametrize("capability", [(8, 9), (9, 0), (10, 0)])
+def test_fp8_is_taken_on_ada_hopper_and_later(a_gpu: Callable[..., None],
+                                              capability: tuple[int, int]) -> None:
+    a_gpu(capability, True)
+    gpt_device.check_fp8(torch.device("cuda"))
+
+
+def test_fp8_converts_the_blocks_linear_layers_only(tiny_config) -> None:
+    """torchao's float8 layers in the blocks; embeddings and the LM head untouched."""
+    pytest.importorskip("torchao.float8")
+    from torchao.float8.float8_linear import Float8Linear
+
+    from gpt.model import GPT
+
+    model = GPT(tiny_config(tie_embeddings=False))
+    gpt_device.to_float8(model)
+    converted = {n for n, m in model.named_modules() if isinstance(m, Float8Linear)}
+    assert converted == {f"transformer.h.{i}.{layer}" for i in range(2)
+                         for layer in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")}
+    assert type(model.lm_head) is torch.nn.Linear
