@@ -330,7 +330,9 @@ class Block(nn.Module):
         layer: int = 0,
         mask: Tensor | BlockMask | None = None,
     ) -> Tensor:
-        attend = lambda h: self.attn(h, rope=rope, cache=cache, layer=layer, mask=mask)  # noqa: E731
+        def attend(h: Tensor) -> Tensor:
+            return self.attn(h, rope=rope, cache=cache, layer=layer, mask=mask)
+
         x = self._residual(x, self.ln_1, attend)
         if self.cross_attn is not None:
             x = self._residual(x, self.ln_cross, lambda h: self._cross(h, context))
@@ -419,8 +421,9 @@ class GPT(nn.Module):
 
         The loss is the mean cross-entropy over targets that are not -1; with `loss_chunk` set
         it is computed chunk by chunk and the logits are not returned (None). With
-        `document_eot` set, a token attends only within its document (`document_mask`). `context` (B, S, n_embd)
-        feeds the cross-attention sublayers of a model built with `cross_attention = true`.
+        `document_eot` set, a token attends only within its document (`document_mask`).
+        `context` (B, S, n_embd) feeds the cross-attention sublayers of a model built with
+        `cross_attention = true`.
         With `cache` (from `new_cache`), idx holds only new tokens: row i's continue where row i
         of the cache ends, and earlier keys and values come from the cache (incremental
         decoding; see gpt/kvcache.py for passes that feed rows unequal numbers of tokens).

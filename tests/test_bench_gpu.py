@@ -1,13 +1,18 @@
-"""scripts/bench_gpu.py: its timing windows, and its one-line refusal without a GPU."""
+"""scripts/bench_gpu.py on the CPU: its options, its rows (every setting a real config key), its
+tables, its random corpus and timing windows, and its one-line refusal without a GPU."""
 
 from __future__ import annotations
 
 import importlib.util
+import re
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from gpt.config import load_config
+from gpt.tokenizer import get_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -17,6 +22,7 @@ def bench_gpu(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.syspath_prepend(str(ROOT / "scripts"))  # it imports doc_tables from its folder
     spec = importlib.util.spec_from_file_location("bench_gpu", ROOT / "scripts" / "bench_gpu.py")
     module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "bench_gpu", module)  # its dataclasses look themselves up
     spec.loader.exec_module(module)
     return module
 
@@ -34,3 +40,120 @@ def test_without_a_gpu_it_says_so_in_one_line(bench_gpu, monkeypatch: pytest.Mon
     monkeypatch.setattr(sys, "argv", ["bench_gpu.py"])
     with pytest.raises(SystemExit, match=r"bench_gpu.py needs a CUDA GPU, and this torch .* sees none"):
         bench_gpu.main()
+
+
+def test_the_options_default_to_every_row(bench_gpu) -> None:
+    args, doc = bench_gpu.parse_args([])
+    assert args.rows == list(bench_gpu.ROWS) and args.batch_sizes == [8, 16, 32, 64]
+    assert doc is None and args.compare_steps == 300 and args.fp8_tolerance == 0.02
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--rows", "eager,turbo"], "--rows: unknown turbo"),
+    (["--rows", ","], "--rows: unknown nothing"),
+    (["--batch-sizes", "8,big"], "--batch-sizes '8,big': give whole numbers"),
+    (["--batch-sizes", "8,0"], "must be positive"),
+    (["--loss-chunk", "0"], "must be positive"),
+    (["--steps", "15"], "--steps must be a positive multiple of --window"),
+    (["--fp8-tolerance", "1.5"], "--fp8-tolerance in \\(0, 1\\)"),
+    (["--docs", "x.md"], "--docs names where --write-docs writes"),
+])
+def test_bad_options_are_one_line(bench_gpu, capsys: pytest.CaptureFixture[str], argv: list[str],
+                                  message: str) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        bench_gpu.parse_args(argv)
+    assert exit_.value.code == 2
+    assert re.search(message, capsys.readouterr().err)
+
+
+def test_rows_come_in_order_and_each_setting_is_a_config_key(bench_gpu) -> None:
+    rows = bench_gpu.variants(["fp8", "batch", "eager", "blocks", "chunked", "docmask", "all",
+                               "compiled"], [8, 32], 2048)
+    assert [v.key for v in rows] == ["eager", "compiled", "blocks", "chunked", "docmask", "fp8",
+                                     "all", "batch", "batch"]
+    for variant in rows:
+        train = load_config(None, list(variant.overrides)).train  # real keys, valid values
+        assert train.compile == (variant.key != "eager")
+    by_key = {v.key: load_config(None, list(v.overrides)).train for v in rows[:-2]}
+    assert by_key["blocks"].compile_scope == "blocks" and by_key["compiled"].compile_scope == "model"
+    assert by_key["chunked"].loss_chunk == 2048 and by_key["docmask"].document_masking
+    assert by_key["fp8"].fp8 and by_key["all"].fp8 and by_key["all"].loss_chunk == 2048
+    assert [load_config(None, list(v.overrides)).train.batch_size for v in rows[-2:]] == [8, 32]
+
+
+def test_the_ablation_table_says_why_a_row_did_not_run(bench_gpu) -> None:
+    Measured = bench_gpu.Measured
+    results = [("compiled", Measured([100.0, 120.0, 110.0], 30.5, 61.0)),
+               ("fp8", Measured(error="[train] fp8 = true needs float8 tensor cores")),
+               ("blocks", Measured([132.0], None, 20.0))]
+    table = bench_gpu.ablation_table(results, flops=10, peak=2000.0, reference=100.0)
+    lines = table.splitlines()
+    assert lines[0].startswith("| row | tokens/s | MFU | vs plain loop | vs first row | peak GiB")
+    assert lines[2] == "| compiled | 110 | 55.0% | 1.100 | 1.000 | 30.5 | 61 |  |"
+    assert lines[3].endswith("| did not run: [train] fp8 = true needs float8 tensor cores |")
+    assert lines[4] == "| blocks | 132 | 66.0% | 1.320 | 1.200 | n/a | 20 |  |"
+    assert "| n/a | n/a |" in bench_gpu.ablation_table(results[:1], 10, None, None)
+
+
+def test_fp8_losses_are_judged_against_the_tolerance(bench_gpu) -> None:
+    records = [{"iter": i, "loss": 4.0 - i / 10} for i in range(1, 9)] + [{"iter": 8, "val_loss": 3.5}]
+    bf16 = bench_gpu.curve_of(records)
+    assert bf16 == bench_gpu.Curve(3.5, pytest.approx((3.3 + 3.2) / 2))
+    table, within = bench_gpu.fp8_table(bf16, bench_gpu.Curve(3.55, 3.26), tolerance=0.02)
+    assert within and "| final val loss | 3.5000 | 3.5500 | 1.43% | within |" in table
+    _, within = bench_gpu.fp8_table(bf16, bench_gpu.Curve(3.6, 3.25), tolerance=0.02)
+    assert not within
+
+
+def test_the_random_corpus_is_documents_of_random_tokens(bench_gpu, tmp_path: Path) -> None:
+    bench_gpu.random_corpus(tmp_path, 5000)
+    files = sorted(tmp_path.glob("*.txt"))
+    tokenizer = get_tokenizer("gpt2")
+    lengths = [len(tokenizer.encode(f.read_text(encoding="utf-8"))) for f in files]
+    assert len(files) >= 2 and sum(lengths) >= 4000
+    assert all(tokenizer.eot_id not in tokenizer.encode(f.read_text(encoding="utf-8")) for f in files)
+
+
+BENCH_MODEL = """[model]
+n_layer = 1
+n_head = 2
+n_embd = 32
+block_size = 64
+"""
+
+
+@pytest.mark.slow
+def test_the_whole_bench_runs_on_the_cpu_in_miniature(
+    bench_gpu, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Its plumbing end to end (every row through gpt train, the plain loop, the fp8 comparison
+    refused, the block written) with a tiny model on the CPU told it has a GPU, and
+    torch.compile left out: what a GPU session would otherwise find broken."""
+    config, doc = tmp_path / "bench.toml", tmp_path / "performance.md"
+    config.write_text(BENCH_MODEL)
+    doc.write_text("before\n<!-- bench-gpu:start -->\nold\n<!-- bench-gpu:end -->\nafter\n")
+    monkeypatch.setattr(bench_gpu, "DEVICE", "cpu")
+    monkeypatch.setattr(bench_gpu, "RANDOM_TOKENS", 20_000)
+    monkeypatch.setattr(bench_gpu, "require_cuda", lambda: None)
+    monkeypatch.setattr(torch, "compile", lambda model=None, **kwargs: model)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Some GPU")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    monkeypatch.chdir(tmp_path)
+    bench_gpu.main(["--config", str(config), "--rows", "eager,blocks,chunked,docmask,fp8,batch",
+                    "--batch-sizes", "2,4", "--batch-size", "2", "--loss-chunk", "32",
+                    "--warmup", "2", "--steps", "4", "--window", "2", "--compare-steps", "4",
+                    "--peak-flops", "1e12", "--write-docs", "--docs", str(doc)])
+    out = capsys.readouterr().out
+    assert "fp8 comparison skipped: [train] fp8 = true needs a CUDA GPU" in out
+    block = doc.read_text()
+    assert block.startswith("before\n<!-- bench-gpu:start -->\n| row | tokens/s | MFU |")
+    rows = [line for line in block.splitlines() if line.startswith("| ") and "---" not in line]
+    labels = [row.split(" | ")[0].removeprefix("| ") for row in rows[1:]]
+    assert labels == ["`gpt train`, eager", "compiled per block", "+ chunked loss (32 tokens)",
+                      "+ document masking (FlexAttention)", "+ fp8 (torch" "ao float8)",
+                      "compiled whole, batch 2", "compiled whole, batch 4",
+                      "plain loop, compiled (reference)"]
+    fp8_row = rows[5]
+    assert "did not run: [train] fp8 = true needs a CUDA GPU" in fp8_row
+    assert all("did not run" not in row for row in rows[1:5] + rows[6:])
+    assert "Some GPU, compute capability 8.0" in block and block.endswith("after\n")
