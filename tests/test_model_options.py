@@ -180,3 +180,57 @@ def test_document_masking_trains_and_leaves_cached_decoding_causal(
         plain, _ = model(idx)
     torch.testing.assert_close(cached, plain, rtol=1e-4, atol=1e-5)
     assert not torch.allclose(masked, plain)
+
+
+CUDA = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+
+@pytest.mark.parametrize("flex", [pytest.param(True, marks=CUDA)], ids=["cuda"])
+def test_flex_attention_trains_as_the_dense_mask_on_cuda(
+    flex: bool, tiny_config: Callable[..., ModelConfig], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """FlexAttention's compiled forward and backward on the GPU against the dense mask's, rows
+    of 256 tokens in several documents (FlexAttention's blocks are 128 wide)."""
+    import gpt.model
+
+    torch.manual_seed(0)
+    model = GPT(tiny_config(block_size=256, n_embd=64, pos_embedding="rope")).cuda()
+    model.document_eot = EOT
+    idx = rows_with_documents([[3, 100, 129, 200], [], [255], [0, 128]], T=256).cuda()
+
+    def run() -> tuple[torch.Tensor, list[torch.Tensor]]:
+        model.zero_grad(set_to_none=True)
+        _, loss = model(idx, idx)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+    flex_loss, flex_grads = run()
+    dense = gpt.model.document_mask
+    monkeypatch.setattr(gpt.model, "document_mask", lambda idx, eot, flex: dense(idx, eot, False))
+    dense_loss, dense_grads = run()
+    torch.testing.assert_close(flex_loss, dense_loss, rtol=1e-4, atol=1e-5)
+    for a, b in zip(flex_grads, dense_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.parametrize("softcap", [pytest.param(None, marks=CUDA), pytest.param(3.0, marks=CUDA)],
+                         ids=["plain", "softcap"])
+def test_chunked_loss_in_bfloat16_on_cuda(softcap: float | None,
+                                          tiny_config: Callable[..., ModelConfig]) -> None:
+    torch.manual_seed(0)
+    model = GPT(tiny_config(logit_softcap=softcap, vocab_size=4096)).cuda()
+    idx, targets = torch.randint(0, 4096, (4, 16)).cuda(), torch.randint(0, 4096, (4, 16)).cuda()
+    targets[0, :5] = -1
+
+    def run(chunk: int | None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        model.zero_grad(set_to_none=True)
+        model.loss_chunk = chunk
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            _, loss = model(idx, targets)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+    (plain_loss, plain), (chunked_loss, chunked) = run(None), run(24)
+    torch.testing.assert_close(chunked_loss, plain_loss, rtol=2e-2, atol=2e-3)
+    for a, b in zip(chunked, plain, strict=True):
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-3)

@@ -137,3 +137,57 @@ def test_fp8_converts_the_blocks_linear_layers_only(tiny_config) -> None:
     assert converted == {f"transformer.h.{i}.{layer}" for i in range(2)
                          for layer in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")}
     assert type(model.lm_head) is torch.nn.Linear
+
+
+def test_fp8_trains_near_bf16_and_saves_plain_checkpoints(
+    tiny_run: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """torchao emulates float8 matmuls on the CPU, so the run itself is checked here (the check
+    of the GPU let through): losses near bf16's, and checkpoints whose keys load into a plain
+    GPT (Float8Linear keeps Linear's weight and bias)."""
+    pytest.importorskip("torchao.float8")
+    monkeypatch.setattr("gpt.train.check_fp8", lambda device: None)
+    settings = [*BASE, "train.dtype=bfloat16"]
+    assert train(load_config("tiny.toml", [*settings, "train.out_dir=bf16"])) == 0
+    assert train(load_config("tiny.toml", [*settings, "train.out_dir=fp8", "train.fp8=true"])) == 0
+    assert_close_losses(losses(tiny_run / "bf16"), losses(tiny_run / "fp8"), 0.05)
+    model = Checkpoint.open(tiny_run / "fp8").load_model()  # every key found, none extra
+    assert type(model.transformer.h[0].mlp.c_fc) is torch.nn.Linear
+
+
+CUDA = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+ON_CUDA = [*BASE, "train.device=cuda", "train.dtype=float32"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scope", [pytest.param("blocks", marks=CUDA)])
+def test_blocks_compiled_on_cuda_train_as_eager(tiny_run: Path, scope: str) -> None:
+    assert train(load_config("tiny.toml", [*ON_CUDA, "train.out_dir=eager"])) == 0
+    assert train(load_config("tiny.toml", [*ON_CUDA, "train.out_dir=compiled", "train.compile=true",
+                                           f"train.compile_scope={scope}"])) == 0
+    assert_close_losses(losses(tiny_run / "eager"), losses(tiny_run / "compiled"), 2e-3)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("compile_", [pytest.param(False, marks=CUDA), pytest.param(True, marks=CUDA)],
+                         ids=["eager", "compiled"])
+def test_document_masking_trains_on_cuda(tiny_run: Path, compile_: bool) -> None:
+    """FlexAttention (compiled on its own, or inside the compiled model) learns the corpus."""
+    settings = [*ON_CUDA, "train.max_iters=20", "train.document_masking=true",
+                f"train.compile={str(compile_).lower()}"]
+    assert train(load_config("tiny.toml", settings)) == 0
+    evals = [r["val_loss"] for r in map(json.loads, (tiny_run / "out" / "metrics.jsonl")
+                                        .read_text().splitlines()) if "val_loss" in r]
+    assert evals[-1] < evals[0] - 0.3
+
+
+@pytest.mark.parametrize("dtype", [pytest.param("bfloat16", marks=CUDA)])
+def test_fp8_trains_on_a_gpu_with_float8(tiny_run: Path, dtype: str) -> None:
+    """On a GPU of compute capability 8.9 or higher, with torchao: near bf16's losses."""
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("needs compute capability 8.9 or higher")
+    pytest.importorskip("torchao.float8")
+    settings = [*BASE, "train.device=cuda", f"train.dtype={dtype}"]
+    assert train(load_config("tiny.toml", [*settings, "train.out_dir=bf16"])) == 0
+    assert train(load_config("tiny.toml", [*settings, "train.out_dir=fp8", "train.fp8=true"])) == 0
+    assert_close_losses(losses(tiny_run / "bf16"), losses(tiny_run / "fp8"), 0.05)
