@@ -35,28 +35,36 @@ def assert_close_losses(a: dict[int, float], b: dict[int, float], tolerance: flo
     assert worst < tolerance, f"losses differ by up to {worst}"
 
 
+EVERY_OPTION = [*BASE, "train.loss_chunk=7", "train.document_masking=true",
+                "train.activation_checkpointing=true"]
+
+
 @pytest.mark.slow
-def test_blocks_compiled_one_by_one_train_as_eager(tiny_run: Path) -> None:
-    assert train(load_config("tiny.toml", [*BASE, "train.out_dir=eager"])) == 0
-    assert train(load_config("tiny.toml", [*BASE, "train.out_dir=blocks", "train.compile=true",
-                                           "train.compile_scope=blocks"])) == 0
-    assert_close_losses(losses(tiny_run / "eager"), losses(tiny_run / "blocks"), 1e-4)
+def test_every_option_at_once_compiled_whole_or_per_block_trains_as_eager(tiny_run: Path) -> None:
+    """The chunked loss, document masking and activation checkpointing together: compiled
+    whole, or each block on its own, the eager losses; and checkpoints of plain keys."""
+    assert train(load_config("tiny.toml", [*EVERY_OPTION, "train.out_dir=eager"])) == 0
+    for scope in ("model", "blocks"):
+        assert train(load_config("tiny.toml", [*EVERY_OPTION, f"train.out_dir={scope}",
+                                               "train.compile=true",
+                                               f"train.compile_scope={scope}"])) == 0
+        assert_close_losses(losses(tiny_run / "eager"), losses(tiny_run / scope), 1e-4)
     model = Checkpoint.open(tiny_run / "blocks").load_model()  # plain keys: an uncompiled GPT
     assert isinstance(model, torch.nn.Module)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
-def test_blocks_compiled_one_by_one_under_two_processes(
+def test_every_option_per_block_under_two_processes(
     tiny_run: Path, torchrun: Callable[..., None], parallel: str
 ) -> None:
-    """Compiled before DDP wraps the model or FSDP shards it, as torchtitan does: the losses
-    of one eager process with the same global batch."""
-    common = [*BASE, "train.grad_accum_steps=2"]
+    """Blocks compiled before DDP wraps the model or FSDP shards it (as torchtitan does), with
+    the chunked loss (whose head FSDP's root holds for the backward pass's second run) and
+    document masking: the losses of one eager process with the same global batch."""
+    common = [*EVERY_OPTION, "train.grad_accum_steps=2"]
     assert train(load_config("tiny.toml", [*common, "train.out_dir=one"])) == 0
-    args = [f"--set={s}" for s in [*common, f"train.parallel={parallel}", "train.compile=true",
-                                   "train.compile_scope=blocks", "train.out_dir=two"]]
-    torchrun(*args)
+    torchrun(*[f"--set={s}" for s in [*common, f"train.parallel={parallel}", "train.compile=true",
+                                      "train.compile_scope=blocks", "train.out_dir=two"]])
     assert_close_losses(losses(tiny_run / "one"), losses(tiny_run / "two"), 1e-4)
 
 
