@@ -67,6 +67,7 @@ DOCUMENT_TOKENS = (64, 2048)  # the random corpus's documents: shorter and longe
 ROWS = ("eager", "compiled", "blocks", "chunked", "docmask", "fp8", "all", "batch")
 COMPILED = ("train.compile=true", "train.compile_scope=model")
 DEVICE = "cuda"  # the tests run the plumbing on "cpu"
+COMPARE_SOURCE = "python-stdlib"  # text a model learns from, on every machine, no download
 
 
 @dataclass(frozen=True)
@@ -354,7 +355,8 @@ def compare_fp8(args: argparse.Namespace, tmp: Path) -> tuple[Curve, Curve] | No
             *common_overrides(args, tmp / f"compare-{fp8}", args.compare_steps), *COMPILED,
             f"train.fp8={str(fp8).lower()}", "train.eval_iters=20", "train.log_interval=10",
             f"train.warmup_iters={max(1, args.compare_steps // 10)}",
-            "data.source=python-stdlib", "data.tokenizer=gpt2", f"data.data_dir={tmp / 'stdlib'}",
+            f"data.source={COMPARE_SOURCE}", "data.tokenizer=gpt2",
+            f"data.data_dir={tmp / 'compare-data'}",
         ]
         measured = run_row(with_vocabulary(load_config(args.config, overrides)), 0)
         if measured.error is not None:

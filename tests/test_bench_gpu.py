@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -122,13 +123,11 @@ block_size = 64
 """
 
 
-@pytest.mark.slow
-def test_the_whole_bench_runs_on_the_cpu_in_miniature(
-    bench_gpu, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    """Its plumbing end to end (every row through gpt train, the plain loop, the fp8 comparison
-    refused, the block written) with a tiny model on the CPU told it has a GPU, and
-    torch.compile left out: what a GPU session would otherwise find broken."""
+@pytest.fixture
+def miniature(bench_gpu, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[..., str]:
+    """`miniature(*argv)`: the bench's main on the CPU with a tiny model, told it has a GPU
+    ("Some GPU", compute capability 8.0) and with torch.compile left out; the bench-gpu block
+    it wrote."""
     config, doc = tmp_path / "bench.toml", tmp_path / "performance.md"
     config.write_text(BENCH_MODEL)
     doc.write_text("before\n<!-- bench-gpu:start -->\nold\n<!-- bench-gpu:end -->\nafter\n")
@@ -139,21 +138,61 @@ def test_the_whole_bench_runs_on_the_cpu_in_miniature(
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Some GPU")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
     monkeypatch.chdir(tmp_path)
-    bench_gpu.main(["--config", str(config), "--rows", "eager,blocks,chunked,docmask,fp8,batch",
-                    "--batch-sizes", "2,4", "--batch-size", "2", "--loss-chunk", "32",
-                    "--warmup", "2", "--steps", "4", "--window", "2", "--compare-steps", "4",
-                    "--peak-flops", "1e12", "--write-docs", "--docs", str(doc)])
-    out = capsys.readouterr().out
-    assert "fp8 comparison skipped: [train] fp8 = true needs a CUDA GPU" in out
-    block = doc.read_text()
-    assert block.startswith("before\n<!-- bench-gpu:start -->\n| row | tokens/s | MFU |")
-    rows = [line for line in block.splitlines() if line.startswith("| ") and "---" not in line]
-    labels = [row.split(" | ")[0].removeprefix("| ") for row in rows[1:]]
-    assert labels == ["`gpt train`, eager", "compiled per block", "+ chunked loss (32 tokens)",
-                      "+ document masking (FlexAttention)", "+ fp8 (torch" "ao float8)",
-                      "compiled whole, batch 2", "compiled whole, batch 4",
-                      "plain loop, compiled (reference)"]
-    fp8_row = rows[5]
-    assert "did not run: [train] fp8 = true needs a CUDA GPU" in fp8_row
-    assert all("did not run" not in row for row in rows[1:5] + rows[6:])
-    assert "Some GPU, compute capability 8.0" in block and block.endswith("after\n")
+
+    def run(*argv: str) -> str:
+        bench_gpu.main(["--config", str(config), "--batch-size", "2", "--loss-chunk", "32",
+                        "--warmup", "2", "--steps", "4", "--window", "2", "--compare-steps", "4",
+                        "--peak-flops", "1e12", "--write-docs", "--docs", str(doc), *argv])
+        block = doc.read_text()
+        assert block.startswith("before\n<!-- bench-gpu:start -->\n| row | tokens/s | MFU |")
+        assert "Some GPU, compute capability 8.0" in block and block.endswith("after\n")
+        return block
+
+    return run
+
+
+def table_rows(block: str) -> list[list[str]]:
+    return [line[2:-2].split(" | ") for line in block.splitlines()
+            if line.startswith("| ") and "---" not in line]
+
+
+@pytest.mark.slow
+def test_the_whole_bench_runs_on_the_cpu_in_miniature(
+    miniature: Callable[..., str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Its plumbing end to end (every row through gpt train, the plain loop, fp8 refused in its
+    row and in the comparison, the block written): what a GPU session would otherwise find
+    broken."""
+    block = miniature("--rows", "eager,blocks,chunked,docmask,fp8,batch", "--batch-sizes", "2,4")
+    refused = "[train] fp8 = true needs a CUDA GPU of compute capability 8.9 or higher"
+    assert f"fp8 comparison skipped: {refused}" in capsys.readouterr().out
+    rows = table_rows(block)[1:]
+    assert [row[0] for row in rows] == [
+        "`gpt train`, eager", "compiled per block", "+ chunked loss (32 tokens)",
+        "+ document masking (FlexAttention)", "+ fp8 (torchao float8)", "compiled whole, batch 2",
+        "compiled whole, batch 4", "plain loop, compiled (reference)"]
+    assert rows[4][-1].startswith(f"did not run: {refused}")
+    assert all(row[-1] == "" and float(row[1].replace(",", "")) > 0
+               for i, row in enumerate(rows) if i != 4)
+
+
+@pytest.mark.slow
+def test_the_fp8_comparison_runs_on_the_cpu_in_miniature(
+    miniature: Callable[..., str], bench_gpu, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The comparison's plumbing, fp8 let through and left out (bf16 both times), on a small
+    text instead of the standard library: its table and verdict in the block."""
+    import gpt.train
+
+    (tmp_path / "text.txt").write_text("def f(x):\n    return x + 1\n\n" * 2000)
+    monkeypatch.setattr(bench_gpu, "COMPARE_SOURCE", str(tmp_path / "text.txt"))
+    monkeypatch.setattr(bench_gpu, "check_fp8", lambda device: None)
+    monkeypatch.setattr(gpt.train, "check_fp8", lambda device: None)
+    monkeypatch.setattr(gpt.train, "to_float8", lambda model: None)
+    block = miniature("--rows", "fp8", "--no-reference")
+    rows = table_rows(block)
+    assert rows[1][0] == "+ fp8 (torchao float8)" and rows[1][-1] == ""
+    assert rows[2] == ["loss", "bf16", "fp8", "relative gap", "tolerance 2%"]
+    assert [row[0] for row in rows[3:]] == ["final val loss", "mean train loss, last quarter"]
+    assert all(row[3] == "0.00%" and row[4] == "within" for row in rows[3:])  # the same run twice
+    assert "fp8 against bf16: 4 steps each" in block
