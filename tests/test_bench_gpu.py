@@ -84,16 +84,27 @@ def test_rows_come_in_order_and_each_setting_is_a_config_key(bench_gpu) -> None:
 
 def test_the_ablation_table_says_why_a_row_did_not_run(bench_gpu) -> None:
     Measured = bench_gpu.Measured
-    results = [("compiled", Measured([100.0, 120.0, 110.0], 30.5, 61.0)),
+    results = [("eager", Measured([50.0], 20.0, 5.0)),
+               (bench_gpu.COMPILED_LABEL, Measured([100.0, 120.0, 110.0], 30.5, 61.0)),
                ("fp8", Measured(error="[train] fp8 = true needs float8 tensor cores")),
                ("blocks", Measured([132.0], None, 20.0))]
     table = bench_gpu.ablation_table(results, flops=10, peak=2000.0, reference=100.0)
     lines = table.splitlines()
-    assert lines[0].startswith("| row | tokens/s | MFU | vs plain loop | vs first row | peak GiB")
-    assert lines[2] == "| compiled | 110 | 55.0% | 1.100 | 1.000 | 30.5 | 61 |  |"
-    assert lines[3].endswith("| did not run: [train] fp8 = true needs float8 tensor cores |")
-    assert lines[4] == "| blocks | 132 | 66.0% | 1.320 | 1.200 | n/a | 20 |  |"
-    assert "| n/a | n/a |" in bench_gpu.ablation_table(results[:1], 10, None, None)
+    assert lines[0].startswith("| row | tokens/s | MFU | vs plain loop | vs baseline | peak GiB")
+    assert lines[2] == "| eager | 50 | 25.0% | 0.500 | 0.455 | 20.0 | 5 |  |"
+    assert lines[3] == "| `gpt train`, compiled whole | 110 | 55.0% | 1.100 | 1.000 | 30.5 | 61 |  |"
+    assert lines[4].endswith("| did not run: [train] fp8 = true needs float8 tensor cores |")
+    assert lines[5] == "| blocks | 132 | 66.0% | 1.320 | 1.200 | n/a | 20 |  |"
+
+
+def test_the_baseline_is_the_compiled_model_else_the_first_row_that_ran(bench_gpu) -> None:
+    Measured = bench_gpu.Measured
+    failed, ran = Measured(error="out of memory"), Measured([1.0])
+    assert bench_gpu.baseline_label([("a", failed), ("b", ran), (bench_gpu.COMPILED_LABEL, ran)]) \
+        == bench_gpu.COMPILED_LABEL
+    assert bench_gpu.baseline_label([("a", failed), ("b", ran), ("c", ran)]) == "b"
+    assert bench_gpu.baseline_label([("a", failed)]) is None
+    assert "| n/a | n/a |" in bench_gpu.ablation_table([("a", ran)], 10, None, None)
 
 
 def test_fp8_losses_are_judged_against_the_tolerance(bench_gpu) -> None:
