@@ -120,10 +120,12 @@ def compiled_flex_attention() -> Callable[..., Tensor]:
 
 
 def flex_attend(q: Tensor, k: Tensor, v: Tensor, mask: BlockMask) -> Tensor:
-    """FlexAttention of q, k, v (B, nh, T, hs) under `mask`: compiled on a GPU; eager elsewhere
-    (forward only: the CPU has no FlexAttention backward)."""
-    attend = compiled_flex_attention() if q.is_cuda else flex_attention
-    return attend(q, k, v, block_mask=mask)  # type: ignore[return-value]
+    """FlexAttention of q, k, v (B, nh, T, hs) under `mask`: inside a compiled model part of
+    its graph; else compiled on its own on a GPU, eager elsewhere (forward only: the CPU has
+    no FlexAttention backward)."""
+    if torch.compiler.is_compiling() or not q.is_cuda:
+        return flex_attention(q, k, v, block_mask=mask)  # type: ignore[return-value]
+    return compiled_flex_attention()(q, k, v, block_mask=mask)
 
 
 def head_loss(x: Tensor, targets: Tensor, head: nn.Module, cap: float | None) -> Tensor:

@@ -123,19 +123,21 @@ def test_document_ids_start_a_document_at_each_end_of_text() -> None:
     assert document_ids(idx, EOT).tolist() == [[0, 1, 1, 1, 2], [1, 1, 1, 1, 1]]
 
 
-@pytest.mark.parametrize("flex", [False, True], ids=["dense", "flex"])
-def test_document_mask_attends_within_each_document(flex: bool) -> None:
+@pytest.mark.parametrize("kind", ["dense", "flex", pytest.param("flex-compiled", marks=pytest.mark.slow)])
+def test_document_mask_attends_within_each_document(kind: str) -> None:
     """Every kind of row in one batch, against attention run on each document alone. The CPU
-    runs FlexAttention's forward only, eagerly (its reference implementation)."""
+    runs FlexAttention's forward only: eagerly (its reference implementation), or compiled as
+    inside a compiled model."""
     torch.manual_seed(0)
     idx = rows_with_documents(list(ROWS.values()))
     q, k, v = (torch.randn(len(ROWS), 2, 16, 8) for _ in range(3))  # (B, nh, T, hs)
     expected = per_document_attention(q, k, v, idx)
-    mask = document_mask(idx, EOT, flex=flex)
-    if flex:
-        with warnings.catch_warnings():  # eager flex_attention warns that it is unfused
+    mask = document_mask(idx, EOT, flex=kind != "dense")
+    if kind != "dense":
+        attend = torch.compile(flex_attend) if kind == "flex-compiled" else flex_attend
+        with warnings.catch_warnings(), torch.no_grad():  # eager flex_attention warns: unfused
             warnings.simplefilter("ignore")
-            got = flex_attend(q, k, v, mask)
+            got = attend(q, k, v, mask)
     else:
         assert mask.shape == (len(ROWS), 1, 16, 16)
         got = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
