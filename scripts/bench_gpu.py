@@ -26,12 +26,17 @@ GPU's dense bf16 peak (gpt/metrics.py's table, or `--peak-flops`), for the fp8 r
 on the interpreter's own standard library (text a model learns from, and on every machine) and
 checks that fp8's final losses are within `--fp8-tolerance` (relative) of bf16's. A row that
 cannot run (out of memory, fp8 on a GPU without float8) says why in the table instead.
-`--write-docs` puts the tables into docs/performance.md (or `--docs PATH`).
+`--write-docs` puts the tables into docs/performance.md (or `--docs PATH`). `--results PATH`
+appends every record (setup, each row as it finishes, the comparison, the host) to PATH, and
+`--merge PATH...` builds the tables from such files without measuring, so the rows can be
+measured in several shorter runs and published as one block.
 
     python scripts/bench_gpu.py [--config configs/gpt2_124m.toml] [--rows eager,compiled,...]
         [--batch-size 16] [--batch-sizes 8,16,32,64] [--loss-chunk 4096] [--warmup 20]
         [--steps 50] [--window 10] [--no-reference] [--data random|config]
-        [--compare-steps 300] [--fp8-tolerance 0.02] [--peak-flops F] [--write-docs [--docs PATH]]
+        [--compare-steps 300] [--fp8-tolerance 0.02] [--peak-flops F] [--results PATH]
+        [--write-docs [--docs PATH]]
+    python scripts/bench_gpu.py --merge PATH... [--write-docs [--docs PATH]]
 """
 
 from __future__ import annotations
@@ -67,6 +72,7 @@ DOCUMENT_TOKENS = (64, 2048)  # the random corpus's documents: shorter and longe
 ROWS = ("eager", "compiled", "blocks", "chunked", "docmask", "fp8", "all", "batch")
 COMPILED = ("train.compile=true", "train.compile_scope=model")
 COMPILED_LABEL = "`gpt train`, compiled whole"
+REFERENCE_LABEL = "plain loop, compiled (reference)"
 DEVICE = "cuda"  # the tests run the plumbing on "cpu"
 COMPARE_SOURCE = "python-stdlib"  # text a model learns from, on every machine, no download
 
@@ -299,6 +305,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Path 
                         help="the relative gap of fp8's losses to bf16's that passes")
     parser.add_argument("--peak-flops", type=float, default=None,
                         help="the GPU's peak bf16 FLOP/s, for a GPU gpt/metrics.py does not know")
+    parser.add_argument("--results", type=Path, default=None, metavar="PATH",
+                        help="append each record (setup, row, comparison, host) to PATH as JSON "
+                             "lines as it is measured")
+    parser.add_argument("--merge", type=Path, nargs="+", default=None, metavar="PATH",
+                        help="measure nothing: build the tables from the --results files of "
+                             "earlier runs (no GPU needed)")
     docs.add_doc_options(parser)
     args = parser.parse_args(argv)
     for name in ("warmup", "steps", "window"):
@@ -376,18 +388,53 @@ def compare_fp8(args: argparse.Namespace, tmp: Path) -> tuple[Curve, Curve] | No
     return curves[0], curves[1]
 
 
-def main(argv: list[str] | None = None) -> None:
-    args, doc = parse_args(argv)
-    require_cuda()
+class Results:
+    """What a measurement found, record by record: the setup, each row, the fp8 comparison and
+    the host. Each record is appended to the `--results` file as it comes (JSON lines), so a run
+    stopped part way keeps its finished rows, and `--merge` builds the tables from the files of
+    several runs (a GPU session's time limit may not hold every row in one run)."""
+
+    def __init__(self, path: Path | None = None) -> None:
+        self.path, self.records = path, []
+
+    def add(self, kind: str, **values: object) -> None:
+        record = {"kind": kind, **values}
+        self.records.append(record)
+        if self.path is not None:
+            with self.path.open("a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+
+    @classmethod
+    def read(cls, paths: list[Path]) -> Results:
+        results = cls()
+        for path in paths:
+            try:
+                lines = path.read_text(encoding="utf-8").splitlines()
+                results.records += [json.loads(line) for line in lines if line.strip()]
+            except (OSError, ValueError) as e:
+                raise SystemExit(f"--merge {path}: cannot read its records ({e}); give a file "
+                                 "that bench_gpu.py --results wrote") from None
+        if not results.of("setup"):
+            raise SystemExit("--merge: no setup record in the files; give files that "
+                             "bench_gpu.py --results wrote")
+        return results
+
+    def of(self, kind: str) -> list[dict]:
+        return [r for r in self.records if r["kind"] == kind]
+
+    def rows(self) -> list[tuple[str, Measured]]:
+        return [(r["label"], Measured(r["rates"], r["peak_gib"], r["wall_s"], r["error"]))
+                for r in self.of("row")]
+
+
+def measure(args: argparse.Namespace, results: Results) -> None:
+    """Run the rows, the plain loop and the fp8 comparison on the GPU, into `results`."""
     import torch._inductor.config as inductor_config
 
     inductor_config.force_disable_caches = True  # each row's wall time compiles afresh
     device, dtype = torch.device(DEVICE), torch.bfloat16
     load_before = docs.load_average()
     steps = args.warmup + args.steps
-    rows = variants(args.rows, args.batch_sizes, args.loss_chunk)
-    results: list[tuple[str, Measured]] = []
-    comparison = None
     with tempfile.TemporaryDirectory() as folder:
         tmp = Path(folder)
         data = []
@@ -395,50 +442,82 @@ def main(argv: list[str] | None = None) -> None:
             random_corpus(tmp / "random", RANDOM_TOKENS)
             data = [f"data.source={tmp / 'random'}", "data.tokenizer=gpt2", "data.glob=*.txt",
                     f"data.data_dir={tmp / 'data'}", "data.streaming=false"]
-        shared = [*common_overrides(args, tmp, steps), *data]
-        cfg = with_vocabulary(load_config(args.config, shared))
-        for variant in rows:
-            out = tmp / f"out-{len(results)}"
-            row_cfg = load_config(args.config, [*common_overrides(args, out, steps), *data,
-                                                *variant.overrides])
-            row_cfg = dataclasses.replace(row_cfg, model=cfg.model)
+        cfg = with_vocabulary(load_config(args.config, [*common_overrides(args, tmp, steps),
+                                                        *data]))
+        model = GPT(cfg.model)
+        results.add(
+            "setup", gpu=torch.cuda.get_device_name(device),
+            capability=".".join(map(str, torch.cuda.get_device_capability(device))),
+            cuda=torch.version.cuda, config=args.config, params=model.num_params(),
+            vocab=cfg.model.padded_vocab_size, flops=model.flops_per_token(),
+            peak=peak_flops(cfg.train, device, dtype), batch_size=args.batch_size,
+            block_size=cfg.model.block_size, data=args.data, warmup=args.warmup,
+            steps=args.steps, window=args.window,
+        )
+        del model
+        for i, variant in enumerate(variants(args.rows, args.batch_sizes, args.loss_chunk)):
+            row_cfg = load_config(args.config, [*common_overrides(args, tmp / f"out-{i}", steps),
+                                                *data, *variant.overrides])
             print(f"{variant.label}: training {steps} steps")
-            results.append((variant.label, run_row(row_cfg, args.warmup)))
-        ref = (reference_tok_per_s(cfg, device, dtype, True, args.warmup, args.steps,
-                                   args.window) if args.reference else [])
-        if args.compare_steps:
-            comparison = compare_fp8(args, tmp)
-    if ref:
-        results.append(("plain loop, compiled (reference)", Measured(ref)))
-    model = GPT(cfg.model)
-    flops = model.flops_per_token()
-    peak = peak_flops(cfg.train, device, dtype)
-    gpu = torch.cuda.get_device_name(device)
-    capability = ".".join(map(str, torch.cuda.get_device_capability(device)))
-    tables = [ablation_table(results, flops, peak, statistics.median(ref) if ref else None)]
-    print(f"GPU: {gpu} (compute capability {capability}); torch {torch.__version__}, "
-          f"CUDA {torch.version.cuda}")
-    print(tables[0])
+            m = run_row(dataclasses.replace(row_cfg, model=cfg.model), args.warmup)
+            results.add("row", label=variant.label, **dataclasses.asdict(m))
+        if args.reference:
+            rates = reference_tok_per_s(cfg, device, dtype, True, args.warmup, args.steps,
+                                        args.window)
+            results.add("row", label=REFERENCE_LABEL, **dataclasses.asdict(Measured(rates)))
+        if args.compare_steps and (curves := compare_fp8(args, tmp)) is not None:
+            results.add("fp8", steps=args.compare_steps,
+                        curves=[dataclasses.asdict(c) for c in curves])
+    results.add("host", markdown=docs.host_markdown(load_before))
+
+
+def report(results: Results, tolerance: float, doc: Path | None) -> None:
+    """Print the tables of `results` and write them, with the setup and the host they were
+    measured on, into the bench-gpu block of `doc` (None: print only)."""
+    setup, rows = results.of("setup")[0], results.rows()
+    reference = [statistics.median(m.rates) for label, m in rows if label == REFERENCE_LABEL]
+    peak = setup["peak"]
+    tables = [ablation_table(rows, setup["flops"], peak, reference[0] if reference else None)]
     notes = [
-        f"GPU: {gpu}, compute capability {capability}, CUDA {torch.version.cuda}; peak "
-        + (f"{peak / 1e12:.0f} TFLOP/s (bf16 dense) for MFU, the fp8 rows' too" if peak
-           else "unknown (pass --peak-flops for MFU)"),
-        f"model: `{args.config}`, {model.num_params():,} parameters, vocabulary "
-        f"{cfg.model.padded_vocab_size:,} (padded), {flops / 1e9:.3f} GFLOP per token",
-        f"{args.batch_size} x {cfg.model.block_size} tokens per step (the batch rows aside), "
-        f"bfloat16, data: {args.data}",
-        f"baseline: {baseline_label(results) or 'none ran'}; medians of "
-        f"{args.steps // args.window} windows of {args.window} steps after "
-        f"{args.warmup} warm-up steps; wall time includes compiling, with inductor's cache off",
+        f"GPU: {setup['gpu']}, compute capability {setup['capability']}, CUDA {setup['cuda']}; "
+        + (f"peak {peak / 1e12:.0f} TFLOP/s (bf16 dense) for MFU, the fp8 rows' too" if peak
+           else "peak unknown (pass --peak-flops for MFU)"),
+        f"model: `{setup['config']}`, {setup['params']:,} parameters, vocabulary "
+        f"{setup['vocab']:,} (padded), {setup['flops'] / 1e9:.3f} GFLOP per token",
+        f"{setup['batch_size']} x {setup['block_size']} tokens per step (the batch rows aside), "
+        f"bfloat16, data: {setup['data']}",
+        f"baseline: {baseline_label(rows) or 'none ran'}; medians of "
+        f"{setup['steps'] // setup['window']} windows of {setup['window']} steps after "
+        f"{setup['warmup']} warm-up steps; wall time includes compiling, with inductor's cache off",
     ]
-    if comparison is not None:
-        table, within = fp8_table(*comparison, args.fp8_tolerance)
-        print(table)
-        print("fp8 is within" if within else "fp8 is OUTSIDE", f"{args.fp8_tolerance:.0%} of bf16")
+    for record in results.of("fp8"):
+        table, within = fp8_table(*(Curve(**c) for c in record["curves"]), tolerance)
         tables.append(table)
-        notes.append(f"fp8 against bf16: {args.compare_steps} steps each, compiled, on the "
-                     "standard library's text (gpt2 tokens)")
-    docs.publish(doc, "bench-gpu", tables, load_before, notes)
+        notes.append(f"fp8 against bf16: {record['steps']} steps each, compiled, on the standard "
+                     f"library's text (gpt2 tokens): {'within' if within else 'OUTSIDE'} "
+                     f"{tolerance:.0%}")
+    hosts = [r["markdown"] for r in results.of("host")] or [
+        "- host not recorded: the run stopped before its end"]
+    if len(results.of("setup")) > 1:
+        notes.append(f"rows of {len(results.of('setup'))} runs of this script, merged with "
+                     "--merge; the hosts below, one list each")
+    print("\n\n".join(tables))
+    print("\n".join(notes))
+    if doc is not None:
+        notes_md = "\n".join(f"- {note}" for note in notes)
+        docs.write_block(doc, "bench-gpu", "\n\n".join([*tables, notes_md, *hosts]))
+        print(f"wrote the table into {doc}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args, doc = parse_args(argv)
+    if args.merge:
+        results = Results.read(args.merge)
+    else:
+        require_cuda()
+        results = Results(args.results)
+        measure(args, results)
+    report(results, args.fp8_tolerance, doc)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ tables, its random corpus and timing windows, and its one-line refusal without a
 from __future__ import annotations
 
 import importlib.util
+import json
 import re
 import sys
 from collections.abc import Callable
@@ -207,3 +208,37 @@ def test_the_fp8_comparison_runs_on_the_cpu_in_miniature(
     assert [row[0] for row in rows[3:]] == ["final val loss", "mean train loss, last quarter"]
     assert all(row[3] == "0.00%" and row[4] == "within" for row in rows[3:])  # the same run twice
     assert "fp8 against bf16: 4 steps each" in block
+
+
+@pytest.mark.slow
+def test_rows_of_several_runs_are_merged_into_one_block_without_a_gpu(
+    miniature: Callable[..., str], bench_gpu, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each run's --results file holds its setup, its rows as they finished and its host;
+    --merge builds the tables from them on a machine without a GPU."""
+    first, second = tmp_path / "first.jsonl", tmp_path / "second.jsonl"
+    miniature("--rows", "eager", "--no-reference", "--compare-steps", "0", "--results", str(first))
+    miniature("--rows", "compiled", "--compare-steps", "0", "--results", str(second))
+    assert [json.loads(line)["kind"] for line in first.read_text().splitlines()] == [
+        "setup", "row", "host"]
+
+    def no_gpu() -> None:
+        raise AssertionError("--merge measures nothing")
+
+    monkeypatch.setattr(bench_gpu, "require_cuda", no_gpu)
+    doc = tmp_path / "performance.md"
+    bench_gpu.main(["--merge", str(first), str(second), "--write-docs", "--docs", str(doc)])
+    block = doc.read_text()
+    assert [row[0] for row in table_rows(block)[1:]] == [
+        "`gpt train`, eager", bench_gpu.COMPILED_LABEL, bench_gpu.REFERENCE_LABEL]
+    assert "rows of 2 runs of this script, merged with --merge" in block
+    assert block.count("- CPU: ") == 2  # each run's host
+
+
+def test_merging_what_is_not_a_results_file_is_one_line(bench_gpu, tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("not json\n")
+    with pytest.raises(SystemExit, match=r"--merge .*notes.txt: cannot read its records"):
+        bench_gpu.main(["--merge", str(tmp_path / "notes.txt")])
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(SystemExit, match=r"--merge: no setup record in the files"):
+        bench_gpu.main(["--merge", str(tmp_path / "empty.jsonl")])
