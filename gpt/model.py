@@ -213,16 +213,14 @@ class Attention(nn.Module):
         k, v = self._repeat_kv(k, v)
         if isinstance(mask, BlockMask):
             y = flex_attend(q, k, v, mask)
-        elif mask is not None and not self.manual:
-            y = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0
-            )
         elif self.manual:
-            mask = mask if mask is not None else self.mask[:T, :S] if self.causal else None
+            if mask is None and self.causal:
+                mask = self.mask[:T, :S]
             y = self._manual_attention(q, k, v, mask)
         else:
             y = F.scaled_dot_product_attention(
-                q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=self.causal
+                q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
+                is_causal=self.causal and mask is None,
             )
         y = y.transpose(1, 2).contiguous().view(B, T, self.q_dim)  # (B, T, nh*hs)
         return self.resid_dropout(self.c_proj(y))
