@@ -63,6 +63,7 @@ LRSchedule = Literal["cosine", "wsd"]
 OptimizerName = Literal["adamw", "muon"]
 Parallel = Literal["ddp", "fsdp", "hsdp"]
 SHARDED = ("fsdp", "hsdp")  # the layouts that split each weight by rows across processes
+CompileScope = Literal["model", "blocks"]
 Finetune = Literal["full", "lora"]
 LORA_TARGETS = ("c_attn", "c_proj", "c_fc", "c_up")  # the blocks' Linear layers, by module name
 QKV_NAMES = ("q_proj", "k_proj", "v_proj", "query", "key", "value", "q", "k", "v")
@@ -426,6 +427,27 @@ class TrainConfig(_Section):
     device: str = _key("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
     dtype: DType = _key("auto", "auto: bfloat16 on capable GPUs, float16 on older, float32 on CPU")
     compile: bool = _key(False, "wrap the model in torch.compile")
+    compile_scope: CompileScope = _key(
+        "model",
+        "with compile = true, model: the whole model in one graph; blocks: each transformer "
+        "block on its own (they share one compiled graph: faster to compile)",
+    )
+    loss_chunk: int | None = _key(
+        None,
+        "compute the LM head and the loss over this many tokens at a time, each chunk's logits "
+        "recomputed in the backward pass, so the (tokens, vocabulary) logits are never whole; "
+        "unset = all at once",
+    )
+    document_masking: bool = _key(
+        False,
+        "each token attends only within its own document, which starts at an end-of-text token "
+        "(FlexAttention on CUDA, a dense mask elsewhere); sampling stays plainly causal",
+    )
+    fp8: bool = _key(
+        False,
+        "float8 matmuls in the blocks' linear layers through torchao (pip install torchao); "
+        "CUDA GPUs of compute capability 8.9 or higher (Ada, Hopper and later) only",
+    )
     parallel: Parallel = _key(
         "ddp",
         "under torchrun, ddp: every process holds the whole model, gradients and optimizer "
@@ -460,6 +482,9 @@ class TrainConfig(_Section):
         """The lora_* keys are checked whatever finetune says; finetune = "lora" needs a model
         to adapt and a layout that keeps the adapters whole."""
         self._positive("lora_rank", "lora_alpha")
+        if self.finetune == "lora" and self.fp8:
+            self._fail("fp8", "does not train LoRA finetunes (their frozen base layers would "
+                       "turn float8 too); set train.fp8 = false with finetune = \"lora\"")
         if not 0.0 <= self.lora_dropout < 1.0:
             self._fail("lora_dropout", f"must be in [0, 1), got {self.lora_dropout!r}")
         targets = self.lora_targets
@@ -486,7 +511,7 @@ class TrainConfig(_Section):
     def check(self) -> None:
         self._positive("batch_size", "grad_accum_steps", "eval_interval", "eval_iters")
         self._positive("log_interval", "checkpoint_interval", "keep_last", "peak_flops")
-        self._positive("lr_decay_iters", "muon_lr", "hsdp_replicas")
+        self._positive("lr_decay_iters", "muon_lr", "hsdp_replicas", "loss_chunk")
         self._non_negative("max_iters", "learning_rate", "min_lr", "warmup_iters")
         self._non_negative("weight_decay", "grad_clip")
         if self.optimizer == "muon" and self.learning_rate == 0:

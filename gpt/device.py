@@ -7,11 +7,13 @@ once, and each caller passes the option's name so the error says what to change.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import re
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from gpt.errors import GPTError
 from gpt.onednn import bfloat16_is_native, packing_works
@@ -66,6 +68,40 @@ def resolve_dtype(
     if name == "float16" and device.type == "cpu":
         raise GPTError(f"{option} float16 needs a GPU; use bfloat16 or float32 on the CPU")
     return DTYPES[name]
+
+
+FP8_CAPABILITY = (8, 9)  # Ada and Hopper on: the first GPUs with float8 tensor cores
+FP8_FIX = "set train.fp8 = false"
+
+
+def check_fp8(device: torch.device) -> None:
+    """`[train] fp8` needs float8 tensor cores (CUDA compute capability 8.9 or higher: L4,
+    L40S, RTX 4090, H100, H200, B200) and torchao, which converts the layers; refused before
+    any work elsewhere."""
+    if device.type != "cuda":
+        raise GPTError(f"[train] fp8 = true needs a CUDA GPU of compute capability 8.9 or higher, "
+                       f"and this run is on {device.type}; {FP8_FIX}")
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) < FP8_CAPABILITY:
+        raise GPTError(f"[train] fp8 = true needs float8 tensor cores (compute capability 8.9 or "
+                       f"higher), and {torch.cuda.get_device_name(device)} has {major}.{minor}; "
+                       f"{FP8_FIX}")
+    if importlib.util.find_spec("torchao") is None:
+        raise GPTError("[train] fp8 = true trains through torchao's float8, which is not "
+                       f"installed; pip install torchao (or gpt[fp8]), or {FP8_FIX}")
+
+
+def to_float8(model: nn.Module) -> None:
+    """Swap, in place, the blocks' Linear layers for torchao's float8 training ones (dynamic
+    per-tensor scales); the embeddings and the LM head stay in the compute dtype, as does any
+    layer whose sides are not multiples of 16 (float8 matmuls need them)."""
+    from torchao.float8 import convert_to_float8_training
+
+    def in_blocks(module: nn.Module, fqn: str) -> bool:
+        return (fqn.startswith("transformer.h.") and isinstance(module, nn.Linear)
+                and module.in_features % 16 == 0 and module.out_features % 16 == 0)
+
+    convert_to_float8_training(model, module_filter_fn=in_blocks)
 
 
 def fast_cpu_bfloat16() -> bool:

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator, Mapping
-from functools import partial
+from functools import cache, partial
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 from torch.utils.checkpoint import checkpoint
 
 from gpt.config import ModelConfig
@@ -88,6 +89,70 @@ def soft_cap(logits: Tensor, cap: float) -> Tensor:
     return cap * torch.tanh(logits.float() / cap)
 
 
+def document_ids(idx: Tensor, eot_id: int) -> Tensor:
+    """Each token's document in its row (B, T): an end-of-text token begins the document it
+    introduces, as sampling from an empty prompt begins with it; tokens before a row's first
+    one are document 0 (the end of a document the row starts inside)."""
+    return (idx == eot_id).cumsum(dim=1)
+
+
+@torch.compiler.disable  # built once per forward, outside any compiled graph
+def document_mask(idx: Tensor, eot_id: int, flex: bool) -> Tensor | BlockMask:
+    """Causal attention within each document of idx (B, T): FlexAttention's block mask (which
+    skips the blocks no query sees), or a dense one (B, 1, T, T), True = visible."""
+    docs = document_ids(idx, eot_id)  # (B, T)
+    B, T = idx.shape
+    if not flex:
+        causal = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()  # (T, T)
+        return (causal & (docs[:, :, None] == docs[:, None, :]))[:, None]  # (B, 1, T, T)
+
+    def same_document(b: Tensor, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
+        return (q >= k) & (docs[b, q] == docs[b, k])
+
+    return create_block_mask(same_document, B, None, T, T, device=idx.device)
+
+
+@cache
+def compiled_flex_attention() -> Callable[..., Tensor]:
+    """flex_attention compiled once: its eager form is a slow reference, and runs no backward
+    on the CPU."""
+    return torch.compile(flex_attention)
+
+
+def flex_attend(q: Tensor, k: Tensor, v: Tensor, mask: BlockMask) -> Tensor:
+    """FlexAttention of q, k, v (B, nh, T, hs) under `mask`: inside a compiled model part of
+    its graph; else compiled on its own on a GPU, eager elsewhere (forward only: the CPU has
+    no FlexAttention backward)."""
+    if torch.compiler.is_compiling() or not q.is_cuda:
+        return flex_attention(q, k, v, block_mask=mask)  # type: ignore[return-value]
+    return compiled_flex_attention()(q, k, v, block_mask=mask)
+
+
+def head_loss(x: Tensor, targets: Tensor, head: nn.Module, cap: float | None) -> Tensor:
+    """The summed cross-entropy of the LM head over rows x (N, C) against targets (N,), those
+    of -1 left out; the logits soft-capped as the model's forward caps them."""
+    logits = head(x)  # (N, vocab)
+    if cap is not None:
+        logits = soft_cap(logits, cap)
+    return F.cross_entropy(logits.float(), targets, ignore_index=-1, reduction="sum")
+
+
+def chunked_cross_entropy(
+    x: Tensor, targets: Tensor, head: nn.Module, cap: float | None, chunk: int
+) -> Tensor:
+    """The mean cross-entropy of `head` over x (B, T, C) against targets (B, T), `chunk` rows
+    at a time: each chunk's logits live only while it is computed, and the backward pass
+    computes them again, so the (B * T, vocab) logits are never whole in memory."""
+    x, targets = x.reshape(-1, x.size(-1)), targets.reshape(-1)  # (N, C), (N,)
+    total = torch.zeros((), dtype=torch.float32, device=x.device)
+    for rows, wanted in zip(x.split(chunk), targets.split(chunk), strict=True):
+        if torch.is_grad_enabled():
+            total = total + checkpoint(head_loss, rows, wanted, head, cap, use_reentrant=False)
+        else:
+            total = total + head_loss(rows, wanted, head, cap)
+    return total / (targets != -1).sum()  # as F.cross_entropy's mean (0/0: NaN)
+
+
 class Attention(nn.Module):
     """Multi-head attention with a fused QKV projection and optional grouped key/value heads.
 
@@ -130,9 +195,11 @@ class Attention(nn.Module):
         rope: tuple[Tensor, Tensor] | None = None,
         cache: KVCache | None = None,
         layer: int = 0,
+        mask: Tensor | BlockMask | None = None,
     ) -> Tensor:
         """Attention of x (B, T, C); with `cache`, x (1, N, C) holds the new tokens of the
-        cache's pass and attends over each row's cached keys too (incremental decoding)."""
+        cache's pass and attends over each row's cached keys too (incremental decoding). A
+        `mask` (document_mask's) replaces the causal one of self-attention."""
         if cache is not None:
             return self.resid_dropout(self.c_proj(self._attend_cached(x, cache, layer)))
         B, T, _ = x.shape  # batch, sequence length, n_embd
@@ -151,12 +218,16 @@ class Attention(nn.Module):
         v = v.view(B, S, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, S, hs)
         q, k = self._normalise_and_rotate(q, k, rope)
         k, v = self._repeat_kv(k, v)
-        if self.manual:
-            mask = self.mask[:T, :S] if self.causal else None
+        if isinstance(mask, BlockMask):
+            y = flex_attend(q, k, v, mask)
+        elif self.manual:
+            if mask is None and self.causal:
+                mask = self.mask[:T, :S]
             y = self._manual_attention(q, k, v, mask)
         else:
             y = F.scaled_dot_product_attention(
-                q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=self.causal
+                q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
+                is_causal=self.causal and mask is None,
             )
         y = y.transpose(1, 2).contiguous().view(B, T, self.q_dim)  # (B, T, nh*hs)
         return self.resid_dropout(self.c_proj(y))
@@ -264,8 +335,11 @@ class Block(nn.Module):
         rope: tuple[Tensor, Tensor] | None = None,
         cache: KVCache | None = None,
         layer: int = 0,
+        mask: Tensor | BlockMask | None = None,
     ) -> Tensor:
-        attend = lambda h: self.attn(h, rope=rope, cache=cache, layer=layer)  # noqa: E731
+        def attend(h: Tensor) -> Tensor:
+            return self.attn(h, rope=rope, cache=cache, layer=layer, mask=mask)
+
         x = self._residual(x, self.ln_1, attend)
         if self.cross_attn is not None:
             x = self._residual(x, self.ln_cross, lambda h: self._cross(h, context))
@@ -280,6 +354,10 @@ class Block(nn.Module):
 
 class GPT(nn.Module):
     """The language model: embeddings, `n_layer` blocks, a final norm (Pre-LN) and the LM head."""
+
+    # set by the trainer ([train] loss_chunk, document_masking): ways of running, not weights
+    loss_chunk: int | None = None  # tokens per chunk of the LM head and loss; None = all at once
+    document_eot: int | None = None  # the end-of-text id that splits documents; None = causal
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -384,11 +462,14 @@ class GPT(nn.Module):
         context: Tensor | None = None,
         cache: KVCache | None = None,
         last_only: bool = False,
-    ) -> tuple[Tensor, Tensor | None]:
+    ) -> tuple[Tensor | None, Tensor | None]:
         """Logits (B, T, vocab) for every position of idx (B, T); loss if targets are given.
 
-        The loss is the mean cross-entropy over targets that are not -1. `context` (B, S, n_embd)
-        feeds the cross-attention sublayers of a model built with `cross_attention = true`.
+        The loss is the mean cross-entropy over targets that are not -1; with `loss_chunk` set
+        it is computed chunk by chunk and the logits are not returned (None). With
+        `document_eot` set, a token attends only within its document (`document_mask`).
+        `context` (B, S, n_embd) feeds the cross-attention sublayers of a model built with
+        `cross_attention = true`.
         With `cache` (from `new_cache`), idx holds only new tokens: row i's continue where row i
         of the cache ends, and earlier keys and values come from the cache (incremental
         decoding; see gpt/kvcache.py for passes that feed rows unequal numbers of tokens).
@@ -416,15 +497,19 @@ class GPT(nn.Module):
         else:
             rope = (self.rope_cos[:T], self.rope_sin[:T])  # (T, hs/2)
         x = self.transformer.drop(x)
+        mask = None
+        if self.document_eot is not None and cache is None:
+            mask = document_mask(idx, self.document_eot, flex=idx.is_cuda)
         recompute = (self.activation_checkpointing and self.training and torch.is_grad_enabled()
                      and cache is None)
         for i, block in enumerate(self.transformer.h):
             if recompute:
                 # keep only the block's input; the backward pass runs the block again, with the
                 # same dropout masks (the RNG state is saved and replayed)
-                x = checkpoint(block, x, context=context, rope=rope, use_reentrant=False)
+                x = checkpoint(block, x, context=context, rope=rope, mask=mask,
+                               use_reentrant=False)
                 continue
-            x = block(x, context=context, rope=rope, cache=cache, layer=i)
+            x = block(x, context=context, rope=rope, cache=cache, layer=i, mask=mask)
         if cache is not None:
             cache.advance()
         if "ln_f" in self.transformer:
@@ -436,6 +521,9 @@ class GPT(nn.Module):
             x = x[:, -1:]  # (B, 1, C): the head is the largest matmul; skip unused positions
         elif groups is not None and len(groups) == 1:
             x = x.view(groups[0].size, groups[0].T, -1)  # (b, T, C)
+        elif targets is not None and self.loss_chunk is not None:
+            cap = self.config.logit_softcap
+            return None, chunked_cross_entropy(x, targets, self.lm_head, cap, self.loss_chunk)
         logits = self.lm_head(x)  # (B, T, vocab)
         if self.config.logit_softcap is not None:
             logits = soft_cap(logits, self.config.logit_softcap)  # (B, T, vocab) float32

@@ -115,14 +115,25 @@ class Dist:
 
     # the model and its state in this layout
 
-    def build(self, config: ModelConfig, dtype: torch.dtype, draw: bool = True) -> GPT:
+    def build(
+        self, config: ModelConfig, dtype: torch.dtype, draw: bool = True,
+        adapt: Callable[[GPT], None] | None = None,
+    ) -> GPT:
         """The model with its initial weights: whole, on the CPU; or under FSDP built on the
         meta device, sharded, materialised on the device and its rows drawn (`init_rows`; not
-        `draw`n when a start's weights fill them), so that no process holds it whole."""
+        `draw`n when a start's weights fill them), so that no process holds it whole.
+
+        `adapt` changes the model's modules first (float8 layers, blocks compiled one by one),
+        before any sharding, as torchao and torchtitan ask; it draws nothing from the RNG."""
         if not self.sharded:
-            return GPT(config)
+            model = GPT(config)
+            if adapt is not None:
+                adapt(model)
+            return model
         with torch.device("meta"):
             model = GPT(config)
+        if adapt is not None:
+            adapt(model)
         shard(model, self.device, dtype, self.replicas)
         model.to_empty(device=self.device)
         model.init_buffers()

@@ -11,6 +11,7 @@ and when it is written gpt/checkpoint.py's.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import random
 import shutil
@@ -25,9 +26,9 @@ from tqdm import tqdm
 
 from gpt import parallel
 from gpt.checkpoint import Checkpointer, Each, RandomStates
-from gpt.config import RunConfig, to_dict
+from gpt.config import RunConfig, TrainConfig, to_dict
 from gpt.data.prepared import BatchSampler
-from gpt.device import memory_errors, resolve_device, resolve_dtype
+from gpt.device import check_fp8, memory_errors, resolve_device, resolve_dtype, to_float8
 from gpt.errors import GPTError, compile_errors
 from gpt.layout import METRICS
 from gpt.lock import FolderLock
@@ -135,8 +136,12 @@ def setup_run(cfg: RunConfig, resume: bool, world: Dist, dtype: torch.dtype) -> 
     random.seed(tcfg.seed)
     np.random.seed(tcfg.seed % 2**32)  # numpy's takes 32 bits: the same seed for all that fit
     # the same initial weights on every rank (under FSDP, each rank's rows of them)
-    model = world.build(cfg.model, dtype, draw=begin.weights is None)
+    model = world.build(cfg.model, dtype, draw=begin.weights is None,
+                        adapt=functools.partial(adapt_modules, tcfg))
     model.activation_checkpointing = tcfg.activation_checkpointing
+    model.loss_chunk = tcfg.loss_chunk
+    if tcfg.document_masking:
+        model.document_eot = int(begin.data.meta["eot_id"])
     world.seed(tcfg.seed)
     lora = None
     if (start := begin.weights) is not None:
@@ -148,7 +153,7 @@ def setup_run(cfg: RunConfig, resume: bool, world: Dist, dtype: torch.dtype) -> 
             world.print0(f"added the chat tokens {' and '.join(added['tokens'])} as ids "
                          f"{added['ids'][0]} and {added['ids'][1]}: their rows begin as "
                          f"{added['rows']}")
-    trained = world.wrap(model, tcfg.compile)
+    trained = world.wrap(model, tcfg.compile and tcfg.compile_scope == "model")
     optimizer = make_optimizer(model, tcfg, world.device)
     scaler = torch.amp.GradScaler(world.device.type, enabled=dtype == torch.float16)
     samplers = Each({
@@ -188,6 +193,17 @@ def setup_run(cfg: RunConfig, resume: bool, world: Dist, dtype: torch.dtype) -> 
         resume_iter = state.iteration if begin.resumed else None
         run.metrics = MetricsLog(Path(tcfg.out_dir) / METRICS, resume_iter, wandb_run)
     return run
+
+
+def adapt_modules(tcfg: TrainConfig, model: GPT) -> None:
+    """The training options that change the model's modules, applied before any sharding:
+    float8 matmuls in the blocks (torchao's layers), and each block compiled on its own (the
+    blocks are alike, so one graph serves them all and compiling takes a block's time)."""
+    if tcfg.fp8:
+        to_float8(model)
+    if tcfg.compile and tcfg.compile_scope == "blocks":
+        for block in model.transformer.h:
+            block.compile()  # in place: the keys and the module tree stay the same
 
 
 def load_start(begin: Start, model: GPT) -> dict[str, Any] | None:
@@ -395,9 +411,16 @@ def train(cfg: RunConfig, resume: bool = True) -> int:
             "[model] cross_attention = true needs a context sequence, which gpt train has no "
             "source for; train decoder-only models (cross_attention = false)"
         )
+    if tcfg.document_masking and cfg.model.dropout > 0:
+        raise GPTError(
+            "[train] document_masking = true attends through FlexAttention, which has no "
+            "attention dropout; set model.dropout = 0, or document_masking = false"
+        )
     if tcfg.optimizer == "muon":
         muon_class()  # a torch without Muon is refused before any work
     device = resolve_device(tcfg.device, "[train] device")
+    if tcfg.fp8:
+        check_fp8(device)
     dtype = resolve_dtype(tcfg.dtype, device, "[train] dtype")
     world = parallel.start(tcfg, device, dtype)
     if device.type == "cuda":

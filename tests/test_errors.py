@@ -448,6 +448,22 @@ CONFIG.append(
          r"\[model\] block_size = 128 is longer than the 64 positions of init_from = "
          r"'hf:gpt2-64'; set it to at most 64", hf_gpt2),
 )
+CONFIG.extend([  # the speed options of [train], refused before any work where they cannot run
+    Case("config-fp8-on-the-cpu", [*TRAIN, "--set", "train.fp8=true", "--set", "train.device=cpu"],
+         r"\[train\] fp8 = true needs a CUDA GPU of compute capability 8\.9 or higher, and this "
+         r"run is on cpu; set train\.fp8 = false$"),
+    Case("config-fp8-with-lora", [*TRAIN, "--set", "train.fp8=true", "--set",
+                                  "train.finetune=lora", "--set", "train.init_from=out"],
+         r'\[train\] fp8: does not train LoRA finetunes \(their frozen base layers would turn '
+         r'float8 too\); set train\.fp8 = false with finetune = "lora"$'),
+    Case("config-document-masking-with-dropout", [*TRAIN, "--set", "train.document_masking=true"],
+         r"\[train\] document_masking = true attends through FlexAttention, which has no "
+         r"attention dropout; set model\.dropout = 0, or document_masking = false$"),
+    Case("config-loss-chunk-of-zero", [*TRAIN, "--set", "train.loss_chunk=0"],
+         r"\[train\] loss_chunk: must be > 0, got 0$"),
+    Case("config-unknown-compile-scope", [*TRAIN, "--set", "train.compile_scope=layers"],
+         r"\[train\] compile_scope: 'layers' is not allowed; choose one of \"model\", \"blocks\"$"),
+])
 
 
 def unreadable(path: str) -> Setup:
