@@ -116,11 +116,11 @@ class Dist:
         and with them their backends' threads (gloo's two workers and its transport loop).
 
         destroy_process_group only forgets a group: the group ends, joining its threads, when
-        its last reference goes. One still held lived on into the process's exit, where its
-        threads ran while C++ tore down the objects under them: about one FSDP launch in 40
-        aborted there ("terminate called without an active exception"). So every reference
-        this run made goes first: the run's model (freed by the collector: FSDP's hooks make
-        cycles) and its mesh (which DTensor's sharding caches keep, and which holds the group).
+        its last reference goes. One still held was never ended, and its threads still ran
+        while the process exited, which is when about one FSDP launch in 40 aborted
+        ("terminate called without an active exception"). So every reference this run made
+        goes first: the run's model (freed by the collector: FSDP's hooks make cycles) and its
+        mesh (which DTensor's sharding caches keep, and which holds the group).
         """
         if self.world_size > 1 and dist.is_initialized():
             gc.collect()
