@@ -24,6 +24,8 @@ Muon, which needs whole matrices, has each one orthogonalised by one process of 
 from __future__ import annotations
 
 import contextlib
+import gc
+import importlib
 import os
 import signal
 from collections.abc import Callable, Iterator
@@ -54,6 +56,8 @@ class Dist:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     sharded: bool = False  # FSDP, HSDP: each process holds its rows of every weight and moment
     replicas: int = 1  # HSDP's replica groups, each sharding over `shards` processes
+    host_group: Any = None  # gloo, for agreements on host tensors (None: the default group)
+    mesh: Any = None  # FSDP's DeviceMesh, which holds the process groups until `close`
 
     @property
     def main(self) -> bool:
@@ -83,11 +87,23 @@ class Dist:
 
     def any(self, flag: bool) -> bool:
         """Whether `flag` is set in any process, so that every process takes the same branch."""
+        return self.any_later(flag)()
+
+    def any_later(self, flag: bool) -> Callable[[], bool]:
+        """Start agreeing whether `flag` is set in any process, without waiting; returns what
+        reads the answer. A host tensor reduced on the host group, so the answer never waits
+        for the device, and reading it waits only for this all-reduce (`StopFlag` reads it a
+        step later, when it has long arrived)."""
         if self.world_size == 1:
-            return flag
-        found = torch.tensor([1.0 if flag else 0.0], device=self.device)
-        dist.all_reduce(found)
-        return found.item() > 0
+            return lambda: flag
+        found = torch.tensor([1.0 if flag else 0.0])
+        work = dist.all_reduce(found, group=self.host_group, async_op=True)
+
+        def read() -> bool:
+            work.wait()
+            return found.item() > 0
+
+        return read
 
     def gather(self, value: Any) -> list[Any]:
         """Every process's `value` (picklable), rank by rank."""
@@ -109,8 +125,21 @@ class Dist:
             dist.barrier()
 
     def close(self) -> None:
-        """Tear the process group down (after a `barrier`: no process may still use it)."""
+        """Tear the process groups down (after a `barrier`: no process may still use them),
+        and with them their backends' threads (gloo's two workers and its transport loop).
+
+        destroy_process_group only forgets a group: the group ends, joining its threads, when
+        its last reference goes. One still held was never ended, and its threads still ran
+        while the process exited, which is when about one FSDP launch in 40 aborted
+        ("terminate called without an active exception"). So every reference this run made
+        goes first: the run's model (freed by the collector: FSDP's hooks make cycles) and its
+        mesh (which DTensor's sharding caches keep, and which holds the group).
+        """
         if self.world_size > 1 and dist.is_initialized():
+            gc.collect()
+            if self.mesh is not None:
+                release_groups(self.mesh)
+            self.mesh = self.host_group = None
             dist.destroy_process_group()
 
     # the model and its state in this layout
@@ -134,7 +163,7 @@ class Dist:
             model = GPT(config)
         if adapt is not None:
             adapt(model)
-        shard(model, self.device, dtype, self.replicas)
+        self.mesh = shard(model, self.device, dtype, self.replicas)
         model.to_empty(device=self.device)
         model.init_buffers()
         if draw:
@@ -222,10 +251,17 @@ def start(tcfg: TrainConfig, device: torch.device, dtype: torch.dtype) -> Dist:
     if device.type == "cuda":
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
+    # Its functions' defaults are `group=group.WORLD`, bound at import: imported after the
+    # group starts (as FSDP and distributed checkpoints do), they would hold it for the life of
+    # the interpreter, so that `Dist.close` could never end it. Imported now, they hold None.
+    importlib.import_module("torch.distributed.nn.functional")
+
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    # agreements (the stop flag) travel as host tensors: NCCL reduces only device tensors
+    host_group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else None
     world = Dist(rank, local_rank, world_size, device, sharded=tcfg.parallel in SHARDED,
-                 replicas=replicas)
+                 replicas=replicas, host_group=host_group)
     if tcfg.grad_accum_steps % world_size:
         raise GPTError(
             f"[train] grad_accum_steps = {tcfg.grad_accum_steps} is not divisible by the "
@@ -267,12 +303,16 @@ def replica_groups(tcfg: TrainConfig, world_size: int, local_world_size: int | N
 class StopFlag:
     """SIGINT/SIGTERM set a flag; the loop finishes its step, saves and exits 130/143.
 
-    A second signal quits at once (the last checkpoint on disk stays intact: saves are atomic).
+    Across processes the flag is agreed one step late, so that no step waits for it: the
+    all-reduce started after step N is read after step N+1, by when it has arrived, and every
+    process stops after that same step. A second signal quits at once (the last checkpoint on
+    disk stays intact: saves are atomic).
     """
 
     def __init__(self) -> None:
         self.signum: int | None = None
         self.previous: dict[int, Any] = {}
+        self.pending: Callable[[], bool] | None = None  # the agreement started a step ago
 
     def __enter__(self) -> StopFlag:
         for sig in EXIT_CODES:
@@ -285,12 +325,19 @@ class StopFlag:
         self.signum = signum
 
     def __exit__(self, *exc: object) -> None:
+        if self.pending is not None and exc[0] is None:
+            self.pending()  # no all-reduce is left running on a group about to be torn down
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
 
     def seen(self, world: Dist) -> bool:
-        """Whether any rank was signalled, so every rank stops after the same step."""
-        return world.any(self.signum is not None)
+        """Whether a rank was signalled (in one process: by now; across processes: by the
+        step before this one), the same answer in every rank, so all stop after one step."""
+        if world.world_size == 1:
+            return self.signum is not None
+        agreed = self.pending is not None and self.pending()
+        self.pending = world.any_later(self.signum is not None)
+        return agreed
 
     @property
     def exit_code(self) -> int:
@@ -309,10 +356,10 @@ def unwrap(model: nn.Module) -> GPT:
             return model  # type: ignore[return-value]
 
 
-def shard(model: GPT, device: torch.device, dtype: torch.dtype, replicas: int = 1) -> None:
+def shard(model: GPT, device: torch.device, dtype: torch.dtype, replicas: int = 1) -> Any:
     """FSDP2 on each block, then on the root (embeddings, final norm, head), in place: over
     every process, or as HSDP over a 2-D mesh of `replicas` groups (rows of the mesh: replica r
-    is ranks r * S to r * S + S - 1) that each shard over their S processes.
+    is ranks r * S to r * S + S - 1) that each shard over their S processes; returns the mesh.
 
     The model is on the meta device (`Dist.build`): fully_shard splits its parameters' shapes
     and `to_empty` then allocates only this process's rows on `device`. With a compute dtype
@@ -333,6 +380,16 @@ def shard(model: GPT, device: torch.device, dtype: torch.dtype, replicas: int = 
     for block in model.transformer.h:
         fully_shard(block, **options)
     fully_shard(model, **options)
+    return mesh
+
+
+def release_groups(mesh: Any) -> None:
+    """Make `mesh` let go of its process groups, which it would otherwise keep alive for as
+    long as DTensor's caches keep it. Its registry is private: in a torch without one there is
+    nothing to release here, and tests/test_parallel.py says so by the threads left running."""
+    registry = getattr(mesh, "_pg_registry", None)
+    if isinstance(registry, dict):
+        registry.clear()
 
 
 def init_rows(model: GPT) -> None:

@@ -220,11 +220,8 @@ def measured_peak(
 # gloo's TCP transport now and then drops a connection between two processes on a loaded host
 # (a known flake of gloo itself); a launch that fails that way is tried once more, which resumes
 # exactly where it stopped. Any other failure fails the test with the launch's own error output.
-# "terminate called without an active exception": about one FSDP launch in 40 has one rank
-# abort as the processes tear down, after the final barrier, with every checkpoint and metrics
-# line written; a known defect (docs/training.md), retried like the transport's flakes.
 TRANSPORT_FLAKES = ("Connection closed by peer", "Connection reset by peer", "Broken pipe",
-                    "Address already in use", "terminate called without an active exception")
+                    "Address already in use")
 
 
 @pytest.fixture

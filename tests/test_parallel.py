@@ -7,9 +7,11 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -147,6 +149,46 @@ def test_an_fsdp_run_stopped_and_resumed_is_bitwise_the_uninterrupted_one(
     (saved / shards[0]).unlink()  # all of them: a weights-only checkpoint, for inference
     assert not ckpt.Checkpoint.open(saved).has_optimizer
     assert sample(saved)
+
+
+@pytest.mark.slow
+def test_sigterm_to_torchrun_saves_every_rank_and_the_run_resumes_exactly(
+    tiny_run: Path, torchrun: Callable[..., None]
+) -> None:
+    """SIGTERM to the torchrun agent (as SLURM and Kubernetes send it), which forwards it to
+    its workers: they agree on one step, save a complete FSDP checkpoint (every process's
+    optimizer rows), exit 143, and the run resumes to the uninterrupted losses."""
+    common = [*STEPS, "--set", "train.parallel=fsdp", "--set", "train.max_iters=60",
+              "--set", "train.lr_decay_iters=60", "--set", "train.eval_interval=1000",
+              "--set", "train.checkpoint_interval=1000"]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc_per_node=2", "-m", "gpt", "train", "--config", "tiny.toml", *common,
+               "--set", "train.out_dir=split"]
+    agent = subprocess.Popen(command, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+    log = tiny_run / "split" / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and agent.poll() is None and len(losses_so_far(log)) < 3:
+        time.sleep(0.05)
+    agent.send_signal(signal.SIGTERM)
+    stdout, stderr = agent.communicate(timeout=120)
+    # the agent itself ends with torchrun's SignalException; its workers stopped in time
+    assert "Received 15 death signal" in stderr and "SIGKILL" not in stderr, stderr[-3000:]
+    saved = ckpt.Checkpoint.open(tiny_run / "split")  # complete, or it is refused
+    stopped = saved.state["iter"]
+    assert f"stopped by signal after iteration {stopped}; saved split/ckpt-" in stdout
+    assert 3 <= stopped < 60 and saved.optimizer_files == [
+        "optimizer-00000-of-00002.pt", "optimizer-00001-of-00002.pt"]
+
+    torchrun(*common, "--set", "train.out_dir=split")
+    torchrun(*common, "--set", "train.out_dir=straight")
+    assert losses(tiny_run / "split") == losses(tiny_run / "straight")
+
+
+def losses_so_far(log: Path) -> list[str]:
+    """The complete lines of a metrics log being written."""
+    return [line for line in log.read_text().splitlines() if line.endswith("}")] \
+        if log.exists() else []
 
 
 @pytest.mark.slow
@@ -471,6 +513,45 @@ def test_fsdp_in_bfloat16_on_two_gpus_follows_ddp(
     ddp, fsdp = losses(tiny_run / "ddp"), losses(tiny_run / "fsdp")
     assert all(math.isclose(ddp[i], fsdp[i], rel_tol=2e-2) for i in ddp)
     assert fsdp[20] < fsdp[1] - 0.5
+
+
+CLOSED = """
+import os, sys
+from gpt import parallel
+from gpt.config import load_config
+from gpt.train import train
+
+close = parallel.Dist.close
+
+def close_and_list_threads(world):
+    close(world)
+    names = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
+    print(f"rank {world.rank} threads after close: {sorted(names)}", flush=True)
+
+parallel.Dist.close = close_and_list_threads
+sys.exit(train(load_config("tiny.toml", sys.argv[1:])))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="lists threads through /proc")
+@pytest.mark.parametrize("layout", [["train.parallel=fsdp"], ["train.parallel=ddp"],
+                                    ["train.parallel=hsdp", "train.hsdp_replicas=2"]],
+                         ids=["fsdp", "ddp", "hsdp"])
+def test_closing_ends_the_process_group_and_its_threads(
+    tiny_run: Path, layout: list[str]
+) -> None:
+    """After `Dist.close` no gloo thread runs (its two workers, `pt_gloo_runloop`, and its
+    transport loop, `gloo_tcp_loop`): a group still referenced after destroy_process_group kept
+    them running into the process's exit, where FSDP launches now and then aborted."""
+    (tiny_run / "closed.py").write_text(CLOSED)
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         "closed.py", *layout, "train.max_iters=2", "train.grad_accum_steps=2"],
+        capture_output=True, text=True, timeout=300, env=ENV)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = [line for line in done.stdout.splitlines() if "threads after close" in line]
+    assert len(lines) == 2 and not any("gloo" in line for line in lines), lines
 
 
 def free_port() -> int:
