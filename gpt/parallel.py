@@ -306,7 +306,7 @@ class StopFlag:
     Across processes the flag is agreed one step late, so that no step waits for it: the
     all-reduce started after step N is read after step N+1, by when it has arrived, and every
     process stops after that same step. A second signal quits at once (the last checkpoint on
-    disk stays intact: saves are atomic).
+    disk stays intact: saves are atomic), unless both are SIGTERM.
     """
 
     def __init__(self) -> None:
@@ -320,9 +320,12 @@ class StopFlag:
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
-        if self.signum is not None:
+        if self.signum is None:
+            self.signum = signum
+        elif not signum == self.signum == signal.SIGTERM:
             raise SystemExit(EXIT_CODES[signal.Signals(signum)])
-        self.signum = signum
+        # a SIGTERM repeated is the same request, not an insistence: SLURM signals every
+        # process of a job step and torchrun forwards its own, so a worker gets two
 
     def __exit__(self, *exc: object) -> None:
         if self.pending is not None and exc[0] is None:

@@ -729,6 +729,17 @@ def test_second_signal_quits_at_once() -> None:
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
 
 
+def test_a_repeated_sigterm_still_saves() -> None:
+    """SLURM signals every process of a job step and torchrun forwards the signal it got, so a
+    worker sees SIGTERM twice: the same request, which still lets the loop save."""
+    with StopFlag() as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.signum == signal.SIGTERM and stop.exit_code == 143
+        with pytest.raises(SystemExit):  # a person's Ctrl-C after it still quits at once
+            os.kill(os.getpid(), signal.SIGINT)
+
+
 def test_lr_schedule_values() -> None:
     cfg = TrainConfig(learning_rate=1.0, min_lr=0.1, warmup_iters=9, max_iters=109)
     assert lr_at(0, cfg) == pytest.approx(0.1)  # (0 + 1) / (9 + 1)
