@@ -39,6 +39,7 @@ import contextlib
 import errno
 import functools
 import json
+import operator
 import os
 import pickle
 import random
@@ -73,7 +74,7 @@ from gpt.layout import (
 )
 from gpt.lora import LoRA, add_adapters, is_adapter_key, merge_adapters, weights_sha256
 from gpt.model import GPT
-from gpt.parallel import Dist, fill_rows, unwrap
+from gpt.parallel import Dist, fill_rows, is_sharded, unwrap
 from gpt.tokenizer import CHAT_TOKENS, tokenizer_from_dict
 
 if TYPE_CHECKING:
@@ -544,12 +545,22 @@ class Checkpoint:
     def load_into(self, model: GPT) -> None:
         """Copy the checkpoint's weights into `model` (built from its config; whole, or
         sharded: each process reads its rows): a LoRA finetune's base with its adapters merged
-        in, so that `model` stays a plain GPT."""
+        in, so that `model` stays a plain GPT. The merge needs the whole model, so a sharded
+        `model` gets its rows of one merged on the CPU (built with the run's random state left
+        as it was)."""
         if self.lora is None:
             load_weights(self.path, model)
             return
-        self.load_adapted(model, LoRA.from_record(self.lora), seed=0)
-        merge_adapters(model)
+        merged = model
+        if is_sharded(next(model.parameters())):
+            with torch.random.fork_rng(devices=[]):
+                merged = GPT(unwrap(model).config)
+        self.load_adapted(merged, LoRA.from_record(self.lora), seed=0)
+        merge_adapters(merged)
+        if merged is not model:
+            whole = dict(merged.named_parameters())
+            for key, param in unwrap(model).named_parameters():
+                fill_rows(param, functools.partial(operator.getitem, whole[key].detach()))
 
     def load_adapted(self, model: GPT, lora: LoRA, seed: int) -> None:
         """A LoRA finetune's model as it trains: its base's weights, checked against the

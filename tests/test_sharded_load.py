@@ -291,3 +291,19 @@ def test_an_fsdp_finetune_of_a_checkpoint_gives_the_losses_of_one_process(
     one_process(*finetune, "--set", "train.out_dir=one")
     torchrun(*finetune, "--set", "train.parallel=fsdp", "--set", "train.out_dir=two")
     assert_close_losses(losses(tiny_run / "one"), losses(tiny_run / "two"))
+
+
+@pytest.mark.slow
+def test_an_fsdp_finetune_of_a_lora_checkpoint_gives_the_losses_of_one_process(
+    tiny_run: Path, torchrun: Callable[..., None]
+) -> None:
+    """init_from a LoRA finetune, whose adapters merge into its base on a whole model: under
+    FSDP each process takes its rows of the merged weights, and trains as one process."""
+    common = [*STEPS, *NO_DROPOUT]
+    one_process(*common, "--set", "train.max_iters=2", "--set", "train.out_dir=base")
+    one_process(*common, "--set", "train.max_iters=2", "--set", "train.init_from=base",
+                "--set", "train.finetune=lora", "--set", "train.out_dir=lora")
+    finetune = [*common, "--set", "train.max_iters=4", "--set", "train.init_from=lora"]
+    one_process(*finetune, "--set", "train.out_dir=one")
+    torchrun(*finetune, "--set", "train.parallel=fsdp", "--set", "train.out_dir=two")
+    assert_close_losses(losses(tiny_run / "one"), losses(tiny_run / "two"))
