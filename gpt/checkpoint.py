@@ -39,7 +39,6 @@ import contextlib
 import errno
 import functools
 import json
-import operator
 import os
 import pickle
 import random
@@ -539,28 +538,29 @@ class Checkpoint:
         return self.state.get("lora")
 
     def weights_for(self, config: ModelConfig) -> Weights:
-        """The checkpoint's weights, read by rows (a model of `config` must have its shape)."""
-        return open_weights(self.path)
+        """The checkpoint's weights, read by rows (a model of `config` must have its shape). A
+        LoRA finetune's adapters merge into its base on a whole model on the CPU first (built
+        with the run's random state left as it was): the merge needs every row."""
+        if self.lora is None:
+            return open_weights(self.path)
+        with torch.random.fork_rng(devices=[]):
+            merged = dict(self.load_model().named_parameters())  # a tied head once
+        return Weights(
+            {key: tuple(param.shape) for key, param in merged.items()},
+            lambda key, rows: merged[key].detach()[rows],
+            lambda detail: GPTError(f"{self.path} does not fit the model to fill ({detail}); "
+                                    f"{_another_checkpoint(self.path)}"),
+        )
 
     def load_into(self, model: GPT) -> None:
         """Copy the checkpoint's weights into `model` (built from its config; whole, or
         sharded: each process reads its rows): a LoRA finetune's base with its adapters merged
-        in, so that `model` stays a plain GPT. The merge needs the whole model, so a sharded
-        `model` gets its rows of one merged on the CPU (built with the run's random state left
-        as it was)."""
-        if self.lora is None:
-            load_weights(self.path, model)
+        in, so that `model` stays a plain GPT."""
+        if self.lora is not None and not is_sharded(next(model.parameters())):
+            self.load_adapted(model, LoRA.from_record(self.lora), seed=0)
+            merge_adapters(model)
             return
-        merged = model
-        if is_sharded(next(model.parameters())):
-            with torch.random.fork_rng(devices=[]):
-                merged = GPT(unwrap(model).config)
-        self.load_adapted(merged, LoRA.from_record(self.lora), seed=0)
-        merge_adapters(merged)
-        if merged is not model:
-            whole = dict(merged.named_parameters())
-            for key, param in unwrap(model).named_parameters():
-                fill_rows(param, functools.partial(operator.getitem, whole[key].detach()))
+        self.weights_for(unwrap(model).config).load_into(model)
 
     def load_adapted(self, model: GPT, lora: LoRA, seed: int) -> None:
         """A LoRA finetune's model as it trains: its base's weights, checked against the
