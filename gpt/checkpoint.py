@@ -73,7 +73,7 @@ from gpt.layout import (
 )
 from gpt.lora import LoRA, add_adapters, is_adapter_key, merge_adapters, weights_sha256
 from gpt.model import GPT
-from gpt.parallel import Dist, fill_rows, unwrap
+from gpt.parallel import Dist, fill_rows, is_sharded, unwrap
 from gpt.tokenizer import CHAT_TOKENS, tokenizer_from_dict
 
 if TYPE_CHECKING:
@@ -538,18 +538,29 @@ class Checkpoint:
         return self.state.get("lora")
 
     def weights_for(self, config: ModelConfig) -> Weights:
-        """The checkpoint's weights, read by rows (a model of `config` must have its shape)."""
-        return open_weights(self.path)
+        """The checkpoint's weights, read by rows (a model of `config` must have its shape). A
+        LoRA finetune's adapters merge into its base on a whole model on the CPU first (built
+        with the run's random state left as it was): the merge needs every row."""
+        if self.lora is None:
+            return open_weights(self.path)
+        with torch.random.fork_rng(devices=[]):
+            merged = dict(self.load_model().named_parameters())  # a tied head once
+        return Weights(
+            {key: tuple(param.shape) for key, param in merged.items()},
+            lambda key, rows: merged[key].detach()[rows],
+            lambda detail: GPTError(f"{self.path} does not fit the model to fill ({detail}); "
+                                    f"{_another_checkpoint(self.path)}"),
+        )
 
     def load_into(self, model: GPT) -> None:
         """Copy the checkpoint's weights into `model` (built from its config; whole, or
         sharded: each process reads its rows): a LoRA finetune's base with its adapters merged
         in, so that `model` stays a plain GPT."""
-        if self.lora is None:
-            load_weights(self.path, model)
+        if self.lora is not None and not is_sharded(next(model.parameters())):
+            self.load_adapted(model, LoRA.from_record(self.lora), seed=0)
+            merge_adapters(model)
             return
-        self.load_adapted(model, LoRA.from_record(self.lora), seed=0)
-        merge_adapters(model)
+        self.weights_for(unwrap(model).config).load_into(model)
 
     def load_adapted(self, model: GPT, lora: LoRA, seed: int) -> None:
         """A LoRA finetune's model as it trains: its base's weights, checked against the

@@ -141,7 +141,7 @@ def setup_run(cfg: RunConfig, resume: bool, world: Dist, dtype: torch.dtype) -> 
     model.activation_checkpointing = tcfg.activation_checkpointing
     model.loss_chunk = tcfg.loss_chunk
     if tcfg.document_masking:
-        model.document_eot = int(begin.data.meta["eot_id"])
+        model.document_eot = begin.data.eot_id
     world.seed(tcfg.seed)
     lora = None
     if (start := begin.weights) is not None:

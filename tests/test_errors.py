@@ -459,6 +459,13 @@ CONFIG.extend([  # the speed options of [train], refused before any work where t
     Case("config-document-masking-with-dropout", [*TRAIN, "--set", "train.document_masking=true"],
          r"\[train\] document_masking = true attends through FlexAttention, which has no "
          r"attention dropout; set model\.dropout = 0, or document_masking = false$"),
+    Case("config-document-masking-without-an-eot-id",
+         [*TRAIN, "--set", "train.document_masking=true", "--set", "model.dropout=0",
+          "--set", "train.out_dir=masked"],
+         rf"{DATA}/meta\.json records no end-of-text id \(eot_id\), where "
+         r"train\.document_masking starts each document; rebuild with gpt prepare --force, or "
+         r"set train\.document_masking = false$",
+         edit_json(f"{DATA}/meta.json", lambda meta: meta.pop("eot_id"))),
     Case("config-loss-chunk-of-zero", [*TRAIN, "--set", "train.loss_chunk=0"],
          r"\[train\] loss_chunk: must be > 0, got 0$"),
     Case("config-unknown-compile-scope", [*TRAIN, "--set", "train.compile_scope=layers"],

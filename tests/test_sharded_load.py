@@ -6,6 +6,7 @@ q, k, v) run every case once; each test compares one case with its whole referen
 from __future__ import annotations
 
 import functools
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -291,3 +292,29 @@ def test_an_fsdp_finetune_of_a_checkpoint_gives_the_losses_of_one_process(
     one_process(*finetune, "--set", "train.out_dir=one")
     torchrun(*finetune, "--set", "train.parallel=fsdp", "--set", "train.out_dir=two")
     assert_close_losses(losses(tiny_run / "one"), losses(tiny_run / "two"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("data", ["text", "chat"])
+def test_a_finetune_of_a_lora_checkpoint_under_fsdp_gives_the_losses_of_one_process(
+    tiny_run: Path, torchrun: Callable[..., None], data: str
+) -> None:
+    """init_from a LoRA finetune, whose adapters merge into its base on a whole model: under
+    FSDP each process takes its rows of the merged weights, and trains as one process; on chat
+    data the merged rows grow by the chat tokens' in both."""
+    corpus = Path("corpus.txt")  # the roles' letters, for the chat set's char vocabulary
+    corpus.write_text(corpus.read_text() + "# the user asks, the assistant answers\n" * 20)
+    common = [*STEPS, *NO_DROPOUT]
+    one_process(*common, "--set", "train.max_iters=2", "--set", "train.out_dir=base")
+    one_process(*common, "--set", "train.max_iters=2", "--set", "train.init_from=base",
+                "--set", "train.finetune=lora", "--set", "train.out_dir=lora")
+    finetune = [*common, "--set", "train.max_iters=4", "--set", "train.init_from=lora"]
+    if data == "chat":
+        turn = [{"role": "user", "content": "f(x)"}, {"role": "assistant", "content": "x * 2"}]
+        Path("chats.jsonl").write_text((json.dumps({"messages": turn}) + "\n") * 20)
+        finetune += ["--set", "data.format=chat", "--set", "data.source=chats.jsonl",
+                     "--set", "data.data_dir=data/chat"]
+    one_process(*finetune, "--set", "train.out_dir=one")
+    torchrun(*finetune, "--set", "train.parallel=fsdp", "--set", "train.out_dir=two")
+    assert_close_losses(losses(tiny_run / "one"), losses(tiny_run / "two"))
+    assert ("chat_tokens_added" in Checkpoint.open(tiny_run / "two").state) == (data == "chat")

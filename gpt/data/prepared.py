@@ -131,6 +131,19 @@ class PreparedData:
         """The tokenizer's vocabulary size, before the model pads it."""
         return int(self.meta["vocab_size"])
 
+    @property
+    def eot_id(self) -> int:
+        """The end-of-text id that ends each document, which document masking splits rows at
+        (read only then: data without it trains as before)."""
+        found = self.meta.get("eot_id")
+        if not isinstance(found, int) or isinstance(found, bool):
+            raise GPTError(
+                f"{self.data_dir / META_FILE} records no end-of-text id (eot_id), where "
+                "train.document_masking starts each document; rebuild with gpt prepare --force, "
+                "or set train.document_masking = false"
+            )
+        return found
+
     def tokens(self, split: str) -> np.ndarray:
         """A split's token ids as a read-only memmap: nothing is read until it is indexed."""
         return self._map(_token_path(self.data_dir, split), self.dtype, split)
