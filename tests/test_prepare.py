@@ -622,7 +622,13 @@ def test_ctrl_c_ends_a_prepare_that_waits_for_the_lock(
         reader.join(timeout=60)
         assert first_line and "waiting for another gpt prepare" in first_line[0], first_line
         process.send_signal(signal.SIGINT)
-        stdout, stderr = process.communicate(timeout=10)
+        try:
+            stdout, stderr = process.communicate(timeout=60)
+        except subprocess.TimeoutExpired:  # say where it stood: its state, signal masks, threads
+            status = Path(f"/proc/{process.pid}/status").read_text()
+            raise AssertionError("a waiting prepare did not stop on Ctrl-C:\n" + "\n".join(
+                line for line in status.splitlines()
+                if line.startswith(("State", "Threads", "SigBlk", "SigIgn", "SigCgt")))) from None
     finally:
         process.kill()
         lock.release()
