@@ -28,7 +28,6 @@ from gpt.errors import GPTError
 # How long a process refused the lock waits before trying once more: `holder` takes the lock
 # shared for an instant to look, and a look must never turn a trainer away.
 LOOK_GRACE_S = 0.1
-WAIT_POLL_S = 0.2  # how often a process waiting for the lock tries again
 RECORD = re.compile(r"^(?P<what>.*) \(pid (?P<pid>\d+) on (?P<host>.*)\)$")  # what the file says
 
 _held: weakref.WeakSet[FolderLock] = weakref.WeakSet()  # the locks this process holds now
@@ -90,14 +89,7 @@ class FolderLock:
                 f"{option} to another folder"
             )
         print(f"waiting for another {holder} to finish writing {folder}", file=sys.stderr)
-        # polled, not a blocking flock: a Ctrl-C that the kernel hands to another thread of
-        # this process would not interrupt the main thread's flock, which would wait on
-        while True:
-            try:
-                fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return
-            except BlockingIOError:
-                time.sleep(WAIT_POLL_S)
+        fcntl.flock(self.file, fcntl.LOCK_EX)
 
     def _still_in_place(self) -> bool:
         """Whether the file this process locked is still the one at `path`."""

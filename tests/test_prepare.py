@@ -612,9 +612,12 @@ def test_ctrl_c_ends_a_prepare_that_waits_for_the_lock(
     lock = FolderLock(tmp_path / "data" / "corpus-char", "gpt prepare", "data.data_dir",
                       name=".prepare.lock")
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    # Ctrl-C as a terminal delivers it, even where this suite runs as a background job (whose
+    # shell set SIGINT to be ignored, which a child inherits)
     process = subprocess.Popen([sys.executable, "-m", "gpt", "prepare", "--config", "tiny.toml"],
                                cwd=tmp_path, env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
+                               stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     first_line: list[str] = []
     reader = threading.Thread(target=lambda: first_line.append(process.stderr.readline()))  # type: ignore[union-attr]
     reader.start()
