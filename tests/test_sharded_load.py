@@ -53,10 +53,11 @@ HF = {  # HF models: GPT-2's transposed Conv1D, Llama's and Qwen3's q, k, v spli
     "llama-gqa-untied": lambda: transformers.LlamaConfig(
         max_position_embeddings=16, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=1, head_dim=12, tie_word_embeddings=False),
-    "qwen3-tied": lambda: transformers.Qwen3Config(
-        max_position_embeddings=16, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=12, tie_word_embeddings=True),
 }
+if hasattr(transformers, "Qwen3Config"):  # transformers 4.51 or later
+    HF["qwen3-tied"] = lambda: transformers.Qwen3Config(
+        max_position_embeddings=16, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=12, tie_word_embeddings=True)
 CHARS = "\n" + "".join(chr(ord("!") + i) for i in range(62))  # 63 ids: chat tokens 63, 64
 
 
