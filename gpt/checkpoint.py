@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import functools
 import json
 import os
 import pickle
@@ -45,7 +44,7 @@ import random
 import re
 import shutil
 import warnings
-from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -73,8 +72,10 @@ from gpt.layout import (
 )
 from gpt.lora import LoRA, add_adapters, is_adapter_key, merge_adapters, weights_sha256
 from gpt.model import GPT
-from gpt.parallel import Dist, fill_rows, is_sharded, unwrap
-from gpt.tokenizer import CHAT_TOKENS, tokenizer_from_dict
+from gpt.parallel import Dist, unwrap
+from gpt.sharding import is_sharded
+from gpt.tokenizer import tokenizer_from_dict
+from gpt.weights import VOCABULARY_KEYS, SafetensorsFiles, Weights, load_with_chat_tokens
 
 if TYPE_CHECKING:
     from gpt.hf.pretrained import Pretrained
@@ -243,71 +244,6 @@ def read_state(ckpt: Path) -> dict[str, Any]:
     return state
 
 
-class SafetensorsFiles:
-    """safetensors files read in parts: every tensor's shape, and any slice of one, which is all
-    that is read; so a process reads its rows of a model, never the whole. Each read maps the
-    file only while it copies the slice out, so no more than one tensor's pages count in the
-    process's memory at a time. A file that cannot be parsed is refused with
-    `damaged(path, error)`."""
-
-    def __init__(self, paths: Sequence[Path],
-                 damaged: Callable[[Path, Exception], GPTError]) -> None:
-        self.damaged = damaged
-        self.shapes: dict[str, tuple[int, ...]] = {}
-        self._path: dict[str, Path] = {}  # key -> the file that holds it
-        for path in paths:
-            with self._open(path) as file:
-                for key in file.keys():
-                    self._path[key] = path
-                    self.shapes[key] = tuple(file.get_slice(key).get_shape())
-
-    @contextlib.contextmanager
-    def _open(self, path: Path) -> Iterator[Any]:
-        from safetensors import safe_open
-
-        try:
-            with safe_open(str(path), framework="pt") as file:
-                yield file
-        except GPTError:
-            raise
-        except Exception as e:
-            raise self.damaged(path, e) from None
-
-    def read(self, key: str, index: slice | tuple[slice, ...]) -> torch.Tensor:
-        """`tensor[index]` of tensor `key`, a copy read from its file alone."""
-        with self._open(self._path[key]) as file:
-            return file.get_slice(key)[index]
-
-
-@dataclass(frozen=True)
-class Weights:
-    """A start's weights as our keys name them (a tied head left out), read by rows: each one's
-    shape, and `read(key, rows)`, its rows [start:stop] in float32. A weight that does not fit
-    the model is refused with `misfit(detail)`, the message of the start's kind."""
-
-    shapes: Mapping[str, tuple[int, ...]]
-    read: Callable[[str, slice], torch.Tensor]
-    misfit: Callable[[str], GPTError]
-
-    def load_into(self, model: torch.nn.Module, keep: Callable[[str], bool] | None = None) -> None:
-        """Check the weights against `model`'s (those whose key `keep` keeps), then copy each
-        in: a sharded model's processes read only the rows they hold (`fill_rows`)."""
-        model = unwrap(model)
-        params = {k: p for k, p in model.named_parameters(remove_duplicate=False)
-                  if keep is None or keep(k)}
-        for key, shape in self.shapes.items():
-            if key in params and shape != tuple(params[key].shape):
-                raise self.misfit(f"{key}: {shape} saved, {tuple(params[key].shape)} expected")
-        tied = "lm_head.weight" if model.config.tie_embeddings else None
-        missing = [k for k in params if k not in self.shapes and k != tied]
-        unexpected = [k for k in self.shapes if k not in params]
-        if missing or unexpected:
-            raise self.misfit(f"missing {missing[:3]}, unexpected {unexpected[:3]}")
-        for key, param in params.items():
-            if key in self.shapes:
-                fill_rows(param, functools.partial(self.read, key))
-
-
 def open_weights(ckpt: Path) -> Weights:
     """The checkpoint's model.safetensors, to be read by rows."""
     path = ckpt / WEIGHTS
@@ -331,46 +267,6 @@ def load_weights(ckpt: Path, model: torch.nn.Module, adapters: bool = False) -> 
     with `adapters`, a LoRA checkpoint's, which holds only the adapters of a model that
     carries them."""
     open_weights(ckpt).load_into(model, is_adapter_key if adapters else None)
-
-
-VOCABULARY_KEYS = ("vocab_size", "padded_vocab_size")  # what adding the chat tokens grows
-
-
-def load_with_chat_tokens(start: Checkpoint | Pretrained, model: GPT) -> None:
-    """Copy `start`'s weights into `model`, whose vocabulary is the start's plus the chat
-    tokens (a finetune that adds them): their rows begin as the mean of the start's token rows,
-    so the new tokens start as an average token rather than at random; new padding rows are
-    zero (not `model`'s own initialisation, so that a LoRA finetune's base hashes the same at
-    every load). Each process reads only its rows (the mean reads one table's token rows)."""
-    tokens = tokenizer_from_dict(start.tokenizer).vocab_size
-    vocab = model.config.padded_vocab_size
-    assert vocab is not None
-    _with_chat_token_rows(start.weights_for(model.config), tokens, vocab).load_into(model)
-
-
-def _with_chat_token_rows(weights: Weights, tokens: int, vocab: int) -> Weights:
-    """`weights` with the embedding and head (vocab, C) grown to `vocab` rows: the chat tokens'
-    (ids tokens, tokens + 1) the mean of the first `tokens` rows, the others past the saved
-    rows zero."""
-    tables = ("transformer.wte.weight", "lm_head.weight")
-    shapes = {k: (vocab, *shape[1:]) if k in tables else shape
-              for k, shape in weights.shapes.items()}
-
-    def read(key: str, rows: slice) -> torch.Tensor:
-        if key not in tables:
-            return weights.read(key, rows)
-        saved = weights.shapes[key]
-        grown = torch.zeros(rows.stop - rows.start, *saved[1:])  # (rows, C)
-        kept = max(min(rows.stop, saved[0]) - rows.start, 0)
-        if kept:
-            grown[:kept] = weights.read(key, slice(rows.start, rows.start + kept))
-        chat = range(max(rows.start, tokens), min(rows.stop, tokens + len(CHAT_TOKENS)))
-        if chat:
-            mean = weights.read(key, slice(0, tokens)).mean(dim=0)  # (C,)
-            grown[chat.start - rows.start: chat.stop - rows.start] = mean
-        return grown
-
-    return Weights(shapes, read, weights.misfit)
 
 
 def _another_checkpoint(damaged: Path) -> str:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from gpt import checkpoint as ckpt
-from gpt.checkpoint import VOCABULARY_KEYS, Checkpoint, load_with_chat_tokens
+from gpt.checkpoint import Checkpoint
 from gpt.config import (
     RUNTIME_MODEL_KEYS,
     DataConfig,
@@ -47,6 +47,7 @@ from gpt.tokenizer import (
     tokenizer_setting,
     with_chat_tokens,
 )
+from gpt.weights import VOCABULARY_KEYS, load_with_chat_tokens
 
 Model = Checkpoint | Pretrained
 CHAT_TOKENS_ADDED = "chat_tokens_added"  # state.json's record of a finetune that added them

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from gpt import parallel
+from gpt import parallel, sharding
 from gpt.checkpoint import Checkpointer, Each, RandomStates
 from gpt.config import RunConfig, TrainConfig, to_dict
 from gpt.data.prepared import BatchSampler
@@ -263,7 +263,7 @@ def train_step(run: Run) -> torch.Tensor:
     world.mean(loss_sum)
     run.scaler.unscale_(run.optimizer)
     max_norm = tcfg.grad_clip if tcfg.grad_clip > 0 else float("inf")
-    norm = parallel.clip_grad_norm(run.model, max_norm)
+    norm = sharding.clip_grad_norm(run.model, max_norm)
     bad_loss = ~torch.isfinite(loss_sum)
     if run.scaler.is_enabled():
         # inf gradients are expected while the scaler finds its scale: it skips those steps

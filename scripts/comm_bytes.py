@@ -119,7 +119,7 @@ def worker(args: argparse.Namespace) -> None:
     import torch
     import torch.distributed as dist
 
-    from gpt import parallel
+    from gpt import parallel, sharding
     from gpt.config import load_config
     from gpt.model import GPT
     from gpt.optim import make_optimizer
@@ -139,7 +139,7 @@ def worker(args: argparse.Namespace) -> None:
         _, loss = model(tokens[:, :-1], tokens[:, 1:])
         loss.backward()
         with counter.during("clipping"):
-            parallel.clip_grad_norm(model, cfg.train.grad_clip)
+            sharding.clip_grad_norm(model, cfg.train.grad_clip)
         with counter.during("optimizer step"):
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from gpt import checkpoint as ckpt
-from gpt import layout, parallel
+from gpt import layout, parallel, sharding
 from gpt.cli import app
 from gpt.config import load_config
 from gpt.errors import GPTError
@@ -443,7 +443,7 @@ def test_rows_of_hsdp_are_the_rows_within_a_replica() -> None:
                 param = DTensor.from_local(whole[start:stop], mesh, [Replicate(), Shard(0)],
                                            run_check=False, shape=whole.shape,
                                            stride=whole.stride())
-                assert parallel.rows_of(param) == (start, stop)
+                assert sharding.rows_of(param) == (start, stop)
             world = parallel.Dist(rank=rank, world_size=4, sharded=True, replicas=2)
             written = world.optimizer_state(torch.optim.AdamW([torch.nn.Parameter(whole)]))
             assert (written[0] if written else None) == (

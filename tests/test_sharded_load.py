@@ -19,15 +19,17 @@ import transformers
 from safetensors.torch import save_file
 from test_parallel import NO_DROPOUT, STEPS, assert_close_losses, losses, one_process
 
-from gpt.checkpoint import Checkpoint, load_weights, load_with_chat_tokens
+from gpt.checkpoint import Checkpoint, load_weights
 from gpt.config import ModelConfig
 from gpt.errors import GPTError
 from gpt.hf.convert import from_hf, model_config_from_hf
 from gpt.hf.pretrained import Pretrained
 from gpt.layout import WEIGHTS
 from gpt.model import GPT
-from gpt.parallel import Dist, full_model_state
+from gpt.parallel import Dist
+from gpt.sharding import full_model_state
 from gpt.tokenizer import CHAT_TOKENS
+from gpt.weights import load_with_chat_tokens
 
 PROCESSES = 3
 SEED = 7

@@ -18,11 +18,12 @@ from typing import Any
 
 import torch
 
-from gpt.checkpoint import Checkpoint, SafetensorsFiles, Weights
+from gpt.checkpoint import Checkpoint
 from gpt.config import RUNTIME_MODEL_KEYS, ModelConfig, RunConfig, fit_vocabulary
 from gpt.errors import GPTError, first_line
 from gpt.fileio import MiB, TooLargeError, open_regular, read_bounded
 from gpt.model import GPT
+from gpt.weights import SafetensorsFiles, Weights
 
 HF_PREFIX = "hf:"
 GPT2_NAMES = {  # nanoGPT's init_from names, on the hub under openai-community
