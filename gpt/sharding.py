@@ -44,9 +44,8 @@ def fill_rows(param: torch.Tensor, read: Callable[[slice], torch.Tensor]) -> Non
     `read(rows)` gives them: a sharded model is filled without reading any weight whole."""
     held = rows_of(param)
     start, stop = held if held is not None else (0, param.shape[0])
-    local = param.to_local() if held is not None else param  # type: ignore[attr-defined]
     with torch.no_grad():
-        local.copy_(read(slice(start, stop)))
+        local_rows(param).copy_(read(slice(start, stop)))
 
 
 def clip_grad_norm(model: nn.Module, max_norm: float) -> torch.Tensor:
@@ -246,8 +245,7 @@ def local_optimizer_state(optimizer: Any) -> dict[str, Any]:
         if (held := rows_of(param)) is not None:
             rows[key] = list(held)
     local = {
-        key: {name: value.to_local() if hasattr(value, "to_local") else value
-              for name, value in entry.items()}
+        key: {name: local_rows(value) for name, value in entry.items()}
         for key, entry in state["state"].items()
     }
     return {"state": local, "param_groups": state["param_groups"], "rows": rows}
