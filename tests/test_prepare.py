@@ -583,7 +583,7 @@ def test_a_worker_ends_with_its_parent(use_prctl: bool, tmp_path: Path) -> None:
     (forced here), a worker whose parent is SIGKILLed ends within seconds."""
     script = f"""
 import os, sys, time
-from gpt.data.prepare import die_with_parent
+from gpt.data.workers import die_with_parent
 parent = os.getpid()
 child = os.fork()
 if child == 0:

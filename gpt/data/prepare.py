@@ -1,31 +1,25 @@
 """The prepare pipeline: a source's documents -> train/val pieces -> tokens, written atomically.
 
 `prepare` splits the documents into train and validation, tokenizes them in batches on worker
-processes and streams the ids to a `PreparedDataWriter`, so memory stays bounded whatever the
-corpus size. A fingerprint of the settings and of the source's identity decides whether a folder
-already holds this data; a lock in the folder keeps a second prepare from writing it at once.
+processes (gpt/data/workers.py) and streams the ids to a `PreparedDataWriter`, so memory stays
+bounded whatever the corpus size. A fingerprint of the settings and of the source's identity
+decides whether a folder already holds this data; a lock in the folder keeps a second prepare
+from writing it at once.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
-import functools
 import hashlib
 import json
-import multiprocessing
 import os
 import random
-import signal
 import sys
-import threading
 import time
-from collections import deque
-from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ProcessPoolExecutor
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
@@ -34,7 +28,6 @@ from gpt.config import DataConfig
 from gpt.data.chat import (
     BestFitPacker,
     ChatItem,
-    Encoded,
     SplitStats,
     chat_report,
     encode_chats,
@@ -48,6 +41,7 @@ from gpt.data.prepared import (
     has_prepared_data,
 )
 from gpt.data.sources import Source, open_source
+from gpt.data.workers import in_order
 from gpt.errors import GPTError
 from gpt.lock import FolderLock
 from gpt.tokenizer import (
@@ -69,8 +63,6 @@ CHAT_BATCH = 1000  # conversations per worker task
 
 Piece = tuple[str, str, bool]  # (split, text, ends_document): a unit of tokenizer work
 ChatRow = tuple[str, str, "list[dict[str, str]] | GPTError"]  # (split, where, messages or why not)
-Batch = TypeVar("Batch")
-Result = TypeVar("Result")
 
 
 def _settings(cfg: DataConfig, block_size: int) -> dict[str, Any]:
@@ -245,65 +237,6 @@ def _encode_batch(
     return joined, n_bytes
 
 
-_worker_state: tuple[Tokenizer, np.dtype] | None = None
-PR_SET_PDEATHSIG = 1  # Linux prctl: the signal a process gets when its parent ends
-PARENT_POLL_S = 0.5  # elsewhere: how often a worker looks whether its parent is still there
-
-
-def _init_worker(parent: int, tokenizer_state: dict[str, Any], dtype_name: str) -> None:
-    global _worker_state
-    die_with_parent(parent)
-    _worker_state = (tokenizer_from_dict(tokenizer_state), np.dtype(dtype_name))
-
-
-def die_with_parent(parent: int, use_prctl: bool = True) -> None:
-    """End this worker process when `parent` ends, however it ends (SIGKILL, the OOM killer).
-
-    A pool's workers wait on a pipe whose other end they hold themselves, so without this they
-    outlive a killed parent for good. On Linux the kernel sends SIGKILL
-    (prctl(PR_SET_PDEATHSIG)); elsewhere, or if prctl fails, a thread looks every PARENT_POLL_S
-    whether the worker has been handed to another parent.
-    """
-    if use_prctl and sys.platform.startswith("linux"):
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0:
-            if os.getppid() != parent:  # it ended before prctl took effect
-                os._exit(1)
-            return
-    threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
-
-
-def _watch_parent(parent: int) -> None:
-    while os.getppid() == parent:
-        time.sleep(PARENT_POLL_S)
-    os._exit(1)
-
-
-def _encode_in_worker(batch: list[Piece]) -> tuple[dict[str, np.ndarray], int]:
-    """Worker-process side of `_encode_stream`."""
-    assert _worker_state is not None
-    return _encode_batch(batch, *_worker_state)
-
-
-def _encode_chats_in_worker(batch: list[ChatItem]) -> list[Encoded]:
-    """Worker-process side of `_write_chats`."""
-    assert _worker_state is not None
-    return encode_chats(batch, *_worker_state)
-
-
-def _worker_pool(workers: int, tokenizer: Tokenizer, dtype: np.dtype) -> ProcessPoolExecutor:
-    """Processes rather than threads: tiktoken keeps the GIL for part of its work, so threads
-    leave part of every extra core idle where processes use all of it."""
-    methods = multiprocessing.get_all_start_methods()
-    context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
-    return ProcessPoolExecutor(
-        workers,
-        mp_context=context,
-        initializer=_init_worker,
-        initargs=(os.getpid(), tokenizer.to_dict(), dtype.name),
-    )
-
-
 def _encode_stream(
     pieces: Iterator[Piece],
     tokenizer: Tokenizer,
@@ -312,7 +245,7 @@ def _encode_stream(
     bar: tqdm,
 ) -> None:
     """Tokenize pieces in batches of about BATCH_CHARS on `workers` processes, written in
-    corpus order (`_in_order`)."""
+    corpus order (`workers.in_order`)."""
     dtype = writer.dtype
 
     def write(encoded: tuple[dict[str, np.ndarray], int]) -> None:
@@ -334,32 +267,8 @@ def _encode_stream(
         if batch:
             yield batch
 
-    encode = functools.partial(_encode_batch, tokenizer=tokenizer, dtype=dtype)
-    for encoded in _in_order(batches(), encode, _encode_in_worker, workers, tokenizer, dtype):
+    for encoded in in_order(batches(), _encode_batch, workers, tokenizer, dtype):
         write(encoded)
-
-
-def _in_order(
-    batches: Iterator[Batch], encode: Callable[[Batch], Result],
-    encode_in_worker: Callable[[Batch], Result], workers: int, tokenizer: Tokenizer,
-    dtype: np.dtype,
-) -> Iterator[Result]:
-    """Each batch encoded, in order: by `encode` here, or with more than one worker by
-    `encode_in_worker` on `workers` processes. While workers encode, this process reads the
-    next batch and uses finished ones, so reading, encoding and writing overlap; at most
-    `workers + 1` batches are in memory at once, whatever the corpus size."""
-    if workers <= 1:
-        for batch in batches:
-            yield encode(batch)
-        return
-    in_flight: deque[Future[Result]] = deque()
-    with _worker_pool(workers, tokenizer, dtype) as pool:
-        for batch in batches:
-            in_flight.append(pool.submit(encode_in_worker, batch))
-            while len(in_flight) > workers:
-                yield in_flight.popleft().result()
-        while in_flight:
-            yield in_flight.popleft().result()
 
 
 def _conversations(source: Source, cfg: DataConfig) -> Iterator[ChatRow]:
@@ -425,9 +334,7 @@ def _write_chats(
             stats[split].rows += 1
             stats[split].trained += int(mask[1:].sum())  # a row's first token is no target
 
-    encode = functools.partial(encode_chats, tokenizer=tokenizer, dtype=writer.dtype)
-    for encoded in _in_order(batches(), encode, _encode_chats_in_worker, workers, tokenizer,
-                             writer.dtype):
+    for encoded in in_order(batches(), encode_chats, workers, tokenizer, writer.dtype):
         for split, where, result in encoded:
             if isinstance(result, str):
                 refuse_or_skip(where, result)
