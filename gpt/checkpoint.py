@@ -73,7 +73,7 @@ from gpt.layout import (
 from gpt.lora import LoRA, add_adapters, is_adapter_key, merge_adapters, weights_sha256
 from gpt.model import GPT
 from gpt.parallel import Dist, unwrap
-from gpt.sharding import is_sharded
+from gpt.parallel.sharding import is_sharded
 from gpt.tokenizer import tokenizer_from_dict
 from gpt.weights import VOCABULARY_KEYS, SafetensorsFiles, Weights, load_with_chat_tokens
 

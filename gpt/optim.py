@@ -21,7 +21,7 @@ import torch
 from gpt.config import TrainConfig
 from gpt.errors import GPTError
 from gpt.model import GPT
-from gpt.sharding import is_sharded, local_rows, on_whole_matrices
+from gpt.parallel.sharding import is_sharded, local_rows, on_whole_matrices
 
 
 def lr_at(iteration: int, cfg: TrainConfig, peak: float | None = None) -> float:

@@ -4,7 +4,7 @@
 a run needs to continue exactly (weights, optimizer, RNGs, data streams, counters) goes into
 checkpoints, so a run killed at any moment and resumed is, on CPU, bitwise the run that was
 never interrupted. Where it starts is resolved in gpt/plan.py, the processes are
-gpt/parallel.py's, the optimizer and its schedule gpt/optim.py's, and what a checkpoint holds
+gpt/parallel/'s, the optimizer and its schedule gpt/optim.py's, and what a checkpoint holds
 and when it is written gpt/checkpoint.py's.
 """
 
@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from gpt import parallel, sharding
+from gpt import parallel
 from gpt.checkpoint import Checkpointer, Each, RandomStates
 from gpt.config import RunConfig, TrainConfig, to_dict
 from gpt.data.prepared import BatchSampler
@@ -44,7 +44,7 @@ from gpt.optim import (
     muon_class,
     step_unless,
 )
-from gpt.parallel import Dist, StopFlag
+from gpt.parallel import Dist, StopFlag, sharding
 from gpt.plan import CHAT_TOKENS_ADDED, Start, resolve_start
 
 # ---------------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from gpt.config import ModelConfig
 from gpt.errors import GPTError
 from gpt.model import GPT
 from gpt.parallel import unwrap
-from gpt.sharding import fill_rows
+from gpt.parallel.sharding import fill_rows
 from gpt.tokenizer import CHAT_TOKENS, tokenizer_from_dict
 
 

@@ -119,10 +119,11 @@ def worker(args: argparse.Namespace) -> None:
     import torch
     import torch.distributed as dist
 
-    from gpt import parallel, sharding
+    from gpt import parallel
     from gpt.config import load_config
     from gpt.model import GPT
     from gpt.optim import make_optimizer
+    from gpt.parallel import sharding
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo")

@@ -21,11 +21,12 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from gpt import checkpoint as ckpt
-from gpt import layout, parallel, sharding
+from gpt import layout, parallel
 from gpt.cli import app
 from gpt.config import load_config
 from gpt.errors import GPTError
 from gpt.model import GPT
+from gpt.parallel import sharding
 from gpt.train import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")

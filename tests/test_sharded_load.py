@@ -27,7 +27,7 @@ from gpt.hf.pretrained import Pretrained
 from gpt.layout import WEIGHTS
 from gpt.model import GPT
 from gpt.parallel import Dist
-from gpt.sharding import full_model_state
+from gpt.parallel.sharding import full_model_state
 from gpt.tokenizer import CHAT_TOKENS
 from gpt.weights import load_with_chat_tokens
 

@@ -14,10 +14,11 @@ R replica groups of S = N / R (one per node by default), each group shards as FS
 its S processes, and the groups hold the same rows: gradients are reduce-scattered within a
 group, then all-reduced across groups, so the slow links between nodes carry only 1/S of them.
 
-Only this module and gpt/sharding.py, which works on the rows of sharded tensors, see
-DTensors. Checkpoints hold plain tensors: the weights gathered whole, the optimizer state as
-each process's rows of it (`sharding.rows_of`), which any other layout can slice; under HSDP
-the first replica's S processes write theirs, as an FSDP run of S processes does.
+This package is the only one that touches torch.distributed, and only it sees DTensors: this
+module makes the processes and the layouts, gpt/parallel/sharding.py works on the rows of
+sharded tensors. Checkpoints hold plain tensors: the weights gathered whole, the optimizer
+state as each process's rows of it (`sharding.rows_of`), which any other layout can slice;
+under HSDP the first replica's S processes write theirs, as an FSDP run of S processes does.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from gpt.config import SHARDED, ModelConfig, TrainConfig
 from gpt.errors import GPTError
 from gpt.layout import OPTIMIZER, OptimizerRows, optimizer_file
 from gpt.model import GPT
-from gpt.sharding import (
+from gpt.parallel.sharding import (
     full_model_state,
     init_rows,
     load_local_optimizer_state,

@@ -9,9 +9,9 @@ over the whole model (`clip_grad_norm`), gathers the weights whole for a checkpo
 (`on_whole_matrices`), and gives the optimizer state as this process's rows, which any layout
 reads back (`local_optimizer_state`, `load_local_optimizer_state`).
 
-With gpt/parallel.py, which makes the processes and the layouts, it is the only module that
-touches torch.distributed; every function here takes a plain tensor as a whole one, so one
-process calls the same code.
+With the package's face (gpt/parallel/__init__.py), which makes the processes and the
+layouts, it is all that touches torch.distributed; every function here takes a plain tensor as
+a whole one, so one process calls the same code.
 """
 
 from __future__ import annotations
